@@ -1,0 +1,71 @@
+//! Wire types of the node agent's API, used by the controller and the agent.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::vm::PowerState;
+
+/// The fully resolved configuration of one VM, as the controller asks a
+/// node agent to realise it. Sending the same request twice is a no-op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnsureVm {
+    /// The VM object's uid; names the run directory, the TAP and the VMM.
+    pub uid: String,
+    /// `project/name`, for logs and inventory only.
+    pub display_name: String,
+    pub state: PowerState,
+    pub vcpu: u8,
+    pub mem_mib: u32,
+    pub kernel_path: String,
+    pub rootfs_path: String,
+    pub boot_args: String,
+    pub mac: String,
+}
+
+/// What a node agent observes about one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObservedState {
+    Running,
+    Paused,
+    Stopped,
+    /// Nothing of this VM exists on the node.
+    Absent,
+}
+
+/// A node agent's report on one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmReport {
+    pub uid: String,
+    pub state: ObservedState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_millis: Option<u64>,
+}
+
+/// Everything the agent finds on its host, known to it or not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inventory {
+    pub vms: Vec<VmReport>,
+    /// TAP devices with the agent's name prefix.
+    pub taps: Vec<String>,
+    /// API sockets found under the run directory.
+    pub sockets: Vec<String>,
+    /// Run directories under `<run dir>/vms`.
+    pub run_dirs: Vec<String>,
+}

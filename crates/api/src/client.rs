@@ -1,0 +1,317 @@
+//! Typed HTTP client for the apiserver, with watch streams.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+
+use crate::error::ErrorBody;
+use crate::meta::{Object, ObjectList, ResourceSpec};
+use crate::watch::{WatchEvent, WatchEventType};
+
+/// Failures of a client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{0}")]
+    Api(Box<ErrorBody>),
+    /// The request did not get an answer.
+    #[error("cannot reach the apiserver at {url}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected response from the apiserver: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// HTTP status of an API error, if that is what this is.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api(body) => Some(body.status),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
+
+    /// Whether the watch's resourceVersion is too old and a relist is needed.
+    pub fn is_gone(&self) -> bool {
+        self.status() == Some(410)
+    }
+}
+
+/// Query parameters of a list or watch.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub label_selector: Option<String>,
+    pub field_selector: Option<String>,
+    pub limit: Option<u32>,
+    pub continue_token: Option<String>,
+}
+
+impl ListParams {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut q = Vec::new();
+        if let Some(s) = &self.label_selector {
+            q.push(("labelSelector", s.clone()));
+        }
+        if let Some(s) = &self.field_selector {
+            q.push(("fieldSelector", s.clone()));
+        }
+        if let Some(l) = self.limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(c) = &self.continue_token {
+            q.push(("continue", c.clone()));
+        }
+        q
+    }
+}
+
+/// A change seen on a watch stream, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<T> {
+    Added(T),
+    Modified(T),
+    Deleted(T),
+    /// The stream has seen everything up to this resourceVersion.
+    Bookmark(String),
+}
+
+/// Client for one apiserver.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for the apiserver at `base` (such as `http://127.0.0.1:7443`).
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a TLS-less reqwest client always builds");
+        Self { base: base.trim_end_matches('/').to_string(), token, http }
+    }
+
+    /// The server this client talks to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Path of the collection of kind `S` in `project` (all projects if `None`
+    /// for project-scoped kinds).
+    pub fn collection_path<S: ResourceSpec>(project: Option<&str>) -> String {
+        match (S::NAMESPACED, project) {
+            (true, Some(p)) => format!("/v1/projects/{p}/{}", S::PLURAL),
+            _ => format!("/v1/{}", S::PLURAL),
+        }
+    }
+
+    /// Path of one object of kind `S`.
+    pub fn object_path<S: ResourceSpec>(project: &str, name: &str) -> String {
+        if S::NAMESPACED {
+            format!("/v1/projects/{project}/{}/{name}", S::PLURAL)
+        } else {
+            format!("/v1/{}/{name}", S::PLURAL)
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let resp = req.timeout(Duration::from_secs(30)).send().await.map_err(|e| self.transport(e))?;
+        decode(resp).await
+    }
+
+    fn transport(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Transport { url: self.base.clone(), source }
+    }
+
+    /// Reads one object.
+    pub async fn get<S: ResourceSpec>(&self, project: &str, name: &str) -> Result<Object<S>, ClientError> {
+        self.send(self.request(reqwest::Method::GET, &Self::object_path::<S>(project, name))).await
+    }
+
+    /// Lists objects; `project: None` lists across projects.
+    pub async fn list<S: ResourceSpec>(
+        &self,
+        project: Option<&str>,
+        params: &ListParams,
+    ) -> Result<ObjectList<Object<S>>, ClientError> {
+        let req = self.request(reqwest::Method::GET, &Self::collection_path::<S>(project)).query(&params.query());
+        self.send(req).await
+    }
+
+    /// Creates an object; its project comes from `metadata.project`.
+    pub async fn create<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
+        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let req = self.request(reqwest::Method::POST, &Self::collection_path::<S>(Some(project))).json(obj);
+        self.send(req).await
+    }
+
+    /// Replaces an object's spec and metadata; fails with 409 when
+    /// `metadata.resourceVersion` is stale.
+    pub async fn replace<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
+        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let req = self.request(reqwest::Method::PUT, &Self::object_path::<S>(project, obj.name())).json(obj);
+        self.send(req).await
+    }
+
+    /// Replaces an object's status; fails with 409 when
+    /// `metadata.resourceVersion` is stale.
+    pub async fn replace_status<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
+        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let path = format!("{}/status", Self::object_path::<S>(project, obj.name()));
+        self.send(self.request(reqwest::Method::PUT, &path).json(obj)).await
+    }
+
+    /// Requests deletion. Returns the object as it is now: still present with
+    /// `deletionTimestamp` set while finalizers remain.
+    pub async fn delete<S: ResourceSpec>(&self, project: &str, name: &str) -> Result<Object<S>, ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, &Self::object_path::<S>(project, name))).await
+    }
+
+    /// Sends raw JSON to a path and decodes the answer: the escape hatch for
+    /// callers that handle kinds generically (such as `nexusctl apply`).
+    pub async fn raw<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
+    /// Server version information (`GET /version`).
+    pub async fn version(&self) -> Result<serde_json::Value, ClientError> {
+        self.send(self.request(reqwest::Method::GET, "/version")).await
+    }
+
+    /// Watches kind `S` from `resource_version` (exclusive); with `None` the
+    /// stream starts with an ADDED event for every existing object.
+    ///
+    /// The stream ends with `Err` on a transport failure or an ERROR event
+    /// (410 when `resource_version` is too old: relist and watch again).
+    pub async fn watch<S: ResourceSpec>(
+        &self,
+        project: Option<&str>,
+        params: &ListParams,
+        resource_version: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<Event<Object<S>>, ClientError>> + Send + use<S>, ClientError> {
+        let mut query = params.query();
+        query.push(("watch", "true".to_string()));
+        if let Some(rv) = resource_version {
+            query.push(("resourceVersion", rv.to_string()));
+        }
+        let resp = self
+            .request(reqwest::Method::GET, &Self::collection_path::<S>(project))
+            .query(&query)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        if !resp.status().is_success() {
+            return Err(decode::<serde_json::Value>(resp)
+                .await
+                .err()
+                .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
+        }
+        let url = self.base.clone();
+        let bytes = resp.bytes_stream().map_err(move |source| ClientError::Transport { url: url.clone(), source });
+        Ok(lines(bytes).map(|line| line.and_then(|l| parse_event::<S>(&l))))
+    }
+}
+
+fn parse_event<S: ResourceSpec>(line: &[u8]) -> Result<Event<Object<S>>, ClientError> {
+    let event: WatchEvent =
+        serde_json::from_slice(line).map_err(|e| ClientError::Decode(format!("watch event: {e}")))?;
+    let typed = |v: serde_json::Value| {
+        serde_json::from_value::<Object<S>>(v).map_err(|e| ClientError::Decode(format!("watch object: {e}")))
+    };
+    match event.type_ {
+        WatchEventType::Added => Ok(Event::Added(typed(event.object)?)),
+        WatchEventType::Modified => Ok(Event::Modified(typed(event.object)?)),
+        WatchEventType::Deleted => Ok(Event::Deleted(typed(event.object)?)),
+        WatchEventType::Bookmark => {
+            let rv = event.object["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
+            Ok(Event::Bookmark(rv))
+        }
+        WatchEventType::Error => Err(match serde_json::from_value::<ErrorBody>(event.object) {
+            Ok(body) => ClientError::Api(Box::new(body)),
+            Err(e) => ClientError::Decode(format!("watch error event: {e}")),
+        }),
+    }
+}
+
+/// Splits a byte stream into newline-terminated lines (without the newline).
+fn lines<S>(bytes: S) -> impl Stream<Item = Result<Vec<u8>, ClientError>> + Send
+where
+    S: Stream<Item = Result<bytes::Bytes, ClientError>> + Send + Unpin + 'static,
+{
+    futures::stream::unfold((bytes, Vec::<u8>::new(), false), |(mut bytes, mut buf, done)| async move {
+        loop {
+            if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).take(pos).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Some((Ok(line), (bytes, buf, done)));
+            }
+            if done {
+                return None;
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                Some(Err(e)) => return Some((Err(e), (bytes, buf, true))),
+                None => {
+                    if buf.iter().all(u8::is_ascii_whitespace) {
+                        return None;
+                    }
+                    let rest = std::mem::take(&mut buf);
+                    return Some((Ok(rest), (bytes, buf, true)));
+                }
+            }
+        }
+    })
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ClientError> {
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| ClientError::Decode(format!("reading the body: {e}")))?;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()));
+    }
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(err) => Err(ClientError::Api(Box::new(err))),
+        Err(_) => Err(ClientError::Api(Box::new(ErrorBody {
+            error: status.canonical_reason().unwrap_or("Error").replace(' ', ""),
+            message: String::from_utf8_lossy(&body).chars().take(500).collect(),
+            status: status.as_u16(),
+            fault_message: None,
+            suggestion: None,
+            request_id: String::new(),
+        }))),
+    }
+}

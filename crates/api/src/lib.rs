@@ -1,0 +1,29 @@
+//! nexus resource types and their validation.
+//!
+//! This crate does no I/O (except the HTTP client behind the `client`
+//! feature): it is what the apiserver stores, what the controller reconciles
+//! and what `nexusctl` prints, shared by all of them.
+
+pub mod agent;
+pub mod error;
+pub mod meta;
+pub mod node;
+pub mod schema;
+pub mod validation;
+pub mod vm;
+pub mod watch;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use error::ErrorBody;
+pub use meta::{Condition, ConditionStatus, ListMeta, Object, ObjectList, ObjectMeta, ResourceSpec};
+pub use node::{Node, NodeSpec, NodeStatus};
+pub use vm::{PowerState, Vm, VmPhase, VmSpec, VmStatus};
+pub use watch::{WatchEvent, WatchEventType};
+
+/// The `apiVersion` of every nexus object.
+pub const API_VERSION: &str = "nexus/v1";
+
+/// Project used when a command or request names none.
+pub const DEFAULT_PROJECT: &str = "default";

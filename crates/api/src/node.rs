@@ -1,0 +1,71 @@
+//! The `Node` kind: one host running a node agent.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Condition, ConditionStatus, Object, ResourceSpec, find_condition};
+
+/// A host that runs microVMs.
+pub type Node = Object<NodeSpec>;
+
+/// Condition type an agent sets while it heartbeats.
+pub const CONDITION_READY: &str = "Ready";
+
+/// Desired state of a node, written by operators.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    /// When true, no new VMs are placed here.
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+/// What the node's agent reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeStatus {
+    /// Base URL of the agent's API (`http://host:port`).
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub capacity: NodeCapacity,
+    #[serde(default)]
+    pub agent_version: String,
+    /// Version string the VMM binary reports.
+    #[serde(default)]
+    pub firecracker_version: String,
+    /// Name of the bridge TAP devices are attached to.
+    #[serde(default)]
+    pub bridge: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Resources a node offers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeCapacity {
+    pub vcpu: u32,
+    pub mem_mib: u64,
+    pub max_vms: u32,
+}
+
+impl ResourceSpec for NodeSpec {
+    type Status = NodeStatus;
+    const KIND: &'static str = "Node";
+    const PLURAL: &'static str = "nodes";
+    const NAMESPACED: bool = false;
+}
+
+impl NodeStatus {
+    /// Whether the agent says it is Ready and heartbeated within `grace`.
+    pub fn is_ready(&self, now: DateTime<Utc>, grace: chrono::Duration) -> bool {
+        let ready =
+            find_condition(&self.conditions, CONDITION_READY).is_some_and(|c| c.status == ConditionStatus::True);
+        let fresh = self.last_heartbeat_time.is_some_and(|t| now - t <= grace);
+        ready && fresh && !self.address.is_empty()
+    }
+}

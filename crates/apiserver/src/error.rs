@@ -1,0 +1,103 @@
+//! The apiserver's error type and the one place it becomes an HTTP response.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use nexus_api::ErrorBody;
+use nexus_api::validation::FieldErrors;
+
+use crate::request_id;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{kind} {name:?} not found{}", in_project(.project))]
+    NotFound { kind: String, project: String, name: String },
+    #[error("{kind} {name:?} already exists{}", in_project(.project))]
+    AlreadyExists { kind: String, project: String, name: String },
+    #[error("{kind} {name:?} was modified: resourceVersion {sent} is stale (now {current})")]
+    Conflict { kind: String, name: String, sent: String, current: String },
+    #[error("{kind} is invalid: {errors}")]
+    Invalid { kind: String, errors: FieldErrors },
+    #[error("the request body is not a valid {kind}: {message}")]
+    Malformed { kind: String, message: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("resourceVersion {requested} is too old: changes up to {oldest} were compacted away")]
+    Gone { requested: i64, oldest: i64 },
+    #[error("storage failed")]
+    Storage(#[from] sqlx::Error),
+    #[error("storage returned a corrupt object")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+fn in_project(project: &str) -> String {
+    if project.is_empty() { String::new() } else { format!(" in project {project:?}") }
+}
+
+impl ApiError {
+    /// The HTTP status of this error; the only place statuses are chosen.
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Gone { .. } => StatusCode::GONE,
+            ApiError::Storage(_) | ApiError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            ApiError::NotFound { .. } => "NotFound",
+            ApiError::AlreadyExists { .. } => "AlreadyExists",
+            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Invalid { .. } => "Invalid",
+            ApiError::Malformed { .. } => "Invalid",
+            ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Gone { .. } => "Expired",
+            ApiError::Storage(_) | ApiError::Corrupt(_) => "InternalError",
+        }
+    }
+
+    fn suggestion(&self) -> Option<String> {
+        match self {
+            ApiError::NotFound { kind, .. } => {
+                Some(format!("list what exists with `nexusctl get {}`", kind.to_lowercase()))
+            }
+            ApiError::AlreadyExists { .. } => {
+                Some("choose another name, or use `nexusctl apply` to update the existing object".into())
+            }
+            ApiError::Conflict { .. } => {
+                Some("read the object again and retry your change on the latest version".into())
+            }
+            ApiError::Gone { .. } => Some("list again and watch from the list's resourceVersion".into()),
+            ApiError::Invalid { errors, .. } => errors.0.first().map(|e| format!("{}: {}", e.field, e.expected)),
+            ApiError::Storage(_) | ApiError::Corrupt(_) => {
+                Some("retry; if it persists, check the apiserver's log for this requestId".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// The response body for this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.reason().to_string(),
+            message: self.to_string(),
+            status: self.status_code().as_u16(),
+            fault_message: None,
+            suggestion: self.suggestion(),
+            request_id: request_id::current(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status_code().is_server_error() {
+            tracing::error!(error = ?self, "request failed");
+        }
+        (self.status_code(), axum::Json(self.body())).into_response()
+    }
+}

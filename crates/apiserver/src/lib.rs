@@ -1,0 +1,89 @@
+//! The nexus apiserver: versioned resources in SQLite, a REST API with
+//! Kubernetes semantics, and watch streams.
+
+pub mod error;
+pub mod request_id;
+pub mod resources;
+pub mod selector;
+pub mod store;
+pub mod watch;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use nexus_api::{NodeSpec, ResourceSpec, VmSpec};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::store::Store;
+
+/// Shared state of every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub bookmark_interval: Duration,
+    /// Turns true when the server shuts down; open watches end then.
+    pub shutting_down: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The routes of one kind, under its project-scoped or cluster-wide paths.
+fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
+    use resources::{create, delete, get as get_one, list, replace, replace_status};
+    let plural = S::PLURAL;
+    let (collection, object) = if S::NAMESPACED {
+        (format!("/v1/projects/{{project}}/{plural}"), format!("/v1/projects/{{project}}/{plural}/{{name}}"))
+    } else {
+        (format!("/v1/{plural}"), format!("/v1/{plural}/{{name}}"))
+    };
+    let mut router = Router::new()
+        .route(&collection, get(list::<S>).post(create::<S>))
+        .route(&object, get(get_one::<S>).put(replace::<S>).delete(delete::<S>))
+        .route(&format!("{object}/status"), put(replace_status::<S>));
+    if S::NAMESPACED {
+        // Across all projects: read-only.
+        router = router.route(&format!("/v1/{plural}"), get(list::<S>));
+    }
+    router
+}
+
+/// The full HTTP application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(kind_routes::<VmSpec>())
+        .merge(kind_routes::<NodeSpec>())
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/version", get(version))
+        .fallback(fallback)
+        .layer(axum::middleware::from_fn(request_id::layer))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.store.ping().await?;
+    Ok("ok")
+}
+
+async fn version() -> axum::Json<serde_json::Value> {
+    axum::Json(
+        json!({"component": "nexus-apiserver", "version": env!("CARGO_PKG_VERSION"), "apiVersion": nexus_api::API_VERSION}),
+    )
+}
+
+async fn fallback(uri: axum::http::Uri) -> (StatusCode, axum::Json<nexus_api::ErrorBody>) {
+    let body = nexus_api::ErrorBody {
+        error: "NotFound".into(),
+        message: format!("no route for {}", uri.path()),
+        status: 404,
+        fault_message: None,
+        suggestion: Some(
+            "resources live under /v1/projects/{project}/{plural} and /v1/{plural}, such as /v1/projects/default/vms"
+                .into(),
+        ),
+        request_id: request_id::current(),
+    };
+    (StatusCode::NOT_FOUND, axum::Json(body))
+}

@@ -1,0 +1,66 @@
+//! `nexus-apiserver`: serves the nexus API from an embedded SQLite database.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nexus_apiserver::{AppState, app, store::Store};
+
+#[derive(Debug, Parser)]
+#[command(name = "nexus-apiserver", version, about = "The nexus API server")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:7443")]
+    listen: SocketAddr,
+    /// Directory holding the embedded SQLite database (`nexus.db`).
+    #[arg(long, env = "NEXUS_DATA_DIR", default_value = "/var/lib/nexus")]
+    data_dir: PathBuf,
+    /// Seconds between BOOKMARK events on idle watches.
+    #[arg(long, default_value_t = 10)]
+    bookmark_interval_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let db = args.data_dir.join("nexus.db");
+    let store = Store::open_sqlite(&db).await.with_context(|| format!("opening {}", db.display()))?;
+    let (shutdown_tx, shutting_down) = tokio::sync::watch::channel(false);
+    let state =
+        AppState { store, bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)), shutting_down };
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, database = %db.display(), "apiserver ready");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown().await;
+            // End open watches so the graceful shutdown does not wait on them.
+            let _ = shutdown_tx.send(true);
+        })
+        .await?;
+    Ok(())
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

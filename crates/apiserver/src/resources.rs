@@ -1,0 +1,333 @@
+//! REST handlers shared by every kind: create, get, list, replace,
+//! replace status, delete, and watch (a list with `watch=true`).
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use nexus_api::validation::{FieldErrors, validate_envelope};
+use nexus_api::{ListMeta, Object, ObjectList, ResourceSpec};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::request_id;
+use crate::selector::Selector;
+use crate::store::{AuditInfo, Write};
+use crate::watch;
+
+/// Query parameters accepted on collection and object endpoints.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Params {
+    pub watch: Option<bool>,
+    pub resource_version: Option<String>,
+    pub label_selector: Option<String>,
+    pub field_selector: Option<String>,
+    /// `All` validates and answers without storing anything.
+    pub dry_run: Option<String>,
+}
+
+impl Params {
+    fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.dry_run.as_deref() {
+            None | Some("") => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::BadRequest(format!("dryRun={other:?} is not supported; use dryRun=All"))),
+        }
+    }
+}
+
+/// The project and name a route names (cluster-scoped kinds have no project).
+struct Target {
+    project: String,
+    name: Option<String>,
+}
+
+fn target<S: ResourceSpec>(path: &HashMap<String, String>) -> Result<Target, ApiError> {
+    let project = if S::NAMESPACED { path.get("project").cloned().unwrap_or_default() } else { String::new() };
+    let mut errors = FieldErrors::default();
+    if S::NAMESPACED && !project.is_empty() {
+        nexus_api::validation::validate_dns_label(&mut errors, "project", &project);
+    }
+    let name = path.get("name").cloned();
+    if let Some(n) = &name {
+        nexus_api::validation::validate_dns_label(&mut errors, "name", n);
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::BadRequest(format!("invalid path: {errors}")));
+    }
+    Ok(Target { project, name })
+}
+
+fn not_found<S: ResourceSpec>(t: &Target) -> ApiError {
+    ApiError::NotFound {
+        kind: S::KIND.to_string(),
+        project: t.project.clone(),
+        name: t.name.clone().unwrap_or_default(),
+    }
+}
+
+fn audit(verb: &'static str) -> AuditInfo {
+    // Until authentication lands every caller is anonymous.
+    AuditInfo { request_id: request_id::current(), actor: "anonymous".into(), verb }
+}
+
+/// Parses and validates a request body as an object of kind `S`.
+fn parse_object<S: ResourceSpec>(body: &Bytes) -> Result<Object<S>, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let obj: Object<S> = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if path == "." { inner.to_string() } else { format!("{path}: {inner}") };
+        ApiError::Malformed { kind: S::KIND.to_string(), message }
+    })?;
+    let mut errors = FieldErrors::default();
+    validate_envelope(&obj, &mut errors);
+    obj.spec.validate(&mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid { kind: S::KIND.to_string(), errors });
+    }
+    Ok(obj)
+}
+
+fn to_value<S: ResourceSpec>(obj: &Object<S>) -> Result<Value, ApiError> {
+    Ok(serde_json::to_value(obj)?)
+}
+
+fn from_value<S: ResourceSpec>(v: Value) -> Result<Object<S>, ApiError> {
+    Ok(serde_json::from_value(v)?)
+}
+
+fn check_version<S: ResourceSpec>(sent: &Object<S>, current: &Object<S>) -> Result<(), ApiError> {
+    match &sent.metadata.resource_version {
+        Some(rv) if Some(rv) != current.metadata.resource_version.as_ref() => Err(ApiError::Conflict {
+            kind: S::KIND.to_string(),
+            name: current.name().to_string(),
+            sent: rv.clone(),
+            current: current.metadata.resource_version.clone().unwrap_or_default(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `POST` on a collection.
+pub async fn create<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = target::<S>(&path)?;
+    let mut obj = parse_object::<S>(&body)?;
+    if S::NAMESPACED {
+        match &obj.metadata.project {
+            Some(p) if *p != t.project => {
+                let mut errors = FieldErrors::default();
+                errors.add(
+                    "metadata.project",
+                    p,
+                    &format!("must match the project in the URL ({:?}) or be omitted", t.project),
+                );
+                return Err(ApiError::Invalid { kind: S::KIND.to_string(), errors });
+            }
+            _ => obj.metadata.project = Some(t.project.clone()),
+        }
+    }
+    let now = Utc::now();
+    obj.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
+    obj.metadata.generation = Some(1);
+    obj.metadata.creation_timestamp = Some(now);
+    obj.metadata.deletion_timestamp = None;
+    obj.status = None;
+    let name = obj.name().to_string();
+    if params.dry_run()? {
+        if state.store.get(S::KIND, &t.project, &name).await?.is_some() {
+            return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project: t.project, name });
+        }
+        return Ok((StatusCode::CREATED, Json(obj)).into_response());
+    }
+    let stored = state
+        .store
+        .mutate(S::KIND, &t.project, &name, &audit("create"), |current, rv| {
+            if current.is_some() {
+                return Err(ApiError::AlreadyExists {
+                    kind: S::KIND.into(),
+                    project: t.project.clone(),
+                    name: name.clone(),
+                });
+            }
+            obj.metadata.resource_version = Some(rv.to_string());
+            Ok(Write::Put(to_value(&obj)?))
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+/// `GET` on an object.
+pub async fn get<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let t = target::<S>(&path)?;
+    let name = t.name.clone().unwrap_or_default();
+    match state.store.get(S::KIND, &t.project, &name).await? {
+        Some(v) => Ok(Json(v)),
+        None => Err(not_found::<S>(&t)),
+    }
+}
+
+/// `GET` on a collection: a list, or a watch stream with `watch=true`.
+pub async fn list<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+    Query(params): Query<Params>,
+) -> Result<Response, ApiError> {
+    let t = target::<S>(&path)?;
+    let project = (S::NAMESPACED && !t.project.is_empty()).then_some(t.project.clone());
+    let labels = Selector::labels(params.label_selector.as_deref().unwrap_or(""))?;
+    let fields = Selector::fields(params.field_selector.as_deref().unwrap_or(""))?;
+    let filter = watch::Filter { kind: S::KIND.to_string(), project, labels, fields };
+    if params.watch.unwrap_or(false) {
+        let since = match params.resource_version.as_deref() {
+            None | Some("") | Some("0") => None,
+            Some(rv) => Some(rv.parse::<i64>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "resourceVersion {rv:?} is not a number; pass the resourceVersion of a list or event"
+                ))
+            })?),
+        };
+        return watch::stream(state, filter, since).await;
+    }
+    let (items, rv) = state.store.list(S::KIND, filter.project.as_deref()).await?;
+    let items: Vec<Value> = items.into_iter().filter(|o| filter.matches(o)).collect();
+    Ok(Json(ObjectList {
+        api_version: nexus_api::API_VERSION.to_string(),
+        kind: format!("{}List", S::KIND),
+        metadata: ListMeta { resource_version: Some(rv.to_string()), continue_token: None },
+        items,
+    })
+    .into_response())
+}
+
+/// `PUT` on an object: replaces metadata and spec; status is kept as stored.
+pub async fn replace<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let t = target::<S>(&path)?;
+    let sent = parse_object::<S>(&body)?;
+    let name = t.name.clone().unwrap_or_default();
+    check_url_name::<S>(&sent, &name)?;
+    let dry_run = params.dry_run()?;
+    let result = state
+        .store
+        .mutate(S::KIND, &t.project, &name, &audit("update"), |current, rv| {
+            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+            check_version(&sent, &current)?;
+            let mut next = current.clone();
+            if next.spec != sent.spec {
+                next.spec = sent.spec.clone();
+                next.metadata.generation = Some(current.metadata.generation.unwrap_or(0) + 1);
+            }
+            next.metadata.labels = sent.metadata.labels.clone();
+            next.metadata.annotations = sent.metadata.annotations.clone();
+            next.metadata.owner_references = sent.metadata.owner_references.clone();
+            next.metadata.finalizers = sent.metadata.finalizers.clone();
+            finish_write(current, next, rv, dry_run)
+        })
+        .await?;
+    Ok(Json(result))
+}
+
+/// `PUT` on `.../status`: replaces status only.
+pub async fn replace_status<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+    Query(params): Query<Params>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let t = target::<S>(&path)?;
+    let sent = parse_object::<S>(&body)?;
+    let name = t.name.clone().unwrap_or_default();
+    check_url_name::<S>(&sent, &name)?;
+    let dry_run = params.dry_run()?;
+    let result = state
+        .store
+        .mutate(S::KIND, &t.project, &name, &audit("update-status"), |current, rv| {
+            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+            check_version(&sent, &current)?;
+            let mut next = current.clone();
+            next.status = sent.status.clone();
+            finish_write(current, next, rv, dry_run)
+        })
+        .await?;
+    Ok(Json(result))
+}
+
+/// `DELETE` on an object: removes it at once when it has no finalizers,
+/// otherwise sets `deletionTimestamp` and leaves removal to whoever owns
+/// the finalizers.
+pub async fn delete<S: ResourceSpec>(
+    State(state): State<AppState>,
+    Path(path): Path<HashMap<String, String>>,
+    Query(params): Query<Params>,
+) -> Result<Json<Value>, ApiError> {
+    let t = target::<S>(&path)?;
+    let name = t.name.clone().unwrap_or_default();
+    let dry_run = params.dry_run()?;
+    let result = state
+        .store
+        .mutate(S::KIND, &t.project, &name, &audit("delete"), |current, rv| {
+            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+            let mut next = current.clone();
+            if next.metadata.deletion_timestamp.is_none() {
+                next.metadata.deletion_timestamp = Some(Utc::now());
+            }
+            if next.metadata.finalizers.is_empty() {
+                next.metadata.resource_version = Some(rv.to_string());
+                let v = to_value(&next)?;
+                return Ok(if dry_run { Write::Unchanged(v) } else { Write::Delete(v) });
+            }
+            finish_write(current, next, rv, dry_run)
+        })
+        .await?;
+    Ok(Json(result))
+}
+
+fn check_url_name<S: ResourceSpec>(sent: &Object<S>, name: &str) -> Result<(), ApiError> {
+    if sent.name() != name {
+        let mut errors = FieldErrors::default();
+        errors.add("metadata.name", sent.name(), &format!("must match the name in the URL ({name:?})"));
+        return Err(ApiError::Invalid { kind: S::KIND.to_string(), errors });
+    }
+    Ok(())
+}
+
+/// Decides the write for an update: nothing when nothing changed, removal
+/// when a deleting object lost its last finalizer, the new object otherwise.
+fn finish_write<S: ResourceSpec>(
+    current: Object<S>,
+    mut next: Object<S>,
+    rv: i64,
+    dry_run: bool,
+) -> Result<Write, ApiError> {
+    if next == current {
+        return Ok(Write::Unchanged(to_value(&current)?));
+    }
+    if next.metadata.deletion_timestamp.is_some() && next.metadata.finalizers.is_empty() {
+        next.metadata.resource_version = Some(rv.to_string());
+        let v = to_value(&next)?;
+        return Ok(if dry_run { Write::Unchanged(v) } else { Write::Delete(v) });
+    }
+    next.metadata.resource_version = Some(rv.to_string());
+    let v = to_value(&next)?;
+    Ok(if dry_run { Write::Unchanged(v) } else { Write::Put(v) })
+}

@@ -1,0 +1,8 @@
+//! The nexus controller: reconciles VM spec against status through the node
+//! agents, level-triggered.
+
+pub mod agent;
+pub mod queue;
+pub mod runner;
+pub mod scheduler;
+pub mod vm;

@@ -1,0 +1,70 @@
+//! `nexus-controller`: converges VMs to their spec.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nexus_controller::agent::AgentClient;
+use nexus_controller::runner;
+use nexus_controller::vm::VmReconciler;
+
+#[derive(Debug, Parser)]
+#[command(name = "nexus-controller", version, about = "The nexus controller")]
+struct Args {
+    /// URL of the apiserver.
+    #[arg(long, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
+    apiserver: String,
+    /// File holding the node agents' credential.
+    #[arg(long, env = "NEXUS_AGENT_TOKEN_FILE")]
+    agent_token_file: PathBuf,
+    /// VMs reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Seconds between full relists.
+    #[arg(long, default_value_t = 60)]
+    resync_secs: u64,
+    /// Seconds after which a converged VM is checked against its node again.
+    #[arg(long, default_value_t = 5)]
+    recheck_secs: u64,
+    /// Seconds without a heartbeat after which a node is not Ready.
+    #[arg(long, default_value_t = 10)]
+    node_grace_secs: i64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let token = std::fs::read_to_string(&args.agent_token_file)
+        .with_context(|| format!("reading the agent credential from {}", args.agent_token_file.display()))?
+        .trim()
+        .to_string();
+    let reconciler = VmReconciler {
+        api: nexus_api::client::Client::new(&args.apiserver, None),
+        agents: AgentClient::new(token),
+        node_grace: chrono::Duration::seconds(args.node_grace_secs),
+        recheck: Duration::from_secs(args.recheck_secs.max(1)),
+    };
+    tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
+    tokio::select! {
+        _ = runner::run(reconciler, args.workers, Duration::from_secs(args.resync_secs.max(5))) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm() => {}
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

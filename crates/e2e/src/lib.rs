@@ -1,0 +1,274 @@
+//! Harness for system tests: runs the real nexus processes inside a network
+//! namespace owned by the test thread, and inspects the host they run on.
+//!
+//! A test calls [`enter_private_netns`] on its own thread first; every
+//! socket the thread opens and every process it starts then lives in that
+//! namespace, which vanishes with them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nexus_api::client::Client;
+
+pub mod host;
+
+/// Whether the test runs as root (needed for namespaces, bridges and TAPs).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Moves the calling thread into a new network namespace with `lo` up.
+///
+/// # Panics
+/// When the namespace cannot be created (not root) or `ip` is missing.
+pub fn enter_private_netns() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run the tests as root");
+    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+}
+
+/// Runs a command and panics with its stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Directory holding the workspace's built binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NEXUS_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// Path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the system tests",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running process that is stopped (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the process: SIGTERM, up to 5 s, then SIGKILL; always reaped.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Starts `bin args...` with its output appended to `log`.
+pub fn spawn(name: &'static str, bin: &Path, args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    Proc { name, child }
+}
+
+/// An apiserver, controller and node agent (on the simulated VMM), started
+/// as real processes in the calling thread's network namespace.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub server: String,
+    pub apiserver: Proc,
+    pub agent: Proc,
+    pub controller: Proc,
+}
+
+/// Ports used inside the test's own namespace (no clash with the host).
+pub const APISERVER_ADDR: &str = "127.0.0.1:7443";
+pub const AGENT_ADDR: &str = "127.0.0.1:7444";
+
+impl Cluster {
+    /// Starts the three processes with state under `dir` and waits until
+    /// the node is registered.
+    pub async fn start(dir: &Path, node: &str) -> Cluster {
+        std::fs::create_dir_all(dir).expect("cluster dir");
+        let token = dir.join("agent-token");
+        std::fs::write(&token, "e2e-test-credential-0123456789").expect("token");
+        let run_dir = dir.join("run");
+        let data = dir.join("data");
+        let server = format!("http://{APISERVER_ADDR}");
+        let s = |p: &Path| p.display().to_string();
+        let apiserver = spawn(
+            "apiserver",
+            &bin("nexus-apiserver"),
+            &["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2"],
+            &dir.join("apiserver.log"),
+        );
+        let client = Client::new(&server, None);
+        wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
+            .await;
+        let agent = spawn(
+            "nodeagent",
+            &bin("nexus-nodeagent"),
+            &[
+                "--apiserver",
+                &server,
+                "--node-name",
+                node,
+                "--listen",
+                AGENT_ADDR,
+                "--token-file",
+                &s(&token),
+                "--run-dir",
+                &s(&run_dir),
+                "--firecracker",
+                &s(&bin("firecracker-sim")),
+                "--heartbeat-secs",
+                "1",
+            ],
+            &dir.join("agent.log"),
+        );
+        let controller = spawn(
+            "controller",
+            &bin("nexus-controller"),
+            &["--apiserver", &server, "--agent-token-file", &s(&token), "--recheck-secs", "2"],
+            &dir.join("controller.log"),
+        );
+        wait_until(Duration::from_secs(10), "the node to register", || async {
+            client.get::<nexus_api::NodeSpec>("", node).await.is_ok()
+        })
+        .await;
+        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.server, None)
+    }
+
+    /// Runs `nexusctl` against this cluster; returns (success, stdout, stderr).
+    pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("nexusctl"))
+            .args(["--server", &self.server])
+            .args(args)
+            .output()
+            .expect("running nexusctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Stops all three processes (controller first).
+    pub fn stop(&mut self) {
+        self.controller.stop();
+        self.agent.stop();
+        self.apiserver.stop();
+    }
+
+    /// The processes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        ["apiserver.log", "agent.log", "controller.log"]
+            .iter()
+            .map(|f| format!("--- {f}\n{}", std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Makes sure the image paths `examples/vm.yaml` names exist, creating
+/// placeholder images (as `hack/images.sh` does) when they do not. The
+/// simulated VMM only opens them; a real Firecracker needs real ones.
+pub fn ensure_example_images() {
+    let dir = Path::new("/var/lib/nexus/images");
+    std::fs::create_dir_all(dir).expect("creating /var/lib/nexus/images");
+    let kernel = dir.join("vmlinux");
+    if !kernel.exists() {
+        std::fs::write(&kernel, vec![0x7fu8; 4096]).expect("placeholder kernel");
+    }
+    let rootfs = dir.join("rootfs.ext4");
+    if !rootfs.exists() {
+        let f = std::fs::File::create(&rootfs).expect("placeholder rootfs");
+        f.set_len(256 << 20).expect("sizing the placeholder rootfs");
+    }
+}
+
+/// Runs `test` on a fresh thread inside its own network namespace, on a
+/// single-threaded runtime (so every socket it opens is in the namespace).
+/// Skips, saying why, when not root.
+pub fn in_private_netns<F, Fut>(test: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    if !is_root() {
+        eprintln!("SKIPPED: this test needs root to create a network namespace, a bridge and TAP devices");
+        return;
+    }
+    let handle = std::thread::spawn(move || {
+        enter_private_netns();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(test());
+    });
+    if let Err(panic) = handle.join() {
+        std::panic::resume_unwind(panic);
+    }
+}

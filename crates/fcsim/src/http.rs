@@ -1,0 +1,103 @@
+//! The API server on the unix socket: HTTP/1.1, one request at a time per
+//! connection, as Firecracker serves it.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+
+use crate::args::Args;
+use crate::console;
+use crate::vmm::{After, Reply, Vmm};
+
+/// Largest request body accepted (Firecracker's default payload limit).
+const MAX_PAYLOAD: usize = 51_200;
+/// How often metrics are written without a FlushMetrics.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// Serves the API until the guest shuts down; returns the exit code.
+pub async fn serve(args: Args) -> Result<u8, String> {
+    // Firecracker refuses to start when the socket path exists.
+    let listener = UnixListener::bind(&args.api_sock)
+        .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?;
+    let vmm = Arc::new(Mutex::new(Vmm::new(args.id.clone())));
+    let (after_tx, mut after_rx) = mpsc::unbounded_channel::<After>();
+    let mut metrics = tokio::time::interval(METRICS_PERIOD);
+    metrics.tick().await;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let vmm = vmm.clone();
+                let after_tx = after_tx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(vmm.clone(), after_tx.clone(), req));
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+            Some(after) = after_rx.recv() => match after {
+                After::Booted => console::start(vmm.clone()),
+                After::Shutdown => {
+                    // A guest honouring Ctrl+Alt+Del powers off a moment later.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    lock(&vmm).log("main", "INFO", "Vmm is stopping.");
+                    return Ok(0);
+                }
+                After::Nothing => {}
+            },
+            _ = metrics.tick() => lock(&vmm).flush_metrics(),
+        }
+    }
+}
+
+fn lock(vmm: &Arc<Mutex<Vmm>>) -> std::sync::MutexGuard<'_, Vmm> {
+    vmm.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn handle(
+    vmm: Arc<Mutex<Vmm>>,
+    after_tx: mpsc::UnboundedSender<After>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Ok(respond(Reply::fault(400, format!("Failed to read the request body: {e}")))),
+    };
+    if body.len() > MAX_PAYLOAD {
+        return Ok(respond(Reply::fault(
+            400,
+            format!(
+                "Request payload with size {} is larger than the limit of {MAX_PAYLOAD} allowed by server.",
+                body.len()
+            ),
+        )));
+    }
+    let (reply, after) = lock(&vmm).handle(&method, &path, &body);
+    if after != After::Nothing {
+        let _ = after_tx.send(after);
+    }
+    Ok(respond(reply))
+}
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder().status(reply.status).header("Server", "Firecracker API");
+    let body = match reply.body {
+        Some(v) => {
+            builder = builder.header("Content-Type", "application/json");
+            Bytes::from(v.to_string())
+        }
+        None => Bytes::new(),
+    };
+    builder.body(Full::new(body)).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}

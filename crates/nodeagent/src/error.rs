@@ -1,0 +1,117 @@
+//! The agent's error type and its mapping to HTTP responses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use nexus_api::ErrorBody;
+
+use crate::firecracker::FcError;
+use crate::net::NetError;
+use crate::paths::PathError;
+use crate::process::ProcessError;
+
+/// Everything an agent call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("missing or wrong agent credential")]
+    Unauthorized,
+    #[error(transparent)]
+    BadPath(#[from] PathError),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("Firecracker step {step} failed")]
+    Firecracker {
+        step: &'static str,
+        #[source]
+        source: FcError,
+    },
+    #[error("the VMM did not open its API socket {socket} within {seconds}s")]
+    VmmDidNotStart { socket: String, seconds: u64 },
+    #[error("host networking failed")]
+    Net(#[from] NetError),
+    #[error("starting the VMM failed")]
+    Process(#[from] ProcessError),
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let what = what.into();
+        move |source| AgentError::Io { what, source }
+    }
+
+    /// The HTTP status; the only place the agent chooses one. 4xx means
+    /// sending the same request again will fail the same way.
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            AgentError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AgentError::BadPath(_) | AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Net(_) | AgentError::Process(_) | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            AgentError::Unauthorized => "Unauthorized",
+            AgentError::BadPath(_) | AgentError::Invalid(_) => "Invalid",
+            AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
+            AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",
+            AgentError::Net(_) => "NetworkSetupFailed",
+            AgentError::Process(_) => "VmmLaunchFailed",
+            AgentError::Io { .. } => "HostError",
+        }
+    }
+
+    fn suggestion(&self) -> Option<String> {
+        match self {
+            AgentError::Unauthorized => Some("send the node credential as `Authorization: Bearer <token>`".into()),
+            AgentError::Firecracker { step, source } if !source.is_retryable() => Some(format!(
+                "Firecracker rejected the {step} configuration; fix the VM spec (see faultMessage) and apply it again"
+            )),
+            AgentError::Process(_) => {
+                Some("check that the firecracker binary configured on the agent exists and is executable".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// The full message with its causes, for logs and error bodies.
+    pub fn chain(&self) -> String {
+        let mut msg = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            msg.push_str(": ");
+            msg.push_str(&c.to_string());
+            cause = c.source();
+        }
+        msg
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        if status.is_server_error() {
+            tracing::warn!(error = %self.chain(), "agent call failed");
+        }
+        let fault_message = match &self {
+            AgentError::Firecracker { source, .. } => source.fault_message().map(str::to_string),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: self.reason().to_string(),
+            message: self.chain(),
+            status: status.as_u16(),
+            fault_message,
+            suggestion: self.suggestion(),
+            request_id: String::new(),
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}

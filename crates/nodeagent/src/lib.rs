@@ -1,0 +1,12 @@
+//! The nexus node agent: runs Firecracker microVMs on one host, with their
+//! TAP devices on a bridge, and answers the controller's declarative calls.
+
+pub mod api;
+pub mod disk;
+pub mod error;
+pub mod firecracker;
+pub mod net;
+pub mod paths;
+pub mod process;
+pub mod register;
+pub mod vms;

@@ -1,0 +1,134 @@
+//! `nexus-nodeagent`: the privileged per-host executor.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nexus_nodeagent::api::{AgentState, router};
+use nexus_nodeagent::net::{Net, parse_cidr};
+use nexus_nodeagent::paths::RunDir;
+use nexus_nodeagent::register::{NodeInfo, firecracker_version, heartbeat_loop, host_capacity};
+use nexus_nodeagent::vms::{Runtime, RuntimeConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "nexus-nodeagent", version, about = "The nexus node agent")]
+struct Args {
+    /// URL of the apiserver.
+    #[arg(long, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
+    apiserver: String,
+    /// Name of this node (defaults to the host name).
+    #[arg(long, env = "NEXUS_NODE_NAME")]
+    node_name: Option<String>,
+    /// Address the agent API listens on.
+    #[arg(long, env = "NEXUS_AGENT_LISTEN", default_value = "127.0.0.1:7444")]
+    listen: SocketAddr,
+    /// URL the controller uses to reach this agent (defaults to http://<listen>).
+    #[arg(long, env = "NEXUS_AGENT_ADVERTISE")]
+    advertise_url: Option<String>,
+    /// File holding the credential callers must present.
+    #[arg(long, env = "NEXUS_AGENT_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Directory for VM run directories (sockets, logs, disks).
+    #[arg(long, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
+    run_dir: PathBuf,
+    /// Bridge the VMs' TAP devices are attached to.
+    #[arg(long, default_value = "nxbr0")]
+    bridge: String,
+    /// Address of the bridge, the VMs' gateway (`none` for no address).
+    #[arg(long, default_value = "172.30.0.1/24")]
+    bridge_address: String,
+    /// The VMM binary: `firecracker`, or `firecracker-sim` for tests.
+    #[arg(long, env = "NEXUS_FIRECRACKER", default_value = "firecracker")]
+    firecracker: PathBuf,
+    /// Most VMs this node accepts.
+    #[arg(long, default_value_t = 100)]
+    max_vms: u32,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_secs: u64,
+    /// Seconds a VMM gets to stop before it is killed.
+    #[arg(long, default_value_t = 2)]
+    stop_grace_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the agent credential from {}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        bail!("the agent credential in {} must be at least 16 characters", args.token_file.display());
+    }
+    let firecracker = resolve_binary(&args.firecracker)?;
+    let bridge_address = match args.bridge_address.as_str() {
+        "none" => None,
+        cidr => Some(parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--bridge-address: {e}"))?),
+    };
+    let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
+    let net = Net::connect().context("opening netlink")?;
+    let runtime = Arc::new(Runtime::new(
+        RuntimeConfig {
+            run_dir,
+            bridge: args.bridge.clone(),
+            bridge_address,
+            firecracker: firecracker.clone(),
+            stop_grace: Duration::from_secs(args.stop_grace_secs),
+        },
+        net,
+    ));
+    runtime.ensure_bridge().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
+    };
+    let address = args.advertise_url.unwrap_or_else(|| format!("http://{}", args.listen));
+    let info = NodeInfo {
+        name: node_name,
+        address,
+        capacity: host_capacity(args.max_vms),
+        firecracker_version: firecracker_version(&firecracker),
+        bridge: args.bridge,
+    };
+    let client = nexus_api::client::Client::new(&args.apiserver, None);
+    tokio::spawn(heartbeat_loop(client, info, Duration::from_secs(args.heartbeat_secs.max(1))));
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
+    let state = AgentState { runtime, token: Arc::new(token) };
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+/// Finds the VMM binary: a path as given, or a name looked up on PATH.
+fn resolve_binary(binary: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if binary.components().count() > 1 {
+        return Ok(binary.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join(binary)).find(|candidate| candidate.is_file()).with_context(|| {
+        format!(
+            "no {} binary on PATH; install Firecracker or pass --firecracker /path/to/firecracker-sim",
+            binary.display()
+        )
+    })
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    // VMs keep running: a restarted agent adopts them.
+    tracing::info!("shutting down; VMs keep running");
+}

@@ -1,0 +1,193 @@
+//! Host networking: the bridge and one persistent TAP per VM. Links are
+//! managed over netlink; TAPs are created with the TUNSETIFF/TUNSETPERSIST
+//! ioctls because netlink cannot create them.
+
+use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+/// Failures configuring host networking.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("opening a netlink socket failed")]
+    Connect(#[source] std::io::Error),
+    #[error("netlink {op} on {name} failed")]
+    Netlink {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("creating TAP device {name} failed")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link {0} vanished while being configured")]
+    Vanished(String),
+}
+
+/// A link as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    /// Index of the bridge it is enslaved to.
+    pub controller: Option<u32>,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Self {
+        let mut link = Link { name: String::new(), index: msg.header.index, controller: None };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// Netlink access for one network namespace (the agent's own).
+#[derive(Debug, Clone)]
+pub struct Net {
+    handle: Handle,
+}
+
+fn is_no_device(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
+}
+
+impl Net {
+    /// Opens a netlink connection; must be called inside a tokio runtime.
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The link called `name`, if it exists.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+        let mut stream = self.handle.link().get().match_name(name).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(Link::from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if is_no_device(&e) => Ok(None),
+            Err(source) => Err(NetError::Netlink { op: "get", name: name.to_string(), source }),
+        }
+    }
+
+    /// Every link in the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, NetError> {
+        let msgs: Vec<LinkMessage> =
+            self.handle.link().get().execute().try_collect().await.map_err(|source| NetError::Netlink {
+                op: "dump",
+                name: "*".into(),
+                source,
+            })?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// Creates bridge `name` if missing, gives it `address` and brings it up.
+    /// Returns its index. Safe to repeat.
+    pub async fn ensure_bridge(&self, name: &str, address: Option<(Ipv4Addr, u8)>) -> Result<u32, NetError> {
+        if self.link(name).await?.is_none() {
+            match self.handle.link().add(LinkBridge::new(name).build()).execute().await {
+                Ok(()) => {}
+                // Lost a race with another creator: fine, it exists now.
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::EEXIST => {}
+                Err(source) => return Err(NetError::Netlink { op: "add bridge", name: name.into(), source }),
+            }
+        }
+        let link = self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))?;
+        if let Some((ip, prefix)) = address {
+            self.handle
+                .address()
+                .add(link.index, IpAddr::V4(ip), prefix)
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| NetError::Netlink { op: "add address", name: name.into(), source })?;
+        }
+        self.set_up(name, link.index, None).await?;
+        Ok(link.index)
+    }
+
+    async fn set_up(&self, name: &str, index: u32, controller: Option<u32>) -> Result<(), NetError> {
+        let mut builder = LinkUnspec::new_with_index(index).up();
+        if let Some(c) = controller {
+            builder = builder.controller(c);
+        }
+        self.handle.link().set(builder.build()).execute().await.map_err(|source| NetError::Netlink {
+            op: "set up",
+            name: name.into(),
+            source,
+        })
+    }
+
+    /// Creates persistent TAP `name` if missing, enslaves it to the bridge
+    /// with index `bridge` and brings it up. Safe to repeat.
+    pub async fn ensure_tap(&self, name: &str, bridge: u32) -> Result<Link, NetError> {
+        if self.link(name).await?.is_none() {
+            create_persistent_tap(name).map_err(|source| NetError::Tap { name: name.into(), source })?;
+        }
+        let link = self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))?;
+        if link.controller != Some(bridge) {
+            self.set_up(name, link.index, Some(bridge)).await?;
+        } else {
+            self.set_up(name, link.index, None).await?;
+        }
+        self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))
+    }
+
+    /// Deletes link `name`; returns whether it existed.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, NetError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_no_device(&e) => Ok(false),
+            Err(source) => Err(NetError::Netlink { op: "delete", name: name.into(), source }),
+        }
+    }
+}
+
+nix::ioctl_write_int!(tunsetiff, b'T', 202);
+nix::ioctl_write_int!(tunsetpersist, b'T', 203);
+
+/// Creates a persistent TAP with the flags Firecracker opens it with
+/// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
+fn create_persistent_tap(name: &str) -> std::io::Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    let tun = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` outlives both calls.
+    unsafe {
+        tunsetiff(tun.as_raw_fd(), &req as *const libc::ifreq as libc::c_ulong).map_err(std::io::Error::from)?;
+        tunsetpersist(tun.as_raw_fd(), 1).map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, len) = text.split_once('/').ok_or_else(|| format!("{text:?} is not in a.b.c.d/len form"))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("prefix length {len:?} must be 0-32"))?;
+    Ok((ip, len))
+}

@@ -1,0 +1,136 @@
+//! The agent's host layout, and the one place names from the network become
+//! paths: `<run dir>/vms/<uid>/{fc.sock, fc.log, metrics.json, console.log,
+//! rootfs.ext4, pid, vm.json}`.
+
+use std::path::{Path, PathBuf};
+
+/// Prefix of every TAP device the agent creates.
+pub const TAP_PREFIX: &str = "nxt";
+
+/// Failures turning a name into a path.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("VM uid {0:?} is not a UUID (expected 8-4-4-4-12 lower-case hex digits)")]
+    BadUid(String),
+}
+
+/// A VM uid that was checked to be a lower-case hyphenated UUID, so it can
+/// name a directory and a device without escaping anything.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Uid(String);
+
+impl Uid {
+    /// Accepts only `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lower-case hex.
+    pub fn parse(raw: &str) -> Result<Self, PathError> {
+        let groups: Vec<&str> = raw.split('-').collect();
+        let lens = [8, 4, 4, 4, 12];
+        let ok = groups.len() == 5
+            && groups
+                .iter()
+                .zip(lens)
+                .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        if ok { Ok(Uid(raw.to_string())) } else { Err(PathError::BadUid(raw.chars().take(80).collect())) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The TAP device name: prefix plus the first 12 hex digits (IFNAMSIZ is 16).
+    pub fn tap_name(&self) -> String {
+        let hex: String = self.0.chars().filter(|c| *c != '-').take(12).collect();
+        format!("{TAP_PREFIX}{hex}")
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where one VM's files live.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("fc.sock")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("fc.log")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+    pub fn pid(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+}
+
+/// The agent's run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// `root` must be absolute; it is canonicalized once it exists.
+    pub fn new(root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root.join("vms"))?;
+        Ok(Self { root: root.canonicalize()? })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory holding one directory per VM.
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// The files of VM `uid`; always directly under `vms()`.
+    pub fn vm(&self, uid: &Uid) -> VmPaths {
+        VmPaths { dir: self.vms().join(uid.as_str()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_uuids_are_accepted_as_uids() {
+        assert!(Uid::parse("7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11").is_ok());
+        for bad in [
+            "",
+            "..",
+            "../../etc",
+            "7F0C9A52-3A43-4D1B-9D44-0C3F0E7D1A11",
+            "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a1",
+            "7f0c9a52/3a43-4d1b-9d44-0c3f0e7d1a11",
+            "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11\0",
+        ] {
+            assert!(Uid::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tap_names_fit_ifnamsiz() {
+        let uid = Uid::parse("7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11").unwrap();
+        assert_eq!(uid.tap_name(), "nxt7f0c9a523a43");
+        assert!(uid.tap_name().len() < 16);
+    }
+}

@@ -1,0 +1,92 @@
+//! Registration of this host's `Node` and its heartbeat.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use nexus_api::client::Client;
+use nexus_api::meta::set_condition;
+use nexus_api::node::{CONDITION_READY, NodeCapacity};
+use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus};
+
+/// What the agent reports about its node.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub address: String,
+    pub capacity: NodeCapacity,
+    pub firecracker_version: String,
+    pub bridge: String,
+}
+
+/// Registers the node (creating it if needed) and writes a heartbeat every
+/// `interval`, forever. Failures are logged and retried on the next beat.
+pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registered = false;
+    loop {
+        ticker.tick().await;
+        match beat(&client, &info).await {
+            Ok(()) if !registered => {
+                registered = true;
+                tracing::info!(node = %info.name, address = %info.address, "node registered");
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(node = %info.name, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_api::client::ClientError> {
+    let mut node: Node = match client.get::<NodeSpec>("", &info.name).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => client.create(&Node::new(&info.name, None, NodeSpec::default())).await?,
+        Err(e) => return Err(e),
+    };
+    let mut status = node.status.clone().unwrap_or_default();
+    status = NodeStatus {
+        address: info.address.clone(),
+        capacity: info.capacity.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        firecracker_version: info.firecracker_version.clone(),
+        bridge: info.bridge.clone(),
+        last_heartbeat_time: Some(Utc::now()),
+        conditions: std::mem::take(&mut status.conditions),
+    };
+    set_condition(
+        &mut status.conditions,
+        CONDITION_READY,
+        ConditionStatus::True,
+        "AgentHeartbeat",
+        "the node agent is running",
+    );
+    node.status = Some(status);
+    // Unconditional: the agent is the only writer of its node's status.
+    node.metadata.resource_version = None;
+    client.replace_status(&node).await?;
+    Ok(())
+}
+
+/// vCPUs and memory of this host.
+pub fn host_capacity(max_vms: u32) -> NodeCapacity {
+    let vcpu = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0);
+    NodeCapacity { vcpu, mem_mib, max_vms }
+}
+
+/// The version the VMM binary prints for `--version`, or why it could not.
+pub fn firecracker_version(binary: &std::path::Path) -> String {
+    match std::process::Command::new(binary).arg("--version").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string(),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}

@@ -1,0 +1,383 @@
+//! The VM runtime: realises an `EnsureVm` on this host (run dir, TAP, VMM
+//! process, Firecracker configuration) and tears it down again. Every
+//! operation is idempotent and serialised per VM, so a retry after a
+//! timeout or an agent crash is always safe.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nexus_api::PowerState;
+use nexus_api::agent::{EnsureVm, Inventory, ObservedState, VmReport};
+use tokio::sync::Mutex;
+
+use crate::disk;
+use crate::error::AgentError;
+use crate::firecracker::models::{self, ActionType, InstanceState, VmState};
+use crate::firecracker::{FcClient, FcError};
+use crate::net::Net;
+use crate::paths::{RunDir, TAP_PREFIX, Uid, VmPaths};
+use crate::process;
+
+/// How long a new VMM gets to open its API socket.
+pub const SOCKET_WAIT: Duration = Duration::from_secs(5);
+
+/// Settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub run_dir: RunDir,
+    pub bridge: String,
+    pub bridge_address: Option<(std::net::Ipv4Addr, u8)>,
+    pub firecracker: PathBuf,
+    /// Time a VMM gets between SendCtrlAltDel/SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+/// Owns every VM on this host.
+#[derive(Debug)]
+pub struct Runtime {
+    cfg: RuntimeConfig,
+    net: Net,
+    locks: Mutex<HashMap<Uid, Arc<Mutex<()>>>>,
+}
+
+impl Runtime {
+    pub fn new(cfg: RuntimeConfig, net: Net) -> Self {
+        Self { cfg, net, locks: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.cfg
+    }
+
+    /// Creates the bridge (and its address) if missing.
+    pub async fn ensure_bridge(&self) -> Result<u32, AgentError> {
+        Ok(self.net.ensure_bridge(&self.cfg.bridge, self.cfg.bridge_address).await?)
+    }
+
+    async fn lock(&self, uid: &Uid) -> Arc<Mutex<()>> {
+        self.locks.lock().await.entry(uid.clone()).or_default().clone()
+    }
+
+    /// Brings VM `req.uid` to `req.state` and reports what is there.
+    pub async fn ensure(&self, req: &EnsureVm) -> Result<VmReport, AgentError> {
+        let uid = Uid::parse(&req.uid)?;
+        validate(req)?;
+        let lock = self.lock(&uid).await;
+        let _held = lock.lock().await;
+        let paths = self.cfg.run_dir.vm(&uid);
+        std::fs::create_dir_all(&paths.dir).map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
+        let config = serde_json::to_vec_pretty(req).unwrap_or_default();
+        std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
+        if req.state == PowerState::Stopped {
+            self.stop_vmm(&paths).await;
+            self.net.delete_link(&uid.tap_name()).await?;
+            return self.report(&uid).await;
+        }
+        let client = FcClient::new(paths.socket());
+        let mut info = None;
+        if let Some(pid) = read_pid(&paths).filter(|pid| process::is_vmm(*pid, &paths.socket())) {
+            match client.describe_instance().await {
+                Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
+                // Configured halfway (the agent died mid-create): start over.
+                _ => process::stop(pid, &paths.socket(), Duration::ZERO).await,
+            }
+        }
+        let info = match info {
+            Some(i) => i,
+            None => self.start(&uid, &paths, req, &client).await?,
+        };
+        match (req.state, info.state) {
+            (PowerState::Paused, InstanceState::Running) => client
+                .set_vm_state(VmState::Paused)
+                .await
+                .map_err(|source| AgentError::Firecracker { step: "pause", source })?,
+            (PowerState::Running, InstanceState::Paused) => client
+                .set_vm_state(VmState::Resumed)
+                .await
+                .map_err(|source| AgentError::Firecracker { step: "resume", source })?,
+            _ => {}
+        }
+        self.report(&uid).await
+    }
+
+    /// Starts a fresh VMM for `uid` and configures and boots it.
+    async fn start(
+        &self,
+        uid: &Uid,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        client: &FcClient,
+    ) -> Result<models::InstanceInfo, AgentError> {
+        self.stop_vmm(paths).await;
+        remove_if_exists(&paths.socket())?;
+        let bridge = self.ensure_bridge().await?;
+        let tap = uid.tap_name();
+        self.net.ensure_tap(&tap, bridge).await?;
+        disk::ensure_copy(Path::new(&req.rootfs_path), &paths.rootfs())
+            .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?;
+        for file in [paths.log(), paths.metrics()] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .map_err(AgentError::io(format!("creating {}", file.display())))?;
+        }
+        let launched = Instant::now();
+        let pid = process::launch(&self.cfg.firecracker, &paths.socket(), uid.as_str(), &paths.console())?;
+        std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
+        tracing::info!(uid = %uid, vm = %req.display_name, pid, "VMM launched");
+        wait_for_socket(client, pid, &paths.socket()).await?;
+        if let Err(e) = configure(client, paths, req, &tap).await {
+            process::stop(pid, &paths.socket(), Duration::ZERO).await;
+            return Err(e);
+        }
+        let boot_millis = launched.elapsed().as_millis() as u64;
+        let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
+        std::fs::write(paths.dir.join("started"), started).map_err(AgentError::io("writing the start record"))?;
+        client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// Stops the VM's VMM, removes its TAP and its run directory.
+    pub async fn remove(&self, raw_uid: &str) -> Result<VmReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let lock = self.lock(&uid).await;
+        {
+            let _held = lock.lock().await;
+            let paths = self.cfg.run_dir.vm(&uid);
+            self.stop_vmm(&paths).await;
+            self.net.delete_link(&uid.tap_name()).await?;
+            match std::fs::remove_dir_all(&paths.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(AgentError::io(format!("removing {}", paths.dir.display()))(e)),
+            }
+        }
+        self.locks.lock().await.remove(&uid);
+        Ok(absent(&uid))
+    }
+
+    /// Stops every VMM serving this VM's socket: the one in the pid file
+    /// and any a crash left unrecorded.
+    async fn stop_vmm(&self, paths: &VmPaths) {
+        let socket = paths.socket();
+        let mut pids: Vec<u32> = process::find_vmms_under(&paths.dir).into_iter().map(|(pid, _)| pid).collect();
+        if let Some(pid) = read_pid(paths) {
+            pids.push(pid);
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            if !process::is_vmm(pid, &socket) {
+                continue;
+            }
+            // Ask the guest first, as a power button would; then signals.
+            let _ = FcClient::new(&socket)
+                .with_request_timeout(Duration::from_millis(500))
+                .action(ActionType::SendCtrlAltDel)
+                .await;
+            if !process::wait_gone(pid, self.cfg.stop_grace).await {
+                process::stop(pid, &socket, Duration::from_millis(500)).await;
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(paths.pid());
+    }
+
+    /// What is on the host for `uid`.
+    pub async fn report(&self, uid: &Uid) -> Result<VmReport, AgentError> {
+        let paths = self.cfg.run_dir.vm(uid);
+        if !paths.dir.exists() {
+            return Ok(absent(uid));
+        }
+        let tap = uid.tap_name();
+        let tap_exists = self.net.link(&tap).await?.is_some();
+        let pid = read_pid(&paths).filter(|pid| process::is_vmm(*pid, &paths.socket()));
+        let state = match pid {
+            None => ObservedState::Stopped,
+            Some(_) => match FcClient::new(paths.socket()).describe_instance().await {
+                Ok(i) if i.state == InstanceState::Running => ObservedState::Running,
+                Ok(i) if i.state == InstanceState::Paused => ObservedState::Paused,
+                _ => ObservedState::Stopped,
+            },
+        };
+        let (started_at, boot_millis) = read_started(&paths);
+        let mac =
+            std::fs::read(paths.config()).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok()).map(|c| c.mac);
+        Ok(VmReport {
+            uid: uid.to_string(),
+            state,
+            pid,
+            socket_path: pid.map(|_| paths.socket().display().to_string()),
+            tap_name: tap_exists.then_some(tap),
+            mac,
+            log_path: Some(paths.log().display().to_string()),
+            console_path: Some(paths.console().display().to_string()),
+            started_at: if pid.is_some() { started_at } else { None },
+            boot_millis: if pid.is_some() { boot_millis } else { None },
+        })
+    }
+
+    /// Everything of ours on the host, whether or not a VM claims it.
+    pub async fn inventory(&self) -> Result<Inventory, AgentError> {
+        let mut inv = Inventory::default();
+        let vms_dir = self.cfg.run_dir.vms();
+        let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            inv.run_dirs.push(name.clone());
+            if let Ok(files) = std::fs::read_dir(entry.path()) {
+                for f in files.flatten() {
+                    if f.path().extension().is_some_and(|e| e == "sock") {
+                        inv.sockets.push(f.path().display().to_string());
+                    }
+                }
+            }
+            if let Ok(uid) = Uid::parse(&name) {
+                inv.vms.push(self.report(&uid).await?);
+            }
+        }
+        inv.taps =
+            self.net.links().await?.into_iter().filter(|l| l.name.starts_with(TAP_PREFIX)).map(|l| l.name).collect();
+        inv.run_dirs.sort();
+        inv.sockets.sort();
+        inv.taps.sort();
+        Ok(inv)
+    }
+}
+
+fn absent(uid: &Uid) -> VmReport {
+    VmReport {
+        uid: uid.to_string(),
+        state: ObservedState::Absent,
+        pid: None,
+        socket_path: None,
+        tap_name: None,
+        mac: None,
+        log_path: None,
+        console_path: None,
+        started_at: None,
+        boot_millis: None,
+    }
+}
+
+/// Checks the fields of a request the agent turns into host paths or
+/// Firecracker settings.
+fn validate(req: &EnsureVm) -> Result<(), AgentError> {
+    for (field, path) in [("kernelPath", &req.kernel_path), ("rootfsPath", &req.rootfs_path)] {
+        let p = Path::new(path);
+        if !p.is_absolute()
+            || path.contains('\0')
+            || p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(AgentError::Invalid(format!("{field} {path:?} must be an absolute path without '..'")));
+        }
+    }
+    if req.vcpu == 0 || req.mem_mib == 0 {
+        return Err(AgentError::Invalid("vcpu and memMib must be positive".into()));
+    }
+    let mut errors = nexus_api::validation::FieldErrors::default();
+    nexus_api::validation::validate_mac(&mut errors, "mac", &req.mac);
+    if !errors.is_empty() {
+        return Err(AgentError::Invalid(errors.to_string()));
+    }
+    Ok(())
+}
+
+async fn wait_for_socket(client: &FcClient, pid: u32, socket: &Path) -> Result<(), AgentError> {
+    let deadline = Instant::now() + SOCKET_WAIT;
+    loop {
+        match client.describe_instance().await {
+            Ok(_) => return Ok(()),
+            Err(FcError::Connect { .. } | FcError::Timeout { .. } | FcError::Http { .. })
+                if Instant::now() < deadline =>
+            {
+                if !process::alive(pid) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(source) if !source.is_retryable() => return Err(AgentError::Firecracker { step: "describe", source }),
+            Err(_) => break,
+        }
+    }
+    process::stop(pid, socket, Duration::ZERO).await;
+    Err(AgentError::VmmDidNotStart { socket: socket.display().to_string(), seconds: SOCKET_WAIT.as_secs() })
+}
+
+/// Sends the full pre-boot configuration, then InstanceStart.
+async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+    let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
+    client
+        .put_logger(&models::Logger {
+            log_path: paths.log().display().to_string(),
+            level: Some("Info".into()),
+            show_level: Some(true),
+            show_log_origin: Some(false),
+        })
+        .await
+        .map_err(fc("logger"))?;
+    client
+        .put_metrics(&models::Metrics { metrics_path: paths.metrics().display().to_string() })
+        .await
+        .map_err(fc("metrics"))?;
+    client
+        .put_machine_config(&models::MachineConfiguration {
+            vcpu_count: req.vcpu,
+            mem_size_mib: req.mem_mib,
+            smt: None,
+            track_dirty_pages: None,
+        })
+        .await
+        .map_err(fc("machine-config"))?;
+    client
+        .put_boot_source(&models::BootSource {
+            kernel_image_path: req.kernel_path.clone(),
+            boot_args: Some(req.boot_args.clone()),
+            initrd_path: None,
+        })
+        .await
+        .map_err(fc("boot-source"))?;
+    client
+        .put_drive(&models::Drive {
+            drive_id: "rootfs".into(),
+            path_on_host: paths.rootfs().display().to_string(),
+            is_root_device: true,
+            is_read_only: false,
+        })
+        .await
+        .map_err(fc("drives"))?;
+    client
+        .put_network_interface(&models::NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: tap.to_string(),
+            guest_mac: Some(req.mac.clone()),
+        })
+        .await
+        .map_err(fc("network-interfaces"))?;
+    client.action(ActionType::InstanceStart).await.map_err(fc("InstanceStart"))
+}
+
+fn read_pid(paths: &VmPaths) -> Option<u32> {
+    std::fs::read_to_string(paths.pid()).ok()?.trim().parse().ok()
+}
+
+fn read_started(paths: &VmPaths) -> (Option<chrono::DateTime<Utc>>, Option<u64>) {
+    let Ok(text) = std::fs::read_to_string(paths.dir.join("started")) else {
+        return (None, None);
+    };
+    let mut lines = text.lines();
+    let at = lines.next().and_then(|l| chrono::DateTime::parse_from_rfc3339(l).ok()).map(|t| t.with_timezone(&Utc));
+    let millis = lines.next().and_then(|l| l.parse().ok());
+    (at, millis)
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), AgentError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(format!("removing {}", path.display()))(e)),
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, lints, schema drift, unit tests and
+# the system tests (real processes in network namespaces; needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. hack/lib.sh
+need_build_tools
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build"
+cargo build --workspace --bins --locked
+echo "== tests (schema drift check included)"
+cargo test --workspace --locked --no-fail-fast
