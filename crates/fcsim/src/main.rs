@@ -8,6 +8,9 @@ mod http;
 mod model;
 mod vmm;
 
+#[cfg(test)]
+mod rules_tests;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -131,3 +131,107 @@ pub struct InstanceAction {
 pub struct VmState {
     pub state: String,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /machine-config`: every field optional.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigPatch {
+    #[serde(default)]
+    pub vcpu_count: Option<u8>,
+    #[serde(default)]
+    pub mem_size_mib: Option<usize>,
+    #[serde(default)]
+    pub smt: Option<bool>,
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    pub backend_type: String,
+    pub backend_path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    pub snapshot_path: String,
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(default)]
+    pub clock_realtime: Option<bool>,
+}
+
+/// What the simulator writes as "microVM state": its configuration, so a
+/// load restores the same devices.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub magic: String,
+    pub firecracker_version: String,
+    pub machine: MachineConfig,
+    pub boot: Option<BootSource>,
+    pub drives: Vec<Drive>,
+    pub nets: Vec<NetworkInterface>,
+}
+
+/// Marks a state file as written by this simulator.
+pub const SNAPSHOT_MAGIC: &str = "firecracker-sim-snapshot-v1";

@@ -82,6 +82,10 @@ pub struct Vmm {
     metrics: Option<File>,
     started: Instant,
     requests: u64,
+    /// A boot-specific resource was configured (rules out snapshot/load).
+    boot_configured: bool,
+    /// The guest console was started (on the first transition to Running).
+    console_started: bool,
 }
 
 impl Vmm {
@@ -98,6 +102,8 @@ impl Vmm {
             metrics: None,
             started: Instant::now(),
             requests: 0,
+            boot_configured: false,
+            console_started: false,
         }
     }
 
@@ -117,8 +123,19 @@ impl Vmm {
             ("PUT", ["network-interfaces", id]) => self.put_net(id, body),
             ("PUT", ["logger"]) => self.put_logger(body),
             ("PUT", ["metrics"]) => self.put_metrics(body),
+            ("PATCH", ["machine-config"]) => self.patch_machine_config(body),
+            ("PATCH", ["drives", id]) => self.patch_drive(id, body),
+            ("PATCH", ["network-interfaces", id]) => self.patch_net(id, body),
+            ("PUT", ["snapshot", "create"]) => self.snapshot_create(body),
+            ("PUT", ["snapshot", "load"]) => {
+                let reply = self.snapshot_load(body);
+                return (reply, self.after_running());
+            }
             ("PUT", ["actions"]) => return self.put_action(body),
-            ("PATCH", ["vm"]) => self.patch_vm(body),
+            ("PATCH", ["vm"]) => {
+                let reply = self.patch_vm(body);
+                return (reply, self.after_running());
+            }
             _ => Reply::fault(400, format!("Invalid request method and/or path: {method} {path}.")),
         };
         (reply, After::Nothing)
@@ -180,6 +197,7 @@ impl Vmm {
             );
         }
         self.machine = cfg;
+        self.boot_configured = true;
         Reply::no_content()
     }
 
@@ -203,6 +221,7 @@ impl Vmm {
             );
         }
         self.boot = Some(boot);
+        self.boot_configured = true;
         Reply::no_content()
     }
 
@@ -241,6 +260,7 @@ impl Vmm {
             return Reply::fault(400, "A root block device already exists!");
         }
         self.drives.insert(id.to_string(), drive);
+        self.boot_configured = true;
         Reply::no_content()
     }
 
@@ -295,6 +315,7 @@ impl Vmm {
             }
         }
         self.nets.insert(id.to_string(), net);
+        self.boot_configured = true;
         Reply::no_content()
     }
 
@@ -359,7 +380,7 @@ impl Vmm {
                 }
                 self.state = InstanceState::Running;
                 self.log("main", "INFO", "Successfully started microvm that was configured from one single json");
-                (Reply::no_content(), After::Booted)
+                (Reply::no_content(), self.after_running())
             }
             "FlushMetrics" => {
                 if self.metrics.is_none() {
@@ -385,6 +406,280 @@ impl Vmm {
                 After::Nothing,
             ),
         }
+    }
+
+    /// `Booted` the first time the guest is seen running, so the console starts once.
+    fn after_running(&mut self) -> After {
+        if self.state == InstanceState::Running && !self.console_started {
+            self.console_started = true;
+            After::Booted
+        } else {
+            After::Nothing
+        }
+    }
+
+    fn post_boot(&self) -> Result<(), Reply> {
+        if self.state == InstanceState::NotStarted { Err(Reply::fault(400, NOT_SUPPORTED_BEFORE_BOOT)) } else { Ok(()) }
+    }
+
+    fn patch_machine_config(&mut self, body: &[u8]) -> Reply {
+        let patch: MachineConfigPatch = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(r) = self.pre_boot() {
+            return r;
+        }
+        let mut next = self.machine.clone();
+        if let Some(v) = patch.vcpu_count {
+            next.vcpu_count = v;
+        }
+        if let Some(m) = patch.mem_size_mib {
+            next.mem_size_mib = m;
+        }
+        if let Some(smt) = patch.smt {
+            next.smt = smt;
+        }
+        if let Some(t) = patch.track_dirty_pages {
+            next.track_dirty_pages = t;
+        }
+        if let Some(h) = patch.huge_pages {
+            next.huge_pages = h;
+        }
+        let body = serde_json::to_vec(&next).unwrap_or_default();
+        self.put_machine_config(&body)
+    }
+
+    fn patch_drive(&mut self, id: &str, body: &[u8]) -> Reply {
+        let patch: PartialDrive = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(r) = self.post_boot() {
+            return r;
+        }
+        if patch.drive_id != id {
+            return Reply::fault(400, "The id from the path does not match the id from the body!");
+        }
+        let Some(drive) = self.drives.get_mut(id) else {
+            return Reply::fault(400, format!("Unable to patch the block device: Invalid block device ID: {id}"));
+        };
+        if let Some(path) = &patch.path_on_host {
+            let read_only = drive.is_read_only.unwrap_or(false);
+            if let Err(e) = OpenOptions::new().read(true).write(!read_only).open(path) {
+                return Reply::fault(
+                    400,
+                    format!("Unable to patch the block device: Error manipulating the backing file: {e} {path}"),
+                );
+            }
+            drive.path_on_host = Some(path.clone());
+        }
+        if patch.rate_limiter.is_some() {
+            drive.rate_limiter = patch.rate_limiter;
+        }
+        Reply::no_content()
+    }
+
+    fn patch_net(&mut self, id: &str, body: &[u8]) -> Reply {
+        let patch: PartialNetworkInterface = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(r) = self.post_boot() {
+            return r;
+        }
+        if patch.iface_id != id {
+            return Reply::fault(400, "The id from the path does not match the id from the body!");
+        }
+        let Some(net) = self.nets.get_mut(id) else {
+            return Reply::fault(
+                400,
+                format!("Failed to update network interface: Invalid interface ID - not found: {id}"),
+            );
+        };
+        if patch.rx_rate_limiter.is_some() {
+            net.rx_rate_limiter = patch.rx_rate_limiter;
+        }
+        if patch.tx_rate_limiter.is_some() {
+            net.tx_rate_limiter = patch.tx_rate_limiter;
+        }
+        Reply::no_content()
+    }
+
+    fn snapshot_create(&mut self, body: &[u8]) -> Reply {
+        let params: SnapshotCreate = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(r) = self.post_boot() {
+            return r;
+        }
+        if self.state != InstanceState::Paused {
+            return Reply::fault(
+                400,
+                "Cannot create a snapshot: the microVM is not paused. Pause it first with PATCH /vm {\"state\": \"Paused\"}.",
+            );
+        }
+        match params.snapshot_type.as_deref() {
+            None | Some("Full") => {}
+            Some("Diff") if !self.machine.track_dirty_pages => {
+                return Reply::fault(400, "Diff snapshots are not allowed on uVMs with dirty page tracking disabled.");
+            }
+            Some("Diff") => {}
+            Some(other) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "An error occurred when deserializing the json body of a request: unknown variant `{other}`, expected `Full` or `Diff`."
+                    ),
+                );
+            }
+        }
+        let state = SnapshotState {
+            magic: SNAPSHOT_MAGIC.into(),
+            firecracker_version: EMULATED_VERSION.into(),
+            machine: self.machine.clone(),
+            boot: self.boot.clone(),
+            drives: self.drives.values().cloned().collect(),
+            nets: self.nets.values().cloned().collect(),
+        };
+        // Both files are created or truncated, as Firecracker does.
+        let mem_bytes = (self.machine.mem_size_mib as u64) << 20;
+        let written = std::fs::write(&params.snapshot_path, serde_json::to_vec(&state).unwrap_or_default())
+            .and_then(|()| File::create(&params.mem_file_path))
+            .and_then(|mem| mem.set_len(mem_bytes));
+        match written {
+            Ok(()) => {
+                self.log("main", "INFO", &format!("Snapshot created at {}", params.snapshot_path));
+                Reply::no_content()
+            }
+            Err(e) => Reply::fault(400, format!("Cannot create the snapshot: {e}")),
+        }
+    }
+
+    fn snapshot_load(&mut self, body: &[u8]) -> Reply {
+        let params: SnapshotLoad = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if self.state != InstanceState::NotStarted {
+            return Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT);
+        }
+        if self.boot_configured {
+            return Reply::fault(
+                400,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        let mem_path = match (&params.mem_file_path, &params.mem_backend) {
+            (Some(p), None) => p.clone(),
+            (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+            (None, Some(b)) if b.backend_type == "Uffd" => {
+                return Reply::fault(400, "Uffd memory backends are not supported by firecracker-sim.");
+            }
+            (None, Some(b)) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `File` or `Uffd`.",
+                        b.backend_type
+                    ),
+                );
+            }
+            _ => {
+                return Reply::fault(
+                    400,
+                    "An error occurred when deserializing the json body of a request: missing field: either `mem_backend` or `mem_file_path` is required.",
+                );
+            }
+        };
+        let state: SnapshotState = match std::fs::read(&params.snapshot_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SnapshotState>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(s) if s.magic == SNAPSHOT_MAGIC => s,
+            Ok(_) => {
+                return Reply::fault(
+                    400,
+                    "Load snapshot error: Failed to restore from snapshot: invalid snapshot state file.",
+                );
+            }
+            Err(e) => return Reply::fault(400, format!("Load snapshot error: Failed to restore from snapshot: {e}")),
+        };
+        let expected = (state.machine.mem_size_mib as u64) << 20;
+        match std::fs::metadata(&mem_path) {
+            Ok(m) if m.len() == expected => {}
+            Ok(m) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: the memory file {mem_path} holds {} bytes, the snapshot needs {expected}.",
+                        m.len()
+                    ),
+                );
+            }
+            Err(e) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: Failed to restore from snapshot: cannot open memory file {mem_path}: {e}"
+                    ),
+                );
+            }
+        }
+        let mut nets = state.nets.clone();
+        for o in &params.network_overrides {
+            match nets.iter_mut().find(|n| n.iface_id == o.iface_id) {
+                Some(n) => n.host_dev_name = o.host_dev_name.clone(),
+                None => {
+                    return Reply::fault(
+                        400,
+                        format!(
+                            "Load snapshot error: Invalid network configuration: no interface {} in the snapshot.",
+                            o.iface_id
+                        ),
+                    );
+                }
+            }
+        }
+        for d in &state.drives {
+            if let Some(path) = &d.path_on_host
+                && let Err(e) = OpenOptions::new().read(true).write(!d.is_read_only.unwrap_or(false)).open(path)
+            {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: Failed to restore from snapshot: block device {}: {e} {path}",
+                        d.drive_id
+                    ),
+                );
+            }
+        }
+        let mut taps = BTreeMap::new();
+        for n in &nets {
+            match open_tap(&n.host_dev_name) {
+                Ok(f) => {
+                    taps.insert(n.iface_id.clone(), f);
+                }
+                Err(e) => {
+                    return Reply::fault(
+                        400,
+                        format!(
+                            "Load snapshot error: Failed to restore from snapshot: Open tap device failed: {e}. Invalid TUN/TAP Backend provided by {}.",
+                            n.host_dev_name
+                        ),
+                    );
+                }
+            }
+        }
+        self.machine = state.machine;
+        self.boot = state.boot;
+        self.drives = state.drives.into_iter().map(|d| (d.drive_id.clone(), d)).collect();
+        self.nets = nets.into_iter().map(|n| (n.iface_id.clone(), n)).collect();
+        self.taps = taps;
+        self.state = if params.resume_vm.unwrap_or(false) { InstanceState::Running } else { InstanceState::Paused };
+        self.log("main", "INFO", &format!("Snapshot loaded from {}", params.snapshot_path));
+        Reply::no_content()
     }
 
     fn patch_vm(&mut self, body: &[u8]) -> Reply {

@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::disk;
 use crate::error::AgentError;
-use crate::firecracker::models::{self, ActionType, InstanceState, VmState};
+use crate::firecracker::models::{self, InstanceState, VmState};
 use crate::firecracker::{FcClient, FcError};
 use crate::net::Net;
 use crate::paths::{RunDir, TAP_PREFIX, Uid, VmPaths};
@@ -174,10 +174,7 @@ impl Runtime {
                 continue;
             }
             // Ask the guest first, as a power button would; then signals.
-            let _ = FcClient::new(&socket)
-                .with_request_timeout(Duration::from_millis(500))
-                .action(ActionType::SendCtrlAltDel)
-                .await;
+            let _ = FcClient::new(&socket).with_request_timeout(Duration::from_millis(500)).send_ctrl_alt_del().await;
             if !process::wait_gone(pid, self.cfg.stop_grace).await {
                 process::stop(pid, &socket, Duration::from_millis(500)).await;
             }
@@ -308,7 +305,7 @@ async fn wait_for_socket(client: &FcClient, pid: u32, socket: &Path) -> Result<(
 }
 
 /// Sends the full pre-boot configuration, then InstanceStart.
-async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     client
         .put_logger(&models::Logger {
@@ -354,10 +351,12 @@ async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str
             iface_id: "eth0".into(),
             host_dev_name: tap.to_string(),
             guest_mac: Some(req.mac.clone()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         })
         .await
         .map_err(fc("network-interfaces"))?;
-    client.action(ActionType::InstanceStart).await.map_err(fc("InstanceStart"))
+    client.instance_start().await.map_err(fc("InstanceStart"))
 }
 
 fn read_pid(paths: &VmPaths) -> Option<u32> {

@@ -194,6 +194,16 @@ impl FcClient {
         self.put("PUT", &format!("/network-interfaces/{}", iface.iface_id), iface).await
     }
 
+    /// `PATCH /drives/{drive_id}` (post-boot only).
+    pub async fn patch_drive(&self, drive: &PartialDrive) -> Result<(), FcError> {
+        self.put("PATCH", &format!("/drives/{}", drive.drive_id), drive).await
+    }
+
+    /// `PATCH /network-interfaces/{iface_id}` (post-boot only).
+    pub async fn patch_network_interface(&self, iface: &PartialNetworkInterface) -> Result<(), FcError> {
+        self.put("PATCH", &format!("/network-interfaces/{}", iface.iface_id), iface).await
+    }
+
     /// `PUT /logger`; the file or FIFO must already exist.
     pub async fn put_logger(&self, logger: &Logger) -> Result<(), FcError> {
         self.put("PUT", "/logger", logger).await
@@ -207,6 +217,36 @@ impl FcClient {
     /// `PUT /actions`.
     pub async fn action(&self, action_type: ActionType) -> Result<(), FcError> {
         self.put("PUT", "/actions", &InstanceActionInfo { action_type }).await
+    }
+
+    /// `PUT /actions {InstanceStart}`: boots the guest.
+    pub async fn instance_start(&self) -> Result<(), FcError> {
+        self.action(ActionType::InstanceStart).await
+    }
+
+    /// `PUT /actions {FlushMetrics}`: writes the metrics now.
+    pub async fn flush_metrics(&self) -> Result<(), FcError> {
+        self.action(ActionType::FlushMetrics).await
+    }
+
+    /// `PUT /actions {SendCtrlAltDel}`: asks the guest to shut down.
+    pub async fn send_ctrl_alt_del(&self) -> Result<(), FcError> {
+        self.action(ActionType::SendCtrlAltDel).await
+    }
+
+    /// `PUT /snapshot/create` (the microVM must be Paused).
+    pub async fn create_snapshot(&self, params: &SnapshotCreateParams) -> Result<(), FcError> {
+        self.put("PUT", "/snapshot/create", params).await
+    }
+
+    /// `PUT /snapshot/load` (only on a VMM with nothing but logger and metrics configured).
+    pub async fn load_snapshot(&self, params: &SnapshotLoadParams) -> Result<(), FcError> {
+        self.put("PUT", "/snapshot/load", params).await
+    }
+
+    /// `GET /vm/config`: the full configuration as Firecracker holds it.
+    pub async fn vm_config(&self) -> Result<serde_json::Value, FcError> {
+        self.get("/vm/config").await
     }
 
     /// `PATCH /vm` (post-boot only).

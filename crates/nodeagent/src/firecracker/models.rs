@@ -33,6 +33,34 @@ pub struct Drive {
     pub is_read_only: bool,
 }
 
+/// `PATCH /drives/{drive_id}` (post-boot): a new backing file or rate limiter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// A token bucket: `size` tokens refilled every `refill_time` milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucket {
+    pub size: u64,
+    pub refill_time: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+}
+
+/// Independent bandwidth (bytes) and ops limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NetworkInterface {
@@ -40,6 +68,70 @@ pub struct NetworkInterface {
     pub host_dev_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}` (post-boot): new rate limiters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialNetworkInterface {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// Full or diff snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create` (microVM must be Paused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// Where guest memory is loaded from on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    File,
+    Uffd,
+}
+
+/// `mem_backend` of a snapshot load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: String,
+}
+
+/// Renames a network interface's TAP on restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load` (only on a fresh VMM: logger and metrics at most).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    pub mem_backend: MemoryBackend,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
 }
 
 /// `PUT /logger`.

@@ -1,0 +1,345 @@
+//! Every request the agent's Firecracker client sends during a full
+//! lifecycle (create, pause, snapshot, resume, stop; restore into a new VM)
+//! is captured on the wire and checked against Firecracker's OpenAPI spec,
+//! read from `../shared/firecracker/` (or `$FIRECRACKER_API_SPEC`).
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod support;
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use nexus_api::PowerState;
+use nexus_api::agent::EnsureVm;
+use nexus_nodeagent::firecracker::FcClient;
+use nexus_nodeagent::firecracker::models::*;
+use nexus_nodeagent::paths::VmPaths;
+use nexus_nodeagent::vms::configure;
+use support::openapi::Spec;
+
+type Recorded = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+fn spec_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("FIRECRACKER_API_SPEC") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/firecracker-v1.16.1-api.yaml")
+}
+
+fn load_spec() -> Spec {
+    let path = spec_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "Firecracker's OpenAPI spec is absent ({}: {e}). This test validates the agent's requests against it: \
+             put shared/firecracker/ beside the repository or point FIRECRACKER_API_SPEC at the spec file.",
+            path.display()
+        )
+    });
+    Spec::parse(&text)
+}
+
+fn sim_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("firecracker-sim");
+    assert!(bin.is_file(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    bin
+}
+
+struct Sim {
+    child: Child,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the simulator on `<dir>/<name>.real.sock` and a recording proxy
+/// in front of it on `<dir>/<name>.sock`; returns a client for the proxy.
+async fn sim_behind_recorder(dir: &Path, name: &str, recorded: Recorded) -> (Sim, FcClient) {
+    let real = dir.join(format!("{name}.real.sock"));
+    let child = Command::new(sim_binary())
+        .args(["--api-sock", &real.display().to_string(), "--id", name])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if real.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let front = dir.join(format!("{name}.sock"));
+    let listener = tokio::net::UnixListener::bind(&front).unwrap();
+    let upstream = FcClient::new(&real);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let upstream = upstream.clone();
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let upstream = upstream.clone();
+                    let recorded = recorded.clone();
+                    async move {
+                        let method = req.method().as_str().to_string();
+                        let path = req.uri().path().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                        recorded.lock().unwrap().push((method.clone(), path.clone(), body.clone()));
+                        let m: &'static str = match method.as_str() {
+                            "GET" => "GET",
+                            "PUT" => "PUT",
+                            "PATCH" => "PATCH",
+                            _ => "DELETE",
+                        };
+                        let (status, bytes) = match upstream.send(m, &path, (!body.is_empty()).then_some(body)).await {
+                            Ok(r) => r,
+                            Err(nexus_nodeagent::firecracker::FcError::Api { status, fault_message, .. }) => {
+                                (status, Bytes::from(serde_json::json!({"fault_message": fault_message}).to_string()))
+                            }
+                            Err(e) => (502, Bytes::from(e.to_string())),
+                        };
+                        Ok::<_, Infallible>(Response::builder().status(status).body(Full::new(bytes)).unwrap())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (Sim { child }, FcClient::new(front))
+}
+
+fn limiter() -> RateLimiter {
+    RateLimiter {
+        bandwidth: Some(TokenBucket { size: 10_000_000, refill_time: 1000, one_time_burst: None }),
+        ops: None,
+    }
+}
+
+/// The lifecycle, driven through the agent's own client and configure step.
+async fn lifecycle(dir: &Path, recorded: Recorded) {
+    let kernel = dir.join("vmlinux");
+    let rootfs = dir.join("rootfs.ext4");
+    std::fs::write(&kernel, b"kernel").unwrap();
+    std::fs::File::create(&rootfs).unwrap().set_len(16 << 20).unwrap();
+    let vm_dir = dir.join("vm-a");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let paths = VmPaths { dir: vm_dir.clone() };
+    std::fs::copy(&rootfs, paths.rootfs()).unwrap();
+    for f in [paths.log(), paths.metrics()] {
+        std::fs::write(f, b"").unwrap();
+    }
+    let req = EnsureVm {
+        uid: "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11".into(),
+        display_name: "default/spec".into(),
+        state: PowerState::Running,
+        vcpu: 2,
+        mem_mib: 128,
+        kernel_path: kernel.display().to_string(),
+        rootfs_path: rootfs.display().to_string(),
+        boot_args: "console=ttyS0 reboot=k panic=1 pci=off".into(),
+        mac: "06:00:ac:10:00:02".into(),
+    };
+
+    // Create: the agent's full pre-boot configuration and InstanceStart.
+    let (_sim_a, a) = sim_behind_recorder(dir, "a", recorded.clone()).await;
+    configure(&a, &paths, &req, "nxtspec00000a").await.expect("configure and boot");
+    assert_eq!(a.describe_instance().await.unwrap().state, InstanceState::Running);
+    a.version().await.unwrap();
+    a.vm_config().await.unwrap();
+    a.flush_metrics().await.unwrap();
+    a.patch_drive(&PartialDrive { drive_id: "rootfs".into(), path_on_host: None, rate_limiter: Some(limiter()) })
+        .await
+        .unwrap();
+    a.patch_network_interface(&PartialNetworkInterface {
+        iface_id: "eth0".into(),
+        rx_rate_limiter: Some(limiter()),
+        tx_rate_limiter: Some(limiter()),
+    })
+    .await
+    .unwrap();
+    // Pause, snapshot, resume, stop.
+    a.set_vm_state(VmState::Paused).await.unwrap();
+    let snapshot = SnapshotCreateParams {
+        snapshot_path: vm_dir.join("snapshot.state").display().to_string(),
+        mem_file_path: vm_dir.join("snapshot.mem").display().to_string(),
+        snapshot_type: Some(SnapshotType::Full),
+    };
+    a.create_snapshot(&snapshot).await.unwrap();
+    a.set_vm_state(VmState::Resumed).await.unwrap();
+    a.send_ctrl_alt_del().await.unwrap();
+
+    // Restore into a new VM, with its own TAP.
+    let b_dir = dir.join("vm-b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b_paths = VmPaths { dir: b_dir };
+    for f in [b_paths.log(), b_paths.metrics()] {
+        std::fs::write(f, b"").unwrap();
+    }
+    let (_sim_b, b) = sim_behind_recorder(dir, "b", recorded.clone()).await;
+    b.put_logger(&Logger {
+        log_path: b_paths.log().display().to_string(),
+        level: Some("Info".into()),
+        show_level: Some(true),
+        show_log_origin: Some(false),
+    })
+    .await
+    .unwrap();
+    b.put_metrics(&Metrics { metrics_path: b_paths.metrics().display().to_string() }).await.unwrap();
+    b.load_snapshot(&SnapshotLoadParams {
+        snapshot_path: snapshot.snapshot_path.clone(),
+        mem_backend: MemoryBackend {
+            backend_type: MemoryBackendType::File,
+            backend_path: snapshot.mem_file_path.clone(),
+        },
+        resume_vm: Some(true),
+        track_dirty_pages: None,
+        network_overrides: vec![NetworkOverride { iface_id: "eth0".into(), host_dev_name: "nxtspec00000b".into() }],
+    })
+    .await
+    .expect("load the snapshot into a new VMM");
+    assert_eq!(b.describe_instance().await.unwrap().state, InstanceState::Running);
+    b.send_ctrl_alt_del().await.unwrap();
+}
+
+#[test]
+fn every_request_of_a_full_lifecycle_conforms_to_the_firecracker_spec() {
+    let spec = load_spec();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root (the VMM opens TAP devices, inside a private network namespace)");
+        return;
+    }
+    let recorded: Recorded = Arc::default();
+    let rec = recorded.clone();
+    std::thread::spawn(move || {
+        // TAPs opened by the VMMs live and die in this private namespace.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(lifecycle(dir.path(), rec));
+    })
+    .join()
+    .expect("lifecycle");
+
+    let requests = recorded.lock().unwrap().clone();
+    let mut problems = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (method, path, body) in &requests {
+        problems.extend(spec.check(method, path, body));
+        let tpl = spec.template_for(path).unwrap_or_default();
+        let action = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["action_type"].as_str().map(|a| format!(" {a}")))
+            .unwrap_or_default();
+        seen.insert(format!("{method} {tpl}{action}"));
+    }
+    println!("{} requests checked against {}", requests.len(), spec_path().display());
+    for s in &seen {
+        println!("  {s}");
+    }
+    assert!(problems.is_empty(), "requests that do not conform:\n{}", problems.join("\n"));
+    for expected in [
+        "PUT /machine-config",
+        "PUT /boot-source",
+        "PUT /drives/{drive_id}",
+        "PATCH /drives/{drive_id}",
+        "PUT /network-interfaces/{iface_id}",
+        "PATCH /network-interfaces/{iface_id}",
+        "PUT /logger",
+        "PUT /metrics",
+        "PUT /actions InstanceStart",
+        "PUT /actions FlushMetrics",
+        "PUT /actions SendCtrlAltDel",
+        "PATCH /vm",
+        "PUT /snapshot/create",
+        "PUT /snapshot/load",
+        "GET /",
+        "GET /vm/config",
+        "GET /version",
+    ] {
+        assert!(seen.contains(expected), "the lifecycle never sent {expected}");
+    }
+}
+
+#[test]
+fn the_spec_check_rejects_unknown_fields_missing_fields_and_bad_enums() {
+    let spec = load_spec();
+    assert!(spec.check("PUT", "/machine-config", br#"{"vcpu_count":1,"mem_size_mib":128}"#).is_empty());
+    assert_eq!(spec.check("PUT", "/machine-config", br#"{"vcpu_count":1,"mem_size_mib":128,"extra":1}"#).len(), 1);
+    assert_eq!(spec.check("PUT", "/machine-config", br#"{"vcpu_count":0,"mem_size_mib":128}"#).len(), 1);
+    assert_eq!(spec.check("PUT", "/boot-source", br#"{"boot_args":"x"}"#).len(), 1);
+    assert_eq!(spec.check("PATCH", "/vm", br#"{"state":"Stopped"}"#).len(), 1);
+    assert_eq!(spec.check("DELETE", "/vm", b"").len(), 1);
+    assert_eq!(spec.check("PUT", "/nope", b"{}").len(), 1);
+}
+
+#[test]
+fn client_errors_carry_firecrackers_fault_message_and_say_whether_to_retry() {
+    use nexus_nodeagent::firecracker::FcError;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let (mut sim, client) = sim_behind_recorder(dir.path(), "e", Recorded::default()).await;
+        client
+            .put_boot_source(&BootSource {
+                kernel_image_path: kernel.display().to_string(),
+                boot_args: None,
+                initrd_path: None,
+            })
+            .await
+            .unwrap();
+        client.instance_start().await.unwrap();
+        let err = client
+            .put_machine_config(&MachineConfiguration {
+                vcpu_count: 1,
+                mem_size_mib: 64,
+                smt: None,
+                track_dirty_pages: None,
+            })
+            .await
+            .unwrap_err();
+        match &err {
+            FcError::Api { status: 400, fault_message, .. } => {
+                assert!(fault_message.contains("not supported after starting"))
+            }
+            other => panic!("expected a 400 with a fault_message, got {other:?}"),
+        }
+        assert!(!err.is_retryable(), "Firecracker's 4xx verdicts are final");
+
+        // A missing socket: worth retrying (the VMM may still be starting).
+        let err = FcClient::new(dir.path().join("absent.sock")).describe_instance().await.unwrap_err();
+        assert!(matches!(err, FcError::Connect { .. }) && err.is_retryable(), "{err:?}");
+
+        // A socket that accepts but never answers: a timeout, worth retrying.
+        let mute = dir.path().join("mute.sock");
+        let _listener = tokio::net::UnixListener::bind(&mute).unwrap();
+        let started = std::time::Instant::now();
+        let err = FcClient::new(&mute)
+            .with_request_timeout(Duration::from_millis(200))
+            .describe_instance()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FcError::Timeout { .. }) && err.is_retryable(), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+
+        // SIGTERM ends the simulator as it ends Firecracker.
+        let pid = nix::unistd::Pid::from_raw(sim.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = sim.child.wait().unwrap();
+        assert!(!status.success(), "terminated by the signal: {status:?}");
+    });
+}
