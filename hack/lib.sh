@@ -31,3 +31,11 @@ need_build_tools() {
     need_packages ip:iproute2 cc:gcc git:git
     need_rust
 }
+
+# PostgreSQL server binaries for the tests that start a throwaway cluster.
+need_postgres() {
+    if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+        return 0
+    fi
+    need_packages __nexus_no_such_command__:postgresql
+}

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/lib.sh
 need_build_tools
+need_postgres
+need_packages psql:postgresql-client curl:curl
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -6,9 +6,13 @@
 
 pub mod agent;
 pub mod error;
+pub mod event;
+pub mod image;
 pub mod meta;
 pub mod node;
 pub mod schema;
+pub mod snapshot;
+pub mod template;
 pub mod validation;
 pub mod vm;
 pub mod watch;
@@ -17,8 +21,12 @@ pub mod watch;
 pub mod client;
 
 pub use error::ErrorBody;
+pub use event::{Event, EventSpec};
+pub use image::{Image, ImageSpec};
 pub use meta::{Condition, ConditionStatus, ListMeta, Object, ObjectList, ObjectMeta, ResourceSpec};
 pub use node::{Node, NodeSpec, NodeStatus};
+pub use snapshot::{Snapshot, SnapshotSpec};
+pub use template::{Template, TemplateSpec};
 pub use vm::{PowerState, Vm, VmPhase, VmSpec, VmStatus};
 pub use watch::{WatchEvent, WatchEventType};
 

@@ -60,6 +60,17 @@ pub fn validate_dns_label(errors: &mut FieldErrors, field: &str, value: &str) {
     }
 }
 
+/// Checks an absolute host path without `..` components or NUL bytes.
+pub fn validate_host_path(errors: &mut FieldErrors, field: &str, path: &str) {
+    if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|c| c == "..") || path.len() > 4096 {
+        errors.add(
+            field,
+            path,
+            "must be an absolute host path without '..' components, such as /var/lib/nexus/images/vmlinux",
+        );
+    }
+}
+
 /// Checks a MAC written as six colon-separated hex pairs, unicast.
 pub fn validate_mac(errors: &mut FieldErrors, field: &str, value: &str) {
     let parts: Vec<&str> = value.split(':').collect();

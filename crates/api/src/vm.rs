@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Condition, Object, ResourceSpec};
-use crate::validation::{FieldErrors, validate_dns_label, validate_mac};
+use crate::validation::{FieldErrors, validate_dns_label, validate_host_path, validate_mac};
 
 /// A microVM.
 pub type Vm = Object<VmSpec>;
@@ -153,21 +153,7 @@ impl ResourceSpec for VmSpec {
     const NAMESPACED: bool = true;
 
     fn validate(&self, errors: &mut FieldErrors) {
-        if self.vcpu == 0 || self.vcpu > MAX_VCPU || (self.vcpu > 1 && self.vcpu % 2 == 1) {
-            errors.add("spec.vcpu", self.vcpu, "must be 1 or an even number from 2 to 32 (Firecracker's limits)");
-        }
-        if self.mem_mib < MIN_MEM_MIB {
-            errors.add("spec.memMib", self.mem_mib, "must be at least 16 (MiB)");
-        }
-        for (field, path) in [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs)] {
-            if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|c| c == "..") {
-                errors.add(
-                    field,
-                    path,
-                    "must be an absolute host path without '..' components, such as /var/lib/nexus/images/vmlinux",
-                );
-            }
-        }
+        validate_machine(errors, self.vcpu, self.mem_mib, &self.kernel, &self.rootfs);
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);
         }
@@ -175,6 +161,18 @@ impl ResourceSpec for VmSpec {
             validate_mac(errors, "spec.network.mac", mac);
         }
     }
+}
+
+/// Checks the machine fields VMs and Templates share, under `spec.`.
+pub fn validate_machine(errors: &mut FieldErrors, vcpu: u8, mem_mib: u32, kernel: &str, rootfs: &str) {
+    if vcpu == 0 || vcpu > MAX_VCPU || (vcpu > 1 && vcpu % 2 == 1) {
+        errors.add("spec.vcpu", vcpu, "must be 1 or an even number from 2 to 32 (Firecracker's limits)");
+    }
+    if mem_mib < MIN_MEM_MIB {
+        errors.add("spec.memMib", mem_mib, "must be at least 16 (MiB)");
+    }
+    validate_host_path(errors, "spec.kernel", kernel);
+    validate_host_path(errors, "spec.rootfs", rootfs);
 }
 
 /// A locally administered unicast MAC derived from a VM uid: stable across

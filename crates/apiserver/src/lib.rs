@@ -2,6 +2,8 @@
 //! Kubernetes semantics, and watch streams.
 
 pub mod error;
+pub mod metrics;
+pub mod openapi;
 pub mod request_id;
 pub mod resources;
 pub mod selector;
@@ -14,7 +16,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
-use nexus_api::{NodeSpec, ResourceSpec, VmSpec};
+use nexus_api::{EventSpec, ImageSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -27,6 +29,8 @@ pub struct AppState {
     pub bookmark_interval: Duration,
     /// Turns true when the server shuts down; open watches end then.
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// The routes of one kind, under its project-scoped or cluster-wide paths.
@@ -53,11 +57,18 @@ fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(kind_routes::<VmSpec>())
+        .merge(kind_routes::<TemplateSpec>())
+        .merge(kind_routes::<ImageSpec>())
+        .merge(kind_routes::<SnapshotSpec>())
         .merge(kind_routes::<NodeSpec>())
+        .merge(kind_routes::<EventSpec>())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(fallback)
+        .route_layer(axum::middleware::from_fn(metrics::layer))
         .layer(axum::middleware::from_fn(request_id::layer))
         .with_state(state)
 }
@@ -65,6 +76,10 @@ pub fn app(state: AppState) -> Router {
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state.store.ping().await?;
     Ok("ok")
+}
+
+async fn render_metrics(State(state): State<AppState>) -> String {
+    state.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
 }
 
 async fn version() -> axum::Json<serde_json::Value> {

@@ -17,6 +17,13 @@ struct Args {
     /// Directory holding the embedded SQLite database (`nexus.db`).
     #[arg(long, env = "NEXUS_DATA_DIR", default_value = "/var/lib/nexus")]
     data_dir: PathBuf,
+    /// Use PostgreSQL instead of SQLite (`postgres://user@host/db`); several
+    /// apiservers may share one database.
+    #[arg(long, env = "NEXUS_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Changes kept for watches to resume from; older versions get 410.
+    #[arg(long, default_value_t = nexus_apiserver::store::DEFAULT_RETAINED_CHANGES)]
+    retained_changes: i64,
     /// Seconds between BOOKMARK events on idle watches.
     #[arg(long, default_value_t = 10)]
     bookmark_interval_secs: u64,
@@ -26,16 +33,31 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let db = args.data_dir.join("nexus.db");
-    let store = Store::open_sqlite(&db).await.with_context(|| format!("opening {}", db.display()))?;
+    let (store, database) = match &args.database_url {
+        Some(url) => {
+            let store = Store::open_postgres(url).await.context("connecting to PostgreSQL")?;
+            (store, redact(url))
+        }
+        None => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+            let db = args.data_dir.join("nexus.db");
+            let store = Store::open_sqlite(&db).await.with_context(|| format!("opening {}", db.display()))?;
+            (store, db.display().to_string())
+        }
+    };
+    let store = store.with_retained_changes(args.retained_changes);
+    let metrics = nexus_apiserver::metrics::install().context("installing the metrics recorder")?;
     let (shutdown_tx, shutting_down) = tokio::sync::watch::channel(false);
-    let state =
-        AppState { store, bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)), shutting_down };
+    let state = AppState {
+        store,
+        bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)),
+        shutting_down,
+        metrics: Some(metrics),
+    };
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, database = %db.display(), "apiserver ready");
+    tracing::info!(listen = %args.listen, %database, "apiserver ready");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown().await;
@@ -44,6 +66,18 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 fn init_logging() {

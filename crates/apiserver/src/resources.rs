@@ -31,6 +31,35 @@ pub struct Params {
     pub field_selector: Option<String>,
     /// `All` validates and answers without storing anything.
     pub dry_run: Option<String>,
+    /// Most items in one list page.
+    pub limit: Option<i64>,
+    /// Token from the previous page's `metadata.continue`.
+    #[serde(rename = "continue")]
+    pub continue_token: Option<String>,
+}
+
+/// Encodes a (project, name) list position as an opaque token.
+fn encode_continue(project: &str, name: &str) -> String {
+    format!("{project}\u{0}{name}").bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(token: &str) -> Result<(String, String), ApiError> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "continue token {token:?} is not valid; pass metadata.continue from the previous page unchanged"
+        ))
+    };
+    if token.len() % 2 != 0 || token.len() > 512 {
+        return Err(bad());
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (project, name) = text.split_once('\u{0}').ok_or_else(bad)?;
+    Ok((project.to_string(), name.to_string()))
 }
 
 impl Params {
@@ -194,6 +223,12 @@ pub async fn list<S: ResourceSpec>(
     let fields = Selector::fields(params.field_selector.as_deref().unwrap_or(""))?;
     let filter = watch::Filter { kind: S::KIND.to_string(), project, labels, fields };
     if params.watch.unwrap_or(false) {
+        if params.continue_token.is_some() || params.limit.is_some() {
+            return Err(ApiError::BadRequest(
+                "limit and continue do not apply to a watch; list first, then watch from the list's resourceVersion"
+                    .into(),
+            ));
+        }
         let since = match params.resource_version.as_deref() {
             None | Some("") | Some("0") => None,
             Some(rv) => Some(rv.parse::<i64>().map_err(|_| {
@@ -204,12 +239,39 @@ pub async fn list<S: ResourceSpec>(
         };
         return watch::stream(state, filter, since).await;
     }
-    let (items, rv) = state.store.list(S::KIND, filter.project.as_deref()).await?;
-    let items: Vec<Value> = items.into_iter().filter(|o| filter.matches(o)).collect();
+    let limit = match params.limit {
+        None | Some(0) => None,
+        Some(n) if n > 0 => Some(n),
+        Some(n) => return Err(ApiError::BadRequest(format!("limit={n} must be a positive number of items"))),
+    };
+    let mut after = params.continue_token.as_deref().map(decode_continue).transpose()?;
+    let batch = limit.unwrap_or(500).clamp(1, 500);
+    let mut items: Vec<Value> = Vec::new();
+    let mut list_rv = None;
+    let mut more = false;
+    'pages: loop {
+        let (page, rv) = state.store.list_page(S::KIND, filter.project.as_deref(), after.clone(), batch).await?;
+        list_rv.get_or_insert(rv);
+        let count = page.items.len();
+        for (i, (project, name, obj)) in page.items.into_iter().enumerate() {
+            after = Some((project, name));
+            if filter.matches(&obj) {
+                items.push(obj);
+                if limit.is_some_and(|l| items.len() as i64 >= l) {
+                    more = page.more || i + 1 < count;
+                    break 'pages;
+                }
+            }
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let continue_token = if more { after.map(|(p, n)| encode_continue(&p, &n)) } else { None };
     Ok(Json(ObjectList {
         api_version: nexus_api::API_VERSION.to_string(),
         kind: format!("{}List", S::KIND),
-        metadata: ListMeta { resource_version: Some(rv.to_string()), continue_token: None },
+        metadata: ListMeta { resource_version: list_rv.map(|rv| rv.to_string()), continue_token },
         items,
     })
     .into_response())
@@ -330,4 +392,18 @@ fn finish_write<S: ResourceSpec>(
     next.metadata.resource_version = Some(rv.to_string());
     let v = to_value(&next)?;
     Ok(if dry_run { Write::Unchanged(v) } else { Write::Put(v) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip_and_garbage_is_refused() {
+        let token = encode_continue("default", "vm-7");
+        assert_eq!(decode_continue(&token).unwrap(), ("default".to_string(), "vm-7".to_string()));
+        for bad in ["zz", "abc", "6465", &"00".repeat(300)] {
+            assert!(decode_continue(bad).is_err(), "{bad}");
+        }
+    }
 }

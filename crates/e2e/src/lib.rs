@@ -39,9 +39,14 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("NEXUS_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // Test executables live in target/<profile>/deps.
+    // Test executables live in target/<profile>/deps, binaries one level up.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    let dir = exe.parent().expect("the executable's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, checked to exist.
@@ -270,5 +275,68 @@ where
     });
     if let Err(panic) = handle.join() {
         std::panic::resume_unwind(panic);
+    }
+}
+
+pub mod postgres;
+
+/// A storage backend an apiserver can run on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Embedded SQLite in this directory.
+    Sqlite(PathBuf),
+    /// PostgreSQL at this URL.
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// One `nexus-apiserver` process.
+#[derive(Debug)]
+pub struct ApiServer {
+    pub url: String,
+    pub proc: Proc,
+    pub log: PathBuf,
+}
+
+impl ApiServer {
+    /// Starts an apiserver on a free port of 127.0.0.1 and waits for `/readyz`.
+    pub async fn start(backend: &Backend, log_dir: &Path, extra: &[&str]) -> ApiServer {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args: Vec<String> = vec!["--listen".into(), listen.clone()];
+        match backend {
+            Backend::Sqlite(dir) => args.extend(["--data-dir".into(), dir.display().to_string()]),
+            Backend::Postgres(url) => args.extend(["--database-url".into(), url.clone()]),
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = log_dir.join(format!("apiserver-{port}.log"));
+        let proc = spawn("apiserver", &bin("nexus-apiserver"), &argv, &log);
+        let url = format!("http://{listen}");
+        let http = reqwest::Client::new();
+        wait_until(Duration::from_secs(20), "the apiserver to be ready", || {
+            let http = http.clone();
+            let url = url.clone();
+            async move { http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        ApiServer { url, proc, log }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, None)
     }
 }

@@ -1,0 +1,52 @@
+//! The `Template` kind: a saved VM configuration that VMs are made from.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Object, ResourceSpec};
+use crate::validation::FieldErrors;
+use crate::vm::{VmNetwork, validate_machine};
+
+/// A golden VM configuration.
+pub type Template = Object<TemplateSpec>;
+
+/// What a VM made from this template gets unless it overrides it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateSpec {
+    /// Number of vCPUs: 1 or an even number up to 32.
+    pub vcpu: u8,
+    /// Guest memory in MiB (at least 16).
+    pub mem_mib: u32,
+    /// Kernel image: an absolute host path (dev mode).
+    pub kernel: String,
+    /// Root filesystem image: an absolute host path (dev mode).
+    pub rootfs: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetwork>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// Observed state of a template.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl ResourceSpec for TemplateSpec {
+    type Status = TemplateStatus;
+    const KIND: &'static str = "Template";
+    const PLURAL: &'static str = "templates";
+    const NAMESPACED: bool = true;
+
+    fn validate(&self, errors: &mut FieldErrors) {
+        validate_machine(errors, self.vcpu, self.mem_mib, &self.kernel, &self.rootfs);
+    }
+}

@@ -1,0 +1,393 @@
+//! Versioned object storage on SQLite or PostgreSQL, with a change log for
+//! watches.
+//!
+//! Every mutation runs in one transaction that writes the object, its
+//! change-log row and its audit row, under a writer lock (in-process for
+//! SQLite, an advisory lock for PostgreSQL, so versions follow commit order
+//! across replicas). Committed changes are broadcast to local watchers in
+//! resourceVersion order; on PostgreSQL every replica learns of them
+//! through LISTEN/NOTIFY and reads them from the change log.
+
+mod sql;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, Row, SqlitePool};
+use tokio::sync::{Mutex, Notify, broadcast};
+
+pub use sql::Dialect;
+use sql::{NOTIFY_CHANNEL, Sql};
+
+use crate::error::ApiError;
+
+/// Migrations of each backend, embedded at build time.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// How many changes are kept in the log for watches to resume from.
+pub const DEFAULT_RETAINED_CHANGES: i64 = 100_000;
+
+/// Kind of change, as watch events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl ChangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Added => "ADDED",
+            ChangeType::Modified => "MODIFIED",
+            ChangeType::Deleted => "DELETED",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "ADDED" => ChangeType::Added,
+            "DELETED" => ChangeType::Deleted,
+            _ => ChangeType::Modified,
+        }
+    }
+}
+
+/// One committed change of one object.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub resource_version: i64,
+    pub kind: String,
+    pub project: String,
+    pub type_: ChangeType,
+    /// The object after the change (its last state, for DELETED), carrying
+    /// its new resourceVersion.
+    pub object: Value,
+}
+
+/// What a mutation decides to do with the current object.
+#[derive(Debug)]
+pub enum Write {
+    /// Store this object (create or replace).
+    Put(Value),
+    /// Remove the object; the value is its final state.
+    Delete(Value),
+    /// Leave everything as it is and return this object.
+    Unchanged(Value),
+}
+
+/// Who did what, recorded with the mutation.
+#[derive(Debug, Clone)]
+pub struct AuditInfo {
+    pub request_id: String,
+    pub actor: String,
+    pub verb: &'static str,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Objects in (project, name) order.
+    pub items: Vec<(String, String, Value)>,
+    /// Whether rows remain after the last one returned.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store has.
+macro_rules! with_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// The storage backend; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: Pool,
+    sql: &'static Sql,
+    /// In-process writer lock; holds the last broadcast version for SQLite.
+    writer: Arc<Mutex<()>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    /// Wakes the PostgreSQL tailer after a local commit.
+    poke: Arc<Notify>,
+    retained: i64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database file at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, sqlx::Error> {
+        let url = format!("sqlite://{}", path.display());
+        let options = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an acknowledged write survives a crash of the process or the host.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        SQLITE_MIGRATOR.run(&pool).await?;
+        Ok(Self::new(Pool::Sqlite(pool), Dialect::Sqlite))
+    }
+
+    /// Connects to PostgreSQL at `url`, migrates it, and starts following
+    /// changes committed by every replica.
+    pub async fn open_postgres(url: &str) -> Result<Self, sqlx::Error> {
+        let pool =
+            PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+        // Two replicas starting at once must not both migrate.
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(7245000)").execute(&mut *conn).await?;
+        let migrated = POSTGRES_MIGRATOR.run(&pool).await;
+        sqlx::query("SELECT pg_advisory_unlock(7245000)").execute(&mut *conn).await?;
+        drop(conn);
+        migrated?;
+        let store = Self::new(Pool::Postgres(pool.clone()), Dialect::Postgres);
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let start = store.max_version().await.map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        tokio::spawn(store.clone().tail(listener, start));
+        Ok(store)
+    }
+
+    fn new(pool: Pool, dialect: Dialect) -> Self {
+        let (changes, _) = broadcast::channel(8192);
+        Self {
+            pool,
+            sql: Sql::of(dialect),
+            writer: Arc::new(Mutex::new(())),
+            changes,
+            poke: Arc::new(Notify::new()),
+            retained: DEFAULT_RETAINED_CHANGES,
+        }
+    }
+
+    /// Keeps only the newest `n` changes for watches to resume from.
+    pub fn with_retained_changes(mut self, n: i64) -> Self {
+        self.retained = n.max(1);
+        self
+    }
+
+    /// Which backend this is.
+    pub fn dialect(&self) -> Dialect {
+        match self.pool {
+            Pool::Sqlite(_) => Dialect::Sqlite,
+            Pool::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Follows the change log (PostgreSQL): on every notification, local
+    /// poke or second, broadcasts changes newer than the last one sent.
+    async fn tail(self, mut listener: PgListener, mut last: i64) {
+        loop {
+            tokio::select! {
+                n = listener.recv() => if let Err(e) = n {
+                    tracing::warn!(error = %e, "LISTEN connection failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+                _ = self.poke.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match self.all_changes_since(last).await {
+                Ok(changes) => {
+                    for c in changes {
+                        last = c.resource_version;
+                        let _ = self.changes.send(Arc::new(c));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the change log failed"),
+            }
+        }
+    }
+
+    async fn all_changes_since(&self, since: i64) -> Result<Vec<Change>, ApiError> {
+        let sql = "SELECT resource_version, kind, project, event_type, body FROM changes \
+                   WHERE resource_version > $1 ORDER BY resource_version LIMIT 10000";
+        let Pool::Postgres(pool) = &self.pool else { return Ok(Vec::new()) };
+        let rows = sqlx::query(sql).bind(since).fetch_all(pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Change {
+                    resource_version: r.get(0),
+                    kind: r.get(1),
+                    project: r.get(2),
+                    type_: ChangeType::parse(r.get::<&str, _>(3)),
+                    object: serde_json::from_str(r.get::<&str, _>(4))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        with_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+    }
+
+    async fn max_version(&self) -> Result<i64, ApiError> {
+        Ok(with_pool!(self, pool => sqlx::query_scalar::<_, i64>(self.sql.max_version).fetch_one(pool).await?))
+    }
+
+    /// Reads one object.
+    pub async fn get(&self, kind: &str, project: &str, name: &str) -> Result<Option<Value>, ApiError> {
+        let body: Option<String> = with_pool!(self, pool => sqlx::query_scalar(self.sql.get)
+            .bind(kind).bind(project).bind(name).fetch_optional(pool).await?);
+        Ok(body.map(|b| serde_json::from_str(&b)).transpose()?)
+    }
+
+    /// Reads up to `limit` objects of `kind` after `after` (a (project,
+    /// name) key), in key order, plus the resourceVersion they are
+    /// consistent at. `project` restricts to one project.
+    pub async fn list_page(
+        &self,
+        kind: &str,
+        project: Option<&str>,
+        after: Option<(String, String)>,
+        limit: i64,
+    ) -> Result<(Page, i64), ApiError> {
+        let (after_project, after_name) = after.unwrap_or_default();
+        let (rows, rv) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(self.sql.snapshot_read).execute(&mut *tx).await?;
+            let rv: i64 = sqlx::query_scalar(self.sql.max_version).fetch_one(&mut *tx).await?;
+            let rows = match project {
+                Some(p) => {
+                    // Within one project, `after_project` is that project or empty.
+                    let after = if after_project == p { after_name.clone() } else { String::new() };
+                    sqlx::query(self.sql.list_page_in_project).bind(kind).bind(p).bind(after).bind(limit + 1)
+                        .fetch_all(&mut *tx).await?
+                }
+                None => sqlx::query(self.sql.list_page).bind(kind).bind(&after_project).bind(&after_name)
+                    .bind(limit + 1).fetch_all(&mut *tx).await?,
+            };
+            tx.commit().await?;
+            let rows: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            (rows, rv)
+        });
+        let more = rows.len() as i64 > limit;
+        let items = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|(p, n, b)| Ok((p, n, serde_json::from_str(&b)?)))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok((Page { items, more }, rv))
+    }
+
+    /// Every object of `kind` (in `project`, or all projects) with the
+    /// version the list is consistent at.
+    pub async fn list(&self, kind: &str, project: Option<&str>) -> Result<(Vec<Value>, i64), ApiError> {
+        let (page, rv) = self.list_page(kind, project, None, i64::MAX - 1).await?;
+        Ok((page.items.into_iter().map(|(_, _, v)| v).collect(), rv))
+    }
+
+    /// Changes of `kind` after `since`, oldest first. Fails with `Gone` when
+    /// changes after `since` were already compacted away.
+    pub async fn changes_since(&self, kind: &str, since: i64) -> Result<Vec<Change>, ApiError> {
+        let (oldest, rows) = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(self.sql.snapshot_read).execute(&mut *tx).await?;
+            let oldest: i64 = sqlx::query_scalar(self.sql.min_version).fetch_one(&mut *tx).await?;
+            let rows = sqlx::query(self.sql.changes_since).bind(kind).bind(since).fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            let rows: Vec<(i64, String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+            (oldest, rows)
+        });
+        if oldest > 0 && since + 1 < oldest {
+            return Err(ApiError::Gone { requested: since, oldest });
+        }
+        rows.into_iter()
+            .map(|(rv, project, type_, body)| {
+                Ok(Change {
+                    resource_version: rv,
+                    kind: kind.to_string(),
+                    project,
+                    type_: ChangeType::parse(&type_),
+                    object: serde_json::from_str(&body)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Subscribes to changes committed from now on, in version order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    /// Reads the object at (kind, project, name), lets `decide` choose what
+    /// to write given it (or `None`), and commits that with an audit row.
+    ///
+    /// `decide` runs while writers are locked out, so nothing interleaves
+    /// between its read and the write. It receives the resourceVersion the
+    /// write will get, to stamp into the object.
+    pub async fn mutate<F>(
+        &self,
+        kind: &str,
+        project: &str,
+        name: &str,
+        audit: &AuditInfo,
+        decide: F,
+    ) -> Result<Value, ApiError>
+    where
+        F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError>,
+    {
+        let _writer = self.writer.lock().await;
+        let sql = self.sql;
+        let committed = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(sql.write_lock).execute(&mut *tx).await?;
+            let current: Option<String> = sqlx::query_scalar(sql.get).bind(kind).bind(project).bind(name)
+                .fetch_optional(&mut *tx).await?;
+            let existed = current.is_some();
+            let current = current.map(|b| serde_json::from_str::<Value>(&b)).transpose()?;
+            let last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
+            let rv = last + 1;
+            let (type_, object) = match decide(current, rv)? {
+                Write::Unchanged(obj) => return Ok(obj),
+                Write::Put(obj) if existed => (ChangeType::Modified, obj),
+                Write::Put(obj) => (ChangeType::Added, obj),
+                Write::Delete(obj) => (ChangeType::Deleted, obj),
+            };
+            let body = serde_json::to_string(&object)?;
+            if type_ == ChangeType::Deleted {
+                sqlx::query(sql.delete_object).bind(kind).bind(project).bind(name).execute(&mut *tx).await?;
+            } else {
+                let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                sqlx::query(sql.upsert_object).bind(kind).bind(project).bind(name).bind(uid).bind(rv).bind(&body)
+                    .execute(&mut *tx).await?;
+            }
+            sqlx::query(sql.insert_change).bind(rv).bind(kind).bind(project).bind(name).bind(type_.as_str())
+                .bind(&body).execute(&mut *tx).await?;
+            sqlx::query(sql.insert_audit).bind(chrono::Utc::now().to_rfc3339()).bind(&audit.request_id)
+                .bind(&audit.actor).bind(audit.verb).bind(kind).bind(project).bind(name).bind(rv)
+                .execute(&mut *tx).await?;
+            let every = (self.retained / 10).max(1);
+            if rv % every == 0 {
+                sqlx::query(sql.compact).bind(rv - self.retained).execute(&mut *tx).await?;
+            }
+            sqlx::query(sql.notify).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Change { resource_version: rv, kind: kind.to_string(), project: project.to_string(), type_, object }
+        });
+        let object = committed.object.clone();
+        match self.pool {
+            // Still under the writer lock: broadcasts leave in commit order.
+            Pool::Sqlite(_) => {
+                let _ = self.changes.send(Arc::new(committed));
+            }
+            Pool::Postgres(_) => self.poke.notify_one(),
+        }
+        Ok(object)
+    }
+}

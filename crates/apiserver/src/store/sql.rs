@@ -1,0 +1,120 @@
+//! The SQL each backend runs. Statements are written once with `?`
+//! placeholders and numbered (`$1`, `$2`, ...) for PostgreSQL.
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Every statement the store runs, in one dialect.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    pub get: &'static str,
+    pub max_version: &'static str,
+    pub min_version: &'static str,
+    pub list_page: &'static str,
+    pub list_page_in_project: &'static str,
+    pub changes_since: &'static str,
+    pub delete_object: &'static str,
+    pub upsert_object: &'static str,
+    pub insert_change: &'static str,
+    pub insert_audit: &'static str,
+    pub compact: &'static str,
+    /// Run first in a list's transaction so all its reads see one snapshot.
+    pub snapshot_read: &'static str,
+    /// Run first in a write's transaction: serialises writers across
+    /// processes (PostgreSQL); the in-process lock does it for SQLite.
+    pub write_lock: &'static str,
+    /// Run last in a write's transaction: wakes every replica's watches.
+    pub notify: &'static str,
+}
+
+/// Channel PostgreSQL replicas announce committed changes on.
+pub const NOTIFY_CHANNEL: &str = "nexus_changes";
+
+static SQLITE: std::sync::LazyLock<Sql> = std::sync::LazyLock::new(|| Sql::build(Dialect::Sqlite));
+static POSTGRES: std::sync::LazyLock<Sql> = std::sync::LazyLock::new(|| Sql::build(Dialect::Postgres));
+
+impl Sql {
+    /// The statements of `dialect`.
+    pub fn of(dialect: Dialect) -> &'static Sql {
+        match dialect {
+            Dialect::Sqlite => &SQLITE,
+            Dialect::Postgres => &POSTGRES,
+        }
+    }
+
+    fn build(dialect: Dialect) -> Self {
+        // Built once per dialect for the life of the process.
+        let n = |sql: &str| -> &'static str {
+            match dialect {
+                Dialect::Sqlite => Box::leak(sql.to_string().into_boxed_str()),
+                Dialect::Postgres => Box::leak(number_placeholders(sql).into_boxed_str()),
+            }
+        };
+        Sql {
+            get: n("SELECT body FROM objects WHERE kind = ? AND project = ? AND name = ?"),
+            max_version: n("SELECT COALESCE(MAX(resource_version), 0) FROM changes"),
+            min_version: n("SELECT COALESCE(MIN(resource_version), 0) FROM changes"),
+            list_page: n("SELECT project, name, body FROM objects WHERE kind = ? AND (project, name) > (?, ?) \
+                          ORDER BY project, name LIMIT ?"),
+            list_page_in_project: n("SELECT project, name, body FROM objects WHERE kind = ? AND project = ? \
+                                     AND name > ? ORDER BY name LIMIT ?"),
+            changes_since: n("SELECT resource_version, project, event_type, body FROM changes \
+                              WHERE kind = ? AND resource_version > ? ORDER BY resource_version"),
+            delete_object: n("DELETE FROM objects WHERE kind = ? AND project = ? AND name = ?"),
+            upsert_object: n("INSERT INTO objects (kind, project, name, uid, resource_version, body) \
+                              VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, project, name) DO UPDATE SET \
+                              resource_version = excluded.resource_version, body = excluded.body"),
+            insert_change: n("INSERT INTO changes (resource_version, kind, project, name, event_type, body) \
+                              VALUES (?, ?, ?, ?, ?, ?)"),
+            insert_audit: n(
+                "INSERT INTO audit (at, request_id, actor, verb, kind, project, name, resource_version, result) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'allowed')",
+            ),
+            compact: n("DELETE FROM changes WHERE resource_version <= ?"),
+            snapshot_read: match dialect {
+                Dialect::Sqlite => "SELECT 1",
+                Dialect::Postgres => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            },
+            write_lock: match dialect {
+                Dialect::Sqlite => "SELECT 1",
+                Dialect::Postgres => "SELECT pg_advisory_xact_lock(7245001)",
+            },
+            notify: match dialect {
+                Dialect::Sqlite => "SELECT 1",
+                Dialect::Postgres => "SELECT pg_notify('nexus_changes', '')",
+            },
+        }
+    }
+}
+
+/// Rewrites `?` placeholders as `$1`, `$2`, ... .
+fn number_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_in_order_for_postgres() {
+        assert_eq!(number_placeholders("a = ? AND b = ?"), "a = $1 AND b = $2");
+        assert!(Sql::of(Dialect::Sqlite).get.contains('?'));
+        assert!(Sql::of(Dialect::Postgres).get.ends_with("name = $3"));
+        assert!(Sql::of(Dialect::Postgres).notify.contains(NOTIFY_CHANNEL));
+    }
+}
