@@ -400,6 +400,16 @@ async fn operations_endpoints(h: &Http) {
     let (s, e) = h.call("GET", "/v2/nothing", None).await;
     assert_eq!(s, 404);
     assert_error_contract(&e, 404);
+    // Errors raised before a handler runs follow the contract too.
+    let (s, e) = h.call("PATCH", "/v1/projects/conf/vms/a", Some(json!({}))).await;
+    assert_eq!(s, 405);
+    assert_error_contract(&e, 405);
+    let (s, e) = h.call("GET", "/v1/projects/conf/vms?limit=many", None).await;
+    assert_eq!(s, 400);
+    assert_error_contract(&e, 400);
+    let (s, e) = h.call("POST", "/v1/projects/conf/vms", Some(json!("not an object"))).await;
+    assert_eq!(s, 422);
+    assert_error_contract(&e, 422);
 }
 
 async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path) {
