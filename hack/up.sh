@@ -39,13 +39,10 @@ start nodeagent nexus-nodeagent --apiserver "$server" --token-file "$state/agent
 start controller nexus-controller --apiserver "$server" --agent-token-file "$state/agent-token"
 
 nexusctl --server "$server" apply -f examples/vm.yaml
-for _ in $(seq 150); do
-    phase=$(nexusctl --server "$server" get vm hello -o json 2>/dev/null | sed -n 's/.*"phase": "\([A-Za-z]*\)".*/\1/p')
-    [ "$phase" = Running ] && break
-    sleep 0.2
-done
+running=0
+nexusctl --server "$server" wait vm hello --for='jsonpath={.status.phase}=Running' --timeout 30 || running=$?
 nexusctl --server "$server" get vms -o wide
-[ "${phase:-}" = Running ] || { echo "the example VM is not Running; see $state/log/*.log" >&2; exit 1; }
+[ "$running" -eq 0 ] || { echo "the example VM is not Running; see $state/log/*.log" >&2; exit 1; }
 echo
 echo "nexus is up: logs in $state/log, binaries in $bin (add it to PATH)."
 echo "Try: $bin/nexusctl get vms; $bin/nexusctl delete vm hello; stop with hack/down.sh"

@@ -25,6 +25,10 @@ const FIELDS: &[(&str, &[&str])] = &[
     ("spec.nodeName", &["spec", "nodeName"]),
     ("status.phase", &["status", "phase"]),
     ("status.nodeName", &["status", "nodeName"]),
+    ("spec.vmName", &["spec", "vmName"]),
+    ("spec.involvedObject.kind", &["spec", "involvedObject", "kind"]),
+    ("spec.involvedObject.name", &["spec", "involvedObject", "name"]),
+    ("spec.involvedObject.project", &["spec", "involvedObject", "project"]),
 ];
 
 impl Selector {

@@ -1,15 +1,17 @@
-//! The subcommands.
+//! The subcommands other than apply and diff.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use comfy_table::{Table, presets};
+use chrono::Utc;
+use futures::StreamExt;
 use nexus_api::client::{Client, ClientError};
-use nexus_api::{NodeSpec, Object, ResourceSpec, VmSpec};
 use serde_json::{Value, json};
 
+use crate::apply::urlencode;
+use crate::jsonpath::Template;
 use crate::kinds::{self, KindInfo};
-use crate::manifest::{self, Document};
+use crate::manifest;
+use crate::render;
 
 /// What every command needs.
 #[derive(Debug)]
@@ -18,282 +20,410 @@ pub struct Context {
     pub project: String,
 }
 
-/// Formats an API error with its suggestion, never a debug dump.
-fn api_error(e: ClientError) -> String {
-    match e {
-        ClientError::Api(body) => {
-            let mut s = body.message.clone();
-            if let Some(f) = &body.fault_message {
-                s.push_str(&format!("\n  firecracker: {f}"));
-            }
-            if let Some(h) = &body.suggestion {
-                s.push_str(&format!("\n  hint: {h}"));
-            }
-            s
-        }
-        ClientError::Transport { url, source } => {
-            format!("cannot reach the apiserver at {url} ({source}); is it running? Set --server or NEXUS_SERVER")
-        }
-        other => other.to_string(),
+/// A failed command: the message and the exit code (1 error, 2 usage).
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn error(message: impl Into<String>) -> Self {
+        Failure { code: 1, message: message.into() }
+    }
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure { code: 2, message: message.into() }
+    }
+    fn api(e: &ClientError) -> Self {
+        Failure::error(render::client_error(e))
     }
 }
 
-/// Deserializes a document as kind `S` (applying defaults) and serializes
-/// it back; errors name the field.
-fn normalize_as<S: ResourceSpec>(value: &Value) -> Result<Value, String> {
-    let obj: Object<S> = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
-        let path = e.path().to_string();
-        format!("field {path}: {}", e.into_inner())
-    })?;
-    serde_json::to_value(obj).map_err(|e| e.to_string())
+async fn get_json(ctx: &Context, path: &str) -> Result<Value, ClientError> {
+    ctx.client.raw(reqwest::Method::GET, path, None).await
 }
 
-fn normalize(kind: &KindInfo, value: &Value) -> Result<Value, String> {
-    match kind.kind {
-        "VM" => normalize_as::<VmSpec>(value),
-        "Node" => normalize_as::<NodeSpec>(value),
-        other => Err(kinds::unknown(other)),
+fn list_path(kind: &KindInfo, ctx: &Context, all: bool, labels: Option<&str>, fields: Option<&str>) -> String {
+    let mut path = if all { kind.all_projects() } else { kind.collection(&ctx.project) };
+    let mut q = Vec::new();
+    if let Some(l) = labels {
+        q.push(format!("labelSelector={}", urlencode(l)));
     }
+    if let Some(f) = fields {
+        q.push(format!("fieldSelector={}", urlencode(f)));
+    }
+    if !q.is_empty() {
+        path.push('?');
+        path.push_str(&q.join("&"));
+    }
+    path
 }
 
-/// Merges `patch` into `base`: objects recursively, anything else replaced.
-fn merge(base: &mut Value, patch: &Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
+/// Options of `get`.
+#[derive(Debug, Default)]
+pub struct GetOptions<'a> {
+    pub output: Option<&'a str>,
+    pub labels: Option<&'a str>,
+    pub fields: Option<&'a str>,
+    pub all_projects: bool,
+    pub watch: bool,
+}
+
+/// `get KIND [NAME...]`.
+pub async fn get(ctx: &Context, kind: &str, names: &[String], o: &GetOptions<'_>) -> Result<(), Failure> {
+    let kind = kinds::resolve(kind).map_err(Failure::usage)?;
+    let format = o.output.unwrap_or("table");
+    let jsonpath = match format.strip_prefix("jsonpath=") {
+        Some(t) => Some(Template::parse(t).map_err(Failure::usage)?),
+        None if ["table", "wide", "yaml", "json", "name"].contains(&format) => None,
+        None => {
+            return Err(Failure::usage(format!(
+                "unknown output format {format:?}; use wide, yaml, json, name or jsonpath=TEMPLATE"
+            )));
+        }
+    };
+    let (items, list_rv) = if names.is_empty() {
+        let list = get_json(ctx, &list_path(kind, ctx, o.all_projects, o.labels, o.fields))
+            .await
+            .map_err(|e| Failure::api(&e))?;
+        (
+            list["items"].as_array().cloned().unwrap_or_default(),
+            list["metadata"]["resourceVersion"].as_str().map(str::to_string),
+        )
+    } else {
+        let mut items = Vec::new();
+        for n in names {
+            items.push(get_json(ctx, &kind.object(&ctx.project, n)).await.map_err(|e| Failure::api(&e))?);
+        }
+        (items, None)
+    };
+    let single = names.len() == 1;
+    let whole = |items: &[Value]| -> Value {
+        if single {
+            items[0].clone()
+        } else {
+            json!({"apiVersion": nexus_api::API_VERSION, "kind": "List", "items": items})
+        }
+    };
+    match (format, &jsonpath) {
+        (_, Some(t)) => println!("{}", t.render(&whole(&items))),
+        ("json", _) => println!("{}", serde_json::to_string_pretty(&whole(&items)).unwrap_or_default()),
+        ("yaml", _) => {
+            print!("{}", serde_saphyr::to_string(&whole(&items)).map_err(|e| Failure::error(e.to_string()))?)
+        }
+        ("name", _) => {
+            items.iter().for_each(|i| println!("{}/{}", kind.short(), i["metadata"]["name"].as_str().unwrap_or("")))
+        }
+        _ if items.is_empty() && !o.watch => {
+            let scope =
+                if o.all_projects || !kind.namespaced { String::new() } else { format!(" in project {}", ctx.project) };
+            eprintln!("No {} found{scope}.", kind.plural);
+        }
+        _ => println!("{}", render::table(kind, &items, o.all_projects, format == "wide", Utc::now())),
+    }
+    if o.watch {
+        watch_rows(ctx, kind, o, list_rv).await?;
+    }
+    Ok(())
+}
+
+/// `get -w`: one row per change, as it happens.
+async fn watch_rows(ctx: &Context, kind: &KindInfo, o: &GetOptions<'_>, rv: Option<String>) -> Result<(), Failure> {
+    let mut path = list_path(kind, ctx, o.all_projects, o.labels, o.fields);
+    path.push(if path.contains('?') { '&' } else { '?' });
+    path.push_str("watch=true");
+    if let Some(rv) = rv {
+        path.push_str(&format!("&resourceVersion={rv}"));
+    }
+    let url = format!("{}{path}", ctx.client.base());
+    let resp = reqwest::get(&url).await.map_err(|e| Failure::error(format!("watching {url}: {e}")))?;
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| Failure::error(format!("watch ended: {e}")))?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
+            if event["type"] == "BOOKMARK" {
+                continue;
+            }
+            if event["type"] == "ERROR" {
+                return Err(Failure::error(format!("watch ended: {}", event["object"]["message"])));
+            }
+            let table = render::table(
+                kind,
+                std::slice::from_ref(&event["object"]),
+                o.all_projects,
+                o.output == Some("wide"),
+                Utc::now(),
+            );
+            if let Some(row) = table.lines().nth(1) {
+                let tag = if event["type"] == "DELETED" { " (deleted)" } else { "" };
+                println!("{row}{tag}");
             }
         }
-        (b, p) => *b = p.clone(),
+    }
+    Ok(())
+}
+
+/// `describe KIND NAME`.
+pub async fn describe(ctx: &Context, kind: &str, name: &str) -> Result<(), Failure> {
+    let kind = kinds::resolve(kind).map_err(Failure::usage)?;
+    let obj = get_json(ctx, &kind.object(&ctx.project, name)).await.map_err(|e| Failure::api(&e))?;
+    let mut selector = format!("spec.involvedObject.kind={},spec.involvedObject.name={name}", kind.kind);
+    if kind.namespaced {
+        selector.push_str(&format!(",spec.involvedObject.project={}", ctx.project));
+    }
+    let events = get_json(ctx, &format!("/v1/events?fieldSelector={}", urlencode(&selector)))
+        .await
+        .map(|l| l["items"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default();
+    let mut events = events;
+    events.sort_by_key(|e| {
+        e["spec"]["lastTimestamp"].as_str().or(e["metadata"]["creationTimestamp"].as_str()).unwrap_or("").to_string()
+    });
+    let recent: Vec<Value> = events.into_iter().rev().take(20).rev().collect();
+    print!("{}", render::describe(kind, &obj, &recent, Utc::now()));
+    Ok(())
+}
+
+/// Which objects a command acts on: names, files or a selector.
+#[derive(Debug, Default)]
+pub struct Selection<'a> {
+    pub kind: Option<&'a str>,
+    pub names: &'a [String],
+    pub files: &'a [String],
+    pub labels: Option<&'a str>,
+}
+
+async fn select(ctx: &Context, sel: &Selection<'_>) -> Result<Vec<(&'static KindInfo, String, String)>, Failure> {
+    let mut out = Vec::new();
+    for f in sel.files {
+        for doc in manifest::read(f).map_err(Failure::error)? {
+            let t = crate::apply::Target::from_doc(&doc, &ctx.project)
+                .map_err(|e| Failure::error(format!("{}: {e}", doc.origin())))?;
+            out.push((t.kind, t.project, t.name));
+        }
+    }
+    if sel.files.is_empty() {
+        let kind = kinds::resolve(sel.kind.ok_or_else(|| Failure::usage("name a kind, such as `vm`, or use -f FILE"))?)
+            .map_err(Failure::usage)?;
+        let project = if kind.namespaced { ctx.project.clone() } else { String::new() };
+        for n in sel.names {
+            out.push((kind, project.clone(), n.clone()));
+        }
+        if let Some(l) = sel.labels {
+            let list =
+                get_json(ctx, &list_path(kind, ctx, false, Some(l), None)).await.map_err(|e| Failure::api(&e))?;
+            for i in list["items"].as_array().into_iter().flatten() {
+                out.push((kind, project.clone(), i["metadata"]["name"].as_str().unwrap_or_default().to_string()));
+            }
+        }
+        if sel.names.is_empty() && sel.labels.is_none() {
+            return Err(Failure::usage("name the objects, or select them with -l SELECTOR or -f FILE"));
+        }
+    }
+    Ok(out)
+}
+
+/// `delete KIND NAME... | -f FILE | -l SELECTOR [--wait]`.
+pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Duration) -> Result<(), Failure> {
+    let targets = select(ctx, sel).await?;
+    if targets.is_empty() {
+        eprintln!("No objects matched.");
+    }
+    for (kind, project, name) in &targets {
+        let deleted: Result<Value, ClientError> =
+            ctx.client.raw(reqwest::Method::DELETE, &kind.object(project, name), None).await;
+        deleted.map_err(|e| Failure::api(&e))?;
+        println!("{} \"{name}\" deleted", kind.short());
+    }
+    if wait {
+        let deadline = Instant::now() + timeout;
+        for (kind, project, name) in &targets {
+            loop {
+                match get_json(ctx, &kind.object(project, name)).await {
+                    Err(e) if e.is_not_found() => break,
+                    Err(e) => return Err(Failure::api(&e)),
+                    Ok(_) if Instant::now() >= deadline => {
+                        return Err(Failure::error(format!(
+                            "timed out after {timeout:?} waiting for {}/{name} to be deleted",
+                            kind.short()
+                        )));
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `wait --for` waits for.
+#[derive(Debug, Clone)]
+pub enum WaitFor {
+    Condition { type_: String, status: String },
+    JsonPath { template: Template, value: Option<String> },
+    Delete,
+}
+
+impl WaitFor {
+    /// Parses `condition=Ready[=True]`, `jsonpath={.status.phase}=Running` or `delete`.
+    pub fn parse(text: &str) -> Result<WaitFor, String> {
+        if text == "delete" {
+            return Ok(WaitFor::Delete);
+        }
+        if let Some(rest) = text.strip_prefix("condition=") {
+            let (t, s) = rest.split_once('=').unwrap_or((rest, "True"));
+            if t.is_empty() {
+                return Err("--for=condition= needs a condition type, such as condition=Ready".into());
+            }
+            return Ok(WaitFor::Condition { type_: t.to_string(), status: s.to_string() });
+        }
+        if let Some(rest) = text.strip_prefix("jsonpath=") {
+            let rest = rest.trim_matches('\'');
+            let (expr, value) = match rest.rfind("}=") {
+                Some(i) => (&rest[..=i], Some(rest[i + 2..].to_string())),
+                None => (rest, None),
+            };
+            return Ok(WaitFor::JsonPath { template: Template::parse(expr)?, value });
+        }
+        Err(format!(
+            "--for={text:?} is not understood; use condition=TYPE[=STATUS], jsonpath={{.path}}=VALUE or delete"
+        ))
+    }
+
+    /// Whether `obj` (None: absent) satisfies the wait, and what it saw.
+    fn check(&self, obj: Option<&Value>) -> (bool, String) {
+        match (self, obj) {
+            (WaitFor::Delete, None) => (true, "deleted".into()),
+            (WaitFor::Delete, Some(_)) => (false, "still exists".into()),
+            (_, None) => (false, "does not exist".into()),
+            (WaitFor::Condition { type_, status }, Some(o)) => {
+                let c =
+                    o["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == type_.as_str()));
+                match c {
+                    Some(c) => {
+                        let now = c["status"].as_str().unwrap_or("");
+                        (
+                            now.eq_ignore_ascii_case(status),
+                            format!("condition {type_} is {now} ({})", c["reason"].as_str().unwrap_or("")),
+                        )
+                    }
+                    None => (false, format!("condition {type_} is not set")),
+                }
+            }
+            (WaitFor::JsonPath { template, value }, Some(o)) => {
+                let found = template.values(o);
+                let text = template.render(o);
+                let ok = match value {
+                    Some(v) => found.iter().any(|f| crate::jsonpath::scalar(f) == *v),
+                    None => !found.is_empty(),
+                };
+                (ok, format!("value is {text:?}"))
+            }
+        }
     }
 }
 
-/// `apply -f`.
-pub async fn apply(ctx: &Context, files: &[String]) -> Result<(), String> {
-    let mut docs = Vec::new();
-    for f in files {
-        docs.extend(manifest::read(f)?);
+/// `wait KIND NAME --for=... --timeout`.
+pub async fn wait(ctx: &Context, kind: &str, name: &str, cond: &WaitFor, timeout: Duration) -> Result<(), Failure> {
+    let kind = kinds::resolve(kind).map_err(Failure::usage)?;
+    let path = kind.object(&ctx.project, name);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let obj = match get_json(ctx, &path).await {
+            Ok(v) => Some(v),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(Failure::api(&e)),
+        };
+        let (ok, seen) = cond.check(obj.as_ref());
+        if ok {
+            println!("{}/{name} condition met", kind.short());
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::error(format!(
+                "timed out after {}s waiting for {}/{name}: {seen}",
+                timeout.as_secs(),
+                kind.short()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `start|stop|pause|resume vm NAME... | -l SELECTOR`: edits `spec.state`.
+pub async fn power(ctx: &Context, state: &str, verb_done: &str, sel: &Selection<'_>) -> Result<(), Failure> {
+    let targets = select(ctx, sel).await?;
+    if let Some((k, _, _)) = targets.iter().find(|(k, _, _)| k.kind != "VM") {
+        return Err(Failure::usage(format!("only VMs have a power state, not {}", k.plural)));
+    }
+    if targets.is_empty() {
+        eprintln!("No VMs matched.");
     }
     let mut failed = 0;
-    for doc in &docs {
-        match apply_one(ctx, doc).await {
-            Ok(line) => println!("{line}"),
+    for (kind, project, name) in &targets {
+        let path = kind.object(project, name);
+        let mut outcome = Err(String::new());
+        for _ in 0..5 {
+            let mut vm = match get_json(ctx, &path).await {
+                Ok(v) => v,
+                Err(e) => {
+                    outcome = Err(render::client_error(&e));
+                    break;
+                }
+            };
+            if vm["spec"]["state"].as_str().unwrap_or("Running") == state {
+                outcome = Ok("unchanged");
+                break;
+            }
+            vm["spec"]["state"] = json!(state);
+            let put: Result<Value, ClientError> = ctx.client.raw(reqwest::Method::PUT, &path, Some(&vm)).await;
+            match put {
+                Ok(_) => {
+                    outcome = Ok(verb_done);
+                    break;
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => {
+                    outcome = Err(render::client_error(&e));
+                    break;
+                }
+            }
+        }
+        match outcome {
+            Ok(done) => println!("vm/{name} {done}"),
             Err(e) => {
                 failed += 1;
-                eprintln!("error: {} (document {}): {e}", doc.source, doc.index);
+                eprintln!("error: vm/{name}: {e}");
             }
         }
     }
-    if failed > 0 {
-        return Err(format!("{failed} of {} objects failed to apply", docs.len()));
-    }
-    Ok(())
+    if failed > 0 { Err(Failure::error(format!("{failed} VMs failed"))) } else { Ok(()) }
 }
 
-async fn apply_one(ctx: &Context, doc: &Document) -> Result<String, String> {
-    let kind_name = doc.value["kind"].as_str().ok_or("missing field `kind`")?;
-    let kind = kinds::lookup(kind_name).ok_or_else(|| kinds::unknown(kind_name))?;
-    let name = doc.value["metadata"]["name"].as_str().ok_or("missing field `metadata.name`")?.to_string();
-    let mut desired = doc.value.clone();
-    let project = if kind.namespaced {
-        let p = desired["metadata"]["project"].as_str().unwrap_or(&ctx.project).to_string();
-        desired["metadata"]["project"] = json!(p);
-        p
-    } else {
-        String::new()
-    };
-    normalize(kind, &desired)?;
-    let label = format!("{}/{name}", kind.kind.to_lowercase());
-    for _attempt in 0..5 {
-        let existing: Result<Value, ClientError> =
-            ctx.client.raw(reqwest::Method::GET, &kind.object(&project, &name), None).await;
-        let existing = match existing {
-            Err(e) if e.is_not_found() => {
-                let created: Result<Value, _> =
-                    ctx.client.raw(reqwest::Method::POST, &kind.collection(&project), Some(&desired)).await;
-                match created {
-                    Ok(_) => return Ok(format!("{label} created")),
-                    // Someone created it meanwhile: apply onto theirs.
-                    Err(e) if e.is_conflict() => continue,
-                    Err(e) => return Err(api_error(e)),
-                }
-            }
-            Err(e) => return Err(api_error(e)),
-            Ok(v) => v,
-        };
-        let mut next = existing.clone();
-        merge(&mut next["spec"], &desired["spec"]);
-        for field in ["labels", "annotations"] {
-            match desired["metadata"].get(field) {
-                Some(v) => next["metadata"][field] = v.clone(),
-                None => {
-                    if let Some(m) = next["metadata"].as_object_mut() {
-                        m.remove(field);
-                    }
-                }
-            }
-        }
-        let next = normalize(kind, &next)?;
-        if normalize(kind, &existing)? == next {
-            return Ok(format!("{label} unchanged"));
-        }
-        let updated: Result<Value, _> =
-            ctx.client.raw(reqwest::Method::PUT, &kind.object(&project, &name), Some(&next)).await;
-        match updated {
-            Ok(_) => return Ok(format!("{label} configured")),
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => return Err(api_error(e)),
-        }
-    }
-    Err(format!("{label} kept changing under us; try again"))
-}
-
-/// `get KIND [NAME]`.
-pub async fn get(ctx: &Context, kind: &str, name: Option<&str>, output: Option<&str>, all: bool) -> Result<(), String> {
-    let kind = kinds::lookup(kind).ok_or_else(|| kinds::unknown(kind))?;
-    let items: Vec<Value> = match name {
-        Some(n) => {
-            vec![ctx.client.raw(reqwest::Method::GET, &kind.object(&ctx.project, n), None).await.map_err(api_error)?]
-        }
-        None => {
-            let path = if all { kind.all_projects() } else { kind.collection(&ctx.project) };
-            let list: Value = ctx.client.raw(reqwest::Method::GET, &path, None).await.map_err(api_error)?;
-            list["items"].as_array().cloned().unwrap_or_default()
-        }
-    };
-    let single = name.is_some();
-    match output.unwrap_or("table") {
-        "json" => {
-            let v = if single {
-                items[0].clone()
-            } else {
-                json!({"apiVersion": nexus_api::API_VERSION, "kind": "List", "items": items})
-            };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        }
-        "yaml" => {
-            let v = if single {
-                items[0].clone()
-            } else {
-                json!({"apiVersion": nexus_api::API_VERSION, "kind": "List", "items": items})
-            };
-            print!("{}", serde_saphyr::to_string(&v).map_err(|e| e.to_string())?);
-        }
-        "name" => {
-            for item in &items {
-                println!("{}/{}", kind.kind.to_lowercase(), item["metadata"]["name"].as_str().unwrap_or(""));
-            }
-        }
-        "table" | "wide" => {
-            if items.is_empty() {
-                let scope =
-                    if all || !kind.namespaced { String::new() } else { format!(" in project {}", ctx.project) };
-                eprintln!("No {} found{scope}.", kind.plural);
-                return Ok(());
-            }
-            println!("{}", table(kind, &items, all, output == Some("wide")));
-        }
-        other => return Err(format!("unknown output format {other:?}; use table, wide, yaml, json or name")),
-    }
-    Ok(())
-}
-
-fn age(v: &Value) -> String {
-    let Some(ts) = v["metadata"]["creationTimestamp"].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok()) else {
-        return "<unknown>".into();
-    };
-    let secs = (Utc::now() - ts).num_seconds().max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "<none>".into(),
-        other => other.to_string(),
-    }
-}
-
-fn table(kind: &KindInfo, items: &[Value], all: bool, wide: bool) -> Table {
-    let mut t = Table::new();
-    t.load_style(presets::NOTHING);
-    let mut header: Vec<&str> = Vec::new();
-    if all && kind.namespaced {
-        header.push("PROJECT");
-    }
-    match kind.kind {
-        "VM" => {
-            header.extend(["NAME", "STATE", "PHASE", "NODE", "VCPU", "MEMORY", "AGE"]);
-            if wide {
-                header.extend(["TAP", "MAC", "PID"]);
-            }
-        }
-        _ => header.extend(["NAME", "READY", "ADDRESS", "AGE"]),
-    }
-    t.set_header(header);
-    for item in items {
-        let mut row: Vec<String> = Vec::new();
-        if all && kind.namespaced {
-            row.push(s(&item["metadata"]["project"]));
-        }
-        row.push(s(&item["metadata"]["name"]));
-        match kind.kind {
-            "VM" => {
-                row.push(s(&item["spec"]["state"]));
-                row.push(item["status"]["phase"].as_str().unwrap_or("Pending").to_string());
-                row.push(s(&item["spec"]["nodeName"]));
-                row.push(s(&item["spec"]["vcpu"]));
-                row.push(format!("{}Mi", s(&item["spec"]["memMib"])));
-                row.push(age(item));
-                if wide {
-                    let rt = &item["status"]["runtime"];
-                    row.extend([s(&rt["tapName"]), s(&rt["mac"]), s(&rt["pid"])]);
-                }
-            }
-            _ => {
-                let ready = item["status"]["conditions"]
-                    .as_array()
-                    .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-                    .map(|c| s(&c["status"]))
-                    .unwrap_or_else(|| "Unknown".into());
-                row.push(ready);
-                row.push(s(&item["status"]["address"]));
-                row.push(age(item));
-            }
-        }
-        t.add_row(row);
-    }
-    t
-}
-
-/// `delete KIND NAME`.
-pub async fn delete(ctx: &Context, kind: &str, name: &str, wait: bool) -> Result<(), String> {
-    let kind = kinds::lookup(kind).ok_or_else(|| kinds::unknown(kind))?;
-    let path = kind.object(&ctx.project, name);
-    let _: Value = ctx.client.raw(reqwest::Method::DELETE, &path, None).await.map_err(api_error)?;
-    println!("{} \"{name}\" deleted", kind.kind.to_lowercase());
-    if wait {
-        loop {
-            let got: Result<Value, ClientError> = ctx.client.raw(reqwest::Method::GET, &path, None).await;
-            match got {
-                Err(e) if e.is_not_found() => break,
-                Err(e) => return Err(api_error(e)),
-                Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `version`: the client's version, then the server's.
-pub async fn version(ctx: &Context) -> Result<(), String> {
+/// `version`: the client's, then the server's.
+pub async fn version(ctx: &Context) -> Result<(), Failure> {
     println!("Client Version: {}", env!("CARGO_PKG_VERSION"));
-    let server = ctx.client.version().await.map_err(api_error)?;
+    let server = ctx.client.version().await.map_err(|e| Failure::api(&e))?;
     println!("Server Version: {}", server["version"].as_str().unwrap_or("unknown"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_conditions_parse_and_check() {
+        let ready = WaitFor::parse("condition=Ready").unwrap();
+        let obj = json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True", "reason": "Running"}]}});
+        assert!(ready.check(Some(&obj)).0);
+        assert!(!WaitFor::parse("condition=Ready=False").unwrap().check(Some(&obj)).0);
+        assert!(WaitFor::parse("jsonpath={.status.phase}=Running").unwrap().check(Some(&obj)).0);
+        assert!(!WaitFor::parse("jsonpath='{.status.phase}=Paused'").unwrap().check(Some(&obj)).0);
+        assert!(WaitFor::parse("delete").unwrap().check(None).0);
+        assert!(WaitFor::parse("ready").is_err());
+    }
 }

@@ -1,77 +1,301 @@
 //! `nexusctl`: the command-line interface to nexus.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage.
 
+mod apply;
 mod commands;
+mod config;
+mod explain;
+mod jsonpath;
 mod kinds;
 mod manifest;
+mod render;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use commands::{Context, Failure, GetOptions, Selection, WaitFor};
 
 #[derive(Debug, Parser)]
-#[command(name = "nexusctl", version, about = "Manage nexus microVMs declaratively")]
+#[command(name = "nexusctl", version, about = "Manage nexus microVMs declaratively", propagate_version = true)]
 struct Cli {
-    /// URL of the apiserver.
-    #[arg(long, global = true, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
-    server: String,
-    /// Project to work in.
-    #[arg(long, short = 'p', global = true, env = "NEXUS_PROJECT", default_value = nexus_api::DEFAULT_PROJECT)]
-    project: String,
+    /// URL of the apiserver (default: the context's, else http://127.0.0.1:7443).
+    #[arg(long, global = true, env = "NEXUS_SERVER")]
+    server: Option<String>,
+    /// Bearer token for the apiserver.
+    #[arg(long, global = true, env = "NEXUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Project to work in (default: the context's, else `default`).
+    #[arg(long, short = 'p', global = true, env = "NEXUS_PROJECT")]
+    project: Option<String>,
+    /// Context from the config file to use instead of the current one.
+    #[arg(long, global = true, env = "NEXUS_CONTEXT")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create or update objects from files: prints created, configured or unchanged.
+    /// Create or update objects from files; prints created, configured or unchanged.
     Apply {
-        /// File, directory or `-` for stdin.
+        /// File, directory (recursive) or `-` for stdin; YAML or JSON, multi-document.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
+        /// `server`: validate on the server without storing anything.
+        #[arg(long, value_parser = ["server", "none"])]
+        dry_run: Option<String>,
+        /// Delete objects matching -l that the files no longer contain.
+        #[arg(long, requires = "selector")]
+        prune: bool,
+        /// Label selector for --prune.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
     },
-    /// List objects of a kind, or show one.
+    /// List objects of a kind, or show some by name.
     Get {
-        /// Kind, such as `vms` or `nodes`.
+        /// vms, templates, images, snapshots, nodes or events.
         kind: String,
-        /// Name of one object.
-        name: Option<String>,
-        /// Output format: table (default), wide, yaml, json or name.
+        names: Vec<String>,
+        /// wide, yaml, json, name or jsonpath=TEMPLATE.
         #[arg(short = 'o', long)]
         output: Option<String>,
-        /// List across all projects.
+        /// Label selector: a=b,c!=d,e,!f.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Field selector: spec.nodeName=X,status.phase=Running.
+        #[arg(long)]
+        field_selector: Option<String>,
+        /// Across all projects.
         #[arg(short = 'A', long)]
         all_projects: bool,
+        /// After listing, print changes as they happen.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Show an object's spec, status, conditions and recent events.
+    Describe { kind: String, name: String },
+    /// Delete objects by name, from files or by label.
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Return only once the objects are gone.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Wait for a condition on one object.
+    Wait {
+        kind: String,
+        name: String,
+        /// condition=TYPE[=STATUS], jsonpath={.path}=VALUE or delete.
+        #[arg(long = "for")]
+        for_: String,
+        /// Seconds before giving up (exit 1).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Show what apply would change, as a unified diff.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Exit 1 when there are differences.
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// Document a kind or one of its fields: `explain vm.spec.network`.
+    Explain { target: String },
+    /// Set spec.state to Running.
+    Start(PowerArgs),
+    /// Set spec.state to Stopped.
+    Stop(PowerArgs),
+    /// Set spec.state to Paused.
+    Pause(PowerArgs),
+    /// Set spec.state to Running (from Paused).
+    Resume(PowerArgs),
+    /// Manage contexts in the config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Print the client and server versions.
     Version,
-    /// Delete an object.
-    Delete {
-        kind: String,
-        name: String,
-        /// Wait until the object is gone.
-        #[arg(long)]
-        wait: bool,
-    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PowerArgs {
+    /// `vm`.
+    kind: String,
+    names: Vec<String>,
+    /// Act on every VM matching this label selector.
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// List the contexts.
+    GetContexts,
+    /// Print the current context's name.
+    CurrentContext,
+    /// Make a context the current one.
+    UseContext { name: String },
+    /// Create or update a context from --server, --token and --project.
+    SetContext { name: String },
+}
+
+fn context(cli: &Cli) -> Result<Context, Failure> {
+    let cfg = config::Config::load().map_err(Failure::error)?;
+    let ctx = cfg.context(cli.context.as_deref()).map_err(Failure::usage)?;
+    let server = cli
+        .server
+        .clone()
+        .or_else(|| ctx.and_then(|c| c.server.clone()))
+        .unwrap_or_else(|| config::DEFAULT_SERVER.into());
+    let token = cli.token.clone().or_else(|| ctx.and_then(|c| c.token.clone()));
+    let project = cli
+        .project
+        .clone()
+        .or_else(|| ctx.and_then(|c| c.project.clone()))
+        .unwrap_or_else(|| nexus_api::DEFAULT_PROJECT.into());
+    Ok(Context { client: nexus_api::client::Client::new(&server, token), project })
+}
+
+fn power_selection(a: &PowerArgs) -> Result<Selection<'_>, Failure> {
+    if kinds::resolve(&a.kind).map_err(Failure::usage)?.kind != "VM" {
+        return Err(Failure::usage(format!("only VMs have a power state, not {}", a.kind)));
+    }
+    Ok(Selection { kind: Some(&a.kind), names: &a.names, files: &[], labels: a.selector.as_deref() })
+}
+
+fn config_command(cli: &Cli, cmd: &ConfigCommand) -> Result<(), Failure> {
+    let mut cfg = config::Config::load().map_err(Failure::error)?;
+    match cmd {
+        ConfigCommand::GetContexts => {
+            println!("{:<9}{:<20}{:<32}PROJECT", "CURRENT", "NAME", "SERVER");
+            for c in &cfg.contexts {
+                let cur = if cfg.current_context.as_deref() == Some(c.name.as_str()) { "*" } else { "" };
+                println!(
+                    "{cur:<9}{:<20}{:<32}{}",
+                    c.name,
+                    c.server.as_deref().unwrap_or(""),
+                    c.project.as_deref().unwrap_or("")
+                );
+            }
+        }
+        ConfigCommand::CurrentContext => match &cfg.current_context {
+            Some(c) => println!("{c}"),
+            None => return Err(Failure::error("no current context is set; use `nexusctl config use-context NAME`")),
+        },
+        ConfigCommand::UseContext { name } => {
+            cfg.context(Some(name)).map_err(Failure::usage)?;
+            cfg.current_context = Some(name.clone());
+            cfg.save().map_err(Failure::error)?;
+            println!("Switched to context \"{name}\".");
+        }
+        ConfigCommand::SetContext { name } => {
+            let (server, token, project) = (&cli.server, &cli.token, &cli.project);
+            let entry = match cfg.contexts.iter_mut().find(|c| c.name == *name) {
+                Some(c) => c,
+                None => {
+                    cfg.contexts.push(config::Context { name: name.clone(), ..Default::default() });
+                    cfg.contexts.last_mut().expect("just pushed")
+                }
+            };
+            if server.is_some() {
+                entry.server = server.clone();
+            }
+            if token.is_some() {
+                entry.token = token.clone();
+            }
+            if project.is_some() {
+                entry.project = project.clone();
+            }
+            if cfg.current_context.is_none() {
+                cfg.current_context = Some(name.clone());
+            }
+            cfg.save().map_err(Failure::error)?;
+            println!("Context \"{name}\" set in {}.", config::path().display());
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Config(cmd) => return config_command(cli, cmd),
+        Command::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "nexusctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Explain { target } => {
+            let mut parts = target.split('.');
+            let kind = kinds::resolve(parts.next().unwrap_or_default()).map_err(Failure::usage)?;
+            let path: Vec<&str> = parts.collect();
+            print!("{}", explain::explain(kind, &path).map_err(Failure::error)?);
+            return Ok(());
+        }
+        _ => {}
+    }
+    let ctx = context(cli)?;
+    match &cli.command {
+        Command::Apply { files, dry_run, prune, selector } => {
+            let prune = if *prune { selector.as_deref() } else { None };
+            apply::apply(&ctx, files, dry_run.as_deref() == Some("server"), prune).await
+        }
+        Command::Get { kind, names, output, selector, field_selector, all_projects, watch } => {
+            let o = GetOptions {
+                output: output.as_deref(),
+                labels: selector.as_deref(),
+                fields: field_selector.as_deref(),
+                all_projects: *all_projects,
+                watch: *watch,
+            };
+            commands::get(&ctx, kind, names, &o).await
+        }
+        Command::Describe { kind, name } => commands::describe(&ctx, kind, name).await,
+        Command::Delete { kind, names, files, selector, wait, timeout } => {
+            let sel = Selection { kind: kind.as_deref(), names, files, labels: selector.as_deref() };
+            commands::delete(&ctx, &sel, *wait, Duration::from_secs(*timeout)).await
+        }
+        Command::Wait { kind, name, for_, timeout } => {
+            let cond = WaitFor::parse(for_).map_err(Failure::usage)?;
+            commands::wait(&ctx, kind, name, &cond, Duration::from_secs(*timeout)).await
+        }
+        Command::Diff { files, exit_code } => {
+            let changed = apply::diff(&ctx, files).await?;
+            if changed && *exit_code { Err(Failure { code: 1, message: String::new() }) } else { Ok(()) }
+        }
+        Command::Start(a) => commands::power(&ctx, "Running", "started", &power_selection(a)?).await,
+        Command::Stop(a) => commands::power(&ctx, "Stopped", "stopped", &power_selection(a)?).await,
+        Command::Pause(a) => commands::power(&ctx, "Paused", "paused", &power_selection(a)?).await,
+        Command::Resume(a) => commands::power(&ctx, "Running", "resumed", &power_selection(a)?).await,
+        Command::Version => commands::version(&ctx).await,
+        Command::Config(_) | Command::Completion { .. } | Command::Explain { .. } => Ok(()),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // clap exits with 2 on usage errors and 0 for --help.
     let cli = Cli::parse();
-    let client = nexus_api::client::Client::new(&cli.server, None);
-    let ctx = commands::Context { client, project: cli.project };
-    let result = match cli.command {
-        Command::Apply { files } => commands::apply(&ctx, &files).await,
-        Command::Get { kind, name, output, all_projects } => {
-            commands::get(&ctx, &kind, name.as_deref(), output.as_deref(), all_projects).await
-        }
-        Command::Delete { kind, name, wait } => commands::delete(&ctx, &kind, &name, wait).await,
-        Command::Version => commands::version(&ctx).await,
-    };
-    match result {
+    match run(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
         }
     }
 }

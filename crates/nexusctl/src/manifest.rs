@@ -1,9 +1,12 @@
-//! Reading objects from YAML or JSON files, directories and stdin.
+//! Reading objects from YAML or JSON files, directories and stdin, with
+//! errors that name the file, the document, the line and column and the field.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+
+use crate::kinds::{self, with_spec};
 
 /// One object read from a file, with where it came from.
 #[derive(Debug, Clone)]
@@ -12,6 +15,13 @@ pub struct Document {
     /// 1-based index of the document within its file.
     pub index: usize,
     pub value: Value,
+}
+
+impl Document {
+    /// `file (document N)`, for messages.
+    pub fn origin(&self) -> String {
+        format!("{} (document {})", self.source, self.index)
+    }
 }
 
 /// Reads every document of `path`: a file, a directory (recursively, `.yaml`,
@@ -50,17 +60,72 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parses a multi-document YAML (or JSON) text; empty documents are skipped.
+/// Splits a YAML stream into documents: (first line, 0-based; text).
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") || line == "..." {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 1;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+/// Parses a multi-document YAML (or JSON) text. Each document is checked
+/// against its kind's type, so an unknown or mistyped field is reported
+/// with its line, column and path. Empty documents are skipped.
 pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, String> {
-    let options = serde_saphyr::options! { strict_booleans: true };
-    let values: Vec<Value> =
-        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| format!("{source}: {e}"))?;
-    Ok(values
-        .into_iter()
-        .filter(|v| !v.is_null())
-        .enumerate()
-        .map(|(i, value)| Document { source: source.to_string(), index: i + 1, value })
-        .collect())
+    let options = || serde_saphyr::options! { strict_booleans: true };
+    let mut docs = Vec::new();
+    for (first_line, chunk) in split_documents(text) {
+        if chunk.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            continue;
+        }
+        let index = docs.len() + 1;
+        // Padding keeps the parser's line numbers those of the file.
+        let padded = format!("{}{chunk}", "\n".repeat(first_line));
+        let value: Value = serde_saphyr::from_str_with_options(&padded, options())
+            .map_err(|e| format!("{source} (document {index}): {}", rename_input(&e.to_string(), source)))?;
+        if !value.is_object() {
+            return Err(format!(
+                "{source} (document {index}): expected an object with apiVersion, kind, metadata and spec"
+            ));
+        }
+        if let Some(kind) = value["kind"].as_str().and_then(kinds::lookup) {
+            let typed: Result<(), String> = with_spec!(kind.kind, S => {
+                serde_saphyr::from_str_with_options::<nexus_api::Object<S>>(&padded, options())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }, _ => Ok(()));
+            if let Err(e) = typed {
+                let field = field_path(kind.kind, &value).map(|p| format!("field {p}: ")).unwrap_or_default();
+                return Err(format!("{source} (document {index}): {field}{}", rename_input(&e, source)));
+            }
+        }
+        docs.push(Document { source: source.to_string(), index, value });
+    }
+    Ok(docs)
+}
+
+/// The path of the first field the kind's type rejects, such as `spec.memory`.
+fn field_path(kind: &str, value: &Value) -> Option<String> {
+    with_spec!(kind, S => {
+        match serde_path_to_error::deserialize::<_, nexus_api::Object<S>>(value.clone()) {
+            Ok(_) => None,
+            Err(e) => Some(e.path().to_string()).filter(|p| p != "."),
+        }
+    }, _ => None)
+}
+
+fn rename_input(message: &str, source: &str) -> String {
+    message.strip_prefix("error: ").unwrap_or(message).replace("<input>", source)
 }
 
 #[cfg(test)]
@@ -76,8 +141,24 @@ mod tests {
     }
 
     #[test]
-    fn parse_errors_name_the_file() {
+    fn errors_name_the_file_document_line_column_and_field() {
+        let text = "kind: VM\napiVersion: nexus/v1\nmetadata: {name: a}\nspec: {vcpu: 1, memMib: 1, kernel: /k, rootfs: /r}\n---\n\
+                    apiVersion: nexus/v1\nkind: VM\nmetadata:\n  name: b\nspec:\n  vcpu: 1\n  memMib: 128\n  kernel: /k\n  rootfs: /r\n  memory: 5\n";
+        let err = parse("vms.yaml", text).unwrap_err();
+        assert!(err.starts_with("vms.yaml (document 2): field spec.memory: "), "{err}");
+        assert!(err.contains("line 15 column 3"), "{err}");
+        assert!(err.contains("unknown field `memory`"), "{err}");
+    }
+
+    #[test]
+    fn parse_error_output() {
+        let text = "apiVersion: nexus/v1\nkind: VM\nmetadata:\n  name: web\nspec:\n  vcpu: many\n  memMib: 128\n  kernel: /k\n  rootfs: /r\n";
+        insta::assert_snapshot!("parse_error", parse("web.yaml", text).unwrap_err());
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
         let err = parse("bad.yaml", "a: [1,\n").unwrap_err();
-        assert!(err.starts_with("bad.yaml"), "{err}");
+        assert!(err.starts_with("bad.yaml (document 1)"), "{err}");
     }
 }

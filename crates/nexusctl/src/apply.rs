@@ -1,0 +1,378 @@
+//! `apply`, `diff` and pruning: three-way merges of files into live objects.
+//!
+//! What was last applied is kept in the `nexus.dev/last-applied`
+//! annotation, so a field removed from a file is removed from the object,
+//! while fields the system set (such as `spec.nodeName`) are kept.
+
+use std::collections::BTreeSet;
+
+use nexus_api::client::ClientError;
+use serde_json::{Map, Value, json};
+
+use crate::commands::{Context, Failure};
+use crate::kinds::{self, KindInfo, with_spec};
+use crate::manifest::{self, Document};
+use crate::render;
+
+/// Annotation holding the last applied configuration (JSON).
+pub const LAST_APPLIED: &str = "nexus.dev/last-applied";
+
+/// What applying one document will do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    Create(Value),
+    Update(Value),
+    Unchanged,
+}
+
+/// A document resolved to its kind, project and name, reduced to the
+/// fields a user owns.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub kind: &'static KindInfo,
+    pub project: String,
+    pub name: String,
+    pub desired: Value,
+}
+
+impl Target {
+    pub fn from_doc(doc: &Document, default_project: &str) -> Result<Target, String> {
+        let v = &doc.value;
+        let kind_name = v["kind"].as_str().ok_or("missing field `kind`")?;
+        let kind = kinds::resolve(kind_name)?;
+        let name = v["metadata"]["name"].as_str().ok_or("missing field `metadata.name`")?.to_string();
+        let mut desired = clean(v);
+        let project = if kind.namespaced {
+            let p = v["metadata"]["project"].as_str().unwrap_or(default_project).to_string();
+            desired["metadata"]["project"] = json!(p);
+            p
+        } else {
+            String::new()
+        };
+        Ok(Target { kind, project, name, desired })
+    }
+
+    /// `vm/web-1`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.kind.short(), self.name)
+    }
+}
+
+/// Keeps apiVersion, kind, spec and the user-owned metadata.
+pub fn clean(v: &Value) -> Value {
+    let mut meta = Map::new();
+    for k in ["name", "project", "labels", "annotations", "ownerReferences"] {
+        if let Some(x) = v["metadata"].get(k) {
+            meta.insert(k.to_string(), x.clone());
+        }
+    }
+    if let Some(Value::Object(a)) = meta.get_mut("annotations") {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+    json!({"apiVersion": v["apiVersion"], "kind": v["kind"], "metadata": meta, "spec": v["spec"]})
+}
+
+/// The merge patch that takes `last` to `desired`: what `desired` says,
+/// plus `null` for what `last` had and `desired` dropped.
+fn three_way(last: &Value, desired: &Value) -> Value {
+    match (last, desired) {
+        (Value::Object(l), Value::Object(d)) => {
+            let mut patch = Map::new();
+            for (k, dv) in d {
+                patch.insert(k.clone(), three_way(l.get(k).unwrap_or(&Value::Null), dv));
+            }
+            for k in l.keys() {
+                if !d.contains_key(k) {
+                    patch.insert(k.clone(), Value::Null);
+                }
+            }
+            Value::Object(patch)
+        }
+        (_, d) => d.clone(),
+    }
+}
+
+/// Applies an RFC 7386 merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().expect("made an object above");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// Deserializes as the kind's type and back, so defaults compare equal.
+fn normalize(kind: &KindInfo, v: &Value) -> Result<Value, String> {
+    with_spec!(kind.kind, S => {
+        let typed: nexus_api::Object<S> = serde_path_to_error::deserialize(v.clone())
+            .map_err(|e| format!("field {}: {}", e.path(), e.inner()))?;
+        serde_json::to_value(typed).map_err(|e| e.to_string())
+    }, _ => Err(kinds::unknown(kind.kind)))
+}
+
+fn without_last_applied(mut v: Value) -> Value {
+    if let Some(a) = v["metadata"].get_mut("annotations").and_then(Value::as_object_mut) {
+        a.remove(LAST_APPLIED);
+        if a.is_empty()
+            && let Some(m) = v["metadata"].as_object_mut()
+        {
+            m.remove("annotations");
+        }
+    }
+    v
+}
+
+/// Decides what applying `target` onto `live` does.
+pub fn plan(target: &Target, live: Option<&Value>) -> Result<Plan, String> {
+    let record = serde_json::to_string(&target.desired).map_err(|e| e.to_string())?;
+    let Some(live) = live else {
+        let mut body = target.desired.clone();
+        body["metadata"]["annotations"][LAST_APPLIED] = json!(record);
+        return Ok(Plan::Create(normalize(target.kind, &body)?));
+    };
+    let last: Value = live["metadata"]["annotations"][LAST_APPLIED]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_else(|| json!({}));
+    let mut next = live.clone();
+    if let Some(o) = next.as_object_mut() {
+        o.remove("status");
+    }
+    merge_patch(&mut next["spec"], &three_way(&last["spec"], &target.desired["spec"]));
+    for field in ["labels", "annotations"] {
+        let patch = three_way(&last["metadata"][field], &target.desired["metadata"][field]);
+        merge_patch(&mut next["metadata"][field], &patch);
+        if next["metadata"][field].as_object().is_some_and(Map::is_empty) || next["metadata"][field].is_null() {
+            if let Some(m) = next["metadata"].as_object_mut() {
+                m.remove(field);
+            }
+        }
+    }
+    let mut live_cmp = live.clone();
+    if let Some(o) = live_cmp.as_object_mut() {
+        o.remove("status");
+    }
+    let before = normalize(target.kind, &without_last_applied(live_cmp))?;
+    let after = normalize(target.kind, &without_last_applied(next.clone()))?;
+    if before == after {
+        return Ok(Plan::Unchanged);
+    }
+    next["metadata"]["annotations"][LAST_APPLIED] = json!(record);
+    Ok(Plan::Update(normalize(target.kind, &next)?))
+}
+
+async fn get_live(ctx: &Context, t: &Target) -> Result<Option<Value>, String> {
+    let got: Result<Value, ClientError> =
+        ctx.client.raw(reqwest::Method::GET, &t.kind.object(&t.project, &t.name), None).await;
+    match got {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(render::client_error(&e)),
+    }
+}
+
+/// Applies one target; returns `created`, `configured` or `unchanged`.
+async fn apply_one(ctx: &Context, t: &Target, dry_run: bool) -> Result<&'static str, String> {
+    let q = if dry_run { "?dryRun=All" } else { "" };
+    // A conflict means someone wrote in between: plan again on their version.
+    for _ in 0..5 {
+        let live = get_live(ctx, t).await?;
+        let (method, path, body, outcome) = match plan(t, live.as_ref())? {
+            Plan::Unchanged => return Ok("unchanged"),
+            Plan::Create(body) => (reqwest::Method::POST, t.kind.collection(&t.project), body, "created"),
+            Plan::Update(body) => (reqwest::Method::PUT, t.kind.object(&t.project, &t.name), body, "configured"),
+        };
+        let result: Result<Value, ClientError> = ctx.client.raw(method, &format!("{path}{q}"), Some(&body)).await;
+        match result {
+            Ok(_) => return Ok(outcome),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(render::client_error(&e)),
+        }
+    }
+    Err(format!("{} kept changing while being applied; try again", t.label()))
+}
+
+fn read_targets(ctx: &Context, files: &[String]) -> Result<Vec<Target>, Failure> {
+    let mut targets = Vec::new();
+    for f in files {
+        for doc in manifest::read(f).map_err(Failure::error)? {
+            targets.push(
+                Target::from_doc(&doc, &ctx.project).map_err(|e| Failure::error(format!("{}: {e}", doc.origin())))?,
+            );
+        }
+    }
+    Ok(targets)
+}
+
+/// `apply -f ... [--dry-run=server] [--prune -l SELECTOR]`.
+pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option<&str>) -> Result<(), Failure> {
+    let targets = read_targets(ctx, files)?;
+    let suffix = if dry_run { " (server dry run)" } else { "" };
+    let mut failed = 0;
+    for t in &targets {
+        match apply_one(ctx, t, dry_run).await {
+            Ok(what) => println!("{} {what}{suffix}", t.label()),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {}: {e}", t.label());
+            }
+        }
+    }
+    if let Some(selector) = prune {
+        failed += prune_absent(ctx, &targets, selector, dry_run).await?;
+    }
+    if failed > 0 {
+        return Err(Failure::error(format!("{failed} objects failed")));
+    }
+    Ok(())
+}
+
+/// Deletes objects matching `selector` in the applied projects that no file
+/// named. Returns how many deletions failed.
+async fn prune_absent(ctx: &Context, targets: &[Target], selector: &str, dry_run: bool) -> Result<usize, Failure> {
+    let keep: BTreeSet<(String, String, String)> =
+        targets.iter().map(|t| (t.kind.kind.to_string(), t.project.clone(), t.name.clone())).collect();
+    let mut projects: BTreeSet<String> =
+        targets.iter().filter(|t| t.kind.namespaced).map(|t| t.project.clone()).collect();
+    projects.insert(ctx.project.clone());
+    let q = if dry_run { "?dryRun=All" } else { "" };
+    let suffix = if dry_run { " (server dry run)" } else { "" };
+    let mut failed = 0;
+    for kind in kinds::KINDS.iter().filter(|k| k.namespaced) {
+        for project in &projects {
+            let path = format!("{}?labelSelector={}", kind.collection(project), urlencode(selector));
+            let list: Value = ctx
+                .client
+                .raw(reqwest::Method::GET, &path, None)
+                .await
+                .map_err(|e| Failure::error(render::client_error(&e)))?;
+            for item in list["items"].as_array().into_iter().flatten() {
+                let name = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                if keep.contains(&(kind.kind.to_string(), project.clone(), name.clone())) {
+                    continue;
+                }
+                let deleted: Result<Value, ClientError> =
+                    ctx.client.raw(reqwest::Method::DELETE, &format!("{}{q}", kind.object(project, &name)), None).await;
+                match deleted {
+                    Ok(_) => println!("{}/{name} pruned{suffix}", kind.short()),
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: pruning {}/{name}: {}", kind.short(), render::client_error(&e));
+                    }
+                }
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+fn yaml(v: &Value) -> String {
+    serde_saphyr::to_string(v).unwrap_or_default()
+}
+
+/// `diff -f ...`: what apply would change, as a unified diff. Returns
+/// whether anything would change.
+pub async fn diff(ctx: &Context, files: &[String]) -> Result<bool, Failure> {
+    let targets = read_targets(ctx, files)?;
+    let mut changed = false;
+    for t in &targets {
+        let live = get_live(ctx, t).await.map_err(Failure::error)?;
+        let (old, new) = match plan(t, live.as_ref()).map_err(|e| Failure::error(format!("{}: {e}", t.label())))? {
+            Plan::Unchanged => continue,
+            Plan::Create(body) => (String::new(), yaml(&clean(&body))),
+            Plan::Update(body) => (yaml(&clean(live.as_ref().unwrap_or(&Value::Null))), yaml(&clean(&body))),
+        };
+        changed = true;
+        let label = t.label();
+        let text = similar::TextDiff::from_lines(&old, &new);
+        print!(
+            "{}",
+            text.unified_diff().context_radius(3).header(&format!("live/{label}"), &format!("applied/{label}"))
+        );
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(spec: Value) -> Target {
+        let doc = Document {
+            source: "t.yaml".into(),
+            index: 1,
+            value: json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "a", "labels": {"app": "x"}}, "spec": spec}),
+        };
+        Target::from_doc(&doc, "default").unwrap()
+    }
+
+    fn spec() -> Value {
+        json!({"vcpu": 1, "memMib": 128, "kernel": "/k", "rootfs": "/r", "bootArgs": "console=ttyS0"})
+    }
+
+    fn stored(body: Value) -> Value {
+        let mut v = body;
+        v["metadata"]["uid"] = json!("u");
+        v["metadata"]["resourceVersion"] = json!("5");
+        v["spec"]["nodeName"] = json!("node-a");
+        v["status"] = json!({"phase": "Running"});
+        v
+    }
+
+    #[test]
+    fn unchanged_when_only_system_fields_differ_then_configured_on_an_edit() {
+        let Plan::Create(body) = plan(&target(spec()), None).unwrap() else { panic!("create") };
+        let live = stored(body);
+        assert_eq!(plan(&target(spec()), Some(&live)).unwrap(), Plan::Unchanged);
+        let mut edited = spec();
+        edited["memMib"] = json!(256);
+        let Plan::Update(next) = plan(&target(edited), Some(&live)).unwrap() else { panic!("update") };
+        assert_eq!(next["spec"]["memMib"], 256);
+        assert_eq!(next["spec"]["nodeName"], "node-a", "fields set by the system are kept");
+        assert_eq!(next["metadata"]["resourceVersion"], "5", "sent back for optimistic concurrency");
+    }
+
+    #[test]
+    fn a_field_removed_from_the_file_is_removed_from_the_object() {
+        let Plan::Create(body) = plan(&target(spec()), None).unwrap() else { panic!("create") };
+        let live = stored(body);
+        let mut trimmed = spec();
+        trimmed.as_object_mut().unwrap().remove("bootArgs");
+        let Plan::Update(next) = plan(&target(trimmed), Some(&live)).unwrap() else { panic!("update") };
+        assert!(next["spec"].get("bootArgs").is_none(), "{next}");
+    }
+
+    #[test]
+    fn reapplying_get_output_is_unchanged() {
+        let Plan::Create(body) = plan(&target(spec()), None).unwrap() else { panic!("create") };
+        let live = stored(body);
+        let doc = Document { source: "get.yaml".into(), index: 1, value: live.clone() };
+        let t = Target::from_doc(&doc, "default").unwrap();
+        assert_eq!(plan(&t, Some(&live)).unwrap(), Plan::Unchanged);
+    }
+}

@@ -1,0 +1,348 @@
+//! Rendering objects for people: tables, `describe` pages and errors. Pure
+//! functions of their inputs (the time included), so they can be pinned by
+//! snapshot tests.
+
+use chrono::{DateTime, Utc};
+use comfy_table::{Table, presets};
+use nexus_api::ErrorBody;
+use nexus_api::client::ClientError;
+use serde_json::Value;
+
+use crate::kinds::KindInfo;
+
+/// An API error as the user sees it: the server's message, then Firecracker's
+/// words and the suggestion on their own lines. Never a debug dump.
+pub fn error_body(body: &ErrorBody) -> String {
+    let mut s = format!("{} ({}): {}", body.error, body.status, body.message);
+    if let Some(f) = &body.fault_message {
+        s.push_str(&format!("\n  firecracker: {f}"));
+    }
+    if let Some(h) = &body.suggestion {
+        s.push_str(&format!("\n  hint: {h}"));
+    }
+    s
+}
+
+/// Any client failure as the user sees it.
+pub fn client_error(e: &ClientError) -> String {
+    match e {
+        ClientError::Api(body) => error_body(body),
+        ClientError::Transport { url, source } => format!(
+            "cannot reach the apiserver at {url} ({}); is it running? Set --server, NEXUS_SERVER or a context",
+            root_cause(source)
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// How long ago `ts` (RFC 3339) was: `45s`, `12m`, `3h`, `5d`.
+pub fn age(ts: Option<&str>, now: DateTime<Utc>) -> String {
+    let Some(t) = ts.and_then(|t| t.parse::<DateTime<Utc>>().ok()) else {
+        return "<unknown>".into();
+    };
+    let secs = (now - t).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "<none>".into(),
+        other => other.to_string(),
+    }
+}
+
+fn condition(obj: &Value, type_: &str) -> String {
+    obj["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .map(|c| s(&c["status"]))
+        .unwrap_or_else(|| "Unknown".into())
+}
+
+/// A kubectl-style table of `items` of one kind.
+pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, now: DateTime<Utc>) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    let mut header: Vec<&str> = Vec::new();
+    let with_project = all_projects && kind.namespaced;
+    if with_project {
+        header.push("PROJECT");
+    }
+    header.extend(match kind.kind {
+        "VM" if wide => vec!["NAME", "STATE", "PHASE", "NODE", "VCPU", "MEMORY", "AGE", "TAP", "MAC", "PID"],
+        "VM" => vec!["NAME", "STATE", "PHASE", "NODE", "VCPU", "MEMORY", "AGE"],
+        "Template" => vec!["NAME", "VCPU", "MEMORY", "KERNEL", "ROOTFS", "AGE"],
+        "Image" => vec!["NAME", "TYPE", "PATH", "PHASE", "AGE"],
+        "Snapshot" => vec!["NAME", "VM", "PHASE", "NODE", "AGE"],
+        "Node" if wide => vec!["NAME", "READY", "ADDRESS", "VCPU", "MEMORY", "MAX-VMS", "AGE", "AGENT", "FIRECRACKER"],
+        "Node" => vec!["NAME", "READY", "ADDRESS", "AGE"],
+        "Event" => vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        _ => vec!["NAME", "AGE"],
+    });
+    t.set_header(header);
+    for o in items {
+        let mut row: Vec<String> = Vec::new();
+        if with_project {
+            row.push(s(&o["metadata"]["project"]));
+        }
+        let (spec, status, name) = (&o["spec"], &o["status"], s(&o["metadata"]["name"]));
+        let created = age(o["metadata"]["creationTimestamp"].as_str(), now);
+        match kind.kind {
+            "VM" => {
+                row.extend([name, s(&spec["state"]), status["phase"].as_str().unwrap_or("Pending").to_string()]);
+                row.extend([s(&spec["nodeName"]), s(&spec["vcpu"]), format!("{}Mi", s(&spec["memMib"])), created]);
+                if wide {
+                    let rt = &status["runtime"];
+                    row.extend([s(&rt["tapName"]), s(&rt["mac"]), s(&rt["pid"])]);
+                }
+            }
+            "Template" => row.extend([
+                name,
+                s(&spec["vcpu"]),
+                format!("{}Mi", s(&spec["memMib"])),
+                s(&spec["kernel"]),
+                s(&spec["rootfs"]),
+                created,
+            ]),
+            "Image" => row.extend([
+                name,
+                s(&spec["type"]),
+                s(&spec["path"]),
+                status["phase"].as_str().unwrap_or("Pending").to_string(),
+                created,
+            ]),
+            "Snapshot" => row.extend([
+                name,
+                s(&spec["vmName"]),
+                status["phase"].as_str().unwrap_or("Pending").to_string(),
+                s(&status["nodeName"]),
+                created,
+            ]),
+            "Node" => {
+                row.extend([name, condition(o, "Ready"), s(&status["address"])]);
+                if wide {
+                    let cap = &status["capacity"];
+                    row.extend([s(&cap["vcpu"]), format!("{}Mi", s(&cap["memMib"])), s(&cap["maxVms"]), created]);
+                    row.extend([s(&status["agentVersion"]), s(&status["firecrackerVersion"])]);
+                } else {
+                    row.push(created);
+                }
+            }
+            "Event" => {
+                let io = &spec["involvedObject"];
+                let last = spec["lastTimestamp"].as_str().or(o["metadata"]["creationTimestamp"].as_str());
+                row.extend([
+                    age(last, now),
+                    s(&spec["type"]),
+                    s(&spec["reason"]),
+                    format!("{}/{}", s(&io["kind"]).to_lowercase(), s(&io["name"])),
+                    s(&spec["message"]),
+                ]);
+            }
+            _ => row.extend([name, created]),
+        }
+        t.add_row(row);
+    }
+    lines(&t).join("\n")
+}
+
+/// The table's lines without comfy-table's one-space left padding.
+fn lines(t: &Table) -> Vec<String> {
+    t.lines().map(|l| l.strip_prefix(' ').unwrap_or(&l).trim_end().to_string()).collect()
+}
+
+fn yaml_block(v: &Value, indent: usize) -> String {
+    let text = serde_saphyr::to_string(v).unwrap_or_default();
+    let pad = " ".repeat(indent);
+    text.lines().map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n")
+}
+
+fn map_line(v: &Value) -> String {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","),
+        _ => "<none>".into(),
+    }
+}
+
+/// The `describe` page of one object, with its recent events.
+pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Utc>) -> String {
+    let m = &obj["metadata"];
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<20}{v}\n", format!("{k}:")));
+    line("Name", s(&m["name"]));
+    if kind.namespaced {
+        line("Project", s(&m["project"]));
+    }
+    line("Kind", kind.kind.to_string());
+    line("Labels", map_line(&m["labels"]));
+    line("Annotations", map_line(&m["annotations"]));
+    line("Created", format!("{} ({} ago)", s(&m["creationTimestamp"]), age(m["creationTimestamp"].as_str(), now)));
+    if let Some(d) = m["deletionTimestamp"].as_str() {
+        line("Deleting since", d.to_string());
+    }
+    line(
+        "Finalizers",
+        m["finalizers"]
+            .as_array()
+            .map(|f| f.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_else(|| "<none>".into()),
+    );
+    line("UID", s(&m["uid"]));
+    line("Resource Version", s(&m["resourceVersion"]));
+    line("Generation", s(&m["generation"]));
+    out.push_str("Spec:\n");
+    out.push_str(&yaml_block(&obj["spec"], 2));
+    out.push('\n');
+    let mut status = obj["status"].clone();
+    let conditions = status.as_object_mut().and_then(|o| o.remove("conditions"));
+    out.push_str("Status:\n");
+    if status.as_object().is_some_and(|o| !o.is_empty()) {
+        out.push_str(&yaml_block(&status, 2));
+        out.push('\n');
+    } else {
+        out.push_str("  <none>\n");
+    }
+    out.push_str("Conditions:\n");
+    match conditions.as_ref().and_then(Value::as_array) {
+        Some(cs) if !cs.is_empty() => {
+            let mut t = Table::new();
+            t.load_style(presets::NOTHING);
+            t.set_header(vec!["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]);
+            for c in cs {
+                t.add_row(vec![
+                    s(&c["type"]),
+                    s(&c["status"]),
+                    s(&c["reason"]),
+                    age(c["lastTransitionTime"].as_str(), now),
+                    s(&c["message"]),
+                ]);
+            }
+            for l in lines(&t) {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+        _ => out.push_str("  <none>\n"),
+    }
+    out.push_str("Events:\n");
+    if events.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        let mut t = Table::new();
+        t.load_style(presets::NOTHING);
+        t.set_header(vec!["TYPE", "REASON", "AGE", "COUNT", "FROM", "MESSAGE"]);
+        for e in events {
+            let sp = &e["spec"];
+            let last = sp["lastTimestamp"].as_str().or(e["metadata"]["creationTimestamp"].as_str());
+            t.add_row(vec![
+                s(&sp["type"]),
+                s(&sp["reason"]),
+                age(last, now),
+                s(&sp["count"]),
+                s(&sp["reportingComponent"]),
+                s(&sp["message"]),
+            ]);
+        }
+        for l in lines(&t) {
+            out.push_str(&format!("  {l}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-22T12:00:00Z".parse().unwrap()
+    }
+
+    fn vm(name: &str, phase: &str, node: &str) -> Value {
+        json!({
+            "apiVersion": "nexus/v1", "kind": "VM",
+            "metadata": {"name": name, "project": "default", "uid": "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11",
+                         "resourceVersion": "42", "generation": 2, "labels": {"app": "ci"},
+                         "creationTimestamp": "2026-11-22T11:58:30Z", "finalizers": ["nexus.dev/vm-teardown"]},
+            "spec": {"vcpu": 2, "memMib": 512, "kernel": "/img/vmlinux", "rootfs": "/img/rootfs.ext4", "state": "Running", "nodeName": node},
+            "status": {"phase": phase, "observedGeneration": 2, "nodeName": node,
+                       "runtime": {"pid": 4242, "tapName": "nxt7f0c9a523a43", "mac": "06:00:ac:10:00:02"},
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": "the VMM is running the guest",
+                                       "lastTransitionTime": "2026-11-22T11:59:00Z"}]}
+        })
+    }
+
+    #[test]
+    fn vm_tables() {
+        let vms = crate::kinds::lookup("vm").unwrap();
+        let items = [vm("web-1", "Running", "node-a"), vm("web-2", "Pending", "node-b")];
+        insta::assert_snapshot!("get_vms", table(vms, &items, false, false, now()));
+        insta::assert_snapshot!("get_vms_wide_all_projects", table(vms, &items, true, true, now()));
+    }
+
+    #[test]
+    fn tables_of_the_other_kinds() {
+        let node = json!({"metadata": {"name": "node-a", "creationTimestamp": "2026-11-20T12:00:00Z"}, "spec": {},
+            "status": {"address": "http://10.0.0.2:7444", "capacity": {"vcpu": 16, "memMib": 65536, "maxVms": 100},
+                       "agentVersion": "0.1.0", "firecrackerVersion": "Firecracker v1.16.1",
+                       "conditions": [{"type": "Ready", "status": "True"}]}});
+        let image = json!({"metadata": {"name": "vmlinux-6-1", "creationTimestamp": "2026-11-22T10:00:00Z"},
+            "spec": {"type": "Kernel", "path": "/var/lib/nexus/images/vmlinux"}, "status": {"phase": "Ready"}});
+        let event = json!({"metadata": {"name": "e1", "creationTimestamp": "2026-11-22T11:59:50Z"},
+            "spec": {"involvedObject": {"kind": "VM", "name": "web-1"}, "type": "Warning", "reason": "Failed",
+                     "message": "Firecracker rejected boot-source", "lastTimestamp": "2026-11-22T11:59:55Z"}});
+        let k = |n| crate::kinds::lookup(n).unwrap();
+        let out = [
+            table(k("nodes"), std::slice::from_ref(&node), false, true, now()),
+            table(k("images"), &[image], false, false, now()),
+            table(k("events"), &[event], false, false, now()),
+        ]
+        .join("\n\n");
+        insta::assert_snapshot!("get_other_kinds", out);
+    }
+
+    #[test]
+    fn describe_vm() {
+        let event = json!({"metadata": {"name": "e1", "creationTimestamp": "2026-11-22T11:58:31Z"},
+            "spec": {"involvedObject": {"kind": "VM", "name": "web-1"}, "type": "Normal", "reason": "Scheduled",
+                     "message": "placed on node node-a", "count": 1, "reportingComponent": "nexus-controller",
+                     "lastTimestamp": "2026-11-22T11:58:31Z"}});
+        let vms = crate::kinds::lookup("vm").unwrap();
+        insta::assert_snapshot!("describe_vm", describe(vms, &vm("web-1", "Running", "node-a"), &[event], now()));
+    }
+
+    #[test]
+    fn errors() {
+        let invalid = ErrorBody {
+            error: "Invalid".into(),
+            message: "VM is invalid: spec.vcpu: invalid value \"3\": must be 1 or an even number from 2 to 32 (Firecracker's limits)".into(),
+            status: 422,
+            fault_message: None,
+            suggestion: Some("spec.vcpu: must be 1 or an even number from 2 to 32 (Firecracker's limits)".into()),
+            request_id: "r1".into(),
+        };
+        let fc = ErrorBody {
+            error: "FirecrackerRejected".into(),
+            message: "Firecracker step boot-source failed".into(),
+            status: 422,
+            fault_message: Some("The kernel file cannot be opened: No such file or directory (os error 2)".into()),
+            suggestion: Some("fix the VM spec (see faultMessage) and apply it again".into()),
+            request_id: "r2".into(),
+        };
+        insta::assert_snapshot!("errors", format!("{}\n---\n{}", error_body(&invalid), error_body(&fc)));
+    }
+}

@@ -1,0 +1,286 @@
+//! The real `nexusctl` binary against a real apiserver process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nexus_e2e::{ApiServer, Backend, repo_root};
+
+struct Env {
+    server: ApiServer,
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+/// What one nexusctl run did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Env {
+    fn new() -> Env {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = rt.block_on(ApiServer::start(&Backend::Sqlite(dir.path().join("data")), dir.path(), &[]));
+        Env { server, dir, rt }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Run {
+        self.ctl_with(args, &[("NEXUS_SERVER", self.server.url.as_str())])
+    }
+
+    fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusctl"));
+        cmd.args(args)
+            .env_remove("NEXUS_SERVER")
+            .env_remove("NEXUS_PROJECT")
+            .env("NEXUS_CONFIG", self.dir.path().join("config.yaml"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let r = self.ctl(args);
+        assert_eq!(r.code, 0, "nexusctl {args:?} failed: {r:?}");
+        r.stdout
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+const VM: &str = "apiVersion: nexus/v1\nkind: VM\nmetadata:\n  name: web\n  labels:\n    app: web\nspec:\n  vcpu: 1\n  memMib: 128\n  kernel: /img/vmlinux\n  rootfs: /img/rootfs.ext4\n  bootArgs: console=ttyS0\n";
+
+#[test]
+fn apply_reports_created_unchanged_configured_and_get_output_reapplies_unchanged() {
+    let env = Env::new();
+    let f = env.file("web.yaml", VM);
+    assert_eq!(env.ok(&["apply", "-f", &s(&f)]), "vm/web created\n");
+    assert_eq!(env.ok(&["apply", "-f", &s(&f)]), "vm/web unchanged\n");
+    env.file("web.yaml", &VM.replace("memMib: 128", "memMib: 256"));
+    assert_eq!(env.ok(&["apply", "-f", &s(&f)]), "vm/web configured\n");
+    assert_eq!(env.ok(&["get", "vm", "web", "-o", "jsonpath={.spec.memMib}"]).trim(), "256");
+    // Removing a field from the file removes it from the object.
+    env.file("web.yaml", &VM.replace("memMib: 128", "memMib: 256").replace("  bootArgs: console=ttyS0\n", ""));
+    assert_eq!(env.ok(&["apply", "-f", &s(&f)]), "vm/web configured\n");
+    assert_eq!(env.ok(&["get", "vm", "web", "-o", "jsonpath={.spec.bootArgs}"]).trim(), "");
+    // What `get -o yaml` prints applies as unchanged.
+    let yaml = env.ok(&["get", "vm", "web", "-o", "yaml"]);
+    let round = env.file("round.yaml", &yaml);
+    assert_eq!(env.ok(&["apply", "-f", &s(&round)]), "vm/web unchanged\n");
+    let json = env.ok(&["get", "vm", "web", "-o", "json"]);
+    let round = env.file("round.json", &json);
+    assert_eq!(env.ok(&["apply", "-f", &s(&round)]), "vm/web unchanged\n");
+    // From stdin, and the server-side dry run stores nothing.
+    let other = env.file("other.yaml", &VM.replace("name: web", "name: other"));
+    assert_eq!(env.ok(&["apply", "--dry-run=server", "-f", &s(&other)]), "vm/other created (server dry run)\n");
+    assert_eq!(env.ctl(&["get", "vm", "other"]).code, 1);
+    // diff shows what apply would change.
+    env.file("web.yaml", &VM.replace("memMib: 128", "memMib: 512"));
+    let d = env.ctl(&["diff", "-f", &s(&f), "--exit-code"]);
+    assert_eq!(d.code, 1, "{d:?}");
+    assert!(
+        d.stdout.contains("--- live/vm/web")
+            && d.stdout.contains("-  memMib: 256")
+            && d.stdout.contains("+  memMib: 512"),
+        "{}",
+        d.stdout
+    );
+    assert_eq!(env.ok(&["diff", "-f", &s(&round)]), "");
+}
+
+#[test]
+fn prune_deletes_a_removed_files_object_and_nothing_else() {
+    let env = Env::new();
+    let dir = env.dir.path().join("gitops");
+    for f in ["template.yaml", "runners/runner-1.yaml", "runners/runner-2.yaml"] {
+        let text = std::fs::read_to_string(repo_root().join("examples/gitops").join(f)).unwrap();
+        env.file(&format!("gitops/{f}"), &text);
+    }
+    let keep = env.file("keep.yaml", &VM.replace("name: web", "name: keep-me"));
+    env.ok(&["apply", "-f", &s(&keep)]);
+    let out = env.ok(&["apply", "-f", &s(&dir), "--prune", "-l", "gitops=demo"]);
+    assert_eq!(out, "vm/runner-1 created\nvm/runner-2 created\ntemplate/runner created\n");
+    std::fs::remove_file(dir.join("runners/runner-2.yaml")).unwrap();
+    let out = env.ok(&["apply", "-f", &s(&dir), "--prune", "-l", "gitops=demo"]);
+    assert_eq!(out, "vm/runner-1 unchanged\ntemplate/runner unchanged\nvm/runner-2 pruned\n");
+    assert_eq!(env.ok(&["get", "vms", "-o", "name"]), "vm/keep-me\nvm/runner-1\n");
+    // --prune without a selector is a usage error.
+    assert_eq!(env.ctl(&["apply", "-f", &s(&dir), "--prune"]).code, 2);
+}
+
+#[test]
+fn every_example_applies_cleanly() {
+    let env = Env::new();
+    let examples = s(&repo_root().join("examples"));
+    let first = env.ok(&["apply", "-f", &examples]);
+    let lines: Vec<&str> = first.lines().collect();
+    assert!(lines.len() >= 10, "{first}");
+    assert!(lines.iter().all(|l| l.ends_with(" created")), "{first}");
+    for kind in [
+        "vm/hello",
+        "template/ci-runner",
+        "image/vmlinux-6-1",
+        "snapshot/hello-warm",
+        "node/example-host",
+        "event/hello-example-event",
+    ] {
+        assert!(first.contains(&format!("{kind} created")), "{kind} missing from {first}");
+    }
+    let second = env.ok(&["apply", "-f", &examples]);
+    assert!(second.lines().all(|l| l.ends_with(" unchanged")), "{second}");
+}
+
+#[test]
+fn wait_returns_when_the_condition_holds_and_fails_on_timeout() {
+    let env = Env::new();
+    let f = env.file("web.yaml", VM);
+    env.ok(&["apply", "-f", &s(&f)]);
+    let client = env.server.client();
+    let setter = env.rt.spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let mut vm = client.get::<nexus_api::VmSpec>("default", "web").await.unwrap();
+        let mut status = vm.status_or_default();
+        status.phase = nexus_api::VmPhase::Running;
+        nexus_api::meta::set_condition(
+            &mut status.conditions,
+            "Ready",
+            nexus_api::ConditionStatus::True,
+            "Running",
+            "",
+        );
+        vm.status = Some(status);
+        client.replace_status(&vm).await.unwrap();
+    });
+    let r = env.ctl(&["wait", "vm", "web", "--for=condition=Ready", "--timeout", "15"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "vm/web condition met\n");
+    env.rt.block_on(setter).unwrap();
+    assert_eq!(env.ctl(&["wait", "vm", "web", "--for=jsonpath={.status.phase}=Running", "--timeout", "5"]).code, 0);
+    let started = std::time::Instant::now();
+    let r = env.ctl(&["wait", "vm", "web", "--for=jsonpath={.status.phase}=Paused", "--timeout", "1"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("timed out after 1s waiting for vm/web") && r.stderr.contains("Running"), "{}", r.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(env.ctl(&["wait", "vm", "web", "--for=ready"]).code, 2, "a malformed --for is a usage error");
+}
+
+#[test]
+fn errors_name_the_problem_and_exit_codes_follow_the_contract() {
+    let env = Env::new();
+    let bad = env.file(
+        "bad.yaml",
+        &format!(
+            "{VM}---\n{}",
+            VM.replace("name: web", "name: two").replace("memMib: 128", "memMib: 128\n  memory: 5")
+        ),
+    );
+    let r = env.ctl(&["apply", "-f", &s(&bad)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("bad.yaml (document 2): field spec.memory: "), "{}", r.stderr);
+    assert!(r.stderr.contains("line 23 column 3") && r.stderr.contains("unknown field `memory`"), "{}", r.stderr);
+    assert_eq!(r.stdout, "", "nothing is applied when a file does not parse");
+    // A value only the server rejects: its message and hint.
+    let odd = env.file("odd.yaml", &VM.replace("vcpu: 1", "vcpu: 3"));
+    let r = env.ctl(&["apply", "-f", &s(&odd)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("spec.vcpu: invalid value \"3\"") && r.stderr.contains("hint:"), "{}", r.stderr);
+    let r = env.ctl(&["get", "vm", "missing"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.starts_with("error: NotFound (404): VM \"missing\" not found"), "{}", r.stderr);
+    assert!(!r.stderr.contains("Api("), "no debug dumps: {}", r.stderr);
+    assert_eq!(env.ctl(&["get"]).code, 2);
+    assert_eq!(env.ctl(&["get", "widgets"]).code, 2);
+    assert_eq!(env.ctl(&["frobnicate"]).code, 2);
+    let down = env.ctl_with(&["get", "vms"], &[("NEXUS_SERVER", "http://127.0.0.1:9")]);
+    assert_eq!(down.code, 1);
+    assert!(down.stderr.contains("cannot reach the apiserver at http://127.0.0.1:9"), "{}", down.stderr);
+}
+
+#[test]
+fn get_describe_power_and_selectors() {
+    let env = Env::new();
+    for f in ["runner-1.yaml", "runner-2.yaml"] {
+        let text = std::fs::read_to_string(repo_root().join("examples/gitops/runners").join(f)).unwrap();
+        let p = env.file(f, &text);
+        env.ok(&["apply", "-f", &s(&p)]);
+    }
+    let web = env.file("web.yaml", VM);
+    env.ok(&["apply", "-f", &s(&web)]);
+    assert_eq!(env.ok(&["get", "vms", "-l", "role=ci-runner", "-o", "name"]), "vm/runner-1\nvm/runner-2\n");
+    assert_eq!(env.ok(&["get", "vms", "-o", "jsonpath={.items[*].metadata.name}"]).trim(), "runner-1 runner-2 web");
+    assert_eq!(env.ok(&["start", "vm", "-l", "role=ci-runner"]), "vm/runner-1 started\nvm/runner-2 started\n");
+    assert_eq!(
+        env.ok(&["get", "vms", "--field-selector", "metadata.name=runner-2", "-o", "jsonpath={.items[0].spec.state}"])
+            .trim(),
+        "Running"
+    );
+    assert_eq!(env.ok(&["pause", "vm", "web"]), "vm/web paused\n");
+    assert_eq!(env.ok(&["pause", "vm", "web"]), "vm/web unchanged\n");
+    assert_eq!(env.ok(&["resume", "vm", "web"]), "vm/web resumed\n");
+    assert_eq!(env.ok(&["stop", "vm", "runner-1"]), "vm/runner-1 stopped\n");
+    let table = env.ok(&["get", "vms"]);
+    assert!(table.starts_with("NAME      STATE    PHASE    NODE    VCPU  MEMORY  AGE"), "{table}");
+    let all = env.ok(&["get", "vms", "-A"]);
+    assert!(all.starts_with("PROJECT  NAME"), "{all}");
+    // describe shows the spec, conditions and the object's events.
+    let event = env.file("event.yaml", "apiVersion: nexus/v1\nkind: Event\nmetadata:\n  name: web-1\nspec:\n  involvedObject: {kind: VM, name: web, project: default}\n  type: Warning\n  reason: Failed\n  message: firecracker said no\n");
+    env.ok(&["apply", "-f", &s(&event)]);
+    let d = env.ok(&["describe", "vm", "web"]);
+    assert!(d.contains("Name:               web") && d.contains("memMib: 128") && d.contains("Warning  Failed"), "{d}");
+    // explain and completion.
+    assert!(env.ok(&["explain", "vm.spec.vcpu"]).contains("even number"));
+    assert_eq!(env.ctl(&["explain", "vm.spec.cpus"]).code, 1);
+    assert!(env.ok(&["completion", "bash"]).contains("nexusctl"));
+    assert!(env.ok(&["completion", "zsh"]).contains("#compdef nexusctl"));
+    assert!(env.ok(&["completion", "fish"]).contains("complete -c nexusctl"));
+    // delete by selector, waiting until gone.
+    assert_eq!(
+        env.ok(&["delete", "vm", "-l", "role=ci-runner", "--wait"]),
+        "vm \"runner-1\" deleted\nvm \"runner-2\" deleted\n"
+    );
+    assert_eq!(env.ok(&["delete", "-f", &s(&web), "--wait"]), "vm \"web\" deleted\n");
+    let r = env.ctl(&["get", "vms"]);
+    assert!(r.stderr.contains("No vms found in project default."), "{r:?}");
+}
+
+#[test]
+fn contexts_supply_server_and_project_and_flags_override_them() {
+    let env = Env::new();
+    let url = env.server.url.clone();
+    let none: &[(&str, &str)] = &[];
+    let r = env.ctl_with(&["config", "set-context", "dev", "--server", &url, "--project", "team-a"], none);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(env.ctl_with(&["config", "current-context"], none).stdout, "dev\n");
+    let f = env.file("web.yaml", VM);
+    assert_eq!(env.ctl_with(&["apply", "-f", &s(&f)], none).stdout, "vm/web created\n");
+    assert_eq!(
+        env.ctl_with(&["get", "vms", "-A", "-o", "jsonpath={.items[0].metadata.project}"], none).stdout.trim(),
+        "team-a"
+    );
+    assert_eq!(env.ctl_with(&["-p", "team-b", "apply", "-f", &s(&f)], none).stdout, "vm/web created\n");
+    assert_eq!(env.ctl_with(&["get", "vms", "-A", "-o", "name"], none).stdout, "vm/web\nvm/web\n");
+    assert!(env.ctl_with(&["config", "get-contexts"], none).stdout.contains("*        dev"));
+    assert_eq!(env.ctl_with(&["config", "use-context", "prod"], none).code, 2);
+    let v = env.ctl_with(&["version"], none);
+    assert!(v.stdout.contains("Client Version: ") && v.stdout.contains("Server Version: "), "{v:?}");
+}
