@@ -162,6 +162,13 @@ fn acknowledged_writes_survive_sigkill_on_sqlite() {
 fn acknowledged_writes_survive_sigkill_on_postgres() {
     let pg = TestPostgres::start();
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::Postgres(pg.fresh_database());
-    runtime().block_on(acknowledged_writes_survive_sigkill(backend, dir.path()));
+    let url = pg.fresh_database();
+    runtime().block_on(acknowledged_writes_survive_sigkill(Backend::Postgres(url.clone()), dir.path()));
+    // Every committed mutation has its audit row: they commit together.
+    let objects: u64 = pg.query(&url, "SELECT count(*) FROM objects").trim().parse().unwrap();
+    let changes: u64 = pg.query(&url, "SELECT count(*) FROM changes").trim().parse().unwrap();
+    let audits: u64 = pg.query(&url, "SELECT count(*) FROM audit").trim().parse().unwrap();
+    println!("postgres: {objects} objects, {changes} changes, {audits} audit rows");
+    assert_eq!(changes, objects, "one create per object");
+    assert_eq!(audits, changes, "one audit row per committed mutation");
 }
