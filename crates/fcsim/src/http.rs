@@ -26,6 +26,10 @@ const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 /// Serves the API until the guest shuts down; returns the exit code.
 pub async fn serve(args: Args) -> Result<u8, String> {
+    // Tests of crash recovery need a VMM that is slow to come up.
+    if let Some(ms) = std::env::var("FIRECRACKER_SIM_STARTUP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     // Firecracker refuses to start when the socket path exists.
     let listener = UnixListener::bind(&args.api_sock)
         .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?;

@@ -3,12 +3,17 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::Query;
 use axum::extract::{Path, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
+use axum::response::IntoResponse;
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::{Json, Router};
 use nexus_api::agent::{EnsureVm, Inventory, VmReport};
+use serde::Deserialize;
 
 use crate::error::AgentError;
 use crate::paths::Uid;
@@ -27,6 +32,11 @@ pub fn router(state: AgentState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/inventory", get(inventory))
         .route("/v1/vms/{uid}", get(report).put(ensure).delete(remove))
+        .route("/v1/vms/{uid}/proxy", any(proxy_root))
+        .route("/v1/vms/{uid}/proxy/", any(proxy_root))
+        .route("/v1/vms/{uid}/proxy/{*path}", any(proxy))
+        .route("/v1/vms/{uid}/logs", get(logs))
+        .route("/v1/vms/{uid}/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -70,6 +80,129 @@ async fn ensure(
 
 async fn remove(State(state): State<AgentState>, Path(uid): Path<String>) -> Result<Json<VmReport>, AgentError> {
     Ok(Json(state.runtime.remove(&uid).await?))
+}
+
+async fn proxy_root(State(state): State<AgentState>, Path(uid): Path<String>, method: Method, body: Bytes) -> Response {
+    proxy_to(&state, &uid, method, "", body).await
+}
+
+async fn proxy(State(state): State<AgentState>, Path((uid, _)): Path<(String, String)>, req: Request) -> Response {
+    // The raw path, not the decoded one: %-escapes are refused, not interpreted.
+    let raw = req.uri().path().to_string();
+    let prefix = format!("/v1/vms/{uid}/proxy/");
+    let fc_path = raw.strip_prefix(&prefix).unwrap_or("%").to_string();
+    let method = req.method().clone();
+    let body = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return AgentError::Invalid("the request body is larger than 64 KiB".into()).into_response(),
+    };
+    proxy_to(&state, &uid, method, &fc_path, body).await
+}
+
+async fn proxy_to(state: &AgentState, uid: &str, method: Method, fc_path: &str, body: Bytes) -> Response {
+    let uid = match Uid::parse(uid) {
+        Ok(u) => u,
+        Err(e) => return AgentError::from(e).into_response(),
+    };
+    match crate::proxy::forward(&state.runtime.config().run_dir, &uid, &method, fc_path, body).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(uid = %uid, method = %method, path = %fc_path.chars().take(100).collect::<String>(), error = %e, "proxy request refused");
+            e.into_response()
+        }
+    }
+}
+
+/// Query of the logs endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    #[serde(default)]
+    file: crate::logs::LogFile,
+    #[serde(default = "default_tail")]
+    tail: usize,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn default_tail() -> usize {
+    100
+}
+
+async fn logs(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let uid = match Uid::parse(&uid) {
+        Ok(u) => u,
+        Err(e) => return AgentError::from(e).into_response(),
+    };
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => {
+            return AgentError::Invalid(format!(
+                "{e}; use file=firecracker|console, tail=N (at most 10000), follow=true"
+            ))
+            .into_response();
+        }
+    };
+    if q.tail > crate::logs::MAX_TAIL {
+        return AgentError::Invalid(format!("tail={} is more than {}", q.tail, crate::logs::MAX_TAIL)).into_response();
+    }
+    let path = match state.runtime.vm_paths(&uid) {
+        Ok(p) => q.file.path(&p),
+        Err(e) => return e.into_response(),
+    };
+    if q.follow {
+        if !path.exists() {
+            return AgentError::NotFound(format!("no {:?} log for VM {uid} on this node", q.file)).into_response();
+        }
+        return crate::logs::follow(path, q.tail).into_response();
+    }
+    match crate::logs::tail(&path, q.tail) {
+        Ok((lines, _)) => {
+            let mut text = lines.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            AgentError::NotFound(format!("no {:?} log for VM {uid} on this node", q.file)).into_response()
+        }
+        Err(e) => AgentError::io("reading the log")(e).into_response(),
+    }
+}
+
+/// Query of the metrics endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsQuery {
+    #[serde(default)]
+    flush: bool,
+}
+
+async fn metrics(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+    Query(q): Query<MetricsQuery>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let uid = Uid::parse(&uid)?;
+    let paths = state.runtime.vm_paths(&uid)?;
+    if q.flush
+        && let Ok(socket) = crate::proxy::socket_for(&state.runtime.config().run_dir, &uid)
+    {
+        let _ = crate::firecracker::FcClient::new(socket).flush_metrics().await;
+    }
+    match crate::logs::latest_metrics(&paths) {
+        Ok(Some(v)) => Ok(Json(v)),
+        Ok(None) => Err(AgentError::NotFound(format!("VM {uid} has written no metrics yet; ask with flush=true"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(AgentError::NotFound(format!("no VM {uid} on this node")))
+        }
+        Err(e) => Err(AgentError::io("reading metrics")(e)),
+    }
 }
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {

@@ -18,6 +18,10 @@ pub enum AgentError {
     BadPath(#[from] PathError),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("Firecracker step {step} failed")]
     Firecracker {
         step: &'static str,
@@ -50,6 +54,8 @@ impl AgentError {
         match self {
             AgentError::Unauthorized => StatusCode::UNAUTHORIZED,
             AgentError::BadPath(_) | AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Net(_) | AgentError::Process(_) | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -60,6 +66,8 @@ impl AgentError {
         match self {
             AgentError::Unauthorized => "Unauthorized",
             AgentError::BadPath(_) | AgentError::Invalid(_) => "Invalid",
+            AgentError::NotFound(_) => "NotFound",
+            AgentError::Forbidden(_) => "Forbidden",
             AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",
             AgentError::Net(_) => "NetworkSetupFailed",

@@ -57,6 +57,24 @@ impl Runtime {
         Ok(self.net.ensure_bridge(&self.cfg.bridge, self.cfg.bridge_address).await?)
     }
 
+    /// The VM's paths for read-only callers (logs, metrics); see `paths`.
+    pub fn vm_paths(&self, uid: &Uid) -> Result<VmPaths, AgentError> {
+        self.paths(uid)
+    }
+
+    /// The VM's paths, refusing a run-directory entry that is not a plain
+    /// directory (a symlink planted there must never be followed).
+    fn paths(&self, uid: &Uid) -> Result<VmPaths, AgentError> {
+        let paths = self.cfg.run_dir.vm(uid);
+        match std::fs::symlink_metadata(&paths.dir) {
+            Ok(m) if !m.file_type().is_dir() => Err(AgentError::Forbidden(format!(
+                "{} is not a directory the agent made; remove it by hand",
+                paths.dir.display()
+            ))),
+            _ => Ok(paths),
+        }
+    }
+
     async fn lock(&self, uid: &Uid) -> Arc<Mutex<()>> {
         self.locks.lock().await.entry(uid.clone()).or_default().clone()
     }
@@ -67,7 +85,7 @@ impl Runtime {
         validate(req)?;
         let lock = self.lock(&uid).await;
         let _held = lock.lock().await;
-        let paths = self.cfg.run_dir.vm(&uid);
+        let paths = self.paths(&uid)?;
         std::fs::create_dir_all(&paths.dir).map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
         let config = serde_json::to_vec_pretty(req).unwrap_or_default();
         std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
@@ -146,7 +164,7 @@ impl Runtime {
         let lock = self.lock(&uid).await;
         {
             let _held = lock.lock().await;
-            let paths = self.cfg.run_dir.vm(&uid);
+            let paths = self.paths(&uid)?;
             self.stop_vmm(&paths).await;
             self.net.delete_link(&uid.tap_name()).await?;
             match std::fs::remove_dir_all(&paths.dir) {
@@ -185,7 +203,7 @@ impl Runtime {
 
     /// What is on the host for `uid`.
     pub async fn report(&self, uid: &Uid) -> Result<VmReport, AgentError> {
-        let paths = self.cfg.run_dir.vm(uid);
+        let paths = self.paths(uid)?;
         if !paths.dir.exists() {
             return Ok(absent(uid));
         }
@@ -232,8 +250,10 @@ impl Runtime {
                     }
                 }
             }
-            if let Ok(uid) = Uid::parse(&name) {
-                inv.vms.push(self.report(&uid).await?);
+            if let Ok(uid) = Uid::parse(&name)
+                && let Ok(report) = self.report(&uid).await
+            {
+                inv.vms.push(report);
             }
         }
         inv.taps =

@@ -97,6 +97,25 @@ impl FcClient {
     /// # Errors
     /// `Api` for any non-2xx status, carrying Firecracker's `fault_message`.
     pub async fn send(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Bytes), FcError> {
+        let (status, bytes) = self.send_raw(method, path, body).await?;
+        if (200..300).contains(&status) {
+            return Ok((status, bytes));
+        }
+        let fault_message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["fault_message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        Err(FcError::Api { method, path: path.to_string(), status, fault_message })
+    }
+
+    /// Sends one request and returns Firecracker's status and body as they
+    /// are, whatever the status. Only transport failures are errors.
+    pub async fn send_raw(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), FcError> {
         let stream = tokio::time::timeout(self.connect_timeout, UnixStream::connect(&self.socket))
             .await
             .map_err(|_| FcError::Timeout { method, path: path.to_string(), timeout: self.connect_timeout })?
@@ -133,17 +152,11 @@ impl FcClient {
                 conn_task.abort();
                 Ok::<_, FcError>((status, bytes))
             };
-        let (status, bytes) = tokio::time::timeout(self.request_timeout, exchange)
-            .await
-            .map_err(|_| FcError::Timeout { method, path: path.to_string(), timeout: self.request_timeout })??;
-        if (200..300).contains(&status) {
-            return Ok((status, bytes));
-        }
-        let fault_message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["fault_message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        Err(FcError::Api { method, path: path.to_string(), status, fault_message })
+        tokio::time::timeout(self.request_timeout, exchange).await.map_err(|_| FcError::Timeout {
+            method,
+            path: path.to_string(),
+            timeout: self.request_timeout,
+        })?
     }
 
     async fn put<T: Serialize>(&self, method: &'static str, path: &str, body: &T) -> Result<(), FcError> {

@@ -1,0 +1,472 @@
+//! The node agent as a real process in a network namespace the test owns,
+//! driving simulated VMMs: idempotence, crash recovery, the guarded proxy,
+//! logs and metrics, and a path-traversal corpus.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nexus_api::PowerState;
+use nexus_api::agent::{EnsureVm, Inventory, ObservedState, VmReport};
+use nexus_e2e::{Proc, bin, ensure_example_images, host, in_private_netns, spawn, wait_until};
+use serde_json::Value;
+
+const TOKEN: &str = "node-agent-test-credential-42";
+const ADDR: &str = "127.0.0.1:7444";
+
+struct Agent {
+    proc: Proc,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    async fn start(dir: &Path, env: &[(&str, &str)]) -> Agent {
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let s = |p: PathBuf| p.display().to_string();
+        let args = [
+            "--apiserver",
+            "http://127.0.0.1:9",
+            "--node-name",
+            "n1",
+            "--listen",
+            ADDR,
+            "--token-file",
+            &s(dir.join("token")),
+            "--run-dir",
+            &s(dir.join("run")),
+            "--firecracker",
+            &s(bin("firecracker-sim")),
+        ];
+        for (k, v) in env {
+            // Inherited by the agent and the VMMs it starts.
+            unsafe { std::env::set_var(k, v) };
+        }
+        let proc = spawn("nodeagent", &bin("nexus-nodeagent"), &args, &dir.join("agent.log"));
+        for (k, _) in env {
+            unsafe { std::env::remove_var(k) };
+        }
+        let http = reqwest::Client::new();
+        let agent = Agent { proc, dir: dir.to_path_buf(), http };
+        wait_until(Duration::from_secs(10), "the agent to answer", || async {
+            agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth(TOKEN).send().await.is_ok()
+        })
+        .await;
+        agent
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("http://{ADDR}{path}")).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    /// Sends the request line exactly as given (no client-side `..`
+    /// resolution or escaping, as a URL library would do).
+    async fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut stream = tokio::net::TcpStream::connect(ADDR).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {ADDR}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(body.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = stream.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    }
+
+    async fn ensure(&self, req: &EnsureVm) -> VmReport {
+        let (status, body) =
+            self.call("PUT", &format!("/v1/vms/{}", req.uid), Some(&serde_json::to_value(req).unwrap())).await;
+        assert_eq!(
+            status,
+            200,
+            "ensure: {body}\n{}",
+            std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        );
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn inventory(&self) -> Inventory {
+        let (status, body) = self.call("GET", "/v1/inventory", None).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+fn request(uid: &str) -> EnsureVm {
+    EnsureVm {
+        uid: uid.into(),
+        display_name: "test/vm".into(),
+        state: PowerState::Running,
+        vcpu: 1,
+        mem_mib: 128,
+        kernel_path: "/var/lib/nexus/images/vmlinux".into(),
+        rootfs_path: "/var/lib/nexus/images/rootfs.ext4".into(),
+        boot_args: "console=ttyS0".into(),
+        mac: "06:00:ac:10:00:02".into(),
+    }
+}
+
+const UID: &str = "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11";
+
+/// What the agent has on the host: TAPs, sockets, VMMs, run directories.
+fn host_state(run: &Path) -> (Vec<String>, Vec<String>, Vec<u32>, Vec<String>) {
+    let taps: Vec<String> = host::taps().into_iter().map(|l| l.name).collect();
+    let vmms: Vec<u32> = host::vmm_processes_under(run).into_iter().map(|(p, _)| p).collect();
+    (taps, host::sockets_under(run), vmms, host::run_dirs(run))
+}
+
+#[test]
+fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        let bridge = host::links().into_iter().find(|l| l.name == "nxbr0").expect("bridge");
+        assert!(bridge.up && bridge.kind.as_deref() == Some("bridge"));
+        let addrs = nexus_e2e::run_ok(std::process::Command::new("ip").args(["-j", "addr", "show", "nxbr0"]));
+        assert!(addrs.contains("\"local\":\"172.30.0.1\"") && addrs.contains("\"prefixlen\":24"), "{addrs}");
+
+        let first = agent.ensure(&request(UID)).await;
+        assert_eq!(first.state, ObservedState::Running);
+        let tap = first.tap_name.clone().unwrap();
+        let link = host::links().into_iter().find(|l| l.name == tap).unwrap();
+        assert_eq!(link.master.as_deref(), Some("nxbr0"));
+        let before = host_state(&agent.run_dir());
+        assert_eq!(before.0, vec![tap.clone()]);
+        assert_eq!(before.2.len(), 1);
+
+        let second = agent.ensure(&request(UID)).await;
+        assert_eq!(second, first, "the same report, the same VMM");
+        assert_eq!(host_state(&agent.run_dir()), before, "a repeated ensure changes nothing on the host");
+
+        let (status, body) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(host_state(&agent.run_dir()), (vec![], vec![], vec![], vec![]));
+        let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
+        assert_eq!(status, 200, "deleting twice is fine");
+        assert!(host::links().iter().any(|l| l.name == "nxbr0"), "the bridge stays");
+        // Nothing is anonymous.
+        let anon = agent.http.get(format!("http://{ADDR}/v1/inventory")).send().await.unwrap();
+        assert_eq!(anon.status().as_u16(), 401);
+        let wrong = agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(wrong.status().as_u16(), 401);
+    });
+}
+
+#[test]
+fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        let first = agent.ensure(&request(UID)).await;
+        let pid = first.pid.unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        wait_until(Duration::from_secs(5), "the VMM to die", || async {
+            host::vmm_processes_under(&agent.run_dir()).is_empty()
+        })
+        .await;
+        let inv = agent.inventory().await;
+        assert_eq!(inv.vms.len(), 1);
+        assert_eq!(inv.vms[0].state, ObservedState::Stopped, "{inv:?}");
+        assert_eq!(inv.vms[0].pid, None);
+        let t = Instant::now();
+        let again = agent.ensure(&request(UID)).await;
+        println!("VMM restarted {} ms after ensure", t.elapsed().as_millis());
+        assert_eq!(again.state, ObservedState::Running);
+        assert_ne!(again.pid, Some(pid));
+        let (taps, sockets, vmms, dirs) = host_state(&agent.run_dir());
+        assert_eq!((taps.len(), sockets.len(), vmms.len(), dirs.len()), (1, 1, 1, 1), "one of each, nothing stale");
+    });
+}
+
+#[test]
+fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        // VMMs that take 1.5 s to open their socket: the agent dies while waiting.
+        let mut agent = Agent::start(dir.path(), &[("FIRECRACKER_SIM_STARTUP_DELAY_MS", "1500")]).await;
+        let body = serde_json::to_value(request(UID)).unwrap();
+        let url = format!("http://{ADDR}/v1/vms/{UID}");
+        let call = tokio::spawn(agent.http.put(&url).bearer_auth(TOKEN).json(&body).send());
+        wait_until(Duration::from_secs(5), "the VMM to be launched", || async {
+            !host::vmm_processes_under(&agent.run_dir()).is_empty()
+        })
+        .await;
+        agent.proc.kill();
+        assert!(call.await.unwrap().is_err(), "the caller sees the agent die");
+        let orphan: Vec<u32> = host::vmm_processes_under(&agent.run_dir()).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(orphan.len(), 1, "the half-made VMM outlives the agent");
+
+        let agent = Agent::start(dir.path(), &[]).await;
+        let report = agent.ensure(&request(UID)).await;
+        assert_eq!(report.state, ObservedState::Running);
+        let (taps, sockets, vmms, dirs) = host_state(&agent.run_dir());
+        assert_eq!(taps.len(), 1, "{taps:?}");
+        assert_eq!(sockets.len(), 1, "{sockets:?}");
+        assert_eq!(vmms, vec![report.pid.unwrap()], "exactly one VMM, the configured one");
+        assert_eq!(dirs, vec![UID.to_string()]);
+    });
+}
+
+#[test]
+fn a_restarted_agent_adopts_running_vms() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Agent::start(dir.path(), &[]).await;
+        let first = agent.ensure(&request(UID)).await;
+        agent.proc.kill();
+        assert!(
+            host::vmm_processes_under(&agent.run_dir()).iter().any(|(p, _)| Some(*p) == first.pid),
+            "the VM keeps running"
+        );
+        let agent = Agent::start(dir.path(), &[]).await;
+        let again = agent.ensure(&request(UID)).await;
+        assert_eq!(again.pid, first.pid, "adopted, not restarted");
+        assert_eq!(again.state, ObservedState::Running);
+    });
+}
+
+#[test]
+fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        agent.ensure(&request(UID)).await;
+        let (s, body) = agent.call("GET", &format!("/v1/vms/{UID}/proxy/"), None).await;
+        assert_eq!(s, 200, "{body}");
+        assert!(body.contains("\"state\":\"Running\""), "{body}");
+        let (s, body) = agent.call("GET", &format!("/v1/vms/{UID}/proxy/vm/config"), None).await;
+        assert_eq!(s, 200, "{body}");
+        let paused = serde_json::json!({"state": "Paused"});
+        assert_eq!(agent.call("PATCH", &format!("/v1/vms/{UID}/proxy/vm"), Some(&paused)).await.0, 204);
+        // Firecracker's own refusal comes back as it was.
+        let (s, body) = agent
+            .call("PATCH", &format!("/v1/vms/{UID}/proxy/vm"), Some(&serde_json::json!({"state": "Sleeping"})))
+            .await;
+        assert_eq!(s, 400);
+        assert!(body.contains("fault_message") && body.contains("Sleeping"), "{body}");
+        let (s, body) = agent
+            .call(
+                "PUT",
+                &format!("/v1/vms/{UID}/proxy/machine-config"),
+                Some(&serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64})),
+            )
+            .await;
+        assert_eq!(s, 403, "not allow-listed: {body}");
+
+        let (s, console) = agent.call("GET", &format!("/v1/vms/{UID}/logs?file=console&tail=50"), None).await;
+        assert_eq!(s, 200);
+        assert!(console.contains("Linux version"), "{console}");
+        let (s, log) = agent.call("GET", &format!("/v1/vms/{UID}/logs?tail=3"), None).await;
+        assert_eq!((s, log.lines().count()), (200, 3), "{log}");
+        let (s, m) = agent.call("GET", &format!("/v1/vms/{UID}/metrics?flush=true"), None).await;
+        assert_eq!(s, 200, "{m}");
+        assert!(m.contains("utc_timestamp_ms"), "{m}");
+        // follow: existing lines, then new ones as the guest writes them.
+        assert_eq!(
+            agent
+                .call("PATCH", &format!("/v1/vms/{UID}/proxy/vm"), Some(&serde_json::json!({"state": "Resumed"})))
+                .await
+                .0,
+            204
+        );
+        let resp = agent
+            .http
+            .get(format!("http://{ADDR}/v1/vms/{UID}/logs?file=console&tail=1&follow=true"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let mut stream = resp.bytes_stream();
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.matches("data:").count() < 3 && Instant::now() < deadline {
+            use futures::StreamExt;
+            if let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(3), stream.next()).await {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        }
+        assert!(seen.matches("data:").count() >= 3, "the tail line and two new ones: {seen}");
+        assert!(seen.contains("guest alive"), "{seen}");
+
+        // A VMM that accepts but never answers: 504.
+        let mute_uid = "00000000-0000-4000-8000-000000000001";
+        let mute_dir = agent.run_dir().join("vms").join(mute_uid);
+        std::fs::create_dir_all(&mute_dir).unwrap();
+        let _mute = tokio::net::UnixListener::bind(mute_dir.join("fc.sock")).unwrap();
+        let t = Instant::now();
+        let (s, body) = agent.call("GET", &format!("/v1/vms/{mute_uid}/proxy/"), None).await;
+        assert_eq!(s, 504, "{body}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    });
+}
+
+#[test]
+fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        agent.ensure(&request(UID)).await;
+        // Bait outside the run directory: a file and a listening socket.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "untouched").unwrap();
+        let bait = tokio::net::UnixListener::bind(outside.join("fc.sock")).unwrap();
+        // A VM directory whose socket is a symlink to the bait.
+        let sym_uid = "00000000-0000-4000-8000-00000000000a";
+        let sym_dir = agent.run_dir().join("vms").join(sym_uid);
+        std::fs::create_dir_all(&sym_dir).unwrap();
+        std::os::unix::fs::symlink(outside.join("fc.sock"), sym_dir.join("fc.sock")).unwrap();
+        // A VM directory that is itself a symlink to the outside.
+        let dirlink_uid = "00000000-0000-4000-8000-00000000000b";
+        std::os::unix::fs::symlink(&outside, agent.run_dir().join("vms").join(dirlink_uid)).unwrap();
+        let before: Vec<(PathBuf, std::time::SystemTime)> = walk(dir.path(), &agent.run_dir());
+
+        let long = "a".repeat(5000);
+        let uids = [
+            "..",
+            "..%2F..",
+            "%2e%2e",
+            "%2e%2e%2fetc",
+            "..%252f",
+            "%00",
+            "abc%00def",
+            "/etc/passwd",
+            "%2Fetc%2Fpasswd",
+            "7F0C9A52-3A43-4D1B-9D44-0C3F0E7D1A11",
+            "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11%00",
+            &long,
+            "~root",
+            "*",
+        ];
+        let mut cases: Vec<(String, String, u16)> = Vec::new();
+        for u in uids {
+            for (m, p) in [
+                ("GET", format!("/v1/vms/{u}")),
+                ("PUT", format!("/v1/vms/{u}")),
+                ("DELETE", format!("/v1/vms/{u}")),
+                ("GET", format!("/v1/vms/{u}/proxy/")),
+                ("GET", format!("/v1/vms/{u}/logs")),
+                ("GET", format!("/v1/vms/{u}/metrics")),
+            ] {
+                cases.push((m.to_string(), p, 0));
+            }
+        }
+        for fc in [
+            "..",
+            "../..",
+            "..%2F..%2Fetc%2Fpasswd",
+            "%2e%2e/%2e%2e",
+            "vm/..",
+            "vm/%2e%2e",
+            "drives/..%2f..%2fetc",
+            "snapshot/create",
+            "snapshot/load",
+            "vm%2Fconfig",
+            "./vm",
+            "vm//config",
+            "%00",
+            &long,
+            "boot-source",
+            "logger",
+        ] {
+            cases.push(("GET".into(), format!("/v1/vms/{UID}/proxy/{fc}"), 0));
+            cases.push(("PUT".into(), format!("/v1/vms/{UID}/proxy/{fc}"), 0));
+        }
+        cases.push(("PUT".into(), format!("/v1/vms/{UID}/proxy/machine-config"), 403));
+        cases.push(("GET".into(), format!("/v1/vms/{sym_uid}/proxy/"), 403));
+        cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}/proxy/"), 403));
+        cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}"), 403));
+        cases.push(("DELETE".into(), format!("/v1/vms/{dirlink_uid}"), 403));
+        cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}/logs?file=console"), 403));
+        for q in [
+            "file=..%2F..%2Fetc%2Fpasswd",
+            "file=%2Fetc%2Fpasswd",
+            "file=console&tail=99999999",
+            "tail=-1",
+            "file=fc.sock",
+            "path=/etc/passwd",
+        ] {
+            cases.push(("GET".into(), format!("/v1/vms/{UID}/logs?{q}"), 0));
+        }
+        let drive = serde_json::json!({"drive_id": "rootfs", "path_on_host": outside.join("secret")});
+        let start = serde_json::json!({"action_type": "InstanceStart"});
+        let snapshot = serde_json::json!({"snapshot_path": outside.join("snap"), "mem_file_path": outside.join("mem")});
+        let mut planted = serde_json::to_value(request(dirlink_uid)).unwrap();
+        let (status, answer) = agent.raw("PUT", &format!("/v1/vms/{dirlink_uid}"), Some(&planted)).await;
+        assert_eq!(status, 403, "ensure through a planted symlink: {answer}");
+        planted["uid"] = serde_json::json!(UID);
+        let (status, _) = agent.raw("PUT", &format!("/v1/vms/{dirlink_uid}"), Some(&planted)).await;
+        assert_eq!(status, 422, "body and path uids differ");
+        let mut refused = 3;
+        for (method, path, want) in &cases {
+            let body = (method == "PUT").then(|| serde_json::json!({}));
+            let (status, answer) = agent.raw(method, path, body.as_ref()).await;
+            assert!((400..500).contains(&status), "{method} {path} was not refused: {status} {answer}");
+            if *want != 0 {
+                assert_eq!(status, *want, "{method} {path}: {answer}");
+            }
+            refused += 1;
+        }
+        for (method, path, body) in [
+            ("PATCH", format!("/v1/vms/{UID}/proxy/drives/rootfs"), &drive),
+            ("PUT", format!("/v1/vms/{UID}/proxy/actions"), &start),
+            ("PUT", format!("/v1/vms/{UID}/proxy/snapshot/create"), &snapshot),
+        ] {
+            let (status, answer) = agent.raw(method, &path, Some(body)).await;
+            assert!((400..500).contains(&status), "{method} {path} with {body} was not refused: {status} {answer}");
+            refused += 1;
+        }
+        println!("{refused} requests refused");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), bait.accept()).await.is_err(),
+            "nothing connected to a socket outside the run dir"
+        );
+        assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "untouched");
+        assert!(!outside.join("snap").exists() && !outside.join("mem").exists());
+        assert_eq!(walk(dir.path(), &agent.run_dir()), before, "nothing outside the run directory changed");
+    });
+}
+
+/// Every path under `root` but outside `run`, with its modification time.
+fn walk(root: &Path, run: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.starts_with(run) || p.file_name().is_some_and(|n| n == "agent.log") {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            out.push((p.clone(), meta.modified().unwrap()));
+            if meta.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
