@@ -28,7 +28,7 @@ need_rust() {
 
 # The packages every build and test needs.
 need_build_tools() {
-    need_packages ip:iproute2 cc:gcc git:git
+    need_packages ip:iproute2 cc:gcc git:git nft:nftables
     need_rust
 }
 

@@ -142,6 +142,10 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         let addrs = nexus_e2e::run_ok(std::process::Command::new("ip").args(["-j", "addr", "show", "nxbr0"]));
         assert!(addrs.contains("\"local\":\"172.30.0.1\"") && addrs.contains("\"prefixlen\":24"), "{addrs}");
 
+        // NAT from the VM subnet to the uplink, in the agent's own nftables table.
+        let nat = nexus_e2e::run_ok(std::process::Command::new("nft").args(["list", "table", "ip", "nexus"]));
+        assert!(nat.contains("ip saddr 172.30.0.0/24 oifname != \"nxbr0\" masquerade"), "{nat}");
+
         let first = agent.ensure(&request(UID)).await;
         assert_eq!(first.state, ObservedState::Running);
         let tap = first.tap_name.clone().unwrap();
@@ -161,6 +165,8 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
         assert_eq!(status, 200, "deleting twice is fine");
         assert!(host::links().iter().any(|l| l.name == "nxbr0"), "the bridge stays");
+        let nat_after = nexus_e2e::run_ok(std::process::Command::new("nft").args(["list", "table", "ip", "nexus"]));
+        assert_eq!(nat_after, nat, "the node's NAT rule is shared by all VMs and stays");
         // Nothing is anonymous.
         let anon = agent.http.get(format!("http://{ADDR}/v1/inventory")).send().await.unwrap();
         assert_eq!(anon.status().as_u16(), 401);

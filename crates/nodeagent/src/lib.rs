@@ -6,6 +6,7 @@ pub mod disk;
 pub mod error;
 pub mod firecracker;
 pub mod logs;
+pub mod nat;
 pub mod net;
 pub mod paths;
 pub mod process;

@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         },
         net,
     ));
-    runtime.ensure_bridge().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    runtime.ensure_network().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     let node_name = match args.node_name {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),

@@ -57,6 +57,19 @@ impl Runtime {
         Ok(self.net.ensure_bridge(&self.cfg.bridge, self.cfg.bridge_address).await?)
     }
 
+    /// The bridge, and NAT from its subnet to the uplink when it has an address.
+    pub async fn ensure_network(&self) -> Result<(), AgentError> {
+        self.ensure_bridge().await?;
+        if let Some((ip, len)) = self.cfg.bridge_address {
+            let fw = crate::nat::detect();
+            crate::nat::ensure_masquerade(fw, &self.cfg.bridge, ip, len).await.map_err(|e| {
+                AgentError::Io { what: "setting up NAT".into(), source: std::io::Error::other(e.to_string()) }
+            })?;
+            tracing::info!(firewall = ?fw, bridge = %self.cfg.bridge, "NAT to the uplink ready");
+        }
+        Ok(())
+    }
+
     /// The VM's paths for read-only callers (logs, metrics); see `paths`.
     pub fn vm_paths(&self, uid: &Uid) -> Result<VmPaths, AgentError> {
         self.paths(uid)
