@@ -21,6 +21,9 @@ pub struct EnsureVm {
     pub rootfs_path: String,
     pub boot_args: String,
     pub mac: String,
+    /// `auto` or an address in the node's VM subnet; `None`: no `ip=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 /// What a node agent observes about one VM.
@@ -47,6 +50,8 @@ pub struct VmReport {
     pub tap_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

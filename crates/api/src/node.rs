@@ -38,6 +38,12 @@ pub struct NodeStatus {
     /// Name of the bridge TAP devices are attached to.
     #[serde(default)]
     pub bridge: String,
+    /// The VM subnet (`172.30.0.0/24`), empty when the bridge has no address.
+    #[serde(default)]
+    pub subnet: String,
+    /// What the VMs placed here take (Running and Paused ones).
+    #[serde(default)]
+    pub allocated: NodeAllocation,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -51,6 +57,15 @@ pub struct NodeCapacity {
     pub vcpu: u32,
     pub mem_mib: u64,
     pub max_vms: u32,
+}
+
+/// Resources taken on a node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeAllocation {
+    pub vcpu: u32,
+    pub mem_mib: u64,
+    pub vms: u32,
 }
 
 impl ResourceSpec for NodeSpec {

@@ -48,5 +48,8 @@ impl ResourceSpec for TemplateSpec {
 
     fn validate(&self, errors: &mut FieldErrors) {
         validate_machine(errors, self.vcpu, self.mem_mib, &self.kernel, &self.rootfs);
+        if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
+            crate::vm::validate_ip_request(errors, "spec.network.ip", ip);
+        }
     }
 }

@@ -56,6 +56,11 @@ pub struct VmNetwork {
     /// Guest MAC (`xx:xx:xx:xx:xx:xx`); derived from the uid when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// An IPv4 address from the node's VM subnet, handed to the guest on the
+    /// kernel command line (`ip=`): `auto` to have one picked, or an address
+    /// in that subnet. Absent: the guest configures its own network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 /// Desired power state of a VM.
@@ -124,6 +129,9 @@ pub struct VmRuntime {
     pub tap_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The guest's IPv4 address, when the VM asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +168,16 @@ impl ResourceSpec for VmSpec {
         if let Some(mac) = self.network.as_ref().and_then(|n| n.mac.as_ref()) {
             validate_mac(errors, "spec.network.mac", mac);
         }
+        if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
+            validate_ip_request(errors, "spec.network.ip", ip);
+        }
+    }
+}
+
+/// Checks `spec.network.ip`: `auto` or a dotted IPv4 address.
+pub fn validate_ip_request(errors: &mut FieldErrors, field: &str, ip: &str) {
+    if ip != "auto" && ip.parse::<std::net::Ipv4Addr>().is_err() {
+        errors.add(field, ip, "must be `auto` or an IPv4 address in the node's VM subnet, such as 172.30.0.10");
     }
 }
 

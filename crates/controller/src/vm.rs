@@ -183,6 +183,7 @@ impl VmReconciler {
             socket_path: report.socket_path.clone(),
             tap_name: report.tap_name.clone(),
             mac: report.mac.clone(),
+            ip: report.ip.clone(),
             log_path: report.log_path.clone(),
             console_path: report.console_path.clone(),
             started_at: report.started_at,
@@ -252,5 +253,6 @@ pub fn ensure_request(vm: &Vm) -> EnsureVm {
         rootfs_path: vm.spec.rootfs.clone(),
         boot_args: vm.spec.boot_args.clone().unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
         mac: vm.spec.network.as_ref().and_then(|n| n.mac.clone()).unwrap_or_else(|| mac_from_uid(vm.uid())),
+        ip: vm.spec.network.as_ref().and_then(|n| n.ip.clone()),
     }
 }

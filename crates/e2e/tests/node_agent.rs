@@ -119,6 +119,7 @@ fn request(uid: &str) -> EnsureVm {
         rootfs_path: "/var/lib/nexus/images/rootfs.ext4".into(),
         boot_args: "console=ttyS0".into(),
         mac: "06:00:ac:10:00:02".into(),
+        ip: None,
     }
 }
 
@@ -475,4 +476,41 @@ fn walk(root: &Path, run: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
     }
     out.sort();
     out
+}
+
+#[test]
+fn guests_that_ask_get_an_address_from_the_node_subnet_on_the_kernel_command_line() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        let mut a = request(UID);
+        a.ip = Some("auto".into());
+        let ra = agent.ensure(&a).await;
+        let ip: std::net::Ipv4Addr = ra.ip.clone().expect("an address").parse().unwrap();
+        let o = ip.octets();
+        assert!(o[0..3] == [172, 30, 0] && o[3] != 0 && o[3] != 1 && o[3] != 255, "{ip}");
+        let console = std::fs::read_to_string(agent.run_dir().join("vms").join(UID).join("console.log")).unwrap();
+        assert!(console.contains(&format!("ip={ip}::172.30.0.1:255.255.255.0::eth0:off")), "{console}");
+        // The same address asked for explicitly by another VM: refused, permanently.
+        let other = "00000000-0000-4000-8000-0000000000c1";
+        let mut b = request(other);
+        b.mac = "06:00:ac:10:00:03".into();
+        b.ip = Some(ip.to_string());
+        let (status, body) =
+            agent.call("PUT", &format!("/v1/vms/{other}"), Some(&serde_json::to_value(&b).unwrap())).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body.contains("already used by another VM"), "{body}");
+        b.ip = Some("10.9.9.9".into());
+        let (status, body) =
+            agent.call("PUT", &format!("/v1/vms/{other}"), Some(&serde_json::to_value(&b).unwrap())).await;
+        assert_eq!(status, 422);
+        assert!(body.contains("172.30.0.0/24"), "{body}");
+        b.ip = Some("auto".into());
+        let rb = agent.ensure(&b).await;
+        assert_ne!(rb.ip, ra.ip);
+        // Restarting keeps the address.
+        let again = agent.ensure(&a).await;
+        assert_eq!(again.ip, ra.ip);
+    });
 }

@@ -2,6 +2,8 @@
 //! Running through the watch with its TAP on the bridge and its VMM
 //! answering, delete it, and find nothing left on the host.
 
+#![allow(clippy::unwrap_used)] // a panic is the failure report
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,12 @@ async fn apply_run_delete(cluster: &Cluster) -> Duration {
     assert_eq!(status, 200, "GET / on the VMM socket: {body}");
     assert!(body.contains("\"state\":\"Running\""), "{body}");
     assert_eq!(host::processes_mentioning(&socket).len(), 1, "exactly one VMM serves {socket}");
+    // The node reports its subnet and what the VM takes.
+    nexus_e2e::wait_until(Duration::from_secs(5), "the node to report the VM's allocation", || async {
+        let node = client.get::<nexus_api::NodeSpec>("", "node-a").await.unwrap().status_or_default();
+        node.subnet == "172.30.0.0/24" && node.allocated.vms == 1 && node.allocated.mem_mib == 256
+    })
+    .await;
 
     let (ok, out, err) = cluster.nexusctl(&["delete", "vm", VM_NAME, "--wait"]);
     assert!(ok, "delete failed: {err}");

@@ -5,6 +5,7 @@ pub mod api;
 pub mod disk;
 pub mod error;
 pub mod firecracker;
+pub mod ipam;
 pub mod logs;
 pub mod nat;
 pub mod net;

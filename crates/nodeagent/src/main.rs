@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         capacity: host_capacity(args.max_vms),
         firecracker_version: firecracker_version(&firecracker),
         bridge: args.bridge,
+        runtime: runtime.clone(),
     };
     let client = nexus_api::client::Client::new(&args.apiserver, None);
     tokio::spawn(heartbeat_loop(client, info, Duration::from_secs(args.heartbeat_secs.max(1))));

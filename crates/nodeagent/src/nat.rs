@@ -39,9 +39,7 @@ pub enum NatError {
 }
 
 fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file())).unwrap_or(false)
 }
 
 /// nft where it is installed (it is what iptables-nft drives too), else iptables.
@@ -136,7 +134,11 @@ pub async fn remove_masquerade(fw: Firewall, bridge: &str, ip: Ipv4Addr, len: u8
         Firewall::Nftables => {
             if masquerade_present(fw, bridge).await {
                 let mut batch = Batch::new();
-                batch.delete(NfListObject::Table(Table { family: NfFamily::IP, name: Cow::Borrowed(TABLE), ..Table::default() }));
+                batch.delete(NfListObject::Table(Table {
+                    family: NfFamily::IP,
+                    name: Cow::Borrowed(TABLE),
+                    ..Table::default()
+                }));
                 nftables::helper::apply_ruleset_async(&batch.to_nftables()).await?;
             }
         }
@@ -155,14 +157,17 @@ pub async fn remove_masquerade(fw: Firewall, bridge: &str, ip: Ipv4Addr, len: u8
 pub async fn masquerade_present(fw: Firewall, bridge: &str) -> bool {
     match fw {
         Firewall::Nftables => {
-            let Ok(out) = tokio::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output().await else {
+            let Ok(out) = tokio::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output().await
+            else {
                 return false;
             };
             let text = String::from_utf8_lossy(&out.stdout);
             out.status.success() && text.contains("masquerade") && text.contains(&format!("\"{bridge}\""))
         }
         Firewall::Iptables => {
-            let Ok(out) = tokio::process::Command::new("iptables").args(["-t", "nat", "-S", "POSTROUTING"]).output().await else {
+            let Ok(out) =
+                tokio::process::Command::new("iptables").args(["-t", "nat", "-S", "POSTROUTING"]).output().await
+            else {
                 return false;
             };
             String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains(IPT_COMMENT) && l.contains(bridge))
@@ -187,7 +192,10 @@ async fn iptables(args: &[&str]) -> Result<(), NatError> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(NatError::Iptables { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
+        Err(NatError::Iptables {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 

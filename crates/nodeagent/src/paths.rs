@@ -77,6 +77,14 @@ impl VmPaths {
     pub fn config(&self) -> PathBuf {
         self.dir.join("vm.json")
     }
+    /// The guest address given to this VM, if it asked for one.
+    pub fn ip(&self) -> PathBuf {
+        self.dir.join("ip")
+    }
+    /// When the VMM was started and how long it took to boot.
+    pub fn started(&self) -> PathBuf {
+        self.dir.join("started")
+    }
 }
 
 /// The agent's run directory.

@@ -16,6 +16,7 @@ pub struct NodeInfo {
     pub capacity: NodeCapacity,
     pub firecracker_version: String,
     pub bridge: String,
+    pub runtime: std::sync::Arc<crate::vms::Runtime>,
 }
 
 /// Registers the node (creating it if needed) and writes a heartbeat every
@@ -50,6 +51,8 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_api::client:
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         firecracker_version: info.firecracker_version.clone(),
         bridge: info.bridge.clone(),
+        subnet: info.runtime.subnet().map(|s| s.cidr()).unwrap_or_default(),
+        allocated: info.runtime.allocation(),
         last_heartbeat_time: Some(Utc::now()),
         conditions: std::mem::take(&mut status.conditions),
     };

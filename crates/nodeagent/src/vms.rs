@@ -62,8 +62,9 @@ impl Runtime {
         self.ensure_bridge().await?;
         if let Some((ip, len)) = self.cfg.bridge_address {
             let fw = crate::nat::detect();
-            crate::nat::ensure_masquerade(fw, &self.cfg.bridge, ip, len).await.map_err(|e| {
-                AgentError::Io { what: "setting up NAT".into(), source: std::io::Error::other(e.to_string()) }
+            crate::nat::ensure_masquerade(fw, &self.cfg.bridge, ip, len).await.map_err(|e| AgentError::Io {
+                what: "setting up NAT".into(),
+                source: std::io::Error::other(e.to_string()),
             })?;
             tracing::info!(firewall = ?fw, bridge = %self.cfg.bridge, "NAT to the uplink ready");
         }
@@ -156,6 +157,12 @@ impl Runtime {
                 .open(&file)
                 .map_err(AgentError::io(format!("creating {}", file.display())))?;
         }
+        let mut req = req.clone();
+        if let Some(ip) = self.assign_ip(uid, paths, req.ip.as_deref())? {
+            let subnet = self.subnet().expect("an address implies a subnet");
+            req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+        }
+        let req = &req;
         let launched = Instant::now();
         let pid = process::launch(&self.cfg.firecracker, &paths.socket(), uid.as_str(), &paths.console())?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
@@ -167,8 +174,67 @@ impl Runtime {
         }
         let boot_millis = launched.elapsed().as_millis() as u64;
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
-        std::fs::write(paths.dir.join("started"), started).map_err(AgentError::io("writing the start record"))?;
+        std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// The node's VM subnet: the bridge's address and prefix.
+    pub fn subnet(&self) -> Option<crate::ipam::Subnet> {
+        self.cfg.bridge_address.map(|(gateway, len)| crate::ipam::Subnet { gateway, len })
+    }
+
+    /// The guest address of VM `uid`: the one it already has, else a new one
+    /// (recorded in its run directory). `None` when it asked for none.
+    fn assign_ip(
+        &self,
+        uid: &Uid,
+        paths: &VmPaths,
+        request: Option<&str>,
+    ) -> Result<Option<std::net::Ipv4Addr>, AgentError> {
+        let Some(request) = request else {
+            let _ = std::fs::remove_file(paths.ip());
+            return Ok(None);
+        };
+        if let Some(current) = read_ip(paths)
+            && (request == "auto" || request == current.to_string())
+        {
+            return Ok(Some(current));
+        }
+        let mut used = std::collections::BTreeSet::new();
+        for entry in
+            std::fs::read_dir(self.cfg.run_dir.vms()).map_err(AgentError::io("listing VM directories"))?.flatten()
+        {
+            if entry.file_name().to_string_lossy() == uid.as_str() {
+                continue;
+            }
+            if let Some(ip) = read_ip(&VmPaths { dir: entry.path() }) {
+                used.insert(ip);
+            }
+        }
+        let ip = crate::ipam::assign(self.subnet(), uid.as_str(), request, &used)
+            .map_err(|e| AgentError::Invalid(e.to_string()))?;
+        std::fs::write(paths.ip(), ip.to_string()).map_err(AgentError::io("recording the guest address"))?;
+        Ok(Some(ip))
+    }
+
+    /// vCPUs, memory and count of the VMs meant to run here (not Stopped).
+    pub fn allocation(&self) -> nexus_api::node::NodeAllocation {
+        let mut total = nexus_api::node::NodeAllocation::default();
+        let Ok(entries) = std::fs::read_dir(self.cfg.run_dir.vms()) else { return total };
+        for entry in entries.flatten() {
+            let Some(cfg) = std::fs::read(entry.path().join("vm.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
+            else {
+                continue;
+            };
+            if cfg.state != PowerState::Stopped {
+                total.vcpu += u32::from(cfg.vcpu);
+                total.mem_mib += u64::from(cfg.mem_mib);
+                total.vms += 1;
+            }
+        }
+        total
     }
 
     /// Stops the VM's VMM, removes its TAP and its run directory.
@@ -241,6 +307,7 @@ impl Runtime {
             socket_path: pid.map(|_| paths.socket().display().to_string()),
             tap_name: tap_exists.then_some(tap),
             mac,
+            ip: read_ip(&paths).map(|ip| ip.to_string()),
             log_path: Some(paths.log().display().to_string()),
             console_path: Some(paths.console().display().to_string()),
             started_at: if pid.is_some() { started_at } else { None },
@@ -286,6 +353,7 @@ fn absent(uid: &Uid) -> VmReport {
         socket_path: None,
         tap_name: None,
         mac: None,
+        ip: None,
         log_path: None,
         console_path: None,
         started_at: None,
@@ -392,12 +460,16 @@ pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: 
     client.instance_start().await.map_err(fc("InstanceStart"))
 }
 
+fn read_ip(paths: &VmPaths) -> Option<std::net::Ipv4Addr> {
+    std::fs::read_to_string(paths.ip()).ok()?.trim().parse().ok()
+}
+
 fn read_pid(paths: &VmPaths) -> Option<u32> {
     std::fs::read_to_string(paths.pid()).ok()?.trim().parse().ok()
 }
 
 fn read_started(paths: &VmPaths) -> (Option<chrono::DateTime<Utc>>, Option<u64>) {
-    let Ok(text) = std::fs::read_to_string(paths.dir.join("started")) else {
+    let Ok(text) = std::fs::read_to_string(paths.started()) else {
         return (None, None);
     };
     let mut lines = text.lines();

@@ -151,6 +151,7 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         rootfs_path: rootfs.display().to_string(),
         boot_args: "console=ttyS0 reboot=k panic=1 pci=off".into(),
         mac: "06:00:ac:10:00:02".into(),
+        ip: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.
