@@ -122,10 +122,16 @@ impl Drop for Proc {
 
 /// Starts `bin args...` with its output appended to `log`.
 pub fn spawn(name: &'static str, bin: &Path, args: &[&str], log: &Path) -> Proc {
+    spawn_env(name, bin, args, log, &[])
+}
+
+/// Like `spawn`, with extra environment variables.
+pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let err = out.try_clone().expect("log file");
     let child = Command::new(bin)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nexus_api::PowerState;
 use nexus_api::agent::{EnsureVm, Inventory, ObservedState, VmReport};
-use nexus_e2e::{Proc, bin, ensure_example_images, host, in_private_netns, spawn, wait_until};
+use nexus_e2e::{Proc, bin, ensure_example_images, host, in_private_netns, wait_until};
 use serde_json::Value;
 
 const TOKEN: &str = "node-agent-test-credential-42";
@@ -23,30 +23,22 @@ struct Agent {
 
 impl Agent {
     async fn start(dir: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_with(dir, env, &["--process-manager", "direct"]).await
+    }
+
+    async fn start_with(dir: &Path, env: &[(&str, &str)], extra: &[&str]) -> Agent {
         std::fs::write(dir.join("token"), TOKEN).unwrap();
         let s = |p: PathBuf| p.display().to_string();
-        let args = [
-            "--apiserver",
-            "http://127.0.0.1:9",
-            "--node-name",
-            "n1",
-            "--listen",
-            ADDR,
-            "--token-file",
-            &s(dir.join("token")),
-            "--run-dir",
-            &s(dir.join("run")),
-            "--firecracker",
-            &s(bin("firecracker-sim")),
-        ];
-        for (k, v) in env {
-            // Inherited by the agent and the VMMs it starts.
-            unsafe { std::env::set_var(k, v) };
-        }
-        let proc = spawn("nodeagent", &bin("nexus-nodeagent"), &args, &dir.join("agent.log"));
-        for (k, _) in env {
-            unsafe { std::env::remove_var(k) };
-        }
+        let mut args: Vec<String> = ["--apiserver", "http://127.0.0.1:9", "--node-name", "n1", "--listen", ADDR]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(["--token-file".into(), s(dir.join("token")), "--run-dir".into(), s(dir.join("run"))]);
+        args.extend(["--firecracker".into(), s(bin("firecracker-sim"))]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // The environment reaches the agent and the VMMs it starts.
+        let proc = nexus_e2e::spawn_env("nodeagent", &bin("nexus-nodeagent"), &args, &dir.join("agent.log"), env);
         let http = reqwest::Client::new();
         let agent = Agent { proc, dir: dir.to_path_buf(), http };
         wait_until(Duration::from_secs(10), "the agent to answer", || async {
@@ -512,5 +504,78 @@ fn guests_that_ask_get_an_address_from_the_node_subnet_on_the_kernel_command_lin
         // Restarting keeps the address.
         let again = agent.ensure(&a).await;
         assert_eq!(again.ip, ra.ip);
+    });
+}
+
+/// systemd's manager, as far as the agent uses it: records the calls.
+struct FakeManager {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
+impl FakeManager {
+    async fn start_transient_unit(
+        &self,
+        name: String,
+        mode: String,
+        properties: Vec<(String, zbus::OwnedVariant)>,
+        _aux: Vec<(String, Vec<(String, zbus::OwnedVariant)>)>,
+    ) -> zbus::OwnedObjectPath {
+        let pids = properties
+            .iter()
+            .find(|(k, _)| k == "PIDs")
+            .and_then(|(_, v)| Vec::<u32>::try_from(v.try_clone().unwrap()).ok())
+            .unwrap_or_default();
+        let keys: Vec<&str> = properties.iter().map(|(k, _)| k.as_str()).collect();
+        self.calls.lock().unwrap().push(format!("start {name} {mode} pids={pids:?} props={keys:?}"));
+        zbus::OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/1").unwrap()
+    }
+
+    async fn stop_unit(&self, name: String, mode: String) -> zbus::OwnedObjectPath {
+        self.calls.lock().unwrap().push(format!("stop {name} {mode}"));
+        zbus::OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/2").unwrap()
+    }
+}
+
+#[test]
+fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
+    if std::process::Command::new("dbus-daemon").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no dbus-daemon to run a fake systemd peer on (hack/test.sh installs it)");
+        return;
+    }
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = dir.path().join("bus");
+        let address = format!("unix:path={}", bus.display());
+        let mut daemon = std::process::Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile", &format!("--address={address}")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(5), "the bus to listen", || async { bus.exists() }).await;
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let _peer = zbus::connection::Builder::address(address.as_str())
+            .name("org.freedesktop.systemd1")
+            .serve_at("/org/freedesktop/systemd1", FakeManager { calls: calls.clone() })
+            .build()
+            .await
+            .unwrap();
+        let agent =
+            Agent::start_with(dir.path(), &[], &["--process-manager", "systemd", "--systemd-bus", &address]).await;
+        let report = agent.ensure(&request(UID)).await;
+        let pid = report.pid.unwrap();
+        let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
+        assert_eq!(status, 200);
+        let seen = calls.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                format!("start fc-{UID}.scope fail pids=[{pid}] props=[\"PIDs\", \"Description\", \"CollectMode\"]"),
+                format!("stop fc-{UID}.scope fail"),
+            ]
+        );
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     });
 }

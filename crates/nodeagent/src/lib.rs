@@ -13,4 +13,5 @@ pub mod paths;
 pub mod process;
 pub mod proxy;
 pub mod register;
+pub mod scope;
 pub mod vms;

@@ -52,6 +52,14 @@ struct Args {
     /// Seconds a VMM gets to stop before it is killed.
     #[arg(long, default_value_t = 2)]
     stop_grace_secs: u64,
+    /// How VMM processes are held: `systemd` (a transient scope each),
+    /// `direct` (children in their own process groups), or `auto`: systemd
+    /// where it is the init system.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "systemd", "direct"])]
+    process_manager: String,
+    /// D-Bus address of systemd's manager (default: the system bus).
+    #[arg(long, env = "NEXUS_SYSTEMD_BUS")]
+    systemd_bus: Option<String>,
 }
 
 #[tokio::main]
@@ -76,6 +84,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
     let net = Net::connect().context("opening netlink")?;
+    let use_systemd = match args.process_manager.as_str() {
+        "systemd" => true,
+        "direct" => false,
+        _ => nexus_nodeagent::scope::systemd_is_init(),
+    };
+    let scopes = if use_systemd {
+        Some(
+            nexus_nodeagent::scope::Scopes::connect(args.systemd_bus.as_deref())
+                .await
+                .context("connecting to systemd")?,
+        )
+    } else {
+        None
+    };
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
             run_dir,
@@ -83,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             bridge_address,
             firecracker: firecracker.clone(),
             stop_grace: Duration::from_secs(args.stop_grace_secs),
+            scopes,
         },
         net,
     ));

@@ -33,6 +33,9 @@ pub struct RuntimeConfig {
     pub firecracker: PathBuf,
     /// Time a VMM gets between SendCtrlAltDel/SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// systemd scopes for VMMs, where systemd runs the host; `None`: each
+    /// VMM is a plain child in its own process group.
+    pub scopes: Option<crate::scope::Scopes>,
 }
 
 /// Owns every VM on this host.
@@ -166,7 +169,16 @@ impl Runtime {
         let launched = Instant::now();
         let pid = process::launch(&self.cfg.firecracker, &paths.socket(), uid.as_str(), &paths.console())?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
-        tracing::info!(uid = %uid, vm = %req.display_name, pid, "VMM launched");
+        if let Some(scopes) = &self.cfg.scopes
+            && let Err(e) = scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await
+        {
+            process::stop(pid, &paths.socket(), Duration::ZERO).await;
+            return Err(AgentError::Io {
+                what: "placing the VMM in its systemd scope".into(),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+        tracing::info!(uid = %uid, vm = %req.display_name, pid, scoped = self.cfg.scopes.is_some(), "VMM launched");
         wait_for_socket(client, pid, &paths.socket()).await?;
         if let Err(e) = configure(client, paths, req, &tap).await {
             process::stop(pid, &paths.socket(), Duration::ZERO).await;
@@ -245,6 +257,11 @@ impl Runtime {
             let _held = lock.lock().await;
             let paths = self.paths(&uid)?;
             self.stop_vmm(&paths).await;
+            if let Some(scopes) = &self.cfg.scopes
+                && let Err(e) = scopes.stop(&uid).await
+            {
+                tracing::warn!(uid = %uid, error = %e, "stopping the VM's scope failed");
+            }
             self.net.delete_link(&uid.tap_name()).await?;
             match std::fs::remove_dir_all(&paths.dir) {
                 Ok(()) => {}
