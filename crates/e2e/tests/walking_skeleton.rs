@@ -58,7 +58,8 @@ async fn apply_run_delete(cluster: &Cluster) -> Duration {
     let (status, body) = host::fc_get_root(Path::new(&socket)).await.expect("VMM socket answers");
     assert_eq!(status, 200, "GET / on the VMM socket: {body}");
     assert!(body.contains("\"state\":\"Running\""), "{body}");
-    assert_eq!(host::processes_mentioning(&socket).len(), 1, "exactly one VMM serves {socket}");
+    let uid = running.uid().to_string();
+    assert_eq!(host::processes_mentioning(&format!("--id {uid}")).len(), 1, "exactly one VMM for VM {uid}");
     // The node reports its subnet and what the VM takes.
     nexus_e2e::wait_until(Duration::from_secs(5), "the node to report the VM's allocation", || async {
         let node = client.get::<nexus_api::NodeSpec>("", "node-a").await.unwrap().status_or_default();
@@ -71,7 +72,10 @@ async fn apply_run_delete(cluster: &Cluster) -> Duration {
     assert_eq!(out.trim(), "vm \"hello\" deleted");
 
     assert_nothing_left(&cluster.run_dir);
-    assert!(!Path::new(&format!("/proc/{pid}/cmdline")).exists() || host::processes_mentioning(&socket).is_empty());
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || host::processes_mentioning(&format!("--id {uid}")).is_empty()
+    );
     to_running
 }
 

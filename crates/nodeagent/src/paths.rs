@@ -97,7 +97,24 @@ impl RunDir {
     /// `root` must be absolute; it is canonicalized once it exists.
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join("vms"))?;
+        std::fs::create_dir_all(root.join("vm"))?;
         Ok(Self { root: root.canonicalize()? })
+    }
+
+    /// The fixed path at which every VMM sees its own VM directory (an
+    /// empty directory on the host; a bind mount in each VMM's namespace).
+    pub fn view(&self) -> PathBuf {
+        self.root.join("vm")
+    }
+
+    /// The VM's files as its VMM sees them.
+    pub fn vmm_view(&self) -> VmPaths {
+        VmPaths { dir: self.view() }
+    }
+
+    /// The `--api-sock` every VMM of this agent is started with.
+    pub fn api_sock(&self) -> PathBuf {
+        self.view().join("fc.sock")
     }
 
     pub fn root(&self) -> &Path {

@@ -1,6 +1,13 @@
-//! VMM processes: launching one in its own process group, finding it again
-//! after an agent restart, and stopping it.
+//! VMM processes: launching one in its own process group and its own mount
+//! namespace, finding it again after an agent restart, and stopping it.
+//!
+//! Each VMM sees its VM directory bind-mounted at one fixed path (the run
+//! directory's `vm/`), so every Firecracker names its files the same way.
+//! A snapshot taken from one VM therefore restores into another VM's
+//! directory: its recorded drive paths resolve to the new VM's own copies.
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,30 +30,78 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("path {0} cannot be passed to the kernel")]
+    BadPath(PathBuf),
 }
 
-/// Starts `binary --api-sock <socket> --id <id>` in its own process group,
-/// its stdout and stderr (the guest console) appended to `console`. The
-/// process outlives the agent; a task reaps it while the agent lives.
-pub fn launch(binary: &Path, socket: &Path, id: &str, console: &Path) -> Result<u32, ProcessError> {
+/// Where a VMM's files are: on the host, and as the VMM sees them.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The VM's directory on the host.
+    pub host_dir: PathBuf,
+    /// Where the VMM sees it (the same for every VMM of this agent).
+    pub fixed: PathBuf,
+}
+
+impl View {
+    /// The API socket as the VMM is told to open it.
+    pub fn api_sock(&self) -> PathBuf {
+        self.fixed.join("fc.sock")
+    }
+}
+
+fn cstring(p: &Path) -> Result<CString, ProcessError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| ProcessError::BadPath(p.to_path_buf()))
+}
+
+/// Starts `binary --api-sock <fixed>/fc.sock --id <uid>` in its own process
+/// group and mount namespace, with the VM directory at `view.fixed`, its
+/// stdout and stderr (the guest console) appended to `console`. The process
+/// outlives the agent; a task reaps it while the agent lives.
+pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path) -> Result<u32, ProcessError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(console)
         .map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
     let err = out.try_clone().map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
-    let mut child = tokio::process::Command::new(binary)
-        .arg("--api-sock")
-        .arg(socket)
+    // Allocated before fork: the child may only make system calls.
+    let (src, dst, root) = (cstring(&view.host_dir)?, cstring(&view.fixed)?, cstring(Path::new("/"))?);
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.arg("--api-sock")
+        .arg(view.api_sock())
         .arg("--id")
-        .arg(id)
+        .arg(uid)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|source| ProcessError::Spawn { binary: binary.to_path_buf(), source })?;
+        .kill_on_drop(false);
+    // SAFETY: the closure runs between fork and exec and only makes the
+    // unshare and mount system calls on pre-built C strings.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Keep our mounts from propagating back to the host.
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { binary: binary.to_path_buf(), source })?;
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {
         match child.wait().await {
@@ -57,19 +112,24 @@ pub fn launch(binary: &Path, socket: &Path, id: &str, console: &Path) -> Result<
     Ok(pid)
 }
 
-/// Whether `pid` is a live (not zombie) process whose command line names
-/// `socket` as its API socket: the check that guards every signal we send.
-pub fn is_vmm(pid: u32, socket: &Path) -> bool {
+fn args_of(pid: u32) -> Option<Vec<Vec<u8>>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(cmdline.split(|b| *b == 0).map(<[u8]>::to_vec).collect())
+}
+
+fn has_pair(args: &[Vec<u8>], flag: &[u8], value: &[u8]) -> bool {
+    args.windows(2).any(|w| w[0] == flag && w[1] == value)
+}
+
+/// Whether `pid` is a live (not zombie) VMM of VM `uid` launched with
+/// `api_sock`: the check that guards every signal the agent sends.
+pub fn is_vmm(pid: u32, uid: &str, api_sock: &Path) -> bool {
     if pid == 0 || !alive(pid) {
         return false;
     }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.windows(2).any(|w| w[0] == b"--api-sock" && w[1] == socket.as_os_str().as_encoded_bytes())
-        }
-        Err(_) => false,
-    }
+    args_of(pid).is_some_and(|args| {
+        has_pair(&args, b"--id", uid.as_bytes()) && has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes())
+    })
 }
 
 /// Whether `pid` exists and is not a zombie.
@@ -81,34 +141,31 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Every live process whose `--api-sock` lies under `dir`, as (pid, socket).
-pub fn find_vmms_under(dir: &Path) -> Vec<(u32, PathBuf)> {
+/// Every live VMM launched with `api_sock`, as (pid, uid).
+pub fn find_vmms(api_sock: &Path) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
     };
-    let prefix = dir.as_os_str().as_encoded_bytes();
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+        let Some(args) = args_of(pid) else { continue };
+        if !has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes()) || !alive(pid) {
             continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        for w in args.windows(2) {
-            if w[0] == b"--api-sock" && w[1].starts_with(prefix) && alive(pid) {
-                found.push((pid, PathBuf::from(String::from_utf8_lossy(w[1]).into_owned())));
-            }
+        }
+        if let Some(w) = args.windows(2).find(|w| w[0] == b"--id") {
+            found.push((pid, String::from_utf8_lossy(&w[1]).into_owned()));
         }
     }
     found
 }
 
-/// Stops VMM `pid` (verified to serve `socket`): SIGTERM, then SIGKILL
+/// Stops VMM `pid` (verified to be VM `uid`'s): SIGTERM, then SIGKILL
 /// after `grace`. Returns once the process is gone.
-pub async fn stop(pid: u32, socket: &Path, grace: Duration) {
-    if !is_vmm(pid, socket) {
+pub async fn stop(pid: u32, uid: &str, api_sock: &Path, grace: Duration) {
+    if !is_vmm(pid, uid, api_sock) {
         return;
     }
     let target = Pid::from_raw(pid as i32);
@@ -116,7 +173,7 @@ pub async fn stop(pid: u32, socket: &Path, grace: Duration) {
     if wait_gone(pid, grace).await {
         return;
     }
-    if is_vmm(pid, socket) {
+    if is_vmm(pid, uid, api_sock) {
         let _ = kill(target, Signal::SIGKILL);
     }
     wait_gone(pid, Duration::from_secs(5)).await;

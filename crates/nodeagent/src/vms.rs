@@ -107,17 +107,18 @@ impl Runtime {
         let config = serde_json::to_vec_pretty(req).unwrap_or_default();
         std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
         if req.state == PowerState::Stopped {
-            self.stop_vmm(&paths).await;
+            self.stop_vmm(&uid, &paths).await;
             self.net.delete_link(&uid.tap_name()).await?;
             return self.report(&uid).await;
         }
         let client = FcClient::new(paths.socket());
         let mut info = None;
-        if let Some(pid) = read_pid(&paths).filter(|pid| process::is_vmm(*pid, &paths.socket())) {
+        let api_sock = self.cfg.run_dir.api_sock();
+        if let Some(pid) = read_pid(&paths).filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
             match client.describe_instance().await {
                 Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
                 // Configured halfway (the agent died mid-create): start over.
-                _ => process::stop(pid, &paths.socket(), Duration::ZERO).await,
+                _ => process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await,
             }
         }
         let info = match info {
@@ -146,7 +147,7 @@ impl Runtime {
         req: &EnsureVm,
         client: &FcClient,
     ) -> Result<models::InstanceInfo, AgentError> {
-        self.stop_vmm(paths).await;
+        self.stop_vmm(uid, paths).await;
         remove_if_exists(&paths.socket())?;
         let bridge = self.ensure_bridge().await?;
         let tap = uid.tap_name();
@@ -167,21 +168,23 @@ impl Runtime {
         }
         let req = &req;
         let launched = Instant::now();
-        let pid = process::launch(&self.cfg.firecracker, &paths.socket(), uid.as_str(), &paths.console())?;
+        let view = process::View { host_dir: paths.dir.clone(), fixed: self.cfg.run_dir.view() };
+        let api_sock = view.api_sock();
+        let pid = process::launch(&self.cfg.firecracker, &view, uid.as_str(), &paths.console())?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
         if let Some(scopes) = &self.cfg.scopes
             && let Err(e) = scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await
         {
-            process::stop(pid, &paths.socket(), Duration::ZERO).await;
+            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
             return Err(AgentError::Io {
                 what: "placing the VMM in its systemd scope".into(),
                 source: std::io::Error::other(e.to_string()),
             });
         }
         tracing::info!(uid = %uid, vm = %req.display_name, pid, scoped = self.cfg.scopes.is_some(), "VMM launched");
-        wait_for_socket(client, pid, &paths.socket()).await?;
-        if let Err(e) = configure(client, paths, req, &tap).await {
-            process::stop(pid, &paths.socket(), Duration::ZERO).await;
+        wait_for_socket(client, pid, uid.as_str(), &api_sock).await?;
+        if let Err(e) = configure(client, &self.cfg.run_dir.vmm_view(), req, &tap).await {
+            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
             return Err(e);
         }
         let boot_millis = launched.elapsed().as_millis() as u64;
@@ -256,7 +259,7 @@ impl Runtime {
         {
             let _held = lock.lock().await;
             let paths = self.paths(&uid)?;
-            self.stop_vmm(&paths).await;
+            self.stop_vmm(&uid, &paths).await;
             if let Some(scopes) = &self.cfg.scopes
                 && let Err(e) = scopes.stop(&uid).await
             {
@@ -273,27 +276,34 @@ impl Runtime {
         Ok(absent(&uid))
     }
 
-    /// Stops every VMM serving this VM's socket: the one in the pid file
-    /// and any a crash left unrecorded.
-    async fn stop_vmm(&self, paths: &VmPaths) {
-        let socket = paths.socket();
-        let mut pids: Vec<u32> = process::find_vmms_under(&paths.dir).into_iter().map(|(pid, _)| pid).collect();
+    /// Stops every VMM of this VM: the one in the pid file and any a crash
+    /// left unrecorded.
+    async fn stop_vmm(&self, uid: &Uid, paths: &VmPaths) {
+        let api_sock = self.cfg.run_dir.api_sock();
+        let mut pids: Vec<u32> = process::find_vmms(&api_sock)
+            .into_iter()
+            .filter(|(_, id)| id == uid.as_str())
+            .map(|(pid, _)| pid)
+            .collect();
         if let Some(pid) = read_pid(paths) {
             pids.push(pid);
         }
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            if !process::is_vmm(pid, &socket) {
+            if !process::is_vmm(pid, uid.as_str(), &api_sock) {
                 continue;
             }
             // Ask the guest first, as a power button would; then signals.
-            let _ = FcClient::new(&socket).with_request_timeout(Duration::from_millis(500)).send_ctrl_alt_del().await;
+            let _ = FcClient::new(paths.socket())
+                .with_request_timeout(Duration::from_millis(500))
+                .send_ctrl_alt_del()
+                .await;
             if !process::wait_gone(pid, self.cfg.stop_grace).await {
-                process::stop(pid, &socket, Duration::from_millis(500)).await;
+                process::stop(pid, uid.as_str(), &api_sock, Duration::from_millis(500)).await;
             }
         }
-        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(paths.socket());
         let _ = std::fs::remove_file(paths.pid());
     }
 
@@ -305,7 +315,7 @@ impl Runtime {
         }
         let tap = uid.tap_name();
         let tap_exists = self.net.link(&tap).await?.is_some();
-        let pid = read_pid(&paths).filter(|pid| process::is_vmm(*pid, &paths.socket()));
+        let pid = read_pid(&paths).filter(|pid| process::is_vmm(*pid, uid.as_str(), &self.cfg.run_dir.api_sock()));
         let state = match pid {
             None => ObservedState::Stopped,
             Some(_) => match FcClient::new(paths.socket()).describe_instance().await {
@@ -401,7 +411,7 @@ fn validate(req: &EnsureVm) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn wait_for_socket(client: &FcClient, pid: u32, socket: &Path) -> Result<(), AgentError> {
+async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, api_sock: &Path) -> Result<(), AgentError> {
     let deadline = Instant::now() + SOCKET_WAIT;
     loop {
         match client.describe_instance().await {
@@ -418,11 +428,12 @@ async fn wait_for_socket(client: &FcClient, pid: u32, socket: &Path) -> Result<(
             Err(_) => break,
         }
     }
-    process::stop(pid, socket, Duration::ZERO).await;
-    Err(AgentError::VmmDidNotStart { socket: socket.display().to_string(), seconds: SOCKET_WAIT.as_secs() })
+    process::stop(pid, uid, api_sock, Duration::ZERO).await;
+    Err(AgentError::VmmDidNotStart { socket: client.socket().display().to_string(), seconds: SOCKET_WAIT.as_secs() })
 }
 
-/// Sends the full pre-boot configuration, then InstanceStart.
+/// Sends the full pre-boot configuration, then InstanceStart. `paths` are
+/// the VM's files as the VMM sees them.
 pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     client
