@@ -24,6 +24,46 @@ pub struct EnsureVm {
     /// `auto` or an address in the node's VM subnet; `None`: no `ip=`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Boot from this snapshot instead of the kernel, when the VMM is new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A snapshot on the same node to start a VM from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreFrom {
+    /// uid of the VM the snapshot was taken from.
+    pub vm_uid: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+/// Body of a snapshot request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Resume the VM after the snapshot (it stays Paused otherwise).
+    #[serde(default = "yes")]
+    pub resume_after: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A snapshot on a node: the VM state, its memory and its disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotReport {
+    pub name: String,
+    pub vm_uid: String,
+    pub state_path: String,
+    pub memory_path: String,
+    pub rootfs_path: String,
+    /// Bytes the three files take on disk.
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What a node agent observes about one VM.

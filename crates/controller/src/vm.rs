@@ -254,5 +254,6 @@ pub fn ensure_request(vm: &Vm) -> EnsureVm {
         boot_args: vm.spec.boot_args.clone().unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
         mac: vm.spec.network.as_ref().and_then(|n| n.mac.clone()).unwrap_or_else(|| mac_from_uid(vm.uid())),
         ip: vm.spec.network.as_ref().and_then(|n| n.ip.clone()),
+        restore: None,
     }
 }

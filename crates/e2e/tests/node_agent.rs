@@ -112,6 +112,7 @@ fn request(uid: &str) -> EnsureVm {
         boot_args: "console=ttyS0".into(),
         mac: "06:00:ac:10:00:02".into(),
         ip: None,
+        restore: None,
     }
 }
 
@@ -577,5 +578,66 @@ fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
         );
         let _ = daemon.kill();
         let _ = daemon.wait();
+    });
+}
+
+#[test]
+fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Agent::start(dir.path(), &[]).await;
+        let a = agent.ensure(&request(UID)).await;
+        let (s, body) = agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/warm"), Some(&serde_json::json!({}))).await;
+        assert_eq!(s, 200, "{body}");
+        let snap: Value = serde_json::from_str(&body).unwrap();
+        let mem = std::fs::metadata(snap["memoryPath"].as_str().unwrap()).unwrap();
+        assert_eq!(mem.len(), 128 << 20, "memory file of the guest's size");
+        assert!(
+            std::path::Path::new(snap["rootfsPath"].as_str().unwrap()).exists(),
+            "the disk is part of the snapshot"
+        );
+        println!("snapshot takes {} bytes on disk", snap["sizeBytes"]);
+        let (_, again) =
+            agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/warm"), Some(&serde_json::json!({}))).await;
+        assert_eq!(serde_json::from_str::<Value>(&again).unwrap(), snap, "repeating returns the snapshot made");
+        let (_, info) = agent.call("GET", &format!("/v1/vms/{UID}/proxy/"), None).await;
+        assert!(info.contains("\"state\":\"Running\""), "resumed after the snapshot: {info}");
+
+        // Restore into a new VM while the source runs on.
+        let b_uid = "00000000-0000-4000-8000-0000000000b2";
+        let mut b = request(b_uid);
+        b.mac = "06:00:ac:10:00:09".into();
+        b.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: UID.into(), snapshot: "warm".into() });
+        let rb = agent.ensure(&b).await;
+        assert_eq!(rb.state, ObservedState::Running);
+        assert_ne!(rb.tap_name, a.tap_name);
+        let view = agent.run_dir().join("vm").join("rootfs.ext4").display().to_string();
+        for uid in [UID, b_uid] {
+            let (_, cfg) = agent.call("GET", &format!("/v1/vms/{uid}/proxy/vm/config"), None).await;
+            let cfg: Value = serde_json::from_str(&cfg).unwrap();
+            assert_eq!(cfg["drives"][0]["path_on_host"], view.as_str(), "each VMM names its disk by the shared path");
+        }
+        assert!(agent.run_dir().join("vms").join(b_uid).join("rootfs.ext4").exists(), "the new VM has its own disk");
+        let log = std::fs::read_to_string(agent.run_dir().join("vms").join(b_uid).join("fc.log")).unwrap();
+        assert!(log.contains("Snapshot loaded"), "{log}");
+        assert_eq!(host::vmm_processes_under(&agent.run_dir()).len(), 2);
+
+        // Bad names and missing snapshots are refused.
+        assert_eq!(
+            agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/Bad_Name"), Some(&serde_json::json!({}))).await.0,
+            422
+        );
+        let mut c = request("00000000-0000-4000-8000-0000000000c3");
+        c.mac = "06:00:ac:10:00:0a".into();
+        c.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: UID.into(), snapshot: "nope".into() });
+        let (s, body) = agent
+            .call("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000c3", Some(&serde_json::to_value(&c).unwrap()))
+            .await;
+        assert_eq!(s, 404, "{body}");
+        let (s, _) = agent
+            .call("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000d4/snapshots/x", Some(&serde_json::json!({})))
+            .await;
+        assert_eq!(s, 404, "no such VM");
     });
 }

@@ -35,6 +35,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/vms/{uid}/proxy", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/{*path}", any(proxy))
+        .route("/v1/vms/{uid}/snapshots/{name}", axum::routing::put(snapshot))
         .route("/v1/vms/{uid}/logs", get(logs))
         .route("/v1/vms/{uid}/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
@@ -203,6 +204,14 @@ async fn metrics(
         }
         Err(e) => Err(AgentError::io("reading metrics")(e)),
     }
+}
+
+async fn snapshot(
+    State(state): State<AgentState>,
+    Path((uid, name)): Path<(String, String)>,
+    Json(req): Json<nexus_api::agent::SnapshotRequest>,
+) -> Result<Json<nexus_api::agent::SnapshotReport>, AgentError> {
+    Ok(Json(state.runtime.snapshot(&uid, &name, req.resume_after).await?))
 }
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {

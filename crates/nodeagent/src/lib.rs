@@ -14,4 +14,5 @@ pub mod process;
 pub mod proxy;
 pub mod register;
 pub mod scope;
+pub mod snapshots;
 pub mod vms;

@@ -12,6 +12,8 @@ pub const TAP_PREFIX: &str = "nxt";
 pub enum PathError {
     #[error("VM uid {0:?} is not a UUID (expected 8-4-4-4-12 lower-case hex digits)")]
     BadUid(String),
+    #[error("snapshot name {0:?} must be 1-63 lower-case letters, digits or '-'")]
+    BadName(String),
 }
 
 /// A VM uid that was checked to be a lower-case hyphenated UUID, so it can
@@ -81,10 +83,43 @@ impl VmPaths {
     pub fn ip(&self) -> PathBuf {
         self.dir.join("ip")
     }
+    /// Snapshot `name` of this VM (the name must already be checked).
+    pub fn snapshot(&self, name: &str) -> SnapshotPaths {
+        SnapshotPaths { dir: self.dir.join("snapshots").join(name) }
+    }
     /// When the VMM was started and how long it took to boot.
     pub fn started(&self) -> PathBuf {
         self.dir.join("started")
     }
+}
+
+/// The files of one snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotPaths {
+    pub dir: PathBuf,
+}
+
+impl SnapshotPaths {
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join("mem")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+    /// Written last: the snapshot is complete when it exists.
+    pub fn done(&self) -> PathBuf {
+        self.dir.join("done.json")
+    }
+}
+
+/// Checks a snapshot name: a DNS label, so it can name a directory.
+pub fn check_snapshot_name(name: &str) -> Result<(), PathError> {
+    let mut errors = nexus_api::validation::FieldErrors::default();
+    nexus_api::validation::validate_dns_label(&mut errors, "snapshot", name);
+    if errors.is_empty() { Ok(()) } else { Err(PathError::BadName(name.chars().take(80).collect())) }
 }
 
 /// The agent's run directory.

@@ -152,8 +152,14 @@ impl Runtime {
         let bridge = self.ensure_bridge().await?;
         let tap = uid.tap_name();
         self.net.ensure_tap(&tap, bridge).await?;
-        disk::ensure_copy(Path::new(&req.rootfs_path), &paths.rootfs())
-            .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?;
+        let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
+        match &restore {
+            // The snapshot's disk, taken with its memory, is the VM's disk.
+            Some(snap) => disk::ensure_copy(&snap.rootfs(), &paths.rootfs())
+                .map_err(AgentError::io("copying the snapshot's disk"))?,
+            None => disk::ensure_copy(Path::new(&req.rootfs_path), &paths.rootfs())
+                .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
+        }
         for file in [paths.log(), paths.metrics()] {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -183,7 +189,15 @@ impl Runtime {
         }
         tracing::info!(uid = %uid, vm = %req.display_name, pid, scoped = self.cfg.scopes.is_some(), "VMM launched");
         wait_for_socket(client, pid, uid.as_str(), &api_sock).await?;
-        if let Err(e) = configure(client, &self.cfg.run_dir.vmm_view(), req, &tap).await {
+        let view = self.cfg.run_dir.vmm_view();
+        let configured = match &restore {
+            Some(snap) => match configure_observability(client, &view).await {
+                Ok(()) => crate::snapshots::load(client, snap, &tap).await,
+                Err(e) => Err(e),
+            },
+            None => configure(client, &view, req, &tap).await,
+        };
+        if let Err(e) = configured {
             process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
             return Err(e);
         }
@@ -191,6 +205,20 @@ impl Runtime {
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// Takes snapshot `name` of VM `uid` (see `snapshots::create`).
+    pub async fn snapshot(
+        &self,
+        raw_uid: &str,
+        name: &str,
+        resume_after: bool,
+    ) -> Result<nexus_api::agent::SnapshotReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let lock = self.lock(&uid).await;
+        let _held = lock.lock().await;
+        let paths = self.paths(&uid)?;
+        crate::snapshots::create(&self.cfg.run_dir, &uid, &paths, name, resume_after).await
     }
 
     /// The node's VM subnet: the bridge's address and prefix.
@@ -432,9 +460,9 @@ async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, api_sock: &Path
     Err(AgentError::VmmDidNotStart { socket: client.socket().display().to_string(), seconds: SOCKET_WAIT.as_secs() })
 }
 
-/// Sends the full pre-boot configuration, then InstanceStart. `paths` are
-/// the VM's files as the VMM sees them.
-pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+/// Points Firecracker's log and metrics at the VM's files (`paths` as the
+/// VMM sees them): the only configuration a snapshot load allows first.
+pub async fn configure_observability(client: &FcClient, paths: &VmPaths) -> Result<(), AgentError> {
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     client
         .put_logger(&models::Logger {
@@ -448,7 +476,14 @@ pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: 
     client
         .put_metrics(&models::Metrics { metrics_path: paths.metrics().display().to_string() })
         .await
-        .map_err(fc("metrics"))?;
+        .map_err(fc("metrics"))
+}
+
+/// Sends the full pre-boot configuration, then InstanceStart. `paths` are
+/// the VM's files as the VMM sees them.
+pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+    let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
+    configure_observability(client, paths).await?;
     client
         .put_machine_config(&models::MachineConfiguration {
             vcpu_count: req.vcpu,

@@ -152,6 +152,7 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         boot_args: "console=ttyS0 reboot=k panic=1 pci=off".into(),
         mac: "06:00:ac:10:00:02".into(),
         ip: None,
+        restore: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.
