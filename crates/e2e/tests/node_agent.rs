@@ -149,6 +149,13 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         assert_eq!(before.0, vec![tap.clone()]);
         assert_eq!(before.2.len(), 1);
 
+        let (s, cap) = agent.call("GET", "/v1/capacity", None).await;
+        assert_eq!(s, 200, "{cap}");
+        let cap: Value = serde_json::from_str(&cap).unwrap();
+        assert_eq!(cap["allocated"], serde_json::json!({"vcpu": 1, "memMib": 128, "vms": 1}));
+        assert_eq!(cap["subnet"], "172.30.0.0/24");
+        assert!(cap["capacity"]["vcpu"].as_u64().unwrap() >= 1);
+
         let second = agent.ensure(&request(UID)).await;
         assert_eq!(second, first, "the same report, the same VMM");
         assert_eq!(host_state(&agent.run_dir()), before, "a repeated ensure changes nothing on the host");

@@ -24,6 +24,8 @@ use crate::vms::Runtime;
 pub struct AgentState {
     pub runtime: Arc<Runtime>,
     pub token: Arc<String>,
+    /// What this node offers.
+    pub capacity: nexus_api::node::NodeCapacity,
 }
 
 /// The agent's routes.
@@ -31,6 +33,7 @@ pub fn router(state: AgentState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/inventory", get(inventory))
+        .route("/v1/capacity", get(capacity))
         .route("/v1/vms/{uid}", get(report).put(ensure).delete(remove))
         .route("/v1/vms/{uid}/proxy", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
@@ -212,6 +215,18 @@ async fn snapshot(
     Json(req): Json<nexus_api::agent::SnapshotRequest>,
 ) -> Result<Json<nexus_api::agent::SnapshotReport>, AgentError> {
     Ok(Json(state.runtime.snapshot(&uid, &name, req.resume_after).await?))
+}
+
+/// What the node offers, what its VMs take, and how it runs them.
+async fn capacity(State(state): State<AgentState>) -> Json<serde_json::Value> {
+    let rt = &state.runtime;
+    Json(serde_json::json!({
+        "capacity": state.capacity,
+        "allocated": rt.allocation(),
+        "subnet": rt.subnet().map(|s| s.cidr()),
+        "processManager": if rt.config().scopes.is_some() { "systemd" } else { "direct" },
+        "cgroups": rt.config().cgroups.is_some(),
+    }))
 }
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {

@@ -2,6 +2,7 @@
 //! TAP devices on a bridge, and answers the controller's declarative calls.
 
 pub mod api;
+pub mod cgroup;
 pub mod disk;
 pub mod error;
 pub mod firecracker;

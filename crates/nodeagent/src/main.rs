@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             bridge_address,
             firecracker: firecracker.clone(),
             stop_grace: Duration::from_secs(args.stop_grace_secs),
+            cgroups: if scopes.is_none() { nexus_nodeagent::cgroup::Cgroups::detect() } else { None },
             scopes,
         },
         net,
@@ -128,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
-    let state = AgentState { runtime, token: Arc::new(token) };
+    let state = AgentState { runtime, token: Arc::new(token), capacity: host_capacity(args.max_vms) };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
     Ok(())
 }

@@ -36,6 +36,8 @@ pub struct RuntimeConfig {
     /// systemd scopes for VMMs, where systemd runs the host; `None`: each
     /// VMM is a plain child in its own process group.
     pub scopes: Option<crate::scope::Scopes>,
+    /// cgroup v2 limits for VMMs that are not in systemd scopes.
+    pub cgroups: Option<crate::cgroup::Cgroups>,
 }
 
 /// Owns every VM on this host.
@@ -187,6 +189,12 @@ impl Runtime {
                 source: std::io::Error::other(e.to_string()),
             });
         }
+        if let (None, Some(cg)) = (&self.cfg.scopes, &self.cfg.cgroups)
+            && let Err(e) = cg.confine(uid, pid, req.vcpu, req.mem_mib)
+        {
+            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
+            return Err(AgentError::io("placing the VMM in its cgroup")(e));
+        }
         tracing::info!(uid = %uid, vm = %req.display_name, pid, scoped = self.cfg.scopes.is_some(), "VMM launched");
         wait_for_socket(client, pid, uid.as_str(), &api_sock).await?;
         let view = self.cfg.run_dir.vmm_view();
@@ -292,6 +300,11 @@ impl Runtime {
                 && let Err(e) = scopes.stop(&uid).await
             {
                 tracing::warn!(uid = %uid, error = %e, "stopping the VM's scope failed");
+            }
+            if let Some(cg) = &self.cfg.cgroups
+                && let Err(e) = cg.remove(&uid)
+            {
+                tracing::warn!(uid = %uid, error = %e, "removing the VM's cgroup failed");
             }
             self.net.delete_link(&uid.tap_name()).await?;
             match std::fs::remove_dir_all(&paths.dir) {
