@@ -173,6 +173,24 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         assert_eq!(anon.status().as_u16(), 401);
         let wrong = agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth("wrong").send().await.unwrap();
         assert_eq!(wrong.status().as_u16(), 401);
+        // Taking the node's networking down removes the bridge and NAT too.
+        let mut agent = agent;
+        agent.proc.stop();
+        let s = |p: PathBuf| p.display().to_string();
+        let teardown = std::process::Command::new(bin("nexus-nodeagent"))
+            .args([
+                "--teardown-network",
+                "--token-file",
+                &s(dir.path().join("token")),
+                "--run-dir",
+                &s(dir.path().join("run")),
+            ])
+            .output()
+            .unwrap();
+        assert!(teardown.status.success(), "{}", String::from_utf8_lossy(&teardown.stderr));
+        assert!(!host::links().iter().any(|l| l.name == "nxbr0"), "the bridge is gone");
+        let nat_gone = std::process::Command::new("nft").args(["list", "table", "ip", "nexus"]).output().unwrap();
+        assert!(!nat_gone.status.success(), "the NAT table is gone");
     });
 }
 

@@ -60,6 +60,10 @@ struct Args {
     /// D-Bus address of systemd's manager (default: the system bus).
     #[arg(long, env = "NEXUS_SYSTEMD_BUS")]
     systemd_bus: Option<String>,
+    /// Remove the bridge and the NAT rule and exit; refused while VMs
+    /// remain in the run directory (delete them first).
+    #[arg(long)]
+    teardown_network: bool,
 }
 
 #[tokio::main]
@@ -77,13 +81,16 @@ async fn main() -> anyhow::Result<()> {
     if token.len() < 16 {
         bail!("the agent credential in {} must be at least 16 characters", args.token_file.display());
     }
-    let firecracker = resolve_binary(&args.firecracker)?;
     let bridge_address = match args.bridge_address.as_str() {
         "none" => None,
         cidr => Some(parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--bridge-address: {e}"))?),
     };
-    let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
     let net = Net::connect().context("opening netlink")?;
+    if args.teardown_network {
+        return teardown(&net, &args, bridge_address).await;
+    }
+    let firecracker = resolve_binary(&args.firecracker)?;
+    let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
     let use_systemd = match args.process_manager.as_str() {
         "systemd" => true,
         "direct" => false,
@@ -131,6 +138,23 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
     let state = AgentState { runtime, token: Arc::new(token), capacity: host_capacity(args.max_vms) };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+/// Removes what the agent set up for all its VMs: the NAT rule and the bridge.
+async fn teardown(net: &Net, args: &Args, bridge_address: Option<(std::net::Ipv4Addr, u8)>) -> anyhow::Result<()> {
+    let vms = args.run_dir.join("vms");
+    let remaining = std::fs::read_dir(&vms).map(|d| d.count()).unwrap_or(0);
+    if remaining > 0 {
+        bail!("{remaining} VM directories remain in {}: delete those VMs first", vms.display());
+    }
+    if let Some((ip, len)) = bridge_address {
+        nexus_nodeagent::nat::remove_masquerade(nexus_nodeagent::nat::detect(), &args.bridge, ip, len)
+            .await
+            .context("removing the NAT rule")?;
+    }
+    let removed = net.delete_link(&args.bridge).await.map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(bridge = %args.bridge, removed, "node networking torn down");
     Ok(())
 }
 
