@@ -27,8 +27,9 @@ struct Args {
     /// Seconds after which a converged VM is checked against its node again.
     #[arg(long, default_value_t = 5)]
     recheck_secs: u64,
-    /// Seconds without a heartbeat after which a node is not Ready.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds without a heartbeat after which a node is not Ready
+    /// (agents beat every 2 s).
+    #[arg(long, default_value_t = 6)]
     node_grace_secs: i64,
 }
 

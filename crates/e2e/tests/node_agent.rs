@@ -335,6 +335,30 @@ fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
         assert!(seen.matches("data:").count() >= 3, "the tail line and two new ones: {seen}");
         assert!(seen.contains("guest alive"), "{seen}");
 
+        // Nothing of the caller's request but method, path and body reaches
+        // the VMM: not its Host, not its credential.
+        let rec_uid = "00000000-0000-4000-8000-000000000002";
+        let rec_dir = agent.run_dir().join("vms").join(rec_uid);
+        std::fs::create_dir_all(&rec_dir).unwrap();
+        let recorder = tokio::net::UnixListener::bind(rec_dir.join("fc.sock")).unwrap();
+        let captured = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut conn, _) = recorder.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = conn.read(&mut buf).await.unwrap();
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let (s, _) = agent.call("GET", &format!("/v1/vms/{rec_uid}/proxy/version"), None).await;
+        assert_eq!(s, 200);
+        let seen = captured.await.unwrap();
+        assert!(seen.starts_with("GET /version HTTP/1.1\r\n"), "{seen}");
+        assert!(seen.to_lowercase().contains("host: localhost\r\n"), "{seen}");
+        assert!(
+            !seen.contains(ADDR) && !seen.contains(TOKEN) && !seen.to_lowercase().contains("authorization"),
+            "{seen}"
+        );
+
         // A VMM that accepts but never answers: 504.
         let mute_uid = "00000000-0000-4000-8000-000000000001";
         let mute_dir = agent.run_dir().join("vms").join(mute_uid);
