@@ -277,6 +277,34 @@ pub async fn list<S: ResourceSpec>(
     .into_response())
 }
 
+/// Parses a sent object and applies `merge(current, sent)` to the stored
+/// one under optimistic concurrency: the shared body of both `PUT`s.
+async fn update<S: ResourceSpec>(
+    state: &AppState,
+    path: &HashMap<String, String>,
+    params: &Params,
+    body: &Bytes,
+    verb: &'static str,
+    merge: impl FnOnce(&mut Object<S>, &Object<S>),
+) -> Result<Json<Value>, ApiError> {
+    let t = target::<S>(path)?;
+    let sent = parse_object::<S>(body)?;
+    let name = t.name.clone().unwrap_or_default();
+    check_url_name::<S>(&sent, &name)?;
+    let dry_run = params.dry_run()?;
+    let result = state
+        .store
+        .mutate(S::KIND, &t.project, &name, &audit(verb), |current, rv| {
+            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+            check_version(&sent, &current)?;
+            let mut next = current.clone();
+            merge(&mut next, &sent);
+            finish_write(current, next, rv, dry_run)
+        })
+        .await?;
+    Ok(Json(result))
+}
+
 /// `PUT` on an object: replaces metadata and spec; status is kept as stored.
 pub async fn replace<S: ResourceSpec>(
     State(state): State<AppState>,
@@ -284,29 +312,17 @@ pub async fn replace<S: ResourceSpec>(
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let t = target::<S>(&path)?;
-    let sent = parse_object::<S>(&body)?;
-    let name = t.name.clone().unwrap_or_default();
-    check_url_name::<S>(&sent, &name)?;
-    let dry_run = params.dry_run()?;
-    let result = state
-        .store
-        .mutate(S::KIND, &t.project, &name, &audit("update"), |current, rv| {
-            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
-            check_version(&sent, &current)?;
-            let mut next = current.clone();
-            if next.spec != sent.spec {
-                next.spec = sent.spec.clone();
-                next.metadata.generation = Some(current.metadata.generation.unwrap_or(0) + 1);
-            }
-            next.metadata.labels = sent.metadata.labels.clone();
-            next.metadata.annotations = sent.metadata.annotations.clone();
-            next.metadata.owner_references = sent.metadata.owner_references.clone();
-            next.metadata.finalizers = sent.metadata.finalizers.clone();
-            finish_write(current, next, rv, dry_run)
-        })
-        .await?;
-    Ok(Json(result))
+    update::<S>(&state, &path, &params, &body, "update", |next, sent| {
+        if next.spec != sent.spec {
+            next.spec = sent.spec.clone();
+            next.metadata.generation = Some(next.metadata.generation.unwrap_or(0) + 1);
+        }
+        next.metadata.labels = sent.metadata.labels.clone();
+        next.metadata.annotations = sent.metadata.annotations.clone();
+        next.metadata.owner_references = sent.metadata.owner_references.clone();
+        next.metadata.finalizers = sent.metadata.finalizers.clone();
+    })
+    .await
 }
 
 /// `PUT` on `.../status`: replaces status only.
@@ -316,22 +332,7 @@ pub async fn replace_status<S: ResourceSpec>(
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let t = target::<S>(&path)?;
-    let sent = parse_object::<S>(&body)?;
-    let name = t.name.clone().unwrap_or_default();
-    check_url_name::<S>(&sent, &name)?;
-    let dry_run = params.dry_run()?;
-    let result = state
-        .store
-        .mutate(S::KIND, &t.project, &name, &audit("update-status"), |current, rv| {
-            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
-            check_version(&sent, &current)?;
-            let mut next = current.clone();
-            next.status = sent.status.clone();
-            finish_write(current, next, rv, dry_run)
-        })
-        .await?;
-    Ok(Json(result))
+    update::<S>(&state, &path, &params, &body, "update-status", |next, sent| next.status = sent.status.clone()).await
 }
 
 /// `DELETE` on an object: removes it at once when it has no finalizers,

@@ -1,5 +1,8 @@
 //! Request bodies, checked the way Firecracker checks them: unknown fields
 //! and missing required fields are refused before any rule is applied.
+//!
+//! Deliberately not shared with the agent's client models: a stand-in that
+//! reused the client's types would agree with the client's mistakes.
 
 use serde::{Deserialize, Serialize};
 
