@@ -2,6 +2,8 @@
 //! agents, level-triggered.
 
 pub mod agent;
+pub mod events;
+pub mod node;
 pub mod queue;
 pub mod runner;
 pub mod scheduler;

@@ -45,12 +45,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading the agent credential from {}", args.agent_token_file.display()))?
         .trim()
         .to_string();
+    let api = nexus_api::client::Client::new(&args.apiserver, None);
+    let events = nexus_controller::events::Recorder::new(api.clone());
+    let node_grace = chrono::Duration::seconds(args.node_grace_secs);
     let reconciler = VmReconciler {
-        api: nexus_api::client::Client::new(&args.apiserver, None),
+        api: api.clone(),
         agents: AgentClient::new(token),
-        node_grace: chrono::Duration::seconds(args.node_grace_secs),
+        node_grace,
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
+        events: events.clone(),
     };
+    tokio::spawn(nexus_controller::node::run(api, events, node_grace, Duration::from_secs(1)));
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {
         _ = runner::run(reconciler, args.workers, Duration::from_secs(args.resync_secs.max(5))) => {}

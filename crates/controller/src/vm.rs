@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use nexus_api::agent::{EnsureVm, ObservedState, VmReport};
 use nexus_api::client::{Client, ClientError, ListParams};
-use nexus_api::meta::set_condition;
+use nexus_api::event::EventType;
+use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::vm::{DEFAULT_BOOT_ARGS, VmError, VmRuntime, mac_from_uid};
 use nexus_api::{ConditionStatus, Node, NodeSpec, Vm, VmPhase, VmSpec, VmStatus};
 
@@ -46,6 +47,7 @@ pub struct VmReconciler {
     pub node_grace: chrono::Duration,
     /// How often a converged VM is checked again.
     pub recheck: Duration,
+    pub events: crate::events::Recorder,
 }
 
 impl VmReconciler {
@@ -113,6 +115,7 @@ impl VmReconciler {
                 next.spec.node_name = Some(node.clone());
                 let bound = self.api.replace(&next).await?;
                 tracing::info!(vm = %vm.name(), node = %node, "scheduled");
+                self.events.vm(&bound, EventType::Normal, "Scheduled", &format!("placed on node {node}")).await;
                 let mut status = bound.status_or_default();
                 status.phase = VmPhase::Scheduled;
                 status.node_name = Some(node.clone());
@@ -127,6 +130,14 @@ impl VmReconciler {
                 Ok(Action::AwaitChange)
             }
             Err(why) => {
+                let was = vm
+                    .status
+                    .as_ref()
+                    .and_then(|s| find_condition(&s.conditions, "Scheduled"))
+                    .map(|c| c.message.clone());
+                if was.as_deref() != Some(why.0.as_str()) {
+                    self.events.vm(&vm, EventType::Warning, "Unschedulable", &why.0).await;
+                }
                 let mut status = vm.status_or_default();
                 status.phase = VmPhase::Pending;
                 set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "Unschedulable", &why.0);
@@ -170,6 +181,7 @@ impl VmReconciler {
 
     async fn write_observed(&self, vm: &Vm, node: &str, report: &VmReport) -> Result<(), ReconcileError> {
         let mut status = vm.status_or_default();
+        let (before, old_pid) = (status.phase, status.runtime.as_ref().and_then(|r| r.pid));
         status.node_name = Some(node.to_string());
         status.observed_generation = vm.metadata.generation;
         status.last_error = None;
@@ -204,11 +216,40 @@ impl VmReconciler {
             &format!("{:?}", report.state),
             if ready { "the VMM is running the guest" } else { "the guest is not running" },
         );
-        self.write_status(vm, status).await
+        let after = status.phase;
+        self.write_status(vm, status).await?;
+        let event = match (before, after) {
+            (b, VmPhase::Running) if b != VmPhase::Running => {
+                Some(("Started", format!("running on node {node}, pid {:?}", report.pid)))
+            }
+            (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.pid => Some((
+                "Restarted",
+                format!("the VMM (pid {old_pid:?}) was gone; started again as pid {:?}", report.pid),
+            )),
+            (b, VmPhase::Paused) if b != VmPhase::Paused => {
+                Some(("Paused", "the guest's vCPUs are paused".to_string()))
+            }
+            (b, VmPhase::Stopped) if b != VmPhase::Stopped => {
+                Some(("Stopped", "the VMM is stopped; the disk is kept".to_string()))
+            }
+            _ => None,
+        };
+        if let Some((reason, message)) = event {
+            self.events.vm(vm, EventType::Normal, reason, &message).await;
+        }
+        Ok(())
     }
 
     async fn write_failed(&self, vm: &Vm, node: &str, body: &nexus_api::ErrorBody) -> Result<(), ReconcileError> {
         tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
+        let mut message = body.message.clone();
+        if let Some(f) = &body.fault_message {
+            message.push_str(&format!("; firecracker: {f}"));
+        }
+        if let Some(s) = &body.suggestion {
+            message.push_str(&format!("; {s}"));
+        }
+        self.events.vm(vm, EventType::Warning, "Failed", &message).await;
         let mut status = vm.status_or_default();
         status.node_name = Some(node.to_string());
         status.observed_generation = vm.metadata.generation;

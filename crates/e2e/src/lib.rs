@@ -150,6 +150,7 @@ pub struct Cluster {
     pub apiserver: Proc,
     pub agent: Proc,
     pub controller: Proc,
+    agent_args: Vec<String>,
 }
 
 /// Ports used inside the test's own namespace (no clash with the host).
@@ -176,38 +177,55 @@ impl Cluster {
         let client = Client::new(&server, None);
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
             .await;
-        let agent = spawn(
-            "nodeagent",
-            &bin("nexus-nodeagent"),
-            &[
-                "--apiserver",
-                &server,
-                "--node-name",
-                node,
-                "--listen",
-                AGENT_ADDR,
-                "--token-file",
-                &s(&token),
-                "--run-dir",
-                &s(&run_dir),
-                "--firecracker",
-                &s(&bin("firecracker-sim")),
-                "--heartbeat-secs",
-                "1",
-            ],
-            &dir.join("agent.log"),
-        );
+        let agent_args: Vec<String> = [
+            "--apiserver",
+            &server,
+            "--node-name",
+            node,
+            "--listen",
+            AGENT_ADDR,
+            "--token-file",
+            &s(&token),
+            "--run-dir",
+            &s(&run_dir),
+            "--firecracker",
+            &s(&bin("firecracker-sim")),
+            "--heartbeat-secs",
+            "1",
+            "--process-manager",
+            "direct",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+        let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
         let controller = spawn(
             "controller",
             &bin("nexus-controller"),
-            &["--apiserver", &server, "--agent-token-file", &s(&token), "--recheck-secs", "2"],
+            &[
+                "--apiserver",
+                &server,
+                "--agent-token-file",
+                &s(&token),
+                "--recheck-secs",
+                "2",
+                "--node-grace-secs",
+                "4",
+            ],
             &dir.join("controller.log"),
         );
         wait_until(Duration::from_secs(10), "the node to register", || async {
             client.get::<nexus_api::NodeSpec>("", node).await.is_ok()
         })
         .await;
-        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller }
+        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args }
+    }
+
+    /// Starts the node agent again (after it was killed or stopped).
+    pub fn restart_agent(&mut self) {
+        let argv: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        self.agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &self.dir.join("agent.log"));
     }
 
     pub fn client(&self) -> Client {

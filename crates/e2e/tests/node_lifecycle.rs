@@ -1,0 +1,125 @@
+//! A node whose agent dies is marked NotReady and its VMs say so; when the
+//! agent returns, the VMs are adopted, not remade. Decisions are Events.
+
+#![allow(clippy::unwrap_used)] // a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use nexus_api::client::ListParams;
+use nexus_api::meta::find_condition;
+use nexus_api::{ConditionStatus, EventSpec, NodeSpec, VmPhase, VmSpec};
+use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root, wait_until};
+
+fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
+    let mut r: Vec<String> = events.iter().map(|e| e.spec.reason.clone()).collect();
+    r.sort();
+    r
+}
+
+#[test]
+fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(dir.path(), "node-a").await;
+        let client = cluster.client();
+        let (ok, _, err) =
+            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
+        assert!(ok, "{err}");
+        let running = || async {
+            client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Running
+                    && find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+            })
+        };
+        wait_until(Duration::from_secs(30), "the VM to run", running).await;
+        let pid = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap().pid;
+
+        cluster.agent.kill();
+        let killed = Instant::now();
+        wait_until(Duration::from_secs(20), "the node to be marked NotReady", || async {
+            let node = client.get::<NodeSpec>("", "node-a").await.unwrap().status_or_default();
+            find_condition(&node.conditions, "Ready")
+                .is_some_and(|c| c.status == ConditionStatus::False && c.reason == "NodeStatusUnknown")
+        })
+        .await;
+        println!("node marked NotReady {} ms after its agent was killed", killed.elapsed().as_millis());
+        wait_until(Duration::from_secs(20), "the VM to report its node NotReady", || async {
+            let vm = client.get::<VmSpec>("default", "hello").await.unwrap().status_or_default();
+            find_condition(&vm.conditions, "Ready").is_some_and(|c| c.reason == "NodeNotReady")
+        })
+        .await;
+
+        cluster.restart_agent();
+        let back = Instant::now();
+        wait_until(Duration::from_secs(30), "the VM to be Ready again", running).await;
+        println!("VM Ready again {} ms after the agent restarted", back.elapsed().as_millis());
+        let vm = client.get::<VmSpec>("default", "hello").await.unwrap();
+        assert_eq!(vm.status.unwrap().runtime.unwrap().pid, pid, "adopted, not restarted");
+        let node = client.get::<NodeSpec>("", "node-a").await.unwrap().status_or_default();
+        assert!(node.is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)));
+
+        let params = ListParams { field_selector: Some("spec.involvedObject.name=hello".into()), ..Default::default() };
+        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
+        assert_eq!(reasons(&events), vec!["NodeLost", "Scheduled", "Started"], "{events:?}");
+        let (ok, out, _) = cluster.nexusctl(&["describe", "vm", "hello"]);
+        assert!(ok && out.contains("NodeLost") && out.contains("Scheduled"), "{out}");
+
+        let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "hello", "--wait"]);
+        assert!(ok, "{err}");
+        assert_eq!(nexus_e2e::host::vmm_processes_under(&cluster.run_dir), vec![]);
+        cluster.stop();
+    });
+}
+
+#[test]
+fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(dir.path(), "node-a").await;
+        let client = cluster.client();
+        let (ok, _, err) =
+            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
+        assert!(ok, "{err}");
+        let phase_is = |p: VmPhase| {
+            let client = client.clone();
+            move || {
+                let client = client.clone();
+                async move { client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| v.status_or_default().phase == p) }
+            }
+        };
+        wait_until(Duration::from_secs(30), "Running", phase_is(VmPhase::Running)).await;
+        for (verb, phase) in [
+            ("pause", VmPhase::Paused),
+            ("resume", VmPhase::Running),
+            ("stop", VmPhase::Stopped),
+            ("start", VmPhase::Running),
+        ] {
+            let (ok, _, err) = cluster.nexusctl(&[verb, "vm", "hello"]);
+            assert!(ok, "{verb}: {err}");
+            wait_until(Duration::from_secs(30), verb, phase_is(phase)).await;
+        }
+        // SIGKILL the VMM: the controller has the agent start it again.
+        let pid = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap().pid.unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let killed = Instant::now();
+        wait_until(Duration::from_secs(30), "a new VMM", || async {
+            client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Running && s.runtime.and_then(|r| r.pid).is_some_and(|p| p != pid)
+            })
+        })
+        .await;
+        println!("VMM running again {} ms after SIGKILL", killed.elapsed().as_millis());
+        let params = ListParams { field_selector: Some("spec.involvedObject.name=hello".into()), ..Default::default() };
+        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
+        assert_eq!(reasons(&events), vec!["Paused", "Restarted", "Scheduled", "Started", "Stopped"], "{events:?}");
+        let started = events.iter().find(|e| e.spec.reason == "Started").unwrap();
+        assert_eq!(started.spec.count, 3, "started, resumed, started again: one event, counted");
+        let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "hello", "--wait"]);
+        assert!(ok, "{err}");
+        cluster.stop();
+    });
+}
