@@ -109,8 +109,35 @@ pub struct Inventory {
     pub vms: Vec<VmReport>,
     /// TAP devices with the agent's name prefix.
     pub taps: Vec<String>,
-    /// API sockets found under the run directory.
+    /// Unix sockets found anywhere under the run directory.
     pub sockets: Vec<String>,
-    /// Run directories under `<run dir>/vms`.
+    /// Entries of `<run dir>/vms` (normally VM uids).
     pub run_dirs: Vec<String>,
+    /// Live VMM processes of this agent, whether or not a run directory names them.
+    #[serde(default)]
+    pub vmms: Vec<VmmProcess>,
+}
+
+/// A VMM process the agent found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmmProcess {
+    pub pid: u32,
+    pub uid: String,
+}
+
+/// What the controller's garbage collector asks a node to remove: things it
+/// has seen unclaimed by any VM for longer than its grace period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Collect {
+    /// VM uids: their VMM, TAP and run directory go.
+    #[serde(default)]
+    pub uids: Vec<String>,
+    /// TAP devices (agent prefix only).
+    #[serde(default)]
+    pub taps: Vec<String>,
+    /// Socket files under the run directory.
+    #[serde(default)]
+    pub sockets: Vec<String>,
 }

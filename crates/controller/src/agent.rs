@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use nexus_api::ErrorBody;
-use nexus_api::agent::{EnsureVm, VmReport};
+use nexus_api::agent::{Collect, EnsureVm, Inventory, VmReport};
 
 /// Failures calling an agent.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,27 @@ impl AgentClient {
         self.call(self.http.delete(&url), &url).await
     }
 
-    async fn call(&self, req: reqwest::RequestBuilder, url: &str) -> Result<VmReport, AgentCallError> {
+    /// What the agent at `base` finds on its host.
+    pub async fn inventory(&self, base: &str) -> Result<Inventory, AgentCallError> {
+        let url = format!("{base}/v1/inventory");
+        self.call(self.http.get(&url), &url).await
+    }
+
+    /// Asks the agent at `base` to remove unclaimed things; returns what went.
+    pub async fn collect(&self, base: &str, req: &Collect) -> Result<Vec<String>, AgentCallError> {
+        let url = format!("{base}/v1/gc");
+        let answer: serde_json::Value = self.call(self.http.post(&url).json(req), &url).await?;
+        Ok(answer["removed"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, AgentCallError> {
         let unavailable = |message: String| AgentCallError::Unavailable { url: url.to_string(), message };
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| unavailable(e.to_string()))?;
         let status = resp.status();

@@ -45,6 +45,15 @@ impl Recorder {
         }
     }
 
+    /// Records that `reason` happened on node `node`.
+    pub async fn node(&self, node: &str, reason: &str, message: &str) {
+        let reference = ObjectReference { kind: "Node".into(), name: node.to_string(), project: None, uid: None };
+        let key = format!("node/{node}/{message}");
+        if let Err(e) = self.record(reference, &key, EventType::Normal, reason, message).await {
+            tracing::warn!(node, reason, error = %e, "recording an event failed");
+        }
+    }
+
     async fn record(
         &self,
         involved: ObjectReference,

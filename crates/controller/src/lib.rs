@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod gc;
 pub mod node;
 pub mod queue;
 pub mod runner;

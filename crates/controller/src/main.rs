@@ -31,6 +31,15 @@ struct Args {
     /// (agents beat every 2 s).
     #[arg(long, default_value_t = 6)]
     node_grace_secs: i64,
+    /// Seconds between garbage-collection passes over the nodes.
+    #[arg(long, default_value_t = 10)]
+    gc_interval_secs: u64,
+    /// Seconds a thing must stay unclaimed before it is collected.
+    #[arg(long, default_value_t = 60)]
+    gc_grace_secs: u64,
+    /// Address serving /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:7445")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -55,7 +64,26 @@ async fn main() -> anyhow::Result<()> {
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
         events: events.clone(),
     };
-    tokio::spawn(nexus_controller::node::run(api, events, node_grace, Duration::from_secs(1)));
+    tokio::spawn(nexus_controller::node::run(api.clone(), events.clone(), node_grace, Duration::from_secs(1)));
+    tokio::spawn(nexus_controller::gc::run(
+        api,
+        reconciler.agents.clone(),
+        events,
+        Duration::from_secs(args.gc_grace_secs),
+        Duration::from_secs(args.gc_interval_secs.max(1)),
+        node_grace,
+    ));
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0])?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_listen))?;
+    let routes = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(listener, routes).await });
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {
         _ = runner::run(reconciler, args.workers, Duration::from_secs(args.resync_secs.max(5))) => {}

@@ -32,7 +32,13 @@ pub async fn run(reconciler: VmReconciler, workers: usize, resync: Duration) {
         handles.push(tokio::spawn(async move {
             loop {
                 let key = queue.next().await;
+                metrics::gauge!("nexus_controller_queue_depth").set(queue.len() as f64);
+                let started = std::time::Instant::now();
                 let result = reconciler.reconcile(&key.0, &key.1).await;
+                let outcome = if result.is_ok() { "ok" } else { "error" };
+                metrics::counter!("nexus_controller_reconcile_total", "result" => outcome).increment(1);
+                metrics::histogram!("nexus_controller_reconcile_duration_seconds", "result" => outcome)
+                    .record(started.elapsed().as_secs_f64());
                 match result {
                     Ok(action) => {
                         queue.forget(&key);
@@ -41,6 +47,7 @@ pub async fn run(reconciler: VmReconciler, workers: usize, resync: Duration) {
                         }
                     }
                     Err(e) => {
+                        metrics::counter!("nexus_controller_retries_total").increment(1);
                         let delay = queue.add_rate_limited(key.clone());
                         tracing::warn!(vm = %format!("{}/{}", key.0, key.1), error = %chain(&e), retry_in_ms = delay.as_millis() as u64, "reconcile failed");
                     }

@@ -212,6 +212,10 @@ impl Cluster {
                 "2",
                 "--node-grace-secs",
                 "4",
+                "--gc-interval-secs",
+                "1",
+                "--gc-grace-secs",
+                "3",
             ],
             &dir.join("controller.log"),
         );

@@ -123,3 +123,73 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
         cluster.stop();
     });
 }
+
+#[test]
+fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones_never() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(dir.path(), "node-a").await;
+        let client = cluster.client();
+        let (ok, _, err) =
+            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
+        assert!(ok, "{err}");
+        wait_until(Duration::from_secs(30), "the VM to run", || async {
+            client
+                .get::<VmSpec>("default", "hello")
+                .await
+                .is_ok_and(|v| v.status_or_default().phase == VmPhase::Running)
+        })
+        .await;
+        let live = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap();
+        let live_tap = live.tap_name.clone().unwrap();
+
+        // Made by hand: a TAP, a VM directory with a socket, and a stray socket.
+        nexus_e2e::run_ok(std::process::Command::new("ip").args([
+            "tuntap",
+            "add",
+            "dev",
+            "nxt0123456789ab",
+            "mode",
+            "tap",
+        ]));
+        let ghost = cluster.run_dir.join("vms").join("22222222-2222-4222-8222-222222222222");
+        std::fs::create_dir_all(&ghost).unwrap();
+        let _ghost_sock = std::os::unix::net::UnixListener::bind(ghost.join("fc.sock")).unwrap();
+        let _stray = std::os::unix::net::UnixListener::bind(cluster.run_dir.join("stray.sock")).unwrap();
+        let made = Instant::now();
+        let present = |run: std::path::PathBuf| {
+            let tap = nexus_e2e::host::taps().iter().any(|l| l.name == "nxt0123456789ab");
+            (tap, run.join("vms/22222222-2222-4222-8222-222222222222").exists(), run.join("stray.sock").exists())
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(present(cluster.run_dir.clone()), (true, true, true), "nothing goes before the grace period");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while present(cluster.run_dir.clone()) != (false, false, false) {
+            assert!(
+                Instant::now() < deadline,
+                "not collected: {:?}\n{}",
+                present(cluster.run_dir.clone()),
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("collected {} ms after they appeared (grace 3 s)", made.elapsed().as_millis());
+        assert!(nexus_e2e::host::taps().iter().any(|l| l.name == live_tap), "the live VM's TAP is untouched");
+        let now = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap();
+        assert_eq!((now.phase, now.runtime.unwrap().pid), (VmPhase::Running, live.pid), "the live VM is untouched");
+        let params =
+            ListParams { field_selector: Some("spec.involvedObject.name=node-a".into()), ..Default::default() };
+        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
+        assert!(events.iter().filter(|e| e.spec.reason == "GarbageCollected").count() >= 3, "{events:?}");
+        let metrics = reqwest::get("http://127.0.0.1:7445/metrics").await.unwrap().text().await.unwrap();
+        assert!(
+            metrics.contains("nexus_controller_gc_removed_total")
+                && metrics.contains("nexus_controller_reconcile_total{result=\"ok\"}"),
+            "{metrics}"
+        );
+        let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "hello", "--wait"]);
+        assert!(ok, "{err}");
+        cluster.stop();
+    });
+}

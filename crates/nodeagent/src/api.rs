@@ -34,6 +34,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/inventory", get(inventory))
         .route("/v1/capacity", get(capacity))
+        .route("/v1/gc", axum::routing::post(collect))
         .route("/v1/vms/{uid}", get(report).put(ensure).delete(remove))
         .route("/v1/vms/{uid}/proxy", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
@@ -227,6 +228,14 @@ async fn capacity(State(state): State<AgentState>) -> Json<serde_json::Value> {
         "processManager": if rt.config().scopes.is_some() { "systemd" } else { "direct" },
         "cgroups": rt.config().cgroups.is_some(),
     }))
+}
+
+async fn collect(
+    State(state): State<AgentState>,
+    Json(req): Json<nexus_api::agent::Collect>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let removed = state.runtime.collect(&req).await?;
+    Ok(Json(serde_json::json!({ "removed": removed })))
 }
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {

@@ -388,16 +388,14 @@ impl Runtime {
         let mut inv = Inventory::default();
         let vms_dir = self.cfg.run_dir.vms();
         let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
+        inv.sockets = sockets_under(self.cfg.run_dir.root(), 3);
+        inv.vmms = process::find_vmms(&self.cfg.run_dir.api_sock())
+            .into_iter()
+            .map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid })
+            .collect();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             inv.run_dirs.push(name.clone());
-            if let Ok(files) = std::fs::read_dir(entry.path()) {
-                for f in files.flatten() {
-                    if f.path().extension().is_some_and(|e| e == "sock") {
-                        inv.sockets.push(f.path().display().to_string());
-                    }
-                }
-            }
             if let Ok(uid) = Uid::parse(&name)
                 && let Ok(report) = self.report(&uid).await
             {
@@ -409,8 +407,69 @@ impl Runtime {
         inv.run_dirs.sort();
         inv.sockets.sort();
         inv.taps.sort();
+        inv.vmms.sort_by_key(|v| v.pid);
         Ok(inv)
     }
+
+    /// Removes what the controller found unclaimed. Every name is checked
+    /// again here: uids must be UUIDs, TAPs must carry the agent's prefix,
+    /// sockets must be socket files inside the run directory.
+    pub async fn collect(&self, req: &nexus_api::agent::Collect) -> Result<Vec<String>, AgentError> {
+        let mut removed = Vec::new();
+        for raw in &req.uids {
+            self.remove(raw).await?;
+            removed.push(format!("vm {raw}"));
+        }
+        for tap in &req.taps {
+            let ok = tap.len() == TAP_PREFIX.len() + 12
+                && tap.starts_with(TAP_PREFIX)
+                && tap[TAP_PREFIX.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                return Err(AgentError::Invalid(format!("{tap:?} is not a TAP device this agent makes")));
+            }
+            if self.net.delete_link(tap).await? {
+                removed.push(format!("tap {tap}"));
+            }
+        }
+        for raw in &req.sockets {
+            use std::os::unix::fs::FileTypeExt;
+            let path = Path::new(raw);
+            let inside = path
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .is_some_and(|d| d.starts_with(self.cfg.run_dir.root()));
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if !inside || !is_socket {
+                return Err(AgentError::Forbidden(format!("{raw:?} is not a socket inside the run directory")));
+            }
+            std::fs::remove_file(path).map_err(AgentError::io(format!("removing {raw}")))?;
+            removed.push(format!("socket {raw}"));
+        }
+        if !removed.is_empty() {
+            tracing::info!(?removed, "garbage collected");
+        }
+        Ok(removed)
+    }
+}
+
+/// Unix sockets under `root`, at most `depth` directories down; symlinks
+/// are not followed.
+fn sockets_under(root: &Path, depth: usize) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, d)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_socket() {
+                found.push(e.path().display().to_string());
+            } else if ft.is_dir() && d < depth {
+                stack.push((e.path(), d + 1));
+            }
+        }
+    }
+    found
 }
 
 fn absent(uid: &Uid) -> VmReport {
