@@ -16,7 +16,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
-use nexus_api::{EventSpec, ImageSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_api::{EventSpec, ImageSpec, LeaseSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -62,6 +62,7 @@ pub fn app(state: AppState) -> Router {
         .merge(kind_routes::<SnapshotSpec>())
         .merge(kind_routes::<NodeSpec>())
         .merge(kind_routes::<EventSpec>())
+        .merge(kind_routes::<LeaseSpec>())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))

@@ -1,7 +1,7 @@
 //! `/openapi.json`: an OpenAPI 3.1 document built from the kinds the server
 //! serves and the JSON Schemas generated from their types.
 
-use nexus_api::{EventSpec, ImageSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_api::{EventSpec, ImageSpec, LeaseSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
 use serde_json::{Map, Value, json};
 
 /// The full document.
@@ -14,6 +14,7 @@ pub fn document() -> Value {
     add_kind::<SnapshotSpec>(&mut paths, &mut schemas);
     add_kind::<NodeSpec>(&mut paths, &mut schemas);
     add_kind::<EventSpec>(&mut paths, &mut schemas);
+    add_kind::<LeaseSpec>(&mut paths, &mut schemas);
     schemas.insert(
         "Error".into(),
         json!({

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod events;
 pub mod gc;
+pub mod leader;
 pub mod node;
 pub mod queue;
 pub mod runner;

@@ -40,6 +40,13 @@ struct Args {
     /// Address serving /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:7445")]
     metrics_listen: std::net::SocketAddr,
+    /// Seconds a leader's lease lasts without renewal; a standby controller
+    /// takes over after that.
+    #[arg(long, default_value_t = 6)]
+    lease_duration_secs: u64,
+    /// Act without electing a leader (only one controller may run).
+    #[arg(long)]
+    no_leader_election: bool,
 }
 
 #[tokio::main]
@@ -55,6 +62,22 @@ async fn main() -> anyhow::Result<()> {
         .trim()
         .to_string();
     let api = nexus_api::client::Client::new(&args.apiserver, None);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let identity = format!("{}-{}", host.trim(), std::process::id());
+    let elector = nexus_controller::leader::Elector::new(
+        api.clone(),
+        identity,
+        Duration::from_secs(args.lease_duration_secs.max(1)),
+    );
+    if !args.no_leader_election {
+        tracing::info!(identity = elector.identity(), "waiting to become the leader");
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigterm() => return Ok(()),
+        }
+        tracing::info!(identity = elector.identity(), "became the leader");
+    }
     let events = nexus_controller::events::Recorder::new(api.clone());
     let node_grace = chrono::Duration::seconds(args.node_grace_secs);
     let reconciler = VmReconciler {
@@ -85,10 +108,19 @@ async fn main() -> anyhow::Result<()> {
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(listener, routes).await });
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
+    let lost =
+        async { if args.no_leader_election { std::future::pending::<()>().await } else { elector.hold().await } };
     tokio::select! {
         _ = runner::run(reconciler, args.workers, Duration::from_secs(args.resync_secs.max(5))) => {}
+        _ = lost => {
+            tracing::error!(identity = elector.identity(), "lost the lease; exiting so another controller leads");
+            std::process::exit(1);
+        }
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm() => {}
+    }
+    if !args.no_leader_election {
+        elector.release().await;
     }
     tracing::info!("controller stopped");
     Ok(())

@@ -216,6 +216,8 @@ impl Cluster {
                 "1",
                 "--gc-grace-secs",
                 "3",
+                "--lease-duration-secs",
+                "3",
             ],
             &dir.join("controller.log"),
         );
@@ -224,6 +226,27 @@ impl Cluster {
         })
         .await;
         Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args }
+    }
+
+    /// Starts another controller (a standby while the first leads), serving
+    /// its metrics on `metrics_listen`.
+    pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
+        let token = self.dir.join("agent-token").display().to_string();
+        let args = [
+            "--apiserver",
+            &self.server,
+            "--agent-token-file",
+            &token,
+            "--recheck-secs",
+            "2",
+            "--node-grace-secs",
+            "4",
+            "--lease-duration-secs",
+            "3",
+            "--metrics-listen",
+            metrics_listen,
+        ];
+        spawn("controller", &bin("nexus-controller"), &args, &self.dir.join(log))
     }
 
     /// Starts the node agent again (after it was killed or stopped).

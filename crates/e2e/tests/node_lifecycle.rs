@@ -193,3 +193,69 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
         cluster.stop();
     });
 }
+
+#[test]
+fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(dir.path(), "node-a").await;
+        let mut standby = cluster.spawn_controller("127.0.0.1:7446", "controller-2.log");
+        let client = cluster.client();
+        let holder = || async {
+            client.get::<nexus_api::LeaseSpec>("", "nexus-controller").await.ok().and_then(|l| l.spec.holder_identity)
+        };
+        wait_until(Duration::from_secs(10), "a leader", || async { holder().await.is_some() }).await;
+        let leader = holder().await.unwrap();
+        let first_leads = leader.ends_with(&format!("-{}", cluster.controller.pid()));
+        assert!(first_leads || leader.ends_with(&format!("-{}", standby.pid())), "{leader}");
+
+        let example = std::fs::read_to_string(repo_root().join("examples/vm.yaml")).unwrap();
+        let apply = |cluster: &Cluster, name: &str| {
+            let f = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&f, example.replace("name: hello", &format!("name: {name}"))).unwrap();
+            let (ok, _, err) = cluster.nexusctl(&["apply", "-f", &f.display().to_string()]);
+            assert!(ok, "{err}");
+        };
+        let running = |name: &'static str| {
+            let client = client.clone();
+            move || {
+                let client = client.clone();
+                async move {
+                    client
+                        .get::<VmSpec>("default", name)
+                        .await
+                        .is_ok_and(|v| v.status_or_default().phase == VmPhase::Running)
+                }
+            }
+        };
+        apply(&cluster, "before");
+        wait_until(Duration::from_secs(30), "the first VM to run", running("before")).await;
+
+        if first_leads {
+            cluster.controller.kill()
+        } else {
+            standby.kill()
+        }
+        let killed = Instant::now();
+        wait_until(Duration::from_secs(20), "a new leader", || async { holder().await.is_some_and(|h| h != leader) })
+            .await;
+        let took_over = killed.elapsed();
+        apply(&cluster, "after");
+        wait_until(Duration::from_secs(30), "a VM applied after the failover to run", running("after")).await;
+        println!(
+            "standby took the lease {} ms after the leader was killed; a new VM ran {} ms after the kill",
+            took_over.as_millis(),
+            killed.elapsed().as_millis()
+        );
+        let lease = client.get::<nexus_api::LeaseSpec>("", "nexus-controller").await.unwrap();
+        assert_eq!(lease.spec.lease_transitions, 1);
+        for name in ["before", "after"] {
+            let (ok, _, err) = cluster.nexusctl(&["delete", "vm", name, "--wait"]);
+            assert!(ok, "{err}");
+        }
+        assert_eq!(nexus_e2e::host::vmm_processes_under(&cluster.run_dir), vec![]);
+        standby.stop();
+        cluster.stop();
+    });
+}

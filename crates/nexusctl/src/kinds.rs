@@ -16,6 +16,7 @@ pub const KINDS: &[KindInfo] = &[
     KindInfo { kind: "Snapshot", plural: "snapshots", namespaced: true, aliases: &["snapshot", "snap"] },
     KindInfo { kind: "Node", plural: "nodes", namespaced: false, aliases: &["node", "no"] },
     KindInfo { kind: "Event", plural: "events", namespaced: false, aliases: &["event", "ev"] },
+    KindInfo { kind: "Lease", plural: "leases", namespaced: false, aliases: &["lease"] },
 ];
 
 /// Runs `$body` with `$s` as the spec type of the kind named `$kind`

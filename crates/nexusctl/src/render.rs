@@ -91,6 +91,7 @@ pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, n
         "Node" if wide => vec!["NAME", "READY", "ADDRESS", "VCPU", "MEMORY", "MAX-VMS", "AGE", "AGENT", "FIRECRACKER"],
         "Node" => vec!["NAME", "READY", "ADDRESS", "AGE"],
         "Event" => vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        "Lease" => vec!["NAME", "HOLDER", "RENEWED", "TRANSITIONS"],
         _ => vec!["NAME", "AGE"],
     });
     t.set_header(header);
@@ -153,6 +154,12 @@ pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, n
                     s(&spec["message"]),
                 ]);
             }
+            "Lease" => row.extend([
+                name,
+                s(&spec["holderIdentity"]),
+                age(spec["renewTime"].as_str(), now),
+                s(&spec["leaseTransitions"]),
+            ]),
             _ => row.extend([name, created]),
         }
         t.add_row(row);

@@ -1,0 +1,146 @@
+//! Leader election on a `Lease` object: several controllers may run, one
+//! acts. The holder renews the lease; another takes it over once it has
+//! seen no renewal for the lease's duration (measured on its own clock, so
+//! clock skew between hosts does not matter). A leader that cannot renew in
+//! time stops acting, and the process exits for its supervisor to restart.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nexus_api::client::{Client, ClientError};
+use nexus_api::{Lease, LeaseSpec};
+
+/// Name of the controllers' lease.
+pub const LEASE: &str = "nexus-controller";
+
+/// One contender for the lease.
+#[derive(Debug)]
+pub struct Elector {
+    api: Client,
+    identity: String,
+    duration: Duration,
+    /// The lease as last seen, and since when it looked so.
+    observed: Mutex<Option<Observation>>,
+}
+
+/// A lease's holder and renewal time, as seen at `since`.
+#[derive(Debug, Clone, PartialEq)]
+struct Observation {
+    holder: Option<String>,
+    renewed: Option<String>,
+    since: Instant,
+}
+
+impl Elector {
+    pub fn new(api: Client, identity: String, duration: Duration) -> Self {
+        Elector { api, identity, duration, observed: Mutex::new(None) }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// How often the holder renews and contenders retry.
+    pub fn retry_period(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_millis(200))
+    }
+
+    /// Whether the lease looked unrenewed for a whole duration.
+    fn stale(&self, lease: &LeaseSpec) -> bool {
+        let key = (lease.holder_identity.clone(), lease.renew_time.map(|t| t.to_rfc3339()));
+        let mut seen = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some((h, r, at)) if (h.clone(), r.clone()) == key => {
+                lease.holder_identity.is_none() || at.elapsed() > self.duration
+            }
+            _ => {
+                *seen = Some((key.0, key.1, Instant::now()));
+                lease.holder_identity.is_none()
+            }
+        }
+    }
+
+    /// One attempt to take or renew the lease; `Ok(true)` if we hold it now.
+    pub async fn try_acquire_or_renew(&self) -> Result<bool, ClientError> {
+        let now = Utc::now();
+        let secs = self.duration.as_secs().max(1) as u32;
+        let mut lease: Lease = match self.api.get::<LeaseSpec>("", LEASE).await {
+            Ok(l) => l,
+            Err(e) if e.is_not_found() => {
+                let spec = LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: secs,
+                    acquire_time: Some(now),
+                    renew_time: Some(now),
+                    lease_transitions: 0,
+                };
+                return match self.api.create(&Lease::new(LEASE, None, spec)).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.is_conflict() => Ok(false),
+                    Err(e) => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let mine = lease.spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        if !mine && !self.stale(&lease.spec) {
+            return Ok(false);
+        }
+        if !mine {
+            lease.spec.holder_identity = Some(self.identity.clone());
+            lease.spec.acquire_time = Some(now);
+            lease.spec.lease_transitions += 1;
+        }
+        lease.spec.renew_time = Some(now);
+        lease.spec.lease_duration_seconds = secs;
+        // Optimistic concurrency: of two contenders, one write wins.
+        match self.api.replace(&lease).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_conflict() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Returns once this process holds the lease.
+    pub async fn acquire(&self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "contending for the lease failed"),
+            }
+            tokio::time::sleep(self.retry_period()).await;
+        }
+    }
+
+    /// Renews the lease until it cannot: returns when leadership is lost
+    /// (another holder, or no successful renewal within the duration).
+    pub async fn hold(&self) {
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::time::sleep(self.retry_period()).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => last_renewed = Instant::now(),
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the lease failed");
+                    // Stop acting before anyone else may start.
+                    if last_renewed.elapsed() + self.retry_period() >= self.duration {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up (on shutdown), so a successor need not wait.
+    pub async fn release(&self) {
+        if let Ok(mut lease) = self.api.get::<LeaseSpec>("", LEASE).await
+            && lease.spec.holder_identity.as_deref() == Some(self.identity.as_str())
+        {
+            lease.spec.holder_identity = None;
+            let _ = self.api.replace(&lease).await;
+        }
+    }
+}
