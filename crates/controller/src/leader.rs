@@ -48,15 +48,17 @@ impl Elector {
 
     /// Whether the lease looked unrenewed for a whole duration.
     fn stale(&self, lease: &LeaseSpec) -> bool {
-        let key = (lease.holder_identity.clone(), lease.renew_time.map(|t| t.to_rfc3339()));
+        let holder = lease.holder_identity.clone();
+        let renewed = lease.renew_time.map(|t| t.to_rfc3339());
         let mut seen = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         match seen.as_ref() {
-            Some((h, r, at)) if (h.clone(), r.clone()) == key => {
-                lease.holder_identity.is_none() || at.elapsed() > self.duration
+            Some(o) if o.holder == holder && o.renewed == renewed => {
+                holder.is_none() || o.since.elapsed() > self.duration
             }
             _ => {
-                *seen = Some((key.0, key.1, Instant::now()));
-                lease.holder_identity.is_none()
+                let released = holder.is_none();
+                *seen = Some(Observation { holder, renewed, since: Instant::now() });
+                released
             }
         }
     }
