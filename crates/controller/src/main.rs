@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         node_grace,
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
         events: events.clone(),
+        scheduling: Default::default(),
     };
     tokio::spawn(nexus_controller::node::run(api.clone(), events.clone(), node_grace, Duration::from_secs(1)));
     tokio::spawn(nexus_controller::gc::run(

@@ -48,6 +48,9 @@ pub struct VmReconciler {
     /// How often a converged VM is checked again.
     pub recheck: Duration,
     pub events: crate::events::Recorder,
+    /// Held while placing a VM: one placement at a time, so each sees the
+    /// ones before it (capacity holds however many workers run).
+    pub scheduling: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl VmReconciler {
@@ -107,6 +110,7 @@ impl VmReconciler {
     }
 
     async fn schedule(&self, vm: Vm) -> Result<Action, ReconcileError> {
+        let _one_at_a_time = self.scheduling.lock().await;
         let nodes: Vec<Node> = self.api.list::<NodeSpec>(None, &ListParams::default()).await?.items;
         let placed: Vec<Vm> = self.api.list::<VmSpec>(None, &ListParams::default()).await?.items;
         match pick_node(&vm, &nodes, &placed, Utc::now(), self.node_grace) {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nexus_api::client::Client;
 
 pub mod host;
+pub mod multinode;
 
 /// Whether the test runs as root (needed for namespaces, bridges and TAPs).
 pub fn is_root() -> bool {

@@ -259,3 +259,85 @@ fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
         cluster.stop();
     });
 }
+
+/// Sets `spec.state` of VM `name` (retrying on conflicts).
+async fn set_state(client: &nexus_api::client::Client, name: &str, state: nexus_api::PowerState) {
+    loop {
+        let mut vm = client.get::<VmSpec>("default", name).await.unwrap();
+        vm.spec.state = state;
+        match client.replace(&vm).await {
+            Ok(_) => return,
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+async fn wait_phase(client: &nexus_api::client::Client, name: &str, phase: VmPhase) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if client.get::<VmSpec>("default", name).await.is_ok_and(|v| v.status_or_default().phase == phase) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never reached {phase}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn create_pause_resume_stop_start_delete_a_hundred_times_leaks_nothing() {
+    use nexus_api::PowerState;
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(dir.path(), "node-a").await;
+        let client = cluster.client();
+        let template: nexus_api::Vm =
+            serde_saphyr::from_str(&std::fs::read_to_string(repo_root().join("examples/vm.yaml")).unwrap()).unwrap();
+        let started = Instant::now();
+        // Four VMs at a time, 25 lifecycles each: 100 in all.
+        let mut lanes = Vec::new();
+        for lane in 0..4 {
+            let client = client.clone();
+            let template = template.clone();
+            lanes.push(async move {
+                for round in 0..25 {
+                    let name = format!("cycle-{lane}-{round}");
+                    let mut vm = template.clone();
+                    vm.metadata.name = name.clone();
+                    vm.metadata.project = Some("default".into());
+                    client.create(&vm).await.unwrap();
+                    wait_phase(&client, &name, VmPhase::Running).await;
+                    for (state, phase) in [
+                        (PowerState::Paused, VmPhase::Paused),
+                        (PowerState::Running, VmPhase::Running),
+                        (PowerState::Stopped, VmPhase::Stopped),
+                        (PowerState::Running, VmPhase::Running),
+                    ] {
+                        set_state(&client, &name, state).await;
+                        wait_phase(&client, &name, phase).await;
+                    }
+                    client.delete::<VmSpec>("default", &name).await.unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while client.get::<VmSpec>("default", &name).await.is_ok() {
+                        assert!(Instant::now() < deadline, "{name} was never deleted");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            });
+        }
+        futures::future::join_all(lanes).await;
+        println!("100 lifecycles in {} ms", started.elapsed().as_millis());
+        let run = &cluster.run_dir;
+        let left = (
+            nexus_e2e::host::taps().len(),
+            nexus_e2e::host::sockets_under(run).len(),
+            nexus_e2e::host::vmm_processes_under(run).len(),
+            nexus_e2e::host::run_dirs(run).len(),
+            client.list::<VmSpec>(None, &ListParams::default()).await.unwrap().items.len(),
+        );
+        println!("left after 100 lifecycles: {left:?} (TAPs, sockets, VMMs, run dirs, VM rows)");
+        assert_eq!(left, (0, 0, 0, 0, 0));
+        cluster.stop();
+    });
+}

@@ -1,0 +1,210 @@
+//! Several node agents, each in a network namespace of its own joined to the
+//! test's namespace by a veth pair: the apiserver and controller run in the
+//! test's namespace and reach agent `i` at 10.99.`i`.2, agents reach the
+//! apiserver at 10.99.`i`.1. Namespaces are deleted on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nexus_api::client::Client;
+
+use crate::{Proc, bin, run_ok, spawn, wait_until};
+
+/// The `ip` binary (agents run under `ip netns exec`).
+fn ip_bin() -> PathBuf {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("ip"))
+}
+
+/// One agent's namespace.
+#[derive(Debug)]
+pub struct NodeNs {
+    pub name: String,
+    pub node: String,
+    pub index: usize,
+}
+
+impl NodeNs {
+    /// Runs `ip` inside this namespace.
+    pub fn ip(&self, args: &[&str]) -> String {
+        run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// TAP devices in this namespace.
+    pub fn taps(&self) -> Vec<String> {
+        let out = self.ip(&["-j", "link", "show"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with("nxt"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// An apiserver, a controller and `n` agents on separate "hosts".
+#[derive(Debug)]
+pub struct MultiNode {
+    pub dir: PathBuf,
+    pub server: String,
+    pub apiserver: Proc,
+    pub controller: Proc,
+    pub agents: Vec<Proc>,
+    pub nodes: Vec<NodeNs>,
+    agent_args: Vec<Vec<String>>,
+}
+
+impl MultiNode {
+    /// Starts everything; each agent accepts at most `max_vms`.
+    pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {
+        std::fs::create_dir_all(dir).expect("dir");
+        let token = dir.join("agent-token");
+        std::fs::write(&token, "e2e-test-credential-0123456789").expect("token");
+        let s = |p: &Path| p.display().to_string();
+        let apiserver = spawn(
+            "apiserver",
+            &bin("nexus-apiserver"),
+            &["--listen", "0.0.0.0:7443", "--data-dir", &s(&dir.join("data"))],
+            &dir.join("apiserver.log"),
+        );
+        let server = "http://127.0.0.1:7443".to_string();
+        let client = Client::new(&server, None);
+        wait_until(Duration::from_secs(10), "the apiserver", || async { client.version().await.is_ok() }).await;
+        let mut nodes = Vec::new();
+        let mut agents = Vec::new();
+        let mut agent_args = Vec::new();
+        for i in 1..=n {
+            let ns = NodeNs { name: format!("nxe{}-{i}", std::process::id()), node: format!("node-{i}"), index: i };
+            run_ok(Command::new("ip").args(["netns", "add", &ns.name]));
+            let (host_if, node_if) = (format!("nxh{i}"), format!("nxn{i}"));
+            run_ok(Command::new("ip").args(["link", "add", &host_if, "type", "veth", "peer", "name", &node_if]));
+            run_ok(Command::new("ip").args(["link", "set", &node_if, "netns", &ns.name]));
+            run_ok(Command::new("ip").args(["addr", "add", &format!("10.99.{i}.1/24"), "dev", &host_if]));
+            run_ok(Command::new("ip").args(["link", "set", &host_if, "up"]));
+            ns.ip(&["addr", "add", &format!("10.99.{i}.2/24"), "dev", &node_if]);
+            ns.ip(&["link", "set", &node_if, "up"]);
+            ns.ip(&["link", "set", "lo", "up"]);
+            let args: Vec<String> = [
+                "netns",
+                "exec",
+                &ns.name,
+                &s(&bin("nexus-nodeagent")),
+                "--apiserver",
+                &format!("http://10.99.{i}.1:7443"),
+                "--node-name",
+                &ns.node,
+                "--listen",
+                &format!("10.99.{i}.2:7444"),
+                "--token-file",
+                &s(&token),
+                "--run-dir",
+                &s(&dir.join(format!("run-{i}"))),
+                "--firecracker",
+                &s(&bin("firecracker-sim")),
+                "--heartbeat-secs",
+                "1",
+                "--process-manager",
+                "direct",
+                "--max-vms",
+                &max_vms.to_string(),
+                "--stop-grace-secs",
+                "1",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            agents.push(spawn("nodeagent", &ip_bin(), &argv, &dir.join(format!("agent-{i}.log"))));
+            agent_args.push(args);
+            nodes.push(ns);
+        }
+        let controller = spawn(
+            "controller",
+            &bin("nexus-controller"),
+            &[
+                "--apiserver",
+                &server,
+                "--agent-token-file",
+                &s(&token),
+                "--recheck-secs",
+                "2",
+                "--node-grace-secs",
+                "4",
+                "--lease-duration-secs",
+                "3",
+                "--gc-interval-secs",
+                "2",
+                "--gc-grace-secs",
+                "10",
+            ],
+            &dir.join("controller.log"),
+        );
+        for ns in &nodes {
+            wait_until(Duration::from_secs(15), "every node to register", || async {
+                client
+                    .get::<nexus_api::NodeSpec>("", &ns.node)
+                    .await
+                    .is_ok_and(|n| n.status_or_default().is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)))
+            })
+            .await;
+        }
+        MultiNode { dir: dir.to_path_buf(), server, apiserver, controller, agents, nodes, agent_args }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.server, None)
+    }
+
+    /// Runs the apiserver again on the same data (after it was killed).
+    pub fn restart_apiserver(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        self.apiserver = spawn(
+            "apiserver",
+            &bin("nexus-apiserver"),
+            &["--listen", "0.0.0.0:7443", "--data-dir", &data],
+            &self.dir.join("apiserver.log"),
+        );
+    }
+
+    /// Runs agent `i` (0-based) again.
+    pub fn restart_agent(&mut self, i: usize) {
+        let argv: Vec<&str> = self.agent_args[i].iter().map(String::as_str).collect();
+        self.agents[i] = spawn("nodeagent", &ip_bin(), &argv, &self.dir.join(format!("agent-{}.log", i + 1)));
+    }
+
+    /// Live VMM processes of every agent.
+    pub fn vmms(&self) -> usize {
+        (1..=self.nodes.len()).map(|i| crate::host::vmm_processes_under(&self.dir.join(format!("run-{i}"))).len()).sum()
+    }
+
+    /// TAPs in every node namespace.
+    pub fn taps(&self) -> usize {
+        self.nodes.iter().map(|n| n.taps().len()).sum()
+    }
+
+    /// VM directories on every node.
+    pub fn run_dirs(&self) -> usize {
+        (1..=self.nodes.len()).map(|i| crate::host::run_dirs(&self.dir.join(format!("run-{i}"))).len()).sum()
+    }
+
+    /// Stops everything (controller first).
+    pub fn stop(&mut self) {
+        self.controller.stop();
+        for a in &mut self.agents {
+            a.stop();
+        }
+        self.apiserver.stop();
+    }
+}

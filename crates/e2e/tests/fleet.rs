@@ -1,0 +1,210 @@
+//! Several nodes, many VMs, and faults: scheduling spread and capacity,
+//! convergence after killing each process, and no leaks.
+
+#![allow(clippy::unwrap_used)] // a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nexus_api::client::ListParams;
+use nexus_api::meta::find_condition;
+use nexus_api::{VmPhase, VmSpec};
+use nexus_e2e::multinode::MultiNode;
+use nexus_e2e::{ensure_example_images, in_private_netns, wait_until};
+
+fn vms_yaml(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: nexus/v1\nkind: VM\nmetadata:\n  name: {n}\n  labels:\n    fleet: \"yes\"\nspec:\n  vcpu: 1\n  memMib: 128\n  \
+                 kernel: /var/lib/nexus/images/vmlinux\n  rootfs: /var/lib/nexus/images/rootfs.ext4\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn nexusctl(server: &str, args: &[&str]) -> String {
+    let out =
+        std::process::Command::new(nexus_e2e::bin("nexusctl")).arg("--server").arg(server).args(args).output().unwrap();
+    assert!(out.status.success(), "nexusctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn running_count(fleet: &MultiNode) -> usize {
+    let params = ListParams { label_selector: Some("fleet=yes".into()), ..Default::default() };
+    match fleet.client().list::<VmSpec>(Some("default"), &params).await {
+        Ok(l) => l
+            .items
+            .iter()
+            .filter(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Running
+                    && find_condition(&s.conditions, "Ready")
+                        .is_some_and(|c| c.status == nexus_api::ConditionStatus::True)
+            })
+            .count(),
+        Err(_) => 0,
+    }
+}
+
+async fn delete_all_and_check_nothing_left(fleet: &mut MultiNode) {
+    nexusctl(&fleet.server, &["delete", "vm", "-l", "fleet=yes", "--wait", "--timeout", "120"]);
+    let leftovers = (fleet.vmms(), fleet.taps(), fleet.run_dirs());
+    println!(
+        "after deleting every VM: {} VMM processes, {} TAPs, {} run directories",
+        leftovers.0, leftovers.1, leftovers.2
+    );
+    assert_eq!(leftovers, (0, 0, 0));
+    fleet.stop();
+}
+
+#[test]
+fn fifty_vms_spread_over_three_agents_within_capacity_and_the_overflow_waits_with_a_reason() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fleet = MultiNode::start(dir.path(), 3, 17).await;
+        let names: Vec<String> = (0..50).map(|i| format!("ci-{i:02}")).collect();
+        let file = dir.path().join("fleet.yaml");
+        std::fs::write(&file, vms_yaml(&names)).unwrap();
+        let started = Instant::now();
+        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        wait_until(Duration::from_secs(180), "50 VMs Running", || async { running_count(&fleet).await == 50 }).await;
+        println!("50 VMs from apply to Running on 3 agents in {} ms", started.elapsed().as_millis());
+
+        let vms = fleet.client().list::<VmSpec>(Some("default"), &ListParams::default()).await.unwrap().items;
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for v in &vms {
+            *per_node.entry(v.spec.node_name.clone().unwrap()).or_default() += 1;
+        }
+        println!("VMs per node: {per_node:?}");
+        let (min, max) = (per_node.values().min().copied().unwrap(), per_node.values().max().copied().unwrap());
+        assert_eq!(per_node.len(), 3);
+        assert!(max - min <= 1 && max <= 17, "{per_node:?}");
+        assert_eq!(fleet.vmms(), 50);
+        assert_eq!(fleet.taps(), 50);
+
+        // 51 places in all: one more fits, the next waits with the reason.
+        let extra = dir.path().join("extra.yaml");
+        std::fs::write(&extra, vms_yaml(&["ci-50".to_string()])).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &extra.display().to_string()]);
+        wait_until(Duration::from_secs(60), "the 51st VM Running", || async { running_count(&fleet).await == 51 })
+            .await;
+        std::fs::write(&extra, vms_yaml(&["ci-51".to_string()])).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &extra.display().to_string()]);
+        let client = fleet.client();
+        wait_until(Duration::from_secs(30), "the 52nd VM to be Unschedulable", || async {
+            client.get::<VmSpec>("default", "ci-51").await.is_ok_and(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Pending
+                    && find_condition(&s.conditions, "Scheduled")
+                        .is_some_and(|c| c.reason == "Unschedulable" && c.message.contains("already runs 17 of 17 VMs"))
+            })
+        })
+        .await;
+        let reason = client.get::<VmSpec>("default", "ci-51").await.unwrap().status.unwrap();
+        println!("ci-51: {}", find_condition(&reason.conditions, "Scheduled").unwrap().message);
+        delete_all_and_check_nothing_left(&mut fleet).await;
+    });
+}
+
+#[test]
+fn killing_each_process_during_churn_converges_and_leaks_nothing() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fleet = MultiNode::start(dir.path(), 3, 20).await;
+        let first: Vec<String> = (0..12).map(|i| format!("churn-{i:02}")).collect();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, vms_yaml(&first)).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        wait_until(Duration::from_secs(120), "12 VMs Running", || async { running_count(&fleet).await == 12 }).await;
+        let mut report = Vec::new();
+
+        // The apiserver, killed while more VMs are being applied.
+        let more: Vec<String> = (12..18).map(|i| format!("churn-{i:02}")).collect();
+        let file_b = dir.path().join("b.yaml");
+        std::fs::write(&file_b, vms_yaml(&more)).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &file_b.display().to_string()]);
+        fleet.apiserver.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet.restart_apiserver();
+        let back = Instant::now();
+        wait_until(Duration::from_secs(120), "18 VMs Running after the apiserver restart", || async {
+            running_count(&fleet).await == 18
+        })
+        .await;
+        report.push(("apiserver", back.elapsed()));
+
+        // An agent: gone long enough for its node to be NotReady.
+        fleet.agents[1].kill();
+        wait_until(Duration::from_secs(30), "the node's VMs to notice", || async { running_count(&fleet).await < 18 })
+            .await;
+        fleet.restart_agent(1);
+        let back = Instant::now();
+        wait_until(Duration::from_secs(60), "all Ready after the agent restart", || async {
+            running_count(&fleet).await == 18
+        })
+        .await;
+        report.push(("agent", back.elapsed()));
+
+        // The controller.
+        fleet.controller.kill();
+        let respawn = {
+            let token = dir.path().join("agent-token").display().to_string();
+            let args = [
+                "--apiserver",
+                fleet.server.as_str(),
+                "--agent-token-file",
+                token.as_str(),
+                "--recheck-secs",
+                "2",
+                "--node-grace-secs",
+                "4",
+                "--lease-duration-secs",
+                "3",
+            ];
+            nexus_e2e::spawn(
+                "controller",
+                &nexus_e2e::bin("nexus-controller"),
+                &args,
+                &dir.path().join("controller.log"),
+            )
+        };
+        fleet.controller = respawn;
+        let back = Instant::now();
+        let churned = dir.path().join("c.yaml");
+        std::fs::write(&churned, vms_yaml(&["churn-18".to_string()])).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &churned.display().to_string()]);
+        wait_until(Duration::from_secs(60), "a VM applied after the controller restart to run", || async {
+            running_count(&fleet).await == 19
+        })
+        .await;
+        report.push(("controller", back.elapsed()));
+
+        // A VMM.
+        let vm = fleet.client().get::<VmSpec>("default", "churn-03").await.unwrap();
+        let pid = vm.status.unwrap().runtime.unwrap().pid.unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let back = Instant::now();
+        let client = fleet.client();
+        wait_until(Duration::from_secs(60), "the VMM replaced", || async {
+            client.get::<VmSpec>("default", "churn-03").await.is_ok_and(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Running && s.runtime.and_then(|r| r.pid).is_some_and(|p| p != pid)
+            })
+        })
+        .await;
+        report.push(("VMM", back.elapsed()));
+
+        for (what, took) in &report {
+            let when = if *what == "VMM" { "was killed" } else { "was running again" };
+            println!("all VMs Ready {} ms after the {what} {when}", took.as_millis());
+        }
+        assert_eq!(fleet.vmms(), 19, "one VMM per VM, no duplicates");
+        assert_eq!(fleet.taps(), 19);
+        delete_all_and_check_nothing_left(&mut fleet).await;
+    });
+}
