@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod events;
+pub mod finalizer;
 pub mod gc;
 pub mod leader;
 pub mod node;

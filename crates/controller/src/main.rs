@@ -21,6 +21,9 @@ struct Args {
     /// VMs reconciled at once.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Agent calls in flight to any one node at once.
+    #[arg(long, default_value_t = 8)]
+    per_node_concurrency: usize,
     /// Seconds between full relists.
     #[arg(long, default_value_t = 60)]
     resync_secs: u64,
@@ -87,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
         events: events.clone(),
         scheduling: Default::default(),
+        per_node: nexus_controller::vm::PerNode::new(args.per_node_concurrency),
     };
     tokio::spawn(nexus_controller::node::run(api.clone(), events.clone(), node_grace, Duration::from_secs(1)));
     tokio::spawn(nexus_controller::gc::run(

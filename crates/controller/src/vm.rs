@@ -13,6 +13,7 @@ use nexus_api::vm::{DEFAULT_BOOT_ARGS, VmError, VmRuntime, mac_from_uid};
 use nexus_api::{ConditionStatus, Node, NodeSpec, Vm, VmPhase, VmSpec, VmStatus};
 
 use crate::agent::{AgentCallError, AgentClient};
+use crate::finalizer::{self, Step};
 use crate::scheduler::pick_node;
 
 /// Finalizer that holds a VM until its node has torn it down.
@@ -51,6 +52,34 @@ pub struct VmReconciler {
     /// Held while placing a VM: one placement at a time, so each sees the
     /// ones before it (capacity holds however many workers run).
     pub scheduling: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Bounds the agent calls in flight to each node.
+    pub per_node: PerNode,
+}
+
+/// A semaphore per node: at most `limit` agent calls to one node at once,
+/// however many workers the controller runs.
+#[derive(Debug, Clone)]
+pub struct PerNode {
+    limit: usize,
+    nodes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>>,
+}
+
+impl PerNode {
+    pub fn new(limit: usize) -> Self {
+        PerNode { limit: limit.max(1), nodes: Default::default() }
+    }
+
+    /// Waits for a slot on `node`; the slot is held until the permit drops.
+    pub async fn slot(&self, node: &str) -> tokio::sync::OwnedSemaphorePermit {
+        let sem = {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes
+                .entry(node.to_string())
+                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.limit)))
+                .clone()
+        };
+        sem.acquire_owned().await.expect("the semaphore is never closed")
+    }
 }
 
 impl VmReconciler {
@@ -61,17 +90,14 @@ impl VmReconciler {
             Err(e) if e.is_not_found() => return Ok(Action::AwaitChange),
             Err(e) => return Err(e.into()),
         };
-        let has_finalizer = vm.metadata.finalizers.iter().any(|f| f == FINALIZER);
-        match (vm.is_deleting(), has_finalizer) {
-            (true, true) => return self.tear_down(vm).await,
-            (true, false) => return Ok(Action::AwaitChange),
-            (false, false) => {
-                let mut next = vm.clone();
-                next.metadata.finalizers.push(FINALIZER.to_string());
-                self.api.replace(&next).await?;
+        match finalizer::step(&vm, FINALIZER) {
+            Step::Cleanup => return self.tear_down(vm).await,
+            Step::Done => return Ok(Action::AwaitChange),
+            Step::Add => {
+                self.api.replace(&finalizer::with(&vm, FINALIZER)).await?;
                 return Ok(Action::AwaitChange);
             }
-            (false, true) => {}
+            Step::Apply => {}
         }
         let Some(node_name) = vm.spec.node_name.clone() else {
             return self.schedule(vm).await;
@@ -96,6 +122,7 @@ impl VmReconciler {
             return Ok(Action::AwaitChange);
         }
         let desired = ensure_request(&vm);
+        let _slot = self.per_node.slot(&node_name).await;
         match self.agents.ensure(&node_status.address, &desired).await {
             Ok(report) => {
                 self.write_observed(&vm, &node_name, &report).await?;
@@ -164,6 +191,7 @@ impl VmReconciler {
                         status.phase = VmPhase::Terminating;
                         self.write_status(&vm, status).await?;
                     }
+                    let _slot = self.per_node.slot(&node_name).await;
                     self.agents.remove(&address, vm.uid()).await.map_err(ReconcileError::Agent)?;
                 }
                 // The node is gone for good; nothing of the VM can remain there.
@@ -177,7 +205,7 @@ impl VmReconciler {
                 Err(e) if e.is_not_found() => return Ok(Action::AwaitChange),
                 Err(e) => return Err(e.into()),
             };
-        latest.metadata.finalizers.retain(|f| f != FINALIZER);
+        latest = finalizer::without(&latest, FINALIZER);
         self.api.replace(&latest).await?;
         tracing::info!(vm = %vm.name(), "torn down");
         Ok(Action::AwaitChange)
@@ -300,5 +328,24 @@ pub fn ensure_request(vm: &Vm) -> EnsureVm {
         mac: vm.spec.network.as_ref().and_then(|n| n.mac.clone()).unwrap_or_else(|| mac_from_uid(vm.uid())),
         ip: vm.spec.network.as_ref().and_then(|n| n.ip.clone()),
         restore: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn per_node_slots_bound_each_node_separately() {
+        let per = PerNode::new(2);
+        let a1 = per.slot("a").await;
+        let _a2 = per.slot("a").await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), per.slot("a")).await.is_err(),
+            "a third call to node a waits"
+        );
+        let _b = tokio::time::timeout(Duration::from_millis(10), per.slot("b")).await.expect("node b is not held up");
+        drop(a1);
+        let _a3 = tokio::time::timeout(Duration::from_millis(10), per.slot("a")).await.expect("a slot freed");
     }
 }
