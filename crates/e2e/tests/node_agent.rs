@@ -450,6 +450,9 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}"), 403));
         cases.push(("DELETE".into(), format!("/v1/vms/{dirlink_uid}"), 403));
         cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}/logs?file=console"), 403));
+        for name in ["..", "..%2F..%2Fetc", "%2e%2e", "a%00b", "Bad_Name", "x%2Fy", &long] {
+            cases.push(("PUT".into(), format!("/v1/vms/{UID}/snapshots/{name}"), 0));
+        }
         for q in [
             "file=..%2F..%2Fetc%2Fpasswd",
             "file=%2Fetc%2Fpasswd",
@@ -460,6 +463,36 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         ] {
             cases.push(("GET".into(), format!("/v1/vms/{UID}/logs?{q}"), 0));
         }
+        let mut refused = 0;
+        // Names and paths in bodies: restores, and the garbage collector's lists.
+        for (vm_uid, snap) in [("..", "warm"), (UID, "../../outside"), ("/etc", "x"), (UID, "a/b")] {
+            let mut r = request("00000000-0000-4000-8000-0000000000e5");
+            r.mac = "06:00:ac:10:00:0e".into();
+            r.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: vm_uid.into(), snapshot: snap.into() });
+            let (status, answer) = agent
+                .raw("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000e5", Some(&serde_json::to_value(&r).unwrap()))
+                .await;
+            assert!((400..500).contains(&status), "restore from {vm_uid}/{snap} was not refused: {status} {answer}");
+            refused += 1;
+        }
+        let outside_secret = outside.join("secret").display().to_string();
+        let outside_sock = outside.join("fc.sock").display().to_string();
+        let via_dotdot = format!("{}/../outside/fc.sock", agent.run_dir().display());
+        for body in [
+            serde_json::json!({"uids": [".."]}),
+            serde_json::json!({"uids": ["../../outside"]}),
+            serde_json::json!({"taps": ["eth0"]}),
+            serde_json::json!({"taps": ["nxbr0"]}),
+            serde_json::json!({"sockets": [outside_secret]}),
+            serde_json::json!({"sockets": [outside_sock]}),
+            serde_json::json!({"sockets": [via_dotdot]}),
+            serde_json::json!({"sockets": ["/etc/passwd"]}),
+        ] {
+            let (status, answer) = agent.raw("POST", "/v1/gc", Some(&body)).await;
+            assert!((400..500).contains(&status), "gc {body} was not refused: {status} {answer}");
+            refused += 1;
+        }
+        assert!(host::links().iter().any(|l| l.name == "nxbr0"), "the bridge survives");
         let drive = serde_json::json!({"drive_id": "rootfs", "path_on_host": outside.join("secret")});
         let start = serde_json::json!({"action_type": "InstanceStart"});
         let snapshot = serde_json::json!({"snapshot_path": outside.join("snap"), "mem_file_path": outside.join("mem")});
@@ -469,9 +502,10 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         planted["uid"] = serde_json::json!(UID);
         let (status, _) = agent.raw("PUT", &format!("/v1/vms/{dirlink_uid}"), Some(&planted)).await;
         assert_eq!(status, 422, "body and path uids differ");
-        let mut refused = 3;
+        refused += 3;
         for (method, path, want) in &cases {
             let body = (method == "PUT").then(|| serde_json::json!({}));
+            let body = if path.contains("/snapshots/") { Some(serde_json::json!({"resumeAfter": true})) } else { body };
             let (status, answer) = agent.raw(method, path, body.as_ref()).await;
             assert!((400..500).contains(&status), "{method} {path} was not refused: {status} {answer}");
             if *want != 0 {
