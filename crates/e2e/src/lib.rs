@@ -141,6 +141,32 @@ pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env:
     Proc { name, child }
 }
 
+/// Starts a controller tuned for tests: rechecks every 2 s, a node is lost
+/// after 4 s without heartbeats, a 3 s leader lease, garbage collection every
+/// second with a 3 s grace.
+pub fn spawn_controller(server: &str, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
+    let token = token.display().to_string();
+    let args = [
+        "--apiserver",
+        server,
+        "--agent-token-file",
+        &token,
+        "--recheck-secs",
+        "2",
+        "--node-grace-secs",
+        "4",
+        "--lease-duration-secs",
+        "3",
+        "--gc-interval-secs",
+        "1",
+        "--gc-grace-secs",
+        "3",
+        "--metrics-listen",
+        metrics_listen,
+    ];
+    spawn("controller", &bin("nexus-controller"), &args, log)
+}
+
 /// An apiserver, controller and node agent (on the simulated VMM), started
 /// as real processes in the calling thread's network namespace.
 #[derive(Debug)]
@@ -201,27 +227,7 @@ impl Cluster {
         .collect();
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
-        let controller = spawn(
-            "controller",
-            &bin("nexus-controller"),
-            &[
-                "--apiserver",
-                &server,
-                "--agent-token-file",
-                &s(&token),
-                "--recheck-secs",
-                "2",
-                "--node-grace-secs",
-                "4",
-                "--gc-interval-secs",
-                "1",
-                "--gc-grace-secs",
-                "3",
-                "--lease-duration-secs",
-                "3",
-            ],
-            &dir.join("controller.log"),
-        );
+        let controller = spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
         wait_until(Duration::from_secs(10), "the node to register", || async {
             client.get::<nexus_api::NodeSpec>("", node).await.is_ok()
         })
@@ -232,22 +238,7 @@ impl Cluster {
     /// Starts another controller (a standby while the first leads), serving
     /// its metrics on `metrics_listen`.
     pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
-        let token = self.dir.join("agent-token").display().to_string();
-        let args = [
-            "--apiserver",
-            &self.server,
-            "--agent-token-file",
-            &token,
-            "--recheck-secs",
-            "2",
-            "--node-grace-secs",
-            "4",
-            "--lease-duration-secs",
-            "3",
-            "--metrics-listen",
-            metrics_listen,
-        ];
-        spawn("controller", &bin("nexus-controller"), &args, &self.dir.join(log))
+        spawn_controller(&self.server, &self.dir.join("agent-token"), metrics_listen, &self.dir.join(log))
     }
 
     /// Starts the node agent again (after it was killed or stopped).

@@ -82,11 +82,15 @@ impl MultiNode {
         let server = "http://127.0.0.1:7443".to_string();
         let client = Client::new(&server, None);
         wait_until(Duration::from_secs(10), "the apiserver", || async { client.version().await.is_ok() }).await;
+        static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let fleet_id = FLEETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut nodes = Vec::new();
         let mut agents = Vec::new();
         let mut agent_args = Vec::new();
         for i in 1..=n {
-            let ns = NodeNs { name: format!("nxe{}-{i}", std::process::id()), node: format!("node-{i}"), index: i };
+            // Named namespaces are host-wide: unique per process and per fleet.
+            let name = format!("nxe{}-{}-{i}", std::process::id(), fleet_id);
+            let ns = NodeNs { name, node: format!("node-{i}"), index: i };
             run_ok(Command::new("ip").args(["netns", "add", &ns.name]));
             let (host_if, node_if) = (format!("nxh{i}"), format!("nxn{i}"));
             run_ok(Command::new("ip").args(["link", "add", &host_if, "type", "veth", "peer", "name", &node_if]));
@@ -130,27 +134,7 @@ impl MultiNode {
             agent_args.push(args);
             nodes.push(ns);
         }
-        let controller = spawn(
-            "controller",
-            &bin("nexus-controller"),
-            &[
-                "--apiserver",
-                &server,
-                "--agent-token-file",
-                &s(&token),
-                "--recheck-secs",
-                "2",
-                "--node-grace-secs",
-                "4",
-                "--lease-duration-secs",
-                "3",
-                "--gc-interval-secs",
-                "2",
-                "--gc-grace-secs",
-                "10",
-            ],
-            &dir.join("controller.log"),
-        );
+        let controller = crate::spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
         for ns in &nodes {
             wait_until(Duration::from_secs(15), "every node to register", || async {
                 client
@@ -175,6 +159,16 @@ impl MultiNode {
             &bin("nexus-apiserver"),
             &["--listen", "0.0.0.0:7443", "--data-dir", &data],
             &self.dir.join("apiserver.log"),
+        );
+    }
+
+    /// Runs a new controller (after the old one was killed).
+    pub fn restart_controller(&mut self) {
+        self.controller = crate::spawn_controller(
+            &self.server,
+            &self.dir.join("agent-token"),
+            "127.0.0.1:7445",
+            &self.dir.join("controller.log"),
         );
     }
 

@@ -152,28 +152,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
 
         // The controller.
         fleet.controller.kill();
-        let respawn = {
-            let token = dir.path().join("agent-token").display().to_string();
-            let args = [
-                "--apiserver",
-                fleet.server.as_str(),
-                "--agent-token-file",
-                token.as_str(),
-                "--recheck-secs",
-                "2",
-                "--node-grace-secs",
-                "4",
-                "--lease-duration-secs",
-                "3",
-            ];
-            nexus_e2e::spawn(
-                "controller",
-                &nexus_e2e::bin("nexus-controller"),
-                &args,
-                &dir.path().join("controller.log"),
-            )
-        };
-        fleet.controller = respawn;
+        fleet.restart_controller();
         let back = Instant::now();
         let churned = dir.path().join("c.yaml");
         std::fs::write(&churned, vms_yaml(&["churn-18".to_string()])).unwrap();

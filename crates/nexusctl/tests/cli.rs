@@ -284,3 +284,46 @@ fn contexts_supply_server_and_project_and_flags_override_them() {
     let v = env.ctl_with(&["version"], none);
     assert!(v.stdout.contains("Client Version: ") && v.stdout.contains("Server Version: "), "{v:?}");
 }
+
+#[test]
+fn get_watch_prints_changes_as_they_happen() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+        .args(["get", "vms", "-w"])
+        .env("NEXUS_SERVER", &env.server.url)
+        .env("NEXUS_CONFIG", env.dir.path().join("config.yaml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let f = env.file("web.yaml", VM);
+    env.ok(&["apply", "-f", &s(&f)]);
+    env.ok(&["pause", "vm", "web"]);
+    env.ok(&["delete", "vm", "web"]);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lines.len() < 3 && std::time::Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(200))
+            && !l.starts_with("NAME")
+        {
+            lines.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[0].starts_with("web") && lines[0].contains("Running"), "{lines:?}");
+    assert!(lines[1].contains("Paused"), "{lines:?}");
+    assert!(lines[2].ends_with("(deleted)"), "{lines:?}");
+}
