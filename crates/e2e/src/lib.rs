@@ -180,6 +180,20 @@ pub struct Cluster {
     agent_args: Vec<String>,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failed test must not leave VMMs behind: they outlive the agent.
+        kill_vmms_under(&self.run_dir);
+    }
+}
+
+/// SIGKILLs every VMM whose API socket lies under `dir`.
+pub fn kill_vmms_under(dir: &Path) {
+    for (pid, _) in host::vmm_processes_under(dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Ports used inside the test's own namespace (no clash with the host).
 pub const APISERVER_ADDR: &str = "127.0.0.1:7443";
 pub const AGENT_ADDR: &str = "127.0.0.1:7444";

@@ -66,6 +66,14 @@ pub struct MultiNode {
     agent_args: Vec<Vec<String>>,
 }
 
+impl Drop for MultiNode {
+    fn drop(&mut self) {
+        for i in 1..=self.nodes.len() {
+            crate::kill_vmms_under(&self.dir.join(format!("run-{i}")));
+        }
+    }
+}
+
 impl MultiNode {
     /// Starts everything; each agent accepts at most `max_vms`.
     pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {

@@ -100,6 +100,13 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // VMMs outlive their agent by design; a finished test takes them down.
+        nexus_e2e::kill_vmms_under(&self.run_dir());
+    }
+}
+
 fn request(uid: &str) -> EnsureVm {
     EnsureVm {
         uid: uid.into(),
