@@ -78,7 +78,7 @@ async fn watch_vms(api: Client, queue: Arc<WorkQueue<Key>>, resync: Duration) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing VMs failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
@@ -90,7 +90,7 @@ async fn watch_vms(api: Client, queue: Arc<WorkQueue<Key>>, resync: Duration) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "watching VMs failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
@@ -122,7 +122,7 @@ async fn watch_nodes(api: Client, queue: Arc<WorkQueue<Key>>) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "watching nodes failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
