@@ -252,12 +252,13 @@ impl VmReconciler {
         self.write_status(vm, status).await?;
         let event = match (before, after) {
             (b, VmPhase::Running) if b != VmPhase::Running => {
-                Some(("Started", format!("running on node {node}, pid {:?}", report.pid)))
+                let pid = report.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+                Some(("Started", format!("running on node {node}{pid}")))
             }
-            (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.pid => Some((
-                "Restarted",
-                format!("the VMM (pid {old_pid:?}) was gone; started again as pid {:?}", report.pid),
-            )),
+            (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.pid => {
+                let (old, new) = (old_pid.unwrap_or_default(), report.pid.unwrap_or_default());
+                Some(("Restarted", format!("the VMM (pid {old}) was gone; started again as pid {new}")))
+            }
             (b, VmPhase::Paused) if b != VmPhase::Paused => {
                 Some(("Paused", "the guest's vCPUs are paused".to_string()))
             }

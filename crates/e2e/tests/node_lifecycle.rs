@@ -16,6 +16,21 @@ fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
     r
 }
 
+/// The events about `name` once their reasons are `want` (events are written
+/// just after the status they describe, so a test polls for them).
+async fn events_about(client: &nexus_api::client::Client, name: &str, want: &[&str]) -> Vec<nexus_api::Event> {
+    let params = ListParams { field_selector: Some(format!("spec.involvedObject.name={name}")), ..Default::default() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
+        if reasons(&events) == want || Instant::now() >= deadline {
+            assert_eq!(reasons(&events), want, "{events:?}");
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
     ensure_example_images();
@@ -60,9 +75,7 @@ fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
         let node = client.get::<NodeSpec>("", "node-a").await.unwrap().status_or_default();
         assert!(node.is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)));
 
-        let params = ListParams { field_selector: Some("spec.involvedObject.name=hello".into()), ..Default::default() };
-        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
-        assert_eq!(reasons(&events), vec!["NodeLost", "Scheduled", "Started"], "{events:?}");
+        events_about(&client, "hello", &["NodeLost", "Scheduled", "Started"]).await;
         let (ok, out, _) = cluster.nexusctl(&["describe", "vm", "hello"]);
         assert!(ok && out.contains("NodeLost") && out.contains("Scheduled"), "{out}");
 
@@ -113,9 +126,7 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
         })
         .await;
         println!("VMM running again {} ms after SIGKILL", killed.elapsed().as_millis());
-        let params = ListParams { field_selector: Some("spec.involvedObject.name=hello".into()), ..Default::default() };
-        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
-        assert_eq!(reasons(&events), vec!["Paused", "Restarted", "Scheduled", "Started", "Stopped"], "{events:?}");
+        let events = events_about(&client, "hello", &["Paused", "Restarted", "Scheduled", "Started", "Stopped"]).await;
         let started = events.iter().find(|e| e.spec.reason == "Started").unwrap();
         assert_eq!(started.spec.count, 3, "started, resumed, started again: one event, counted");
         let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "hello", "--wait"]);
