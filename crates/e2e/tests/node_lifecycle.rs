@@ -16,6 +16,23 @@ fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
     r
 }
 
+/// Whether VM `name` is Running and Ready.
+async fn ready(client: &nexus_api::client::Client, name: &str) -> bool {
+    client.get::<VmSpec>("default", name).await.is_ok_and(|v| {
+        let s = v.status_or_default();
+        s.phase == VmPhase::Running
+            && find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+    })
+}
+
+/// Applies `examples/vm.yaml` with nexusctl and waits until `hello` is Running and Ready.
+async fn apply_example_and_wait_ready(cluster: &Cluster) {
+    let (ok, _, err) = cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
+    assert!(ok, "{err}");
+    let client = cluster.client();
+    wait_until(Duration::from_secs(30), "the example VM to be Ready", || ready(&client, "hello")).await;
+}
+
 /// The events about `name` once their reasons are `want` (events are written
 /// just after the status they describe, so a test polls for them).
 async fn events_about(client: &nexus_api::client::Client, name: &str, want: &[&str]) -> Vec<nexus_api::Event> {
@@ -38,17 +55,8 @@ fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
         let client = cluster.client();
-        let (ok, _, err) =
-            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
-        assert!(ok, "{err}");
-        let running = || async {
-            client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| {
-                let s = v.status_or_default();
-                s.phase == VmPhase::Running
-                    && find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
-            })
-        };
-        wait_until(Duration::from_secs(30), "the VM to run", running).await;
+        apply_example_and_wait_ready(&cluster).await;
+        let running = || ready(&client, "hello");
         let pid = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap().pid;
 
         cluster.agent.kill();
@@ -93,9 +101,7 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
         let client = cluster.client();
-        let (ok, _, err) =
-            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
-        assert!(ok, "{err}");
+        apply_example_and_wait_ready(&cluster).await;
         let phase_is = |p: VmPhase| {
             let client = client.clone();
             move || {
@@ -103,7 +109,6 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
                 async move { client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| v.status_or_default().phase == p) }
             }
         };
-        wait_until(Duration::from_secs(30), "Running", phase_is(VmPhase::Running)).await;
         for (verb, phase) in [
             ("pause", VmPhase::Paused),
             ("resume", VmPhase::Running),
@@ -142,16 +147,7 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
         let client = cluster.client();
-        let (ok, _, err) =
-            cluster.nexusctl(&["apply", "-f", &repo_root().join("examples/vm.yaml").display().to_string()]);
-        assert!(ok, "{err}");
-        wait_until(Duration::from_secs(30), "the VM to run", || async {
-            client
-                .get::<VmSpec>("default", "hello")
-                .await
-                .is_ok_and(|v| v.status_or_default().phase == VmPhase::Running)
-        })
-        .await;
+        apply_example_and_wait_ready(&cluster).await;
         let live = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap();
         let live_tap = live.tap_name.clone().unwrap();
 
@@ -191,8 +187,12 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
         assert_eq!((now.phase, now.runtime.unwrap().pid), (VmPhase::Running, live.pid), "the live VM is untouched");
         let params =
             ListParams { field_selector: Some("spec.involvedObject.name=node-a".into()), ..Default::default() };
-        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
-        assert!(events.iter().filter(|e| e.spec.reason == "GarbageCollected").count() >= 3, "{events:?}");
+        // Events are written just after the removals they describe.
+        wait_until(Duration::from_secs(10), "three GarbageCollected events on the node", || async {
+            let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
+            events.iter().filter(|e| e.spec.reason == "GarbageCollected").count() >= 3
+        })
+        .await;
         let metrics = reqwest::get("http://127.0.0.1:7445/metrics").await.unwrap().text().await.unwrap();
         assert!(
             metrics.contains("nexus_controller_gc_removed_total")
