@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::vm::PowerState;
+use crate::vm::{PowerState, RestartPolicy, VmExit};
 
 /// The fully resolved configuration of one VM, as the controller asks a
 /// node agent to realise it. Sending the same request twice is a no-op.
@@ -27,6 +27,9 @@ pub struct EnsureVm {
     /// Boot from this snapshot instead of the kernel, when the VMM is new.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreFrom>,
+    /// Whether a VMM that ended on its own is started again.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
 }
 
 /// A snapshot on the same node to start a VM from.
@@ -72,6 +75,9 @@ pub enum ObservedState {
     Running,
     Paused,
     Stopped,
+    /// The VMM ended on its own and the restart policy keeps it down; the
+    /// report's `exit` says how. Asking for `Stopped` clears this.
+    Exited,
     /// Nothing of this VM exists on the node.
     Absent,
 }
@@ -100,6 +106,12 @@ pub struct VmReport {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_millis: Option<u64>,
+    /// Times the agent started the VMM again after it ended on its own.
+    #[serde(default)]
+    pub restarts: u32,
+    /// How the last VMM ended on its own, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<VmExit>,
 }
 
 /// Everything the agent finds on its host, known to it or not.

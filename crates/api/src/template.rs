@@ -20,9 +20,11 @@ pub struct TemplateSpec {
     pub vcpu: u8,
     /// Guest memory in MiB (at least 16).
     pub mem_mib: u32,
-    /// Kernel image: an absolute host path (dev mode).
+    /// Kernel: the name of a `Kernel` Image in the template's project, or an
+    /// absolute host path (dev mode).
     pub kernel: String,
-    /// Root filesystem image: an absolute host path (dev mode).
+    /// Root filesystem: the name of a `Rootfs` Image in the template's
+    /// project, or an absolute host path (dev mode).
     pub rootfs: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
@@ -47,7 +49,7 @@ impl ResourceSpec for TemplateSpec {
     const NAMESPACED: bool = true;
 
     fn validate(&self, errors: &mut FieldErrors) {
-        validate_machine(errors, self.vcpu, self.mem_mib, &self.kernel, &self.rootfs);
+        validate_machine(errors, Some(self.vcpu), Some(self.mem_mib), Some(&self.kernel), Some(&self.rootfs));
         if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
             crate::vm::validate_ip_request(errors, "spec.network.ip", ip);
         }

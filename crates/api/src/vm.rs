@@ -20,33 +20,109 @@ pub const MAX_VCPU: u8 = 32;
 pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// Desired state of a VM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// A VM either names a `template` and overrides some of its settings, or
+/// gives `vcpu`, `memMib`, `kernel` and `rootfs` itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmSpec {
+    /// A Template in the VM's project to start from; every field set here
+    /// overrides the template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
     /// Number of vCPUs: 1 or an even number up to 32.
-    pub vcpu: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u8>,
     /// Guest memory in MiB (at least 16).
-    pub mem_mib: u32,
-    /// Kernel image: an absolute host path (dev mode).
-    pub kernel: String,
-    /// Root filesystem image: an absolute host path (dev mode). The VM boots
-    /// from its own writable copy; the image itself is never written.
-    pub rootfs: String,
-    /// Kernel command line; defaults to `DEFAULT_BOOT_ARGS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mib: Option<u32>,
+    /// Kernel: the name of a `Kernel` Image in the VM's project, or an
+    /// absolute host path (dev mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Root filesystem: the name of a `Rootfs` Image in the VM's project, or
+    /// an absolute host path (dev mode). The VM boots from its own writable
+    /// copy; the image itself is never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Kernel command line; defaults to the template's, then to `DEFAULT_BOOT_ARGS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
     /// Desired power state.
     #[serde(default)]
     pub state: PowerState,
+    /// What happens when the VMM process ends without being asked to.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
     /// The node to run on: set by the scheduler unless pinned here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
-    /// Only nodes carrying all these labels are considered.
+    /// Only nodes carrying all these labels are considered (merged over
+    /// the template's, key by key).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Network interface settings.
+    /// Network interface settings; the template's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+}
+
+/// When a VM's VMM is started again after it ended on its own (the guest
+/// powered off or the process died). A VM stopped through `spec.state` is
+/// never restarted by this.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RestartPolicy {
+    /// Always start it again.
+    #[default]
+    Always,
+    /// Start it again unless it exited cleanly (status 0, no signal); a
+    /// clean exit leaves the VM `Succeeded`.
+    OnFailure,
+    /// Never: the VM ends `Succeeded` or `Failed` with the exit recorded.
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a VMM that ended with `exit` (`None`: unknown, as after an
+    /// agent restart) is started again.
+    pub fn restarts(self, exit: Option<&VmExit>) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !exit.is_some_and(VmExit::is_clean),
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmExit {
+    /// Exit status, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// When the agent saw it end; absent when it was not watching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+impl VmExit {
+    /// Exit status 0 without a signal: the guest shut down.
+    pub fn is_clean(&self) -> bool {
+        self.code == Some(0) && self.signal.is_none()
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (_, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (Some(code), None) => write!(f, "exited with status {code}"),
+            (None, None) => write!(f, "ended (status unknown)"),
+        }
+    }
 }
 
 /// Network settings of a VM's single interface.
@@ -83,6 +159,8 @@ pub enum VmPhase {
     Running,
     Paused,
     Stopped,
+    /// The VMM exited cleanly and `restartPolicy` keeps it down.
+    Succeeded,
     /// Cannot run until its spec changes; see `lastError`.
     Failed,
     /// Being torn down after a delete.
@@ -115,6 +193,34 @@ pub struct VmStatus {
     /// The last error, with Firecracker's own message when it came from the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<VmError>,
+    /// The configuration the VM runs with: its spec over its template, with
+    /// image names resolved to host paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ResolvedConfig>,
+}
+
+/// A VM's complete machine configuration, resolved by the controller from
+/// the VM, its Template and its Images. Kept in status so a running VM does
+/// not depend on its template or images staying as they were.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResolvedConfig {
+    /// The VM's `metadata.generation` this was resolved from.
+    pub generation: i64,
+    /// The template used, with its generation (`name@generation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    pub vcpu: u8,
+    pub mem_mib: u32,
+    /// Host path of the kernel.
+    pub kernel_path: String,
+    /// Host path of the root filesystem image.
+    pub rootfs_path: String,
+    pub boot_args: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetwork>,
 }
 
 /// Runtime facts reported by the node agent.
@@ -141,6 +247,16 @@ pub struct VmRuntime {
     /// Milliseconds from process start to InstanceStart answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_millis: Option<u64>,
+    /// How many times the VMM was started again after it ended on its own.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// How the last VMM ended, when it ended on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<VmExit>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// An error worth showing to the VM's owner.
@@ -161,7 +277,24 @@ impl ResourceSpec for VmSpec {
     const NAMESPACED: bool = true;
 
     fn validate(&self, errors: &mut FieldErrors) {
-        validate_machine(errors, self.vcpu, self.mem_mib, &self.kernel, &self.rootfs);
+        if let Some(template) = &self.template {
+            validate_dns_label(errors, "spec.template", template);
+        } else {
+            let hint = "is required: set it, or name a Template in spec.template";
+            if self.vcpu.is_none() {
+                errors.add("spec.vcpu", "", hint);
+            }
+            if self.mem_mib.is_none() {
+                errors.add("spec.memMib", "", hint);
+            }
+            if self.kernel.is_none() {
+                errors.add("spec.kernel", "", hint);
+            }
+            if self.rootfs.is_none() {
+                errors.add("spec.rootfs", "", hint);
+            }
+        }
+        validate_machine(errors, self.vcpu, self.mem_mib, self.kernel.as_deref(), self.rootfs.as_deref());
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);
         }
@@ -181,16 +314,48 @@ pub fn validate_ip_request(errors: &mut FieldErrors, field: &str, ip: &str) {
     }
 }
 
-/// Checks the machine fields VMs and Templates share, under `spec.`.
-pub fn validate_machine(errors: &mut FieldErrors, vcpu: u8, mem_mib: u32, kernel: &str, rootfs: &str) {
-    if vcpu == 0 || vcpu > MAX_VCPU || (vcpu > 1 && vcpu % 2 == 1) {
+/// Checks the machine fields VMs and Templates share, under `spec.`, where given.
+pub fn validate_machine(
+    errors: &mut FieldErrors,
+    vcpu: Option<u8>,
+    mem_mib: Option<u32>,
+    kernel: Option<&str>,
+    rootfs: Option<&str>,
+) {
+    if let Some(vcpu) = vcpu
+        && (vcpu == 0 || vcpu > MAX_VCPU || (vcpu > 1 && vcpu % 2 == 1))
+    {
         errors.add("spec.vcpu", vcpu, "must be 1 or an even number from 2 to 32 (Firecracker's limits)");
     }
-    if mem_mib < MIN_MEM_MIB {
+    if let Some(mem_mib) = mem_mib
+        && mem_mib < MIN_MEM_MIB
+    {
         errors.add("spec.memMib", mem_mib, "must be at least 16 (MiB)");
     }
-    validate_host_path(errors, "spec.kernel", kernel);
-    validate_host_path(errors, "spec.rootfs", rootfs);
+    if let Some(kernel) = kernel {
+        validate_image_ref(errors, "spec.kernel", kernel);
+    }
+    if let Some(rootfs) = rootfs {
+        validate_image_ref(errors, "spec.rootfs", rootfs);
+    }
+}
+
+/// Checks a kernel or rootfs reference: an absolute host path (dev mode) or
+/// the name of an Image.
+pub fn validate_image_ref(errors: &mut FieldErrors, field: &str, value: &str) {
+    if value.starts_with('/') {
+        validate_host_path(errors, field, value);
+    } else {
+        let mut probe = FieldErrors::default();
+        validate_dns_label(&mut probe, field, value);
+        if !probe.is_empty() {
+            errors.add(
+                field,
+                value,
+                "must name an Image in the same project (such as vmlinux-6-1) or be an absolute host path (such as /var/lib/nexus/images/vmlinux)",
+            );
+        }
+    }
 }
 
 /// A locally administered unicast MAC derived from a VM uid: stable across
@@ -213,22 +378,18 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
-            vcpu: 1,
-            mem_mib: 128,
-            kernel: "/images/vmlinux".into(),
-            rootfs: "/images/rootfs.ext4".into(),
-            boot_args: None,
-            state: PowerState::Running,
-            node_name: None,
-            node_selector: BTreeMap::new(),
-            network: None,
+            vcpu: Some(1),
+            mem_mib: Some(128),
+            kernel: Some("/images/vmlinux".into()),
+            rootfs: Some("/images/rootfs.ext4".into()),
+            ..Default::default()
         }
     }
 
     #[test]
     fn odd_vcpu_counts_above_one_are_rejected_with_the_field_path() {
         let mut errors = FieldErrors::default();
-        VmSpec { vcpu: 3, ..spec() }.validate(&mut errors);
+        VmSpec { vcpu: Some(3), ..spec() }.validate(&mut errors);
         assert_eq!(errors.0.len(), 1);
         assert_eq!(errors.0[0].field, "spec.vcpu");
         assert_eq!(errors.0[0].value, "3");
@@ -237,9 +398,34 @@ mod tests {
     #[test]
     fn relative_and_dotdot_paths_are_rejected() {
         let mut errors = FieldErrors::default();
-        VmSpec { kernel: "vmlinux".into(), rootfs: "/a/../b".into(), ..spec() }.validate(&mut errors);
+        VmSpec { kernel: Some("Vmlinux".into()), rootfs: Some("/a/../b".into()), ..spec() }.validate(&mut errors);
         let fields: Vec<_> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.kernel", "spec.rootfs"]);
+    }
+
+    #[test]
+    fn machine_fields_are_required_only_without_a_template() {
+        let mut errors = FieldErrors::default();
+        VmSpec::default().validate(&mut errors);
+        let fields: Vec<_> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.vcpu", "spec.memMib", "spec.kernel", "spec.rootfs"]);
+        assert!(errors.0[0].expected.contains("spec.template"), "{}", errors.0[0].expected);
+        let mut errors = FieldErrors::default();
+        VmSpec { template: Some("ci-runner".into()), kernel: Some("vmlinux-6-1".into()), ..Default::default() }
+            .validate(&mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn restart_policies_decide_on_the_exit() {
+        let clean = VmExit { code: Some(0), signal: None, at: None };
+        let killed = VmExit { code: None, signal: Some(9), at: None };
+        assert!(RestartPolicy::Always.restarts(Some(&clean)));
+        assert!(!RestartPolicy::OnFailure.restarts(Some(&clean)));
+        assert!(RestartPolicy::OnFailure.restarts(Some(&killed)));
+        assert!(RestartPolicy::OnFailure.restarts(None), "an unknown end counts as a failure");
+        assert!(!RestartPolicy::Never.restarts(Some(&killed)));
+        assert_eq!(killed.to_string(), "killed by signal 9");
     }
 
     #[test]

@@ -95,7 +95,15 @@ impl Collector {
             // Read after the inventory: whatever the inventory holds for a VM
             // created in between is claimed by the list.
             let Ok(vms) = api.list::<VmSpec>(None, &ListParams::default()).await else { continue };
-            let known: BTreeSet<String> = vms.items.iter().map(|v| v.uid().to_string()).collect();
+            // A VM claims its things on the node it is bound to (or anywhere
+            // while it is unbound): what a VM placed elsewhere since left here
+            // is an orphan too.
+            let known: BTreeSet<String> = vms
+                .items
+                .iter()
+                .filter(|v| v.spec.node_name.as_deref().is_none_or(|n| n == node.name()))
+                .map(|v| v.uid().to_string())
+                .collect();
             let mut due = Collect::default();
             for orphan in orphans(&inv, &known) {
                 let key = (node.name().to_string(), orphan.clone());

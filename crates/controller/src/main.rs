@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         node_grace,
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
         events: events.clone(),
+        caches: Default::default(),
         scheduling: Default::default(),
         per_node: nexus_controller::vm::PerNode::new(args.per_node_concurrency),
     };

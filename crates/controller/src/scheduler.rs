@@ -1,38 +1,57 @@
 //! Placement: picks a Ready node with room for a VM, spreading load.
+//!
+//! The scheduler reads the cache, which trails the apiserver by a watch
+//! event. A placement it has just written may not be in the cache yet, so
+//! it remembers its own placements ("assumed") until the cache shows them;
+//! capacity therefore holds however fast VMs arrive.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use nexus_api::{Node, Vm};
+use nexus_api::{Node, Vm, VmPhase};
+
+use crate::cache::Caches;
 
 /// Why no node fits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unschedulable(pub String);
 
-/// Chooses the node for `vm` among `nodes`, given every VM already placed
-/// (`placed`). Prefers the node with the fewest VMs, then by name.
+/// What the VM to place needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub mem_mib: u32,
+    pub node_selector: &'a BTreeMap<String, String>,
+}
+
+/// One VM's claim on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub node: String,
+    pub vcpu: u8,
+    pub mem_mib: u32,
+}
+
+/// Chooses a node for a VM needing `req` among `nodes`, given the claims of
+/// every other placed VM. Prefers the node with the fewest VMs, then by name.
 pub fn pick_node(
-    vm: &Vm,
-    nodes: &[Node],
-    placed: &[Vm],
+    req: Request<'_>,
+    nodes: &[Arc<Node>],
+    placed: &[Placement],
     now: DateTime<Utc>,
     grace: chrono::Duration,
 ) -> Result<String, Unschedulable> {
-    let mut load: HashMap<&str, (u32, u64, u32)> = HashMap::new();
-    for other in placed {
-        if other.uid() == vm.uid() {
-            continue;
-        }
-        if let Some(node) = other.spec.node_name.as_deref() {
-            let e = load.entry(node).or_default();
-            e.0 += u32::from(other.spec.vcpu);
-            e.1 += u64::from(other.spec.mem_mib);
-            e.2 += 1;
-        }
+    let mut load: HashMap<&str, (u64, u32)> = HashMap::new();
+    for p in placed {
+        let e = load.entry(p.node.as_str()).or_default();
+        e.0 += u64::from(p.mem_mib);
+        e.1 += 1;
     }
+    let mut nodes: Vec<&Arc<Node>> = nodes.iter().collect();
+    nodes.sort_by(|a, b| a.name().cmp(b.name()));
     let mut reasons = Vec::new();
     let mut best: Option<(&Node, u32)> = None;
-    for node in nodes {
+    for node in nodes.iter().copied() {
         let name = node.name();
         let status = node.status_or_default();
         if !status.is_ready(now, grace) {
@@ -43,23 +62,22 @@ pub fn pick_node(
             reasons.push(format!("{name}: unschedulable"));
             continue;
         }
-        if !vm.spec.node_selector.iter().all(|(k, v)| node.metadata.labels.get(k) == Some(v)) {
+        if !req.node_selector.iter().all(|(k, v)| node.metadata.labels.get(k) == Some(v)) {
             reasons.push(format!("{name}: labels do not match nodeSelector"));
             continue;
         }
-        let (vcpu, mem, count) = load.get(name).copied().unwrap_or_default();
+        let (mem, count) = load.get(name).copied().unwrap_or_default();
         let cap = &status.capacity;
         if count + 1 > cap.max_vms {
             reasons.push(format!("{name}: already runs {count} of {} VMs", cap.max_vms));
             continue;
         }
-        if mem + u64::from(vm.spec.mem_mib) > cap.mem_mib {
-            reasons.push(format!("{name}: {} MiB free, {} needed", cap.mem_mib.saturating_sub(mem), vm.spec.mem_mib));
+        if mem + u64::from(req.mem_mib) > cap.mem_mib {
+            reasons.push(format!("{name}: {} MiB free, {} needed", cap.mem_mib.saturating_sub(mem), req.mem_mib));
             continue;
         }
         // vCPUs are overcommitted (idle microVMs are common); memory is not.
-        let _ = vcpu;
-        if best.is_none_or(|(b, c)| count < c || (count == c && name < b.name())) {
+        if best.is_none_or(|(_, c)| count < c) {
             best = Some((node, count));
         }
     }
@@ -67,5 +85,128 @@ pub fn pick_node(
         Some((node, _)) => Ok(node.name().to_string()),
         None if nodes.is_empty() => Err(Unschedulable("no nodes are registered".into())),
         None => Err(Unschedulable(reasons.join("; "))),
+    }
+}
+
+/// Whether a VM in this phase still holds its node's resources.
+fn holds_resources(vm: &Vm) -> bool {
+    !matches!(vm.status.as_ref().map(|s| s.phase), Some(VmPhase::Succeeded | VmPhase::Failed))
+}
+
+/// Placements this controller wrote that the cache may not show yet, by VM uid.
+#[derive(Debug, Default)]
+pub struct Assumed {
+    nodes: HashMap<String, String>,
+}
+
+impl Assumed {
+    /// Remembers that VM `uid` was placed on `node`.
+    pub fn assume(&mut self, uid: &str, node: &str) {
+        self.nodes.insert(uid.to_string(), node.to_string());
+    }
+
+    /// The node VM `uid` was placed on, if the cache does not show it yet.
+    pub fn node_of(&self, uid: &str) -> Option<&str> {
+        self.nodes.get(uid).map(String::as_str)
+    }
+
+    /// Every VM's claim (other than `except`'s), from the cache and from
+    /// assumptions it has not caught up with; forgets the assumptions it has.
+    pub fn placements(&mut self, caches: &Caches, except: &str) -> Vec<Placement> {
+        let vms = caches.vms.list();
+        let mut unbound = std::collections::HashSet::new();
+        let mut placed = Vec::with_capacity(vms.len());
+        for vm in &vms {
+            let node = match &vm.spec.node_name {
+                Some(n) => n.clone(),
+                None => {
+                    unbound.insert(vm.uid().to_string());
+                    match self.nodes.get(vm.uid()) {
+                        Some(n) => n.clone(),
+                        None => continue,
+                    }
+                }
+            };
+            if vm.uid() == except || !holds_resources(vm) {
+                continue;
+            }
+            let (vcpu, mem_mib) = crate::resolve::resources(vm, caches);
+            placed.push(Placement { node, vcpu, mem_mib });
+        }
+        // Bound in the cache, or gone: the assumption has served its turn.
+        self.nodes.retain(|uid, _| unbound.contains(uid));
+        placed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nexus_api::node::{CONDITION_READY, NodeCapacity};
+    use nexus_api::{ConditionStatus, NodeSpec, NodeStatus, VmSpec};
+
+    use super::*;
+
+    fn node(name: &str, max_vms: u32) -> Arc<Node> {
+        let mut n = Node::new(name, None, NodeSpec::default());
+        let mut status = NodeStatus {
+            address: "http://10.0.0.1:7444".into(),
+            last_heartbeat_time: Some(Utc::now()),
+            capacity: NodeCapacity { vcpu: 8, mem_mib: 4096, max_vms },
+            ..Default::default()
+        };
+        nexus_api::meta::set_condition(&mut status.conditions, CONDITION_READY, ConditionStatus::True, "Beat", "");
+        n.status = Some(status);
+        Arc::new(n)
+    }
+
+    fn vm(name: &str, uid: &str, node: Option<&str>) -> Vm {
+        let mut vm = Vm::new(
+            name,
+            Some("p"),
+            VmSpec {
+                vcpu: Some(1),
+                mem_mib: Some(512),
+                kernel: Some("/k".into()),
+                rootfs: Some("/r".into()),
+                node_name: node.map(str::to_string),
+                ..Default::default()
+            },
+        );
+        vm.metadata.uid = Some(uid.into());
+        vm
+    }
+
+    #[test]
+    fn spreads_then_refuses_with_a_reason_per_node() {
+        let nodes = [node("a", 2), node("b", 2)];
+        let none = BTreeMap::new();
+        let req = Request { mem_mib: 512, node_selector: &none };
+        let grace = chrono::Duration::seconds(6);
+        let mut placed = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let n = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap();
+            placed.push(Placement { node: n.clone(), vcpu: 1, mem_mib: 512 });
+            got.push(n);
+        }
+        assert_eq!(got, ["a", "b", "a", "b"]);
+        let err = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap_err();
+        assert_eq!(err.0, "a: already runs 2 of 2 VMs; b: already runs 2 of 2 VMs");
+    }
+
+    #[test]
+    fn assumed_placements_count_until_the_cache_shows_them() {
+        let caches = Caches::default();
+        caches.vms.upsert(vm("one", "u1", None));
+        let mut assumed = Assumed::default();
+        assumed.assume("u1", "a");
+        let placed = assumed.placements(&caches, "u2");
+        assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512 }]);
+        // The cache catches up: the assumption is dropped, the claim stays.
+        let mut bound = vm("one", "u1", Some("a"));
+        bound.metadata.resource_version = Some("2".into());
+        caches.vms.upsert(bound);
+        assert_eq!(assumed.placements(&caches, "u2").len(), 1);
+        assert_eq!(assumed.node_of("u1"), None);
     }
 }

@@ -88,9 +88,25 @@ pub fn run_dirs(run_dir: &Path) -> Vec<String> {
 
 /// Sends `GET /` to a Firecracker API socket; returns the status line and body.
 pub async fn fc_get_root(socket: &Path) -> std::io::Result<(u16, String)> {
+    fc_request(socket, "GET", "/", None).await
+}
+
+/// Presses Ctrl+Alt+Del on the VMM behind `socket` (the guest shuts down).
+pub async fn fc_ctrl_alt_del(socket: &Path) -> std::io::Result<u16> {
+    Ok(fc_request(socket, "PUT", "/actions", Some(r#"{"action_type":"SendCtrlAltDel"}"#)).await?.0)
+}
+
+/// Sends one request to a Firecracker API socket; returns the status and body.
+pub async fn fc_request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::UnixStream::connect(socket).await?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();

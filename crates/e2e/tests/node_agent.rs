@@ -120,6 +120,7 @@ fn request(uid: &str) -> EnsureVm {
         mac: "06:00:ac:10:00:02".into(),
         ip: None,
         restore: None,
+        restart_policy: Default::default(),
     }
 }
 

@@ -105,7 +105,14 @@ pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, n
         match kind.kind {
             "VM" => {
                 row.extend([name, s(&spec["state"]), status["phase"].as_str().unwrap_or("Pending").to_string()]);
-                row.extend([s(&spec["nodeName"]), s(&spec["vcpu"]), format!("{}Mi", s(&spec["memMib"])), created]);
+                // The resolved machine when known (a template may supply it).
+                let machine = if status["config"].is_object() { &status["config"] } else { spec };
+                row.extend([
+                    s(&spec["nodeName"]),
+                    s(&machine["vcpu"]),
+                    format!("{}Mi", s(&machine["memMib"])),
+                    created,
+                ]);
                 if wide {
                     let rt = &status["runtime"];
                     row.extend([s(&rt["tapName"]), s(&rt["mac"]), s(&rt["pid"])]);

@@ -91,6 +91,23 @@ impl VmPaths {
     pub fn started(&self) -> PathBuf {
         self.dir.join("started")
     }
+    /// How the VMM process the agent launched ended (written when it is
+    /// reaped: pid, exit status or signal).
+    pub fn reaped(&self) -> PathBuf {
+        self.dir.join("reaped.json")
+    }
+    /// How the last VMM that ended on its own ended.
+    pub fn last_exit(&self) -> PathBuf {
+        self.dir.join("last-exit.json")
+    }
+    /// Present while the restart policy keeps an ended VMM down.
+    pub fn kept_down(&self) -> PathBuf {
+        self.dir.join("kept-down")
+    }
+    /// How many times a VMM that ended on its own was started again.
+    pub fn restarts(&self) -> PathBuf {
+        self.dir.join("restarts")
+    }
 }
 
 /// The files of one snapshot.

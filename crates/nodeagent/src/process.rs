@@ -57,8 +57,9 @@ fn cstring(p: &Path) -> Result<CString, ProcessError> {
 /// Starts `binary --api-sock <fixed>/fc.sock --id <uid>` in its own process
 /// group and mount namespace, with the VM directory at `view.fixed`, its
 /// stdout and stderr (the guest console) appended to `console`. The process
-/// outlives the agent; a task reaps it while the agent lives.
-pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path) -> Result<u32, ProcessError> {
+/// outlives the agent; while the agent lives, a task reaps it and writes how
+/// it ended to `reaped` (a [`Reaped`] as JSON).
+pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path, reaped: PathBuf) -> Result<u32, ProcessError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -105,11 +106,49 @@ pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path) -> Result<u
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {
         match child.wait().await {
-            Ok(status) => tracing::info!(pid, %status, "VMM process exited"),
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                tracing::info!(pid, %status, "VMM process exited");
+                let record = Reaped {
+                    pid,
+                    exit: nexus_api::vm::VmExit {
+                        code: status.code(),
+                        signal: status.signal(),
+                        at: Some(chrono::Utc::now()),
+                    },
+                };
+                // The directory is gone when the VM was removed: nothing to record.
+                let _ = std::fs::write(&reaped, serde_json::to_vec(&record).unwrap_or_default());
+            }
             Err(e) => tracing::warn!(pid, error = %e, "waiting for VMM process failed"),
         }
     });
     Ok(pid)
+}
+
+/// How a launched VMM process ended, as its reaper recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reaped {
+    pub pid: u32,
+    pub exit: nexus_api::vm::VmExit,
+}
+
+/// How VMM `pid` ended, if the reaper recorded it in `path`. Waits up to
+/// `within` for the record: a VMM that just died may not be reaped yet.
+/// `None` when the agent was not its parent (it was adopted after a restart).
+pub async fn reaped(path: &Path, pid: u32, within: Duration) -> Option<nexus_api::vm::VmExit> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(r) = std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Reaped>(&b).ok())
+            && r.pid == pid
+        {
+            return Some(r.exit);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn args_of(pid: u32) -> Option<Vec<Vec<u8>>> {

@@ -111,17 +111,31 @@ impl Runtime {
         if req.state == PowerState::Stopped {
             self.stop_vmm(&uid, &paths).await;
             self.net.delete_link(&uid.tap_name()).await?;
+            // A stop ends a kept-down exit: the next start is a fresh one.
+            remove_if_exists(&paths.kept_down())?;
+            return self.report(&uid).await;
+        }
+        if paths.kept_down().exists() {
             return self.report(&uid).await;
         }
         let client = FcClient::new(paths.socket());
         let mut info = None;
         let api_sock = self.cfg.run_dir.api_sock();
-        if let Some(pid) = read_pid(&paths).filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
-            match client.describe_instance().await {
+        let recorded = read_pid(&paths);
+        match recorded.filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
+            Some(pid) => match client.describe_instance().await {
                 Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
                 // Configured halfway (the agent died mid-create): start over.
                 _ => process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await,
+            },
+            // It booted, and its process ended without being asked to.
+            None if recorded.is_some() && paths.started().exists() => {
+                let pid = recorded.unwrap_or_default();
+                if !self.ended_on_its_own(&uid, &paths, pid, req.restart_policy).await? {
+                    return self.report(&uid).await;
+                }
             }
+            None => {}
         }
         let info = match info {
             Some(i) => i,
@@ -141,6 +155,35 @@ impl Runtime {
         self.report(&uid).await
     }
 
+    /// Records how VMM `pid` of `uid` ended on its own and applies `policy`:
+    /// returns whether to start it again. When not, the VM is kept down
+    /// (its TAP and socket go; its directory, disk and logs stay) until a
+    /// stop is asked for.
+    async fn ended_on_its_own(
+        &self,
+        uid: &Uid,
+        paths: &VmPaths,
+        pid: u32,
+        policy: nexus_api::vm::RestartPolicy,
+    ) -> Result<bool, AgentError> {
+        let exit = process::reaped(&paths.reaped(), pid, Duration::from_millis(500)).await;
+        let recorded = exit.clone().unwrap_or(nexus_api::vm::VmExit { code: None, signal: None, at: None });
+        std::fs::write(paths.last_exit(), serde_json::to_vec(&recorded).unwrap_or_default())
+            .map_err(AgentError::io("recording the VMM's exit"))?;
+        let again = policy.restarts(exit.as_ref());
+        tracing::info!(uid = %uid, pid, exit = %recorded, ?policy, restart = again, "VMM ended on its own");
+        if again {
+            let restarts = read_restarts(paths) + 1;
+            std::fs::write(paths.restarts(), restarts.to_string()).map_err(AgentError::io("counting restarts"))?;
+            return Ok(true);
+        }
+        std::fs::write(paths.kept_down(), b"").map_err(AgentError::io("marking the VM kept down"))?;
+        remove_if_exists(&paths.pid())?;
+        remove_if_exists(&paths.socket())?;
+        self.net.delete_link(&uid.tap_name()).await?;
+        Ok(false)
+    }
+
     /// Starts a fresh VMM for `uid` and configures and boots it.
     async fn start(
         &self,
@@ -151,6 +194,9 @@ impl Runtime {
     ) -> Result<models::InstanceInfo, AgentError> {
         self.stop_vmm(uid, paths).await;
         remove_if_exists(&paths.socket())?;
+        // Until it has booted, this VMM has not "run and ended".
+        remove_if_exists(&paths.started())?;
+        remove_if_exists(&paths.kept_down())?;
         let bridge = self.ensure_bridge().await?;
         let tap = uid.tap_name();
         self.net.ensure_tap(&tap, bridge).await?;
@@ -178,7 +224,7 @@ impl Runtime {
         let launched = Instant::now();
         let view = process::View { host_dir: paths.dir.clone(), fixed: self.cfg.run_dir.view() };
         let api_sock = view.api_sock();
-        let pid = process::launch(&self.cfg.firecracker, &view, uid.as_str(), &paths.console())?;
+        let pid = process::launch(&self.cfg.firecracker, &view, uid.as_str(), &paths.console(), paths.reaped())?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
         if let Some(scopes) = &self.cfg.scopes
             && let Err(e) = scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await
@@ -268,7 +314,8 @@ impl Runtime {
         Ok(Some(ip))
     }
 
-    /// vCPUs, memory and count of the VMs meant to run here (not Stopped).
+    /// vCPUs, memory and count of the VMs meant to run here (not Stopped,
+    /// not kept down after their VMM ended).
     pub fn allocation(&self) -> nexus_api::node::NodeAllocation {
         let mut total = nexus_api::node::NodeAllocation::default();
         let Ok(entries) = std::fs::read_dir(self.cfg.run_dir.vms()) else { return total };
@@ -279,7 +326,7 @@ impl Runtime {
             else {
                 continue;
             };
-            if cfg.state != PowerState::Stopped {
+            if cfg.state != PowerState::Stopped && !entry.path().join("kept-down").exists() {
                 total.vcpu += u32::from(cfg.vcpu);
                 total.mem_mib += u64::from(cfg.mem_mib);
                 total.vms += 1;
@@ -358,6 +405,7 @@ impl Runtime {
         let tap_exists = self.net.link(&tap).await?.is_some();
         let pid = read_pid(&paths).filter(|pid| process::is_vmm(*pid, uid.as_str(), &self.cfg.run_dir.api_sock()));
         let state = match pid {
+            None if paths.kept_down().exists() => ObservedState::Exited,
             None => ObservedState::Stopped,
             Some(_) => match FcClient::new(paths.socket()).describe_instance().await {
                 Ok(i) if i.state == InstanceState::Running => ObservedState::Running,
@@ -380,6 +428,8 @@ impl Runtime {
             console_path: Some(paths.console().display().to_string()),
             started_at: if pid.is_some() { started_at } else { None },
             boot_millis: if pid.is_some() { boot_millis } else { None },
+            restarts: read_restarts(&paths),
+            exit: std::fs::read(paths.last_exit()).ok().and_then(|b| serde_json::from_slice(&b).ok()),
         })
     }
 
@@ -485,6 +535,8 @@ fn absent(uid: &Uid) -> VmReport {
         console_path: None,
         started_at: None,
         boot_millis: None,
+        restarts: 0,
+        exit: None,
     }
 }
 
@@ -597,6 +649,10 @@ pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: 
 
 fn read_ip(paths: &VmPaths) -> Option<std::net::Ipv4Addr> {
     std::fs::read_to_string(paths.ip()).ok()?.trim().parse().ok()
+}
+
+fn read_restarts(paths: &VmPaths) -> u32 {
+    std::fs::read_to_string(paths.restarts()).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
 fn read_pid(paths: &VmPaths) -> Option<u32> {

@@ -153,6 +153,7 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         mac: "06:00:ac:10:00:02".into(),
         ip: None,
         restore: None,
+        restart_policy: Default::default(),
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.

@@ -1,0 +1,217 @@
+//! Resolution: a VM's spec laid over its Template, with Image names turned
+//! into host paths, gives the complete machine configuration a node agent
+//! needs. Reads the caches only.
+
+use nexus_api::image::{ImagePhase, ImageType};
+use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig};
+use nexus_api::{Template, Vm};
+
+use crate::cache::Caches;
+
+/// Why a VM's configuration cannot be resolved yet. Each is waited out
+/// (GitOps may apply the VM before its template or images).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unresolved {
+    #[error("template {name} does not exist in project {project}; create it or fix spec.template")]
+    TemplateNotFound { project: String, name: String },
+    #[error(
+        "{field} names image {name}, which does not exist in project {project}; create the Image or give an absolute host path"
+    )]
+    ImageNotFound { field: &'static str, project: String, name: String },
+    #[error("{field} names image {name} of type {got:?}; it needs a {want:?} image")]
+    WrongImageType { field: &'static str, name: String, want: ImageType, got: ImageType },
+    #[error("{field} names image {name}, which is Invalid: {message}")]
+    ImageInvalid { field: &'static str, name: String, message: String },
+    #[error("{field} is set neither on the VM nor on its template")]
+    Incomplete { field: &'static str },
+}
+
+impl Unresolved {
+    /// The condition reason for this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unresolved::TemplateNotFound { .. } => "TemplateNotFound",
+            Unresolved::ImageNotFound { .. } => "ImageNotFound",
+            Unresolved::WrongImageType { .. } => "WrongImageType",
+            Unresolved::ImageInvalid { .. } => "ImageInvalid",
+            Unresolved::Incomplete { .. } => "Incomplete",
+        }
+    }
+}
+
+/// Resolves `vm` against the cached templates and images.
+pub fn resolve(vm: &Vm, caches: &Caches) -> Result<ResolvedConfig, Unresolved> {
+    let project = vm.metadata.project.clone().unwrap_or_default();
+    let template: Option<std::sync::Arc<Template>> = match &vm.spec.template {
+        Some(name) => Some(
+            caches
+                .templates
+                .get(&project, name)
+                .ok_or_else(|| Unresolved::TemplateNotFound { project: project.clone(), name: name.clone() })?,
+        ),
+        None => None,
+    };
+    let t = template.as_ref().map(|t| &t.spec);
+    let spec = &vm.spec;
+    let vcpu = spec.vcpu.or(t.map(|t| t.vcpu)).ok_or(Unresolved::Incomplete { field: "spec.vcpu" })?;
+    let mem_mib = spec.mem_mib.or(t.map(|t| t.mem_mib)).ok_or(Unresolved::Incomplete { field: "spec.memMib" })?;
+    let kernel =
+        spec.kernel.clone().or(t.map(|t| t.kernel.clone())).ok_or(Unresolved::Incomplete { field: "spec.kernel" })?;
+    let rootfs =
+        spec.rootfs.clone().or(t.map(|t| t.rootfs.clone())).ok_or(Unresolved::Incomplete { field: "spec.rootfs" })?;
+    let mut node_selector = t.map(|t| t.node_selector.clone()).unwrap_or_default();
+    node_selector.extend(spec.node_selector.clone());
+    Ok(ResolvedConfig {
+        generation: vm.metadata.generation.unwrap_or_default(),
+        template: template.as_ref().map(|t| format!("{}@{}", t.name(), t.metadata.generation.unwrap_or_default())),
+        vcpu,
+        mem_mib,
+        kernel_path: image_path(caches, &project, "spec.kernel", &kernel, ImageType::Kernel)?,
+        rootfs_path: image_path(caches, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?,
+        boot_args: spec
+            .boot_args
+            .clone()
+            .or(t.and_then(|t| t.boot_args.clone()))
+            .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+        node_selector,
+        network: spec.network.clone().or(t.and_then(|t| t.network.clone())),
+    })
+}
+
+/// The host path a kernel or rootfs reference stands for: itself when it is
+/// a path, else the path of the named Image of the wanted type.
+fn image_path(
+    caches: &Caches,
+    project: &str,
+    field: &'static str,
+    reference: &str,
+    want: ImageType,
+) -> Result<String, Unresolved> {
+    if reference.starts_with('/') {
+        return Ok(reference.to_string());
+    }
+    let name = reference.to_string();
+    let image = caches.images.get(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
+        field,
+        project: project.to_string(),
+        name: name.clone(),
+    })?;
+    if image.spec.type_ != want {
+        return Err(Unresolved::WrongImageType { field, name, want, got: image.spec.type_ });
+    }
+    let status = image.status_or_default();
+    if status.phase == ImagePhase::Invalid {
+        let message = status.message.unwrap_or_else(|| "no reason given".into());
+        return Err(Unresolved::ImageInvalid { field, name, message });
+    }
+    Ok(image.spec.path.clone())
+}
+
+/// vCPUs and MiB a VM takes on its node: from its resolved configuration,
+/// else resolved now, else what its spec says (0 when unknown).
+pub fn resources(vm: &Vm, caches: &Caches) -> (u8, u32) {
+    if let Some(c) = vm.status.as_ref().and_then(|s| s.config.as_ref()) {
+        return (c.vcpu, c.mem_mib);
+    }
+    match resolve(vm, caches) {
+        Ok(c) => (c.vcpu, c.mem_mib),
+        Err(_) => (vm.spec.vcpu.unwrap_or(0), vm.spec.mem_mib.unwrap_or(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use nexus_api::image::ImageStatus;
+    use nexus_api::{Image, ImageSpec, TemplateSpec, VmSpec};
+
+    use super::*;
+
+    fn caches() -> Caches {
+        let caches = Caches::default();
+        let mut t = Template::new(
+            "ci",
+            Some("p"),
+            TemplateSpec {
+                vcpu: 2,
+                mem_mib: 1024,
+                kernel: "vmlinux".into(),
+                rootfs: "/images/rootfs.ext4".into(),
+                boot_args: Some("console=ttyS0".into()),
+                network: None,
+                node_selector: BTreeMap::from([("pool".into(), "ci".into()), ("zone".into(), "a".into())]),
+            },
+        );
+        t.metadata.generation = Some(3);
+        caches.templates.upsert(t);
+        let kernel = ImageSpec { type_: ImageType::Kernel, path: "/images/vmlinux-6.1".into(), sha256: None };
+        caches.images.upsert(Image::new("vmlinux", Some("p"), kernel));
+        let rootfs = ImageSpec { type_: ImageType::Rootfs, path: "/images/debian.ext4".into(), sha256: None };
+        caches.images.upsert(Image::new("debian", Some("p"), rootfs.clone()));
+        let mut bad = Image::new("broken", Some("p"), rootfs);
+        bad.status = Some(ImageStatus {
+            phase: ImagePhase::Invalid,
+            message: Some("sha256 mismatch".into()),
+            ..Default::default()
+        });
+        caches.images.upsert(bad);
+        caches
+    }
+
+    fn vm(spec: VmSpec) -> Vm {
+        let mut vm = Vm::new("job", Some("p"), spec);
+        vm.metadata.generation = Some(7);
+        vm
+    }
+
+    #[test]
+    fn a_vm_overrides_its_template_field_by_field() {
+        let spec = VmSpec {
+            template: Some("ci".into()),
+            mem_mib: Some(2048),
+            rootfs: Some("debian".into()),
+            node_selector: BTreeMap::from([("zone".into(), "b".into())]),
+            ..Default::default()
+        };
+        let c = resolve(&vm(spec), &caches()).unwrap();
+        assert_eq!((c.vcpu, c.mem_mib), (2, 2048));
+        assert_eq!(c.kernel_path, "/images/vmlinux-6.1", "the template's image name is resolved");
+        assert_eq!(c.rootfs_path, "/images/debian.ext4");
+        assert_eq!(c.boot_args, "console=ttyS0");
+        assert_eq!(c.template.as_deref(), Some("ci@3"));
+        assert_eq!(c.generation, 7);
+        assert_eq!(c.node_selector, BTreeMap::from([("pool".into(), "ci".into()), ("zone".into(), "b".into())]));
+    }
+
+    #[test]
+    fn missing_and_mismatched_references_say_what_to_fix() {
+        let missing = VmSpec { template: Some("nope".into()), ..Default::default() };
+        let err = resolve(&vm(missing), &caches()).unwrap_err();
+        assert_eq!(err.reason(), "TemplateNotFound");
+        assert!(err.to_string().contains("template nope does not exist in project p"), "{err}");
+        let wrong = VmSpec { template: Some("ci".into()), kernel: Some("debian".into()), ..Default::default() };
+        let err = resolve(&vm(wrong), &caches()).unwrap_err();
+        assert_eq!(err.reason(), "WrongImageType");
+        assert!(err.to_string().contains("spec.kernel names image debian of type Rootfs"), "{err}");
+        let invalid = VmSpec { template: Some("ci".into()), rootfs: Some("broken".into()), ..Default::default() };
+        assert!(resolve(&vm(invalid), &caches()).unwrap_err().to_string().contains("sha256 mismatch"));
+        let absent = VmSpec { template: Some("ci".into()), rootfs: Some("ubuntu".into()), ..Default::default() };
+        assert_eq!(resolve(&vm(absent), &caches()).unwrap_err().reason(), "ImageNotFound");
+    }
+
+    #[test]
+    fn paths_pass_through_and_boot_args_default() {
+        let spec = VmSpec {
+            vcpu: Some(1),
+            mem_mib: Some(128),
+            kernel: Some("/k".into()),
+            rootfs: Some("/r".into()),
+            ..Default::default()
+        };
+        let c = resolve(&vm(spec), &Caches::default()).unwrap();
+        assert_eq!((c.kernel_path.as_str(), c.rootfs_path.as_str()), ("/k", "/r"));
+        assert_eq!(c.boot_args, DEFAULT_BOOT_ARGS);
+        assert_eq!(c.template, None);
+    }
+}
