@@ -96,14 +96,20 @@ fn spawn_reflectors(
     let q = queue.clone();
     tokio::spawn(cache::reflect(api.clone(), caches.vms.clone(), resync, move |vm| q.add(cache::key_of(vm))));
 
-    let (q, vms) = (queue.clone(), caches.vms.clone());
+    let (q, vms, nodes) = (queue.clone(), caches.vms.clone(), caches.nodes.clone());
     let seen: Mutex<HashSet<(String, bool)>> = Default::default();
     tokio::spawn(cache::reflect(api.clone(), caches.nodes.clone(), resync, move |node: &Node| {
-        // Heartbeats arrive every few seconds; only a node's first sighting
-        // or a readiness change needs VMs looked at.
+        // Heartbeats arrive every few seconds; only a node's first sighting,
+        // a readiness change or its deletion needs VMs looked at.
         let ready = node.status_or_default().is_ready(chrono::Utc::now(), node_grace);
-        if !seen.lock().unwrap_or_else(|p| p.into_inner()).insert((node.name().to_string(), ready)) {
-            return;
+        let deleted = nodes.get("", node.name()).is_none();
+        {
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            if deleted {
+                seen.retain(|(name, _)| name != node.name());
+            } else if !seen.insert((node.name().to_string(), ready)) {
+                return;
+            }
         }
         for vm in vms.list() {
             let pending = vm.status.as_ref().is_none_or(|s| s.phase == VmPhase::Pending);

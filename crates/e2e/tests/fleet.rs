@@ -209,3 +209,83 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         delete_all_and_check_nothing_left(&mut fleet).await;
     });
 }
+
+#[test]
+fn vms_of_a_deleted_node_are_placed_again_and_what_they_left_there_is_collected() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fleet = MultiNode::start(dir.path(), 2, 10).await;
+        let client = fleet.client();
+        let names: Vec<String> = (0..4).map(|i| format!("move-{i}")).collect();
+        let file = dir.path().join("vms.yaml");
+        let pinned = vms_yaml(&["pinned".to_string()]).replace("spec:\n", "spec:\n  nodeName: node-1\n");
+        std::fs::write(&file, format!("{}---\n{pinned}", vms_yaml(&names))).unwrap();
+        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        wait_until(Duration::from_secs(60), "5 VMs Running", || async { running_count(&fleet).await == 5 }).await;
+        let on_node_1: Vec<nexus_api::Vm> = client
+            .list::<VmSpec>(Some("default"), &ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|v| v.spec.node_name.as_deref() == Some("node-1") && v.name() != "pinned")
+            .collect();
+        assert_eq!(on_node_1.len(), 2, "spread 2/2 plus the pinned one");
+        let pinned_pid = client.get::<VmSpec>("default", "pinned").await.unwrap().status.unwrap().runtime.unwrap().pid;
+
+        // node-1's agent dies and an operator deletes the Node for good.
+        fleet.agents[0].kill();
+        nexusctl(&fleet.server, &["delete", "node", "node-1"]);
+        let deleted = Instant::now();
+        wait_until(Duration::from_secs(30), "the placed VMs to run on node-2", || async {
+            let mut all = true;
+            for v in &on_node_1 {
+                all &= client.get::<VmSpec>("default", v.name()).await.is_ok_and(|v| {
+                    v.spec.node_name.as_deref() == Some("node-2") && v.status_or_default().phase == VmPhase::Running
+                });
+            }
+            all
+        })
+        .await;
+        println!(
+            "2 VMs placed again and Running on node-2 {} ms after node-1 was deleted",
+            deleted.elapsed().as_millis()
+        );
+        let pinned = client.get::<VmSpec>("default", "pinned").await.unwrap();
+        assert_eq!(pinned.spec.node_name.as_deref(), Some("node-1"), "a pinned VM is not moved");
+        let ready = find_condition(&pinned.status_or_default().conditions, "Ready").cloned().unwrap();
+        assert_eq!(ready.reason, "NodeNotFound", "{ready:?}");
+        let events = client.list::<nexus_api::EventSpec>(None, &ListParams::default()).await.unwrap().items;
+        let moved = events.iter().filter(|e| e.spec.reason == "Rescheduled").count();
+        assert_eq!(moved, 2, "one Rescheduled event per moved VM");
+
+        // node-1 comes back: the pinned VM is adopted there, and what the
+        // moved VMs left on node-1 is collected.
+        fleet.restart_agent(0);
+        let back = Instant::now();
+        wait_until(Duration::from_secs(30), "the pinned VM Ready on node-1", || async {
+            client.get::<VmSpec>("default", "pinned").await.is_ok_and(|v| {
+                let s = v.status_or_default();
+                s.phase == VmPhase::Running
+                    && find_condition(&s.conditions, "Ready")
+                        .is_some_and(|c| c.status == nexus_api::ConditionStatus::True)
+            })
+        })
+        .await;
+        let now = client.get::<VmSpec>("default", "pinned").await.unwrap().status.unwrap().runtime.unwrap().pid;
+        assert_eq!(now, pinned_pid, "adopted, not restarted");
+        let run_1 = dir.path().join("run-1");
+        wait_until(Duration::from_secs(30), "the moved VMs' leftovers on node-1 to be collected", || async {
+            nexus_e2e::host::vmm_processes_under(&run_1).len() == 1 && nexus_e2e::host::run_dirs(&run_1).len() == 1
+        })
+        .await;
+        println!(
+            "leftovers on node-1 collected {} ms after its agent returned (GC grace 3 s)",
+            back.elapsed().as_millis()
+        );
+        assert_eq!(fleet.nodes[0].taps().len(), 1, "only the pinned VM's TAP remains on node-1");
+        assert_eq!(fleet.vmms(), 5);
+        delete_all_and_check_nothing_left(&mut fleet).await;
+    });
+}

@@ -261,6 +261,16 @@ fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
         );
         let lease = client.get::<nexus_api::LeaseSpec>("", "nexus-controller").await.unwrap();
         assert_eq!(lease.spec.lease_transitions, 1);
+        // The new leader loaded its caches (the VM from before included)
+        // before its first reconcile.
+        let log =
+            std::fs::read_to_string(dir.path().join(if first_leads { "controller-2.log" } else { "controller.log" }))
+                .unwrap();
+        let synced = log.lines().position(|l| l.contains("caches synced")).expect("a caches-synced line");
+        let line = log.lines().nth(synced).unwrap();
+        assert!(line.contains("\"vms\":1") && line.contains("\"nodes\":1"), "{line}");
+        let first_work = log.lines().position(|l| l.contains("\"scheduled\"") || l.contains("reconcile failed"));
+        assert!(first_work.is_none_or(|w| w > synced), "{log}");
         for name in ["before", "after"] {
             let (ok, _, err) = cluster.nexusctl(&["delete", "vm", name, "--wait"]);
             assert!(ok, "{err}");
