@@ -74,7 +74,7 @@ async fn crud_and_validation(h: &Http) {
     assert!(e["message"].as_str().unwrap().contains("spec.memory"), "{e}");
     let mut bad = vm("b");
     bad["spec"]["vcpu"] = json!(3);
-    bad["spec"]["kernel"] = json!("relative");
+    bad["spec"]["kernel"] = json!("images/vmlinux");
     let (s, e) = h.call("POST", base, Some(bad)).await;
     assert_eq!(s, 422);
     let msg = e["message"].as_str().unwrap();
