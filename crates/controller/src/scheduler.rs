@@ -93,48 +93,54 @@ fn holds_resources(vm: &Vm) -> bool {
     !matches!(vm.status.as_ref().map(|s| s.phase), Some(VmPhase::Succeeded | VmPhase::Failed))
 }
 
-/// Placements this controller wrote that the cache may not show yet, by VM uid.
+/// Placements this controller wrote that the cache may not show yet, by VM
+/// uid, with the resourceVersion the binding write produced. An assumption
+/// holds only while the cache has an older copy of the VM: once the cache
+/// has that version or a later one (bound, or unbound again since), the
+/// cache is the truth.
 #[derive(Debug, Default)]
 pub struct Assumed {
-    nodes: HashMap<String, String>,
+    nodes: HashMap<String, (String, u64)>,
+}
+
+fn version_of(vm: &Vm) -> u64 {
+    vm.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 impl Assumed {
-    /// Remembers that VM `uid` was placed on `node`.
-    pub fn assume(&mut self, uid: &str, node: &str) {
-        self.nodes.insert(uid.to_string(), node.to_string());
+    /// Remembers that writing `bound` placed it on its `spec.nodeName`.
+    pub fn assume(&mut self, bound: &Vm) {
+        if let Some(node) = &bound.spec.node_name {
+            self.nodes.insert(bound.uid().to_string(), (node.clone(), version_of(bound)));
+        }
     }
 
-    /// The node VM `uid` was placed on, if the cache does not show it yet.
-    pub fn node_of(&self, uid: &str) -> Option<&str> {
-        self.nodes.get(uid).map(String::as_str)
+    /// The node `vm` (as cached) was placed on, if the cache is older than
+    /// the placement.
+    pub fn node_of(&self, vm: &Vm) -> Option<&str> {
+        self.nodes.get(vm.uid()).filter(|(_, rv)| version_of(vm) < *rv).map(|(n, _)| n.as_str())
     }
 
     /// Every VM's claim (other than `except`'s), from the cache and from
     /// assumptions it has not caught up with; forgets the assumptions it has.
     pub fn placements(&mut self, caches: &Caches, except: &str) -> Vec<Placement> {
         let vms = caches.vms.list();
-        let mut unbound = std::collections::HashSet::new();
+        let mut pending = std::collections::HashSet::new();
         let mut placed = Vec::with_capacity(vms.len());
         for vm in &vms {
-            let node = match &vm.spec.node_name {
-                Some(n) => n.clone(),
-                None => {
-                    unbound.insert(vm.uid().to_string());
-                    match self.nodes.get(vm.uid()) {
-                        Some(n) => n.clone(),
-                        None => continue,
-                    }
-                }
-            };
+            let assumed = self.node_of(vm).map(str::to_string);
+            if assumed.is_some() {
+                pending.insert(vm.uid().to_string());
+            }
+            let Some(node) = assumed.or_else(|| vm.spec.node_name.clone()) else { continue };
             if vm.uid() == except || !holds_resources(vm) {
                 continue;
             }
             let (vcpu, mem_mib) = crate::resolve::resources(vm, caches);
             placed.push(Placement { node, vcpu, mem_mib });
         }
-        // Bound in the cache, or gone: the assumption has served its turn.
-        self.nodes.retain(|uid, _| unbound.contains(uid));
+        // Caught up with, or the VM is gone: the assumption has served its turn.
+        self.nodes.retain(|uid, _| pending.contains(uid));
         placed
     }
 }
@@ -197,16 +203,33 @@ mod tests {
     #[test]
     fn assumed_placements_count_until_the_cache_shows_them() {
         let caches = Caches::default();
-        caches.vms.upsert(vm("one", "u1", None));
+        let mut unbound = vm("one", "u1", None);
+        unbound.metadata.resource_version = Some("1".into());
+        caches.vms.upsert(unbound);
         let mut assumed = Assumed::default();
-        assumed.assume("u1", "a");
+        let mut bound = vm("one", "u1", Some("a"));
+        bound.metadata.resource_version = Some("2".into());
+        assumed.assume(&bound);
         let placed = assumed.placements(&caches, "u2");
         assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512 }]);
         // The cache catches up: the assumption is dropped, the claim stays.
+        caches.vms.upsert(bound.clone());
+        assert_eq!(assumed.placements(&caches, "u2").len(), 1);
+        assert_eq!(assumed.node_of(&bound), None);
+    }
+
+    #[test]
+    fn a_vm_unbound_after_its_placement_is_not_held_by_the_old_assumption() {
+        let caches = Caches::default();
+        let mut assumed = Assumed::default();
         let mut bound = vm("one", "u1", Some("a"));
         bound.metadata.resource_version = Some("2".into());
-        caches.vms.upsert(bound);
-        assert_eq!(assumed.placements(&caches, "u2").len(), 1);
-        assert_eq!(assumed.node_of("u1"), None);
+        assumed.assume(&bound);
+        // Its node was deleted and the VM unbound (a later version).
+        let mut unbound = vm("one", "u1", None);
+        unbound.metadata.resource_version = Some("3".into());
+        caches.vms.upsert(unbound.clone());
+        assert_eq!(assumed.node_of(&unbound), None, "free to be placed again");
+        assert!(assumed.placements(&caches, "u2").is_empty());
     }
 }

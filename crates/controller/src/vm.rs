@@ -184,7 +184,7 @@ impl VmReconciler {
 
     async fn schedule(&self, vm: Vm, config: &ResolvedConfig) -> Result<Action, ReconcileError> {
         let mut assumed = self.scheduling.lock().await;
-        if assumed.node_of(vm.uid()).is_some() {
+        if assumed.node_of(&vm).is_some() {
             // Placed a moment ago; the cache has not caught up yet.
             return Ok(Action::RequeueAfter(Duration::from_millis(200)));
         }
@@ -197,9 +197,9 @@ impl VmReconciler {
                 next.spec.node_name = Some(node.clone());
                 next.metadata.annotations.insert(PLACED_BY.into(), "scheduler".into());
                 let bound = self.api.replace(&next).await?;
-                assumed.assume(vm.uid(), &node);
-                drop(assumed);
+                assumed.assume(&bound);
                 self.caches.vms.upsert(bound.clone());
+                drop(assumed);
                 tracing::info!(vm = %vm.name(), node = %node, "scheduled");
                 self.events.vm(&bound, EventType::Normal, "Scheduled", &format!("placed on node {node}")).await;
                 let mut status = vm.status_or_default();

@@ -200,7 +200,7 @@ pub const AGENT_ADDR: &str = "127.0.0.1:7444";
 
 impl Cluster {
     /// Starts the three processes with state under `dir` and waits until
-    /// the node is registered.
+    /// the node is registered and Ready.
     pub async fn start(dir: &Path, node: &str) -> Cluster {
         std::fs::create_dir_all(dir).expect("cluster dir");
         let token = dir.join("agent-token");
@@ -242,8 +242,12 @@ impl Cluster {
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
         let controller = spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
-        wait_until(Duration::from_secs(10), "the node to register", || async {
-            client.get::<nexus_api::NodeSpec>("", node).await.is_ok()
+        // Registered and heartbeating: a VM applied now is placed at once.
+        wait_until(Duration::from_secs(10), "the node to register and be Ready", || async {
+            client
+                .get::<nexus_api::NodeSpec>("", node)
+                .await
+                .is_ok_and(|n| n.status_or_default().is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)))
         })
         .await;
         Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args }
