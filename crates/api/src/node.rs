@@ -48,6 +48,20 @@ pub struct NodeStatus {
     pub last_heartbeat_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// VMM processes that ended unasked in the last minute, oldest first.
+    /// The agent beats at once when one ends, so the controller looks at
+    /// that VM within moments instead of at its next recheck.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vmm_exits: Vec<VmmExitNotice>,
+}
+
+/// One VMM process that ended without the agent stopping it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmmExitNotice {
+    /// The VM's uid.
+    pub uid: String,
+    pub at: DateTime<Utc>,
 }
 
 /// Resources a node offers.

@@ -98,7 +98,15 @@ fn spawn_reflectors(
 
     let (q, vms, nodes) = (queue.clone(), caches.vms.clone(), caches.nodes.clone());
     let seen: Mutex<HashSet<(String, bool)>> = Default::default();
+    let exits = Mutex::new(ExitsSeen::default());
     tokio::spawn(cache::reflect(api.clone(), caches.nodes.clone(), resync, move |node: &Node| {
+        // A VMM ended unasked: its VM's restart policy applies now.
+        let fresh = exits.lock().unwrap_or_else(|p| p.into_inner()).fresh(&node.status_or_default().vmm_exits);
+        if !fresh.is_empty() {
+            for vm in vms.list().iter().filter(|vm| fresh.contains(vm.uid())) {
+                q.add(cache::key_of(vm));
+            }
+        }
         // Heartbeats arrive every few seconds; only a node's first sighting,
         // a readiness change or its deletion needs VMs looked at.
         let ready = node.status_or_default().is_ready(chrono::Utc::now(), node_grace);
@@ -129,6 +137,29 @@ fn spawn_reflectors(
     }));
 }
 
+/// The VMM exit notices already acted on, by VM uid.
+#[derive(Debug, Default)]
+struct ExitsSeen {
+    last: std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>,
+}
+
+impl ExitsSeen {
+    /// The uids among `notices` not acted on yet; remembers them.
+    fn fresh(&mut self, notices: &[nexus_api::node::VmmExitNotice]) -> HashSet<String> {
+        let mut fresh = HashSet::new();
+        for n in notices {
+            if self.last.get(&n.uid).is_none_or(|at| *at < n.at) {
+                self.last.insert(n.uid.clone(), n.at);
+                fresh.insert(n.uid.clone());
+            }
+        }
+        // Agents keep a notice for a minute; keep ours a little longer.
+        let cutoff = chrono::Utc::now() - chrono::Duration::minutes(5);
+        self.last.retain(|_, at| *at > cutoff);
+        fresh
+    }
+}
+
 /// Queues the VMs of `project` whose configuration is not resolved yet.
 fn queue_waiting(queue: &WorkQueue<Key>, vms: &cache::Store<nexus_api::VmSpec>, project: Option<&str>) {
     for vm in vms.list() {
@@ -143,5 +174,22 @@ fn queue_waiting(queue: &WorkQueue<Key>, vms: &cache::Store<nexus_api::VmSpec>, 
         if !resolved {
             queue.add(cache::key_of(&vm));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_api::node::VmmExitNotice;
+
+    #[test]
+    fn each_exit_notice_is_acted_on_once() {
+        let mut seen = ExitsSeen::default();
+        let at = chrono::Utc::now();
+        let a = VmmExitNotice { uid: "a".into(), at };
+        assert_eq!(seen.fresh(std::slice::from_ref(&a)), HashSet::from(["a".to_string()]));
+        assert!(seen.fresh(std::slice::from_ref(&a)).is_empty(), "a heartbeat repeats it");
+        let again = VmmExitNotice { uid: "a".into(), at: at + chrono::Duration::seconds(1) };
+        assert_eq!(seen.fresh(&[a, again]).len(), 1, "a later exit of the same VM is news");
     }
 }

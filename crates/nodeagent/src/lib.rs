@@ -5,6 +5,7 @@ pub mod api;
 pub mod cgroup;
 pub mod disk;
 pub mod error;
+pub mod exits;
 pub mod firecracker;
 pub mod ipam;
 pub mod logs;

@@ -57,9 +57,16 @@ fn cstring(p: &Path) -> Result<CString, ProcessError> {
 /// Starts `binary --api-sock <fixed>/fc.sock --id <uid>` in its own process
 /// group and mount namespace, with the VM directory at `view.fixed`, its
 /// stdout and stderr (the guest console) appended to `console`. The process
-/// outlives the agent; while the agent lives, a task reaps it and writes how
-/// it ended to `reaped` (a [`Reaped`] as JSON).
-pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path, reaped: PathBuf) -> Result<u32, ProcessError> {
+/// outlives the agent; while the agent lives, a task reaps it, writes how it
+/// ended to `reaped` (a [`Reaped`] as JSON) and then calls `ended(pid)`.
+pub fn launch(
+    binary: &Path,
+    view: &View,
+    uid: &str,
+    console: &Path,
+    reaped: PathBuf,
+    ended: impl FnOnce(u32) + Send + 'static,
+) -> Result<u32, ProcessError> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -119,6 +126,7 @@ pub fn launch(binary: &Path, view: &View, uid: &str, console: &Path, reaped: Pat
                 };
                 // The directory is gone when the VM was removed: nothing to record.
                 let _ = std::fs::write(&reaped, serde_json::to_vec(&record).unwrap_or_default());
+                ended(pid);
             }
             Err(e) => tracing::warn!(pid, error = %e, "waiting for VMM process failed"),
         }

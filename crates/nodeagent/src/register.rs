@@ -8,6 +8,9 @@ use nexus_api::meta::set_condition;
 use nexus_api::node::{CONDITION_READY, NodeCapacity};
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus};
 
+/// How long an unasked VMM exit stays in the Node's status.
+const EXIT_WINDOW: Duration = Duration::from_secs(60);
+
 /// What the agent reports about its node.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -20,13 +23,19 @@ pub struct NodeInfo {
 }
 
 /// Registers the node (creating it if needed) and writes a heartbeat every
-/// `interval`, forever. Failures are logged and retried on the next beat.
+/// `interval`, and at once when a VMM ends unasked, forever. Failures are
+/// logged and retried on the next beat.
 pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registered = false;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            // A VMM ended unasked: tell the controller now (after a moment,
+            // so a burst of exits goes out in one beat).
+            _ = info.runtime.exits().recorded() => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
         match beat(&client, &info).await {
             Ok(()) if !registered => {
                 registered = true;
@@ -55,6 +64,7 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_api::client:
         allocated: info.runtime.allocation(),
         last_heartbeat_time: Some(Utc::now()),
         conditions: std::mem::take(&mut status.conditions),
+        vmm_exits: info.runtime.exits().recent(EXIT_WINDOW),
     };
     set_condition(
         &mut status.conditions,

@@ -46,15 +46,21 @@ pub struct Runtime {
     cfg: RuntimeConfig,
     net: Net,
     locks: Mutex<HashMap<Uid, Arc<Mutex<()>>>>,
+    exits: Arc<crate::exits::Exits>,
 }
 
 impl Runtime {
     pub fn new(cfg: RuntimeConfig, net: Net) -> Self {
-        Self { cfg, net, locks: Mutex::new(HashMap::new()) }
+        Self { cfg, net, locks: Mutex::new(HashMap::new()), exits: Default::default() }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.cfg
+    }
+
+    /// VMMs that ended without being stopped, for the heartbeat.
+    pub fn exits(&self) -> &crate::exits::Exits {
+        &self.exits
     }
 
     /// Creates the bridge (and its address) if missing.
@@ -224,7 +230,16 @@ impl Runtime {
         let launched = Instant::now();
         let view = process::View { host_dir: paths.dir.clone(), fixed: self.cfg.run_dir.view() };
         let api_sock = view.api_sock();
-        let pid = process::launch(&self.cfg.firecracker, &view, uid.as_str(), &paths.console(), paths.reaped())?;
+        let exits = self.exits.clone();
+        let who = uid.to_string();
+        let pid = process::launch(
+            &self.cfg.firecracker,
+            &view,
+            uid.as_str(),
+            &paths.console(),
+            paths.reaped(),
+            move |pid| exits.record(&who, pid),
+        )?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
         if let Some(scopes) = &self.cfg.scopes
             && let Err(e) = scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await
@@ -382,6 +397,7 @@ impl Runtime {
             if !process::is_vmm(pid, uid.as_str(), &api_sock) {
                 continue;
             }
+            self.exits.expect(pid);
             // Ask the guest first, as a power button would; then signals.
             let _ = FcClient::new(paths.socket())
                 .with_request_timeout(Duration::from_millis(500))
