@@ -23,7 +23,8 @@ pub fn key_of<S: ResourceSpec>(obj: &Object<S>) -> ObjectKey {
     (obj.metadata.project.clone().unwrap_or_default(), obj.name().to_string())
 }
 
-fn version_of<S: ResourceSpec>(obj: &Object<S>) -> u64 {
+/// The numeric `metadata.resourceVersion` of `obj` (0 when absent).
+pub fn version_of<S: ResourceSpec>(obj: &Object<S>) -> u64 {
     obj.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 

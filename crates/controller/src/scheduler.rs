@@ -11,7 +11,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use nexus_api::{Node, Vm, VmPhase};
 
-use crate::cache::Caches;
+use crate::cache::{Caches, version_of};
 
 /// Why no node fits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,10 +101,6 @@ fn holds_resources(vm: &Vm) -> bool {
 #[derive(Debug, Default)]
 pub struct Assumed {
     nodes: HashMap<String, (String, u64)>,
-}
-
-fn version_of(vm: &Vm) -> u64 {
-    vm.metadata.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 impl Assumed {

@@ -86,6 +86,12 @@ pub fn run_dirs(run_dir: &Path) -> Vec<String> {
     dirs
 }
 
+/// SIGKILLs process `pid`, as a crash would end it.
+pub fn sigkill(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap_or_else(|e| panic!("SIGKILL {pid}: {e}"));
+}
+
 /// Sends `GET /` to a Firecracker API socket; returns the status line and body.
 pub async fn fc_get_root(socket: &Path) -> std::io::Result<(u16, String)> {
     fc_request(socket, "GET", "/", None).await

@@ -271,16 +271,7 @@ impl Cluster {
 
     /// Runs `nexusctl` against this cluster; returns (success, stdout, stderr).
     pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("nexusctl"))
-            .args(["--server", &self.server])
-            .args(args)
-            .output()
-            .expect("running nexusctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        nexusctl(&self.server, args)
     }
 
     /// Stops all three processes (controller first).
@@ -298,6 +289,16 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Runs `nexusctl --server <server> <args>`; returns (success, stdout, stderr).
+pub fn nexusctl(server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("nexusctl")).args(["--server", server]).args(args).output().expect("running nexusctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Makes sure the image paths `examples/vm.yaml` names exist, creating

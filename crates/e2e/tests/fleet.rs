@@ -26,10 +26,9 @@ fn vms_yaml(names: &[String]) -> String {
 }
 
 fn nexusctl(server: &str, args: &[&str]) -> String {
-    let out =
-        std::process::Command::new(nexus_e2e::bin("nexusctl")).arg("--server").arg(server).args(args).output().unwrap();
-    assert!(out.status.success(), "nexusctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = nexus_e2e::nexusctl(server, args);
+    assert!(ok, "nexusctl {args:?}: {err}");
+    out
 }
 
 async fn running_count(fleet: &MultiNode) -> usize {
@@ -185,7 +184,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         // A VMM.
         let vm = fleet.client().get::<VmSpec>("default", "churn-03").await.unwrap();
         let pid = vm.status.unwrap().runtime.unwrap().pid.unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nexus_e2e::host::sigkill(pid);
         let back = Instant::now();
         let client = fleet.client();
         wait_until(Duration::from_secs(60), "the VMM replaced", || async {

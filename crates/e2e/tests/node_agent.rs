@@ -210,7 +210,7 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
         let agent = Agent::start(dir.path(), &[]).await;
         let first = agent.ensure(&request(UID)).await;
         let pid = first.pid.unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nexus_e2e::host::sigkill(pid);
         wait_until(Duration::from_secs(5), "the VMM to die", || async {
             host::vmm_processes_under(&agent.run_dir()).is_empty()
         })

@@ -121,7 +121,7 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
         }
         // SIGKILL the VMM: the controller has the agent start it again.
         let pid = client.get::<VmSpec>("default", "hello").await.unwrap().status.unwrap().runtime.unwrap().pid.unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nexus_e2e::host::sigkill(pid);
         let killed = Instant::now();
         wait_until(Duration::from_secs(30), "a new VMM", || async {
             client.get::<VmSpec>("default", "hello").await.is_ok_and(|v| {

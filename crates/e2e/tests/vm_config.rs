@@ -161,7 +161,7 @@ async fn ctrl_alt_del(vm: &Vm) {
 
 fn sigkill(vm: &Vm) {
     let pid = pid(vm).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nexus_e2e::host::sigkill(pid);
 }
 
 #[test]

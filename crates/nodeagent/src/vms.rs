@@ -202,7 +202,6 @@ impl Runtime {
         remove_if_exists(&paths.socket())?;
         // Until it has booted, this VMM has not "run and ended".
         remove_if_exists(&paths.started())?;
-        remove_if_exists(&paths.kept_down())?;
         let bridge = self.ensure_bridge().await?;
         let tap = uid.tap_name();
         self.net.ensure_tap(&tap, bridge).await?;
@@ -341,7 +340,8 @@ impl Runtime {
             else {
                 continue;
             };
-            if cfg.state != PowerState::Stopped && !entry.path().join("kept-down").exists() {
+            let kept_down = VmPaths { dir: entry.path() }.kept_down().exists();
+            if cfg.state != PowerState::Stopped && !kept_down {
                 total.vcpu += u32::from(cfg.vcpu);
                 total.mem_mib += u64::from(cfg.mem_mib);
                 total.vms += 1;

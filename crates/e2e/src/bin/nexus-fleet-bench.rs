@@ -55,8 +55,8 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn nexusctl(server: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(nexus_e2e::bin("nexusctl")).arg("--server").arg(server).args(args).output()?;
-    anyhow::ensure!(out.status.success(), "nexusctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, _, err) = nexus_e2e::nexusctl(server, args);
+    anyhow::ensure!(ok, "nexusctl {args:?}: {err}");
     Ok(())
 }
 
