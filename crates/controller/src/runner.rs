@@ -109,8 +109,11 @@ fn spawn_reflectors(
         }
         // Heartbeats arrive every few seconds; only a node's first sighting,
         // a readiness change or its deletion needs VMs looked at.
-        let ready = node.status_or_default().is_ready(chrono::Utc::now(), node_grace);
+        let now = chrono::Utc::now();
+        let ready = node.status_or_default().is_ready(now, node_grace);
         let deleted = nodes.get("", node.name()).is_none();
+        let ready_nodes = nodes.list().iter().filter(|n| n.status_or_default().is_ready(now, node_grace)).count();
+        metrics::gauge!("nexus_controller_ready_nodes").set(ready_nodes as f64);
         {
             let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
             if deleted {

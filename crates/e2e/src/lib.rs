@@ -167,6 +167,20 @@ pub fn spawn_controller(server: &str, token: &Path, metrics_listen: &str, log: &
     spawn("controller", &bin("nexus-controller"), &args, log)
 }
 
+/// Waits until the controller serving metrics on `metrics_addr` counts
+/// `n` Ready nodes in its cache (`nexus_controller_ready_nodes`).
+pub async fn wait_controller_sees_ready_nodes(metrics_addr: &str, n: usize) {
+    let url = format!("http://{metrics_addr}/metrics");
+    let want = format!("nexus_controller_ready_nodes {n}");
+    wait_until(Duration::from_secs(20), &format!("the controller to see {n} Ready node(s)"), || async {
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.is_ok_and(|t| t.lines().any(|l| l == want)),
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
 /// An apiserver, controller and node agent (on the simulated VMM), started
 /// as real processes in the calling thread's network namespace.
 #[derive(Debug)]
@@ -242,14 +256,9 @@ impl Cluster {
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
         let controller = spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
-        // Registered and heartbeating: a VM applied now is placed at once.
-        wait_until(Duration::from_secs(10), "the node to register and be Ready", || async {
-            client
-                .get::<nexus_api::NodeSpec>("", node)
-                .await
-                .is_ok_and(|n| n.status_or_default().is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)))
-        })
-        .await;
+        // Registered, heartbeating, and seen Ready by the controller (its
+        // cache trails the apiserver): a VM applied now is placed at once.
+        wait_controller_sees_ready_nodes("127.0.0.1:7445", 1).await;
         Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args }
     }
 

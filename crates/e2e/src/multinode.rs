@@ -143,15 +143,8 @@ impl MultiNode {
             nodes.push(ns);
         }
         let controller = crate::spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
-        for ns in &nodes {
-            wait_until(Duration::from_secs(15), "every node to register", || async {
-                client
-                    .get::<nexus_api::NodeSpec>("", &ns.node)
-                    .await
-                    .is_ok_and(|n| n.status_or_default().is_ready(chrono::Utc::now(), chrono::Duration::seconds(5)))
-            })
-            .await;
-        }
+        // Every node registered and seen Ready by the controller.
+        crate::wait_controller_sees_ready_nodes("127.0.0.1:7445", nodes.len()).await;
         MultiNode { dir: dir.to_path_buf(), server, apiserver, controller, agents, nodes, agent_args }
     }
 
