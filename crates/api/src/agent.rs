@@ -5,6 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::vm::{PowerState, RestartPolicy, VmExit};
 
+/// Prefix of every TAP device a node agent creates.
+pub const TAP_PREFIX: &str = "nxt";
+
+/// The TAP device of VM `uid` on its node: the prefix and the first 12 hex
+/// digits of the uid (IFNAMSIZ allows 15 characters).
+pub fn tap_name(uid: &str) -> String {
+    let hex: String = uid.chars().filter(|c| *c != '-').take(12).collect();
+    format!("{TAP_PREFIX}{hex}")
+}
+
 /// The fully resolved configuration of one VM, as the controller asks a
 /// node agent to realise it. Sending the same request twice is a no-op.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,4 +162,29 @@ pub struct Collect {
     /// Socket files under the run directory.
     #[serde(default)]
     pub sockets: Vec<String>,
+}
+
+/// What the agent removed for a [`Collect`] request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectReport {
+    /// One line per removed thing (`vm <uid>`, `tap <name>`, `socket <path>`).
+    pub removed: Vec<String>,
+}
+
+/// What a node offers, what its VMs take, and how it runs them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityReport {
+    pub capacity: crate::node::NodeCapacity,
+    pub allocated: crate::node::NodeAllocation,
+    /// The VM subnet, when the bridge has an address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// `systemd` (a transient scope per VMM) or `direct`.
+    pub process_manager: String,
+    /// Whether unscoped VMMs get cgroup limits.
+    pub cgroups: bool,
+    /// How VM disks are made: `reflink` (constant time) or `copy`.
+    pub disk_clone: String,
 }

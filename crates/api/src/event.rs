@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{Column, Format};
+
 use crate::meta::{Object, ResourceSpec};
 use crate::validation::FieldErrors;
 
@@ -65,6 +67,16 @@ impl ResourceSpec for EventSpec {
     const KIND: &'static str = "Event";
     const PLURAL: &'static str = "events";
     const NAMESPACED: bool = false;
+    const ALIASES: &'static [&'static str] = &["event", "ev"];
+    const FIELD_SELECTORS: &'static [&'static str] =
+        &["spec.involvedObject.kind", "spec.involvedObject.name", "spec.involvedObject.project", "spec.reason"];
+    const COLUMNS: &'static [Column] = &[
+        Column::new("LAST SEEN", &["spec.lastTimestamp", "metadata.creationTimestamp"], Format::Age),
+        Column::new("TYPE", &["spec.type"], Format::Text),
+        Column::new("REASON", &["spec.reason"], Format::Text),
+        Column::new("OBJECT", &["spec.involvedObject"], Format::Reference),
+        Column::new("MESSAGE", &["spec.message"], Format::Text),
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         let camel = !self.reason.is_empty()

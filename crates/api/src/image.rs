@@ -3,6 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{AGE, Column, Format, NAME};
+
 use crate::meta::{Object, ResourceSpec};
 use crate::validation::{FieldErrors, validate_host_path};
 
@@ -59,6 +61,15 @@ impl ResourceSpec for ImageSpec {
     const KIND: &'static str = "Image";
     const PLURAL: &'static str = "images";
     const NAMESPACED: bool = true;
+    const ALIASES: &'static [&'static str] = &["image", "img"];
+    const FIELD_SELECTORS: &'static [&'static str] = &["status.phase"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("TYPE", &["spec.type"], Format::Text),
+        Column::new("PATH", &["spec.path"], Format::Text),
+        Column::new("PHASE", &["status.phase"], Format::Text).or("Pending"),
+        AGE,
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         validate_host_path(errors, "spec.path", &self.path);

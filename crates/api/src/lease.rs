@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{Column, Format, NAME};
+
 use crate::meta::{Object, ResourceSpec};
 use crate::validation::FieldErrors;
 
@@ -39,6 +41,13 @@ impl ResourceSpec for LeaseSpec {
     const KIND: &'static str = "Lease";
     const PLURAL: &'static str = "leases";
     const NAMESPACED: bool = false;
+    const ALIASES: &'static [&'static str] = &["lease"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("HOLDER", &["spec.holderIdentity"], Format::Text),
+        Column::new("RENEWED", &["spec.renewTime"], Format::Age),
+        Column::new("TRANSITIONS", &["spec.leaseTransitions"], Format::Text),
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         if self.lease_duration_seconds == 0 || self.lease_duration_seconds > 3600 {

@@ -11,6 +11,7 @@ pub mod image;
 pub mod lease;
 pub mod meta;
 pub mod node;
+pub mod registry;
 pub mod schema;
 pub mod snapshot;
 pub mod template;
@@ -18,6 +19,8 @@ pub mod validation;
 pub mod vm;
 pub mod watch;
 
+#[cfg(feature = "client")]
+pub mod agent_client;
 #[cfg(feature = "client")]
 pub mod client;
 
@@ -34,6 +37,15 @@ pub use watch::{WatchEvent, WatchEventType};
 
 /// The `apiVersion` of every nexus object.
 pub const API_VERSION: &str = "nexus/v1";
+
+/// The apiserver's routes that are not about one kind, with what they do.
+pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
+    ("/healthz", "GET: liveness"),
+    ("/readyz", "GET: readiness (storage reachable)"),
+    ("/version", "GET: server version"),
+    ("/metrics", "GET: Prometheus metrics"),
+    ("/openapi.json", "GET: OpenAPI 3.1, generated from the types and the served kinds"),
+];
 
 /// Project used when a command or request names none.
 pub const DEFAULT_PROJECT: &str = "default";

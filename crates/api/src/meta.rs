@@ -27,6 +27,13 @@ pub trait ResourceSpec:
     const PLURAL: &'static str;
     /// Whether objects live in a project (`true`) or are cluster-wide.
     const NAMESPACED: bool;
+    /// Other names `nexusctl` accepts for the kind (`vm`, `no`).
+    const ALIASES: &'static [&'static str] = &[];
+    /// Fields a `fieldSelector` may name besides `metadata.name` and
+    /// `metadata.project`, as dotted paths (`spec.nodeName`).
+    const FIELD_SELECTORS: &'static [&'static str] = &[];
+    /// The columns of `nexusctl get`.
+    const COLUMNS: &'static [crate::registry::Column] = &[crate::registry::NAME, crate::registry::AGE];
 
     /// Checks the spec's values, adding one error per bad field (paths start
     /// at `spec.`). The default accepts everything serde accepted.

@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{AGE, Column, Format, NAME};
+
 use crate::meta::{Condition, ConditionStatus, Object, ResourceSpec, find_condition};
 
 /// A host that runs microVMs.
@@ -87,6 +89,18 @@ impl ResourceSpec for NodeSpec {
     const KIND: &'static str = "Node";
     const PLURAL: &'static str = "nodes";
     const NAMESPACED: bool = false;
+    const ALIASES: &'static [&'static str] = &["node", "no"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("READY", &["status.conditions"], Format::Condition(CONDITION_READY)),
+        Column::new("ADDRESS", &["status.address"], Format::Text),
+        Column::new("VCPU", &["status.capacity.vcpu"], Format::Text).wide(),
+        Column::new("MEMORY", &["status.capacity.memMib"], Format::Mebibytes).wide(),
+        Column::new("MAX-VMS", &["status.capacity.maxVms"], Format::Text).wide(),
+        AGE,
+        Column::new("AGENT", &["status.agentVersion"], Format::Text).wide(),
+        Column::new("FIRECRACKER", &["status.firecrackerVersion"], Format::Text).wide(),
+    ];
 }
 
 impl NodeStatus {

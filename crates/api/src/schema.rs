@@ -1,21 +1,23 @@
 //! JSON Schemas of every kind, generated from the types; `schemas/` holds
 //! them and a test fails when they drift.
 
-use crate::{Event, Image, Lease, Node, Snapshot, Template, Vm};
+use crate::meta::{Object, ResourceSpec};
+use crate::registry::{KindVisitor, visit_kinds};
 
-fn schema<T: schemars::JsonSchema>() -> serde_json::Value {
-    serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+/// The JSON Schema of the objects of kind `S`.
+pub fn of<S: ResourceSpec>() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Object<S>)).unwrap_or_default()
 }
 
-/// `(file stem, schema)` for every kind.
-pub fn all() -> Vec<(&'static str, serde_json::Value)> {
-    vec![
-        ("vm", schema::<Vm>()),
-        ("template", schema::<Template>()),
-        ("image", schema::<Image>()),
-        ("snapshot", schema::<Snapshot>()),
-        ("node", schema::<Node>()),
-        ("event", schema::<Event>()),
-        ("lease", schema::<Lease>()),
-    ]
+/// `(file stem, schema)` for every kind; the stem is the lower-case kind.
+pub fn all() -> Vec<(String, serde_json::Value)> {
+    struct Collect(Vec<(String, serde_json::Value)>);
+    impl KindVisitor for Collect {
+        fn visit<S: ResourceSpec>(&mut self) {
+            self.0.push((S::KIND.to_lowercase(), of::<S>()));
+        }
+    }
+    let mut all = Collect(Vec::new());
+    visit_kinds(&mut all);
+    all.0
 }

@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{AGE, Column, Format, NAME};
+
 use crate::meta::{Condition, Object, ResourceSpec};
 use crate::validation::{FieldErrors, validate_dns_label};
 
@@ -60,6 +62,15 @@ impl ResourceSpec for SnapshotSpec {
     const KIND: &'static str = "Snapshot";
     const PLURAL: &'static str = "snapshots";
     const NAMESPACED: bool = true;
+    const ALIASES: &'static [&'static str] = &["snapshot", "snap"];
+    const FIELD_SELECTORS: &'static [&'static str] = &["spec.vmName", "status.phase", "status.nodeName"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("VM", &["spec.vmName"], Format::Text),
+        Column::new("PHASE", &["status.phase"], Format::Text).or("Pending"),
+        Column::new("NODE", &["status.nodeName"], Format::Text),
+        AGE,
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         validate_dns_label(errors, "spec.vmName", &self.vm_name);

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{AGE, Column, Format, NAME};
+
 use crate::meta::{Object, ResourceSpec};
 use crate::validation::FieldErrors;
 use crate::vm::{VmNetwork, validate_machine};
@@ -47,6 +49,15 @@ impl ResourceSpec for TemplateSpec {
     const KIND: &'static str = "Template";
     const PLURAL: &'static str = "templates";
     const NAMESPACED: bool = true;
+    const ALIASES: &'static [&'static str] = &["template", "tpl"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("VCPU", &["spec.vcpu"], Format::Text),
+        Column::new("MEMORY", &["spec.memMib"], Format::Mebibytes),
+        Column::new("KERNEL", &["spec.kernel"], Format::Text),
+        Column::new("ROOTFS", &["spec.rootfs"], Format::Text),
+        AGE,
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         validate_machine(errors, Some(self.vcpu), Some(self.mem_mib), Some(&self.kernel), Some(&self.rootfs));

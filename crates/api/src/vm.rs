@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{AGE, Column, Format, NAME};
+
 use crate::meta::{Condition, Object, ResourceSpec};
 use crate::validation::{FieldErrors, validate_dns_label, validate_host_path, validate_mac};
 
@@ -275,6 +277,21 @@ impl ResourceSpec for VmSpec {
     const KIND: &'static str = "VM";
     const PLURAL: &'static str = "vms";
     const NAMESPACED: bool = true;
+    const ALIASES: &'static [&'static str] = &["vm"];
+    const FIELD_SELECTORS: &'static [&'static str] = &["spec.nodeName", "status.phase", "status.nodeName"];
+    const COLUMNS: &'static [Column] = &[
+        NAME,
+        Column::new("STATE", &["spec.state"], Format::Text),
+        Column::new("PHASE", &["status.phase"], Format::Text).or("Pending"),
+        Column::new("NODE", &["spec.nodeName"], Format::Text),
+        // The resolved machine when known (a template may supply it).
+        Column::new("VCPU", &["status.config.vcpu", "spec.vcpu"], Format::Text),
+        Column::new("MEMORY", &["status.config.memMib", "spec.memMib"], Format::Mebibytes),
+        AGE,
+        Column::new("TAP", &["status.runtime.tapName"], Format::Text).wide(),
+        Column::new("MAC", &["status.runtime.mac"], Format::Text).wide(),
+        Column::new("PID", &["status.runtime.pid"], Format::Text).wide(),
+    ];
 
     fn validate(&self, errors: &mut FieldErrors) {
         if let Some(template) = &self.template {

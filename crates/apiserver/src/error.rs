@@ -28,6 +28,8 @@ pub enum ApiError {
     Storage(#[from] sqlx::Error),
     #[error("storage returned a corrupt object")]
     Corrupt(#[from] serde_json::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn in_project(project: &str) -> String {
@@ -43,7 +45,7 @@ impl ApiError {
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Gone { .. } => StatusCode::GONE,
-            ApiError::Storage(_) | ApiError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -56,7 +58,7 @@ impl ApiError {
             ApiError::Malformed { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Gone { .. } => "Expired",
-            ApiError::Storage(_) | ApiError::Corrupt(_) => "InternalError",
+            ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => "InternalError",
         }
     }
 
@@ -73,7 +75,7 @@ impl ApiError {
             }
             ApiError::Gone { .. } => Some("list again and watch from the list's resourceVersion".into()),
             ApiError::Invalid { errors, .. } => errors.0.first().map(|e| format!("{}: {}", e.field, e.expected)),
-            ApiError::Storage(_) | ApiError::Corrupt(_) => {
+            ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => {
                 Some("retry; if it persists, check the apiserver's log for this requestId".into())
             }
             _ => None,

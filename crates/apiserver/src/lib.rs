@@ -16,7 +16,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
-use nexus_api::{EventSpec, ImageSpec, LeaseSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_api::ResourceSpec;
+use nexus_api::registry::{KindVisitor, visit_kinds};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -53,16 +54,22 @@ fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
     router
 }
 
+/// The routes of every kind in the registry.
+fn all_kind_routes() -> Router<AppState> {
+    struct Routes(Router<AppState>);
+    impl KindVisitor for Routes {
+        fn visit<S: ResourceSpec>(&mut self) {
+            self.0 = std::mem::take(&mut self.0).merge(kind_routes::<S>());
+        }
+    }
+    let mut routes = Routes(Router::new());
+    visit_kinds(&mut routes);
+    routes.0
+}
+
 /// The full HTTP application.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .merge(kind_routes::<VmSpec>())
-        .merge(kind_routes::<TemplateSpec>())
-        .merge(kind_routes::<ImageSpec>())
-        .merge(kind_routes::<SnapshotSpec>())
-        .merge(kind_routes::<NodeSpec>())
-        .merge(kind_routes::<EventSpec>())
-        .merge(kind_routes::<LeaseSpec>())
+    all_kind_routes()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))

@@ -1,20 +1,21 @@
 //! `/openapi.json`: an OpenAPI 3.1 document built from the kinds the server
 //! serves and the JSON Schemas generated from their types.
 
-use nexus_api::{EventSpec, ImageSpec, LeaseSpec, NodeSpec, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_api::ResourceSpec;
+use nexus_api::registry::{KindInfo, KindVisitor, visit_kinds};
 use serde_json::{Map, Value, json};
 
 /// The full document.
 pub fn document() -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
-    add_kind::<VmSpec>(&mut paths, &mut schemas);
-    add_kind::<TemplateSpec>(&mut paths, &mut schemas);
-    add_kind::<ImageSpec>(&mut paths, &mut schemas);
-    add_kind::<SnapshotSpec>(&mut paths, &mut schemas);
-    add_kind::<NodeSpec>(&mut paths, &mut schemas);
-    add_kind::<EventSpec>(&mut paths, &mut schemas);
-    add_kind::<LeaseSpec>(&mut paths, &mut schemas);
+    struct Kinds<'a>(&'a mut Map<String, Value>, &'a mut Map<String, Value>);
+    impl KindVisitor for Kinds<'_> {
+        fn visit<S: ResourceSpec>(&mut self) {
+            add_kind::<S>(self.0, self.1);
+        }
+    }
+    visit_kinds(&mut Kinds(&mut paths, &mut schemas));
     schemas.insert(
         "Error".into(),
         json!({
@@ -26,13 +27,12 @@ pub fn document() -> Value {
             }
         }),
     );
-    for (path, summary) in [
-        ("/healthz", "Liveness"),
-        ("/readyz", "Readiness: storage reachable"),
-        ("/metrics", "Prometheus metrics"),
-        ("/version", "Server version"),
-    ] {
-        paths.insert(path.into(), json!({"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}));
+    for (path, summary) in nexus_api::OPERATIONS_ROUTES.iter().filter(|(p, _)| *p != "/openapi.json") {
+        let summary = summary.trim_start_matches("GET: ");
+        paths.insert(
+            path.to_string(),
+            json!({"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}),
+        );
     }
     json!({
         "openapi": "3.1.0",
@@ -86,9 +86,10 @@ fn add_kind<S: ResourceSpec>(paths: &mut Map<String, Value>, schemas: &mut Map<S
     let ok = |d: &str| json!({"description": d, "content": {"application/json": {"schema": r}}});
     let q = |name: &str, desc: &str| json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}});
     let p = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+    let fields = KindInfo::of::<S>().field_selectors.join(", ");
     let list_params = vec![
         q("labelSelector", "a=b,c!=d,e,!f"),
-        q("fieldSelector", "metadata.name, metadata.project, spec.nodeName, status.phase, status.nodeName"),
+        q("fieldSelector", &fields),
         q("limit", "page size"),
         q("continue", "token from the previous page"),
         q("watch", "true: stream changes as newline-delimited JSON"),

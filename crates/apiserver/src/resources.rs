@@ -181,15 +181,12 @@ pub async fn create<S: ResourceSpec>(
         }
         return Ok((StatusCode::CREATED, Json(obj)).into_response());
     }
+    let (project, key) = (t.project.clone(), name.clone());
     let stored = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit("create"), |current, rv| {
+        .mutate(S::KIND, &t.project, &name, &audit("create"), move |current, rv| {
             if current.is_some() {
-                return Err(ApiError::AlreadyExists {
-                    kind: S::KIND.into(),
-                    project: t.project.clone(),
-                    name: name.clone(),
-                });
+                return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project, name: key });
             }
             obj.metadata.resource_version = Some(rv.to_string());
             Ok(Write::Put(to_value(&obj)?))
@@ -220,7 +217,10 @@ pub async fn list<S: ResourceSpec>(
     let t = target::<S>(&path)?;
     let project = (S::NAMESPACED && !t.project.is_empty()).then_some(t.project.clone());
     let labels = Selector::labels(params.label_selector.as_deref().unwrap_or(""))?;
-    let fields = Selector::fields(params.field_selector.as_deref().unwrap_or(""))?;
+    let fields = Selector::fields(
+        params.field_selector.as_deref().unwrap_or(""),
+        &nexus_api::registry::KindInfo::of::<S>().field_selectors,
+    )?;
     let filter = watch::Filter { kind: S::KIND.to_string(), project, labels, fields };
     if params.watch.unwrap_or(false) {
         if params.continue_token.is_some() || params.limit.is_some() {
@@ -237,6 +237,7 @@ pub async fn list<S: ResourceSpec>(
                 ))
             })?),
         };
+        metrics::counter!("nexus_apiserver_watches_total", "kind" => S::KIND).increment(1);
         return watch::stream(state, filter, since).await;
     }
     let limit = match params.limit {
@@ -244,6 +245,7 @@ pub async fn list<S: ResourceSpec>(
         Some(n) if n > 0 => Some(n),
         Some(n) => return Err(ApiError::BadRequest(format!("limit={n} must be a positive number of items"))),
     };
+    metrics::counter!("nexus_apiserver_lists_total", "kind" => S::KIND).increment(1);
     let mut after = params.continue_token.as_deref().map(decode_continue).transpose()?;
     let batch = limit.unwrap_or(500).clamp(1, 500);
     let mut items: Vec<Value> = Vec::new();
@@ -285,17 +287,18 @@ async fn update<S: ResourceSpec>(
     params: &Params,
     body: &Bytes,
     verb: &'static str,
-    merge: impl FnOnce(&mut Object<S>, &Object<S>),
+    merge: impl FnOnce(&mut Object<S>, &Object<S>) + Send + 'static,
 ) -> Result<Json<Value>, ApiError> {
     let t = target::<S>(path)?;
     let sent = parse_object::<S>(body)?;
     let name = t.name.clone().unwrap_or_default();
     check_url_name::<S>(&sent, &name)?;
     let dry_run = params.dry_run()?;
+    let (project, missing) = (t.project.clone(), not_found::<S>(&t));
     let result = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit(verb), |current, rv| {
-            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+        .mutate(S::KIND, &project, &name, &audit(verb), move |current, rv| {
+            let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
             let mut next = current.clone();
             merge(&mut next, &sent);
@@ -346,10 +349,11 @@ pub async fn delete<S: ResourceSpec>(
     let t = target::<S>(&path)?;
     let name = t.name.clone().unwrap_or_default();
     let dry_run = params.dry_run()?;
+    let missing = not_found::<S>(&t);
     let result = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit("delete"), |current, rv| {
-            let current = from_value::<S>(current.ok_or_else(|| not_found::<S>(&t))?)?;
+        .mutate(S::KIND, &t.project, &name, &audit("delete"), move |current, rv| {
+            let current = from_value::<S>(current.ok_or(missing)?)?;
             let mut next = current.clone();
             if next.metadata.deletion_timestamp.is_none() {
                 next.metadata.deletion_timestamp = Some(Utc::now());

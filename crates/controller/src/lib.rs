@@ -1,15 +1,69 @@
-//! The nexus controller: reconciles VM spec against status through the node
-//! agents, level-triggered.
+//! The nexus controller: reconciles spec against status, level-triggered.
+//!
+//! [`runtime`] is the reusable machinery (reflectors, stores, queues,
+//! `Controller`, leader election); each other module is one controller
+//! built on it, exposing `controller(&Context)`. Adding a controller is a
+//! new module and one line in `main.rs`.
 
-pub mod agent;
-pub mod cache;
-pub mod events;
-pub mod finalizer;
 pub mod gc;
-pub mod leader;
-pub mod node;
-pub mod queue;
-pub mod resolve;
-pub mod runner;
-pub mod scheduler;
+pub mod node_lifecycle;
+pub mod runtime;
 pub mod vm;
+
+use std::time::Duration;
+
+use nexus_api::agent_client::AgentClient;
+use nexus_api::client::Client;
+
+use runtime::Reflectors;
+use runtime::events::Recorder;
+
+/// Tunables every controller may read.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Keys reconciled at once by the VM controller.
+    pub workers: usize,
+    /// Agent calls in flight to any one node at once.
+    pub per_node_concurrency: usize,
+    /// How often every object is queued again.
+    pub resync: Duration,
+    /// How often a converged VM is checked against its node.
+    pub recheck: Duration,
+    /// Heartbeats older than this make a node not Ready.
+    pub node_grace: chrono::Duration,
+    /// Time between garbage-collection passes over one node.
+    pub gc_interval: Duration,
+    /// Time a thing must stay unclaimed before it is collected.
+    pub gc_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            workers: 16,
+            per_node_concurrency: 8,
+            resync: Duration::from_secs(300),
+            recheck: Duration::from_secs(5),
+            node_grace: chrono::Duration::seconds(6),
+            gc_interval: Duration::from_secs(10),
+            gc_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What controllers are built from: clients, the shared stores, settings.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub api: Client,
+    pub agents: AgentClient,
+    pub events: Recorder,
+    pub reflectors: Reflectors,
+    pub settings: Settings,
+}
+
+impl Context {
+    /// A context talking to `api` and calling agents with `agents`.
+    pub fn new(api: Client, agents: AgentClient, settings: Settings) -> Self {
+        Context { events: Recorder::new(api.clone()), reflectors: Reflectors::new(api.clone()), api, agents, settings }
+    }
+}

@@ -1,13 +1,16 @@
-//! `nexus-controller`: converges VMs to their spec.
+//! `nexus-controller`: converges every object to its spec.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use clap::Parser;
-use nexus_controller::agent::AgentClient;
-use nexus_controller::runner;
-use nexus_controller::vm::VmReconciler;
+use nexus_api::LeaseSpec;
+use nexus_api::agent_client::AgentClient;
+use nexus_controller::runtime::Manager;
+use nexus_controller::runtime::leader::Elector;
+use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
 
 #[derive(Debug, Parser)]
 #[command(name = "nexus-controller", version, about = "The nexus controller")]
@@ -24,8 +27,8 @@ struct Args {
     /// Agent calls in flight to any one node at once.
     #[arg(long, default_value_t = 8)]
     per_node_concurrency: usize,
-    /// Seconds between full relists.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds between requeues of every object (from the caches; no LIST).
+    #[arg(long, default_value_t = 300)]
     resync_secs: u64,
     /// Seconds after which a converged VM is checked against its node again.
     #[arg(long, default_value_t = 5)]
@@ -34,7 +37,7 @@ struct Args {
     /// (agents beat every 2 s).
     #[arg(long, default_value_t = 6)]
     node_grace_secs: i64,
-    /// Seconds between garbage-collection passes over the nodes.
+    /// Seconds between garbage-collection passes over a node.
     #[arg(long, default_value_t = 10)]
     gc_interval_secs: u64,
     /// Seconds a thing must stay unclaimed before it is collected.
@@ -44,7 +47,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:7445")]
     metrics_listen: std::net::SocketAddr,
     /// Seconds a leader's lease lasts without renewal; a standby controller
-    /// takes over after that.
+    /// takes over that long after the last renewal it saw.
     #[arg(long, default_value_t = 6)]
     lease_duration_secs: u64,
     /// Act without electing a leader (only one controller may run).
@@ -65,70 +68,53 @@ async fn main() -> anyhow::Result<()> {
         .trim()
         .to_string();
     let api = nexus_api::client::Client::new(&args.apiserver, None);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let identity = format!("{}-{}", host.trim(), std::process::id());
-    let elector = nexus_controller::leader::Elector::new(
-        api.clone(),
-        identity,
-        Duration::from_secs(args.lease_duration_secs.max(1)),
-    );
-    if !args.no_leader_election {
-        tracing::info!(identity = elector.identity(), "waiting to become the leader");
-        tokio::select! {
-            _ = elector.acquire() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = sigterm() => return Ok(()),
-        }
-        tracing::info!(identity = elector.identity(), "became the leader");
-    }
-    let events = nexus_controller::events::Recorder::new(api.clone());
-    let node_grace = chrono::Duration::seconds(args.node_grace_secs);
-    let reconciler = VmReconciler {
-        api: api.clone(),
-        agents: AgentClient::new(token),
-        node_grace,
+    let settings = Settings {
+        workers: args.workers.max(1),
+        per_node_concurrency: args.per_node_concurrency.max(1),
+        resync: Duration::from_secs(args.resync_secs.max(5)),
         recheck: Duration::from_secs(args.recheck_secs.max(1)),
-        events: events.clone(),
-        caches: Default::default(),
-        scheduling: Default::default(),
-        per_node: nexus_controller::vm::PerNode::new(args.per_node_concurrency),
+        node_grace: chrono::Duration::seconds(args.node_grace_secs.max(1)),
+        gc_interval: Duration::from_secs(args.gc_interval_secs.max(1)),
+        gc_grace: Duration::from_secs(args.gc_grace_secs),
     };
-    tokio::spawn(nexus_controller::node::run(api.clone(), events.clone(), node_grace, Duration::from_secs(1)));
-    tokio::spawn(nexus_controller::gc::run(
-        api,
-        reconciler.agents.clone(),
-        events,
-        Duration::from_secs(args.gc_grace_secs),
-        Duration::from_secs(args.gc_interval_secs.max(1)),
-        node_grace,
-    ));
+    let ctx = Context::new(api.clone(), AgentClient::new(token), settings);
+    serve_metrics(args.metrics_listen).await?;
+
+    let elector = (!args.no_leader_election).then(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let identity = format!("{}-{}", host.trim(), std::process::id());
+        let leases = ctx.reflectors.store::<LeaseSpec>();
+        Arc::new(Elector::new(api, leases, identity, Duration::from_secs(args.lease_duration_secs.max(1))))
+    });
+    let mut manager = Manager::new(elector.clone());
+    manager.add(vm::controller(&ctx));
+    manager.add(node_lifecycle::controller(&ctx));
+    manager.add(gc::controller(&ctx));
+
+    tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
+    tokio::select! {
+        _ = manager.run() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm() => {}
+    }
+    if let Some(elector) = elector {
+        elector.release().await;
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` on `listen`.
+async fn serve_metrics(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0])?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.metrics_listen))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let routes = axum::Router::new()
         .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     tokio::spawn(async move { axum::serve(listener, routes).await });
-    tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
-    let lost =
-        async { if args.no_leader_election { std::future::pending::<()>().await } else { elector.hold().await } };
-    tokio::select! {
-        _ = runner::run(reconciler, args.workers, Duration::from_secs(args.resync_secs.max(5))) => {}
-        _ = lost => {
-            tracing::error!(identity = elector.identity(), "lost the lease; exiting so another controller leads");
-            std::process::exit(1);
-        }
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm() => {}
-    }
-    if !args.no_leader_election {
-        elector.release().await;
-    }
-    tracing::info!("controller stopped");
     Ok(())
 }
 

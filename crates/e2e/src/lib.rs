@@ -79,6 +79,14 @@ where
     }
 }
 
+/// Waits until a server accepts connections on the unix socket `path`.
+/// The file exists from `bind()` on, before the server listens, so its
+/// existence says nothing: only an accepted connection does.
+pub async fn wait_unix_listening(path: &Path, timeout: Duration) {
+    let what = format!("a server to listen on {}", path.display());
+    wait_until(timeout, &what, || async { tokio::net::UnixStream::connect(path).await.is_ok() }).await;
+}
+
 /// A running process that is stopped (SIGTERM, then SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -89,6 +97,11 @@ pub struct Proc {
 impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Stops the process: SIGTERM, up to 5 s, then SIGKILL; always reaped.
@@ -192,6 +205,7 @@ pub struct Cluster {
     pub agent: Proc,
     pub controller: Proc,
     agent_args: Vec<String>,
+    apiserver_args: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -223,12 +237,13 @@ impl Cluster {
         let data = dir.join("data");
         let server = format!("http://{APISERVER_ADDR}");
         let s = |p: &Path| p.display().to_string();
-        let apiserver = spawn(
-            "apiserver",
-            &bin("nexus-apiserver"),
-            &["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2"],
-            &dir.join("apiserver.log"),
-        );
+        let apiserver_args: Vec<String> =
+            ["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+        let argv: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
+        let apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &dir.join("apiserver.log"));
         let client = Client::new(&server, None);
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
             .await;
@@ -259,13 +274,25 @@ impl Cluster {
         // Registered, heartbeating, and seen Ready by the controller (its
         // cache trails the apiserver): a VM applied now is placed at once.
         wait_controller_sees_ready_nodes("127.0.0.1:7445", 1).await;
-        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args }
+        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args, apiserver_args }
     }
 
     /// Starts another controller (a standby while the first leads), serving
     /// its metrics on `metrics_listen`.
     pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
         spawn_controller(&self.server, &self.dir.join("agent-token"), metrics_listen, &self.dir.join(log))
+    }
+
+    /// Starts the apiserver again (after it was killed or stopped) on the
+    /// same address and data, and waits until it answers.
+    pub async fn restart_apiserver(&mut self) {
+        let argv: Vec<&str> = self.apiserver_args.iter().map(String::as_str).collect();
+        self.apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &self.dir.join("apiserver.log"));
+        let client = self.client();
+        wait_until(Duration::from_secs(10), "the apiserver to answer again", || async {
+            client.version().await.is_ok()
+        })
+        .await;
     }
 
     /// Starts the node agent again (after it was killed or stopped).
@@ -329,16 +356,21 @@ pub fn ensure_example_images() {
 
 /// Runs `test` on a fresh thread inside its own network namespace, on a
 /// single-threaded runtime (so every socket it opens is in the namespace).
-/// Skips, saying why, when not root.
+///
+/// # Panics
+/// When not root: a system test that cannot run fails, it never passes
+/// without having run. The tests that need no root live in the crates
+/// themselves (`cargo test -p nexus-controller` and the like).
 pub fn in_private_netns<F, Fut>(test: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
 {
-    if !is_root() {
-        eprintln!("SKIPPED: this test needs root to create a network namespace, a bridge and TAP devices");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this system test needs root to create a network namespace, a bridge and TAP devices: run the suite as \
+         root (hack/test.sh), or leave the system tests out with `cargo test --workspace --exclude nexus-e2e`"
+    );
     let handle = std::thread::spawn(move || {
         enter_private_netns();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

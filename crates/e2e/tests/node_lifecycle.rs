@@ -196,7 +196,7 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
         let metrics = reqwest::get("http://127.0.0.1:7445/metrics").await.unwrap().text().await.unwrap();
         assert!(
             metrics.contains("nexus_controller_gc_removed_total")
-                && metrics.contains("nexus_controller_reconcile_total{result=\"ok\"}"),
+                && metrics.contains("nexus_controller_reconcile_total{controller=\"vm\",result=\"ok\"}"),
             "{metrics}"
         );
         let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "hello", "--wait"]);
@@ -266,9 +266,12 @@ fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
         let log =
             std::fs::read_to_string(dir.path().join(if first_leads { "controller-2.log" } else { "controller.log" }))
                 .unwrap();
-        let synced = log.lines().position(|l| l.contains("caches synced")).expect("a caches-synced line");
+        let synced = log
+            .lines()
+            .position(|l| l.contains("caches synced") && l.contains("\"controller\":\"vm\""))
+            .expect("a caches-synced line of the VM controller");
         let line = log.lines().nth(synced).unwrap();
-        assert!(line.contains("\"vms\":1") && line.contains("\"nodes\":1"), "{line}");
+        assert!(line.contains("\"objects\":1"), "{line}");
         let first_work = log.lines().position(|l| l.contains("\"scheduled\"") || l.contains("reconcile failed"));
         assert!(first_work.is_none_or(|w| w > synced), "{log}");
         for name in ["before", "after"] {

@@ -10,7 +10,7 @@ use nexus_api::client::ClientError;
 use serde_json::{Map, Value, json};
 
 use crate::commands::{Context, Failure};
-use crate::kinds::{self, KindInfo, with_spec};
+use crate::kinds::{self, KindInfo, normalize};
 use crate::manifest::{self, Document};
 use crate::render;
 
@@ -95,6 +95,13 @@ fn three_way(last: &Value, desired: &Value) -> Value {
     }
 }
 
+static EMPTY_MAP: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Map::new()));
+
+/// `v`, or an empty object when `v` is absent (`null`).
+fn map_or_empty(v: &Value) -> &Value {
+    if v.is_null() { &EMPTY_MAP } else { v }
+}
+
 /// Applies an RFC 7386 merge patch.
 fn merge_patch(target: &mut Value, patch: &Value) {
     match patch {
@@ -113,15 +120,6 @@ fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
-}
-
-/// Deserializes as the kind's type and back, so defaults compare equal.
-fn normalize(kind: &KindInfo, v: &Value) -> Result<Value, String> {
-    with_spec!(kind.kind, S => {
-        let typed: nexus_api::Object<S> = serde_path_to_error::deserialize(v.clone())
-            .map_err(|e| format!("field {}: {}", e.path(), e.inner()))?;
-        serde_json::to_value(typed).map_err(|e| e.to_string())
-    }, _ => Err(kinds::unknown(kind.kind)))
 }
 
 fn without_last_applied(mut v: Value) -> Value {
@@ -154,7 +152,9 @@ pub fn plan(target: &Target, live: Option<&Value>) -> Result<Plan, String> {
     }
     merge_patch(&mut next["spec"], &three_way(&last["spec"], &target.desired["spec"]));
     for field in ["labels", "annotations"] {
-        let patch = three_way(&last["metadata"][field], &target.desired["metadata"][field]);
+        // An absent map is an empty one: a file without annotations owns
+        // none, and says nothing about those the system wrote.
+        let patch = three_way(map_or_empty(&last["metadata"][field]), map_or_empty(&target.desired["metadata"][field]));
         merge_patch(&mut next["metadata"][field], &patch);
         if next["metadata"][field].as_object().is_some_and(Map::is_empty) || next["metadata"][field].is_null() {
             if let Some(m) = next["metadata"].as_object_mut() {
@@ -252,7 +252,7 @@ async fn prune_absent(ctx: &Context, targets: &[Target], selector: &str, dry_run
     let q = if dry_run { "?dryRun=All" } else { "" };
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let mut failed = 0;
-    for kind in kinds::KINDS.iter().filter(|k| k.namespaced) {
+    for kind in kinds::kinds().iter().filter(|k| k.namespaced) {
         for project in &projects {
             let path = format!("{}?labelSelector={}", kind.collection(project), urlencode(selector));
             let list: Value = ctx
@@ -365,6 +365,42 @@ mod tests {
         trimmed.as_object_mut().unwrap().remove("bootArgs");
         let Plan::Update(next) = plan(&target(trimmed), Some(&live)).unwrap() else { panic!("update") };
         assert!(next["spec"].get("bootArgs").is_none(), "{next}");
+    }
+
+    #[test]
+    fn reapplying_a_file_without_metadata_maps_keeps_what_the_system_wrote() {
+        let doc = Document {
+            source: "t.yaml".into(),
+            index: 1,
+            value: json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "a"}, "spec": spec()}),
+        };
+        let t = Target::from_doc(&doc, "default").unwrap();
+        let Plan::Create(body) = plan(&t, None).unwrap() else { panic!("create") };
+        let mut live = stored(body);
+        live["metadata"]["annotations"]["nexus.dev/placed-by"] = json!("scheduler");
+        live["metadata"]["labels"] = json!({"added-by": "someone-else"});
+        assert_eq!(plan(&t, Some(&live)).unwrap(), Plan::Unchanged, "no annotation or label of the file changed");
+        let mut edited = t.clone();
+        edited.desired["spec"]["memMib"] = json!(256);
+        let Plan::Update(next) = plan(&edited, Some(&live)).unwrap() else { panic!("update") };
+        assert_eq!(next["metadata"]["annotations"]["nexus.dev/placed-by"], "scheduler", "{next}");
+        assert_eq!(next["metadata"]["labels"]["added-by"], "someone-else", "{next}");
+    }
+
+    #[test]
+    fn a_label_dropped_from_the_file_is_removed_and_others_stay() {
+        let Plan::Create(body) = plan(&target(spec()), None).unwrap() else { panic!("create") };
+        let mut live = stored(body);
+        live["metadata"]["annotations"]["nexus.dev/placed-by"] = json!("scheduler");
+        let doc = Document {
+            source: "t.yaml".into(),
+            index: 1,
+            value: json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "a"}, "spec": spec()}),
+        };
+        let t = Target::from_doc(&doc, "default").unwrap();
+        let Plan::Update(next) = plan(&t, Some(&live)).unwrap() else { panic!("update") };
+        assert!(next["metadata"].get("labels").is_none(), "the file's label app=x went: {next}");
+        assert_eq!(next["metadata"]["annotations"]["nexus.dev/placed-by"], "scheduler");
     }
 
     #[test]

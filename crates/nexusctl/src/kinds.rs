@@ -1,64 +1,11 @@
-//! The kinds nexusctl knows, by every name a user may type.
+//! The kinds nexusctl knows: the registry of `nexus_api`, by every name a
+//! user may type, and the typed operations nexusctl runs on any of them.
 
-/// One kind's names and scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KindInfo {
-    pub kind: &'static str,
-    pub plural: &'static str,
-    pub namespaced: bool,
-    aliases: &'static [&'static str],
-}
+use nexus_api::ResourceSpec;
+use nexus_api::registry::{KindFn, with_kind};
+use serde_json::Value;
 
-pub const KINDS: &[KindInfo] = &[
-    KindInfo { kind: "VM", plural: "vms", namespaced: true, aliases: &["vm"] },
-    KindInfo { kind: "Template", plural: "templates", namespaced: true, aliases: &["template", "tpl"] },
-    KindInfo { kind: "Image", plural: "images", namespaced: true, aliases: &["image", "img"] },
-    KindInfo { kind: "Snapshot", plural: "snapshots", namespaced: true, aliases: &["snapshot", "snap"] },
-    KindInfo { kind: "Node", plural: "nodes", namespaced: false, aliases: &["node", "no"] },
-    KindInfo { kind: "Event", plural: "events", namespaced: false, aliases: &["event", "ev"] },
-    KindInfo { kind: "Lease", plural: "leases", namespaced: false, aliases: &["lease"] },
-];
-
-/// Runs `$body` with `$s` as the spec type of the kind named `$kind`
-/// (`VM`, `Node`, ...), or evaluates `$unknown` for any other name.
-macro_rules! with_spec {
-    ($kind:expr, $s:ident => $body:expr, _ => $unknown:expr) => {
-        match $kind {
-            "VM" => {
-                type $s = nexus_api::VmSpec;
-                $body
-            }
-            "Template" => {
-                type $s = nexus_api::TemplateSpec;
-                $body
-            }
-            "Image" => {
-                type $s = nexus_api::ImageSpec;
-                $body
-            }
-            "Snapshot" => {
-                type $s = nexus_api::SnapshotSpec;
-                $body
-            }
-            "Node" => {
-                type $s = nexus_api::NodeSpec;
-                $body
-            }
-            "Event" => {
-                type $s = nexus_api::EventSpec;
-                $body
-            }
-            _ => $unknown,
-        }
-    };
-}
-pub(crate) use with_spec;
-
-/// Finds a kind by `kind`, plural or alias, case-insensitively.
-pub fn lookup(name: &str) -> Option<&'static KindInfo> {
-    let lower = name.to_lowercase();
-    KINDS.iter().find(|k| k.kind.to_lowercase() == lower || k.plural == lower || k.aliases.contains(&lower.as_str()))
-}
+pub use nexus_api::registry::{KindInfo, kinds, lookup};
 
 /// Like `lookup`, with an error that lists the known kinds.
 pub fn resolve(name: &str) -> Result<&'static KindInfo, String> {
@@ -67,28 +14,67 @@ pub fn resolve(name: &str) -> Result<&'static KindInfo, String> {
 
 /// The error text for an unknown kind name.
 pub fn unknown(name: &str) -> String {
-    let known: Vec<&str> = KINDS.iter().map(|k| k.plural).collect();
+    let known: Vec<&str> = kinds().iter().map(|k| k.plural).collect();
     format!("unknown kind {name:?}; known kinds: {}", known.join(", "))
 }
 
-impl KindInfo {
-    /// Path of the collection in `project`.
-    pub fn collection(&self, project: &str) -> String {
-        if self.namespaced { format!("/v1/projects/{project}/{}", self.plural) } else { format!("/v1/{}", self.plural) }
+/// Deserializes `value` as an object of `kind` and serializes it back, so
+/// defaults and field order compare equal; errors name the bad field.
+pub fn normalize(kind: &KindInfo, value: &Value) -> Result<Value, String> {
+    struct Normalize<'a>(&'a Value);
+    impl KindFn for Normalize<'_> {
+        type Output = Result<Value, String>;
+        fn call<S: ResourceSpec>(self) -> Self::Output {
+            let typed: nexus_api::Object<S> = serde_path_to_error::deserialize(self.0.clone())
+                .map_err(|e| format!("field {}: {}", e.path(), e.inner()))?;
+            serde_json::to_value(typed).map_err(|e| e.to_string())
+        }
     }
+    with_kind(kind.kind, Normalize(value)).unwrap_or_else(|| Err(unknown(kind.kind)))
+}
 
-    /// Path of the collection across every project.
-    pub fn all_projects(&self) -> String {
-        format!("/v1/{}", self.plural)
+/// Checks YAML `text` against the type of `kind` with the parser's own
+/// error (line and column); `Ok` for an unknown kind.
+pub fn check_yaml(kind: &KindInfo, text: &str, options: serde_saphyr::Options) -> Result<(), String> {
+    struct Check<'a>(&'a str, serde_saphyr::Options);
+    impl KindFn for Check<'_> {
+        type Output = Result<(), String>;
+        fn call<S: ResourceSpec>(self) -> Self::Output {
+            serde_saphyr::from_str_with_options::<nexus_api::Object<S>>(self.0, self.1)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
     }
+    with_kind(kind.kind, Check(text, options)).unwrap_or(Ok(()))
+}
 
-    /// Path of one object.
-    pub fn object(&self, project: &str, name: &str) -> String {
-        format!("{}/{name}", self.collection(project))
+/// The path of the first field the kind's type rejects in `value`, such as
+/// `spec.memory`.
+pub fn rejected_field(kind: &KindInfo, value: &Value) -> Option<String> {
+    struct Path<'a>(&'a Value);
+    impl KindFn for Path<'_> {
+        type Output = Option<String>;
+        fn call<S: ResourceSpec>(self) -> Self::Output {
+            match serde_path_to_error::deserialize::<_, nexus_api::Object<S>>(self.0.clone()) {
+                Ok(_) => None,
+                Err(e) => Some(e.path().to_string()).filter(|p| p != "."),
+            }
+        }
     }
+    with_kind(kind.kind, Path(value)).flatten()
+}
 
-    /// `vm`, `template`, ...: how objects are named in messages (`vm/web-1`).
-    pub fn short(&self) -> String {
-        self.kind.to_lowercase()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_the_registry_is_typed_here() {
+        for k in kinds() {
+            let v = serde_json::json!({"apiVersion": "nexus/v1", "kind": k.kind, "metadata": {"name": "x"}, "spec": {"bogus": 1}});
+            let err = normalize(k, &v).unwrap_err();
+            assert!(err.contains("spec"), "{}: {err}", k.kind);
+        }
+        assert!(unknown("pods").contains("leases"), "{}", unknown("pods"));
     }
 }

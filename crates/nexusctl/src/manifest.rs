@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::kinds::{self, with_spec};
+use crate::kinds;
 
 /// One object read from a file, with where it came from.
 #[derive(Debug, Clone)]
@@ -98,30 +98,15 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, String> {
                 "{source} (document {index}): expected an object with apiVersion, kind, metadata and spec"
             ));
         }
-        if let Some(kind) = value["kind"].as_str().and_then(kinds::lookup) {
-            let typed: Result<(), String> = with_spec!(kind.kind, S => {
-                serde_saphyr::from_str_with_options::<nexus_api::Object<S>>(&padded, options())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }, _ => Ok(()));
-            if let Err(e) = typed {
-                let field = field_path(kind.kind, &value).map(|p| format!("field {p}: ")).unwrap_or_default();
-                return Err(format!("{source} (document {index}): {field}{}", rename_input(&e, source)));
-            }
+        if let Some(kind) = value["kind"].as_str().and_then(kinds::lookup)
+            && let Err(e) = kinds::check_yaml(kind, &padded, options())
+        {
+            let field = kinds::rejected_field(kind, &value).map(|p| format!("field {p}: ")).unwrap_or_default();
+            return Err(format!("{source} (document {index}): {field}{}", rename_input(&e, source)));
         }
         docs.push(Document { source: source.to_string(), index, value });
     }
     Ok(docs)
-}
-
-/// The path of the first field the kind's type rejects, such as `spec.memory`.
-fn field_path(kind: &str, value: &Value) -> Option<String> {
-    with_spec!(kind, S => {
-        match serde_path_to_error::deserialize::<_, nexus_api::Object<S>>(value.clone()) {
-            Ok(_) => None,
-            Err(e) => Some(e.path().to_string()).filter(|p| p != "."),
-        }
-    }, _ => None)
 }
 
 fn rename_input(message: &str, source: &str) -> String {

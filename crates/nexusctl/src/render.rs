@@ -8,6 +8,8 @@ use nexus_api::ErrorBody;
 use nexus_api::client::ClientError;
 use serde_json::Value;
 
+use nexus_api::registry::{Column, Format};
+
 use crate::kinds::KindInfo;
 
 /// An API error as the user sees it: the server's message, then Firecracker's
@@ -65,110 +67,54 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn condition(obj: &Value, type_: &str) -> String {
-    obj["status"]["conditions"]
+fn condition(conditions: &Value, type_: &str) -> String {
+    conditions
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
         .map(|c| s(&c["status"]))
         .unwrap_or_else(|| "Unknown".into())
 }
 
-/// A kubectl-style table of `items` of one kind.
+/// The value at dotted `path` of `obj` (`Null` when absent).
+fn at<'a>(obj: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(obj, |v, part| &v[part])
+}
+
+/// One cell: the column's first present path, formatted.
+fn cell(column: &Column, obj: &Value, now: DateTime<Utc>) -> String {
+    let value = column.paths.iter().map(|p| at(obj, p)).find(|v| !v.is_null()).unwrap_or(&Value::Null);
+    if value.is_null()
+        && let Some(d) = column.default
+    {
+        return d.to_string();
+    }
+    match column.format {
+        Format::Text => s(value),
+        Format::Age => age(value.as_str(), now),
+        Format::Mebibytes => format!("{}Mi", s(value)),
+        Format::Condition(type_) => condition(value, type_),
+        Format::Reference => format!("{}/{}", s(&value["kind"]).to_lowercase(), s(&value["name"])),
+    }
+}
+
+/// A kubectl-style table of `items` of one kind, with the kind's columns.
 pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, now: DateTime<Utc>) -> String {
     let mut t = Table::new();
     t.load_style(presets::NOTHING);
-    let mut header: Vec<&str> = Vec::new();
     let with_project = all_projects && kind.namespaced;
+    let columns: Vec<&Column> = kind.columns.iter().filter(|c| wide || !c.wide).collect();
+    let mut header: Vec<&str> = Vec::new();
     if with_project {
         header.push("PROJECT");
     }
-    header.extend(match kind.kind {
-        "VM" if wide => vec!["NAME", "STATE", "PHASE", "NODE", "VCPU", "MEMORY", "AGE", "TAP", "MAC", "PID"],
-        "VM" => vec!["NAME", "STATE", "PHASE", "NODE", "VCPU", "MEMORY", "AGE"],
-        "Template" => vec!["NAME", "VCPU", "MEMORY", "KERNEL", "ROOTFS", "AGE"],
-        "Image" => vec!["NAME", "TYPE", "PATH", "PHASE", "AGE"],
-        "Snapshot" => vec!["NAME", "VM", "PHASE", "NODE", "AGE"],
-        "Node" if wide => vec!["NAME", "READY", "ADDRESS", "VCPU", "MEMORY", "MAX-VMS", "AGE", "AGENT", "FIRECRACKER"],
-        "Node" => vec!["NAME", "READY", "ADDRESS", "AGE"],
-        "Event" => vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-        "Lease" => vec!["NAME", "HOLDER", "RENEWED", "TRANSITIONS"],
-        _ => vec!["NAME", "AGE"],
-    });
+    header.extend(columns.iter().map(|c| c.name));
     t.set_header(header);
     for o in items {
         let mut row: Vec<String> = Vec::new();
         if with_project {
             row.push(s(&o["metadata"]["project"]));
         }
-        let (spec, status, name) = (&o["spec"], &o["status"], s(&o["metadata"]["name"]));
-        let created = age(o["metadata"]["creationTimestamp"].as_str(), now);
-        match kind.kind {
-            "VM" => {
-                row.extend([name, s(&spec["state"]), status["phase"].as_str().unwrap_or("Pending").to_string()]);
-                // The resolved machine when known (a template may supply it).
-                let machine = if status["config"].is_object() { &status["config"] } else { spec };
-                row.extend([
-                    s(&spec["nodeName"]),
-                    s(&machine["vcpu"]),
-                    format!("{}Mi", s(&machine["memMib"])),
-                    created,
-                ]);
-                if wide {
-                    let rt = &status["runtime"];
-                    row.extend([s(&rt["tapName"]), s(&rt["mac"]), s(&rt["pid"])]);
-                }
-            }
-            "Template" => row.extend([
-                name,
-                s(&spec["vcpu"]),
-                format!("{}Mi", s(&spec["memMib"])),
-                s(&spec["kernel"]),
-                s(&spec["rootfs"]),
-                created,
-            ]),
-            "Image" => row.extend([
-                name,
-                s(&spec["type"]),
-                s(&spec["path"]),
-                status["phase"].as_str().unwrap_or("Pending").to_string(),
-                created,
-            ]),
-            "Snapshot" => row.extend([
-                name,
-                s(&spec["vmName"]),
-                status["phase"].as_str().unwrap_or("Pending").to_string(),
-                s(&status["nodeName"]),
-                created,
-            ]),
-            "Node" => {
-                row.extend([name, condition(o, "Ready"), s(&status["address"])]);
-                if wide {
-                    let cap = &status["capacity"];
-                    row.extend([s(&cap["vcpu"]), format!("{}Mi", s(&cap["memMib"])), s(&cap["maxVms"]), created]);
-                    row.extend([s(&status["agentVersion"]), s(&status["firecrackerVersion"])]);
-                } else {
-                    row.push(created);
-                }
-            }
-            "Event" => {
-                let io = &spec["involvedObject"];
-                let last = spec["lastTimestamp"].as_str().or(o["metadata"]["creationTimestamp"].as_str());
-                row.extend([
-                    age(last, now),
-                    s(&spec["type"]),
-                    s(&spec["reason"]),
-                    format!("{}/{}", s(&io["kind"]).to_lowercase(), s(&io["name"])),
-                    s(&spec["message"]),
-                ]);
-            }
-            "Lease" => row.extend([
-                name,
-                s(&spec["holderIdentity"]),
-                age(spec["renewTime"].as_str(), now),
-                s(&spec["leaseTransitions"]),
-            ]),
-            _ => row.extend([name, created]),
-        }
+        row.extend(columns.iter().map(|c| cell(c, o, now)));
         t.add_row(row);
     }
     lines(&t).join("\n")

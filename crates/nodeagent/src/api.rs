@@ -109,7 +109,7 @@ async fn proxy_to(state: &AgentState, uid: &str, method: Method, fc_path: &str, 
         Ok(u) => u,
         Err(e) => return AgentError::from(e).into_response(),
     };
-    match crate::proxy::forward(&state.runtime.config().run_dir, &uid, &method, fc_path, body).await {
+    match state.runtime.proxy(&uid, &method, fc_path, body).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::warn!(uid = %uid, method = %method, path = %fc_path.chars().take(100).collect::<String>(), error = %e, "proxy request refused");
@@ -195,10 +195,8 @@ async fn metrics(
 ) -> Result<Json<serde_json::Value>, AgentError> {
     let uid = Uid::parse(&uid)?;
     let paths = state.runtime.vm_paths(&uid)?;
-    if q.flush
-        && let Ok(socket) = crate::proxy::socket_for(&state.runtime.config().run_dir, &uid)
-    {
-        let _ = crate::firecracker::FcClient::new(socket).flush_metrics().await;
+    if q.flush {
+        state.runtime.flush_metrics(&uid).await;
     }
     match crate::logs::latest_metrics(&paths) {
         Ok(Some(v)) => Ok(Json(v)),
@@ -219,23 +217,24 @@ async fn snapshot(
 }
 
 /// What the node offers, what its VMs take, and how it runs them.
-async fn capacity(State(state): State<AgentState>) -> Json<serde_json::Value> {
+async fn capacity(State(state): State<AgentState>) -> Json<nexus_api::agent::CapacityReport> {
     let rt = &state.runtime;
-    Json(serde_json::json!({
-        "capacity": state.capacity,
-        "allocated": rt.allocation(),
-        "subnet": rt.subnet().map(|s| s.cidr()),
-        "processManager": if rt.config().scopes.is_some() { "systemd" } else { "direct" },
-        "cgroups": rt.config().cgroups.is_some(),
-    }))
+    Json(nexus_api::agent::CapacityReport {
+        capacity: state.capacity.clone(),
+        allocated: rt.allocation(),
+        subnet: rt.subnet().map(|s| s.cidr()),
+        process_manager: if rt.config().scopes.is_some() { "systemd" } else { "direct" }.into(),
+        cgroups: rt.config().cgroups.is_some(),
+        disk_clone: rt.disk_clone().into(),
+    })
 }
 
 async fn collect(
     State(state): State<AgentState>,
     Json(req): Json<nexus_api::agent::Collect>,
-) -> Result<Json<serde_json::Value>, AgentError> {
+) -> Result<Json<nexus_api::agent::CollectReport>, AgentError> {
     let removed = state.runtime.collect(&req).await?;
-    Ok(Json(serde_json::json!({ "removed": removed })))
+    Ok(Json(nexus_api::agent::CollectReport { removed }))
 }
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {

@@ -131,13 +131,29 @@ async fn main() -> anyhow::Result<()> {
         bridge: args.bridge,
         runtime: runtime.clone(),
     };
-    let client = nexus_api::client::Client::new(&args.apiserver, None);
-    tokio::spawn(heartbeat_loop(client, info, Duration::from_secs(args.heartbeat_secs.max(1))));
+    spawn_heartbeat(args.apiserver.clone(), info, Duration::from_secs(args.heartbeat_secs.max(1)))?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
     let state = AgentState { runtime, token: Arc::new(token), capacity: host_capacity(args.max_vms) };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+/// Runs the heartbeat on a thread and runtime of its own: however busy the
+/// agent's workers are (disk copies, VMM start-ups), the node's heartbeat
+/// goes out on time, so a busy node is never taken for a lost one.
+fn spawn_heartbeat(apiserver: String, info: NodeInfo, interval: Duration) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("heartbeat runtime")?;
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let client = nexus_api::client::Client::new(&apiserver, None);
+                heartbeat_loop(client, info, interval).await
+            })
+        })
+        .context("starting the heartbeat thread")?;
     Ok(())
 }
 

@@ -4,8 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// Prefix of every TAP device the agent creates.
-pub const TAP_PREFIX: &str = "nxt";
+pub use nexus_api::agent::TAP_PREFIX;
 
 /// Failures turning a name into a path.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,10 +37,9 @@ impl Uid {
         &self.0
     }
 
-    /// The TAP device name: prefix plus the first 12 hex digits (IFNAMSIZ is 16).
+    /// The TAP device name (see [`nexus_api::agent::tap_name`]).
     pub fn tap_name(&self) -> String {
-        let hex: String = self.0.chars().filter(|c| *c != '-').take(12).collect();
-        format!("{TAP_PREFIX}{hex}")
+        nexus_api::agent::tap_name(&self.0)
     }
 }
 

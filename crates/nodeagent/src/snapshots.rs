@@ -72,7 +72,10 @@ pub async fn create(
             })
             .await
             .map_err(fc("snapshot/create"))?;
-        disk::ensure_copy(&paths.rootfs(), &snap.rootfs()).map_err(AgentError::io("copying the disk into the snapshot"))
+        disk::ensure_copy(paths.rootfs(), snap.rootfs())
+            .await
+            .map(|_| ())
+            .map_err(AgentError::io("copying the disk into the snapshot"))
     }
     .await;
     if was_running && (resume_after || made.is_err()) {

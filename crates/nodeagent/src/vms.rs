@@ -47,11 +47,20 @@ pub struct Runtime {
     net: Net,
     locks: Mutex<HashMap<Uid, Arc<Mutex<()>>>>,
     exits: Arc<crate::exits::Exits>,
+    /// Whether the run directory's filesystem supports reflinks.
+    reflink: bool,
 }
 
 impl Runtime {
     pub fn new(cfg: RuntimeConfig, net: Net) -> Self {
-        Self { cfg, net, locks: Mutex::new(HashMap::new()), exits: Default::default() }
+        let reflink = disk::supports_reflink(&cfg.run_dir.vms());
+        tracing::info!(
+            run_dir = %cfg.run_dir.root().display(),
+            disk_clone = if reflink { "reflink" } else { "copy" },
+            "VM disks are made by {}",
+            if reflink { "reflink (constant time)" } else { "sparse copy (the filesystem has no reflinks)" }
+        );
+        Self { cfg, net, locks: Mutex::new(HashMap::new()), exits: Default::default(), reflink }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -119,10 +128,10 @@ impl Runtime {
             self.net.delete_link(&uid.tap_name()).await?;
             // A stop ends a kept-down exit: the next start is a fresh one.
             remove_if_exists(&paths.kept_down())?;
-            return self.report(&uid).await;
+            return self.observe(&uid).await;
         }
         if paths.kept_down().exists() {
-            return self.report(&uid).await;
+            return self.observe(&uid).await;
         }
         let client = FcClient::new(paths.socket());
         let mut info = None;
@@ -138,7 +147,7 @@ impl Runtime {
             None if recorded.is_some() && paths.started().exists() => {
                 let pid = recorded.unwrap_or_default();
                 if !self.ended_on_its_own(&uid, &paths, pid, req.restart_policy).await? {
-                    return self.report(&uid).await;
+                    return self.observe(&uid).await;
                 }
             }
             None => {}
@@ -158,7 +167,7 @@ impl Runtime {
                 .map_err(|source| AgentError::Firecracker { step: "resume", source })?,
             _ => {}
         }
-        self.report(&uid).await
+        self.observe(&uid).await
     }
 
     /// Records how VMM `pid` of `uid` ended on its own and applies `policy`:
@@ -206,13 +215,17 @@ impl Runtime {
         let tap = uid.tap_name();
         self.net.ensure_tap(&tap, bridge).await?;
         let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
-        match &restore {
+        let copy_started = Instant::now();
+        let method = match &restore {
             // The snapshot's disk, taken with its memory, is the VM's disk.
-            Some(snap) => disk::ensure_copy(&snap.rootfs(), &paths.rootfs())
+            Some(snap) => disk::ensure_copy(snap.rootfs(), paths.rootfs())
+                .await
                 .map_err(AgentError::io("copying the snapshot's disk"))?,
-            None => disk::ensure_copy(Path::new(&req.rootfs_path), &paths.rootfs())
+            None => disk::ensure_copy(PathBuf::from(&req.rootfs_path), paths.rootfs())
+                .await
                 .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
-        }
+        };
+        tracing::info!(uid = %uid, ?method, millis = copy_started.elapsed().as_millis() as u64, "disk ready");
         for file in [paths.log(), paths.metrics()] {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -287,6 +300,12 @@ impl Runtime {
         let _held = lock.lock().await;
         let paths = self.paths(&uid)?;
         crate::snapshots::create(&self.cfg.run_dir, &uid, &paths, name, resume_after).await
+    }
+
+    /// How this node makes VM disks: `reflink` where the run directory's
+    /// filesystem clones files in constant time, else `copy`.
+    pub fn disk_clone(&self) -> &'static str {
+        if self.reflink { "reflink" } else { "copy" }
     }
 
     /// The node's VM subnet: the bridge's address and prefix.
@@ -411,8 +430,39 @@ impl Runtime {
         let _ = std::fs::remove_file(paths.pid());
     }
 
-    /// What is on the host for `uid`.
+    /// What is on the host for `uid`, asked of the VM's owner (after any
+    /// operation on it in progress).
     pub async fn report(&self, uid: &Uid) -> Result<VmReport, AgentError> {
+        let lock = self.lock(uid).await;
+        let _held = lock.lock().await;
+        self.observe(uid).await
+    }
+
+    /// Forwards a Firecracker API call to VM `uid`'s VMM, as its owner: it
+    /// never interleaves with a configuration, snapshot or stop in progress.
+    pub async fn proxy(
+        &self,
+        uid: &Uid,
+        method: &axum::http::Method,
+        fc_path: &str,
+        body: bytes::Bytes,
+    ) -> Result<axum::response::Response, crate::proxy::ProxyError> {
+        let lock = self.lock(uid).await;
+        let _held = lock.lock().await;
+        crate::proxy::forward(&self.cfg.run_dir, uid, method, fc_path, body).await
+    }
+
+    /// Asks VM `uid`'s VMM to write its metrics now, as its owner.
+    pub async fn flush_metrics(&self, uid: &Uid) {
+        let lock = self.lock(uid).await;
+        let _held = lock.lock().await;
+        if let Ok(socket) = crate::proxy::socket_for(&self.cfg.run_dir, uid) {
+            let _ = FcClient::new(socket).flush_metrics().await;
+        }
+    }
+
+    /// What is on the host for `uid`; the caller is its owner.
+    async fn observe(&self, uid: &Uid) -> Result<VmReport, AgentError> {
         let paths = self.paths(uid)?;
         if !paths.dir.exists() {
             return Ok(absent(uid));

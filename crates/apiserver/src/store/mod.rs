@@ -331,7 +331,33 @@ impl Store {
     /// `decide` runs while writers are locked out, so nothing interleaves
     /// between its read and the write. It receives the resourceVersion the
     /// write will get, to stamp into the object.
+    ///
+    /// # Guarantees
+    /// Once started, a mutation runs to its end in a task of its own, even
+    /// when the caller stops waiting (a client that disconnects cancels its
+    /// request handler): a change that commits is always announced to the
+    /// watches, never committed and then lost to them.
     pub async fn mutate<F>(
+        &self,
+        kind: &str,
+        project: &str,
+        name: &str,
+        audit: &AuditInfo,
+        decide: F,
+    ) -> Result<Value, ApiError>
+    where
+        F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError> + Send + 'static,
+    {
+        let (store, kind, project, name, audit) =
+            (self.clone(), kind.to_string(), project.to_string(), name.to_string(), audit.clone());
+        let work = tokio::spawn(async move { store.mutate_to_end(&kind, &project, &name, &audit, decide).await });
+        match work.await {
+            Ok(result) => result,
+            Err(e) => Err(ApiError::Internal(format!("the write task failed: {e}"))),
+        }
+    }
+
+    async fn mutate_to_end<F>(
         &self,
         kind: &str,
         project: &str,
@@ -389,5 +415,29 @@ impl Store {
             Pool::Postgres(_) => self.poke.notify_one(),
         }
         Ok(object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_whose_caller_stops_waiting_still_commits_and_is_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
+        let mut changes = store.subscribe();
+        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "create" };
+        let object = serde_json::json!({"metadata": {"name": "x", "uid": "u-1"}});
+        {
+            // The caller goes away right after the write started, as a
+            // request handler does when its client disconnects.
+            let write = store.mutate("VM", "p", "x", &audit, move |_, _| Ok(Write::Put(object)));
+            let mut write = std::pin::pin!(write);
+            let _ = futures::poll!(write.as_mut());
+        }
+        let change = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap();
+        assert_eq!((change.kind.as_str(), change.type_), ("VM", ChangeType::Added));
+        assert!(store.get("VM", "p", "x").await.unwrap().is_some(), "committed");
     }
 }

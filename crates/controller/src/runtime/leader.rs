@@ -1,8 +1,13 @@
 //! Leader election on a `Lease` object: several controllers may run, one
 //! acts. The holder renews the lease; another takes it over once it has
-//! seen no renewal for the lease's duration (measured on its own clock, so
-//! clock skew between hosts does not matter). A leader that cannot renew in
-//! time stops acting, and the process exits for its supervisor to restart.
+//! seen no renewal for the lease's duration, measured on its own clock (so
+//! clock skew between hosts does not matter) from the moment it saw the
+//! last renewal arrive on its watch of the lease.
+//!
+//! A leader that cannot renew in time stops acting before anyone else may
+//! start, then campaigns again in the same process: when the apiserver was
+//! only away for a while, the lease still names it and it leads again at
+//! once.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -10,6 +15,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use nexus_api::client::{Client, ClientError};
 use nexus_api::{Lease, LeaseSpec};
+
+use super::store::Store;
 
 /// Name of the controllers' lease.
 pub const LEASE: &str = "nexus-controller";
@@ -20,7 +27,9 @@ pub struct Elector {
     api: Client,
     identity: String,
     duration: Duration,
-    /// The lease as last seen, and since when it looked so.
+    /// The lease as the reflector sees it.
+    leases: Store<LeaseSpec>,
+    /// The lease's holder and renewal as last seen, and since when.
     observed: Mutex<Option<Observation>>,
 }
 
@@ -33,21 +42,23 @@ struct Observation {
 }
 
 impl Elector {
-    pub fn new(api: Client, identity: String, duration: Duration) -> Self {
-        Elector { api, identity, duration, observed: Mutex::new(None) }
+    /// A contender called `identity` for a lease lasting `duration`.
+    pub fn new(api: Client, leases: Store<LeaseSpec>, identity: String, duration: Duration) -> Self {
+        Elector { api, identity, duration, leases, observed: Mutex::new(None) }
     }
 
     pub fn identity(&self) -> &str {
         &self.identity
     }
 
-    /// How often the holder renews and contenders retry.
+    /// How often the holder renews.
     pub fn retry_period(&self) -> Duration {
         (self.duration / 3).max(Duration::from_millis(200))
     }
 
-    /// Whether the lease looked unrenewed for a whole duration.
-    fn stale(&self, lease: &LeaseSpec) -> bool {
+    /// Records the lease as seen now; returns whether it has looked
+    /// unrenewed for a whole duration (or is released).
+    fn observe(&self, lease: &LeaseSpec) -> bool {
         let holder = lease.holder_identity.clone();
         let renewed = lease.renew_time.map(|t| t.to_rfc3339());
         let mut seen = self.observed.lock().unwrap_or_else(|p| p.into_inner());
@@ -60,6 +71,15 @@ impl Elector {
                 *seen = Some(Observation { holder, renewed, since: Instant::now() });
                 released
             }
+        }
+    }
+
+    /// How long until the lease, as last observed, turns stale.
+    fn until_stale(&self) -> Duration {
+        let seen = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some(o) => (self.duration + Duration::from_millis(10)).saturating_sub(o.since.elapsed()),
+            None => self.retry_period(),
         }
     }
 
@@ -86,7 +106,7 @@ impl Elector {
             Err(e) => return Err(e),
         };
         let mine = lease.spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        if !mine && !self.stale(&lease.spec) {
+        if !mine && !self.observe(&lease.spec) {
             return Ok(false);
         }
         if !mine {
@@ -104,20 +124,45 @@ impl Elector {
         }
     }
 
-    /// Returns once this process holds the lease.
+    /// Returns once this process holds the lease. Between attempts it waits
+    /// for the lease to change on its watch or to turn stale, whichever
+    /// comes first, so a dead leader is replaced a lease duration after its
+    /// last renewal arrived.
     pub async fn acquire(&self) {
+        let mut feed = self.leases.subscribe();
+        let mut delays = super::retry_delays();
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "contending for the lease failed"),
+            let cached = self.leases.get_named("", LEASE);
+            let attempt = match &cached {
+                // Absent, or not listed yet: the apiserver decides.
+                None => true,
+                Some(l) => {
+                    let stale = self.observe(&l.spec);
+                    stale || l.spec.holder_identity.as_deref() == Some(self.identity.as_str())
+                }
+            };
+            if attempt {
+                match self.try_acquire_or_renew().await {
+                    Ok(true) => return,
+                    Ok(false) => delays = super::retry_delays(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "contending for the lease failed");
+                        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(1))).await;
+                        continue;
+                    }
+                }
             }
-            tokio::time::sleep(self.retry_period()).await;
+            let wait = self.until_stale().min(self.retry_period());
+            tokio::select! {
+                _ = feed.recv() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
     /// Renews the lease until it cannot: returns when leadership is lost
-    /// (another holder, or no successful renewal within the duration).
+    /// (another holder, or no successful renewal for nearly a duration —
+    /// early enough that nobody else may have started).
     pub async fn hold(&self) {
         let mut last_renewed = Instant::now();
         loop {
@@ -127,7 +172,6 @@ impl Elector {
                 Ok(false) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "renewing the lease failed");
-                    // Stop acting before anyone else may start.
                     if last_renewed.elapsed() + self.retry_period() >= self.duration {
                         return;
                     }

@@ -1,11 +1,11 @@
 //! Events: decisions and failures worth seeing in `describe`. One Event
-//! object per (object, reason); a repeat bumps its count and time instead of
-//! adding another.
+//! object per (object, reason); a repeat bumps its count and time instead
+//! of adding another.
 
 use chrono::Utc;
 use nexus_api::client::Client;
 use nexus_api::event::{EventType, ObjectReference};
-use nexus_api::{Event, EventSpec, Vm};
+use nexus_api::{Event, EventSpec, Object, ResourceSpec};
 
 /// Component name written into every event.
 pub const COMPONENT: &str = "nexus-controller";
@@ -26,26 +26,30 @@ fn event_name(uid: &str, reason: &str) -> String {
     format!("ev-{}-{hash:016x}", reason.to_lowercase().chars().take(24).collect::<String>())
 }
 
+/// A reference to `obj`, as events carry it.
+pub fn reference<S: ResourceSpec>(obj: &Object<S>) -> ObjectReference {
+    ObjectReference {
+        kind: S::KIND.into(),
+        name: obj.name().to_string(),
+        project: obj.metadata.project.clone(),
+        uid: obj.metadata.uid.clone(),
+    }
+}
+
 impl Recorder {
     pub fn new(api: Client) -> Self {
         Recorder { api }
     }
 
-    /// Records that `reason` happened to `vm`. Failures to record are
+    /// Records that `reason` happened to `obj`. Failures to record are
     /// logged, never returned: an event must not fail a reconcile.
-    pub async fn vm(&self, vm: &Vm, type_: EventType, reason: &str, message: &str) {
-        let reference = ObjectReference {
-            kind: "VM".into(),
-            name: vm.name().to_string(),
-            project: vm.metadata.project.clone(),
-            uid: vm.metadata.uid.clone(),
-        };
-        if let Err(e) = self.record(reference, vm.uid(), type_, reason, message).await {
-            tracing::warn!(vm = %vm.name(), reason, error = %e, "recording an event failed");
+    pub async fn publish<S: ResourceSpec>(&self, obj: &Object<S>, type_: EventType, reason: &str, message: &str) {
+        if let Err(e) = self.record(reference(obj), obj.uid(), type_, reason, message).await {
+            tracing::warn!(kind = S::KIND, name = %obj.name(), reason, error = %e, "recording an event failed");
         }
     }
 
-    /// Records that `reason` happened on node `node`.
+    /// Records that `reason` happened on node `node` (one event per message).
     pub async fn node(&self, node: &str, reason: &str, message: &str) {
         let reference = ObjectReference { kind: "Node".into(), name: node.to_string(), project: None, uid: None };
         let key = format!("node/{node}/{message}");

@@ -1,9 +1,12 @@
-//! Client for node agents' APIs.
+//! Typed client for a node agent's API: the one place the controller (and
+//! the tests) speak the agent's contract.
 
 use std::time::Duration;
 
-use nexus_api::ErrorBody;
-use nexus_api::agent::{Collect, EnsureVm, Inventory, VmReport};
+use crate::ErrorBody;
+use crate::agent::{
+    CapacityReport, Collect, CollectReport, EnsureVm, Inventory, SnapshotReport, SnapshotRequest, VmReport,
+};
 
 /// Failures calling an agent.
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +19,17 @@ pub enum AgentCallError {
     Unavailable { url: String, message: String },
 }
 
-/// Calls node agents with the shared node credential.
+impl AgentCallError {
+    /// The agent's error body, when it answered with one.
+    pub fn body(&self) -> Option<&ErrorBody> {
+        match self {
+            AgentCallError::Rejected(b) => Some(b),
+            AgentCallError::Unavailable { .. } => None,
+        }
+    }
+}
+
+/// Calls node agents with a bearer credential.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
@@ -24,6 +37,7 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
+    /// A client presenting `token` to every agent it calls.
     pub fn new(token: String) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -39,10 +53,28 @@ impl AgentClient {
         self.call(self.http.put(&url).json(req), &url).await
     }
 
+    /// What the agent at `base` observes of VM `uid`.
+    pub async fn report(&self, base: &str, uid: &str) -> Result<VmReport, AgentCallError> {
+        let url = format!("{base}/v1/vms/{uid}");
+        self.call(self.http.get(&url), &url).await
+    }
+
     /// Asks the agent at `base` to remove every trace of VM `uid`.
     pub async fn remove(&self, base: &str, uid: &str) -> Result<VmReport, AgentCallError> {
         let url = format!("{base}/v1/vms/{uid}");
         self.call(self.http.delete(&url), &url).await
+    }
+
+    /// Takes snapshot `name` of VM `uid` on the agent at `base`.
+    pub async fn snapshot(
+        &self,
+        base: &str,
+        uid: &str,
+        name: &str,
+        req: &SnapshotRequest,
+    ) -> Result<SnapshotReport, AgentCallError> {
+        let url = format!("{base}/v1/vms/{uid}/snapshots/{name}");
+        self.call(self.http.put(&url).json(req), &url).await
     }
 
     /// What the agent at `base` finds on its host.
@@ -51,14 +83,16 @@ impl AgentClient {
         self.call(self.http.get(&url), &url).await
     }
 
+    /// What the node at `base` offers and how it runs VMs.
+    pub async fn capacity(&self, base: &str) -> Result<CapacityReport, AgentCallError> {
+        let url = format!("{base}/v1/capacity");
+        self.call(self.http.get(&url), &url).await
+    }
+
     /// Asks the agent at `base` to remove unclaimed things; returns what went.
-    pub async fn collect(&self, base: &str, req: &Collect) -> Result<Vec<String>, AgentCallError> {
+    pub async fn collect(&self, base: &str, req: &Collect) -> Result<CollectReport, AgentCallError> {
         let url = format!("{base}/v1/gc");
-        let answer: serde_json::Value = self.call(self.http.post(&url).json(req), &url).await?;
-        Ok(answer["removed"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default())
+        self.call(self.http.post(&url).json(req), &url).await
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -71,7 +105,7 @@ impl AgentClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("undecodable report: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
         }
         let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
             error: "Unknown".into(),
@@ -81,8 +115,9 @@ impl AgentClient {
             suggestion: None,
             request_id: String::new(),
         });
-        // 401 means our credential is wrong: a retry may succeed once it is fixed.
-        if status.is_client_error() && status.as_u16() != 401 {
+        // 401 means our credential is wrong: a retry may succeed once it is
+        // fixed; 429 asks to come back later.
+        if status.is_client_error() && ![401, 429].contains(&status.as_u16()) {
             Err(AgentCallError::Rejected(body))
         } else {
             Err(unavailable(body.to_string()))

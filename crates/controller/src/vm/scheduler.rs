@@ -1,6 +1,6 @@
 //! Placement: picks a Ready node with room for a VM, spreading load.
 //!
-//! The scheduler reads the cache, which trails the apiserver by a watch
+//! The scheduler reads the store, which trails the apiserver by a watch
 //! event. A placement it has just written may not be in the cache yet, so
 //! it remembers its own placements ("assumed") until the cache shows them;
 //! capacity therefore holds however fast VMs arrive.
@@ -11,7 +11,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use nexus_api::{Node, Vm, VmPhase};
 
-use crate::cache::{Caches, version_of};
+use super::Stores;
+use crate::runtime::store::version_of;
 
 /// Why no node fits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,8 +120,8 @@ impl Assumed {
 
     /// Every VM's claim (other than `except`'s), from the cache and from
     /// assumptions it has not caught up with; forgets the assumptions it has.
-    pub fn placements(&mut self, caches: &Caches, except: &str) -> Vec<Placement> {
-        let vms = caches.vms.list();
+    pub fn placements(&mut self, stores: &Stores, except: &str) -> Vec<Placement> {
+        let vms = stores.vms.list();
         let mut pending = std::collections::HashSet::new();
         let mut placed = Vec::with_capacity(vms.len());
         for vm in &vms {
@@ -132,7 +133,7 @@ impl Assumed {
             if vm.uid() == except || !holds_resources(vm) {
                 continue;
             }
-            let (vcpu, mem_mib) = crate::resolve::resources(vm, caches);
+            let (vcpu, mem_mib) = super::resolve::resources(vm, stores);
             placed.push(Placement { node, vcpu, mem_mib });
         }
         // Caught up with, or the VM is gone: the assumption has served its turn.
@@ -198,25 +199,25 @@ mod tests {
 
     #[test]
     fn assumed_placements_count_until_the_cache_shows_them() {
-        let caches = Caches::default();
+        let stores = Stores::empty();
         let mut unbound = vm("one", "u1", None);
         unbound.metadata.resource_version = Some("1".into());
-        caches.vms.upsert(unbound);
+        stores.vms.record_write(unbound);
         let mut assumed = Assumed::default();
         let mut bound = vm("one", "u1", Some("a"));
         bound.metadata.resource_version = Some("2".into());
         assumed.assume(&bound);
-        let placed = assumed.placements(&caches, "u2");
+        let placed = assumed.placements(&stores, "u2");
         assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512 }]);
         // The cache catches up: the assumption is dropped, the claim stays.
-        caches.vms.upsert(bound.clone());
-        assert_eq!(assumed.placements(&caches, "u2").len(), 1);
+        stores.vms.record_write(bound.clone());
+        assert_eq!(assumed.placements(&stores, "u2").len(), 1);
         assert_eq!(assumed.node_of(&bound), None);
     }
 
     #[test]
     fn a_vm_unbound_after_its_placement_is_not_held_by_the_old_assumption() {
-        let caches = Caches::default();
+        let stores = Stores::empty();
         let mut assumed = Assumed::default();
         let mut bound = vm("one", "u1", Some("a"));
         bound.metadata.resource_version = Some("2".into());
@@ -224,8 +225,8 @@ mod tests {
         // Its node was deleted and the VM unbound (a later version).
         let mut unbound = vm("one", "u1", None);
         unbound.metadata.resource_version = Some("3".into());
-        caches.vms.upsert(unbound.clone());
+        stores.vms.record_write(unbound.clone());
         assert_eq!(assumed.node_of(&unbound), None, "free to be placed again");
-        assert!(assumed.placements(&caches, "u2").is_empty());
+        assert!(assumed.placements(&stores, "u2").is_empty());
     }
 }

@@ -1,12 +1,12 @@
 //! Resolution: a VM's spec laid over its Template, with Image names turned
 //! into host paths, gives the complete machine configuration a node agent
-//! needs. Reads the caches only.
+//! needs. Reads the stores only.
 
 use nexus_api::image::{ImagePhase, ImageType};
 use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig};
 use nexus_api::{Template, Vm};
 
-use crate::cache::Caches;
+use super::Stores;
 
 /// Why a VM's configuration cannot be resolved yet. Each is waited out
 /// (GitOps may apply the VM before its template or images).
@@ -40,13 +40,13 @@ impl Unresolved {
 }
 
 /// Resolves `vm` against the cached templates and images.
-pub fn resolve(vm: &Vm, caches: &Caches) -> Result<ResolvedConfig, Unresolved> {
+pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
     let project = vm.metadata.project.clone().unwrap_or_default();
     let template: Option<std::sync::Arc<Template>> = match &vm.spec.template {
         Some(name) => Some(
-            caches
+            stores
                 .templates
-                .get(&project, name)
+                .get_named(&project, name)
                 .ok_or_else(|| Unresolved::TemplateNotFound { project: project.clone(), name: name.clone() })?,
         ),
         None => None,
@@ -66,8 +66,8 @@ pub fn resolve(vm: &Vm, caches: &Caches) -> Result<ResolvedConfig, Unresolved> {
         template: template.as_ref().map(|t| format!("{}@{}", t.name(), t.metadata.generation.unwrap_or_default())),
         vcpu,
         mem_mib,
-        kernel_path: image_path(caches, &project, "spec.kernel", &kernel, ImageType::Kernel)?,
-        rootfs_path: image_path(caches, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?,
+        kernel_path: image_path(stores, &project, "spec.kernel", &kernel, ImageType::Kernel)?,
+        rootfs_path: image_path(stores, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?,
         boot_args: spec
             .boot_args
             .clone()
@@ -81,7 +81,7 @@ pub fn resolve(vm: &Vm, caches: &Caches) -> Result<ResolvedConfig, Unresolved> {
 /// The host path a kernel or rootfs reference stands for: itself when it is
 /// a path, else the path of the named Image of the wanted type.
 fn image_path(
-    caches: &Caches,
+    stores: &Stores,
     project: &str,
     field: &'static str,
     reference: &str,
@@ -91,7 +91,7 @@ fn image_path(
         return Ok(reference.to_string());
     }
     let name = reference.to_string();
-    let image = caches.images.get(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
+    let image = stores.images.get_named(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
         field,
         project: project.to_string(),
         name: name.clone(),
@@ -109,11 +109,11 @@ fn image_path(
 
 /// vCPUs and MiB a VM takes on its node: from its resolved configuration,
 /// else resolved now, else what its spec says (0 when unknown).
-pub fn resources(vm: &Vm, caches: &Caches) -> (u8, u32) {
+pub fn resources(vm: &Vm, stores: &Stores) -> (u8, u32) {
     if let Some(c) = vm.status.as_ref().and_then(|s| s.config.as_ref()) {
         return (c.vcpu, c.mem_mib);
     }
-    match resolve(vm, caches) {
+    match resolve(vm, stores) {
         Ok(c) => (c.vcpu, c.mem_mib),
         Err(_) => (vm.spec.vcpu.unwrap_or(0), vm.spec.mem_mib.unwrap_or(0)),
     }
@@ -128,8 +128,8 @@ mod tests {
 
     use super::*;
 
-    fn caches() -> Caches {
-        let caches = Caches::default();
+    fn stores() -> Stores {
+        let stores = Stores::empty();
         let mut t = Template::new(
             "ci",
             Some("p"),
@@ -144,19 +144,19 @@ mod tests {
             },
         );
         t.metadata.generation = Some(3);
-        caches.templates.upsert(t);
+        stores.templates.record_write(t);
         let kernel = ImageSpec { type_: ImageType::Kernel, path: "/images/vmlinux-6.1".into(), sha256: None };
-        caches.images.upsert(Image::new("vmlinux", Some("p"), kernel));
+        stores.images.record_write(Image::new("vmlinux", Some("p"), kernel));
         let rootfs = ImageSpec { type_: ImageType::Rootfs, path: "/images/debian.ext4".into(), sha256: None };
-        caches.images.upsert(Image::new("debian", Some("p"), rootfs.clone()));
+        stores.images.record_write(Image::new("debian", Some("p"), rootfs.clone()));
         let mut bad = Image::new("broken", Some("p"), rootfs);
         bad.status = Some(ImageStatus {
             phase: ImagePhase::Invalid,
             message: Some("sha256 mismatch".into()),
             ..Default::default()
         });
-        caches.images.upsert(bad);
-        caches
+        stores.images.record_write(bad);
+        stores
     }
 
     fn vm(spec: VmSpec) -> Vm {
@@ -174,7 +174,7 @@ mod tests {
             node_selector: BTreeMap::from([("zone".into(), "b".into())]),
             ..Default::default()
         };
-        let c = resolve(&vm(spec), &caches()).unwrap();
+        let c = resolve(&vm(spec), &stores()).unwrap();
         assert_eq!((c.vcpu, c.mem_mib), (2, 2048));
         assert_eq!(c.kernel_path, "/images/vmlinux-6.1", "the template's image name is resolved");
         assert_eq!(c.rootfs_path, "/images/debian.ext4");
@@ -187,17 +187,17 @@ mod tests {
     #[test]
     fn missing_and_mismatched_references_say_what_to_fix() {
         let missing = VmSpec { template: Some("nope".into()), ..Default::default() };
-        let err = resolve(&vm(missing), &caches()).unwrap_err();
+        let err = resolve(&vm(missing), &stores()).unwrap_err();
         assert_eq!(err.reason(), "TemplateNotFound");
         assert!(err.to_string().contains("template nope does not exist in project p"), "{err}");
         let wrong = VmSpec { template: Some("ci".into()), kernel: Some("debian".into()), ..Default::default() };
-        let err = resolve(&vm(wrong), &caches()).unwrap_err();
+        let err = resolve(&vm(wrong), &stores()).unwrap_err();
         assert_eq!(err.reason(), "WrongImageType");
         assert!(err.to_string().contains("spec.kernel names image debian of type Rootfs"), "{err}");
         let invalid = VmSpec { template: Some("ci".into()), rootfs: Some("broken".into()), ..Default::default() };
-        assert!(resolve(&vm(invalid), &caches()).unwrap_err().to_string().contains("sha256 mismatch"));
+        assert!(resolve(&vm(invalid), &stores()).unwrap_err().to_string().contains("sha256 mismatch"));
         let absent = VmSpec { template: Some("ci".into()), rootfs: Some("ubuntu".into()), ..Default::default() };
-        assert_eq!(resolve(&vm(absent), &caches()).unwrap_err().reason(), "ImageNotFound");
+        assert_eq!(resolve(&vm(absent), &stores()).unwrap_err().reason(), "ImageNotFound");
     }
 
     #[test]
@@ -209,7 +209,7 @@ mod tests {
             rootfs: Some("/r".into()),
             ..Default::default()
         };
-        let c = resolve(&vm(spec), &Caches::default()).unwrap();
+        let c = resolve(&vm(spec), &Stores::empty()).unwrap();
         assert_eq!((c.kernel_path.as_str(), c.rootfs_path.as_str()), ("/k", "/r"));
         assert_eq!(c.boot_args, DEFAULT_BOOT_ARGS);
         assert_eq!(c.template, None);

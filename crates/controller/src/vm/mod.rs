@@ -1,23 +1,32 @@
-//! The VM reconciler: resolves a VM's template and images into a complete
+//! The VM controller: resolves a VM's template and images into a complete
 //! configuration, schedules it, converges it through its node's agent to
 //! `spec.state` (and its `restartPolicy` when the VMM ends on its own),
 //! writes what it observed to status, and tears it down behind a finalizer
-//! when the VM is deleted. It reads the caches; it writes to the apiserver.
+//! when the VM is deleted. It reads stores; it writes to the apiserver.
 
+pub mod resolve;
+pub mod scheduler;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use nexus_api::agent::{EnsureVm, ObservedState, VmReport};
+use nexus_api::agent_client::{AgentCallError, AgentClient};
 use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
-use nexus_api::vm::{ResolvedConfig, VmError, VmRuntime, mac_from_uid};
-use nexus_api::{ConditionStatus, Vm, VmPhase, VmSpec, VmStatus};
+use nexus_api::node::VmmExitNotice;
+use nexus_api::vm::ResolvedConfig;
+use nexus_api::{ConditionStatus, ImageSpec, Node, NodeSpec, TemplateSpec, Vm, VmPhase, VmSpec, VmStatus};
 
-use crate::agent::{AgentCallError, AgentClient};
-use crate::cache::Caches;
-use crate::finalizer::{self, Step};
-use crate::scheduler::{Assumed, Request, pick_node};
+use crate::Context;
+use crate::runtime::events::Recorder;
+use crate::runtime::finalizer::{self, Step};
+use crate::runtime::store::BY_PROJECT;
+use crate::runtime::{Action, Controller, ObjectKey, Reconciler, Store};
+use scheduler::{Assumed, Request, pick_node};
 
 /// Finalizer that holds a VM until its node has torn it down.
 pub const FINALIZER: &str = "nexus.dev/vm-teardown";
@@ -26,14 +35,8 @@ pub const FINALIZER: &str = "nexus.dev/vm-teardown";
 /// one the user pinned): such a VM is placed again if its node is deleted.
 pub const PLACED_BY: &str = "nexus.dev/placed-by";
 
-/// What to do with a key after a successful reconcile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Look again after this long even if nothing changes.
-    RequeueAfter(Duration),
-    /// Wait for the next change.
-    AwaitChange,
-}
+/// Index of the VM store: the node a VM is bound to (`""` when unbound).
+pub const BY_NODE: &str = "node";
 
 /// Failures that send the key back to the backoff queue.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +47,42 @@ pub enum ReconcileError {
     Agent(AgentCallError),
     #[error("node {0} has no agent address yet")]
     NodeWithoutAddress(String),
+    #[error("the VMM ended while the agent reported on it; asking again")]
+    VmmGone(u32),
+}
+
+/// The stores the VM controller reads.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub vms: Store<VmSpec>,
+    pub nodes: Store<NodeSpec>,
+    pub templates: Store<TemplateSpec>,
+    pub images: Store<ImageSpec>,
+}
+
+impl Stores {
+    /// Empty stores, filled by tests with `record_write`.
+    #[cfg(test)]
+    pub fn empty() -> Self {
+        use crate::runtime::store::store;
+        Stores { vms: store().1, nodes: store().1, templates: store().1, images: store().1 }
+    }
+
+    /// The stores from `ctx`'s reflectors, the VM store indexed by node.
+    pub fn from(ctx: &Context) -> Self {
+        let vms = ctx.reflectors.store::<VmSpec>();
+        vms.add_index(BY_NODE, |vm| vec![vm.spec.node_name.clone().unwrap_or_default()]);
+        Stores {
+            vms,
+            nodes: ctx.reflectors.store::<NodeSpec>(),
+            templates: ctx.reflectors.store::<TemplateSpec>(),
+            images: ctx.reflectors.store::<ImageSpec>(),
+        }
+    }
 }
 
 /// Settings and clients of the reconciler.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct VmReconciler {
     pub api: Client,
     pub agents: AgentClient,
@@ -55,14 +90,121 @@ pub struct VmReconciler {
     pub node_grace: chrono::Duration,
     /// How often a converged VM is checked again.
     pub recheck: Duration,
-    pub events: crate::events::Recorder,
-    /// What the reconciler reads; kept current by the runner's reflectors.
-    pub caches: Caches,
+    pub events: Recorder,
+    pub stores: Stores,
     /// Held while placing a VM: one placement at a time, each seeing the
-    /// ones before it, even those the cache does not show yet.
-    pub scheduling: std::sync::Arc<tokio::sync::Mutex<Assumed>>,
+    /// ones before it, even those the store does not show yet.
+    pub scheduling: tokio::sync::Mutex<Assumed>,
     /// Bounds the agent calls in flight to each node.
     pub per_node: PerNode,
+}
+
+/// The VM controller, built from `ctx`.
+pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
+    let stores = Stores::from(ctx);
+    let reconciler = VmReconciler {
+        api: ctx.api.clone(),
+        agents: ctx.agents.clone(),
+        node_grace: ctx.settings.node_grace,
+        recheck: ctx.settings.recheck,
+        events: ctx.events.clone(),
+        stores: stores.clone(),
+        scheduling: Default::default(),
+        per_node: PerNode::new(ctx.settings.per_node_concurrency),
+    };
+    let (vms, vms_t, vms_i) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
+    let node_map = node_mapper(vms, stores.nodes.clone(), ctx.settings.node_grace);
+    Controller::new("vm", stores.vms.clone(), reconciler)
+        .watches(stores.nodes.clone(), node_map)
+        .watches(stores.templates.clone(), move |t| unresolved_in(&vms_t, t.metadata.project.as_deref()))
+        .watches(stores.images.clone(), move |i| unresolved_in(&vms_i, i.metadata.project.as_deref()))
+        .workers(ctx.settings.workers)
+        .resync(ctx.settings.resync)
+}
+
+/// Maps node changes to the VMs that care. Heartbeats arrive every few
+/// seconds; only a node's first sighting, a readiness change or its
+/// deletion needs its VMs (and the unplaced ones) looked at, and a VMM that
+/// ended unasked needs its VM looked at now.
+fn node_mapper(
+    vms: Store<VmSpec>,
+    nodes: Store<NodeSpec>,
+    grace: chrono::Duration,
+) -> impl Fn(&Node) -> Vec<ObjectKey> + Send + Sync {
+    let seen: Mutex<HashMap<String, bool>> = Default::default();
+    let exits = Mutex::new(ExitsSeen::default());
+    let nodes_ready: Mutex<HashMap<String, bool>> = Default::default();
+    move |node: &Node| {
+        let mut keys = Vec::new();
+        let status = node.status_or_default();
+        let fresh = exits.lock().unwrap_or_else(|p| p.into_inner()).fresh(&status.vmm_exits);
+        if !fresh.is_empty() {
+            keys.extend(
+                vms.by_index(BY_NODE, node.name())
+                    .iter()
+                    .filter(|vm| fresh.contains(vm.uid()))
+                    .map(|v| ObjectKey::of(&**v)),
+            );
+        }
+        // The feed carries a deleted node's last state: the store says it is gone.
+        let gone = nodes.get_named("", node.name()).is_none();
+        let ready = !gone && status.is_ready(Utc::now(), grace);
+        {
+            let mut all = nodes_ready.lock().unwrap_or_else(|p| p.into_inner());
+            all.insert(node.name().to_string(), ready);
+            if gone {
+                all.remove(node.name());
+            }
+            metrics::gauge!("nexus_controller_ready_nodes").set(all.values().filter(|r| **r).count() as f64);
+        }
+        let changed = {
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            let before = if gone { seen.remove(node.name()) } else { seen.insert(node.name().to_string(), ready) };
+            gone || before != Some(ready)
+        };
+        if changed {
+            keys.extend(vms.by_index(BY_NODE, node.name()).iter().map(|v| ObjectKey::of(&**v)));
+            keys.extend(vms.by_index(BY_NODE, "").iter().map(|v| ObjectKey::of(&**v)));
+        }
+        keys
+    }
+}
+
+/// The VMs of `project` whose configuration is not resolved yet.
+fn unresolved_in(vms: &Store<VmSpec>, project: Option<&str>) -> Vec<ObjectKey> {
+    vms.by_index(BY_PROJECT, project.unwrap_or_default())
+        .iter()
+        .filter(|vm| {
+            !vm.status
+                .as_ref()
+                .and_then(|s| find_condition(&s.conditions, "Resolved"))
+                .is_some_and(|c| c.status == ConditionStatus::True)
+        })
+        .map(|v| ObjectKey::of(&**v))
+        .collect()
+}
+
+/// The VMM exit notices already acted on, by VM uid.
+#[derive(Debug, Default)]
+struct ExitsSeen {
+    last: HashMap<String, chrono::DateTime<Utc>>,
+}
+
+impl ExitsSeen {
+    /// The uids among `notices` not acted on yet; remembers them.
+    fn fresh(&mut self, notices: &[VmmExitNotice]) -> HashSet<String> {
+        let mut fresh = HashSet::new();
+        for n in notices {
+            if self.last.get(&n.uid).is_none_or(|at| *at < n.at) {
+                self.last.insert(n.uid.clone(), n.at);
+                fresh.insert(n.uid.clone());
+            }
+        }
+        // Agents keep a notice for a minute; keep ours a little longer.
+        let cutoff = Utc::now() - chrono::Duration::minutes(5);
+        self.last.retain(|_, at| *at > cutoff);
+        fresh
+    }
 }
 
 /// A semaphore per node: at most `limit` agent calls to one node at once,
@@ -70,7 +212,7 @@ pub struct VmReconciler {
 #[derive(Debug, Clone)]
 pub struct PerNode {
     limit: usize,
-    nodes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>>,
+    nodes: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
 }
 
 impl PerNode {
@@ -82,28 +224,24 @@ impl PerNode {
     pub async fn slot(&self, node: &str) -> tokio::sync::OwnedSemaphorePermit {
         let sem = {
             let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            nodes
-                .entry(node.to_string())
-                .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(self.limit)))
-                .clone()
+            nodes.entry(node.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limit))).clone()
         };
         sem.acquire_owned().await.expect("the semaphore is never closed")
     }
 }
 
-impl VmReconciler {
-    /// Reconciles VM `project/name` from its cached state.
-    pub async fn reconcile(&self, project: &str, name: &str) -> Result<Action, ReconcileError> {
-        let Some(cached) = self.caches.vms.get(project, name) else {
-            return Ok(Action::AwaitChange);
-        };
+impl Reconciler for VmReconciler {
+    type Spec = VmSpec;
+    type Error = ReconcileError;
+
+    async fn reconcile(&self, cached: Arc<Vm>) -> Result<Action, ReconcileError> {
         let mut vm: Vm = (*cached).clone();
         match finalizer::step(&vm, FINALIZER) {
             Step::Cleanup => return self.tear_down(vm).await,
             Step::Done => return Ok(Action::AwaitChange),
             Step::Add => {
                 vm = self.api.replace(&finalizer::with(&vm, FINALIZER)).await?;
-                self.caches.vms.upsert(vm.clone());
+                self.stores.vms.record_write(vm.clone());
             }
             Step::Apply => {}
         }
@@ -113,7 +251,7 @@ impl VmReconciler {
         let Some(node_name) = vm.spec.node_name.clone() else {
             return self.schedule(vm, &config).await;
         };
-        let Some(node) = self.caches.nodes.get("", &node_name) else {
+        let Some(node) = self.stores.nodes.get_named("", &node_name) else {
             return self.node_gone(vm, &node_name).await;
         };
         let node_status = node.status_or_default();
@@ -121,24 +259,51 @@ impl VmReconciler {
             self.write_waiting(&vm, "NodeNotReady", &format!("node {node_name} is not Ready")).await?;
             return Ok(Action::RequeueAfter(Duration::from_secs(2)));
         }
-        let status = vm.status_or_default();
-        let generation = vm.metadata.generation;
-        if matches!(status.phase, VmPhase::Failed | VmPhase::Succeeded) && status.observed_generation == generation {
+        let current = vm.status_or_default();
+        if matches!(current.phase, VmPhase::Failed | VmPhase::Succeeded)
+            && current.observed_generation == vm.metadata.generation
+        {
             // Finished, or failed for good: wait for the spec to change, no hot loop.
             return Ok(Action::AwaitChange);
         }
-        let desired = ensure_request(&vm, &config);
+        let desired = status::ensure_request(&vm, &config);
         let _slot = self.per_node.slot(&node_name).await;
         match self.agents.ensure(&node_status.address, &desired).await {
+            Ok(report) if !status::converging(&vm, &report) => {
+                // The VMM ended between the agent's work and its report: not
+                // a stop. Ask again (the agent applies the restart policy).
+                Err(ReconcileError::VmmGone(report.pid.unwrap_or_default()))
+            }
             Ok(report) => {
-                self.write_observed(&vm, &node_name, &report).await?;
+                let after = status::observed(&vm, &node_name, &report);
+                let event = status::transition_event(&vm, &current, &after, &node_name, &report);
+                self.write_status(&vm, after).await?;
+                if let Some((type_, reason, message)) = event {
+                    self.events.publish(&vm, type_, reason, &message).await;
+                }
                 Ok(Action::RequeueAfter(self.recheck))
             }
             Err(AgentCallError::Rejected(body)) => {
-                self.write_failed(&vm, &node_name, &body).await?;
+                tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
+                self.events.publish(&vm, EventType::Warning, "Failed", &status::refusal_message(&body)).await;
+                self.write_status(&vm, status::refused(&vm, &node_name, &body)).await?;
                 Ok(Action::AwaitChange)
             }
             Err(e) => Err(ReconcileError::Agent(e)),
+        }
+    }
+
+    fn error_policy(&self, _vm: &Vm, error: &ReconcileError, failures: u32) -> Duration {
+        Self::backoff(error, failures)
+    }
+}
+
+impl VmReconciler {
+    fn backoff(error: &ReconcileError, failures: u32) -> Duration {
+        match error {
+            // The agent restarts it on the next call: come back at once.
+            ReconcileError::VmmGone(_) if failures < 5 => Duration::from_millis(50),
+            _ => crate::runtime::queue::Backoff::default().delay(failures),
         }
     }
 
@@ -151,7 +316,7 @@ impl VmReconciler {
         if let Some(config) = status.config.as_ref().filter(|c| Some(c.generation) == vm.metadata.generation) {
             return Ok(Some(config.clone()));
         }
-        match crate::resolve::resolve(vm, &self.caches) {
+        match resolve::resolve(vm, &self.stores) {
             Ok(config) => {
                 let what = config.template.as_deref().map(|t| format!("from template {t}")).unwrap_or_default();
                 set_condition(
@@ -169,7 +334,7 @@ impl VmReconciler {
                 let message = why.to_string();
                 let was = find_condition(&status.conditions, "Resolved").map(|c| c.message.clone());
                 if was.as_deref() != Some(message.as_str()) {
-                    self.events.vm(vm, EventType::Warning, why.reason(), &message).await;
+                    self.events.publish(vm, EventType::Warning, why.reason(), &message).await;
                 }
                 set_condition(&mut status.conditions, "Resolved", ConditionStatus::False, why.reason(), &message);
                 let kept = status.config.clone();
@@ -185,11 +350,11 @@ impl VmReconciler {
     async fn schedule(&self, vm: Vm, config: &ResolvedConfig) -> Result<Action, ReconcileError> {
         let mut assumed = self.scheduling.lock().await;
         if assumed.node_of(&vm).is_some() {
-            // Placed a moment ago; the cache has not caught up yet.
+            // Placed a moment ago; the store has not caught up yet.
             return Ok(Action::RequeueAfter(Duration::from_millis(200)));
         }
-        let nodes = self.caches.nodes.list();
-        let placed = assumed.placements(&self.caches, vm.uid());
+        let nodes = self.stores.nodes.list();
+        let placed = assumed.placements(&self.stores, vm.uid());
         let request = Request { mem_mib: config.mem_mib, node_selector: &config.node_selector };
         match pick_node(request, &nodes, &placed, Utc::now(), self.node_grace) {
             Ok(node) => {
@@ -198,10 +363,10 @@ impl VmReconciler {
                 next.metadata.annotations.insert(PLACED_BY.into(), "scheduler".into());
                 let bound = self.api.replace(&next).await?;
                 assumed.assume(&bound);
-                self.caches.vms.upsert(bound.clone());
+                self.stores.vms.record_write(bound.clone());
                 drop(assumed);
                 tracing::info!(vm = %vm.name(), node = %node, "scheduled");
-                self.events.vm(&bound, EventType::Normal, "Scheduled", &format!("placed on node {node}")).await;
+                self.events.publish(&bound, EventType::Normal, "Scheduled", &format!("placed on node {node}")).await;
                 let mut status = vm.status_or_default();
                 status.phase = VmPhase::Scheduled;
                 status.node_name = Some(node.clone());
@@ -223,7 +388,7 @@ impl VmReconciler {
                     .and_then(|s| find_condition(&s.conditions, "Scheduled"))
                     .map(|c| c.message.clone());
                 if was.as_deref() != Some(why.0.as_str()) {
-                    self.events.vm(&vm, EventType::Warning, "Unschedulable", &why.0).await;
+                    self.events.publish(&vm, EventType::Warning, "Unschedulable", &why.0).await;
                 }
                 let mut status = vm.status_or_default();
                 status.phase = VmPhase::Pending;
@@ -252,10 +417,10 @@ impl VmReconciler {
         next.spec.node_name = None;
         next.metadata.annotations.remove(PLACED_BY);
         let unbound = self.api.replace(&next).await?;
-        self.caches.vms.upsert(unbound.clone());
+        self.stores.vms.record_write(unbound.clone());
         let message = format!("node {node} was deleted; placing the VM again (its disk there is lost)");
         tracing::warn!(vm = %vm.name(), node, "node deleted; rescheduling");
-        self.events.vm(&unbound, EventType::Warning, "Rescheduled", &message).await;
+        self.events.publish(&unbound, EventType::Warning, "Rescheduled", &message).await;
         let mut status = vm.status_or_default();
         status.phase = VmPhase::Pending;
         status.node_name = None;
@@ -269,7 +434,7 @@ impl VmReconciler {
     async fn tear_down(&self, vm: Vm) -> Result<Action, ReconcileError> {
         if let Some(node_name) = vm.spec.node_name.clone() {
             // A node without a Node object is gone for good; nothing of the VM can remain there.
-            if let Some(node) = self.caches.nodes.get("", &node_name) {
+            if let Some(node) = self.stores.nodes.get_named("", &node_name) {
                 let address = node.status_or_default().address;
                 if address.is_empty() {
                     return Err(ReconcileError::NodeWithoutAddress(node_name));
@@ -295,169 +460,25 @@ impl VmReconciler {
         Ok(Action::AwaitChange)
     }
 
-    async fn write_observed(&self, vm: &Vm, node: &str, report: &VmReport) -> Result<(), ReconcileError> {
-        let mut status = vm.status_or_default();
-        let (before, old_pid) = (status.phase, status.runtime.as_ref().and_then(|r| r.pid));
-        status.node_name = Some(node.to_string());
-        status.observed_generation = vm.metadata.generation;
-        status.last_error = None;
-        let clean_exit = report.exit.as_ref().is_some_and(|e| e.is_clean());
-        status.phase = match report.state {
-            ObservedState::Running => VmPhase::Running,
-            ObservedState::Paused => VmPhase::Paused,
-            ObservedState::Stopped | ObservedState::Absent => VmPhase::Stopped,
-            ObservedState::Exited if clean_exit => VmPhase::Succeeded,
-            ObservedState::Exited => VmPhase::Failed,
-        };
-        let exit_text = report.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
-        let policy = vm.spec.restart_policy;
-        if status.phase == VmPhase::Failed {
-            status.last_error = Some(VmError {
-                message: format!("the VMM {exit_text}; restartPolicy {policy:?} keeps it down"),
-                fault_message: None,
-                suggestion: Some(
-                    "read the VM's console log; set spec.state to Stopped, then Running, to start it again".into(),
-                ),
-            });
-        }
-        status.runtime = Some(VmRuntime {
-            pid: report.pid,
-            socket_path: report.socket_path.clone(),
-            tap_name: report.tap_name.clone(),
-            mac: report.mac.clone(),
-            ip: report.ip.clone(),
-            log_path: report.log_path.clone(),
-            console_path: report.console_path.clone(),
-            started_at: report.started_at,
-            boot_millis: report.boot_millis,
-            restarts: report.restarts,
-            exit: report.exit.clone(),
-        });
-        let ready = report.state == ObservedState::Running;
-        set_condition(
-            &mut status.conditions,
-            "Scheduled",
-            ConditionStatus::True,
-            "Scheduled",
-            &format!("placed on node {node}"),
-        );
-        let not_ready = if report.state == ObservedState::Exited {
-            format!("the VMM {exit_text}")
-        } else {
-            "the guest is not running".to_string()
-        };
-        set_condition(
-            &mut status.conditions,
-            "Ready",
-            if ready { ConditionStatus::True } else { ConditionStatus::False },
-            &format!("{:?}", report.state),
-            if ready { "the VMM is running the guest" } else { &not_ready },
-        );
-        let after = status.phase;
-        self.write_status(vm, status).await?;
-        let event = match (before, after) {
-            (b, VmPhase::Running) if b != VmPhase::Running => {
-                let pid = report.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
-                Some((EventType::Normal, "Started", format!("running on node {node}{pid}")))
-            }
-            (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.pid => {
-                let (old, new) = (old_pid.unwrap_or_default(), report.pid.unwrap_or_default());
-                let how = report.exit.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
-                Some((
-                    EventType::Normal,
-                    "Restarted",
-                    format!(
-                        "the VMM (pid {old}) ended{how}; started again as pid {new} (restart {}, restartPolicy {policy:?})",
-                        report.restarts
-                    ),
-                ))
-            }
-            (b, VmPhase::Paused) if b != VmPhase::Paused => {
-                Some((EventType::Normal, "Paused", "the guest's vCPUs are paused".to_string()))
-            }
-            (b, VmPhase::Stopped) if b != VmPhase::Stopped => {
-                Some((EventType::Normal, "Stopped", "the VMM is stopped; the disk is kept".to_string()))
-            }
-            (b, VmPhase::Succeeded) if b != VmPhase::Succeeded => Some((
-                EventType::Normal,
-                "Completed",
-                format!("the guest shut down (the VMM {exit_text}); restartPolicy {policy:?} keeps it down"),
-            )),
-            (b, VmPhase::Failed) if b != VmPhase::Failed => Some((
-                EventType::Warning,
-                "Failed",
-                format!("the VMM {exit_text}; restartPolicy {policy:?} keeps it down"),
-            )),
-            _ => None,
-        };
-        if let Some((type_, reason, message)) = event {
-            self.events.vm(vm, type_, reason, &message).await;
-        }
-        Ok(())
-    }
-
-    async fn write_failed(&self, vm: &Vm, node: &str, body: &nexus_api::ErrorBody) -> Result<(), ReconcileError> {
-        tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
-        let mut message = body.message.clone();
-        if let Some(f) = &body.fault_message {
-            message.push_str(&format!("; firecracker: {f}"));
-        }
-        if let Some(s) = &body.suggestion {
-            message.push_str(&format!("; {s}"));
-        }
-        self.events.vm(vm, EventType::Warning, "Failed", &message).await;
-        let mut status = vm.status_or_default();
-        status.node_name = Some(node.to_string());
-        status.observed_generation = vm.metadata.generation;
-        status.phase = VmPhase::Failed;
-        status.last_error = Some(VmError {
-            message: body.message.clone(),
-            fault_message: body.fault_message.clone(),
-            suggestion: body.suggestion.clone(),
-        });
-        set_condition(&mut status.conditions, "Ready", ConditionStatus::False, &body.error, &body.message);
-        self.write_status(vm, status).await
-    }
-
     async fn write_waiting(&self, vm: &Vm, reason: &str, message: &str) -> Result<(), ReconcileError> {
         let mut status = vm.status_or_default();
         set_condition(&mut status.conditions, "Ready", ConditionStatus::Unknown, reason, message);
         self.write_status(vm, status).await
     }
 
-    /// Writes `status` through the status endpoint unless the cache already
-    /// shows exactly it, and caches what the apiserver answered.
+    /// Writes `status` through the status endpoint unless the store already
+    /// shows exactly it, and records what the apiserver answered.
     async fn write_status(&self, vm: &Vm, status: VmStatus) -> Result<(), ReconcileError> {
         let project = vm.metadata.project.as_deref().unwrap_or_default();
-        let cached = self.caches.vms.get(project, vm.name());
+        let cached = self.stores.vms.get_named(project, vm.name());
         if cached.as_ref().and_then(|c| c.status.as_ref()) == Some(&status) {
             return Ok(());
         }
         let mut next = vm.clone();
         next.status = Some(status);
         let written = self.api.replace_status(&next).await?;
-        self.caches.vms.upsert(written);
+        self.stores.vms.record_write(written);
         Ok(())
-    }
-}
-
-/// The agent request realising `vm` with its resolved `config`.
-pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
-    let project = vm.metadata.project.as_deref().unwrap_or_default();
-    let network = config.network.as_ref();
-    EnsureVm {
-        uid: vm.uid().to_string(),
-        display_name: format!("{project}/{}", vm.name()),
-        state: vm.spec.state,
-        vcpu: config.vcpu,
-        mem_mib: config.mem_mib,
-        kernel_path: config.kernel_path.clone(),
-        rootfs_path: config.rootfs_path.clone(),
-        boot_args: config.boot_args.clone(),
-        mac: network.and_then(|n| n.mac.clone()).unwrap_or_else(|| mac_from_uid(vm.uid())),
-        ip: network.and_then(|n| n.ip.clone()),
-        restore: None,
-        restart_policy: vm.spec.restart_policy,
     }
 }
 
@@ -477,5 +498,16 @@ mod tests {
         let _b = tokio::time::timeout(Duration::from_millis(10), per.slot("b")).await.expect("node b is not held up");
         drop(a1);
         let _a3 = tokio::time::timeout(Duration::from_millis(10), per.slot("a")).await.expect("a slot freed");
+    }
+
+    #[test]
+    fn each_exit_notice_is_acted_on_once() {
+        let mut seen = ExitsSeen::default();
+        let at = Utc::now();
+        let a = VmmExitNotice { uid: "a".into(), at };
+        assert_eq!(seen.fresh(std::slice::from_ref(&a)), HashSet::from(["a".to_string()]));
+        assert!(seen.fresh(std::slice::from_ref(&a)).is_empty(), "a heartbeat repeats it");
+        let again = VmmExitNotice { uid: "a".into(), at: at + chrono::Duration::seconds(1) };
+        assert_eq!(seen.fresh(&[a, again]).len(), 1, "a later exit of the same VM is news");
     }
 }
