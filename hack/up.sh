@@ -13,17 +13,17 @@ need_build_tools
 
 cargo build --workspace --bins
 bin=${CARGO_TARGET_DIR:-target}/debug
-export PATH="$PWD/$bin:$PATH"
+case $bin in /*) ;; *) bin=$PWD/$bin ;; esac
+export PATH="$bin:$PATH"
 
 bash hack/down.sh >/dev/null 2>&1 || true
 mkdir -p "$state/log"
-[ -s "$state/agent-token" ] || (umask 077; head -c 32 /dev/urandom | base64 > "$state/agent-token")
 bash hack/images.sh
 
 if command -v firecracker >/dev/null 2>&1; then
     vmm=$(command -v firecracker)
 else
-    vmm=$PWD/$bin/firecracker-sim
+    vmm=$bin/firecracker-sim
     echo "no firecracker binary on PATH: using the simulator ($vmm)"
 fi
 
@@ -32,17 +32,33 @@ start() {
     nohup "$@" >>"$state/log/$name.log" 2>&1 &
     echo $! > "$state/$name.pid"
 }
-start apiserver nexus-apiserver --data-dir "$state/data"
+# Dev mode (--allow-raw-paths): the examples name kernels and disks by path.
+start apiserver nexus-apiserver --data-dir "$state/data" --allow-raw-paths
 for _ in $(seq 50); do nexusctl --server "$server" version >/dev/null 2>&1 && break; sleep 0.2; done
-start nodeagent nexus-nodeagent --apiserver "$server" --token-file "$state/agent-token" \
-    --run-dir "$state/run" --firecracker "$vmm"
-start controller nexus-controller --apiserver "$server" --agent-token-file "$state/agent-token"
+# The first start on an empty store wrote the cluster admin's token.
+for _ in $(seq 50); do [ -s "$state/data/admin.token" ] && break; sleep 0.2; done
+admin=$(cat "$state/data/admin.token")
+# nexusctl uses it from now on (context "local", file mode 0600).
+nexusctl config set-context local --server "$server" --token "$admin" --project default >/dev/null
+nexusctl config use-context local >/dev/null
+# Each component its own credential: the controller's token, and a
+# short-lived join token with which the agent gets its own.
+if [ ! -s "$state/controller.token" ]; then
+    (umask 077; nexusctl token create --subject system:controller --description controller -o token \
+        > "$state/controller.token")
+fi
+(umask 077; nexusctl token create --subject system:join --ttl 10m --description "hack/up.sh" -o token \
+    > "$state/join.token")
+start nodeagent nexus-nodeagent --apiserver "$server" --state-dir "$state/agent" \
+    --join-token-file "$state/join.token" --run-dir "$state/run" --firecracker "$vmm"
+start controller nexus-controller --apiserver "$server" --token-file "$state/controller.token"
 
-nexusctl --server "$server" apply -f examples/vm.yaml
+nexusctl apply -f examples/vm.yaml
 running=0
-nexusctl --server "$server" wait vm hello --for='jsonpath={.status.phase}=Running' --timeout 30 || running=$?
-nexusctl --server "$server" get vms -o wide
+nexusctl wait vm hello --for='jsonpath={.status.phase}=Running' --timeout 30 || running=$?
+nexusctl get vms -o wide
 [ "$running" -eq 0 ] || { echo "the example VM is not Running; see $state/log/*.log" >&2; exit 1; }
 echo
 echo "nexus is up: logs in $state/log, binaries in $bin (add it to PATH)."
+echo "nexusctl's context \"local\" holds the cluster admin's token ($state/data/admin.token)."
 echo "Try: $bin/nexusctl get vms; $bin/nexusctl delete vm hello; stop with hack/down.sh"

@@ -40,6 +40,13 @@ pub struct EnsureVm {
     /// Whether a VMM that ended on its own is started again.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// The kernel's expected sha256 (from its Image), checked before use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_sha256: Option<String>,
+    /// The root filesystem's expected sha256 (from its Image), checked
+    /// before use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_sha256: Option<String>,
 }
 
 /// A snapshot on the same node to start a VM from.

@@ -17,6 +17,10 @@ pub enum AgentCallError {
     /// The agent failed or could not be reached; worth retrying.
     #[error("the node agent at {url} is unavailable: {message}")]
     Unavailable { url: String, message: String },
+    /// The agent did not accept the credential (it rotated it, or the
+    /// caller holds a stale one): fetch it again and retry.
+    #[error("the node agent at {url} refused the credential")]
+    Unauthorized { url: String },
 }
 
 impl AgentCallError {
@@ -24,85 +28,102 @@ impl AgentCallError {
     pub fn body(&self) -> Option<&ErrorBody> {
         match self {
             AgentCallError::Rejected(b) => Some(b),
-            AgentCallError::Unavailable { .. } => None,
+            AgentCallError::Unavailable { .. } | AgentCallError::Unauthorized { .. } => None,
         }
     }
 }
 
-/// Calls node agents with a bearer credential.
+/// One node agent: where it listens and the credential it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    /// Base URL (`http://10.0.0.5:7444`).
+    pub base: String,
+    /// That agent's own credential.
+    pub credential: String,
+}
+
+/// Calls node agents, each with its own credential.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
-    token: String,
+}
+
+impl Default for AgentClient {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl AgentClient {
-    /// A client presenting `token` to every agent it calls.
-    pub fn new(token: String) -> Self {
+    pub fn new() -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
             .build()
             .expect("a TLS-less reqwest client always builds");
-        Self { http, token }
+        Self { http }
     }
 
     /// Asks the agent at `base` to bring the VM to `req.state`.
-    pub async fn ensure(&self, base: &str, req: &EnsureVm) -> Result<VmReport, AgentCallError> {
-        let url = format!("{base}/v1/vms/{}", req.uid);
-        self.call(self.http.put(&url).json(req), &url).await
+    pub async fn ensure(&self, to: &AgentEndpoint, req: &EnsureVm) -> Result<VmReport, AgentCallError> {
+        let url = format!("{}/v1/vms/{}", to.base, req.uid);
+        self.call(to, self.http.put(&url).json(req), &url).await
     }
 
     /// What the agent at `base` observes of VM `uid`.
-    pub async fn report(&self, base: &str, uid: &str) -> Result<VmReport, AgentCallError> {
-        let url = format!("{base}/v1/vms/{uid}");
-        self.call(self.http.get(&url), &url).await
+    pub async fn report(&self, to: &AgentEndpoint, uid: &str) -> Result<VmReport, AgentCallError> {
+        let url = format!("{}/v1/vms/{uid}", to.base);
+        self.call(to, self.http.get(&url), &url).await
     }
 
     /// Asks the agent at `base` to remove every trace of VM `uid`.
-    pub async fn remove(&self, base: &str, uid: &str) -> Result<VmReport, AgentCallError> {
-        let url = format!("{base}/v1/vms/{uid}");
-        self.call(self.http.delete(&url), &url).await
+    pub async fn remove(&self, to: &AgentEndpoint, uid: &str) -> Result<VmReport, AgentCallError> {
+        let url = format!("{}/v1/vms/{uid}", to.base);
+        self.call(to, self.http.delete(&url), &url).await
     }
 
     /// Takes snapshot `name` of VM `uid` on the agent at `base`.
     pub async fn snapshot(
         &self,
-        base: &str,
+        to: &AgentEndpoint,
         uid: &str,
         name: &str,
         req: &SnapshotRequest,
     ) -> Result<SnapshotReport, AgentCallError> {
-        let url = format!("{base}/v1/vms/{uid}/snapshots/{name}");
-        self.call(self.http.put(&url).json(req), &url).await
+        let url = format!("{}/v1/vms/{uid}/snapshots/{name}", to.base);
+        self.call(to, self.http.put(&url).json(req), &url).await
     }
 
     /// What the agent at `base` finds on its host.
-    pub async fn inventory(&self, base: &str) -> Result<Inventory, AgentCallError> {
-        let url = format!("{base}/v1/inventory");
-        self.call(self.http.get(&url), &url).await
+    pub async fn inventory(&self, to: &AgentEndpoint) -> Result<Inventory, AgentCallError> {
+        let url = format!("{}/v1/inventory", to.base);
+        self.call(to, self.http.get(&url), &url).await
     }
 
     /// What the node at `base` offers and how it runs VMs.
-    pub async fn capacity(&self, base: &str) -> Result<CapacityReport, AgentCallError> {
-        let url = format!("{base}/v1/capacity");
-        self.call(self.http.get(&url), &url).await
+    pub async fn capacity(&self, to: &AgentEndpoint) -> Result<CapacityReport, AgentCallError> {
+        let url = format!("{}/v1/capacity", to.base);
+        self.call(to, self.http.get(&url), &url).await
     }
 
     /// Asks the agent at `base` to remove unclaimed things; returns what went.
-    pub async fn collect(&self, base: &str, req: &Collect) -> Result<CollectReport, AgentCallError> {
-        let url = format!("{base}/v1/gc");
-        self.call(self.http.post(&url).json(req), &url).await
+    pub async fn collect(&self, to: &AgentEndpoint, req: &Collect) -> Result<CollectReport, AgentCallError> {
+        let url = format!("{}/v1/gc", to.base);
+        self.call(to, self.http.post(&url).json(req), &url).await
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
+        to: &AgentEndpoint,
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<T, AgentCallError> {
         let unavailable = |message: String| AgentCallError::Unavailable { url: url.to_string(), message };
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| unavailable(e.to_string()))?;
+        let resp = req.bearer_auth(&to.credential).send().await.map_err(|e| unavailable(e.to_string()))?;
         let status = resp.status();
+        if status.as_u16() == 401 {
+            return Err(AgentCallError::Unauthorized { url: url.to_string() });
+        }
         let bytes = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
@@ -115,9 +136,8 @@ impl AgentClient {
             suggestion: None,
             request_id: String::new(),
         });
-        // 401 means our credential is wrong: a retry may succeed once it is
-        // fixed; 429 asks to come back later.
-        if status.is_client_error() && ![401, 429].contains(&status.as_u16()) {
+        // 429 asks to come back later.
+        if status.is_client_error() && status.as_u16() != 429 {
             Err(AgentCallError::Rejected(body))
         } else {
             Err(unavailable(body.to_string()))

@@ -88,11 +88,12 @@ pub enum Event<T> {
     Bookmark(String),
 }
 
-/// Client for one apiserver.
+/// Client for one apiserver. Clones share the token, so a token rotated
+/// through one ([`Client::set_token`]) is used by all from then on.
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
-    token: Option<String>,
+    token: std::sync::Arc<std::sync::RwLock<Option<String>>>,
     http: reqwest::Client,
 }
 
@@ -103,7 +104,28 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("a TLS-less reqwest client always builds");
-        Self { base: base.trim_end_matches('/').to_string(), token, http }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: std::sync::Arc::new(std::sync::RwLock::new(token)),
+            http,
+        }
+    }
+
+    /// A client of the same server and token (shared: a rotation reaches
+    /// both) with connections of its own, for use on another runtime.
+    pub fn with_fresh_connections(&self) -> Client {
+        let fresh = Client::new(&self.base, None);
+        Client { token: self.token.clone(), ..fresh }
+    }
+
+    /// Presents `token` from now on (in every clone of this client).
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// The token presented, if any.
+    pub fn token(&self) -> Option<String> {
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The server this client talks to.
@@ -131,7 +153,7 @@ impl Client {
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
+        match self.token() {
             Some(t) => req.bearer_auth(t),
             None => req,
         }
@@ -203,6 +225,81 @@ impl Client {
             req = req.json(b);
         }
         self.send(req).await
+    }
+
+    /// Who the token stands for and what it holds.
+    pub async fn whoami(&self) -> Result<crate::auth::WhoAmI, ClientError> {
+        self.send(self.request(reqwest::Method::GET, "/v1/whoami")).await
+    }
+
+    /// Issues a token (the secret is in the answer, and nowhere else).
+    pub async fn create_token(&self, req: &crate::auth::TokenRequest) -> Result<crate::auth::IssuedToken, ClientError> {
+        self.send(self.request(reqwest::Method::POST, "/v1/tokens").json(req)).await
+    }
+
+    /// The tokens the caller may see (of `subject` only, when given).
+    pub async fn list_tokens(&self, subject: Option<&str>) -> Result<crate::auth::TokenList, ClientError> {
+        let mut req = self.request(reqwest::Method::GET, "/v1/tokens");
+        if let Some(s) = subject {
+            req = req.query(&[("subject", s)]);
+        }
+        self.send(req).await
+    }
+
+    /// Revokes token `id`.
+    pub async fn revoke_token(&self, id: &str) -> Result<crate::auth::TokenInfo, ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"))).await
+    }
+
+    /// Issues a successor of token `id`; the old one works for the grace.
+    pub async fn rotate_token(
+        &self,
+        id: &str,
+        req: &crate::auth::RotateRequest,
+    ) -> Result<crate::auth::IssuedToken, ClientError> {
+        self.send(self.request(reqwest::Method::POST, &format!("/v1/tokens/{id}/rotate")).json(req)).await
+    }
+
+    /// Joins node `name` (with a join token): its own token comes back.
+    pub async fn join(&self, name: &str) -> Result<crate::auth::IssuedToken, ClientError> {
+        self.send(self.request(reqwest::Method::POST, &format!("/v1/nodes/{name}/join"))).await
+    }
+
+    /// Node `name`'s agent credential (controller and cluster admins).
+    pub async fn node_credential(&self, name: &str) -> Result<crate::auth::NodeCredential, ClientError> {
+        self.send(self.request(reqwest::Method::GET, &format!("/v1/nodes/{name}/credential"))).await
+    }
+
+    /// Sets node `name`'s agent credential (the node itself).
+    pub async fn set_node_credential(&self, name: &str, cred: &crate::auth::NodeCredential) -> Result<(), ClientError> {
+        let req = self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}/credential")).json(cred);
+        let resp = req.timeout(Duration::from_secs(30)).send().await.map_err(|e| self.transport(e))?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        decode::<serde_json::Value>(resp).await.map(|_| ())
+    }
+
+    /// Audit records matching `query` (`(name, value)` pairs: project,
+    /// kind, name, actor, result, since, until, limit, continue).
+    pub async fn audit(&self, query: &[(&str, String)]) -> Result<crate::auth::AuditList, ClientError> {
+        self.send(self.request(reqwest::Method::GET, "/v1/audit").query(query)).await
+    }
+
+    /// Streams the body of `GET path` (a watch, a log) as it arrives.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>> + Send + use<>, ClientError> {
+        let resp = self.request(reqwest::Method::GET, path).send().await.map_err(|e| self.transport(e))?;
+        if !resp.status().is_success() {
+            return Err(decode::<serde_json::Value>(resp)
+                .await
+                .err()
+                .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
+        }
+        let url = self.base.clone();
+        Ok(resp.bytes_stream().map_err(move |source| ClientError::Transport { url: url.clone(), source }))
     }
 
     /// Server version information (`GET /version`).

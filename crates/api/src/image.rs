@@ -48,6 +48,10 @@ pub enum ImagePhase {
 pub struct ImageStatus {
     #[serde(default)]
     pub phase: ImagePhase,
+    /// The `metadata.generation` this status is about: an Image edited
+    /// since it was found Invalid is trusted again until checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

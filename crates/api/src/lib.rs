@@ -5,12 +5,14 @@
 //! and what `nexusctl` prints, shared by all of them.
 
 pub mod agent;
+pub mod auth;
 pub mod error;
 pub mod event;
 pub mod image;
 pub mod lease;
 pub mod meta;
 pub mod node;
+pub mod rbac;
 pub mod registry;
 pub mod schema;
 pub mod snapshot;
@@ -30,6 +32,7 @@ pub use image::{Image, ImageSpec};
 pub use lease::{Lease, LeaseSpec};
 pub use meta::{Condition, ConditionStatus, ListMeta, Object, ObjectList, ObjectMeta, ResourceSpec};
 pub use node::{Node, NodeSpec, NodeStatus};
+pub use rbac::{ClusterRoleBinding, ClusterRoleBindingSpec, RoleBinding, RoleBindingSpec};
 pub use snapshot::{Snapshot, SnapshotSpec};
 pub use template::{Template, TemplateSpec};
 pub use vm::{PowerState, Vm, VmPhase, VmSpec, VmStatus};
@@ -45,6 +48,13 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
     ("/version", "GET: server version"),
     ("/metrics", "GET: Prometheus metrics"),
     ("/openapi.json", "GET: OpenAPI 3.1, generated from the types and the served kinds"),
+    ("/v1/whoami", "GET: the caller's subject and roles"),
+    ("/v1/tokens", "GET: list tokens; POST: create one (the secret is shown once)"),
+    ("/v1/tokens/{id}", "GET: one token; DELETE: revoke it"),
+    ("/v1/tokens/{id}/rotate", "POST: a successor token; the old one works for a grace period"),
+    ("/v1/nodes/{name}/join", "POST (join token): register a node and get its credential"),
+    ("/v1/nodes/{name}/credential", "GET (controller): the node agent's API credential; PUT (the node): set it"),
+    ("/v1/audit", "GET: audit records (project, kind, name, actor, since, until, result, limit, continue)"),
 ];
 
 /// Project used when a command or request names none.

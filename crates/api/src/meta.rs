@@ -35,6 +35,12 @@ pub trait ResourceSpec:
     /// The columns of `nexusctl get`.
     const COLUMNS: &'static [crate::registry::Column] = &[crate::registry::NAME, crate::registry::AGE];
 
+    /// The raw host paths the spec names, as (field, path): allowed only in
+    /// the apiserver's dev mode, to admins. Default: none.
+    fn host_paths(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// Checks the spec's values, adding one error per bad field (paths start
     /// at `spec.`). The default accepts everything serde accepted.
     fn validate(&self, errors: &mut crate::validation::FieldErrors) {

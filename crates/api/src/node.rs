@@ -50,6 +50,12 @@ pub struct NodeStatus {
     pub last_heartbeat_time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Directories under which the agent opens kernels and disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_roots: Vec<String>,
+    /// How the agent makes VM disks: `reflink` (constant time) or `copy`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub disk_clone: String,
     /// VMM processes that ended unasked in the last minute, oldest first.
     /// The agent beats at once when one ends, so the controller looks at
     /// that VM within moments instead of at its next recheck.

@@ -153,6 +153,8 @@ pub fn visit_kinds(visitor: &mut impl KindVisitor) {
     visitor.visit::<crate::NodeSpec>();
     visitor.visit::<crate::EventSpec>();
     visitor.visit::<crate::LeaseSpec>();
+    visitor.visit::<crate::RoleBindingSpec>();
+    visitor.visit::<crate::ClusterRoleBindingSpec>();
 }
 
 static KINDS: LazyLock<Vec<KindInfo>> = LazyLock::new(|| {

@@ -59,6 +59,14 @@ impl ResourceSpec for TemplateSpec {
         AGE,
     ];
 
+    fn host_paths(&self) -> Vec<(&'static str, String)> {
+        [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs)]
+            .into_iter()
+            .filter(|(_, v)| v.starts_with('/'))
+            .map(|(f, v)| (f, v.clone()))
+            .collect()
+    }
+
     fn validate(&self, errors: &mut FieldErrors) {
         validate_machine(errors, Some(self.vcpu), Some(self.mem_mib), Some(&self.kernel), Some(&self.rootfs));
         if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {

@@ -218,6 +218,19 @@ pub struct ResolvedConfig {
     pub kernel_path: String,
     /// Host path of the root filesystem image.
     pub rootfs_path: String,
+    /// The kernel's Image and its generation (`name@generation`), when
+    /// the kernel was named by an Image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_image: Option<String>,
+    /// The root filesystem's Image and its generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_image: Option<String>,
+    /// The sha256 the kernel's Image names, checked by the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_sha256: Option<String>,
+    /// The sha256 the root filesystem's Image names, checked by the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_sha256: Option<String>,
     pub boot_args: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -292,6 +305,13 @@ impl ResourceSpec for VmSpec {
         Column::new("MAC", &["status.runtime.mac"], Format::Text).wide(),
         Column::new("PID", &["status.runtime.pid"], Format::Text).wide(),
     ];
+
+    fn host_paths(&self) -> Vec<(&'static str, String)> {
+        [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs)]
+            .into_iter()
+            .filter_map(|(f, v)| v.as_ref().filter(|v| v.starts_with('/')).map(|v| (f, v.clone())))
+            .collect()
+    }
 
     fn validate(&self, errors: &mut FieldErrors) {
         if let Some(template) = &self.template {

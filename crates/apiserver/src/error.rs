@@ -30,6 +30,12 @@ pub enum ApiError {
     Corrupt(#[from] serde_json::Error),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("not authenticated: {0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(#[from] nexus_api::rbac::Denied),
+    #[error("{message}")]
+    Refused { message: String, suggestion: String },
 }
 
 fn in_project(project: &str) -> String {
@@ -44,6 +50,8 @@ impl ApiError {
             ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) | ApiError::Refused { .. } => StatusCode::FORBIDDEN,
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -57,6 +65,8 @@ impl ApiError {
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Malformed { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Unauthorized(_) => "Unauthorized",
+            ApiError::Forbidden(_) | ApiError::Refused { .. } => "Forbidden",
             ApiError::Gone { .. } => "Expired",
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => "InternalError",
         }
@@ -75,6 +85,17 @@ impl ApiError {
             }
             ApiError::Gone { .. } => Some("list again and watch from the list's resourceVersion".into()),
             ApiError::Invalid { errors, .. } => errors.0.first().map(|e| format!("{}: {}", e.field, e.expected)),
+            ApiError::Unauthorized(_) => Some(
+                "create a token with `nexusctl token create` (an admin's token is written to the apiserver's data \
+                 directory on first start) and pass it with --token or a context"
+                    .into(),
+            ),
+            ApiError::Forbidden(d) => Some(format!(
+                "ask an admin of the project for a RoleBinding that allows {} on {}",
+                d.verb.as_str(),
+                d.what
+            )),
+            ApiError::Refused { suggestion, .. } => Some(suggestion.clone()),
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => {
                 Some("retry; if it persists, check the apiserver's log for this requestId".into())
             }
@@ -100,6 +121,12 @@ impl IntoResponse for ApiError {
         if self.status_code().is_server_error() {
             tracing::error!(error = ?self, "request failed");
         }
-        (self.status_code(), axum::Json(self.body())).into_response()
+        let mut resp = (self.status_code(), axum::Json(self.body())).into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        resp.extensions_mut().insert(crate::audit::AuditMessage(self.to_string()));
+        resp
     }
 }

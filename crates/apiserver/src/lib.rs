@@ -1,6 +1,9 @@
 //! The nexus apiserver: versioned resources in SQLite, a REST API with
 //! Kubernetes semantics, and watch streams.
 
+pub mod access;
+pub mod audit;
+pub mod auth;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
@@ -32,6 +35,32 @@ pub struct AppState {
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Issues and checks API tokens.
+    pub tokens: std::sync::Arc<auth::tokens::Tokens>,
+    /// Who holds which role.
+    pub bindings: std::sync::Arc<auth::bindings::Bindings>,
+    /// Bounds the audit records of refused anonymous requests.
+    pub anonymous_budget: std::sync::Arc<audit::AnonymousBudget>,
+    /// Dev mode: admins may name raw host paths as kernels and disks.
+    pub allow_raw_paths: bool,
+}
+
+impl AppState {
+    /// State serving `store`, with authentication on and dev mode off.
+    pub fn new(store: Store, shutting_down: tokio::sync::watch::Receiver<bool>) -> Self {
+        let bindings = std::sync::Arc::new(auth::bindings::Bindings::default());
+        bindings.follow(&store);
+        AppState {
+            store,
+            bookmark_interval: watch::DEFAULT_BOOKMARK_INTERVAL,
+            shutting_down,
+            metrics: None,
+            tokens: Default::default(),
+            bindings,
+            anonymous_budget: Default::default(),
+            allow_raw_paths: false,
+        }
+    }
 }
 
 /// The routes of one kind, under its project-scoped or cluster-wide paths.
@@ -70,6 +99,7 @@ fn all_kind_routes() -> Router<AppState> {
 /// The full HTTP application.
 pub fn app(state: AppState) -> Router {
     all_kind_routes()
+        .merge(access::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))
@@ -77,6 +107,9 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(fallback)
         .route_layer(axum::middleware::from_fn(metrics::layer))
+        // Outermost first: request ids, then audit, then authentication.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit::layer))
         .layer(axum::middleware::from_fn(request_id::layer))
         .with_state(state)
 }

@@ -27,6 +27,14 @@ struct Args {
     /// Seconds between BOOKMARK events on idle watches.
     #[arg(long, default_value_t = 10)]
     bookmark_interval_secs: u64,
+    /// Dev mode: admins may name raw host paths as a VM's or Template's
+    /// kernel and rootfs (otherwise only Images may).
+    #[arg(long, env = "NEXUS_ALLOW_RAW_PATHS")]
+    allow_raw_paths: bool,
+    /// Where the first start on an empty store writes the admin's token
+    /// (default: `admin.token` in the data directory).
+    #[arg(long, env = "NEXUS_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -49,12 +57,22 @@ async fn main() -> anyhow::Result<()> {
     let store = store.with_retained_changes(args.retained_changes);
     let metrics = nexus_apiserver::metrics::install().context("installing the metrics recorder")?;
     let (shutdown_tx, shutting_down) = tokio::sync::watch::channel(false);
-    let state = AppState {
-        store,
-        bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)),
-        shutting_down,
-        metrics: Some(metrics),
-    };
+    let mut state = AppState::new(store, shutting_down);
+    state.bookmark_interval = Duration::from_secs(args.bookmark_interval_secs.max(1));
+    state.metrics = Some(metrics);
+    state.allow_raw_paths = args.allow_raw_paths;
+    let token_file = args.bootstrap_token_file.clone().unwrap_or_else(|| args.data_dir.join("admin.token"));
+    match nexus_apiserver::access::bootstrap(&state, &token_file).await {
+        Ok(Some(path)) => tracing::info!(
+            token_file = %path.display(),
+            "first start: wrote a cluster-admin token (user:admin) to the token file; keep it safe"
+        ),
+        Ok(None) => {}
+        Err(e) => anyhow::bail!("bootstrapping the first admin failed: {e}"),
+    }
+    if args.allow_raw_paths {
+        tracing::warn!("dev mode: admins may name raw host paths as kernels and disks (--allow-raw-paths)");
+    }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, %database, "apiserver ready");

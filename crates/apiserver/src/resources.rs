@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -15,10 +15,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::request_id;
+use crate::request_id::RequestIds;
 use crate::selector::Selector;
-use crate::store::{AuditInfo, Write};
+use crate::store::{AuditInfo, Mutation, Write};
 use crate::watch;
 
 /// Query parameters accepted on collection and object endpoints.
@@ -102,9 +103,74 @@ fn not_found<S: ResourceSpec>(t: &Target) -> ApiError {
     }
 }
 
-fn audit(verb: &'static str) -> AuditInfo {
-    // Until authentication lands every caller is anonymous.
-    AuditInfo { request_id: request_id::current(), actor: "anonymous".into(), verb }
+/// The audit facts of a change made for `caller`.
+fn audit(caller: &Caller, ids: &RequestIds, verb: &'static str, status_code: u16) -> AuditInfo {
+    AuditInfo {
+        request_id: ids.id.clone(),
+        correlation_id: ids.correlation.clone(),
+        actor: caller.subject.to_string(),
+        token_id: caller.token_id.clone(),
+        verb,
+        status_code,
+    }
+}
+
+/// The answer to a mutation: its object, marked as audited when its change
+/// committed (with its record), after the binding cache learned of it.
+fn answer<S: ResourceSpec>(state: &AppState, status: StatusCode, m: Mutation) -> Response {
+    if m.committed && crate::auth::bindings::is_binding(S::KIND) {
+        state.bindings.invalidate();
+    }
+    let mut resp = (status, Json(m.object)).into_response();
+    if m.committed {
+        resp.extensions_mut().insert(crate::audit::Recorded);
+    }
+    resp
+}
+
+/// Refuses raw host paths in the spec unless the server runs in dev mode
+/// and the caller administers the project. Only paths the request brings
+/// count: those `current` (the stored object) already has may stay, so the
+/// system's own updates of such an object pass.
+async fn check_host_paths<S: ResourceSpec>(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+    obj: &Object<S>,
+    current: Option<&Object<S>>,
+) -> Result<(), ApiError> {
+    let kept = current.map(|c| c.spec.host_paths()).unwrap_or_default();
+    let paths: Vec<(&'static str, String)> = obj.spec.host_paths().into_iter().filter(|p| !kept.contains(p)).collect();
+    let Some((field, path)) = paths.first() else { return Ok(()) };
+    if state.allow_raw_paths && caller.holds(project, nexus_api::rbac::Role::Admin) {
+        return Ok(());
+    }
+    let roots = image_roots(state).await;
+    let why = if state.allow_raw_paths {
+        "raw host paths need the admin role in the project"
+    } else {
+        "raw host paths are a dev-mode feature (apiserver --allow-raw-paths), off on this server"
+    };
+    Err(ApiError::Refused {
+        message: format!("{field} names the host path {path}: {why}"),
+        suggestion: format!(
+            "create an Image whose path lies under a node's image root ({}) and name it in {field}",
+            if roots.is_empty() { "the nodes report none yet".to_string() } else { roots.join(", ") }
+        ),
+    })
+}
+
+/// The image roots the nodes report.
+async fn image_roots(state: &AppState) -> Vec<String> {
+    let Ok((nodes, _)) = state.store.list("Node", None).await else { return Vec::new() };
+    let mut roots: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| n["status"]["imageRoots"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_str().map(str::to_string))
+        .collect();
+    roots.sort();
+    roots.dedup();
+    roots
 }
 
 /// Parses and validates a request body as an object of kind `S`.
@@ -148,12 +214,15 @@ fn check_version<S: ResourceSpec>(sent: &Object<S>, current: &Object<S>) -> Resu
 /// `POST` on a collection.
 pub async fn create<S: ResourceSpec>(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
     let mut obj = parse_object::<S>(&body)?;
+    check_host_paths(&state, &caller, &t.project, &obj, None).await?;
     if S::NAMESPACED {
         match &obj.metadata.project {
             Some(p) if *p != t.project => {
@@ -184,7 +253,7 @@ pub async fn create<S: ResourceSpec>(
     let (project, key) = (t.project.clone(), name.clone());
     let stored = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit("create"), move |current, rv| {
+        .mutate(S::KIND, &t.project, &name, &audit(&caller, &ids, "create", 201), move |current, rv| {
             if current.is_some() {
                 return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project, name: key });
             }
@@ -192,7 +261,7 @@ pub async fn create<S: ResourceSpec>(
             Ok(Write::Put(to_value(&obj)?))
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(stored)).into_response())
+    Ok(answer::<S>(&state, StatusCode::CREATED, stored))
 }
 
 /// `GET` on an object.
@@ -211,17 +280,25 @@ pub async fn get<S: ResourceSpec>(
 /// `GET` on a collection: a list, or a watch stream with `watch=true`.
 pub async fn list<S: ResourceSpec>(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
 ) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
     let project = (S::NAMESPACED && !t.project.is_empty()).then_some(t.project.clone());
+    // Across projects (and Events, which are about objects in projects),
+    // a caller sees the projects it may read.
+    let visible = if (S::NAMESPACED && project.is_none()) || S::KIND == nexus_api::EventSpec::KIND {
+        caller.readable_projects()
+    } else {
+        None
+    };
     let labels = Selector::labels(params.label_selector.as_deref().unwrap_or(""))?;
     let fields = Selector::fields(
         params.field_selector.as_deref().unwrap_or(""),
         &nexus_api::registry::KindInfo::of::<S>().field_selectors,
     )?;
-    let filter = watch::Filter { kind: S::KIND.to_string(), project, labels, fields };
+    let filter = watch::Filter { kind: S::KIND.to_string(), project, labels, fields, visible };
     if params.watch.unwrap_or(false) {
         if params.continue_token.is_some() || params.limit.is_some() {
             return Err(ApiError::BadRequest(
@@ -281,23 +358,32 @@ pub async fn list<S: ResourceSpec>(
 
 /// Parses a sent object and applies `merge(current, sent)` to the stored
 /// one under optimistic concurrency: the shared body of both `PUT`s.
+#[allow(clippy::too_many_arguments)]
 async fn update<S: ResourceSpec>(
     state: &AppState,
+    caller: &Caller,
+    ids: &RequestIds,
     path: &HashMap<String, String>,
     params: &Params,
     body: &Bytes,
     verb: &'static str,
     merge: impl FnOnce(&mut Object<S>, &Object<S>) + Send + 'static,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let t = target::<S>(path)?;
     let sent = parse_object::<S>(body)?;
     let name = t.name.clone().unwrap_or_default();
     check_url_name::<S>(&sent, &name)?;
+    if verb == "update" {
+        // Checked against what is stored now; the write below fails with a
+        // conflict if the object changes in between (its version is sent).
+        let current = state.store.get(S::KIND, &t.project, &name).await?.map(from_value::<S>).transpose()?;
+        check_host_paths(state, caller, &t.project, &sent, current.as_ref()).await?;
+    }
     let dry_run = params.dry_run()?;
     let (project, missing) = (t.project.clone(), not_found::<S>(&t));
     let result = state
         .store
-        .mutate(S::KIND, &project, &name, &audit(verb), move |current, rv| {
+        .mutate(S::KIND, &project, &name, &audit(caller, ids, verb, 200), move |current, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
             let mut next = current.clone();
@@ -305,17 +391,19 @@ async fn update<S: ResourceSpec>(
             finish_write(current, next, rv, dry_run)
         })
         .await?;
-    Ok(Json(result))
+    Ok(answer::<S>(state, StatusCode::OK, result))
 }
 
 /// `PUT` on an object: replaces metadata and spec; status is kept as stored.
 pub async fn replace<S: ResourceSpec>(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    update::<S>(&state, &path, &params, &body, "update", |next, sent| {
+) -> Result<Response, ApiError> {
+    update::<S>(&state, &caller, &ids, &path, &params, &body, "update", |next, sent| {
         if next.spec != sent.spec {
             next.spec = sent.spec.clone();
             next.metadata.generation = Some(next.metadata.generation.unwrap_or(0) + 1);
@@ -331,11 +419,16 @@ pub async fn replace<S: ResourceSpec>(
 /// `PUT` on `.../status`: replaces status only.
 pub async fn replace_status<S: ResourceSpec>(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    update::<S>(&state, &path, &params, &body, "update-status", |next, sent| next.status = sent.status.clone()).await
+) -> Result<Response, ApiError> {
+    update::<S>(&state, &caller, &ids, &path, &params, &body, "update-status", |next, sent| {
+        next.status = sent.status.clone()
+    })
+    .await
 }
 
 /// `DELETE` on an object: removes it at once when it has no finalizers,
@@ -343,16 +436,18 @@ pub async fn replace_status<S: ResourceSpec>(
 /// the finalizers.
 pub async fn delete<S: ResourceSpec>(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
     let name = t.name.clone().unwrap_or_default();
     let dry_run = params.dry_run()?;
     let missing = not_found::<S>(&t);
     let result = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit("delete"), move |current, rv| {
+        .mutate(S::KIND, &t.project, &name, &audit(&caller, &ids, "delete", 200), move |current, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             let mut next = current.clone();
             if next.metadata.deletion_timestamp.is_none() {
@@ -366,7 +461,7 @@ pub async fn delete<S: ResourceSpec>(
             finish_write(current, next, rv, dry_run)
         })
         .await?;
-    Ok(Json(result))
+    Ok(answer::<S>(&state, StatusCode::OK, result))
 }
 
 fn check_url_name<S: ResourceSpec>(sent: &Object<S>, name: &str) -> Result<(), ApiError> {

@@ -22,6 +22,9 @@ pub struct Filter {
     pub project: Option<String>,
     pub labels: Selector,
     pub fields: Selector,
+    /// The projects the caller may read, when not all: objects of other
+    /// projects (Events about them) are left out.
+    pub visible: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Filter {
@@ -31,7 +34,16 @@ impl Filter {
             Some(p) => obj["metadata"]["project"].as_str() == Some(p.as_str()),
             None => true,
         };
-        project_ok && self.labels.matches_object_labels(obj) && self.fields.matches_fields(obj)
+        let visible = match &self.visible {
+            None => true,
+            Some(projects) => {
+                // An Event's project is its object's; node events have none.
+                let project =
+                    obj["metadata"]["project"].as_str().or_else(|| obj["spec"]["involvedObject"]["project"].as_str());
+                project.is_none_or(|p| projects.contains(p))
+            }
+        };
+        project_ok && visible && self.labels.matches_object_labels(obj) && self.fields.matches_fields(obj)
     }
 
     fn wants(&self, change: &Change) -> bool {

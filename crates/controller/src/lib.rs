@@ -5,6 +5,7 @@
 //! built on it, exposing `controller(&Context)`. Adding a controller is a
 //! new module and one line in `main.rs`.
 
+pub mod agents;
 pub mod gc;
 pub mod node_lifecycle;
 pub mod runtime;
@@ -12,7 +13,6 @@ pub mod vm;
 
 use std::time::Duration;
 
-use nexus_api::agent_client::AgentClient;
 use nexus_api::client::Client;
 
 use runtime::Reflectors;
@@ -55,15 +55,22 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct Context {
     pub api: Client,
-    pub agents: AgentClient,
+    /// Node agents, each called with its own credential.
+    pub agents: std::sync::Arc<agents::Agents>,
     pub events: Recorder,
     pub reflectors: Reflectors,
     pub settings: Settings,
 }
 
 impl Context {
-    /// A context talking to `api` and calling agents with `agents`.
-    pub fn new(api: Client, agents: AgentClient, settings: Settings) -> Self {
-        Context { events: Recorder::new(api.clone()), reflectors: Reflectors::new(api.clone()), api, agents, settings }
+    /// A context talking to `api` (whose token is the controller's).
+    pub fn new(api: Client, settings: Settings) -> Self {
+        Context {
+            events: Recorder::new(api.clone()),
+            reflectors: Reflectors::new(api.clone()),
+            agents: std::sync::Arc::new(agents::Agents::new(api.clone())),
+            api,
+            settings,
+        }
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use nexus_api::LeaseSpec;
-use nexus_api::agent_client::AgentClient;
 use nexus_controller::runtime::Manager;
 use nexus_controller::runtime::leader::Elector;
 use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
@@ -18,9 +17,10 @@ struct Args {
     /// URL of the apiserver.
     #[arg(long, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
     apiserver: String,
-    /// File holding the node agents' credential.
-    #[arg(long, env = "NEXUS_AGENT_TOKEN_FILE")]
-    agent_token_file: PathBuf,
+    /// File holding the controller's API token (subject system:controller:
+    /// `nexusctl token create --subject system:controller`).
+    #[arg(long, env = "NEXUS_TOKEN_FILE")]
+    token_file: PathBuf,
     /// VMs reconciled at once.
     #[arg(long, default_value_t = 16)]
     workers: usize,
@@ -63,11 +63,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let token = std::fs::read_to_string(&args.agent_token_file)
-        .with_context(|| format!("reading the agent credential from {}", args.agent_token_file.display()))?
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the controller's token from {}", args.token_file.display()))?
         .trim()
         .to_string();
-    let api = nexus_api::client::Client::new(&args.apiserver, None);
+    let api = nexus_api::client::Client::new(&args.apiserver, Some(token));
     let settings = Settings {
         workers: args.workers.max(1),
         per_node_concurrency: args.per_node_concurrency.max(1),
@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         gc_interval: Duration::from_secs(args.gc_interval_secs.max(1)),
         gc_grace: Duration::from_secs(args.gc_grace_secs),
     };
-    let ctx = Context::new(api.clone(), AgentClient::new(token), settings);
+    let ctx = Context::new(api.clone(), settings);
     serve_metrics(args.metrics_listen).await?;
 
     let elector = (!args.no_leader_election).then(|| {

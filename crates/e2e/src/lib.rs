@@ -61,6 +61,32 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Waits for the admin token an apiserver writes on its first start.
+pub async fn wait_admin_token(path: &Path) -> String {
+    let what = format!("the bootstrap token in {}", path.display());
+    wait_until(Duration::from_secs(20), &what, || async {
+        std::fs::read_to_string(path).is_ok_and(|t| !t.trim().is_empty())
+    })
+    .await;
+    std::fs::read_to_string(path).expect("the token file").trim().to_string()
+}
+
+/// Issues a token for `subject` with an admin client.
+pub async fn issue_token(admin: &Client, subject: &str) -> String {
+    let req = nexus_api::auth::TokenRequest { subject: Some(subject.into()), ..Default::default() };
+    admin.create_token(&req).await.unwrap_or_else(|e| panic!("issuing a token for {subject}: {e}")).token
+}
+
+/// Writes the components' credentials into `dir`: `join.token` (nodes join
+/// with it) and `controller.token`. Returns their paths.
+pub async fn component_tokens(admin: &Client, dir: &Path) -> (PathBuf, PathBuf) {
+    let join = dir.join("join.token");
+    let controller = dir.join("controller.token");
+    std::fs::write(&join, issue_token(admin, "system:join").await).expect("join.token");
+    std::fs::write(&controller, issue_token(admin, "system:controller").await).expect("controller.token");
+    (join, controller)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
@@ -156,13 +182,13 @@ pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env:
 
 /// Starts a controller tuned for tests: rechecks every 2 s, a node is lost
 /// after 4 s without heartbeats, a 3 s leader lease, garbage collection every
-/// second with a 3 s grace.
+/// second with a 3 s grace. `token` is a file holding a system:controller token.
 pub fn spawn_controller(server: &str, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
     let token = token.display().to_string();
     let args = [
         "--apiserver",
         server,
-        "--agent-token-file",
+        "--token-file",
         &token,
         "--recheck-secs",
         "2",
@@ -204,6 +230,8 @@ pub struct Cluster {
     pub apiserver: Proc,
     pub agent: Proc,
     pub controller: Proc,
+    /// A cluster-admin token (the bootstrap admin's).
+    pub admin_token: String,
     agent_args: Vec<String>,
     apiserver_args: Vec<String>,
 }
@@ -231,22 +259,22 @@ impl Cluster {
     /// the node is registered and Ready.
     pub async fn start(dir: &Path, node: &str) -> Cluster {
         std::fs::create_dir_all(dir).expect("cluster dir");
-        let token = dir.join("agent-token");
-        std::fs::write(&token, "e2e-test-credential-0123456789").expect("token");
         let run_dir = dir.join("run");
         let data = dir.join("data");
         let server = format!("http://{APISERVER_ADDR}");
         let s = |p: &Path| p.display().to_string();
         let apiserver_args: Vec<String> =
-            ["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2"]
+            ["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2", "--allow-raw-paths"]
                 .iter()
                 .map(|a| a.to_string())
                 .collect();
         let argv: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
         let apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &dir.join("apiserver.log"));
-        let client = Client::new(&server, None);
+        let admin_token = wait_admin_token(&data.join("admin.token")).await;
+        let client = Client::new(&server, Some(admin_token.clone()));
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
             .await;
+        let (join, controller_token) = component_tokens(&client, dir).await;
         let agent_args: Vec<String> = [
             "--apiserver",
             &server,
@@ -254,8 +282,10 @@ impl Cluster {
             node,
             "--listen",
             AGENT_ADDR,
-            "--token-file",
-            &s(&token),
+            "--state-dir",
+            &s(&dir.join("agent-state")),
+            "--join-token-file",
+            &s(&join),
             "--run-dir",
             &s(&run_dir),
             "--firecracker",
@@ -270,17 +300,27 @@ impl Cluster {
         .collect();
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
-        let controller = spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
+        let controller = spawn_controller(&server, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
         // Registered, heartbeating, and seen Ready by the controller (its
         // cache trails the apiserver): a VM applied now is placed at once.
         wait_controller_sees_ready_nodes("127.0.0.1:7445", 1).await;
-        Cluster { dir: dir.to_path_buf(), run_dir, server, apiserver, agent, controller, agent_args, apiserver_args }
+        Cluster {
+            dir: dir.to_path_buf(),
+            run_dir,
+            server,
+            apiserver,
+            agent,
+            controller,
+            admin_token,
+            agent_args,
+            apiserver_args,
+        }
     }
 
     /// Starts another controller (a standby while the first leads), serving
     /// its metrics on `metrics_listen`.
     pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
-        spawn_controller(&self.server, &self.dir.join("agent-token"), metrics_listen, &self.dir.join(log))
+        spawn_controller(&self.server, &self.dir.join("controller.token"), metrics_listen, &self.dir.join(log))
     }
 
     /// Starts the apiserver again (after it was killed or stopped) on the
@@ -301,13 +341,14 @@ impl Cluster {
         self.agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &self.dir.join("agent.log"));
     }
 
+    /// A client with the cluster admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.server, None)
+        Client::new(&self.server, Some(self.admin_token.clone()))
     }
 
-    /// Runs `nexusctl` against this cluster; returns (success, stdout, stderr).
+    /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
     pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
-        nexusctl(&self.server, args)
+        nexusctl(&self.server, &self.admin_token, args)
     }
 
     /// Stops all three processes (controller first).
@@ -327,9 +368,16 @@ impl Cluster {
     }
 }
 
-/// Runs `nexusctl --server <server> <args>`; returns (success, stdout, stderr).
-pub fn nexusctl(server: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("nexusctl")).args(["--server", server]).args(args).output().expect("running nexusctl");
+/// Runs `nexusctl --server <server> <args>` with `token`; returns (success,
+/// stdout, stderr).
+pub fn nexusctl(server: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("nexusctl"))
+        .args(["--server", server])
+        .args(args)
+        .env("NEXUS_TOKEN", token)
+        .env_remove("NEXUS_CONTEXT")
+        .output()
+        .expect("running nexusctl");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -412,6 +460,9 @@ pub struct ApiServer {
     pub url: String,
     pub proc: Proc,
     pub log: PathBuf,
+    /// The bootstrap admin's token, when this server made it (the first
+    /// on an empty store).
+    pub admin_token: Option<String>,
 }
 
 impl ApiServer {
@@ -419,7 +470,14 @@ impl ApiServer {
     pub async fn start(backend: &Backend, log_dir: &Path, extra: &[&str]) -> ApiServer {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut args: Vec<String> = vec!["--listen".into(), listen.clone()];
+        let token_file = log_dir.join(format!("admin-{port}.token"));
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            listen.clone(),
+            "--bootstrap-token-file".into(),
+            token_file.display().to_string(),
+            "--allow-raw-paths".into(),
+        ];
         match backend {
             Backend::Sqlite(dir) => args.extend(["--data-dir".into(), dir.display().to_string()]),
             Backend::Postgres(url) => args.extend(["--database-url".into(), url.clone()]),
@@ -436,10 +494,18 @@ impl ApiServer {
             async move { http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) }
         })
         .await;
-        ApiServer { url, proc, log }
+        let admin_token = std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string());
+        ApiServer { url, proc, log, admin_token }
     }
 
+    /// A client with the bootstrap admin's token (none if this server did
+    /// not make it: use [`ApiServer::client_with`]).
     pub fn client(&self) -> Client {
-        Client::new(&self.url, None)
+        Client::new(&self.url, self.admin_token.clone())
+    }
+
+    /// A client presenting `token`.
+    pub fn client_with(&self, token: &str) -> Client {
+        Client::new(&self.url, Some(token.to_string()))
     }
 }

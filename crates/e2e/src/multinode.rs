@@ -63,6 +63,8 @@ pub struct MultiNode {
     pub controller: Proc,
     pub agents: Vec<Proc>,
     pub nodes: Vec<NodeNs>,
+    /// A cluster-admin token (the bootstrap admin's).
+    pub admin_token: String,
     agent_args: Vec<Vec<String>>,
 }
 
@@ -78,18 +80,18 @@ impl MultiNode {
     /// Starts everything; each agent accepts at most `max_vms`.
     pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {
         std::fs::create_dir_all(dir).expect("dir");
-        let token = dir.join("agent-token");
-        std::fs::write(&token, "e2e-test-credential-0123456789").expect("token");
         let s = |p: &Path| p.display().to_string();
         let apiserver = spawn(
             "apiserver",
             &bin("nexus-apiserver"),
-            &["--listen", "0.0.0.0:7443", "--data-dir", &s(&dir.join("data"))],
+            &["--listen", "0.0.0.0:7443", "--data-dir", &s(&dir.join("data")), "--allow-raw-paths"],
             &dir.join("apiserver.log"),
         );
         let server = "http://127.0.0.1:7443".to_string();
-        let client = Client::new(&server, None);
+        let admin_token = crate::wait_admin_token(&dir.join("data").join("admin.token")).await;
+        let client = Client::new(&server, Some(admin_token.clone()));
         wait_until(Duration::from_secs(10), "the apiserver", || async { client.version().await.is_ok() }).await;
+        let (join, controller_token) = crate::component_tokens(&client, dir).await;
         static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let fleet_id = FLEETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut nodes = Vec::new();
@@ -119,8 +121,10 @@ impl MultiNode {
                 &ns.node,
                 "--listen",
                 &format!("10.99.{i}.2:7444"),
-                "--token-file",
-                &s(&token),
+                "--state-dir",
+                &s(&dir.join(format!("agent-state-{i}"))),
+                "--join-token-file",
+                &s(&join),
                 "--run-dir",
                 &s(&dir.join(format!("run-{i}"))),
                 "--firecracker",
@@ -142,14 +146,21 @@ impl MultiNode {
             agent_args.push(args);
             nodes.push(ns);
         }
-        let controller = crate::spawn_controller(&server, &token, "127.0.0.1:7445", &dir.join("controller.log"));
+        let controller =
+            crate::spawn_controller(&server, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
         // Every node registered and seen Ready by the controller.
         crate::wait_controller_sees_ready_nodes("127.0.0.1:7445", nodes.len()).await;
-        MultiNode { dir: dir.to_path_buf(), server, apiserver, controller, agents, nodes, agent_args }
+        MultiNode { dir: dir.to_path_buf(), server, apiserver, controller, agents, nodes, admin_token, agent_args }
     }
 
+    /// A client with the cluster admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.server, None)
+        Client::new(&self.server, Some(self.admin_token.clone()))
+    }
+
+    /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
+    pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
+        crate::nexusctl(&self.server, &self.admin_token, args)
     }
 
     /// Runs the apiserver again on the same data (after it was killed).
@@ -158,7 +169,7 @@ impl MultiNode {
         self.apiserver = spawn(
             "apiserver",
             &bin("nexus-apiserver"),
-            &["--listen", "0.0.0.0:7443", "--data-dir", &data],
+            &["--listen", "0.0.0.0:7443", "--data-dir", &data, "--allow-raw-paths"],
             &self.dir.join("apiserver.log"),
         );
     }
@@ -167,7 +178,7 @@ impl MultiNode {
     pub fn restart_controller(&mut self) {
         self.controller = crate::spawn_controller(
             &self.server,
-            &self.dir.join("agent-token"),
+            &self.dir.join("controller.token"),
             "127.0.0.1:7445",
             &self.dir.join("controller.log"),
         );

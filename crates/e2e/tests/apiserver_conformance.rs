@@ -17,16 +17,18 @@ use serde_json::{Value, json};
 struct Http {
     base: String,
     http: reqwest::Client,
+    token: String,
 }
 
 impl Http {
-    fn new(base: &str) -> Self {
-        Http { base: base.to_string(), http: reqwest::Client::new() }
+    /// Raw access presenting `token` (a cluster admin's).
+    fn new(base: &str, token: &str) -> Self {
+        Http { base: base.to_string(), http: reqwest::Client::new(), token: token.to_string() }
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -412,10 +414,10 @@ async fn operations_endpoints(h: &Http) {
     assert_error_contract(&e, 422);
 }
 
-async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path) {
+async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path, admin: &str) {
     let server = ApiServer::start(backend, dir, &["--retained-changes", "10"]).await;
-    let h = Http::new(&server.url);
-    let c = server.client();
+    let h = Http::new(&server.url, admin);
+    let c = server.client_with(admin);
     let first =
         c.list::<VmSpec>(Some("gone"), &ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     for i in 0..30 {
@@ -435,7 +437,7 @@ async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path) {
 
 async fn conformance(backend: Backend, dir: &std::path::Path) {
     let server = ApiServer::start(&backend, dir, &["--bookmark-interval-secs", "1"]).await;
-    let h = Http::new(&server.url);
+    let h = Http::new(&server.url, server.admin_token.as_deref().unwrap());
     let c = server.client();
     crud_and_validation(&h).await;
     concurrency_generation_and_status(&h).await;
@@ -444,8 +446,9 @@ async fn conformance(backend: Backend, dir: &std::path::Path) {
     watch_resume_and_bookmarks(&h, &c).await;
     every_kind_round_trips(&h).await;
     operations_endpoints(&h).await;
+    let admin = server.admin_token.clone().unwrap();
     drop(server);
-    compacted_versions_get_410(&backend, dir).await;
+    compacted_versions_get_410(&backend, dir, &admin).await;
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -34,7 +34,8 @@ fn two_apiservers_on_one_postgres_share_watches_in_one_order() {
         let backend = Backend::Postgres(url);
         let a = ApiServer::start(&backend, dir.path(), &[]).await;
         let b = ApiServer::start(&backend, dir.path(), &[]).await;
-        let (ca, cb) = (a.client(), b.client());
+        let admin = a.admin_token.clone().expect("the first apiserver bootstraps the admin");
+        let (ca, cb) = (a.client(), b.client_with(&admin));
         let start = cb.list::<VmSpec>(Some("dur"), &ListParams::default()).await.unwrap().metadata.resource_version;
         let on_b = cb.watch::<VmSpec>(Some("dur"), &ListParams::default(), start.as_deref()).await.unwrap();
         let on_a = ca.watch::<VmSpec>(Some("dur"), &ListParams::default(), start.as_deref()).await.unwrap();
@@ -130,9 +131,10 @@ async fn acknowledged_writes_survive_sigkill(backend: Backend, dir: &std::path::
         w.await.unwrap();
     }
     let acked: Vec<String> = acked.lock().unwrap().clone();
+    let admin = server.admin_token.clone().expect("the bootstrap admin's token");
     let restarted = ApiServer::start(&backend, dir, &[]).await;
     let stored: BTreeSet<String> = restarted
-        .client()
+        .client_with(&admin)
         .list::<VmSpec>(Some("dur"), &ListParams::default())
         .await
         .unwrap()

@@ -25,8 +25,8 @@ fn vms_yaml(names: &[String]) -> String {
         .join("---\n")
 }
 
-fn nexusctl(server: &str, args: &[&str]) -> String {
-    let (ok, out, err) = nexus_e2e::nexusctl(server, args);
+fn nexusctl(fleet: &MultiNode, args: &[&str]) -> String {
+    let (ok, out, err) = fleet.nexusctl(args);
     assert!(ok, "nexusctl {args:?}: {err}");
     out
 }
@@ -49,7 +49,7 @@ async fn running_count(fleet: &MultiNode) -> usize {
 }
 
 async fn delete_all_and_check_nothing_left(fleet: &mut MultiNode) {
-    nexusctl(&fleet.server, &["delete", "vm", "-l", "fleet=yes", "--wait", "--timeout", "120"]);
+    nexusctl(fleet, &["delete", "vm", "-l", "fleet=yes", "--wait", "--timeout", "120"]);
     let leftovers = (fleet.vmms(), fleet.taps(), fleet.run_dirs());
     println!(
         "after deleting every VM: {} VMM processes, {} TAPs, {} run directories",
@@ -69,7 +69,7 @@ fn fifty_vms_spread_over_three_agents_within_capacity_and_the_overflow_waits_wit
         let file = dir.path().join("fleet.yaml");
         std::fs::write(&file, vms_yaml(&names)).unwrap();
         let started = Instant::now();
-        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &file.display().to_string()]);
         wait_until(Duration::from_secs(180), "50 VMs Running", || async { running_count(&fleet).await == 50 }).await;
         println!("50 VMs from apply to Running on 3 agents in {} ms", started.elapsed().as_millis());
 
@@ -88,11 +88,11 @@ fn fifty_vms_spread_over_three_agents_within_capacity_and_the_overflow_waits_wit
         // 51 places in all: one more fits, the next waits with the reason.
         let extra = dir.path().join("extra.yaml");
         std::fs::write(&extra, vms_yaml(&["ci-50".to_string()])).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &extra.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &extra.display().to_string()]);
         wait_until(Duration::from_secs(60), "the 51st VM Running", || async { running_count(&fleet).await == 51 })
             .await;
         std::fs::write(&extra, vms_yaml(&["ci-51".to_string()])).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &extra.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &extra.display().to_string()]);
         let client = fleet.client();
         wait_until(Duration::from_secs(30), "the 52nd VM to be Unschedulable", || async {
             client.get::<VmSpec>("default", "ci-51").await.is_ok_and(|v| {
@@ -118,7 +118,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         let first: Vec<String> = (0..12).map(|i| format!("churn-{i:02}")).collect();
         let file = dir.path().join("a.yaml");
         std::fs::write(&file, vms_yaml(&first)).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &file.display().to_string()]);
         wait_until(Duration::from_secs(120), "12 VMs Running", || async { running_count(&fleet).await == 12 }).await;
         let mut report = Vec::new();
 
@@ -126,7 +126,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         let more: Vec<String> = (12..18).map(|i| format!("churn-{i:02}")).collect();
         let file_b = dir.path().join("b.yaml");
         std::fs::write(&file_b, vms_yaml(&more)).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &file_b.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &file_b.display().to_string()]);
         fleet.apiserver.kill();
         tokio::time::sleep(Duration::from_millis(500)).await;
         fleet.restart_apiserver();
@@ -153,7 +153,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         // standby takes the lease and carries on.
         let mut standby = nexus_e2e::spawn_controller(
             &fleet.server,
-            &dir.path().join("agent-token"),
+            &dir.path().join("controller.token"),
             "127.0.0.1:7446",
             &dir.path().join("controller-2.log"),
         );
@@ -164,7 +164,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         let leader = holder().await.unwrap();
         let churned = dir.path().join("c.yaml");
         std::fs::write(&churned, vms_yaml(&["churn-18".to_string()])).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &churned.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &churned.display().to_string()]);
         if leader.ends_with(&format!("-{}", fleet.controller.pid())) {
             fleet.controller.kill()
         } else {
@@ -220,7 +220,7 @@ fn vms_of_a_deleted_node_are_placed_again_and_what_they_left_there_is_collected(
         let file = dir.path().join("vms.yaml");
         let pinned = vms_yaml(&["pinned".to_string()]).replace("spec:\n", "spec:\n  nodeName: node-1\n");
         std::fs::write(&file, format!("{}---\n{pinned}", vms_yaml(&names))).unwrap();
-        nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()]);
+        nexusctl(&fleet, &["apply", "-f", &file.display().to_string()]);
         wait_until(Duration::from_secs(60), "5 VMs Running", || async { running_count(&fleet).await == 5 }).await;
         let on_node_1: Vec<nexus_api::Vm> = client
             .list::<VmSpec>(Some("default"), &ListParams::default())
@@ -235,7 +235,7 @@ fn vms_of_a_deleted_node_are_placed_again_and_what_they_left_there_is_collected(
 
         // node-1's agent dies and an operator deletes the Node for good.
         fleet.agents[0].kill();
-        nexusctl(&fleet.server, &["delete", "node", "node-1"]);
+        nexusctl(&fleet, &["delete", "node", "node-1"]);
         let deleted = Instant::now();
         wait_until(Duration::from_secs(30), "the placed VMs to run on node-2", || async {
             let mut all = true;

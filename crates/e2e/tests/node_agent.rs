@@ -12,13 +12,14 @@ use nexus_api::agent::{EnsureVm, Inventory, ObservedState, VmReport};
 use nexus_e2e::{Proc, bin, ensure_example_images, host, in_private_netns, wait_until};
 use serde_json::Value;
 
-const TOKEN: &str = "node-agent-test-credential-42";
 const ADDR: &str = "127.0.0.1:7444";
 
 struct Agent {
     proc: Proc,
     dir: PathBuf,
     http: reqwest::Client,
+    /// The agent's own credential, which it made in its state directory.
+    token: String,
 }
 
 impl Agent {
@@ -27,22 +28,26 @@ impl Agent {
     }
 
     async fn start_with(dir: &Path, env: &[(&str, &str)], extra: &[&str]) -> Agent {
-        std::fs::write(dir.join("token"), TOKEN).unwrap();
         let s = |p: PathBuf| p.display().to_string();
+        // No apiserver answers at 127.0.0.1:9: the agent serves its API all
+        // the same, with the credential it keeps in its state directory.
         let mut args: Vec<String> = ["--apiserver", "http://127.0.0.1:9", "--node-name", "n1", "--listen", ADDR]
             .iter()
             .map(|a| a.to_string())
             .collect();
-        args.extend(["--token-file".into(), s(dir.join("token")), "--run-dir".into(), s(dir.join("run"))]);
+        args.extend(["--state-dir".into(), s(dir.join("state")), "--run-dir".into(), s(dir.join("run"))]);
         args.extend(["--firecracker".into(), s(bin("firecracker-sim"))]);
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // The environment reaches the agent and the VMMs it starts.
         let proc = nexus_e2e::spawn_env("nodeagent", &bin("nexus-nodeagent"), &args, &dir.join("agent.log"), env);
         let http = reqwest::Client::new();
-        let agent = Agent { proc, dir: dir.to_path_buf(), http };
+        let cred = dir.join("state/agent.credential");
+        wait_until(Duration::from_secs(10), "the agent's credential", || async { cred.exists() }).await;
+        let token = std::fs::read_to_string(&cred).unwrap().trim().to_string();
+        let agent = Agent { proc, dir: dir.to_path_buf(), http, token };
         wait_until(Duration::from_secs(10), "the agent to answer", || async {
-            agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth(TOKEN).send().await.is_ok()
+            agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth(&agent.token).send().await.is_ok()
         })
         .await;
         agent
@@ -54,7 +59,7 @@ impl Agent {
 
     async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.http.request(m, format!("http://{ADDR}{path}")).bearer_auth(TOKEN);
+        let mut req = self.http.request(m, format!("http://{ADDR}{path}")).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -69,7 +74,8 @@ impl Agent {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut stream = tokio::net::TcpStream::connect(ADDR).await.unwrap();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {ADDR}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {ADDR}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.token,
             body.len()
         );
         stream.write_all(head.as_bytes()).await.unwrap();
@@ -121,6 +127,8 @@ fn request(uid: &str) -> EnsureVm {
         ip: None,
         restore: None,
         restart_policy: Default::default(),
+        kernel_sha256: None,
+        rootfs_sha256: None,
     }
 }
 
@@ -188,8 +196,8 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         let teardown = std::process::Command::new(bin("nexus-nodeagent"))
             .args([
                 "--teardown-network",
-                "--token-file",
-                &s(dir.path().join("token")),
+                "--state-dir",
+                &s(dir.path().join("state")),
                 "--run-dir",
                 &s(dir.path().join("run")),
             ])
@@ -238,7 +246,7 @@ fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
         let mut agent = Agent::start(dir.path(), &[("FIRECRACKER_SIM_STARTUP_DELAY_MS", "1500")]).await;
         let body = serde_json::to_value(request(UID)).unwrap();
         let url = format!("http://{ADDR}/v1/vms/{UID}");
-        let call = tokio::spawn(agent.http.put(&url).bearer_auth(TOKEN).json(&body).send());
+        let call = tokio::spawn(agent.http.put(&url).bearer_auth(&agent.token).json(&body).send());
         wait_until(Duration::from_secs(5), "the VMM to be launched", || async {
             !host::vmm_processes_under(&agent.run_dir()).is_empty()
         })
@@ -326,7 +334,7 @@ fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
         let resp = agent
             .http
             .get(format!("http://{ADDR}/v1/vms/{UID}/logs?file=console&tail=1&follow=true"))
-            .bearer_auth(TOKEN)
+            .bearer_auth(&agent.token)
             .send()
             .await
             .unwrap();
@@ -363,7 +371,7 @@ fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
         assert!(seen.starts_with("GET /version HTTP/1.1\r\n"), "{seen}");
         assert!(seen.to_lowercase().contains("host: localhost\r\n"), "{seen}");
         assert!(
-            !seen.contains(ADDR) && !seen.contains(TOKEN) && !seen.to_lowercase().contains("authorization"),
+            !seen.contains(ADDR) && !seen.contains(&agent.token) && !seen.to_lowercase().contains("authorization"),
             "{seen}"
         );
 

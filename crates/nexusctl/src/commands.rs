@@ -135,9 +135,8 @@ async fn watch_rows(ctx: &Context, kind: &KindInfo, o: &GetOptions<'_>, rv: Opti
     if let Some(rv) = rv {
         path.push_str(&format!("&resourceVersion={rv}"));
     }
-    let url = format!("{}{path}", ctx.client.base());
-    let resp = reqwest::get(&url).await.map_err(|e| Failure::error(format!("watching {url}: {e}")))?;
-    let mut body = resp.bytes_stream();
+    let body = ctx.client.get_stream(&path).await.map_err(|e| Failure::api(&e))?;
+    let mut body = std::pin::pin!(body);
     let mut buf = Vec::new();
     while let Some(chunk) = body.next().await {
         buf.extend_from_slice(&chunk.map_err(|e| Failure::error(format!("watch ended: {e}")))?);

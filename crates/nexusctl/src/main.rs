@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 error, 2 usage.
 
+mod access;
 mod apply;
 mod commands;
 mod config;
@@ -123,6 +124,33 @@ enum Command {
     /// Manage contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Create, list, revoke and rotate API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show the audit log: every change and every refusal, with who and when.
+    Audit {
+        /// Only records about this kind (vm, template, ...).
+        kind: Option<String>,
+        /// Only records about this object.
+        name: Option<String>,
+        /// Only records of this actor (user:alice).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only allowed, denied or failed requests.
+        #[arg(long, value_parser = ["allowed", "denied", "failed"])]
+        result: Option<String>,
+        /// Only records since this time (RFC 3339) or this long ago (1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Across all projects (cluster admins).
+        #[arg(short = 'A', long)]
+        all_projects: bool,
+        /// table, json, yaml or csv.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml", "csv"])]
+        output: String,
+    },
+    /// Show who the token stands for and its roles.
+    Whoami,
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -140,6 +168,45 @@ struct PowerArgs {
     /// Act on every VM matching this label selector.
     #[arg(short = 'l', long)]
     selector: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token (shown once): for yourself, a service account of a
+    /// project you administer (sa:PROJECT:NAME), or, as a cluster admin,
+    /// anyone (user:NAME, system:controller, system:join).
+    Create {
+        /// Who the token stands for; default: you.
+        #[arg(long)]
+        subject: Option<String>,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Lifetime, such as 12h or 30d; default: until revoked (join tokens: 1h).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// `token` prints only the token (for scripts), `json` everything.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "token", "json"])]
+        output: String,
+    },
+    /// List the tokens you may see (never their secrets).
+    List {
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        output: String,
+    },
+    /// Revoke a token: it stops working within a second, on every apiserver.
+    Revoke { id: String },
+    /// Replace a token: the new one is shown once; the old one works for the grace period.
+    Rotate {
+        id: String,
+        /// How long the old token keeps working (default 5m).
+        #[arg(long)]
+        grace: Option<String>,
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "token", "json"])]
+        output: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +348,27 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Pause(a) => commands::power(&ctx, "Paused", "paused", &power_selection(a)?).await,
         Command::Resume(a) => commands::power(&ctx, "Running", "resumed", &power_selection(a)?).await,
         Command::Version => commands::version(&ctx).await,
+        Command::Whoami => access::whoami(&ctx).await,
+        Command::Token(t) => match t {
+            TokenCommand::Create { subject, description, ttl, output } => {
+                access::create(&ctx, subject.as_deref(), description, ttl.as_deref(), output).await
+            }
+            TokenCommand::List { subject, output } => access::list(&ctx, subject.as_deref(), output).await,
+            TokenCommand::Revoke { id } => access::revoke(&ctx, id).await,
+            TokenCommand::Rotate { id, grace, output } => access::rotate(&ctx, id, grace.as_deref(), output).await,
+        },
+        Command::Audit { kind, name, actor, result, since, all_projects, output } => {
+            let o = access::AuditOptions {
+                kind: kind.as_deref(),
+                name: name.as_deref(),
+                actor: actor.as_deref(),
+                result: result.as_deref(),
+                since: since.as_deref(),
+                all_projects: *all_projects,
+                output,
+            };
+            access::audit(&ctx, &o).await
+        }
         Command::Config(_) | Command::Completion { .. } | Command::Explain { .. } => Ok(()),
     }
 }

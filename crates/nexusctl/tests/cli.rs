@@ -30,13 +30,14 @@ impl Env {
     }
 
     fn ctl(&self, args: &[&str]) -> Run {
-        self.ctl_with(args, &[("NEXUS_SERVER", self.server.url.as_str())])
+        self.ctl_with(args, &[("NEXUS_SERVER", self.server.url.as_str()), ("NEXUS_TOKEN", self.admin())])
     }
 
     fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusctl"));
         cmd.args(args)
             .env_remove("NEXUS_SERVER")
+            .env_remove("NEXUS_TOKEN")
             .env_remove("NEXUS_PROJECT")
             .env("NEXUS_CONFIG", self.dir.path().join("config.yaml"));
         for (k, v) in env {
@@ -48,6 +49,11 @@ impl Env {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// The bootstrap admin's token.
+    fn admin(&self) -> &str {
+        self.server.admin_token.as_deref().expect("the bootstrap token")
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -267,8 +273,14 @@ fn contexts_supply_server_and_project_and_flags_override_them() {
     let env = Env::new();
     let url = env.server.url.clone();
     let none: &[(&str, &str)] = &[];
-    let r = env.ctl_with(&["config", "set-context", "dev", "--server", &url, "--project", "team-a"], none);
+    let r = env.ctl_with(
+        &["config", "set-context", "dev", "--server", &url, "--project", "team-a", "--token", env.admin()],
+        none,
+    );
     assert_eq!(r.code, 0, "{r:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(env.dir.path().join("config.yaml")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the config file holds a token");
     assert_eq!(env.ctl_with(&["config", "current-context"], none).stdout, "dev\n");
     let f = env.file("web.yaml", VM);
     assert_eq!(env.ctl_with(&["apply", "-f", &s(&f)], none).stdout, "vm/web created\n");
@@ -291,6 +303,7 @@ fn get_watch_prints_changes_as_they_happen() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
         .args(["get", "vms", "-w"])
         .env("NEXUS_SERVER", &env.server.url)
+        .env("NEXUS_TOKEN", env.admin())
         .env("NEXUS_CONFIG", env.dir.path().join("config.yaml"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

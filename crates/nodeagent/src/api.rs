@@ -23,7 +23,8 @@ use crate::vms::Runtime;
 #[derive(Debug, Clone)]
 pub struct AgentState {
     pub runtime: Arc<Runtime>,
-    pub token: Arc<String>,
+    /// What callers must present.
+    pub credential: Arc<crate::credentials::AgentCredential>,
     /// What this node offers.
     pub capacity: nexus_api::node::NodeCapacity,
 }
@@ -54,17 +55,10 @@ async fn authenticate(State(state): State<AgentState>, req: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), state.token.as_bytes()) {
+    if !state.credential.accepts(presented) {
         return Err(AgentError::Unauthorized);
     }
     Ok(next.run(req).await)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn report(State(state): State<AgentState>, Path(uid): Path<String>) -> Result<Json<VmReport>, AgentError> {
@@ -239,17 +233,4 @@ async fn collect(
 
 async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {
     Ok(Json(state.runtime.inventory().await?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn tokens_compare_equal_only_when_identical() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 }

@@ -22,6 +22,8 @@ pub enum AgentError {
     NotFound(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    ImageInvalid(String),
     #[error("Firecracker step {step} failed")]
     Firecracker {
         step: &'static str,
@@ -56,6 +58,7 @@ impl AgentError {
             AgentError::BadPath(_) | AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AgentError::ImageInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Net(_) | AgentError::Process(_) | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -68,6 +71,7 @@ impl AgentError {
             AgentError::BadPath(_) | AgentError::Invalid(_) => "Invalid",
             AgentError::NotFound(_) => "NotFound",
             AgentError::Forbidden(_) => "Forbidden",
+            AgentError::ImageInvalid(_) => "ImageInvalid",
             AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",
             AgentError::Net(_) => "NetworkSetupFailed",
@@ -78,7 +82,16 @@ impl AgentError {
 
     fn suggestion(&self) -> Option<String> {
         match self {
-            AgentError::Unauthorized => Some("send the node credential as `Authorization: Bearer <token>`".into()),
+            AgentError::Unauthorized => {
+                Some("send this node's agent credential as `Authorization: Bearer <token>`".into())
+            }
+            AgentError::ImageInvalid(_) => Some(
+                "the file on this node differs from what its Image says: fix the file or the Image's sha256".into(),
+            ),
+            AgentError::Forbidden(m) if m.contains("image roots") || m.contains("images must be") => Some(
+                "name an Image whose path lies under one of the node's image roots (nexus-nodeagent --image-root)"
+                    .into(),
+            ),
             AgentError::Firecracker { step, source } if !source.is_retryable() => Some(format!(
                 "Firecracker rejected the {step} configuration; fix the VM spec (see faultMessage) and apply it again"
             )),

@@ -3,10 +3,12 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod credentials;
 pub mod disk;
 pub mod error;
 pub mod exits;
 pub mod firecracker;
+pub mod images;
 pub mod ipam;
 pub mod logs;
 pub mod nat;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use nexus_nodeagent::api::{AgentState, router};
+use nexus_nodeagent::credentials::{self, AgentCredential};
 use nexus_nodeagent::net::{Net, parse_cidr};
 use nexus_nodeagent::paths::RunDir;
 use nexus_nodeagent::register::{NodeInfo, firecracker_version, heartbeat_loop, host_capacity};
@@ -28,9 +29,20 @@ struct Args {
     /// URL the controller uses to reach this agent (defaults to http://<listen>).
     #[arg(long, env = "NEXUS_AGENT_ADVERTISE")]
     advertise_url: Option<String>,
-    /// File holding the credential callers must present.
-    #[arg(long, env = "NEXUS_AGENT_TOKEN_FILE")]
-    token_file: PathBuf,
+    /// Directory for the node's own credentials (its token for the
+    /// apiserver, the credential callers of its API present), mode 0700.
+    #[arg(long, env = "NEXUS_AGENT_STATE_DIR", default_value = "/var/lib/nexus/agent")]
+    state_dir: PathBuf,
+    /// A join token (`nexusctl token create --subject system:join`), used
+    /// when the node has no token of its own yet.
+    #[arg(long, env = "NEXUS_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Seconds between rotations of the node's credentials.
+    #[arg(long, default_value_t = 86_400)]
+    credential_rotation_secs: u64,
+    /// Directory under which kernels and disks may be opened (repeatable).
+    #[arg(long = "image-root", default_value = "/var/lib/nexus/images")]
+    image_roots: Vec<PathBuf>,
     /// Directory for VM run directories (sockets, logs, disks).
     #[arg(long, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
     run_dir: PathBuf,
@@ -74,13 +86,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading the agent credential from {}", args.token_file.display()))?
-        .trim()
-        .to_string();
-    if token.len() < 16 {
-        bail!("the agent credential in {} must be at least 16 characters", args.token_file.display());
-    }
     let bridge_address = match args.bridge_address.as_str() {
         "none" => None,
         cidr => Some(parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--bridge-address: {e}"))?),
@@ -114,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             stop_grace: Duration::from_secs(args.stop_grace_secs),
             cgroups: if scopes.is_none() { nexus_nodeagent::cgroup::Cgroups::detect() } else { None },
             scopes,
+            image_roots: nexus_nodeagent::images::ImageRoots::new(&args.image_roots),
         },
         net,
     ));
@@ -123,34 +129,66 @@ async fn main() -> anyhow::Result<()> {
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
     };
     let address = args.advertise_url.unwrap_or_else(|| format!("http://{}", args.listen));
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let credential = Arc::new(AgentCredential::load_or_create(&args.state_dir)?);
     let info = NodeInfo {
-        name: node_name,
+        name: node_name.clone(),
         address,
         capacity: host_capacity(args.max_vms),
         firecracker_version: firecracker_version(&firecracker),
         bridge: args.bridge,
         runtime: runtime.clone(),
     };
-    spawn_heartbeat(args.apiserver.clone(), info, Duration::from_secs(args.heartbeat_secs.max(1)))?;
+    // The API answers at once; the node's identity is established beside
+    // it (the apiserver may not be up yet).
+    let api = nexus_api::client::Client::new(&args.apiserver, None);
+    let heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
+    let rotation = Duration::from_secs(args.credential_rotation_secs.max(1));
+    let (state_dir, join_file, cred) = (args.state_dir.clone(), args.join_token_file.clone(), credential.clone());
+    tokio::spawn(async move {
+        if let Err(e) = establish(&api, &node_name, &state_dir, join_file.as_deref(), &cred).await {
+            tracing::error!(error = %e, "the node cannot establish its identity; it will not register");
+            return;
+        }
+        if let Err(e) = spawn_heartbeat(&api, info, heartbeat) {
+            tracing::error!(error = %e, "starting the heartbeat failed");
+            return;
+        }
+        credentials::rotate_forever(api, node_name, state_dir, cred, rotation).await;
+    });
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
-    let state = AgentState { runtime, token: Arc::new(token), capacity: host_capacity(args.max_vms) };
+    let state = AgentState { runtime, credential, capacity: host_capacity(args.max_vms) };
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
     Ok(())
+}
+
+/// Gets the node's token (joining if needed) and publishes its agent credential.
+async fn establish(
+    api: &nexus_api::client::Client,
+    node: &str,
+    state_dir: &std::path::Path,
+    join_token_file: Option<&std::path::Path>,
+    cred: &AgentCredential,
+) -> Result<(), credentials::CredentialError> {
+    credentials::establish_node_token(api, node, state_dir, join_token_file).await?;
+    credentials::publish(api, node, cred).await
 }
 
 /// Runs the heartbeat on a thread and runtime of its own: however busy the
 /// agent's workers are (disk copies, VMM start-ups), the node's heartbeat
 /// goes out on time, so a busy node is never taken for a lost one.
-fn spawn_heartbeat(apiserver: String, info: NodeInfo, interval: Duration) -> anyhow::Result<()> {
+fn spawn_heartbeat(api: &nexus_api::client::Client, info: NodeInfo, interval: Duration) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("heartbeat runtime")?;
+    let api = api.clone();
     std::thread::Builder::new()
         .name("heartbeat".into())
         .spawn(move || {
             rt.block_on(async move {
-                let client = nexus_api::client::Client::new(&apiserver, None);
-                heartbeat_loop(client, info, interval).await
+                // Connections of its own, driven by this thread; the token is
+                // shared, so a rotation reaches the heartbeat too.
+                heartbeat_loop(api.with_fresh_connections(), info, interval).await
             })
         })
         .context("starting the heartbeat thread")?;

@@ -62,6 +62,8 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_api::client:
         bridge: info.bridge.clone(),
         subnet: info.runtime.subnet().map(|s| s.cidr()).unwrap_or_default(),
         allocated: info.runtime.allocation(),
+        image_roots: info.runtime.config().image_roots.list(),
+        disk_clone: info.runtime.disk_clone().to_string(),
         last_heartbeat_time: Some(Utc::now()),
         conditions: std::mem::take(&mut status.conditions),
         vmm_exits: info.runtime.exits().recent(EXIT_WINDOW),

@@ -38,6 +38,8 @@ pub struct RuntimeConfig {
     pub scopes: Option<crate::scope::Scopes>,
     /// cgroup v2 limits for VMMs that are not in systemd scopes.
     pub cgroups: Option<crate::cgroup::Cgroups>,
+    /// Where kernels and disks may be opened.
+    pub image_roots: crate::images::ImageRoots,
 }
 
 /// Owns every VM on this host.
@@ -49,6 +51,8 @@ pub struct Runtime {
     exits: Arc<crate::exits::Exits>,
     /// Whether the run directory's filesystem supports reflinks.
     reflink: bool,
+    /// Checks images against the checksums their Images name.
+    verifier: crate::images::Verifier,
 }
 
 impl Runtime {
@@ -60,7 +64,14 @@ impl Runtime {
             "VM disks are made by {}",
             if reflink { "reflink (constant time)" } else { "sparse copy (the filesystem has no reflinks)" }
         );
-        Self { cfg, net, locks: Mutex::new(HashMap::new()), exits: Default::default(), reflink }
+        Self {
+            cfg,
+            net,
+            locks: Mutex::new(HashMap::new()),
+            exits: Default::default(),
+            reflink,
+            verifier: Default::default(),
+        }
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -215,6 +226,9 @@ impl Runtime {
         let tap = uid.tap_name();
         self.net.ensure_tap(&tap, bridge).await?;
         let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
+        if restore.is_none() {
+            self.check_images(req).await?;
+        }
         let copy_started = Instant::now();
         let method = match &restore {
             // The snapshot's disk, taken with its memory, is the VM's disk.
@@ -286,6 +300,21 @@ impl Runtime {
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// Confines the kernel and root filesystem to the image roots and checks
+    /// them against their Images' checksums, before a VMM opens them.
+    async fn check_images(&self, req: &EnsureVm) -> Result<(), AgentError> {
+        let roots = &self.cfg.image_roots;
+        let kernel = roots.check("kernel", &req.kernel_path)?;
+        let rootfs = roots.check("rootfs", &req.rootfs_path)?;
+        if let Some(sum) = &req.kernel_sha256 {
+            self.verifier.verify("kernel", &kernel, sum).await?;
+        }
+        if let Some(sum) = &req.rootfs_sha256 {
+            self.verifier.verify("rootfs", &rootfs, sum).await?;
+        }
+        Ok(())
     }
 
     /// Takes snapshot `name` of VM `uid` (see `snapshots::create`).

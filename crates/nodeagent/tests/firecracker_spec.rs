@@ -156,6 +156,8 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         ip: None,
         restore: None,
         restart_policy: Default::default(),
+        kernel_sha256: None,
+        rootfs_sha256: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.

@@ -8,6 +8,7 @@
 //! resourceVersion order; on PostgreSQL every replica learns of them
 //! through LISTEN/NOTIFY and reads them from the change log.
 
+pub mod access;
 mod sql;
 
 use std::path::Path;
@@ -22,7 +23,7 @@ use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::{Mutex, Notify, broadcast};
 
 pub use sql::Dialect;
-use sql::{NOTIFY_CHANNEL, Sql};
+use sql::{NOTIFY_CHANNEL, Sql, number_placeholders_for};
 
 use crate::error::ApiError;
 
@@ -82,12 +83,33 @@ pub enum Write {
     Unchanged(Value),
 }
 
+/// The audit insert, shared by mutations and other audited requests.
+pub(crate) const INSERT_AUDIT: &str = "INSERT INTO audit (at, request_id, actor, verb, kind, project, name, resource_version, result, \
+     correlation_id, token_id, status_code, changes, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
 /// Who did what, recorded with the mutation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AuditInfo {
+    /// The id the server gave the request.
     pub request_id: String,
+    /// The client's own request id, if it sent one.
+    pub correlation_id: Option<String>,
+    /// The subject (`user:alice`).
     pub actor: String,
+    /// The token used, by id.
+    pub token_id: Option<String>,
     pub verb: &'static str,
+    /// The status the request is answered with when the change commits.
+    pub status_code: u16,
+}
+
+/// What a mutation did.
+#[derive(Debug, Clone)]
+pub struct Mutation {
+    /// The object after the mutation (or as it is, when nothing changed).
+    pub object: Value,
+    /// Whether a change (and its audit record) was committed.
+    pub committed: bool,
 }
 
 /// One page of a list.
@@ -344,7 +366,7 @@ impl Store {
         name: &str,
         audit: &AuditInfo,
         decide: F,
-    ) -> Result<Value, ApiError>
+    ) -> Result<Mutation, ApiError>
     where
         F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError> + Send + 'static,
     {
@@ -364,7 +386,7 @@ impl Store {
         name: &str,
         audit: &AuditInfo,
         decide: F,
-    ) -> Result<Value, ApiError>
+    ) -> Result<Mutation, ApiError>
     where
         F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError>,
     {
@@ -377,10 +399,11 @@ impl Store {
                 .fetch_optional(&mut *tx).await?;
             let existed = current.is_some();
             let current = current.map(|b| serde_json::from_str::<Value>(&b)).transpose()?;
+            let before = current.clone();
             let last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
             let rv = last + 1;
             let (type_, object) = match decide(current, rv)? {
-                Write::Unchanged(obj) => return Ok(obj),
+                Write::Unchanged(obj) => return Ok(Mutation { object: obj, committed: false }),
                 Write::Put(obj) if existed => (ChangeType::Modified, obj),
                 Write::Put(obj) => (ChangeType::Added, obj),
                 Write::Delete(obj) => (ChangeType::Deleted, obj),
@@ -395,8 +418,12 @@ impl Store {
             }
             sqlx::query(sql.insert_change).bind(rv).bind(kind).bind(project).bind(name).bind(type_.as_str())
                 .bind(&body).execute(&mut *tx).await?;
-            sqlx::query(sql.insert_audit).bind(chrono::Utc::now().to_rfc3339()).bind(&audit.request_id)
-                .bind(&audit.actor).bind(audit.verb).bind(kind).bind(project).bind(name).bind(rv)
+            let after = (type_ != ChangeType::Deleted).then_some(&object);
+            let changes = serde_json::to_string(&crate::audit::changes(before.as_ref(), after))?;
+            sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
+                .bind(&audit.actor).bind(audit.verb).bind(kind).bind(project).bind(name).bind(rv).bind("allowed")
+                .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
+                .bind(&changes).bind("")
                 .execute(&mut *tx).await?;
             let every = (self.retained / 10).max(1);
             if rv % every == 0 {
@@ -407,6 +434,7 @@ impl Store {
             Change { resource_version: rv, kind: kind.to_string(), project: project.to_string(), type_, object }
         });
         let object = committed.object.clone();
+        let done = Mutation { object, committed: true };
         match self.pool {
             // Still under the writer lock: broadcasts leave in commit order.
             Pool::Sqlite(_) => {
@@ -414,7 +442,7 @@ impl Store {
             }
             Pool::Postgres(_) => self.poke.notify_one(),
         }
-        Ok(object)
+        Ok(done)
     }
 }
 
@@ -427,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
         let mut changes = store.subscribe();
-        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "create" };
+        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "create", ..Default::default() };
         let object = serde_json::json!({"metadata": {"name": "x", "uid": "u-1"}});
         {
             // The caller goes away right after the write started, as a

@@ -29,7 +29,20 @@ pub struct Sql {
     pub write_lock: &'static str,
     /// Run last in a write's transaction: wakes every replica's watches.
     pub notify: &'static str,
+    pub insert_token: &'static str,
+    pub get_token: &'static str,
+    pub list_tokens: &'static str,
+    pub count_tokens: &'static str,
+    pub revoke_token: &'static str,
+    pub retire_token: &'static str,
+    pub touch_token: &'static str,
+    pub put_node_credential: &'static str,
+    pub get_node_credential: &'static str,
 }
+
+/// The columns of a token row, in the order `store::access` reads them.
+pub const TOKEN_COLUMNS: &str =
+    "id, subject, description, hash, created_at, created_by, expires_at, last_used_at, revoked_at, replaced_by";
 
 /// Channel PostgreSQL replicas announce committed changes on.
 pub const NOTIFY_CHANNEL: &str = "nexus_changes";
@@ -70,10 +83,7 @@ impl Sql {
                               resource_version = excluded.resource_version, body = excluded.body"),
             insert_change: n("INSERT INTO changes (resource_version, kind, project, name, event_type, body) \
                               VALUES (?, ?, ?, ?, ?, ?)"),
-            insert_audit: n(
-                "INSERT INTO audit (at, request_id, actor, verb, kind, project, name, resource_version, result) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'allowed')",
-            ),
+            insert_audit: n(super::INSERT_AUDIT),
             compact: n("DELETE FROM changes WHERE resource_version <= ?"),
             snapshot_read: match dialect {
                 Dialect::Sqlite => "SELECT 1",
@@ -87,7 +97,28 @@ impl Sql {
                 Dialect::Sqlite => "SELECT 1",
                 Dialect::Postgres => "SELECT pg_notify('nexus_changes', '')",
             },
+            insert_token: n(&format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")),
+            get_token: n(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?")),
+            list_tokens: n(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id")),
+            count_tokens: "SELECT COUNT(*) FROM tokens",
+            revoke_token: n("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"),
+            retire_token: n("UPDATE tokens SET replaced_by = ?, expires_at = ? WHERE id = ?"),
+            touch_token: n("UPDATE tokens SET last_used_at = ? WHERE id = ?"),
+            put_node_credential: n(
+                "INSERT INTO node_credentials (node, secret, previous, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (node) DO UPDATE SET secret = excluded.secret, previous = excluded.previous, \
+                 updated_at = excluded.updated_at",
+            ),
+            get_node_credential: n("SELECT secret, previous FROM node_credentials WHERE node = ?"),
         }
+    }
+}
+
+/// `sql` with placeholders as `dialect` writes them.
+pub fn number_placeholders_for(dialect: Dialect, sql: &str) -> String {
+    match dialect {
+        Dialect::Sqlite => sql.to_string(),
+        Dialect::Postgres => number_placeholders(sql),
     }
 }
 

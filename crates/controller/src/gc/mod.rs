@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nexus_api::agent::{Collect, Inventory, tap_name};
-use nexus_api::agent_client::{AgentCallError, AgentClient};
+use nexus_api::agent_client::AgentCallError;
 use nexus_api::{Node, NodeSpec, VmSpec};
 
 use crate::Context;
@@ -86,7 +86,7 @@ impl NodeMemory {
 /// Collects what no VM claims.
 #[derive(Debug)]
 pub struct Collector {
-    agents: AgentClient,
+    agents: std::sync::Arc<crate::agents::Agents>,
     events: Recorder,
     vms: Store<VmSpec>,
     grace: Duration,
@@ -133,7 +133,7 @@ impl Reconciler for Collector {
             return Ok(Action::RequeueAfter(self.interval - since));
         }
         self.memory(&name, |m| m.last_pass = Some(Instant::now()));
-        let inv = self.agents.inventory(&status.address).await?;
+        let inv = self.agents.call(&node, |c, to| async move { c.inventory(&to).await }).await?;
         // Read after the inventory: whatever the inventory holds for a VM
         // created in between is claimed. A VM claims its things on the node
         // it is bound to (or anywhere while unbound): what a VM placed
@@ -147,7 +147,14 @@ impl Reconciler for Collector {
             .collect();
         let due = self.memory(&name, |m| m.due(orphans(&inv, &known), self.grace));
         if due != Collect::default() {
-            let gone = self.agents.collect(&status.address, &due).await?.removed;
+            let gone = self
+                .agents
+                .call(&node, |c, to| {
+                    let due = due.clone();
+                    async move { c.collect(&to, &due).await }
+                })
+                .await?
+                .removed;
             tracing::info!(node = %name, removed = ?gone, "garbage collected");
             metrics::counter!("nexus_controller_gc_removed_total").increment(gone.len() as u64);
             for item in gone {

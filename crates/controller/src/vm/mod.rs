@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use nexus_api::agent_client::{AgentCallError, AgentClient};
+use nexus_api::agent_client::AgentCallError;
 use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
@@ -85,7 +85,7 @@ impl Stores {
 #[derive(Debug)]
 pub struct VmReconciler {
     pub api: Client,
-    pub agents: AgentClient,
+    pub agents: std::sync::Arc<crate::agents::Agents>,
     /// Heartbeats older than this make a node not Ready.
     pub node_grace: chrono::Duration,
     /// How often a converged VM is checked again.
@@ -117,7 +117,11 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
     Controller::new("vm", stores.vms.clone(), reconciler)
         .watches(stores.nodes.clone(), node_map)
         .watches(stores.templates.clone(), move |t| unresolved_in(&vms_t, t.metadata.project.as_deref()))
-        .watches(stores.images.clone(), move |i| unresolved_in(&vms_i, i.metadata.project.as_deref()))
+        .watches(stores.images.clone(), move |i| {
+            let mut keys = unresolved_in(&vms_i, i.metadata.project.as_deref());
+            keys.extend(refused_for_images_in(&vms_i, i.metadata.project.as_deref()));
+            keys
+        })
         .workers(ctx.settings.workers)
         .resync(ctx.settings.resync)
 }
@@ -179,6 +183,20 @@ fn unresolved_in(vms: &Store<VmSpec>, project: Option<&str>) -> Vec<ObjectKey> {
                 .as_ref()
                 .and_then(|s| find_condition(&s.conditions, "Resolved"))
                 .is_some_and(|c| c.status == ConditionStatus::True)
+        })
+        .map(|v| ObjectKey::of(&**v))
+        .collect()
+}
+
+/// The VMs of `project` a node refused for an invalid image.
+fn refused_for_images_in(vms: &Store<VmSpec>, project: Option<&str>) -> Vec<ObjectKey> {
+    vms.by_index(BY_PROJECT, project.unwrap_or_default())
+        .iter()
+        .filter(|vm| {
+            vm.status
+                .as_ref()
+                .and_then(|s| find_condition(&s.conditions, "Ready"))
+                .is_some_and(|c| c.reason == IMAGE_INVALID)
         })
         .map(|v| ObjectKey::of(&**v))
         .collect()
@@ -262,13 +280,33 @@ impl Reconciler for VmReconciler {
         let current = vm.status_or_default();
         if matches!(current.phase, VmPhase::Failed | VmPhase::Succeeded)
             && current.observed_generation == vm.metadata.generation
+            && !self.images_changed_since_refusal(&vm, &config)
         {
             // Finished, or failed for good: wait for the spec to change, no hot loop.
             return Ok(Action::AwaitChange);
         }
+        let config = if self.images_changed_since_refusal(&vm, &config) {
+            // Its Image was fixed since the node refused it: resolve again.
+            let mut status = vm.status_or_default();
+            status.config = None;
+            vm.status = Some(status);
+            match self.resolve(&mut vm).await? {
+                Some(c) => c,
+                None => return Ok(Action::RequeueAfter(Duration::from_secs(5))),
+            }
+        } else {
+            config
+        };
         let desired = status::ensure_request(&vm, &config);
         let _slot = self.per_node.slot(&node_name).await;
-        match self.agents.ensure(&node_status.address, &desired).await {
+        let answer = self
+            .agents
+            .call(&node, |c, to| {
+                let d = desired.clone();
+                async move { c.ensure(&to, &d).await }
+            })
+            .await;
+        match answer {
             Ok(report) if !status::converging(&vm, &report) => {
                 // The VMM ended between the agent's work and its report: not
                 // a stop. Ask again (the agent applies the restart policy).
@@ -285,8 +323,12 @@ impl Reconciler for VmReconciler {
             }
             Err(AgentCallError::Rejected(body)) => {
                 tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
-                self.events.publish(&vm, EventType::Warning, "Failed", &status::refusal_message(&body)).await;
+                let reason = if body.error == IMAGE_INVALID { IMAGE_INVALID } else { "Failed" };
+                self.events.publish(&vm, EventType::Warning, reason, &status::refusal_message(&body)).await;
                 self.write_status(&vm, status::refused(&vm, &node_name, &body)).await?;
+                if body.error == IMAGE_INVALID {
+                    self.mark_image_invalid(&vm, &config, &node_name, &body.message).await?;
+                }
                 Ok(Action::AwaitChange)
             }
             Err(e) => Err(ReconcileError::Agent(e)),
@@ -298,7 +340,66 @@ impl Reconciler for VmReconciler {
     }
 }
 
+/// The reason a node gives for an image whose checksum is not its Image's.
+pub const IMAGE_INVALID: &str = "ImageInvalid";
+
 impl VmReconciler {
+    /// Whether `vm` was refused for an invalid image and one of its Images
+    /// changed since (so it may work now).
+    fn images_changed_since_refusal(&self, vm: &Vm, config: &ResolvedConfig) -> bool {
+        let status = vm.status_or_default();
+        let refused = find_condition(&status.conditions, "Ready").is_some_and(|c| c.reason == IMAGE_INVALID);
+        if !refused || status.phase != VmPhase::Failed {
+            return false;
+        }
+        let project = vm.metadata.project.as_deref().unwrap_or_default();
+        let now = |named: &Option<String>| {
+            named.as_deref().and_then(|n| n.split_once('@')).map(|(name, _)| {
+                self.stores
+                    .images
+                    .get_named(project, name)
+                    .map(|i| format!("{}@{}", i.name(), i.metadata.generation.unwrap_or_default()))
+            })
+        };
+        now(&config.kernel_image).is_some_and(|n| n.as_ref() != config.kernel_image.as_ref())
+            || now(&config.rootfs_image).is_some_and(|n| n.as_ref() != config.rootfs_image.as_ref())
+    }
+
+    /// Records on the Image a node found different from what it says.
+    async fn mark_image_invalid(
+        &self,
+        vm: &Vm,
+        config: &ResolvedConfig,
+        node: &str,
+        message: &str,
+    ) -> Result<(), ReconcileError> {
+        let named = if message.starts_with("kernel") { &config.kernel_image } else { &config.rootfs_image };
+        let Some((name, _)) = named.as_deref().and_then(|n| n.split_once('@')) else { return Ok(()) };
+        let project = vm.metadata.project.as_deref().unwrap_or_default();
+        let Some(image) = self.stores.images.get_named(project, name) else { return Ok(()) };
+        let mut next = (*image).clone();
+        let mut status = next.status_or_default();
+        status.phase = nexus_api::image::ImagePhase::Invalid;
+        status.observed_generation = image.metadata.generation;
+        status.message = Some(format!("on node {node}: {message}"));
+        if next.status.as_ref() == Some(&status) {
+            return Ok(());
+        }
+        next.status = Some(status);
+        match self.api.replace_status(&next).await {
+            Ok(written) => {
+                self.stores.images.record_write(written);
+                self.events
+                    .publish(&*image, EventType::Warning, IMAGE_INVALID, &format!("on node {node}: {message}"))
+                    .await;
+                Ok(())
+            }
+            // Changed meanwhile (perhaps fixed): its change brings the VM back.
+            Err(e) if e.is_conflict() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn backoff(error: &ReconcileError, failures: u32) -> Duration {
         match error {
             // The agent restarts it on the next call: come back at once.
@@ -435,8 +536,7 @@ impl VmReconciler {
         if let Some(node_name) = vm.spec.node_name.clone() {
             // A node without a Node object is gone for good; nothing of the VM can remain there.
             if let Some(node) = self.stores.nodes.get_named("", &node_name) {
-                let address = node.status_or_default().address;
-                if address.is_empty() {
+                if node.status_or_default().address.is_empty() {
                     return Err(ReconcileError::NodeWithoutAddress(node_name));
                 }
                 if vm.status_or_default().phase != VmPhase::Terminating {
@@ -445,7 +545,14 @@ impl VmReconciler {
                     self.write_status(&vm, status).await?;
                 }
                 let _slot = self.per_node.slot(&node_name).await;
-                self.agents.remove(&address, vm.uid()).await.map_err(ReconcileError::Agent)?;
+                let uid = vm.uid().to_string();
+                self.agents
+                    .call(&node, |c, to| {
+                        let uid = uid.clone();
+                        async move { c.remove(&to, &uid).await }
+                    })
+                    .await
+                    .map_err(ReconcileError::Agent)?;
             }
         }
         // The freshest copy: the finalizer list may have changed meanwhile.

@@ -59,6 +59,8 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         spec.kernel.clone().or(t.map(|t| t.kernel.clone())).ok_or(Unresolved::Incomplete { field: "spec.kernel" })?;
     let rootfs =
         spec.rootfs.clone().or(t.map(|t| t.rootfs.clone())).ok_or(Unresolved::Incomplete { field: "spec.rootfs" })?;
+    let kernel = image_path(stores, &project, "spec.kernel", &kernel, ImageType::Kernel)?;
+    let rootfs = image_path(stores, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?;
     let mut node_selector = t.map(|t| t.node_selector.clone()).unwrap_or_default();
     node_selector.extend(spec.node_selector.clone());
     Ok(ResolvedConfig {
@@ -66,8 +68,12 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         template: template.as_ref().map(|t| format!("{}@{}", t.name(), t.metadata.generation.unwrap_or_default())),
         vcpu,
         mem_mib,
-        kernel_path: image_path(stores, &project, "spec.kernel", &kernel, ImageType::Kernel)?,
-        rootfs_path: image_path(stores, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?,
+        kernel_path: kernel.path,
+        rootfs_path: rootfs.path,
+        kernel_image: kernel.image,
+        rootfs_image: rootfs.image,
+        kernel_sha256: kernel.sha256,
+        rootfs_sha256: rootfs.sha256,
         boot_args: spec
             .boot_args
             .clone()
@@ -78,17 +84,26 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
     })
 }
 
-/// The host path a kernel or rootfs reference stands for: itself when it is
-/// a path, else the path of the named Image of the wanted type.
+/// A kernel or root filesystem as a VM uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resolved {
+    path: String,
+    /// `name@generation` of the Image, when one was named.
+    image: Option<String>,
+    sha256: Option<String>,
+}
+
+/// What a kernel or rootfs reference stands for: itself when it is a host
+/// path, else the named Image of the wanted type (with its checksum).
 fn image_path(
     stores: &Stores,
     project: &str,
     field: &'static str,
     reference: &str,
     want: ImageType,
-) -> Result<String, Unresolved> {
+) -> Result<Resolved, Unresolved> {
     if reference.starts_with('/') {
-        return Ok(reference.to_string());
+        return Ok(Resolved { path: reference.to_string(), image: None, sha256: None });
     }
     let name = reference.to_string();
     let image = stores.images.get_named(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
@@ -100,11 +115,18 @@ fn image_path(
         return Err(Unresolved::WrongImageType { field, name, want, got: image.spec.type_ });
     }
     let status = image.status_or_default();
-    if status.phase == ImagePhase::Invalid {
+    // Found Invalid at its current generation (an edit makes it trusted again).
+    if status.phase == ImagePhase::Invalid
+        && status.observed_generation.is_none_or(|g| Some(g) == image.metadata.generation)
+    {
         let message = status.message.unwrap_or_else(|| "no reason given".into());
         return Err(Unresolved::ImageInvalid { field, name, message });
     }
-    Ok(image.spec.path.clone())
+    Ok(Resolved {
+        path: image.spec.path.clone(),
+        image: Some(format!("{}@{}", image.name(), image.metadata.generation.unwrap_or_default())),
+        sha256: image.spec.sha256.clone(),
+    })
 }
 
 /// vCPUs and MiB a VM takes on its node: from its resolved configuration,

@@ -28,6 +28,8 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         ip: network.and_then(|n| n.ip.clone()),
         restore: None,
         restart_policy: vm.spec.restart_policy,
+        kernel_sha256: config.kernel_sha256.clone(),
+        rootfs_sha256: config.rootfs_sha256.clone(),
     }
 }
 

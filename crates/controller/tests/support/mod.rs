@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path as UrlPath, State};
+use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 use nexus_api::agent::{CollectReport, EnsureVm, Inventory, ObservedState, VmReport};
-use nexus_api::agent_client::AgentClient;
 use nexus_api::client::Client;
 use nexus_api::meta::set_condition;
 use nexus_api::node::{CONDITION_READY, NodeCapacity};
@@ -27,6 +27,8 @@ use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
 /// An apiserver in this process, restartable on the same port and file.
 pub struct Api {
     pub url: String,
+    /// The bootstrap admin's token.
+    pub admin_token: String,
     addr: SocketAddr,
     db: PathBuf,
     retained: i64,
@@ -39,9 +41,17 @@ impl Api {
     pub async fn start(dir: &Path, retained: i64) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut api =
-            Api { url: format!("http://{addr}"), addr, db: dir.join("nexus.db"), retained, shutdown: None, task: None };
+        let mut api = Api {
+            url: format!("http://{addr}"),
+            admin_token: String::new(),
+            addr,
+            db: dir.join("nexus.db"),
+            retained,
+            shutdown: None,
+            task: None,
+        };
         api.serve(listener).await;
+        api.admin_token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
         api
     }
 
@@ -49,12 +59,11 @@ impl Api {
         let store =
             nexus_apiserver::store::Store::open_sqlite(&self.db).await.unwrap().with_retained_changes(self.retained);
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let state = nexus_apiserver::AppState {
-            store,
-            bookmark_interval: Duration::from_millis(300),
-            shutting_down: rx.clone(),
-            metrics: None,
-        };
+        let mut state = nexus_apiserver::AppState::new(store, rx.clone());
+        state.bookmark_interval = Duration::from_millis(300);
+        state.allow_raw_paths = true;
+        let token_file = self.db.with_file_name("admin.token");
+        nexus_apiserver::access::bootstrap(&state, &token_file).await.unwrap();
         let mut stop = rx;
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, nexus_apiserver::app(state))
@@ -89,8 +98,9 @@ impl Api {
         self.serve(listener).await;
     }
 
+    /// A client with the bootstrap admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.url, None)
+        Client::new(&self.url, Some(self.admin_token.clone()))
     }
 }
 
@@ -114,11 +124,25 @@ pub struct Script {
     next_pid: u32,
 }
 
-/// A node agent that answers from a script, on a port of its own.
+/// A node agent that answers from a script, on a port of its own, to
+/// callers presenting its own credential.
 #[derive(Clone)]
 pub struct ScriptedAgent {
     pub address: String,
+    pub credential: String,
     pub script: Arc<Mutex<Script>>,
+}
+
+async fn check_credential(
+    State(expected): State<Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let presented = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if presented != format!("Bearer {expected}") {
+        return axum::http::StatusCode::UNAUTHORIZED.into_response();
+    }
+    next.run(req).await
 }
 
 fn report(uid: &str, vm: Option<&AgentVm>) -> VmReport {
@@ -207,17 +231,19 @@ async fn collect(
 }
 
 impl ScriptedAgent {
-    pub async fn start() -> ScriptedAgent {
+    /// An agent accepting `credential`.
+    pub async fn start(credential: &str) -> ScriptedAgent {
         let script = Arc::new(Mutex::new(Script::default()));
         let app = Router::new()
             .route("/v1/vms/{uid}", put(ensure).delete(remove))
             .route("/v1/inventory", get(inventory))
             .route("/v1/gc", post(collect))
-            .with_state(script.clone());
+            .with_state(script.clone())
+            .layer(axum::middleware::from_fn_with_state(Arc::new(credential.to_string()), check_credential));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        ScriptedAgent { address, script }
+        ScriptedAgent { address, credential: credential.to_string(), script }
     }
 
     pub fn script(&self) -> std::sync::MutexGuard<'_, Script> {
@@ -299,13 +325,19 @@ impl Harness {
     /// Starts an apiserver, a Ready node with a scripted agent per name,
     /// and the VM, node-lifecycle and GC controllers (no election).
     pub async fn start(nodes: &[&str]) -> Harness {
+        // The controllers' logs, shown for a failing test.
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
         let dir = tempfile::tempdir().unwrap();
         let api = Api::start(dir.path(), 100_000).await;
         let client = api.client();
         let mut fakes = Vec::new();
         for name in nodes {
-            let agent = ScriptedAgent::start().await;
+            // Each node's own credential, which the controller reads from the apiserver.
+            let credential = format!("scripted-agent-credential-of-{name}-0123456789");
+            let agent = ScriptedAgent::start(&credential).await;
             beat(&client, name, &agent.address).await;
+            let cred = nexus_api::auth::NodeCredential { secret: credential, previous: None };
+            client.set_node_credential(name, &cred).await.unwrap();
             let (c, n, a) = (client.clone(), name.to_string(), agent.address.clone());
             let beating = tokio::spawn(async move {
                 loop {
@@ -315,7 +347,9 @@ impl Harness {
             });
             fakes.push(FakeNode { name: name.to_string(), agent, beating: Some(beating) });
         }
-        let ctx = Context::new(client, AgentClient::new("test-credential".into()), settings());
+        let req = nexus_api::auth::TokenRequest { subject: Some("system:controller".into()), ..Default::default() };
+        let controller_token = client.create_token(&req).await.unwrap().token;
+        let ctx = Context::new(Client::new(&api.url, Some(controller_token)), settings());
         let mut manager = Manager::new(None);
         manager.add(vm::controller(&ctx));
         manager.add(node_lifecycle::controller(&ctx));

@@ -54,8 +54,8 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn nexusctl(server: &str, args: &[&str]) -> anyhow::Result<()> {
-    let (ok, _, err) = nexus_e2e::nexusctl(server, args);
+fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
+    let (ok, _, err) = fleet.nexusctl(args);
     anyhow::ensure!(ok, "nexusctl {args:?}: {err}");
     Ok(())
 }
@@ -90,7 +90,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     eprintln!("applying {} VMs to {} agents ...", args.vms, args.agents);
     let started = Instant::now();
-    nexusctl(&fleet.server, &["apply", "-f", &file.display().to_string()])?;
+    nexusctl(&fleet, &["apply", "-f", &file.display().to_string()])?;
     let applied = started.elapsed();
     let params = ListParams { label_selector: Some("bench=yes".into()), ..Default::default() };
     let deadline = Instant::now() + Duration::from_secs(1800);
@@ -139,7 +139,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     eprintln!("deleting every VM ...");
     let deleting = Instant::now();
-    nexusctl(&fleet.server, &["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"])?;
+    nexusctl(&fleet, &["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"])?;
     let deleted = deleting.elapsed();
     let leftovers = (fleet.vmms(), fleet.taps(), fleet.run_dirs());
     let rows_left = client.list::<VmSpec>(None, &ListParams::default()).await?.items.len();

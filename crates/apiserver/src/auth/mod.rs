@@ -1,0 +1,183 @@
+//! Authentication and authorization, in one place for every route: a
+//! bearer token names the caller ([`tokens`]), bindings say what it holds
+//! ([`bindings`]), and [`nexus_api::rbac::decide`] says whether this request
+//! is allowed. Handlers find the [`Caller`] in the request's extensions.
+
+pub mod bindings;
+pub mod tokens;
+
+use std::collections::BTreeSet;
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use nexus_api::rbac::{Grants, Role, Subject, Verb, decide, special};
+use nexus_api::registry;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Who is calling, and what it holds.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub subject: Subject,
+    /// The token presented.
+    pub token_id: Option<String>,
+    pub grants: Grants,
+}
+
+impl Caller {
+    /// The projects whose objects this caller may read, `None` for all.
+    pub fn readable_projects(&self) -> Option<BTreeSet<String>> {
+        match &self.subject {
+            Subject::Controller => None,
+            _ if self.grants.reads_everywhere() => None,
+            _ => Some(self.grants.projects.keys().cloned().collect()),
+        }
+    }
+
+    /// Whether the caller holds `role` (or more) in `project`.
+    pub fn holds(&self, project: &str, role: Role) -> bool {
+        self.grants.cluster_admin() || self.grants.has(project, role)
+    }
+}
+
+/// What a request is about, from its method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub verb: Verb,
+    /// A registered kind, or one of [`special`].
+    pub kind: String,
+    pub project: String,
+    pub name: String,
+    /// Served by its own handler, which decides for itself.
+    pub special: bool,
+}
+
+fn verb_of(method: &Method, has_name: bool, status: bool, watch: bool) -> Option<Verb> {
+    Some(match (method.as_str(), has_name, status) {
+        ("GET", false, false) if watch => Verb::Watch,
+        ("GET", false, false) => Verb::List,
+        ("GET", true, false) => Verb::Get,
+        ("POST", false, false) => Verb::Create,
+        ("PUT", true, false) => Verb::Update,
+        ("PUT", true, true) => Verb::UpdateStatus,
+        ("DELETE", true, false) => Verb::Delete,
+        _ => return None,
+    })
+}
+
+/// Parses a request on `/v1/...` into what it does to what. `query` is the
+/// raw query string (for `watch=true`).
+pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Target> {
+    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let (project, rest) = match parts.as_slice() {
+        ["v1", "projects", p, rest @ ..] => (p.to_string(), rest),
+        ["v1", rest @ ..] => (String::new(), rest),
+        _ => return None,
+    };
+    let special_target = |kind: &str, verb: Verb, name: &str| {
+        Some(Target { verb, kind: kind.to_string(), project: project.clone(), name: name.to_string(), special: true })
+    };
+    match rest {
+        ["tokens", ..] => {
+            return special_target(special::TOKENS, if method == Method::GET { Verb::Get } else { Verb::Update }, "");
+        }
+        ["audit"] => return special_target(special::AUDIT, Verb::List, ""),
+        ["whoami"] => return special_target("WhoAmI", Verb::Get, ""),
+        ["nodes", name, "join"] => return special_target("Node", Verb::Create, name),
+        ["nodes", name, "credential"] => {
+            let verb = if method == Method::GET { Verb::Get } else { Verb::Update };
+            return special_target(special::NODE_CREDENTIAL, verb, name);
+        }
+        _ => {}
+    }
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, "", None),
+        [plural, name] => (*plural, *name, None),
+        [plural, name, sub] => (*plural, *name, Some(*sub)),
+        _ => return None,
+    };
+    let kind = registry::kinds().iter().find(|k| k.plural == plural)?;
+    let verb = match sub {
+        None => verb_of(method, !name.is_empty(), false, watch)?,
+        Some("status") => verb_of(method, true, true, false)?,
+        // Subresources that read an object (logs, metrics) need its read.
+        Some(_) if method == Method::GET => Verb::Get,
+        Some(_) => return None,
+    };
+    if !kind.namespaced && !project.is_empty() {
+        return None;
+    }
+    Some(Target { verb, kind: kind.kind.to_string(), project, name: name.to_string(), special: false })
+}
+
+/// [`target_with_query`] without a query.
+pub fn target(method: &Method, path: &str) -> Option<Target> {
+    target_with_query(method, path, "")
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Middleware: authenticates every `/v1/` request and authorizes those on
+/// objects; refusals are answered here (401, 403) in the error contract.
+pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let Some(token) = bearer(&req).map(str::to_string) else {
+        return ApiError::Unauthorized("no bearer token: send Authorization: Bearer <token>".into()).into_response();
+    };
+    let verified = match state.tokens.verify(&state.store, &token).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(why)) => return ApiError::Unauthorized(why.to_string()).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    let grants = match state.bindings.grants(&state.store, &verified.subject.to_string()).await {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    let caller = Caller { subject: verified.subject, token_id: Some(verified.id), grants };
+    let query = req.uri().query().unwrap_or("").to_string();
+    if let Some(t) = target_with_query(req.method(), req.uri().path(), &query)
+        && !t.special
+    {
+        let request = nexus_api::rbac::Request { verb: t.verb, kind: &t.kind, project: &t.project, name: &t.name };
+        if let Err(denied) = decide(&caller.subject, &caller.grants, &request) {
+            let mut resp = ApiError::Forbidden(denied).into_response();
+            resp.extensions_mut().insert(caller);
+            return resp;
+        }
+    }
+    req.extensions_mut().insert(caller.clone());
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(caller);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_their_verb_kind_project_and_name() {
+        let t = |m: Method, p: &str, q: &str| target_with_query(&m, p, q).map(|t| (t.verb, t.kind, t.project, t.name));
+        assert_eq!(t(Method::GET, "/v1/projects/p/vms", ""), Some((Verb::List, "VM".into(), "p".into(), "".into())));
+        assert_eq!(t(Method::GET, "/v1/projects/p/vms", "watch=true").unwrap().0, Verb::Watch);
+        assert_eq!(t(Method::PUT, "/v1/projects/p/vms/a/status", "").unwrap().0, Verb::UpdateStatus);
+        assert_eq!(t(Method::DELETE, "/v1/nodes/n1", ""), Some((Verb::Delete, "Node".into(), "".into(), "n1".into())));
+        assert_eq!(t(Method::GET, "/v1/vms", "").unwrap().2, "", "all projects");
+        assert_eq!(t(Method::GET, "/v1/projects/p/nodes/n1", ""), None, "nodes are cluster-wide");
+        assert_eq!(t(Method::GET, "/v1/projects/p/pods", ""), None);
+        let join = target(&Method::POST, "/v1/nodes/n1/join").unwrap();
+        assert!(join.special && join.name == "n1");
+    }
+}
