@@ -234,7 +234,7 @@ pub fn decide(subject: &Subject, grants: &Grants, req: &Request<'_>) -> Result<(
             };
         }
         Subject::Node(own) => {
-            let mine = req.kind == "Node" && (req.name == own || (req.name.is_empty() && req.verb == Verb::Create));
+            let mine = req.kind == "Node" && req.name == own;
             return match req.verb {
                 Verb::Get | Verb::List | Verb::Watch if req.kind == "Node" => Ok(()),
                 Verb::Create | Verb::UpdateStatus if mine => Ok(()),
@@ -440,6 +440,9 @@ mod tests {
         assert!(decide(&n, &g, &own).is_ok());
         assert!(decide(&n, &g, &other).is_err());
         assert!(decide(&n, &g, &Request { verb: Verb::Update, ..own.clone() }).is_err(), "not its spec");
+        let create = |name| Request { verb: Verb::Create, kind: "Node", project: "", name };
+        assert!(decide(&n, &g, &create("n1")).is_ok(), "registers itself");
+        assert!(decide(&n, &g, &create("n2")).is_err(), "not another node");
         assert!(decide(&n, &g, &req(Verb::Get, "VM", "p")).is_err());
     }
 

@@ -222,6 +222,13 @@ pub async fn create<S: ResourceSpec>(
 ) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
     let mut obj = parse_object::<S>(&body)?;
+    let request = nexus_api::rbac::Request {
+        verb: nexus_api::rbac::Verb::Create,
+        kind: S::KIND,
+        project: &t.project,
+        name: obj.name(),
+    };
+    nexus_api::rbac::decide(&caller.subject, &caller.grants, &request)?;
     check_host_paths(&state, &caller, &t.project, &obj, None).await?;
     if S::NAMESPACED {
         match &obj.metadata.project {

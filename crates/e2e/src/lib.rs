@@ -258,6 +258,11 @@ impl Cluster {
     /// Starts the three processes with state under `dir` and waits until
     /// the node is registered and Ready.
     pub async fn start(dir: &Path, node: &str) -> Cluster {
+        Cluster::start_with(dir, node, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra flags for the node agent.
+    pub async fn start_with(dir: &Path, node: &str, agent_extra: &[&str]) -> Cluster {
         std::fs::create_dir_all(dir).expect("cluster dir");
         let run_dir = dir.join("run");
         let data = dir.join("data");
@@ -296,6 +301,7 @@ impl Cluster {
             "direct",
         ]
         .iter()
+        .chain(agent_extra)
         .map(|a| a.to_string())
         .collect();
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();

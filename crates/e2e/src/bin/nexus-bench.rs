@@ -20,6 +20,10 @@ const PROJECT: &str = "bench";
 
 struct Args {
     server: Option<String>,
+    /// Token for `--server` (default: `$NEXUS_TOKEN`).
+    token: Option<String>,
+    /// A JSON line of an earlier run to print differences against.
+    compare: Option<std::path::PathBuf>,
     backend: String,
     objects: usize,
     concurrency: usize,
@@ -27,19 +31,29 @@ struct Args {
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { server: None, backend: "sqlite".into(), objects: 10_000, concurrency: 16, ops: 2_000 };
+    let mut args = Args {
+        server: None,
+        token: std::env::var("NEXUS_TOKEN").ok(),
+        compare: None,
+        backend: "sqlite".into(),
+        objects: 10_000,
+        concurrency: 16,
+        ops: 2_000,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--server" => args.server = Some(value()?),
+            "--token" => args.token = Some(value()?),
+            "--compare" => args.compare = Some(value()?.into()),
             "--backend" => args.backend = value()?,
             "--objects" => args.objects = value()?.parse()?,
             "--concurrency" => args.concurrency = value()?.parse()?,
             "--ops" => args.ops = value()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "nexus-bench [--backend sqlite|postgres | --server URL] [--objects 10000] [--concurrency 16] [--ops 2000]"
+                    "nexus-bench [--backend sqlite|postgres | --server URL --token T] [--objects 10000] [--concurrency 16] [--ops 2000] [--compare EARLIER.json]"
                 );
                 std::process::exit(0);
             }
@@ -220,6 +234,38 @@ async fn bench(client: Client, args: &Args, backend: &str) -> anyhow::Result<()>
         })
         .collect();
     println!("{}", serde_json::json!({"backend": backend, "objects": args.objects, "concurrency": c, "results": json}));
+    if let Some(path) = &args.compare {
+        compare(path, &all)?;
+    }
+    Ok(())
+}
+
+/// Prints this run's p50 and p99 beside an earlier run's (its JSON line).
+fn compare(path: &std::path::Path, now: &[Stats]) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line in the file")?;
+    let before: serde_json::Value = serde_json::from_str(line)?;
+    println!("\ncompared with {}:", path.display());
+    println!(
+        "{:<20} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "operation", "p50 then", "p50 now", "diff", "p99 then", "p99 now", "diff"
+    );
+    for s in now {
+        let Some(old) = before["results"].as_array().and_then(|r| r.iter().find(|o| o["operation"] == s.op)) else {
+            continue;
+        };
+        let (p50, p99) = (old["p50_ms"].as_f64().unwrap_or(0.0), old["p99_ms"].as_f64().unwrap_or(0.0));
+        println!(
+            "{:<20} {:>10.2} {:>10.2} {:>+9.2} {:>10.2} {:>10.2} {:>+9.2}",
+            s.op,
+            p50,
+            s.pct(0.5),
+            s.pct(0.5) - p50,
+            p99,
+            s.pct(0.99),
+            s.pct(0.99) - p99
+        );
+    }
     Ok(())
 }
 
@@ -227,7 +273,7 @@ async fn bench(client: Client, args: &Args, backend: &str) -> anyhow::Result<()>
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(server) = &args.server {
-        return bench(Client::new(server, None), &args, "external").await;
+        return bench(Client::new(server, args.token.clone()), &args, "external").await;
     }
     let dir = tempfile::tempdir()?;
     let pg;
