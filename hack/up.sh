@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 . hack/lib.sh
 
 state=${NEXUS_STATE_DIR:-/var/lib/nexus}
-server=http://127.0.0.1:7443
+server=https://127.0.0.1:7443
+pki=$state/data/pki
 need_build_tools
 [ "$(id -u)" -eq 0 ] || { echo "hack/up.sh needs root: the agent creates a bridge and TAP devices" >&2; exit 1; }
 
@@ -32,6 +33,11 @@ start() {
     nohup "$@" >>"$state/log/$name.log" 2>&1 &
     echo $! > "$state/$name.pid"
 }
+# TLS on the loopback too: the cluster's CA (made once, kept after), the
+# apiserver's certificate (found in $pki by default) and the agent's.
+nexus-apiserver --data-dir "$state/data" init-pki >/dev/null
+nexus-apiserver issue-cert --dir "$pki" --name agent --san 127.0.0.1 >/dev/null
+export NEXUS_CA_FILE=$pki/ca.crt
 # Dev mode (--allow-raw-paths): the examples name kernels and disks by path.
 start apiserver nexus-apiserver --data-dir "$state/data" --allow-raw-paths
 for _ in $(seq 50); do nexusctl --server "$server" version >/dev/null 2>&1 && break; sleep 0.2; done
@@ -39,7 +45,8 @@ for _ in $(seq 50); do nexusctl --server "$server" version >/dev/null 2>&1 && br
 for _ in $(seq 50); do [ -s "$state/data/admin.token" ] && break; sleep 0.2; done
 admin=$(cat "$state/data/admin.token")
 # nexusctl uses it from now on (context "local", file mode 0600).
-nexusctl config set-context local --server "$server" --token "$admin" --project default >/dev/null
+nexusctl config set-context local --server "$server" --certificate-authority "$pki/ca.crt" --token "$admin" \
+    --project default >/dev/null
 nexusctl config use-context local >/dev/null
 # Each component its own credential: the controller's token, and a
 # short-lived join token with which the agent gets its own.
@@ -49,9 +56,11 @@ if [ ! -s "$state/controller.token" ]; then
 fi
 (umask 077; nexusctl token create --subject system:join --ttl 10m --description "hack/up.sh" -o token \
     > "$state/join.token")
-start nodeagent nexus-nodeagent --apiserver "$server" --state-dir "$state/agent" \
+start nodeagent nexus-nodeagent --apiserver "$server" --ca-file "$pki/ca.crt" \
+    --tls-cert "$pki/agent.crt" --tls-key "$pki/agent.key" --state-dir "$state/agent" \
     --join-token-file "$state/join.token" --run-dir "$state/run" --firecracker "$vmm"
-start controller nexus-controller --apiserver "$server" --token-file "$state/controller.token"
+start controller nexus-controller --apiserver "$server" --ca-file "$pki/ca.crt" \
+    --token-file "$state/controller.token"
 
 nexusctl apply -f examples/vm.yaml
 running=0
@@ -60,5 +69,6 @@ nexusctl get vms -o wide
 [ "$running" -eq 0 ] || { echo "the example VM is not Running; see $state/log/*.log" >&2; exit 1; }
 echo
 echo "nexus is up: logs in $state/log, binaries in $bin (add it to PATH)."
-echo "nexusctl's context \"local\" holds the cluster admin's token ($state/data/admin.token)."
+echo "nexusctl's context \"local\" holds the cluster admin's token ($state/data/admin.token)"
+echo "and trusts the cluster's CA ($pki/ca.crt); every connection is HTTPS."
 echo "Try: $bin/nexusctl get vms; $bin/nexusctl delete vm hello; stop with hack/down.sh"

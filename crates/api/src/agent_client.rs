@@ -7,6 +7,7 @@ use crate::ErrorBody;
 use crate::agent::{
     CapacityReport, Collect, CollectReport, EnsureVm, Inventory, SnapshotReport, SnapshotRequest, VmReport,
 };
+use crate::tls::Trust;
 
 /// Failures calling an agent.
 #[derive(Debug, thiserror::Error)]
@@ -48,19 +49,14 @@ pub struct AgentClient {
     http: reqwest::Client,
 }
 
-impl Default for AgentClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl AgentClient {
-    pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
+    /// A client that verifies agents serving HTTPS with `trust` (the
+    /// cluster's CA, which signs their certificates).
+    pub fn new(trust: &Trust) -> Self {
+        let http = trust
+            .apply(reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)))
             .build()
-            .expect("a TLS-less reqwest client always builds");
+            .expect("a client with rustls and loaded certificates always builds");
         Self { http }
     }
 
@@ -119,7 +115,12 @@ impl AgentClient {
         url: &str,
     ) -> Result<T, AgentCallError> {
         let unavailable = |message: String| AgentCallError::Unavailable { url: url.to_string(), message };
-        let resp = req.bearer_auth(&to.credential).send().await.map_err(|e| unavailable(e.to_string()))?;
+        let resp = req.bearer_auth(&to.credential).send().await.map_err(|e| {
+            unavailable(match crate::tls::tls_failure(&e) {
+                Some(tls) => format!("TLS failed: {tls}"),
+                None => e.to_string(),
+            })
+        })?;
         let status = resp.status();
         if status.as_u16() == 401 {
             return Err(AgentCallError::Unauthorized { url: url.to_string() });

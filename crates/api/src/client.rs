@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ErrorBody;
 use crate::meta::{Object, ObjectList, ResourceSpec};
+use crate::tls::Trust;
 use crate::watch::{WatchEvent, WatchEventType};
 
 /// Failures of a client call.
@@ -22,6 +23,10 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// The TLS handshake failed: the server's certificate is not signed by
+    /// a trusted CA, names another host, or the server does not speak TLS.
+    #[error("TLS with the apiserver at {url} failed: {message}")]
+    Tls { url: String, message: String },
     /// The answer was not what the API promises.
     #[error("unexpected response from the apiserver: {0}")]
     Decode(String),
@@ -47,6 +52,14 @@ impl ClientError {
     /// Whether the watch's resourceVersion is too old and a relist is needed.
     pub fn is_gone(&self) -> bool {
         self.status() == Some(410)
+    }
+}
+
+/// A request that got no answer, as [`ClientError::Tls`] when TLS is why.
+fn transport_error(url: &str, source: reqwest::Error) -> ClientError {
+    match crate::tls::tls_failure(&source) {
+        Some(message) => ClientError::Tls { url: url.to_string(), message },
+        None => ClientError::Transport { url: url.to_string(), source },
     }
 }
 
@@ -94,19 +107,28 @@ pub enum Event<T> {
 pub struct Client {
     base: String,
     token: std::sync::Arc<std::sync::RwLock<Option<String>>>,
+    trust: Trust,
     http: reqwest::Client,
 }
 
 impl Client {
-    /// A client for the apiserver at `base` (such as `http://127.0.0.1:7443`).
+    /// A client for the apiserver at `base` (such as `https://127.0.0.1:7443`)
+    /// that trusts the system's root certificates.
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        Client::with_trust(base, token, Trust::system())
+    }
+
+    /// A client for the apiserver at `base` that verifies it with `trust`
+    /// (the cluster's CA, usually).
+    pub fn with_trust(base: &str, token: Option<String>, trust: Trust) -> Self {
+        let http = trust
+            .apply(reqwest::Client::builder().connect_timeout(Duration::from_secs(5)))
             .build()
-            .expect("a TLS-less reqwest client always builds");
+            .expect("a client with rustls and loaded certificates always builds");
         Self {
             base: base.trim_end_matches('/').to_string(),
             token: std::sync::Arc::new(std::sync::RwLock::new(token)),
+            trust,
             http,
         }
     }
@@ -114,7 +136,7 @@ impl Client {
     /// A client of the same server and token (shared: a rotation reaches
     /// both) with connections of its own, for use on another runtime.
     pub fn with_fresh_connections(&self) -> Client {
-        let fresh = Client::new(&self.base, None);
+        let fresh = Client::with_trust(&self.base, None, self.trust.clone());
         Client { token: self.token.clone(), ..fresh }
     }
 
@@ -126,6 +148,11 @@ impl Client {
     /// The token presented, if any.
     pub fn token(&self) -> Option<String> {
         self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The certificate authorities this client trusts.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     /// The server this client talks to.
@@ -159,13 +186,37 @@ impl Client {
         }
     }
 
+    /// Sends `req`; an answer of 429 is waited out (its Retry-After, at
+    /// most 10 s) and the request sent again, up to five times.
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
-        let resp = req.timeout(Duration::from_secs(30)).send().await.map_err(|e| self.transport(e))?;
-        decode(resp).await
+        let mut req = req.timeout(Duration::from_secs(30));
+        let mut attempt = 0;
+        loop {
+            let again = req.try_clone();
+            let resp = req.send().await.map_err(|e| self.transport(e))?;
+            if resp.status().as_u16() == 429
+                && attempt < 5
+                && let Some(next) = again
+            {
+                let wait = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .min(10);
+                tracing::debug!(wait, "the apiserver asked to slow down");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                req = next;
+                attempt += 1;
+                continue;
+            }
+            return decode(resp).await;
+        }
     }
 
     fn transport(&self, source: reqwest::Error) -> ClientError {
-        ClientError::Transport { url: self.base.clone(), source }
+        transport_error(&self.base, source)
     }
 
     /// Reads one object.
@@ -299,7 +350,7 @@ impl Client {
                 .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
         }
         let url = self.base.clone();
-        Ok(resp.bytes_stream().map_err(move |source| ClientError::Transport { url: url.clone(), source }))
+        Ok(resp.bytes_stream().map_err(move |source| transport_error(&url, source)))
     }
 
     /// Server version information (`GET /version`).
@@ -336,7 +387,7 @@ impl Client {
                 .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
         }
         let url = self.base.clone();
-        let bytes = resp.bytes_stream().map_err(move |source| ClientError::Transport { url: url.clone(), source });
+        let bytes = resp.bytes_stream().map_err(move |source| transport_error(&url, source));
         Ok(lines(bytes).map(|line| line.and_then(|l| parse_event::<S>(&l))))
     }
 }

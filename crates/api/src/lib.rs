@@ -12,9 +12,11 @@ pub mod image;
 pub mod lease;
 pub mod meta;
 pub mod node;
+pub mod quota;
 pub mod rbac;
 pub mod registry;
 pub mod schema;
+pub mod shape;
 pub mod snapshot;
 pub mod template;
 pub mod validation;
@@ -25,6 +27,8 @@ pub mod watch;
 pub mod agent_client;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
+pub mod tls;
 
 pub use error::ErrorBody;
 pub use event::{Event, EventSpec};
@@ -32,6 +36,7 @@ pub use image::{Image, ImageSpec};
 pub use lease::{Lease, LeaseSpec};
 pub use meta::{Condition, ConditionStatus, ListMeta, Object, ObjectList, ObjectMeta, ResourceSpec};
 pub use node::{Node, NodeSpec, NodeStatus};
+pub use quota::{ResourceQuota, ResourceQuotaSpec};
 pub use rbac::{ClusterRoleBinding, ClusterRoleBindingSpec, RoleBinding, RoleBindingSpec};
 pub use snapshot::{Snapshot, SnapshotSpec};
 pub use template::{Template, TemplateSpec};

@@ -329,6 +329,9 @@ fn validate_subjects(errors: &mut FieldErrors, subjects: &[String]) {
     if subjects.is_empty() {
         errors.add("spec.subjects", "[]", "must name at least one subject, such as user:alice");
     }
+    if subjects.len() > 100 {
+        errors.add("spec.subjects", format!("{} entries", subjects.len()), "at most 100 subjects per binding");
+    }
     for (i, s) in subjects.iter().enumerate() {
         match Subject::parse(s) {
             Ok(Subject::User(_) | Subject::ServiceAccount { .. }) => {}

@@ -155,6 +155,7 @@ pub fn visit_kinds(visitor: &mut impl KindVisitor) {
     visitor.visit::<crate::LeaseSpec>();
     visitor.visit::<crate::RoleBindingSpec>();
     visitor.visit::<crate::ClusterRoleBindingSpec>();
+    visitor.visit::<crate::ResourceQuotaSpec>();
 }
 
 static KINDS: LazyLock<Vec<KindInfo>> = LazyLock::new(|| {

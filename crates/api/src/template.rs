@@ -72,5 +72,9 @@ impl ResourceSpec for TemplateSpec {
         if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
             crate::vm::validate_ip_request(errors, "spec.network.ip", ip);
         }
+        if let Some(args) = &self.boot_args {
+            crate::validation::validate_boot_args(errors, "spec.bootArgs", args);
+        }
+        crate::validation::validate_labels(errors, "spec.nodeSelector", &self.node_selector);
     }
 }

@@ -26,9 +26,15 @@ impl std::fmt::Display for FieldError {
 pub struct FieldErrors(pub Vec<FieldError>);
 
 impl FieldErrors {
-    /// Records that `field` holds `value`, which is not what `expected` describes.
+    /// Records that `field` holds `value`, which is not what `expected`
+    /// describes. A long value is shortened: an error never echoes a
+    /// megabyte back.
     pub fn add(&mut self, field: &str, value: impl std::fmt::Display, expected: &str) {
-        self.0.push(FieldError { field: field.to_string(), value: value.to_string(), expected: expected.to_string() });
+        self.0.push(FieldError {
+            field: truncate(field, MAX_ECHO),
+            value: truncate(&value.to_string(), MAX_ECHO),
+            expected: expected.to_string(),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -41,6 +47,20 @@ impl std::fmt::Display for FieldErrors {
         let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
         f.write_str(&parts.join("; "))
     }
+}
+
+/// Longest part of a sent value an error repeats.
+pub const MAX_ECHO: usize = 100;
+
+/// `text`, cut to at most `max` characters (marked with `…` when cut).
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max).collect();
+    out.push('…');
+    out.push_str(&format!(" ({} bytes)", text.len()));
+    out
 }
 
 /// Checks that `value` is a DNS label: 1-63 of `[a-z0-9-]`, starting and
@@ -95,17 +115,104 @@ pub fn validate_meta<S: ResourceSpec>(meta: &ObjectMeta, errors: &mut FieldError
         }
         (None, _) => {}
     }
-    for key in meta.labels.keys() {
-        let ok = !key.is_empty()
-            && key.len() <= 63
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-        if !ok {
+    validate_labels(errors, "metadata.labels", &meta.labels);
+    if meta.annotations.len() > MAX_ANNOTATIONS {
+        errors.add(
+            "metadata.annotations",
+            format!("{} entries", meta.annotations.len()),
+            &format!("at most {MAX_ANNOTATIONS} annotations"),
+        );
+    }
+    let mut total = 0;
+    for (key, value) in &meta.annotations {
+        total += key.len() + value.len();
+        if !label_key_ok(key, 253) {
             errors.add(
-                &format!("metadata.labels.{key}"),
+                &format!("metadata.annotations.{key}"),
+                key,
+                "annotation keys must be 1-253 of letters, digits, '-', '_', '.' or '/'",
+            );
+        }
+    }
+    if total > MAX_ANNOTATION_BYTES {
+        errors.add(
+            "metadata.annotations",
+            format!("{total} bytes"),
+            &format!("annotations must total at most {MAX_ANNOTATION_BYTES} bytes (keys and values)"),
+        );
+    }
+    if meta.finalizers.len() > MAX_FINALIZERS {
+        errors.add(
+            "metadata.finalizers",
+            format!("{} entries", meta.finalizers.len()),
+            &format!("at most {MAX_FINALIZERS} finalizers"),
+        );
+    }
+    for (i, f) in meta.finalizers.iter().enumerate() {
+        if !label_key_ok(f, 253) {
+            errors.add(
+                &format!("metadata.finalizers[{i}]"),
+                f,
+                "finalizers are 1-253 of letters, digits, '-', '_', '.' or '/'",
+            );
+        }
+    }
+    if meta.owner_references.len() > MAX_FINALIZERS {
+        errors.add(
+            "metadata.ownerReferences",
+            format!("{} entries", meta.owner_references.len()),
+            &format!("at most {MAX_FINALIZERS} owners"),
+        );
+    }
+}
+
+/// Most labels an object carries.
+pub const MAX_LABELS: usize = 64;
+/// Most annotations an object carries, and their total size in bytes.
+pub const MAX_ANNOTATIONS: usize = 64;
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
+/// Most finalizers (and owner references) an object carries.
+pub const MAX_FINALIZERS: usize = 32;
+
+fn label_key_ok(key: &str, max: usize) -> bool {
+    !key.is_empty() && key.len() <= max && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+/// Checks a label map at `field`: keys 1-63 of `[A-Za-z0-9-_./]`, values
+/// at most 63 of `[A-Za-z0-9-_.]`, at most [`MAX_LABELS`] of them.
+pub fn validate_labels(errors: &mut FieldErrors, field: &str, labels: &std::collections::BTreeMap<String, String>) {
+    if labels.len() > MAX_LABELS {
+        errors.add(field, format!("{} entries", labels.len()), &format!("at most {MAX_LABELS} labels"));
+    }
+    for (key, value) in labels {
+        if !label_key_ok(key, 63) {
+            errors.add(
+                &format!("{field}.{key}"),
                 key,
                 "label keys must be 1-63 of letters, digits, '-', '_', '.' or '/'",
             );
         }
+        let value_ok = value.len() <= 63 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !value_ok {
+            errors.add(
+                &format!("{field}.{key}"),
+                value,
+                "label values must be at most 63 of letters, digits, '-', '_' or '.'",
+            );
+        }
+    }
+}
+
+/// Longest kernel command line accepted (x86's COMMAND_LINE_SIZE).
+pub const MAX_BOOT_ARGS: usize = 2048;
+
+/// Checks a kernel command line: at most [`MAX_BOOT_ARGS`] bytes of
+/// printable characters.
+pub fn validate_boot_args(errors: &mut FieldErrors, field: &str, args: &str) {
+    if args.len() > MAX_BOOT_ARGS {
+        errors.add(field, args, &format!("must be at most {MAX_BOOT_ARGS} bytes (the kernel's command-line limit)"));
+    } else if args.chars().any(char::is_control) {
+        errors.add(field, args.escape_debug(), "must be printable characters on one line");
     }
 }
 

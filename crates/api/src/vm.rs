@@ -335,6 +335,10 @@ impl ResourceSpec for VmSpec {
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);
         }
+        if let Some(args) = &self.boot_args {
+            crate::validation::validate_boot_args(errors, "spec.bootArgs", args);
+        }
+        crate::validation::validate_labels(errors, "spec.nodeSelector", &self.node_selector);
         if let Some(mac) = self.network.as_ref().and_then(|n| n.mac.as_ref()) {
             validate_mac(errors, "spec.network.mac", mac);
         }

@@ -277,6 +277,22 @@ async fn audit(
             "{e}; parameters: project, kind, name, actor, result (allowed|denied|failed), since, until (RFC 3339), limit, continue"
         ))
     })?;
+    // Filters are compared with what is stored: names, kinds and subjects.
+    for (param, value) in [("project", &p.project), ("kind", &p.kind), ("name", &p.name), ("actor", &p.actor)] {
+        if let Some(v) = value
+            && (v.len() > 253 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "{param}={:?} is not a name: letters, digits, '-', '_', '.' and ':' only",
+                nexus_api::validation::truncate(v, 80)
+            )));
+        }
+    }
+    if let Some(r) = &p.result
+        && !["allowed", "denied", "failed"].contains(&r.as_str())
+    {
+        return Err(ApiError::BadRequest("result must be allowed, denied or failed".into()));
+    }
     match (&p.project, caller.grants.cluster_admin()) {
         (_, true) => {}
         (Some(project), false) if caller.holds(project, Role::Admin) => {}

@@ -24,6 +24,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("resourceVersion {requested} is too old: changes up to {oldest} were compacted away")]
     Gone { requested: i64, oldest: i64 },
+    #[error("resourceVersion {requested} is newer than the newest change ({newest})")]
+    TooNew { requested: i64, newest: i64 },
     #[error("storage failed")]
     Storage(#[from] sqlx::Error),
     #[error("storage returned a corrupt object")]
@@ -36,6 +38,12 @@ pub enum ApiError {
     Forbidden(#[from] nexus_api::rbac::Denied),
     #[error("{message}")]
     Refused { message: String, suggestion: String },
+    #[error("request bodies must be JSON")]
+    UnsupportedMediaType,
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_secs: u64 },
+    #[error("{message}")]
+    QuotaExceeded { message: String },
 }
 
 fn in_project(project: &str) -> String {
@@ -51,8 +59,10 @@ impl ApiError {
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::Refused { .. } => StatusCode::FORBIDDEN,
-            ApiError::Gone { .. } => StatusCode::GONE,
+            ApiError::Forbidden(_) | ApiError::Refused { .. } | ApiError::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Gone { .. } | ApiError::TooNew { .. } => StatusCode::GONE,
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -67,7 +77,10 @@ impl ApiError {
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) | ApiError::Refused { .. } => "Forbidden",
-            ApiError::Gone { .. } => "Expired",
+            ApiError::QuotaExceeded { .. } => "QuotaExceeded",
+            ApiError::UnsupportedMediaType => "UnsupportedMediaType",
+            ApiError::TooManyRequests { .. } => "TooManyRequests",
+            ApiError::Gone { .. } | ApiError::TooNew { .. } => "Expired",
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => "InternalError",
         }
     }
@@ -83,7 +96,9 @@ impl ApiError {
             ApiError::Conflict { .. } => {
                 Some("read the object again and retry your change on the latest version".into())
             }
-            ApiError::Gone { .. } => Some("list again and watch from the list's resourceVersion".into()),
+            ApiError::Gone { .. } | ApiError::TooNew { .. } => {
+                Some("list again and watch from the list's resourceVersion".into())
+            }
             ApiError::Invalid { errors, .. } => errors.0.first().map(|e| format!("{}: {}", e.field, e.expected)),
             ApiError::Unauthorized(_) => Some(
                 "create a token with `nexusctl token create` (an admin's token is written to the apiserver's data \
@@ -96,6 +111,13 @@ impl ApiError {
                 d.what
             )),
             ApiError::Refused { suggestion, .. } => Some(suggestion.clone()),
+            ApiError::UnsupportedMediaType => Some("send the body with Content-Type: application/json".into()),
+            ApiError::TooManyRequests { retry_after_secs, .. } => {
+                Some(format!("slow down: retry after {retry_after_secs} s (Retry-After)"))
+            }
+            ApiError::QuotaExceeded { .. } => Some(
+                "delete something in the project, or ask its admin to raise the quota (nexusctl describe quota)".into(),
+            ),
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => {
                 Some("retry; if it persists, check the apiserver's log for this requestId".into())
             }
@@ -107,10 +129,11 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: self.reason().to_string(),
-            message: self.to_string(),
+            // Messages may quote what was sent: never a megabyte of it.
+            message: nexus_api::validation::truncate(&self.to_string(), 1000),
             status: self.status_code().as_u16(),
             fault_message: None,
-            suggestion: self.suggestion(),
+            suggestion: self.suggestion().map(|s| nexus_api::validation::truncate(&s, 1000)),
             request_id: request_id::current(),
         }
     }
@@ -122,6 +145,11 @@ impl IntoResponse for ApiError {
             tracing::error!(error = ?self, "request failed");
         }
         let mut resp = (self.status_code(), axum::Json(self.body())).into_response();
+        if let ApiError::TooManyRequests { retry_after_secs, .. } = &self
+            && let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            resp.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
         if matches!(self, ApiError::Unauthorized(_)) {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));

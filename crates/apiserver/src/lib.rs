@@ -4,9 +4,12 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod edge;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod quota;
 pub mod request_id;
 pub mod resources;
 pub mod selector;
@@ -43,6 +46,13 @@ pub struct AppState {
     pub anonymous_budget: std::sync::Arc<audit::AnonymousBudget>,
     /// Dev mode: admins may name raw host paths as kernels and disks.
     pub allow_raw_paths: bool,
+    /// Which Host headers are answered.
+    pub hosts: edge::HostPolicy,
+    /// Request budgets and watch caps per identity.
+    pub limits: std::sync::Arc<limits::Limits>,
+    /// Web origins allowed to call the API from a browser (none: no CORS
+    /// headers, so browsers refuse cross-origin calls).
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 impl AppState {
@@ -59,6 +69,9 @@ impl AppState {
             bindings,
             anonymous_budget: Default::default(),
             allow_raw_paths: false,
+            hosts: edge::HostPolicy::Any,
+            limits: Default::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -98,7 +111,8 @@ fn all_kind_routes() -> Router<AppState> {
 
 /// The full HTTP application.
 pub fn app(state: AppState) -> Router {
-    all_kind_routes()
+    let cors = edge::cors(&state.cors_origins);
+    let router = all_kind_routes()
         .merge(access::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -107,11 +121,20 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
         .fallback(fallback)
         .route_layer(axum::middleware::from_fn(metrics::layer))
-        // Outermost first: request ids, then audit, then authentication.
+        // Outermost last: request ids, panics, the edge checks, audit,
+        // then authentication and authorization.
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer))
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::layer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), edge::layer))
+        .layer(axum::middleware::from_fn(edge::catch_panics))
         .layer(axum::middleware::from_fn(request_id::layer))
-        .with_state(state)
+        .with_state(state);
+    // Outside everything: a preflight carries no token and is answered
+    // here; every other answer gets the allow-list's headers.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {

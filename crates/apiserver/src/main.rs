@@ -11,12 +11,26 @@ use nexus_apiserver::{AppState, app, store::Store};
 #[derive(Debug, Parser)]
 #[command(name = "nexus-apiserver", version, about = "The nexus API server")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on.
     #[arg(long, env = "NEXUS_LISTEN", default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
-    /// Directory holding the embedded SQLite database (`nexus.db`).
-    #[arg(long, env = "NEXUS_DATA_DIR", default_value = "/var/lib/nexus")]
+    /// Directory holding the embedded SQLite database (`nexus.db`) and, by
+    /// default, the cluster's PKI (`pki/`).
+    #[arg(long, env = "NEXUS_DATA_DIR", default_value = "/var/lib/nexus", global = true)]
     data_dir: PathBuf,
+    /// Serving certificate (PEM; default: `pki/apiserver.crt` in the data
+    /// directory when it exists).
+    #[arg(long, env = "NEXUS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM; default: `pki/apiserver.key`).
+    #[arg(long, env = "NEXUS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP, without TLS (tokens then cross the network in
+    /// clear text; meant for the loopback).
+    #[arg(long, env = "NEXUS_PLAIN_HTTP")]
+    plain_http: bool,
     /// Use PostgreSQL instead of SQLite (`postgres://user@host/db`); several
     /// apiservers may share one database.
     #[arg(long, env = "NEXUS_DATABASE_URL")]
@@ -35,12 +49,101 @@ struct Args {
     /// (default: `admin.token` in the data directory).
     #[arg(long, env = "NEXUS_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
+    /// Another name the server answers to (repeatable). A server on the
+    /// loopback answers only to localhost, 127.0.0.1, [::1] and these.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// A web origin (scheme://host[:port]) whose pages may call the API
+    /// from a browser (repeatable; none by default).
+    #[arg(long = "cors-origin", env = "NEXUS_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+    /// Requests per second each person or service account may make.
+    #[arg(long, default_value_t = 200.0)]
+    rate_limit_qps: f64,
+    /// Burst above that rate.
+    #[arg(long, default_value_t = 1000.0)]
+    rate_limit_burst: f64,
+    /// Requests per second each system component (controller, node) may make.
+    #[arg(long, default_value_t = 5000.0)]
+    system_rate_limit_qps: f64,
+    /// Open watches per person or service account.
+    #[arg(long, default_value_t = 50)]
+    max_watches_per_identity: usize,
+    /// Open watches in all.
+    #[arg(long, default_value_t = 5000)]
+    max_watches: usize,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Make the cluster's CA (once) and the apiserver's serving
+    /// certificate, in the PKI directory.
+    InitPki {
+        /// PKI directory (default: `pki` in the data directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Another DNS name or IP address the apiserver is reached by
+        /// (repeatable; localhost, 127.0.0.1, ::1 and the host name are
+        /// always included).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Issue a serving certificate signed by the cluster's CA (for a node
+    /// agent: `--name node-1 --san 10.0.0.5`).
+    IssueCert {
+        /// PKI directory (default: `pki` in the data directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Certificate name: the files are NAME.crt and NAME.key.
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address the server is reached by (repeatable).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+}
+
+/// Runs a PKI subcommand and prints what it made.
+fn pki(command: Command, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    use nexus_tls::pki;
+    let (dir, name, sans) = match command {
+        Command::InitPki { dir, sans } => {
+            let dir = dir.unwrap_or_else(|| data_dir.join("pki"));
+            match pki::init_ca(&dir)? {
+                pki::CaOutcome::Created => println!("made a new CA: {}", dir.join(pki::CA_CERT).display()),
+                pki::CaOutcome::Kept => println!("kept the existing CA: {}", dir.join(pki::CA_CERT).display()),
+            }
+            let mut all = pki::default_sans();
+            all.extend(sans.into_iter().filter(|s| !pki::default_sans().contains(s)));
+            (dir, "apiserver".to_string(), all)
+        }
+        Command::IssueCert { dir, name, sans } => (dir.unwrap_or_else(|| data_dir.join("pki")), name, sans),
+    };
+    let issued = pki::issue(&dir, &name, &sans)?;
+    println!("issued {name} for {}:", sans.join(", "));
+    println!("  certificate: {}", issued.cert.display());
+    println!("  key:         {}", issued.key.display());
+    println!(
+        "clients trust {} (nexusctl config set-context --certificate-authority, --ca-file)",
+        dir.join(pki::CA_CERT).display()
+    );
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return pki(command, &args.data_dir);
+    }
     init_logging();
-    let args = Args::parse();
+    let pki_dir = args.data_dir.join("pki");
+    let serving = nexus_tls::serving(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.plain_http,
+        Some((pki_dir.join("apiserver.crt"), pki_dir.join("apiserver.key"))),
+    )?;
     let (store, database) = match &args.database_url {
         Some(url) => {
             let store = Store::open_postgres(url).await.context("connecting to PostgreSQL")?;
@@ -61,6 +164,21 @@ async fn main() -> anyhow::Result<()> {
     state.bookmark_interval = Duration::from_secs(args.bookmark_interval_secs.max(1));
     state.metrics = Some(metrics);
     state.allow_raw_paths = args.allow_raw_paths;
+    state.limits = std::sync::Arc::new(nexus_apiserver::limits::Limits::new(nexus_apiserver::limits::Budgets {
+        users: nexus_apiserver::limits::Rate { per_second: args.rate_limit_qps, burst: args.rate_limit_burst },
+        system: nexus_apiserver::limits::Rate {
+            per_second: args.system_rate_limit_qps,
+            burst: args.system_rate_limit_qps * 2.0,
+        },
+        user_watches: args.max_watches_per_identity,
+        system_watches: args.max_watches_per_identity.max(500),
+        total_watches: args.max_watches,
+    }));
+    state.cors_origins =
+        args.cors_origins.iter().map(|o| nexus_apiserver::edge::parse_origin(o)).collect::<Result<_, _>>()?;
+    if args.listen.ip().is_loopback() {
+        state.hosts = nexus_apiserver::edge::HostPolicy::loopback(&args.server_names);
+    }
     let token_file = args.bootstrap_token_file.clone().unwrap_or_else(|| args.data_dir.join("admin.token"));
     match nexus_apiserver::access::bootstrap(&state, &token_file).await {
         Ok(Some(path)) => tracing::info!(
@@ -75,14 +193,13 @@ async fn main() -> anyhow::Result<()> {
     }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, %database, "apiserver ready");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown().await;
-            // End open watches so the graceful shutdown does not wait on them.
-            let _ = shutdown_tx.send(true);
-        })
-        .await?;
+    tracing::info!(listen = %args.listen, scheme = serving.scheme(), %database, "apiserver ready");
+    nexus_tls::serve(listener, serving, app(state), async move {
+        shutdown().await;
+        // End open watches so the graceful shutdown does not wait on them.
+        let _ = shutdown_tx.send(true);
+    })
+    .await?;
     Ok(())
 }
 

@@ -47,19 +47,30 @@ fn encode_continue(project: &str, name: &str) -> String {
 fn decode_continue(token: &str) -> Result<(String, String), ApiError> {
     let bad = || {
         ApiError::BadRequest(format!(
-            "continue token {token:?} is not valid; pass metadata.continue from the previous page unchanged"
+            "continue token {:?} is not valid; pass metadata.continue from the previous page unchanged",
+            nexus_api::validation::truncate(token, 80)
         ))
     };
-    if token.len() % 2 != 0 || token.len() > 512 {
+    // Bytes, not chars: the token may hold anything a client sends.
+    let raw = token.as_bytes();
+    if raw.len() % 2 != 0 || raw.len() > 512 || !raw.iter().all(u8::is_ascii_hexdigit) {
         return Err(bad());
     }
-    let bytes: Vec<u8> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| bad())?;
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    };
+    let bytes: Vec<u8> = raw.chunks(2).map(|p| hex(p[0]) << 4 | hex(p[1])).collect();
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let (project, name) = text.split_once('\u{0}').ok_or_else(bad)?;
+    // Both halves are names: nothing else is a position in a list (and
+    // PostgreSQL refuses NUL bytes in text).
+    let is_name =
+        |s: &str| s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !is_name(project) || !is_name(name) {
+        return Err(bad());
+    }
     Ok((project.to_string(), name.to_string()))
 }
 
@@ -173,8 +184,32 @@ async fn image_roots(state: &AppState) -> Vec<String> {
     roots
 }
 
+/// The JSON Schema of every kind, by kind.
+static SCHEMAS: std::sync::LazyLock<HashMap<&'static str, Value>> = std::sync::LazyLock::new(|| {
+    nexus_api::registry::kinds()
+        .iter()
+        .filter_map(|k| {
+            nexus_api::schema::all()
+                .into_iter()
+                .find(|(stem, _)| *stem == k.kind.to_lowercase())
+                .map(|(_, s)| (k.kind, s))
+        })
+        .collect()
+});
+
 /// Parses and validates a request body as an object of kind `S`.
 fn parse_object<S: ResourceSpec>(body: &Bytes) -> Result<Object<S>, ApiError> {
+    // An array where the schema wants an object is refused before serde
+    // (whose structs would take the fields in order).
+    if let Ok(value) = serde_json::from_slice::<Value>(body)
+        && let Some((path, want, got)) =
+            SCHEMAS.get(S::KIND).and_then(|schema| nexus_api::shape::mismatch(&value, schema))
+    {
+        return Err(ApiError::Malformed {
+            kind: S::KIND.to_string(),
+            message: format!("{path}: expected {want}, got {got}"),
+        });
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     let obj: Object<S> = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -258,15 +293,25 @@ pub async fn create<S: ResourceSpec>(
         return Ok((StatusCode::CREATED, Json(obj)).into_response());
     }
     let (project, key) = (t.project.clone(), name.clone());
+    let reads = crate::quota::reads_for(S::KIND, &t.project);
     let stored = state
         .store
-        .mutate(S::KIND, &t.project, &name, &audit(&caller, &ids, "create", 201), move |current, rv| {
-            if current.is_some() {
-                return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project, name: key });
-            }
-            obj.metadata.resource_version = Some(rv.to_string());
-            Ok(Write::Put(to_value(&obj)?))
-        })
+        .mutate_seeing(
+            S::KIND,
+            &t.project,
+            &name,
+            &audit(&caller, &ids, "create", 201),
+            reads,
+            move |current, seen, rv| {
+                if current.is_some() {
+                    return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project, name: key });
+                }
+                obj.metadata.resource_version = Some(rv.to_string());
+                let value = to_value(&obj)?;
+                crate::quota::admit(S::KIND, obj.name(), &value, seen)?;
+                Ok(Write::Put(value))
+            },
+        )
         .await?;
     Ok(answer::<S>(&state, StatusCode::CREATED, stored))
 }
@@ -321,8 +366,9 @@ pub async fn list<S: ResourceSpec>(
                 ))
             })?),
         };
+        let slot = state.limits.open_watch(&caller.subject)?;
         metrics::counter!("nexus_apiserver_watches_total", "kind" => S::KIND).increment(1);
-        return watch::stream(state, filter, since).await;
+        return watch::stream(state, filter, since, slot).await;
     }
     let limit = match params.limit {
         None | Some(0) => None,
@@ -388,14 +434,20 @@ async fn update<S: ResourceSpec>(
     }
     let dry_run = params.dry_run()?;
     let (project, missing) = (t.project.clone(), not_found::<S>(&t));
+    // Spec updates count against quotas (a VM grown past its project's).
+    let reads = if verb == "update" { crate::quota::reads_for(S::KIND, &project) } else { Default::default() };
     let result = state
         .store
-        .mutate(S::KIND, &project, &name, &audit(caller, ids, verb, 200), move |current, rv| {
+        .mutate_seeing(S::KIND, &project, &name, &audit(caller, ids, verb, 200), reads, move |current, seen, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
             let mut next = current.clone();
             merge(&mut next, &sent);
-            finish_write(current, next, rv, dry_run)
+            let write = finish_write(current, next, rv, dry_run)?;
+            if let Write::Put(v) = &write {
+                crate::quota::admit(S::KIND, v["metadata"]["name"].as_str().unwrap_or_default(), v, seen)?;
+            }
+            Ok(write)
         })
         .await?;
     Ok(answer::<S>(state, StatusCode::OK, result))
@@ -509,7 +561,7 @@ mod tests {
     fn continue_tokens_round_trip_and_garbage_is_refused() {
         let token = encode_continue("default", "vm-7");
         assert_eq!(decode_continue(&token).unwrap(), ("default".to_string(), "vm-7".to_string()));
-        for bad in ["zz", "abc", "6465", &"00".repeat(300)] {
+        for bad in ["zz", "abc", "6465", &"00".repeat(300), "a\u{e9}b", "0000", "00ff00", "\u{e9}\u{e9}"] {
             assert!(decode_continue(bad).is_err(), "{bad}");
         }
     }

@@ -72,7 +72,13 @@ fn bookmark_line(rv: i64) -> Vec<u8> {
 
 /// Starts a watch. With `since`, replays changes after it (410 when they
 /// are no longer retained); without, begins with ADDED for every object.
-pub async fn stream(state: AppState, filter: Filter, since: Option<i64>) -> Result<Response, ApiError> {
+/// `slot` holds the watch's place in its caller's budget until it ends.
+pub async fn stream(
+    state: AppState,
+    filter: Filter,
+    since: Option<i64>,
+    slot: crate::limits::WatchSlot,
+) -> Result<Response, ApiError> {
     // Subscribe before reading the store so no change falls between the two.
     let mut live = state.store.subscribe();
     let mut initial: Vec<Vec<u8>> = Vec::new();
@@ -100,6 +106,7 @@ pub async fn stream(state: AppState, filter: Filter, since: Option<i64>) -> Resu
     let bookmark_every = state.bookmark_interval;
     let mut shutting_down = state.shutting_down.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         for line in initial {
             if tx.send(Ok(line)).await.is_err() {
                 return;

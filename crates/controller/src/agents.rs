@@ -20,9 +20,11 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Agents whose credentials are read from `api`.
+    /// Agents whose credentials are read from `api`, verified (when they
+    /// serve HTTPS) against the CA `api` trusts: one cluster CA signs the
+    /// apiserver's certificate and the agents'.
     pub fn new(api: Client) -> Self {
-        Agents { api, client: AgentClient::new(), credentials: Mutex::default() }
+        Agents { client: AgentClient::new(api.trust()), api, credentials: Mutex::default() }
     }
 
     async fn endpoint(&self, node: &Node) -> Result<AgentEndpoint, AgentCallError> {

@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod gc;
 pub mod node_lifecycle;
+pub mod quota;
 pub mod runtime;
 pub mod vm;
 

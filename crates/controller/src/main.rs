@@ -9,14 +9,19 @@ use clap::Parser;
 use nexus_api::LeaseSpec;
 use nexus_controller::runtime::Manager;
 use nexus_controller::runtime::leader::Elector;
-use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
+use nexus_controller::{Context, Settings, gc, node_lifecycle, quota, vm};
 
 #[derive(Debug, Parser)]
 #[command(name = "nexus-controller", version, about = "The nexus controller")]
 struct Args {
     /// URL of the apiserver.
-    #[arg(long, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
+    #[arg(long, env = "NEXUS_SERVER", default_value = "https://127.0.0.1:7443")]
     apiserver: String,
+    /// CA certificate (PEM) the apiserver's and the node agents'
+    /// certificates are checked against (the cluster's `ca.crt`; default:
+    /// the system's roots).
+    #[arg(long, env = "NEXUS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// File holding the controller's API token (subject system:controller:
     /// `nexusctl token create --subject system:controller`).
     #[arg(long, env = "NEXUS_TOKEN_FILE")]
@@ -67,7 +72,8 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading the controller's token from {}", args.token_file.display()))?
         .trim()
         .to_string();
-    let api = nexus_api::client::Client::new(&args.apiserver, Some(token));
+    let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
+    let api = nexus_api::client::Client::with_trust(&args.apiserver, Some(token), trust);
     let settings = Settings {
         workers: args.workers.max(1),
         per_node_concurrency: args.per_node_concurrency.max(1),
@@ -90,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
     manager.add(vm::controller(&ctx));
     manager.add(node_lifecycle::controller(&ctx));
     manager.add(gc::controller(&ctx));
+    manager.add(quota::controller(&ctx));
 
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {

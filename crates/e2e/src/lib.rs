@@ -183,11 +183,14 @@ pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env:
 /// Starts a controller tuned for tests: rechecks every 2 s, a node is lost
 /// after 4 s without heartbeats, a 3 s leader lease, garbage collection every
 /// second with a 3 s grace. `token` is a file holding a system:controller token.
-pub fn spawn_controller(server: &str, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
+pub fn spawn_controller(server: &str, ca: &Path, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
     let token = token.display().to_string();
+    let ca = ca.display().to_string();
     let args = [
         "--apiserver",
         server,
+        "--ca-file",
+        &ca,
         "--token-file",
         &token,
         "--recheck-secs",
@@ -206,13 +209,83 @@ pub fn spawn_controller(server: &str, token: &Path, metrics_listen: &str, log: &
     spawn("controller", &bin("nexus-controller"), &args, log)
 }
 
+/// Makes the cluster's CA in `pki` (kept if there) with `nexus-apiserver
+/// init-pki`, as an operator would. Returns the CA file.
+pub fn init_pki(pki: &Path) -> PathBuf {
+    let dir = pki.display().to_string();
+    run_pki(&["init-pki", "--dir", &dir]);
+    pki.join("ca.crt")
+}
+
+/// Issues serving certificate `name` for `sans` from the CA in `pki` with
+/// `nexus-apiserver issue-cert`. Returns (certificate, key).
+pub fn issue_cert(pki: &Path, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
+    let dir = pki.display().to_string();
+    let mut args = vec!["issue-cert", "--dir", &dir, "--name", name];
+    for san in sans {
+        args.extend(["--san", san]);
+    }
+    run_pki(&args);
+    (pki.join(format!("{name}.crt")), pki.join(format!("{name}.key")))
+}
+
+fn run_pki(args: &[&str]) {
+    let out = Command::new(bin("nexus-apiserver")).args(args).output().expect("running nexus-apiserver");
+    assert!(out.status.success(), "nexus-apiserver {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Trust in the CA file `ca` (panics when it cannot be read).
+pub fn trust(ca: &Path) -> nexus_api::tls::Trust {
+    nexus_api::tls::Trust::ca_file(ca).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A raw HTTP client that trusts the CA file `ca`, for requests the typed
+/// client cannot make.
+pub fn https_client(ca: &Path) -> reqwest::Client {
+    trust(ca).apply(reqwest::Client::builder().timeout(Duration::from_secs(30))).build().expect("an HTTPS client")
+}
+
+/// A byte stream to a server: plain TCP or TLS.
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
+/// Completes a TLS handshake over `tcp` with the server named `name`,
+/// trusting only the CA file `ca`.
+pub async fn tls_connect(
+    tcp: tokio::net::TcpStream,
+    ca: &Path,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(std::io::Error::other)? {
+        roots.add(cert.map_err(std::io::Error::other)?).map_err(std::io::Error::other)?;
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await
+}
+
+/// A plain HTTP client (metrics endpoints and the like).
+pub fn http_client() -> reqwest::Client {
+    nexus_api::tls::Trust::system()
+        .apply(reqwest::Client::builder().timeout(Duration::from_secs(30)))
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Waits until the controller serving metrics on `metrics_addr` counts
 /// `n` Ready nodes in its cache (`nexus_controller_ready_nodes`).
 pub async fn wait_controller_sees_ready_nodes(metrics_addr: &str, n: usize) {
     let url = format!("http://{metrics_addr}/metrics");
     let want = format!("nexus_controller_ready_nodes {n}");
     wait_until(Duration::from_secs(20), &format!("the controller to see {n} Ready node(s)"), || async {
-        match reqwest::get(&url).await {
+        match http_client().get(&url).send().await {
             Ok(r) => r.text().await.is_ok_and(|t| t.lines().any(|l| l == want)),
             Err(_) => false,
         }
@@ -227,6 +300,9 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub run_dir: PathBuf,
     pub server: String,
+    /// The cluster's CA file: the apiserver's and the agent's certificates
+    /// are signed by it.
+    pub ca: PathBuf,
     pub apiserver: Proc,
     pub agent: Proc,
     pub controller: Proc,
@@ -263,26 +339,49 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra flags for the node agent.
     pub async fn start_with(dir: &Path, node: &str, agent_extra: &[&str]) -> Cluster {
+        Cluster::start_full(dir, node, agent_extra, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra flags for the node agent and the
+    /// apiserver. Every connection is HTTPS: the apiserver finds its
+    /// certificate where `nexus-apiserver init-pki` puts it (`pki/` in its
+    /// data directory), and the agent's is issued for its address.
+    pub async fn start_full(dir: &Path, node: &str, agent_extra: &[&str], apiserver_extra: &[&str]) -> Cluster {
         std::fs::create_dir_all(dir).expect("cluster dir");
         let run_dir = dir.join("run");
         let data = dir.join("data");
-        let server = format!("http://{APISERVER_ADDR}");
+        let pki = data.join("pki");
+        let ca = init_pki(&pki);
+        let agent_ip = AGENT_ADDR.split(':').next().expect("agent address");
+        let (agent_cert, agent_key) = issue_cert(&pki, "agent", &[agent_ip]);
+        let server = format!("https://{APISERVER_ADDR}");
         let s = |p: &Path| p.display().to_string();
-        let apiserver_args: Vec<String> =
+        let mut apiserver_args: Vec<String> =
             ["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2", "--allow-raw-paths"]
                 .iter()
                 .map(|a| a.to_string())
                 .collect();
+        // Tests are not about request budgets, unless they say so.
+        if !apiserver_extra.contains(&"--rate-limit-qps") {
+            apiserver_args.extend(["--rate-limit-qps", "100000", "--rate-limit-burst", "100000"].map(String::from));
+        }
+        apiserver_args.extend(apiserver_extra.iter().map(|a| a.to_string()));
         let argv: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
         let apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &dir.join("apiserver.log"));
         let admin_token = wait_admin_token(&data.join("admin.token")).await;
-        let client = Client::new(&server, Some(admin_token.clone()));
+        let client = Client::with_trust(&server, Some(admin_token.clone()), trust(&ca));
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
             .await;
         let (join, controller_token) = component_tokens(&client, dir).await;
         let agent_args: Vec<String> = [
             "--apiserver",
             &server,
+            "--ca-file",
+            &s(&ca),
+            "--tls-cert",
+            &s(&agent_cert),
+            "--tls-key",
+            &s(&agent_key),
             "--node-name",
             node,
             "--listen",
@@ -306,7 +405,8 @@ impl Cluster {
         .collect();
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
-        let controller = spawn_controller(&server, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
+        let controller =
+            spawn_controller(&server, &ca, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
         // Registered, heartbeating, and seen Ready by the controller (its
         // cache trails the apiserver): a VM applied now is placed at once.
         wait_controller_sees_ready_nodes("127.0.0.1:7445", 1).await;
@@ -314,6 +414,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             run_dir,
             server,
+            ca,
             apiserver,
             agent,
             controller,
@@ -326,7 +427,13 @@ impl Cluster {
     /// Starts another controller (a standby while the first leads), serving
     /// its metrics on `metrics_listen`.
     pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
-        spawn_controller(&self.server, &self.dir.join("controller.token"), metrics_listen, &self.dir.join(log))
+        spawn_controller(
+            &self.server,
+            &self.ca,
+            &self.dir.join("controller.token"),
+            metrics_listen,
+            &self.dir.join(log),
+        )
     }
 
     /// Starts the apiserver again (after it was killed or stopped) on the
@@ -349,12 +456,12 @@ impl Cluster {
 
     /// A client with the cluster admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.server, Some(self.admin_token.clone()))
+        Client::with_trust(&self.server, Some(self.admin_token.clone()), trust(&self.ca))
     }
 
     /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
     pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
-        nexusctl(&self.server, &self.admin_token, args)
+        nexusctl(&self.server, &self.ca, &self.admin_token, args)
     }
 
     /// Stops all three processes (controller first).
@@ -374,11 +481,13 @@ impl Cluster {
     }
 }
 
-/// Runs `nexusctl --server <server> <args>` with `token`; returns (success,
-/// stdout, stderr).
-pub fn nexusctl(server: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+/// Runs `nexusctl --server <server> --certificate-authority <ca> <args>`
+/// with `token`; returns (success, stdout, stderr).
+pub fn nexusctl(server: &str, ca: &Path, token: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin("nexusctl"))
         .args(["--server", server])
+        .arg("--certificate-authority")
+        .arg(ca)
         .args(args)
         .env("NEXUS_TOKEN", token)
         .env_remove("NEXUS_CONTEXT")
@@ -464,6 +573,8 @@ pub fn free_port() -> u16 {
 #[derive(Debug)]
 pub struct ApiServer {
     pub url: String,
+    /// The CA file its certificate is signed by (`None` with `--plain-http`).
+    pub ca: Option<PathBuf>,
     pub proc: Proc,
     pub log: PathBuf,
     /// The bootstrap admin's token, when this server made it (the first
@@ -473,6 +584,10 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Starts an apiserver on a free port of 127.0.0.1 and waits for `/readyz`.
+    ///
+    /// It serves HTTPS with a certificate from the CA in `log_dir/pki` (made
+    /// on first use, so apiservers started with the same `log_dir` share
+    /// it), unless `extra` holds `--plain-http`.
     pub async fn start(backend: &Backend, log_dir: &Path, extra: &[&str]) -> ApiServer {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -484,6 +599,22 @@ impl ApiServer {
             token_file.display().to_string(),
             "--allow-raw-paths".into(),
         ];
+        let ca = (!extra.contains(&"--plain-http")).then(|| {
+            let pki = log_dir.join("pki");
+            let ca = init_pki(&pki);
+            let (cert, key) = issue_cert(&pki, &format!("apiserver-{port}"), &["127.0.0.1", "localhost"]);
+            args.extend([
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+            ]);
+            ca
+        });
+        // Tests are not about request budgets, unless they say so.
+        if !extra.contains(&"--rate-limit-qps") {
+            args.extend(["--rate-limit-qps", "100000", "--rate-limit-burst", "100000"].map(String::from));
+        }
         match backend {
             Backend::Sqlite(dir) => args.extend(["--data-dir".into(), dir.display().to_string()]),
             Backend::Postgres(url) => args.extend(["--database-url".into(), url.clone()]),
@@ -492,8 +623,9 @@ impl ApiServer {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = log_dir.join(format!("apiserver-{port}.log"));
         let proc = spawn("apiserver", &bin("nexus-apiserver"), &argv, &log);
-        let url = format!("http://{listen}");
-        let http = reqwest::Client::new();
+        let url = format!("{}://{listen}", if ca.is_some() { "https" } else { "http" });
+        let trust = ca.as_deref().map(trust).unwrap_or_default();
+        let http = trust.apply(reqwest::Client::builder()).build().expect("an HTTP client");
         wait_until(Duration::from_secs(20), "the apiserver to be ready", || {
             let http = http.clone();
             let url = url.clone();
@@ -501,17 +633,40 @@ impl ApiServer {
         })
         .await;
         let admin_token = std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string());
-        ApiServer { url, proc, log, admin_token }
+        ApiServer { url, ca, proc, log, admin_token }
+    }
+
+    /// How clients of this server verify it.
+    pub fn trust(&self) -> nexus_api::tls::Trust {
+        self.ca.as_deref().map(trust).unwrap_or_default()
     }
 
     /// A client with the bootstrap admin's token (none if this server did
     /// not make it: use [`ApiServer::client_with`]).
     pub fn client(&self) -> Client {
-        Client::new(&self.url, self.admin_token.clone())
+        Client::with_trust(&self.url, self.admin_token.clone(), self.trust())
     }
 
     /// A client presenting `token`.
     pub fn client_with(&self, token: &str) -> Client {
-        Client::new(&self.url, Some(token.to_string()))
+        Client::with_trust(&self.url, Some(token.to_string()), self.trust())
+    }
+
+    /// A raw connection to this server (TLS when it serves TLS), for
+    /// requests sent byte for byte.
+    pub async fn connect_raw(&self) -> std::io::Result<Box<dyn RawIo>> {
+        let addr = self.url.split_once("://").map(|(_, a)| a).unwrap_or(&self.url);
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        match &self.ca {
+            None => Ok(Box::new(tcp)),
+            Some(ca) => Ok(Box::new(tls_connect(tcp, ca, "127.0.0.1").await?)),
+        }
+    }
+
+    /// A raw HTTP client that trusts this server, for requests the typed
+    /// client cannot make.
+    pub fn http(&self) -> reqwest::Client {
+        self.trust().apply(reqwest::Client::builder().timeout(Duration::from_secs(30))).build().expect("an HTTP client")
     }
 }

@@ -59,6 +59,8 @@ impl Drop for NodeNs {
 pub struct MultiNode {
     pub dir: PathBuf,
     pub server: String,
+    /// The cluster's CA file.
+    pub ca: PathBuf,
     pub apiserver: Proc,
     pub controller: Proc,
     pub agents: Vec<Proc>,
@@ -81,15 +83,33 @@ impl MultiNode {
     pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {
         std::fs::create_dir_all(dir).expect("dir");
         let s = |p: &Path| p.display().to_string();
+        // One CA; the apiserver's certificate names every address it is
+        // reached by, each agent's its own.
+        let pki = dir.join("data").join("pki");
+        let ca = crate::init_pki(&pki);
+        let gateways: Vec<String> = (1..=n).map(|i| format!("10.99.{i}.1")).collect();
+        let mut sans = vec!["127.0.0.1"];
+        sans.extend(gateways.iter().map(String::as_str));
+        crate::issue_cert(&pki, "apiserver", &sans);
         let apiserver = spawn(
             "apiserver",
             &bin("nexus-apiserver"),
-            &["--listen", "0.0.0.0:7443", "--data-dir", &s(&dir.join("data")), "--allow-raw-paths"],
+            &[
+                "--listen",
+                "0.0.0.0:7443",
+                "--data-dir",
+                &s(&dir.join("data")),
+                "--allow-raw-paths",
+                "--rate-limit-qps",
+                "100000",
+                "--rate-limit-burst",
+                "100000",
+            ],
             &dir.join("apiserver.log"),
         );
-        let server = "http://127.0.0.1:7443".to_string();
+        let server = "https://127.0.0.1:7443".to_string();
         let admin_token = crate::wait_admin_token(&dir.join("data").join("admin.token")).await;
-        let client = Client::new(&server, Some(admin_token.clone()));
+        let client = Client::with_trust(&server, Some(admin_token.clone()), crate::trust(&ca));
         wait_until(Duration::from_secs(10), "the apiserver", || async { client.version().await.is_ok() }).await;
         let (join, controller_token) = crate::component_tokens(&client, dir).await;
         static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -110,13 +130,20 @@ impl MultiNode {
             ns.ip(&["addr", "add", &format!("10.99.{i}.2/24"), "dev", &node_if]);
             ns.ip(&["link", "set", &node_if, "up"]);
             ns.ip(&["link", "set", "lo", "up"]);
+            let (cert, key) = crate::issue_cert(&pki, &ns.node, &[&format!("10.99.{i}.2")]);
             let args: Vec<String> = [
                 "netns",
                 "exec",
                 &ns.name,
                 &s(&bin("nexus-nodeagent")),
                 "--apiserver",
-                &format!("http://10.99.{i}.1:7443"),
+                &format!("https://10.99.{i}.1:7443"),
+                "--ca-file",
+                &s(&ca),
+                "--tls-cert",
+                &s(&cert),
+                "--tls-key",
+                &s(&key),
                 "--node-name",
                 &ns.node,
                 "--listen",
@@ -147,20 +174,20 @@ impl MultiNode {
             nodes.push(ns);
         }
         let controller =
-            crate::spawn_controller(&server, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
+            crate::spawn_controller(&server, &ca, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
         // Every node registered and seen Ready by the controller.
         crate::wait_controller_sees_ready_nodes("127.0.0.1:7445", nodes.len()).await;
-        MultiNode { dir: dir.to_path_buf(), server, apiserver, controller, agents, nodes, admin_token, agent_args }
+        MultiNode { dir: dir.to_path_buf(), server, ca, apiserver, controller, agents, nodes, admin_token, agent_args }
     }
 
     /// A client with the cluster admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.server, Some(self.admin_token.clone()))
+        Client::with_trust(&self.server, Some(self.admin_token.clone()), crate::trust(&self.ca))
     }
 
     /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
     pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
-        crate::nexusctl(&self.server, &self.admin_token, args)
+        crate::nexusctl(&self.server, &self.ca, &self.admin_token, args)
     }
 
     /// Runs the apiserver again on the same data (after it was killed).
@@ -169,7 +196,17 @@ impl MultiNode {
         self.apiserver = spawn(
             "apiserver",
             &bin("nexus-apiserver"),
-            &["--listen", "0.0.0.0:7443", "--data-dir", &data, "--allow-raw-paths"],
+            &[
+                "--listen",
+                "0.0.0.0:7443",
+                "--data-dir",
+                &data,
+                "--allow-raw-paths",
+                "--rate-limit-qps",
+                "100000",
+                "--rate-limit-burst",
+                "100000",
+            ],
             &self.dir.join("apiserver.log"),
         );
     }
@@ -178,6 +215,7 @@ impl MultiNode {
     pub fn restart_controller(&mut self) {
         self.controller = crate::spawn_controller(
             &self.server,
+            &self.ca,
             &self.dir.join("controller.token"),
             "127.0.0.1:7445",
             &self.dir.join("controller.log"),

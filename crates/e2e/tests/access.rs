@@ -27,8 +27,12 @@ struct As {
 }
 
 impl As {
-    fn new(base: &str, token: Option<&str>) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    /// Raw access to `server` presenting `token`.
+    fn at(server: &ApiServer, token: Option<&str>) -> Self {
+        As::new(server.http(), &server.url, token)
+    }
+
+    fn new(http: reqwest::Client, base: &str, token: Option<&str>) -> Self {
         As { base: base.to_string(), token: token.map(str::to_string), http }
     }
 
@@ -132,7 +136,7 @@ async fn issue(admin: &Client, subject: &str) -> String {
 async fn matrix(backend: Backend, dir: &std::path::Path) {
     let server = ApiServer::start(&backend, dir, &[]).await;
     let admin_token = server.admin_token.clone().unwrap();
-    let admin = As::new(&server.url, Some(&admin_token));
+    let admin = As::at(&server, Some(&admin_token));
     let client = server.client();
     // Subjects and what they hold (project p1 is "their own").
     let bind = |name: &str, role: &str, subject: &str| {
@@ -160,7 +164,7 @@ async fn matrix(backend: Backend, dir: &std::path::Path) {
     let mut wrong = Vec::new();
     let mut table: BTreeMap<(String, &str), Vec<String>> = BTreeMap::new();
     for (role, token) in &who {
-        let caller = As::new(&server.url, Some(token));
+        let caller = As::at(&server, Some(token));
         for kind in kinds() {
             let mut row = Vec::new();
             for verb in VERBS {
@@ -263,14 +267,14 @@ fn anonymous_requests_get_401_change_nothing_and_are_audited() {
     let dir = tempfile::tempdir().unwrap();
     runtime().block_on(async {
         let server = ApiServer::start(&Backend::Sqlite(dir.path().join("data")), dir.path(), &[]).await;
-        let admin = As::new(&server.url, server.admin_token.as_deref());
+        let admin = As::at(&server, server.admin_token.as_deref());
         let vm = json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "victim"},
                         "spec": {"vcpu": 1, "memMib": 64, "kernel": "k", "rootfs": "r"}});
         assert_eq!(admin.call("POST", "/v1/projects/default/vms", Some(&vm)).await.0, 201);
         let node = json!({"apiVersion": "nexus/v1", "kind": "Node", "metadata": {"name": "n1"}, "spec": {}});
         assert_eq!(admin.call("POST", "/v1/nodes", Some(&node)).await.0, 201);
         let (_, before) = admin.call("GET", "/v1/vms", None).await;
-        let nobody = As::new(&server.url, None);
+        let nobody = As::at(&server, None);
         let lease = json!({"apiVersion": "nexus/v1", "kind": "Lease", "metadata": {"name": "nexus-controller"},
                            "spec": {"holderIdentity": "evil", "leaseDurationSeconds": 3600,
                                     "renewTime": "2099-01-01T00:00:00Z"}});
@@ -288,8 +292,8 @@ fn anonymous_requests_get_401_change_nothing_and_are_audited() {
             assert_eq!(*s, 401, "{what}: {body}");
             assert_eq!(body["error"], "Unauthorized");
         }
-        let bad = As::new(
-            &server.url,
+        let bad = As::at(
+            &server,
             Some("nexus_0123456789abcdef_0000000000000000000000000000000000000000000000000000000000000000"),
         );
         assert_eq!(bad.call("GET", "/v1/vms", None).await.0, 401, "an unknown token");
@@ -317,6 +321,9 @@ fn raw_host_paths_need_dev_mode_and_an_admin() {
         // ApiServer::start turns dev mode on; restart this one without it.
         let admin_token = strict.admin_token.clone().unwrap();
         let port = strict.url.rsplit(':').next().unwrap().to_string();
+        let http = strict.http();
+        let pki = dir.path().join("pki");
+        let (cert, key) = (pki.join(format!("apiserver-{port}.crt")), pki.join(format!("apiserver-{port}.key")));
         drop(strict);
         let log = std::fs::File::create(dir.path().join("strict.log")).unwrap();
         let mut proc = std::process::Command::new(nexus_e2e::bin("nexus-apiserver"))
@@ -325,15 +332,19 @@ fn raw_host_paths_need_dev_mode_and_an_admin() {
                 &format!("127.0.0.1:{port}"),
                 "--data-dir",
                 &dir.path().join("strict").display().to_string(),
+                "--tls-cert",
+                &cert.display().to_string(),
+                "--tls-key",
+                &key.display().to_string(),
             ])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let admin = As::new(&url, Some(&admin_token));
+        let url = format!("https://127.0.0.1:{port}");
+        let admin = As::new(http.clone(), &url, Some(&admin_token));
         nexus_e2e::wait_until(Duration::from_secs(10), "the apiserver", || async {
-            reqwest::get(format!("{url}/readyz")).await.is_ok_and(|r| r.status().is_success())
+            http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
         })
         .await;
         let shadow = json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "thief"},
@@ -355,9 +366,9 @@ fn raw_host_paths_need_dev_mode_and_an_admin() {
         let client = dev.client();
         let bind = json!({"apiVersion": "nexus/v1", "kind": "RoleBinding", "metadata": {"name": "ops"},
                           "spec": {"role": "operator", "subjects": ["user:otto"]}});
-        let admin = As::new(&dev.url, dev.admin_token.as_deref());
+        let admin = As::at(&dev, dev.admin_token.as_deref());
         assert_eq!(admin.call("POST", "/v1/projects/default/rolebindings", Some(&bind)).await.0, 201);
-        let otto = As::new(&dev.url, Some(&issue(&client, "user:otto").await));
+        let otto = As::at(&dev, Some(&issue(&client, "user:otto").await));
         let (s, body) = otto.call("POST", "/v1/projects/default/vms", Some(&shadow)).await;
         println!("kernel /etc/shadow in dev mode, as operator: {s} {}", body["message"]);
         assert_eq!(s, 403);
@@ -380,7 +391,7 @@ fn a_token_is_used_rotated_and_revoked_on_two_apiservers_of_one_postgres() {
         let bind = json!({"apiVersion": "nexus/v1", "kind": "RoleBinding", "metadata": {"name": "alice"},
                           "spec": {"role": "viewer", "subjects": ["user:alice"]}});
         assert_eq!(
-            As::new(&a.url, Some(&admin_token)).call("POST", "/v1/projects/p/rolebindings", Some(&bind)).await.0,
+            As::at(&a, Some(&admin_token)).call("POST", "/v1/projects/p/rolebindings", Some(&bind)).await.0,
             201
         );
         let issued = admin
@@ -391,8 +402,10 @@ fn a_token_is_used_rotated_and_revoked_on_two_apiservers_of_one_postgres() {
             })
             .await
             .unwrap();
+        // a and b share a CA (one test directory): one client trusts both.
+        let http = a.http();
         let works = |url: &str, token: &str| {
-            let c = As::new(url, Some(token));
+            let c = As::new(http.clone(), url, Some(token));
             async move { c.call("GET", "/v1/projects/p/vms", None).await.0 }
         };
         assert_eq!((works(&a.url, &issued.token).await, works(&b.url, &issued.token).await), (200, 200));
@@ -401,7 +414,7 @@ fn a_token_is_used_rotated_and_revoked_on_two_apiservers_of_one_postgres() {
         assert!(serde_json::to_string(&listed).unwrap().find(&issued.token[23..]).is_none(), "never the secret");
 
         // Rotation: both work during the grace, only the new one after.
-        let alice = Client::new(&b.url, Some(issued.token.clone()));
+        let alice = b.client_with(&issued.token);
         let rotated = alice.rotate_token(&issued.info.id, &RotateRequest { grace_seconds: Some(2) }).await.unwrap();
         for url in [&a.url, &b.url] {
             assert_eq!(works(url, &issued.token).await, 200, "old token in its grace on {url}");
@@ -551,7 +564,7 @@ fn a_vms_history_by_two_users_is_on_record_with_the_viewers_refusal() {
         assert!(ok, "{err}");
         let alice = nexus_e2e::issue_token(&client, "user:alice").await;
         let bob = nexus_e2e::issue_token(&client, "user:bob").await;
-        let ctl = |token: &str, args: &[&str]| nexus_e2e::nexusctl(&cluster.server, token, args);
+        let ctl = |token: &str, args: &[&str]| nexus_e2e::nexusctl(&cluster.server, &cluster.ca, token, args);
         // Alice's VM names Images (raw paths need an admin in dev mode).
         let vm = dir.path().join("vm.yaml");
         std::fs::write(

@@ -22,8 +22,8 @@ struct Http {
 
 impl Http {
     /// Raw access presenting `token` (a cluster admin's).
-    fn new(base: &str, token: &str) -> Self {
-        Http { base: base.to_string(), http: reqwest::Client::new(), token: token.to_string() }
+    fn new(server: &ApiServer, token: &str) -> Self {
+        Http { base: server.url.clone(), http: server.http(), token: token.to_string() }
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -416,7 +416,7 @@ async fn operations_endpoints(h: &Http) {
 
 async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path, admin: &str) {
     let server = ApiServer::start(backend, dir, &["--retained-changes", "10"]).await;
-    let h = Http::new(&server.url, admin);
+    let h = Http::new(&server, admin);
     let c = server.client_with(admin);
     let first =
         c.list::<VmSpec>(Some("gone"), &ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
@@ -437,7 +437,7 @@ async fn compacted_versions_get_410(backend: &Backend, dir: &std::path::Path, ad
 
 async fn conformance(backend: Backend, dir: &std::path::Path) {
     let server = ApiServer::start(&backend, dir, &["--bookmark-interval-secs", "1"]).await;
-    let h = Http::new(&server.url, server.admin_token.as_deref().unwrap());
+    let h = Http::new(&server, server.admin_token.as_deref().unwrap());
     let c = server.client();
     crud_and_validation(&h).await;
     concurrency_generation_and_status(&h).await;

@@ -153,6 +153,7 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
         // standby takes the lease and carries on.
         let mut standby = nexus_e2e::spawn_controller(
             &fleet.server,
+            &fleet.ca,
             &dir.path().join("controller.token"),
             "127.0.0.1:7446",
             &dir.path().join("controller-2.log"),

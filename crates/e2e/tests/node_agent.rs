@@ -18,6 +18,8 @@ struct Agent {
     proc: Proc,
     dir: PathBuf,
     http: reqwest::Client,
+    /// The CA the agent's certificate is signed by.
+    ca: PathBuf,
     /// The agent's own credential, which it made in its state directory.
     token: String,
 }
@@ -37,17 +39,22 @@ impl Agent {
             .collect();
         args.extend(["--state-dir".into(), s(dir.join("state")), "--run-dir".into(), s(dir.join("run"))]);
         args.extend(["--firecracker".into(), s(bin("firecracker-sim"))]);
+        // The agent serves HTTPS, as it does in a cluster.
+        let pki = dir.join("pki");
+        let ca = nexus_e2e::init_pki(&pki);
+        let (cert, key) = nexus_e2e::issue_cert(&pki, "agent", &["127.0.0.1"]);
+        args.extend(["--tls-cert".into(), s(cert), "--tls-key".into(), s(key)]);
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // The environment reaches the agent and the VMMs it starts.
         let proc = nexus_e2e::spawn_env("nodeagent", &bin("nexus-nodeagent"), &args, &dir.join("agent.log"), env);
-        let http = reqwest::Client::new();
+        let http = nexus_e2e::https_client(&ca);
         let cred = dir.join("state/agent.credential");
         wait_until(Duration::from_secs(10), "the agent's credential", || async { cred.exists() }).await;
         let token = std::fs::read_to_string(&cred).unwrap().trim().to_string();
-        let agent = Agent { proc, dir: dir.to_path_buf(), http, token };
+        let agent = Agent { proc, dir: dir.to_path_buf(), http, ca, token };
         wait_until(Duration::from_secs(10), "the agent to answer", || async {
-            agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth(&agent.token).send().await.is_ok()
+            agent.http.get(format!("https://{ADDR}/healthz")).bearer_auth(&agent.token).send().await.is_ok()
         })
         .await;
         agent
@@ -59,7 +66,7 @@ impl Agent {
 
     async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.http.request(m, format!("http://{ADDR}{path}")).bearer_auth(&self.token);
+        let mut req = self.http.request(m, format!("https://{ADDR}{path}")).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -72,7 +79,8 @@ impl Agent {
     async fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut stream = tokio::net::TcpStream::connect(ADDR).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(ADDR).await.unwrap();
+        let mut stream = nexus_e2e::tls_connect(tcp, &self.ca, "127.0.0.1").await.unwrap();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {ADDR}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.token,
@@ -185,9 +193,9 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         let nat_after = nexus_e2e::run_ok(std::process::Command::new("nft").args(["list", "table", "ip", "nexus"]));
         assert_eq!(nat_after, nat, "the node's NAT rule is shared by all VMs and stays");
         // Nothing is anonymous.
-        let anon = agent.http.get(format!("http://{ADDR}/v1/inventory")).send().await.unwrap();
+        let anon = agent.http.get(format!("https://{ADDR}/v1/inventory")).send().await.unwrap();
         assert_eq!(anon.status().as_u16(), 401);
-        let wrong = agent.http.get(format!("http://{ADDR}/healthz")).bearer_auth("wrong").send().await.unwrap();
+        let wrong = agent.http.get(format!("https://{ADDR}/healthz")).bearer_auth("wrong").send().await.unwrap();
         assert_eq!(wrong.status().as_u16(), 401);
         // Taking the node's networking down removes the bridge and NAT too.
         let mut agent = agent;
@@ -238,6 +246,49 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
 }
 
 #[test]
+fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restart_policy() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        // A guest that takes two seconds to power off after Ctrl+Alt+Del.
+        let agent = Agent::start(dir.path(), &[("FIRECRACKER_SIM_SHUTDOWN_MS", "2000")]).await;
+        let mut req = request(UID);
+        req.restart_policy = nexus_api::vm::RestartPolicy::OnFailure;
+        let first = agent.ensure(&req).await;
+        assert_eq!(first.state, ObservedState::Running);
+        let pid = first.pid.unwrap();
+        let socket = first.socket_path.clone().unwrap();
+        assert_eq!(host::fc_ctrl_alt_del(Path::new(&socket)).await.unwrap(), 204);
+        // Reconciles while it powers off: the VMM is left alone.
+        let pressed = Instant::now();
+        let mut during = Vec::new();
+        while pressed.elapsed() < Duration::from_millis(1500) {
+            let (status, body) =
+                agent.call("PUT", &format!("/v1/vms/{UID}"), Some(&serde_json::to_value(&req).unwrap())).await;
+            let report: Option<VmReport> = serde_json::from_str(&body).ok();
+            during.push((status, report.and_then(|r| r.pid)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "{} ensures while the guest powered off: {:?}",
+            during.len(),
+            during.iter().map(|d| d.0).collect::<Vec<_>>()
+        );
+        assert!(during.iter().all(|(s, p)| *s == 200 && *p == Some(pid)), "{during:?}");
+        wait_until(Duration::from_secs(5), "the VMM to exit", || async {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .await;
+        let after = agent.ensure(&req).await;
+        println!("after the guest powered off: {:?}, exit {:?}", after.state, after.exit);
+        assert_eq!(after.state, ObservedState::Exited, "OnFailure keeps a clean shutdown down");
+        assert_eq!(after.exit.and_then(|e| e.code), Some(0));
+        let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+        assert!(!log.contains("SIGTERM"), "the agent never signalled the VMM:\n{log}");
+    });
+}
+
+#[test]
 fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
     ensure_example_images();
     in_private_netns(|| async {
@@ -245,7 +296,7 @@ fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
         // VMMs that take 1.5 s to open their socket: the agent dies while waiting.
         let mut agent = Agent::start(dir.path(), &[("FIRECRACKER_SIM_STARTUP_DELAY_MS", "1500")]).await;
         let body = serde_json::to_value(request(UID)).unwrap();
-        let url = format!("http://{ADDR}/v1/vms/{UID}");
+        let url = format!("https://{ADDR}/v1/vms/{UID}");
         let call = tokio::spawn(agent.http.put(&url).bearer_auth(&agent.token).json(&body).send());
         wait_until(Duration::from_secs(5), "the VMM to be launched", || async {
             !host::vmm_processes_under(&agent.run_dir()).is_empty()
@@ -333,7 +384,7 @@ fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
         );
         let resp = agent
             .http
-            .get(format!("http://{ADDR}/v1/vms/{UID}/logs?file=console&tail=1&follow=true"))
+            .get(format!("https://{ADDR}/v1/vms/{UID}/logs?file=console&tail=1&follow=true"))
             .bearer_auth(&agent.token)
             .send()
             .await

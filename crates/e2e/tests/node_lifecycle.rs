@@ -193,7 +193,8 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
             events.iter().filter(|e| e.spec.reason == "GarbageCollected").count() >= 3
         })
         .await;
-        let metrics = reqwest::get("http://127.0.0.1:7445/metrics").await.unwrap().text().await.unwrap();
+        let metrics =
+            nexus_e2e::http_client().get("http://127.0.0.1:7445/metrics").send().await.unwrap().text().await.unwrap();
         assert!(
             metrics.contains("nexus_controller_gc_removed_total")
                 && metrics.contains("nexus_controller_reconcile_total{controller=\"vm\",result=\"ok\"}"),

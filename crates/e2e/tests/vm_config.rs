@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nexus_api::client::{Client, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::{EventSpec, Vm, VmPhase, VmSpec};
-use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root, wait_until};
+use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root};
 
 fn example(name: &str) -> String {
     repo_root().join("examples").join(name).display().to_string()
@@ -22,11 +22,22 @@ async fn vm(client: &Client, name: &str) -> Vm {
 
 /// Waits until VM `name` satisfies `check`; returns it.
 async fn wait_vm(client: &Client, name: &str, what: &str, check: impl Fn(&Vm) -> bool) -> Vm {
-    wait_until(Duration::from_secs(30), what, || async {
-        client.get::<VmSpec>("default", name).await.is_ok_and(|v| check(&v))
-    })
-    .await;
-    vm(client, name).await
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.get::<VmSpec>("default", name).await {
+            Ok(v) if check(&v) => return v,
+            Ok(v) if std::time::Instant::now() > deadline => {
+                panic!(
+                    "timed out after 30s waiting for {name}: {what}; it is\n{}",
+                    serde_json::to_string_pretty(&v).unwrap()
+                )
+            }
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("timed out after 30s waiting for {name}: {what}: {e}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// The reason of condition `type_` of `vm`, if it has one.

@@ -37,6 +37,12 @@ pub async fn serve(args: Args) -> Result<u8, String> {
     let (after_tx, mut after_rx) = mpsc::unbounded_channel::<After>();
     let mut metrics = tokio::time::interval(METRICS_PERIOD);
     metrics.tick().await;
+    // A guest honouring Ctrl+Alt+Del powers off a moment later; until then
+    // the API answers as Firecracker's does (the guest is still running).
+    let power_off = Duration::from_millis(
+        std::env::var("FIRECRACKER_SIM_SHUTDOWN_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
+    );
+    let mut powering_off: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -51,13 +57,14 @@ pub async fn serve(args: Args) -> Result<u8, String> {
             Some(after) = after_rx.recv() => match after {
                 After::Booted => console::start(vmm.clone()),
                 After::Shutdown => {
-                    // A guest honouring Ctrl+Alt+Del powers off a moment later.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    lock(&vmm).log("main", "INFO", "Vmm is stopping.");
-                    return Ok(0);
+                    powering_off.get_or_insert_with(|| Box::pin(tokio::time::sleep(power_off)));
                 }
                 After::Nothing => {}
             },
+            _ = async { powering_off.as_mut().expect("guarded").await }, if powering_off.is_some() => {
+                lock(&vmm).log("main", "INFO", "Vmm is stopping.");
+                return Ok(0);
+            }
             _ = metrics.tick() => lock(&vmm).flush_metrics(),
         }
     }

@@ -1,4 +1,4 @@
-//! Contexts: named (server, token, project) triples in
+//! Contexts: named (server, CA, token, project) entries in
 //! `~/.config/nexus/config.yaml` (or `$NEXUS_CONFIG`), one of them current.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Server used when nothing else names one.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7443";
 
 /// The config file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,10 @@ pub struct Context {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
+    /// Path of the CA certificate (PEM) the server's certificate is checked
+    /// against; without one, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_authority: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -21,9 +21,13 @@ use commands::{Context, Failure, GetOptions, Selection, WaitFor};
 #[derive(Debug, Parser)]
 #[command(name = "nexusctl", version, about = "Manage nexus microVMs declaratively", propagate_version = true)]
 struct Cli {
-    /// URL of the apiserver (default: the context's, else http://127.0.0.1:7443).
+    /// URL of the apiserver (default: the context's, else https://127.0.0.1:7443).
     #[arg(long, global = true, env = "NEXUS_SERVER")]
     server: Option<String>,
+    /// CA certificate (PEM) the apiserver's certificate is checked against
+    /// (default: the context's, else the system's roots).
+    #[arg(long, global = true, env = "NEXUS_CA_FILE")]
+    certificate_authority: Option<std::path::PathBuf>,
     /// Bearer token for the apiserver.
     #[arg(long, global = true, env = "NEXUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -217,7 +221,8 @@ enum ConfigCommand {
     CurrentContext,
     /// Make a context the current one.
     UseContext { name: String },
-    /// Create or update a context from --server, --token and --project.
+    /// Create or update a context from --server, --certificate-authority,
+    /// --token and --project.
     SetContext { name: String },
 }
 
@@ -235,7 +240,11 @@ fn context(cli: &Cli) -> Result<Context, Failure> {
         .clone()
         .or_else(|| ctx.and_then(|c| c.project.clone()))
         .unwrap_or_else(|| nexus_api::DEFAULT_PROJECT.into());
-    Ok(Context { client: nexus_api::client::Client::new(&server, token), project })
+    let ca = cli.certificate_authority.clone().or_else(|| ctx.and_then(|c| c.certificate_authority.clone()));
+    let trust = nexus_api::tls::Trust::ca_file_or_system(ca.as_deref()).map_err(|e| {
+        Failure::usage(format!("{e}; set --certificate-authority or the context's certificateAuthority"))
+    })?;
+    Ok(Context { client: nexus_api::client::Client::with_trust(&server, token, trust), project })
 }
 
 fn power_selection(a: &PowerArgs) -> Result<Selection<'_>, Failure> {
@@ -281,6 +290,13 @@ fn config_command(cli: &Cli, cmd: &ConfigCommand) -> Result<(), Failure> {
             };
             if server.is_some() {
                 entry.server = server.clone();
+            }
+            if let Some(ca) = &cli.certificate_authority {
+                // Kept absolute, so the context works from any directory.
+                let ca = std::fs::canonicalize(ca)
+                    .map_err(|e| Failure::usage(format!("--certificate-authority {}: {e}", ca.display())))?;
+                nexus_api::tls::Trust::ca_file(&ca).map_err(|e| Failure::usage(e.to_string()))?;
+                entry.certificate_authority = Some(ca);
             }
             if token.is_some() {
                 entry.token = token.clone();

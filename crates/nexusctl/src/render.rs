@@ -33,7 +33,25 @@ pub fn client_error(e: &ClientError) -> String {
             "cannot reach the apiserver at {url} ({}); is it running? Set --server, NEXUS_SERVER or a context",
             root_cause(source)
         ),
+        ClientError::Tls { url, message } => {
+            format!("TLS with the apiserver at {url} failed: {message}\n  hint: {}", tls_hint(message))
+        }
         other => other.to_string(),
+    }
+}
+
+/// What to do about a failed handshake.
+fn tls_hint(message: &str) -> &'static str {
+    if message.contains("UnknownIssuer") || message.contains("BadSignature") {
+        "the server's certificate is not signed by the CA you trust; set --certificate-authority (or the context's certificateAuthority) to the cluster's ca.crt"
+    } else if message.contains("NotValidForName") {
+        "the server's certificate does not name this address; connect by a name it carries, or issue it again with that --san"
+    } else if message.contains("Expired") || message.contains("NotValidYet") {
+        "the server's certificate is outside its validity; issue it again (nexus-apiserver init-pki)"
+    } else if message.contains("InvalidContentType") || message.contains("corrupt message") {
+        "the server does not speak TLS; if it serves plain HTTP, use an http:// URL"
+    } else {
+        "check --server and --certificate-authority"
     }
 }
 

@@ -30,13 +30,22 @@ impl Env {
     }
 
     fn ctl(&self, args: &[&str]) -> Run {
-        self.ctl_with(args, &[("NEXUS_SERVER", self.server.url.as_str()), ("NEXUS_TOKEN", self.admin())])
+        self.ctl_with(
+            args,
+            &[("NEXUS_SERVER", self.server.url.as_str()), ("NEXUS_CA_FILE", self.ca()), ("NEXUS_TOKEN", self.admin())],
+        )
+    }
+
+    /// The CA file the server's certificate is signed by.
+    fn ca(&self) -> &str {
+        self.server.ca.as_deref().and_then(Path::to_str).expect("the server serves TLS")
     }
 
     fn ctl_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusctl"));
         cmd.args(args)
             .env_remove("NEXUS_SERVER")
+            .env_remove("NEXUS_CA_FILE")
             .env_remove("NEXUS_TOKEN")
             .env_remove("NEXUS_PROJECT")
             .env("NEXUS_CONFIG", self.dir.path().join("config.yaml"));
@@ -216,9 +225,49 @@ fn errors_name_the_problem_and_exit_codes_follow_the_contract() {
     assert_eq!(env.ctl(&["get"]).code, 2);
     assert_eq!(env.ctl(&["get", "widgets"]).code, 2);
     assert_eq!(env.ctl(&["frobnicate"]).code, 2);
-    let down = env.ctl_with(&["get", "vms"], &[("NEXUS_SERVER", "http://127.0.0.1:9")]);
+    let down = env.ctl_with(&["get", "vms"], &[("NEXUS_SERVER", "https://127.0.0.1:9")]);
     assert_eq!(down.code, 1);
-    assert!(down.stderr.contains("cannot reach the apiserver at http://127.0.0.1:9"), "{}", down.stderr);
+    assert!(down.stderr.contains("cannot reach the apiserver at https://127.0.0.1:9"), "{}", down.stderr);
+}
+
+#[test]
+fn the_server_is_checked_against_the_trusted_ca_and_plain_http_to_its_port_gets_a_clear_error() {
+    let env = Env::new();
+    let url = env.server.url.clone();
+    assert!(url.starts_with("https://"), "{url}");
+    // A CA that did not sign the server's certificate, and none at all
+    // (the system's roots): both refused before any token is sent.
+    let other_ca = nexus_e2e::init_pki(&env.dir.path().join("other-pki"));
+    let other_ca = other_ca.to_str().unwrap();
+    for (what, ca) in [("another cluster's CA", Some(other_ca)), ("the system's roots", None)] {
+        let mut vars = vec![("NEXUS_SERVER", url.as_str()), ("NEXUS_TOKEN", env.admin())];
+        vars.extend(ca.map(|ca| ("NEXUS_CA_FILE", ca)));
+        let r = env.ctl_with(&["get", "vms"], &vars);
+        println!("nexusctl trusting {what}: exit {}\n{}", r.code, r.stderr.trim_end());
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains(&format!("TLS with the apiserver at {url} failed")), "{}", r.stderr);
+        assert!(r.stderr.contains("UnknownIssuer"), "{}", r.stderr);
+        assert!(r.stderr.contains("hint: the server's certificate is not signed by the CA you trust"), "{}", r.stderr);
+    }
+    // Plain HTTP to the TLS port: an answer in the error contract that
+    // says what to do, not a hang or a reset.
+    let plain = url.replace("https://", "http://");
+    let r = env.ctl_with(&["get", "vms"], &[("NEXUS_SERVER", plain.as_str()), ("NEXUS_TOKEN", env.admin())]);
+    println!("nexusctl over plain HTTP to the TLS port: exit {}\n{}", r.code, r.stderr.trim_end());
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("BadRequest (400): this port serves HTTPS and the request came as plain HTTP"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("hint: use an https:// URL"), "{}", r.stderr);
+    // A CA file that is not one: a usage error that names it.
+    let junk = env.file("junk.pem", "not a certificate\n");
+    let r = env.ctl_with(&["get", "vms"], &[("NEXUS_SERVER", url.as_str()), ("NEXUS_CA_FILE", junk.to_str().unwrap())]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("junk.pem holds no PEM certificate"), "{}", r.stderr);
+    // The right CA: works.
+    assert_eq!(env.ctl(&["get", "vms"]).code, 0);
 }
 
 #[test]
@@ -274,10 +323,24 @@ fn contexts_supply_server_and_project_and_flags_override_them() {
     let url = env.server.url.clone();
     let none: &[(&str, &str)] = &[];
     let r = env.ctl_with(
-        &["config", "set-context", "dev", "--server", &url, "--project", "team-a", "--token", env.admin()],
+        &[
+            "config",
+            "set-context",
+            "dev",
+            "--server",
+            &url,
+            "--certificate-authority",
+            env.ca(),
+            "--project",
+            "team-a",
+            "--token",
+            env.admin(),
+        ],
         none,
     );
     assert_eq!(r.code, 0, "{r:?}");
+    let config = std::fs::read_to_string(env.dir.path().join("config.yaml")).unwrap();
+    assert!(config.contains(&format!("certificateAuthority: {}", env.ca())), "{config}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(env.dir.path().join("config.yaml")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the config file holds a token");
@@ -303,6 +366,7 @@ fn get_watch_prints_changes_as_they_happen() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
         .args(["get", "vms", "-w"])
         .env("NEXUS_SERVER", &env.server.url)
+        .env("NEXUS_CA_FILE", env.ca())
         .env("NEXUS_TOKEN", env.admin())
         .env("NEXUS_CONFIG", env.dir.path().join("config.yaml"))
         .stdout(std::process::Stdio::piped())

@@ -18,15 +18,31 @@ use nexus_nodeagent::vms::{Runtime, RuntimeConfig};
 #[command(name = "nexus-nodeagent", version, about = "The nexus node agent")]
 struct Args {
     /// URL of the apiserver.
-    #[arg(long, env = "NEXUS_SERVER", default_value = "http://127.0.0.1:7443")]
+    #[arg(long, env = "NEXUS_SERVER", default_value = "https://127.0.0.1:7443")]
     apiserver: String,
+    /// CA certificate (PEM) the apiserver's certificate is checked against
+    /// (the cluster's `ca.crt`; default: the system's roots).
+    #[arg(long, env = "NEXUS_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// The agent's serving certificate (PEM), signed by the cluster's CA for
+    /// the address the controller uses (`nexus-apiserver issue-cert`;
+    /// default: `agent.crt` in the state directory when it exists).
+    #[arg(long, env = "NEXUS_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM; default: `agent.key` in the state directory).
+    #[arg(long, env = "NEXUS_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve the agent API as plain HTTP, without TLS.
+    #[arg(long, env = "NEXUS_AGENT_PLAIN_HTTP")]
+    plain_http: bool,
     /// Name of this node (defaults to the host name).
     #[arg(long, env = "NEXUS_NODE_NAME")]
     node_name: Option<String>,
     /// Address the agent API listens on.
     #[arg(long, env = "NEXUS_AGENT_LISTEN", default_value = "127.0.0.1:7444")]
     listen: SocketAddr,
-    /// URL the controller uses to reach this agent (defaults to http://<listen>).
+    /// URL the controller uses to reach this agent (defaults to
+    /// https://<listen>, or http:// with --plain-http).
     #[arg(long, env = "NEXUS_AGENT_ADVERTISE")]
     advertise_url: Option<String>,
     /// Directory for the node's own credentials (its token for the
@@ -94,6 +110,13 @@ async fn main() -> anyhow::Result<()> {
     if args.teardown_network {
         return teardown(&net, &args, bridge_address).await;
     }
+    let serving = nexus_tls::serving(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.plain_http,
+        Some((args.state_dir.join("agent.crt"), args.state_dir.join("agent.key"))),
+    )?;
+    let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
     let firecracker = resolve_binary(&args.firecracker)?;
     let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
     let use_systemd = match args.process_manager.as_str() {
@@ -128,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
     };
-    let address = args.advertise_url.unwrap_or_else(|| format!("http://{}", args.listen));
+    let address = args.advertise_url.unwrap_or_else(|| format!("{}://{}", serving.scheme(), args.listen));
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let credential = Arc::new(AgentCredential::load_or_create(&args.state_dir)?);
     let info = NodeInfo {
@@ -141,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // The API answers at once; the node's identity is established beside
     // it (the apiserver may not be up yet).
-    let api = nexus_api::client::Client::new(&args.apiserver, None);
+    let api = nexus_api::client::Client::with_trust(&args.apiserver, None, trust);
     let heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
     let rotation = Duration::from_secs(args.credential_rotation_secs.max(1));
     let (state_dir, join_file, cred) = (args.state_dir.clone(), args.join_token_file.clone(), credential.clone());
@@ -158,9 +181,9 @@ async fn main() -> anyhow::Result<()> {
     });
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, firecracker = %firecracker.display(), "node agent ready");
+    tracing::info!(listen = %args.listen, scheme = serving.scheme(), firecracker = %firecracker.display(), "node agent ready");
     let state = AgentState { runtime, credential, capacity: host_capacity(args.max_vms) };
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown()).await?;
+    nexus_tls::serve(listener, serving, router(state), shutdown()).await?;
     Ok(())
 }
 

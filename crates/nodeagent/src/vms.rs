@@ -151,6 +151,13 @@ impl Runtime {
         match recorded.filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
             Some(pid) => match client.describe_instance().await {
                 Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
+                // A booted VMM that does not answer may be on its way out (a
+                // guest powering off) or stuck: killing it would hide an
+                // exit the restart policy must see. Report; the caller
+                // comes back, and by then it answers or it has ended.
+                Err(source) if paths.started().exists() => {
+                    return Err(AgentError::Firecracker { step: "describe the running VMM", source });
+                }
                 // Configured halfway (the agent died mid-create): start over.
                 _ => process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await,
             },

@@ -146,6 +146,11 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         Err(e) => return e.into_response(),
     };
     let caller = Caller { subject: verified.subject, token_id: Some(verified.id), grants };
+    if let Err(e) = state.limits.take(&caller.subject) {
+        let mut resp = e.into_response();
+        resp.extensions_mut().insert(caller);
+        return resp;
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     // A create is decided by its handler, which knows the object's name.
     if let Some(t) = target_with_query(req.method(), req.uri().path(), &query)

@@ -103,6 +103,26 @@ pub struct AuditInfo {
     pub status_code: u16,
 }
 
+/// What a mutation reads besides its object, in its own transaction (so
+/// nothing it read changes before it commits).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Reads {
+    #[default]
+    Nothing,
+    /// The ResourceQuotas of this project and, when it has any, its VMs,
+    /// Templates and Snapshots.
+    QuotaOf(String),
+}
+
+/// What a mutation's `decide` sees besides its object.
+#[derive(Debug, Clone, Default)]
+pub struct Seen {
+    pub quotas: Vec<Value>,
+    pub vms: Vec<Value>,
+    pub templates: Vec<Value>,
+    pub snapshots: Vec<Value>,
+}
+
 /// What a mutation did.
 #[derive(Debug, Clone)]
 pub struct Mutation {
@@ -317,17 +337,21 @@ impl Store {
     /// Changes of `kind` after `since`, oldest first. Fails with `Gone` when
     /// changes after `since` were already compacted away.
     pub async fn changes_since(&self, kind: &str, since: i64) -> Result<Vec<Change>, ApiError> {
-        let (oldest, rows) = with_pool!(self, pool => {
+        let (oldest, newest, rows) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query(self.sql.snapshot_read).execute(&mut *tx).await?;
             let oldest: i64 = sqlx::query_scalar(self.sql.min_version).fetch_one(&mut *tx).await?;
+            let newest: i64 = sqlx::query_scalar(self.sql.max_version).fetch_one(&mut *tx).await?;
             let rows = sqlx::query(self.sql.changes_since).bind(kind).bind(since).fetch_all(&mut *tx).await?;
             tx.commit().await?;
             let rows: Vec<(i64, String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
-            (oldest, rows)
+            (oldest, newest, rows)
         });
-        if oldest > 0 && since + 1 < oldest {
+        if oldest > 0 && since.saturating_add(1) < oldest {
             return Err(ApiError::Gone { requested: since, oldest });
+        }
+        if since > newest {
+            return Err(ApiError::TooNew { requested: since, newest });
         }
         rows.into_iter()
             .map(|(rv, project, type_, body)| {
@@ -370,9 +394,28 @@ impl Store {
     where
         F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError> + Send + 'static,
     {
+        self.mutate_seeing(kind, project, name, audit, Reads::Nothing, move |current, _, rv| decide(current, rv)).await
+    }
+
+    /// [`Store::mutate`], with `decide` also seeing what `reads` names, read
+    /// in the same transaction (quotas are checked so: of two concurrent
+    /// creates, the second sees the first).
+    pub async fn mutate_seeing<F>(
+        &self,
+        kind: &str,
+        project: &str,
+        name: &str,
+        audit: &AuditInfo,
+        reads: Reads,
+        decide: F,
+    ) -> Result<Mutation, ApiError>
+    where
+        F: FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError> + Send + 'static,
+    {
         let (store, kind, project, name, audit) =
             (self.clone(), kind.to_string(), project.to_string(), name.to_string(), audit.clone());
-        let work = tokio::spawn(async move { store.mutate_to_end(&kind, &project, &name, &audit, decide).await });
+        let work =
+            tokio::spawn(async move { store.mutate_to_end(&kind, &project, &name, &audit, reads, decide).await });
         match work.await {
             Ok(result) => result,
             Err(e) => Err(ApiError::Internal(format!("the write task failed: {e}"))),
@@ -385,10 +428,11 @@ impl Store {
         project: &str,
         name: &str,
         audit: &AuditInfo,
+        reads: Reads,
         decide: F,
     ) -> Result<Mutation, ApiError>
     where
-        F: FnOnce(Option<Value>, i64) -> Result<Write, ApiError>,
+        F: FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError>,
     {
         let _writer = self.writer.lock().await;
         let sql = self.sql;
@@ -400,9 +444,20 @@ impl Store {
             let existed = current.is_some();
             let current = current.map(|b| serde_json::from_str::<Value>(&b)).transpose()?;
             let before = current.clone();
+            let mut seen = Seen::default();
+            if let Reads::QuotaOf(p) = &reads {
+                let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
+                let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
+                seen.quotas = parse(list("ResourceQuota").fetch_all(&mut *tx).await?)?;
+                if !seen.quotas.is_empty() {
+                    seen.vms = parse(list("VM").fetch_all(&mut *tx).await?)?;
+                    seen.templates = parse(list("Template").fetch_all(&mut *tx).await?)?;
+                    seen.snapshots = parse(list("Snapshot").fetch_all(&mut *tx).await?)?;
+                }
+            }
             let last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
             let rv = last + 1;
-            let (type_, object) = match decide(current, rv)? {
+            let (type_, object) = match decide(current, &seen, rv)? {
                 Write::Unchanged(obj) => return Ok(Mutation { object: obj, committed: false }),
                 Write::Put(obj) if existed => (ChangeType::Modified, obj),
                 Write::Put(obj) => (ChangeType::Added, obj),

@@ -38,6 +38,8 @@ pub struct Sql {
     pub touch_token: &'static str,
     pub put_node_credential: &'static str,
     pub get_node_credential: &'static str,
+    /// Every object of a kind in one project (bodies only).
+    pub list_in_project: &'static str,
 }
 
 /// The columns of a token row, in the order `store::access` reads them.
@@ -110,6 +112,7 @@ impl Sql {
                  updated_at = excluded.updated_at",
             ),
             get_node_credential: n("SELECT secret, previous FROM node_credentials WHERE node = ?"),
+            list_in_project: n("SELECT body FROM objects WHERE kind = ? AND project = ?"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Test fixtures that need no root: a real apiserver serving a temporary
-//! SQLite database over real HTTP in this process, scripted node agents
-//! that answer the agent API as told, and the controllers of this crate.
+//! SQLite database over real HTTPS in this process, scripted node agents
+//! that answer the agent API (over HTTPS too) as told, and the controllers
+//! of this crate. One CA, made per test, signs every certificate.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
 
@@ -24,9 +25,26 @@ use nexus_api::{ConditionStatus, ErrorBody, Node, NodeSpec, NodeStatus, PowerSta
 use nexus_controller::runtime::Manager;
 use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
 
+/// A test's CA in `dir/pki`, and a serving certificate for 127.0.0.1
+/// under `name`.
+pub fn pki(dir: &Path, name: &str) -> (PathBuf, Arc<rustls::ServerConfig>) {
+    let pki = dir.join("pki");
+    nexus_tls::pki::init_ca(&pki).unwrap();
+    let issued = nexus_tls::pki::issue(&pki, name, &["127.0.0.1".into()]).unwrap();
+    (pki.join(nexus_tls::pki::CA_CERT), nexus_tls::server_config(&issued.cert, &issued.key).unwrap())
+}
+
+/// Trust in the test CA under `dir`.
+pub fn trust(dir: &Path) -> nexus_api::tls::Trust {
+    nexus_api::tls::Trust::ca_file(&dir.join("pki").join(nexus_tls::pki::CA_CERT)).unwrap()
+}
+
 /// An apiserver in this process, restartable on the same port and file.
 pub struct Api {
     pub url: String,
+    /// The CA file its certificate is signed by.
+    pub ca: PathBuf,
+    tls: Arc<rustls::ServerConfig>,
     /// The bootstrap admin's token.
     pub admin_token: String,
     addr: SocketAddr,
@@ -41,8 +59,11 @@ impl Api {
     pub async fn start(dir: &Path, retained: i64) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (ca, tls) = pki(dir, "apiserver");
         let mut api = Api {
-            url: format!("http://{addr}"),
+            url: format!("https://{addr}"),
+            ca,
+            tls,
             admin_token: String::new(),
             addr,
             db: dir.join("nexus.db"),
@@ -65,12 +86,12 @@ impl Api {
         let token_file = self.db.with_file_name("admin.token");
         nexus_apiserver::access::bootstrap(&state, &token_file).await.unwrap();
         let mut stop = rx;
+        let serving = nexus_tls::Serving::Tls(self.tls.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, nexus_apiserver::app(state))
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+            let _ = nexus_tls::serve(listener, serving, nexus_apiserver::app(state), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
         });
         self.shutdown = Some(tx);
         self.task = Some(task);
@@ -100,7 +121,12 @@ impl Api {
 
     /// A client with the bootstrap admin's token.
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(self.admin_token.clone()))
+        Client::with_trust(&self.url, Some(self.admin_token.clone()), self.trust())
+    }
+
+    /// Trust in this server's CA.
+    pub fn trust(&self) -> nexus_api::tls::Trust {
+        nexus_api::tls::Trust::ca_file(&self.ca).unwrap()
     }
 }
 
@@ -231,8 +257,8 @@ async fn collect(
 }
 
 impl ScriptedAgent {
-    /// An agent accepting `credential`.
-    pub async fn start(credential: &str) -> ScriptedAgent {
+    /// An agent accepting `credential`, serving HTTPS with `tls`.
+    pub async fn start(credential: &str, tls: Arc<rustls::ServerConfig>) -> ScriptedAgent {
         let script = Arc::new(Mutex::new(Script::default()));
         let app = Router::new()
             .route("/v1/vms/{uid}", put(ensure).delete(remove))
@@ -241,8 +267,9 @@ impl ScriptedAgent {
             .with_state(script.clone())
             .layer(axum::middleware::from_fn_with_state(Arc::new(credential.to_string()), check_credential));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let address = format!("https://{}", listener.local_addr().unwrap());
+        let never = std::future::pending::<()>();
+        tokio::spawn(async move { nexus_tls::serve(listener, nexus_tls::Serving::Tls(tls), app, never).await });
         ScriptedAgent { address, credential: credential.to_string(), script }
     }
 
@@ -334,7 +361,8 @@ impl Harness {
         for name in nodes {
             // Each node's own credential, which the controller reads from the apiserver.
             let credential = format!("scripted-agent-credential-of-{name}-0123456789");
-            let agent = ScriptedAgent::start(&credential).await;
+            let (_, tls) = pki(dir.path(), &format!("agent-{name}"));
+            let agent = ScriptedAgent::start(&credential, tls).await;
             beat(&client, name, &agent.address).await;
             let cred = nexus_api::auth::NodeCredential { secret: credential, previous: None };
             client.set_node_credential(name, &cred).await.unwrap();
@@ -349,7 +377,7 @@ impl Harness {
         }
         let req = nexus_api::auth::TokenRequest { subject: Some("system:controller".into()), ..Default::default() };
         let controller_token = client.create_token(&req).await.unwrap().token;
-        let ctx = Context::new(Client::new(&api.url, Some(controller_token)), settings());
+        let ctx = Context::new(Client::with_trust(&api.url, Some(controller_token), api.trust()), settings());
         let mut manager = Manager::new(None);
         manager.add(vm::controller(&ctx));
         manager.add(node_lifecycle::controller(&ctx));

@@ -22,6 +22,8 @@ struct Args {
     server: Option<String>,
     /// Token for `--server` (default: `$NEXUS_TOKEN`).
     token: Option<String>,
+    /// CA file for `--server` (default: `$NEXUS_CA_FILE`).
+    ca_file: Option<std::path::PathBuf>,
     /// A JSON line of an earlier run to print differences against.
     compare: Option<std::path::PathBuf>,
     backend: String,
@@ -34,6 +36,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         server: None,
         token: std::env::var("NEXUS_TOKEN").ok(),
+        ca_file: std::env::var_os("NEXUS_CA_FILE").map(Into::into),
         compare: None,
         backend: "sqlite".into(),
         objects: 10_000,
@@ -46,6 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--server" => args.server = Some(value()?),
             "--token" => args.token = Some(value()?),
+            "--ca-file" => args.ca_file = Some(value()?.into()),
             "--compare" => args.compare = Some(value()?.into()),
             "--backend" => args.backend = value()?,
             "--objects" => args.objects = value()?.parse()?,
@@ -53,7 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--ops" => args.ops = value()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "nexus-bench [--backend sqlite|postgres | --server URL --token T] [--objects 10000] [--concurrency 16] [--ops 2000] [--compare EARLIER.json]"
+                    "nexus-bench [--backend sqlite|postgres | --server URL --token T --ca-file CA] [--objects 10000] [--concurrency 16] [--ops 2000] [--compare EARLIER.json]"
                 );
                 std::process::exit(0);
             }
@@ -273,7 +277,8 @@ fn compare(path: &std::path::Path, now: &[Stats]) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(server) = &args.server {
-        return bench(Client::new(server, args.token.clone()), &args, "external").await;
+        let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
+        return bench(Client::with_trust(server, args.token.clone(), trust), &args, "external").await;
     }
     let dir = tempfile::tempdir()?;
     let pg;
