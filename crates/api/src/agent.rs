@@ -53,17 +53,19 @@ pub struct EnsureVm {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestoreFrom {
-    /// uid of the VM the snapshot was taken from.
-    pub vm_uid: String,
-    /// The snapshot's name.
-    pub snapshot: String,
+    /// uid of the Snapshot object; its files are the node's
+    /// `snapshots/<uid>`.
+    pub snapshot_uid: String,
 }
 
-/// Body of a snapshot request.
+/// Body of `PUT /v1/snapshots/{uid}`: take snapshot `uid` of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SnapshotRequest {
-    /// Resume the VM after the snapshot (it stays Paused otherwise).
+    /// uid of the VM to snapshot.
+    pub vm_uid: String,
+    /// Leave the VM running afterwards (resuming it if it is paused, as
+    /// after a crash mid-snapshot); else it stays Paused.
     #[serde(default = "yes")]
     pub resume_after: bool,
 }
@@ -72,18 +74,25 @@ fn yes() -> bool {
     true
 }
 
-/// A snapshot on a node: the VM state, its memory and its disk.
+/// A complete snapshot on a node: the VM state, its memory and its disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotReport {
-    pub name: String,
+    /// uid of the Snapshot object.
+    pub uid: String,
+    /// uid of the VM it was taken from.
     pub vm_uid: String,
-    pub state_path: String,
-    pub memory_path: String,
-    pub rootfs_path: String,
-    /// Bytes the three files take on disk.
+    pub files: Vec<crate::snapshot::SnapshotFile>,
+    /// Bytes the files take on disk.
     pub size_bytes: u64,
     pub created_at: DateTime<Utc>,
+    /// How long the VM was paused for it, in milliseconds.
+    pub paused_millis: u64,
+    /// The guest's MAC address: a VM restored from the snapshot has it.
+    pub mac: String,
+    /// The guest's address, when it had one from the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 /// What a node agent observes about one VM.
@@ -145,6 +154,9 @@ pub struct Inventory {
     /// Live VMM processes of this agent, whether or not a run directory names them.
     #[serde(default)]
     pub vmms: Vec<VmmProcess>,
+    /// Entries of `<run dir>/snapshots` (normally Snapshot uids).
+    #[serde(default)]
+    pub snapshots: Vec<String>,
 }
 
 /// A VMM process the agent found.
@@ -169,13 +181,17 @@ pub struct Collect {
     /// Socket files under the run directory.
     #[serde(default)]
     pub sockets: Vec<String>,
+    /// Snapshot uids: their files go.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
 }
 
 /// What the agent removed for a [`Collect`] request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CollectReport {
-    /// One line per removed thing (`vm <uid>`, `tap <name>`, `socket <path>`).
+    /// One line per removed thing (`vm <uid>`, `tap <name>`, `socket <path>`,
+    /// `snapshot <uid>`).
     pub removed: Vec<String>,
 }
 

@@ -78,16 +78,30 @@ impl AgentClient {
         self.call(to, self.http.delete(&url), &url).await
     }
 
-    /// Takes snapshot `name` of VM `uid` on the agent at `base`.
+    /// Takes snapshot `uid` of the VM `req` names; repeating it returns the
+    /// snapshot already made.
     pub async fn snapshot(
         &self,
         to: &AgentEndpoint,
         uid: &str,
-        name: &str,
         req: &SnapshotRequest,
     ) -> Result<SnapshotReport, AgentCallError> {
-        let url = format!("{}/v1/vms/{uid}/snapshots/{name}", to.base);
-        self.call(to, self.http.put(&url).json(req), &url).await
+        let url = format!("{}/v1/snapshots/{uid}", to.base);
+        // Writing a large guest's memory takes a while.
+        let call = self.http.put(&url).json(req).timeout(std::time::Duration::from_secs(600));
+        self.call(to, call, &url).await
+    }
+
+    /// Snapshot `uid`, when it is complete on the node.
+    pub async fn snapshot_report(&self, to: &AgentEndpoint, uid: &str) -> Result<SnapshotReport, AgentCallError> {
+        let url = format!("{}/v1/snapshots/{uid}", to.base);
+        self.call(to, self.http.get(&url), &url).await
+    }
+
+    /// Removes snapshot `uid`'s files from the node (done when absent).
+    pub async fn delete_snapshot(&self, to: &AgentEndpoint, uid: &str) -> Result<(), AgentCallError> {
+        let url = format!("{}/v1/snapshots/{uid}", to.base);
+        self.call::<serde_json::Value>(to, self.http.delete(&url), &url).await.map(|_| ())
     }
 
     /// What the agent at `base` finds on its host.

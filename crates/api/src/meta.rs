@@ -46,6 +46,12 @@ pub trait ResourceSpec:
     fn validate(&self, errors: &mut crate::validation::FieldErrors) {
         let _ = errors;
     }
+
+    /// Adds an error for each change from `old` (the stored spec) that this
+    /// kind does not allow, such as a field fixed at creation.
+    fn validate_update(&self, old: &Self, errors: &mut crate::validation::FieldErrors) {
+        let _ = (old, errors);
+    }
 }
 
 /// Metadata every object carries; the system owns everything but `name`,

@@ -84,21 +84,34 @@ impl ResourceSpec for ResourceQuotaSpec {
     }
 }
 
-/// vCPUs and MiB a VM asks for: its own fields, else its template's (0
-/// when neither says; the controller refuses such a VM anyway).
-pub fn vm_resources(vm: &Vm, templates: &BTreeMap<String, &Template>) -> (u64, u64) {
+/// vCPUs and MiB a VM asks for: its own fields, else its template's, else
+/// (restored from a snapshot) the snapshot's machine; 0 when none says (the
+/// controller refuses such a VM anyway).
+pub fn vm_resources(
+    vm: &Vm,
+    templates: &BTreeMap<String, &Template>,
+    snapshots: &BTreeMap<String, &Snapshot>,
+) -> (u64, u64) {
     let t = vm.spec.template.as_ref().and_then(|n| templates.get(n));
-    let vcpu = vm.spec.vcpu.or(t.map(|t| t.spec.vcpu)).unwrap_or(0);
-    let mem = vm.spec.mem_mib.or(t.map(|t| t.spec.mem_mib)).unwrap_or(0);
+    let restored = vm
+        .spec
+        .restore_from
+        .as_ref()
+        .and_then(|r| snapshots.get(&r.snapshot))
+        .and_then(|s| s.status.as_ref())
+        .and_then(|s| s.config.as_ref());
+    let vcpu = vm.spec.vcpu.or(t.map(|t| t.spec.vcpu)).or(restored.map(|c| c.vcpu)).unwrap_or(0);
+    let mem = vm.spec.mem_mib.or(t.map(|t| t.spec.mem_mib)).or(restored.map(|c| c.mem_mib)).unwrap_or(0);
     (u64::from(vcpu), u64::from(mem))
 }
 
 /// What `vms` and `snapshots` (of one project) hold.
 pub fn usage(vms: &[&Vm], templates: &[&Template], snapshots: &[&Snapshot]) -> Usage {
     let by_name: BTreeMap<String, &Template> = templates.iter().map(|t| (t.name().to_string(), *t)).collect();
+    let snaps: BTreeMap<String, &Snapshot> = snapshots.iter().map(|s| (s.name().to_string(), *s)).collect();
     let mut u = Usage::default();
     for vm in vms {
-        let (vcpu, mem) = vm_resources(vm, &by_name);
+        let (vcpu, mem) = vm_resources(vm, &by_name, &snaps);
         u.vms += 1;
         u.vcpu += vcpu;
         u.mem_mib += mem;

@@ -17,6 +17,9 @@ pub enum Format {
     Age,
     /// A number of MiB, with the `Mi` suffix.
     Mebibytes,
+    /// A number of bytes, in the largest binary unit that keeps it at or
+    /// above 1 (`512Mi`, `1.5Gi`).
+    Bytes,
     /// The status of the condition of this type (`Unknown` when absent);
     /// the column's path points at the conditions list.
     Condition(&'static str),

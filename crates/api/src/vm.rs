@@ -66,6 +66,19 @@ pub struct VmSpec {
     /// Network interface settings; the template's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+    /// Start from a Snapshot in the VM's project instead of booting: the
+    /// VM runs the snapshot's machine on the snapshot's node, continuing
+    /// where its guest was. Its machine fields stay unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSource>,
+}
+
+/// Where a restored VM starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreSource {
+    /// Name of a Ready Snapshot in the VM's project.
+    pub snapshot: String,
 }
 
 /// When a VM's VMM is started again after it ended on its own (the guest
@@ -236,6 +249,20 @@ pub struct ResolvedConfig {
     pub node_selector: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+    /// The snapshot a restored VM starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<ResolvedRestore>,
+}
+
+/// A restored VM's source, as resolved by the controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResolvedRestore {
+    /// The Snapshot's name and uid (`name@uid`).
+    pub snapshot: String,
+    pub snapshot_uid: String,
+    /// The node holding its files, where the VM must run.
+    pub node: String,
 }
 
 /// Runtime facts reported by the node agent.
@@ -313,8 +340,38 @@ impl ResourceSpec for VmSpec {
             .collect()
     }
 
+    fn validate_update(&self, old: &Self, errors: &mut FieldErrors) {
+        if self.restore_from != old.restore_from {
+            let value = self.restore_from.as_ref().map(|r| r.snapshot.as_str()).unwrap_or("");
+            errors.add(
+                "spec.restoreFrom",
+                value,
+                "is fixed once the VM is created; create a new VM to restore another snapshot",
+            );
+        }
+    }
+
     fn validate(&self, errors: &mut FieldErrors) {
-        if let Some(template) = &self.template {
+        if let Some(from) = &self.restore_from {
+            validate_dns_label(errors, "spec.restoreFrom.snapshot", &from.snapshot);
+            // The machine is the snapshot's: its memory, devices and disk
+            // are what the guest continues with.
+            let hint = "a VM restored from a snapshot runs the snapshot's machine; leave it out";
+            let set = [
+                ("spec.template", self.template.is_some()),
+                ("spec.vcpu", self.vcpu.is_some()),
+                ("spec.memMib", self.mem_mib.is_some()),
+                ("spec.kernel", self.kernel.is_some()),
+                ("spec.rootfs", self.rootfs.is_some()),
+                ("spec.bootArgs", self.boot_args.is_some()),
+                ("spec.network", self.network.is_some()),
+            ];
+            for (field, present) in set {
+                if present {
+                    errors.add(field, "", hint);
+                }
+            }
+        } else if let Some(template) = &self.template {
             validate_dns_label(errors, "spec.template", template);
         } else {
             let hint = "is required: set it, or name a Template in spec.template";

@@ -77,6 +77,9 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(RequestIds { id: id.clone(), correlation: correlation.clone() });
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // The query says what kind of GET it was (a list, a watch, a page);
+    // bounded so a hostile URL cannot flood the log.
+    let query: String = req.uri().query().unwrap_or("").chars().take(256).collect();
     let started = Instant::now();
     let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
     if resp.status().as_u16() >= 400 && !is_json(&resp) {
@@ -95,6 +98,7 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         actor = actor.as_deref().unwrap_or("anonymous"),
         method = %method,
         path = %path,
+        query = %query,
         status = resp.status().as_u16(),
         latency_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"

@@ -441,6 +441,13 @@ async fn update<S: ResourceSpec>(
         .mutate_seeing(S::KIND, &project, &name, &audit(caller, ids, verb, 200), reads, move |current, seen, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
+            if verb == "update" {
+                let mut errors = FieldErrors::default();
+                sent.spec.validate_update(&current.spec, &mut errors);
+                if !errors.is_empty() {
+                    return Err(ApiError::Invalid { kind: S::KIND.to_string(), errors });
+                }
+            }
             let mut next = current.clone();
             merge(&mut next, &sent);
             let write = finish_write(current, next, rv, dry_run)?;

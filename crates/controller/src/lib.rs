@@ -10,6 +10,7 @@ pub mod gc;
 pub mod node_lifecycle;
 pub mod quota;
 pub mod runtime;
+pub mod snapshot;
 pub mod vm;
 
 use std::time::Duration;

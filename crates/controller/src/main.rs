@@ -9,7 +9,7 @@ use clap::Parser;
 use nexus_api::LeaseSpec;
 use nexus_controller::runtime::Manager;
 use nexus_controller::runtime::leader::Elector;
-use nexus_controller::{Context, Settings, gc, node_lifecycle, quota, vm};
+use nexus_controller::{Context, Settings, gc, node_lifecycle, quota, snapshot, vm};
 
 #[derive(Debug, Parser)]
 #[command(name = "nexus-controller", version, about = "The nexus controller")]
@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
     manager.add(node_lifecycle::controller(&ctx));
     manager.add(gc::controller(&ctx));
     manager.add(quota::controller(&ctx));
+    manager.add(snapshot::controller(&ctx));
 
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {

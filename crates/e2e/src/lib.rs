@@ -309,7 +309,19 @@ pub struct Cluster {
     /// A cluster-admin token (the bootstrap admin's).
     pub admin_token: String,
     agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     apiserver_args: Vec<String>,
+}
+
+/// How [`Cluster::start_opts`] starts the processes, beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterOptions<'a> {
+    /// Extra flags for the node agent.
+    pub agent_args: &'a [&'a str],
+    /// Extra flags for the apiserver.
+    pub apiserver_args: &'a [&'a str],
+    /// Environment of the node agent (and so of the VMMs it starts).
+    pub agent_env: &'a [(&'a str, &'a str)],
 }
 
 impl Drop for Cluster {
@@ -347,6 +359,15 @@ impl Cluster {
     /// certificate where `nexus-apiserver init-pki` puts it (`pki/` in its
     /// data directory), and the agent's is issued for its address.
     pub async fn start_full(dir: &Path, node: &str, agent_extra: &[&str], apiserver_extra: &[&str]) -> Cluster {
+        let opts = ClusterOptions { agent_args: agent_extra, apiserver_args: apiserver_extra, agent_env: &[] };
+        Cluster::start_opts(dir, node, &opts).await
+    }
+
+    /// Like [`Cluster::start`], started as `opts` say.
+    pub async fn start_opts(dir: &Path, node: &str, opts: &ClusterOptions<'_>) -> Cluster {
+        let (agent_extra, apiserver_extra) = (opts.agent_args, opts.apiserver_args);
+        let agent_env: Vec<(String, String)> =
+            opts.agent_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         std::fs::create_dir_all(dir).expect("cluster dir");
         let run_dir = dir.join("run");
         let data = dir.join("data");
@@ -404,7 +425,8 @@ impl Cluster {
         .map(|a| a.to_string())
         .collect();
         let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
-        let agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"));
+        let env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let agent = spawn_env("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"), &env);
         let controller =
             spawn_controller(&server, &ca, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
         // Registered, heartbeating, and seen Ready by the controller (its
@@ -420,6 +442,7 @@ impl Cluster {
             controller,
             admin_token,
             agent_args,
+            agent_env,
             apiserver_args,
         }
     }
@@ -451,7 +474,8 @@ impl Cluster {
     /// Starts the node agent again (after it was killed or stopped).
     pub fn restart_agent(&mut self) {
         let argv: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
-        self.agent = spawn("nodeagent", &bin("nexus-nodeagent"), &argv, &self.dir.join("agent.log"));
+        let env: Vec<(&str, &str)> = self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.agent = spawn_env("nodeagent", &bin("nexus-nodeagent"), &argv, &self.dir.join("agent.log"), &env);
     }
 
     /// A client with the cluster admin's token.

@@ -219,6 +219,88 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
 }
 
 #[test]
+fn two_hundred_create_delete_cycles_with_vmms_reaped_late_fail_no_call() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        // VMMs that end as a multi-threaded Firecracker does: a zombie to
+        // /proc for a moment before their parent can reap them. The agent
+        // must not take "zombie" for "gone" and remove the VM directory
+        // while its reaper is about to record the exit there.
+        let env = [("FIRECRACKER_SIM_SHUTDOWN_MS", "0"), ("FIRECRACKER_SIM_REAP_DELAY_MS", "20")];
+        let agent = std::sync::Arc::new(Agent::start_with(dir.path(), &env, &["--process-manager", "direct"]).await);
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for w in 0..4u8 {
+            let agent = agent.clone();
+            workers.push(tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..50u8 {
+                    let uid = format!("{w:02x}{i:06x}-0000-4000-8000-000000000001");
+                    let mut req = request(&uid);
+                    req.mac = format!("06:00:ac:10:{w:02x}:{i:02x}");
+                    let body = serde_json::to_value(&req).unwrap();
+                    let (s, b) = agent.call("PUT", &format!("/v1/vms/{uid}"), Some(&body)).await;
+                    if s != 200 {
+                        failed.push(format!("ensure {uid}: {s} {b}"));
+                        continue;
+                    }
+                    let pid = serde_json::from_str::<VmReport>(&b).ok().and_then(|r| r.pid).unwrap_or_default();
+                    let (s, b) = agent.call("DELETE", &format!("/v1/vms/{uid}"), None).await;
+                    if s != 200 {
+                        failed.push(format!("delete {uid}: {s} {b}"));
+                    }
+                    // Done means done: the VMM reaped, its directory gone
+                    // (and not written to again by anything of the agent's).
+                    if Path::new(&format!("/proc/{pid}")).exists() {
+                        failed.push(format!("delete {uid} answered while VMM {pid} was still exiting"));
+                    }
+                }
+                failed
+            }));
+        }
+        let mut failed = Vec::new();
+        for w in workers {
+            failed.extend(w.await.unwrap());
+        }
+        println!("200 create/delete cycles in {} ms: {} failed calls", started.elapsed().as_millis(), failed.len());
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+        let (taps, sockets, vmms, dirs) = host_state(&agent.run_dir());
+        assert_eq!((taps.len(), sockets.len(), vmms.len(), dirs.len()), (0, 0, 0, 0), "nothing left");
+    });
+}
+
+#[test]
+fn a_stop_ends_the_vmm_whether_or_not_the_guest_honours_ctrl_alt_del() {
+    ensure_example_images();
+    for (guest, env) in [
+        ("honours Ctrl+Alt+Del", vec![]),
+        ("ignores Ctrl+Alt+Del", vec![("FIRECRACKER_SIM_GUEST_IGNORES_CTRL_ALT_DEL", "1")]),
+    ] {
+        let env: Vec<(&'static str, &'static str)> = env;
+        in_private_netns(move || async move {
+            let dir = tempfile::tempdir().unwrap();
+            let agent =
+                Agent::start_with(dir.path(), &env, &["--process-manager", "direct", "--stop-grace-secs", "1"]).await;
+            let running = agent.ensure(&request(UID)).await;
+            let pid = running.pid.unwrap();
+            let mut stop = request(UID);
+            stop.state = PowerState::Stopped;
+            let asked = Instant::now();
+            let stopped = agent.ensure(&stop).await;
+            let took = asked.elapsed();
+            let log = std::fs::read_to_string(agent.run_dir().join("vms").join(UID).join("fc.log")).unwrap_or_default();
+            let how = if log.contains("Vmm is stopping.") { "powered off" } else { "signalled" };
+            println!("a guest that {guest}: Stopped after {} ms ({how})", took.as_millis());
+            assert_eq!(stopped.state, ObservedState::Stopped);
+            assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the VMM is gone");
+            assert!(took < Duration::from_secs(4), "{took:?}");
+            assert_eq!(how == "signalled", !env.is_empty(), "{log}");
+        });
+    }
+}
+
+#[test]
 fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
     ensure_example_images();
     in_private_netns(|| async {
@@ -518,7 +600,8 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         cases.push(("DELETE".into(), format!("/v1/vms/{dirlink_uid}"), 403));
         cases.push(("GET".into(), format!("/v1/vms/{dirlink_uid}/logs?file=console"), 403));
         for name in ["..", "..%2F..%2Fetc", "%2e%2e", "a%00b", "Bad_Name", "x%2Fy", &long] {
-            cases.push(("PUT".into(), format!("/v1/vms/{UID}/snapshots/{name}"), 0));
+            cases.push(("PUT".into(), format!("/v1/snapshots/{name}"), 0));
+            cases.push(("DELETE".into(), format!("/v1/snapshots/{name}"), 0));
         }
         for q in [
             "file=..%2F..%2Fetc%2Fpasswd",
@@ -532,14 +615,21 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         }
         let mut refused = 0;
         // Names and paths in bodies: restores, and the garbage collector's lists.
-        for (vm_uid, snap) in [("..", "warm"), (UID, "../../outside"), ("/etc", "x"), (UID, "a/b")] {
+        for snap in ["..", "../../outside", "/etc", "a/b", ""] {
             let mut r = request("00000000-0000-4000-8000-0000000000e5");
             r.mac = "06:00:ac:10:00:0e".into();
-            r.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: vm_uid.into(), snapshot: snap.into() });
+            r.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap.into() });
             let (status, answer) = agent
                 .raw("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000e5", Some(&serde_json::to_value(&r).unwrap()))
                 .await;
-            assert!((400..500).contains(&status), "restore from {vm_uid}/{snap} was not refused: {status} {answer}");
+            assert!((400..500).contains(&status), "restore from {snap:?} was not refused: {status} {answer}");
+            refused += 1;
+        }
+        for vm_uid in ["..", "../../outside", "/etc"] {
+            let body = serde_json::json!({"vmUid": vm_uid});
+            let (status, answer) =
+                agent.raw("PUT", "/v1/snapshots/00000000-0000-4000-8000-0000000000f6", Some(&body)).await;
+            assert!((400..500).contains(&status), "a snapshot of VM {vm_uid:?} was not refused: {status} {answer}");
             refused += 1;
         }
         let outside_secret = outside.join("secret").display().to_string();
@@ -738,18 +828,22 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
         let a = agent.ensure(&request(UID)).await;
-        let (s, body) = agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/warm"), Some(&serde_json::json!({}))).await;
+        let snap_uid = "00000000-0000-4000-8000-00000000000a";
+        let take = serde_json::json!({"vmUid": UID});
+        let (s, body) = agent.call("PUT", &format!("/v1/snapshots/{snap_uid}"), Some(&take)).await;
         assert_eq!(s, 200, "{body}");
         let snap: Value = serde_json::from_str(&body).unwrap();
-        let mem = std::fs::metadata(snap["memoryPath"].as_str().unwrap()).unwrap();
-        assert_eq!(mem.len(), 128 << 20, "memory file of the guest's size");
-        assert!(
-            std::path::Path::new(snap["rootfsPath"].as_str().unwrap()).exists(),
-            "the disk is part of the snapshot"
-        );
-        println!("snapshot takes {} bytes on disk", snap["sizeBytes"]);
-        let (_, again) =
-            agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/warm"), Some(&serde_json::json!({}))).await;
+        let files: Vec<&Value> = snap["files"].as_array().unwrap().iter().collect();
+        let path_of =
+            |name: &str| files.iter().find(|f| f["name"] == name).unwrap()["path"].as_str().unwrap().to_string();
+        let snap_dir = agent.run_dir().join("snapshots").join(snap_uid);
+        for name in ["state", "memory", "disk"] {
+            assert!(Path::new(&path_of(name)).starts_with(&snap_dir), "{name} lives apart from the VM");
+        }
+        assert_eq!(std::fs::metadata(path_of("memory")).unwrap().len(), 128 << 20, "memory file of the guest's size");
+        assert_eq!(snap["mac"], a.mac.clone().unwrap(), "the guest's MAC is recorded");
+        println!("snapshot takes {} bytes on disk; the VM was paused {} ms", snap["sizeBytes"], snap["pausedMillis"]);
+        let (_, again) = agent.call("PUT", &format!("/v1/snapshots/{snap_uid}"), Some(&take)).await;
         assert_eq!(serde_json::from_str::<Value>(&again).unwrap(), snap, "repeating returns the snapshot made");
         let (_, info) = agent.call("GET", &format!("/v1/vms/{UID}/proxy/"), None).await;
         assert!(info.contains("\"state\":\"Running\""), "resumed after the snapshot: {info}");
@@ -758,10 +852,18 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         let b_uid = "00000000-0000-4000-8000-0000000000b2";
         let mut b = request(b_uid);
         b.mac = "06:00:ac:10:00:09".into();
-        b.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: UID.into(), snapshot: "warm".into() });
+        b.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into() });
         let rb = agent.ensure(&b).await;
         assert_eq!(rb.state, ObservedState::Running);
-        assert_ne!(rb.tap_name, a.tap_name);
+        assert_eq!(rb.mac, a.mac, "the restored guest has its source's MAC, and the report says so");
+        assert!(rb.tap_name.is_some());
+        let pid = rb.pid.unwrap();
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), ours, "in a namespace of its own");
+        assert!(
+            !host::taps().iter().any(|t| Some(&t.name) == rb.tap_name.as_ref()),
+            "its TAP is not on the host's bridge"
+        );
         let view = agent.run_dir().join("vm").join("rootfs.ext4").display().to_string();
         for uid in [UID, b_uid] {
             let (_, cfg) = agent.call("GET", &format!("/v1/vms/{uid}/proxy/vm/config"), None).await;
@@ -773,21 +875,31 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         assert!(log.contains("Snapshot loaded"), "{log}");
         assert_eq!(host::vmm_processes_under(&agent.run_dir()).len(), 2);
 
-        // Bad names and missing snapshots are refused.
-        assert_eq!(
-            agent.call("PUT", &format!("/v1/vms/{UID}/snapshots/Bad_Name"), Some(&serde_json::json!({}))).await.0,
-            422
-        );
+        // A missing snapshot is refused before anything is made for the VM.
+        let (taps_before, _, _, dirs_before) = host_state(&agent.run_dir());
         let mut c = request("00000000-0000-4000-8000-0000000000c3");
         c.mac = "06:00:ac:10:00:0a".into();
-        c.restore = Some(nexus_api::agent::RestoreFrom { vm_uid: UID.into(), snapshot: "nope".into() });
+        c.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: "00000000-0000-4000-8000-00000000dead".into() });
         let (s, body) = agent
             .call("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000c3", Some(&serde_json::to_value(&c).unwrap()))
             .await;
         assert_eq!(s, 404, "{body}");
+        let (taps_after, _, _, dirs_after) = host_state(&agent.run_dir());
+        assert_eq!((taps_after, dirs_after), (taps_before, dirs_before), "no TAP, no run directory left");
         let (s, _) = agent
-            .call("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000d4/snapshots/x", Some(&serde_json::json!({})))
+            .call(
+                "PUT",
+                "/v1/snapshots/00000000-0000-4000-8000-0000000000d4",
+                Some(&serde_json::json!({"vmUid": "00000000-0000-4000-8000-0000000000d5"})),
+            )
             .await;
         assert_eq!(s, 404, "no such VM");
+
+        // Deleting the snapshot removes its files; the VM restored from it runs on.
+        let (s, body) = agent.call("DELETE", &format!("/v1/snapshots/{snap_uid}"), None).await;
+        assert_eq!((s, body.as_str()), (200, "{\"removed\":true}"));
+        assert!(!snap_dir.exists());
+        assert_eq!(agent.call("GET", &format!("/v1/snapshots/{snap_uid}"), None).await.0, 404);
+        assert_eq!(agent.ensure(&b).await.state, ObservedState::Running);
     });
 }

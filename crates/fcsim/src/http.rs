@@ -43,6 +43,20 @@ pub async fn serve(args: Args) -> Result<u8, String> {
         std::env::var("FIRECRACKER_SIM_SHUTDOWN_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
     );
     let mut powering_off: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // A VMM that takes a while to exit on SIGTERM (and writes its files on
+    // the way out) makes the agent's stop and removal race visible.
+    let exit_delay = Duration::from_millis(
+        std::env::var("FIRECRACKER_SIM_EXIT_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
+    );
+    // Without the flag SIGTERM kills at once, as it does Firecracker.
+    let mut terminated = if exit_delay.is_zero() {
+        None
+    } else {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| format!("cannot handle SIGTERM: {e}"))?,
+        )
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -56,6 +70,12 @@ pub async fn serve(args: Args) -> Result<u8, String> {
             }
             Some(after) = after_rx.recv() => match after {
                 After::Booted => console::start(vmm.clone()),
+                After::Fail => {
+                    // The answer goes out first, then the process ends.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    lock(&vmm).log("main", "ERROR", "Loading the snapshot failed; exiting.");
+                    return Ok(1);
+                }
                 After::Shutdown => {
                     powering_off.get_or_insert_with(|| Box::pin(tokio::time::sleep(power_off)));
                 }
@@ -64,6 +84,19 @@ pub async fn serve(args: Args) -> Result<u8, String> {
             _ = async { powering_off.as_mut().expect("guarded").await }, if powering_off.is_some() => {
                 lock(&vmm).log("main", "INFO", "Vmm is stopping.");
                 return Ok(0);
+            }
+            Some(_) = async { terminated.as_mut().expect("guarded").recv().await }, if terminated.is_some() => {
+                // Tearing a VM down takes a moment; the last metrics are
+                // written on the way out, into the VM's directory.
+                tokio::time::sleep(exit_delay).await;
+                lock(&vmm).flush_metrics();
+                // Then end by the signal, as an unhandled SIGTERM would.
+                // SAFETY: restoring the default disposition of SIGTERM.
+                unsafe {
+                    let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, nix::sys::signal::SigHandler::SigDfl);
+                }
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM);
+                return Ok(143);
             }
             _ = metrics.tick() => lock(&vmm).flush_metrics(),
         }
@@ -93,6 +126,13 @@ async fn handle(
                 body.len()
             ),
         )));
+    }
+    if method == "PUT" && path == "/snapshot/create" {
+        // Writing a guest's memory takes time (a flag, for tests that act
+        // in the middle of a snapshot).
+        if let Some(ms) = std::env::var("FIRECRACKER_SIM_SNAPSHOT_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
     let (reply, after) = lock(&vmm).handle(&method, &path, &body);
     if after != After::Nothing {

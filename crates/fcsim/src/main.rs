@@ -33,11 +33,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(http::serve(args)) {
-        Ok(code) => ExitCode::from(code),
+    let code = match runtime.block_on(http::serve(args)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::FAILURE
+            1
         }
+    };
+    drop(runtime);
+    if let Some(ms) = std::env::var("FIRECRACKER_SIM_REAP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        linger_then_exit(code, std::time::Duration::from_millis(ms));
     }
+    ExitCode::from(code)
+}
+
+/// Ends the way a multi-threaded Firecracker does: the main thread is gone
+/// (so `/proc/<pid>/stat` shows the process as a zombie) while another
+/// thread still tears down for `delay`; only then can the parent reap it.
+fn linger_then_exit(code: u8, delay: std::time::Duration) -> ! {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        std::process::exit(i32::from(code));
+    });
+    // SAFETY: the raw exit system call ends only the calling (main) thread,
+    // without unwinding (pthread_exit would unwind through Rust frames);
+    // the spawned thread ends the process.
+    unsafe {
+        libc::syscall(libc::SYS_exit, 0);
+    }
+    unreachable!("the exit system call returned")
 }

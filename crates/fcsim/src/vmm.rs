@@ -62,6 +62,8 @@ pub enum After {
     Booted,
     /// The guest asked to shut down: exit shortly.
     Shutdown,
+    /// A snapshot load failed: Firecracker exits with status 1.
+    Fail,
 }
 
 const NOT_SUPPORTED_AFTER_BOOT: &str = "The requested operation is not supported after starting the microVM.";
@@ -129,6 +131,10 @@ impl Vmm {
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(body),
             ("PUT", ["snapshot", "load"]) => {
                 let reply = self.snapshot_load(body);
+                // Firecracker cannot go on from a failed load: it exits.
+                if reply.status >= 300 {
+                    return (reply, After::Fail);
+                }
                 return (reply, self.after_running());
             }
             ("PUT", ["actions"]) => return self.put_action(body),
@@ -394,6 +400,11 @@ impl Vmm {
                     return (Reply::fault(400, NOT_SUPPORTED_BEFORE_BOOT), After::Nothing);
                 }
                 self.log("main", "INFO", "Sending CTRL+ALT+DEL to the guest");
+                // Firecracker only injects the keys: powering off is the
+                // guest's business, and some guests ignore them.
+                if std::env::var_os("FIRECRACKER_SIM_GUEST_IGNORES_CTRL_ALT_DEL").is_some() {
+                    return (Reply::no_content(), After::Nothing);
+                }
                 (Reply::no_content(), After::Shutdown)
             }
             other => (
@@ -521,11 +532,9 @@ impl Vmm {
             );
         }
         match params.snapshot_type.as_deref() {
-            None | Some("Full") => {}
-            Some("Diff") if !self.machine.track_dirty_pages => {
-                return Reply::fault(400, "Diff snapshots are not allowed on uVMs with dirty page tracking disabled.");
-            }
-            Some("Diff") => {}
+            // Firecracker v1.16 takes a Diff snapshot without dirty-page
+            // tracking too (all of memory is then written).
+            None | Some("Full") | Some("Diff") => {}
             Some(other) => {
                 return Reply::fault(
                     400,

@@ -410,6 +410,68 @@ pub async fn version(ctx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `snapshot VM NAME [--stay-paused] [--wait]`: writes a Snapshot object.
+pub async fn snapshot(
+    ctx: &Context,
+    vm: &str,
+    name: &str,
+    stay_paused: bool,
+    wait: Option<Duration>,
+) -> Result<(), Failure> {
+    let spec = nexus_api::SnapshotSpec { vm_name: vm.to_string(), resume_after: !stay_paused };
+    let obj = nexus_api::Object::new(name, Some(&ctx.project), spec);
+    ctx.client.create(&obj).await.map_err(|e| Failure::api(&e))?;
+    println!("snapshot/{name} created");
+    let Some(timeout) = wait else { return Ok(()) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let snap = ctx.client.get::<nexus_api::SnapshotSpec>(&ctx.project, name).await.map_err(|e| Failure::api(&e))?;
+        let status = snap.status_or_default();
+        match status.phase {
+            nexus_api::snapshot::SnapshotPhase::Ready => {
+                let size = status.size_bytes.map(render::bytes).unwrap_or_default();
+                let node = status.node_name.unwrap_or_default();
+                println!("snapshot/{name} Ready: {size} on node {node}");
+                return Ok(());
+            }
+            nexus_api::snapshot::SnapshotPhase::Failed => {
+                let why = status.last_error.map(|e| e.message).unwrap_or_default();
+                return Err(Failure::error(format!("snapshot/{name} Failed: {why}")));
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(Failure::error(format!(
+                    "timed out after {}s waiting for snapshot/{name} to be Ready",
+                    timeout.as_secs()
+                )));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// `restore SNAPSHOT NEW_VM [--paused] [--wait]`: writes a VM restored
+/// from the snapshot.
+pub async fn restore(
+    ctx: &Context,
+    snapshot: &str,
+    new_vm: &str,
+    paused: bool,
+    wait: Option<Duration>,
+) -> Result<(), Failure> {
+    let spec = nexus_api::VmSpec {
+        restore_from: Some(nexus_api::vm::RestoreSource { snapshot: snapshot.to_string() }),
+        state: if paused { nexus_api::PowerState::Paused } else { nexus_api::PowerState::Running },
+        ..Default::default()
+    };
+    let obj = nexus_api::Object::new(new_vm, Some(&ctx.project), spec);
+    ctx.client.create(&obj).await.map_err(|e| Failure::api(&e))?;
+    println!("vm/{new_vm} created from snapshot/{snapshot}");
+    let Some(timeout) = wait else { return Ok(()) };
+    let want = if paused { "Paused" } else { "Running" };
+    let cond = WaitFor::parse(&format!("jsonpath={{.status.phase}}={want}")).map_err(Failure::error)?;
+    self::wait(ctx, "vm", new_vm, &cond, timeout).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

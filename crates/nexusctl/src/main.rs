@@ -125,6 +125,35 @@ enum Command {
     Pause(PowerArgs),
     /// Set spec.state to Running (from Paused).
     Resume(PowerArgs),
+    /// Take a snapshot of a VM: writes a Snapshot object NAME of VM.
+    Snapshot {
+        vm: String,
+        name: String,
+        /// Leave the VM paused afterwards (its spec.state becomes Paused).
+        #[arg(long)]
+        stay_paused: bool,
+        /// Return only once the snapshot is Ready (or failed).
+        #[arg(long)]
+        wait: bool,
+        /// Seconds --wait waits.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Start a new VM from a snapshot: writes VM NEW_VM with
+    /// spec.restoreFrom.snapshot = SNAPSHOT.
+    Restore {
+        snapshot: String,
+        new_vm: String,
+        /// Create it Paused instead of Running.
+        #[arg(long)]
+        paused: bool,
+        /// Return only once the VM is Running (or Paused, with --paused).
+        #[arg(long)]
+        wait: bool,
+        /// Seconds --wait waits.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Manage contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -363,6 +392,14 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Stop(a) => commands::power(&ctx, "Stopped", "stopped", &power_selection(a)?).await,
         Command::Pause(a) => commands::power(&ctx, "Paused", "paused", &power_selection(a)?).await,
         Command::Resume(a) => commands::power(&ctx, "Running", "resumed", &power_selection(a)?).await,
+        Command::Snapshot { vm, name, stay_paused, wait, timeout } => {
+            let wait = wait.then(|| Duration::from_secs(*timeout));
+            commands::snapshot(&ctx, vm, name, *stay_paused, wait).await
+        }
+        Command::Restore { snapshot, new_vm, paused, wait, timeout } => {
+            let wait = wait.then(|| Duration::from_secs(*timeout));
+            commands::restore(&ctx, snapshot, new_vm, *paused, wait).await
+        }
         Command::Version => commands::version(&ctx).await,
         Command::Whoami => access::whoami(&ctx).await,
         Command::Token(t) => match t {

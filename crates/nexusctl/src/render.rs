@@ -110,8 +110,25 @@ fn cell(column: &Column, obj: &Value, now: DateTime<Utc>) -> String {
         Format::Text => s(value),
         Format::Age => age(value.as_str(), now),
         Format::Mebibytes => format!("{}Mi", s(value)),
+        Format::Bytes => value.as_u64().map(bytes).unwrap_or_else(|| s(value)),
         Format::Condition(type_) => condition(value, type_),
         Format::Reference => format!("{}/{}", s(&value["kind"]).to_lowercase(), s(&value["name"])),
+    }
+}
+
+/// `n` bytes in the largest binary unit that keeps the number at least 1.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value >= 10.0 || value.fract() < 0.05 {
+        format!("{:.0}{}", value, UNITS[unit])
+    } else {
+        format!("{:.1}{}", value, UNITS[unit])
     }
 }
 
@@ -248,6 +265,21 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         "2026-11-22T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        let cases = [
+            (0, "0"),
+            (1000, "1000"),
+            (1536, "1.5Ki"),
+            (512 << 20, "512Mi"),
+            (3 << 30 | 1 << 29, "3.5Gi"),
+            (12 << 40, "12Ti"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(bytes(n), want, "{n}");
+        }
     }
 
     fn vm(name: &str, phase: &str, node: &str) -> Value {

@@ -40,7 +40,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/vms/{uid}/proxy", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/{*path}", any(proxy))
-        .route("/v1/vms/{uid}/snapshots/{name}", axum::routing::put(snapshot))
+        .route("/v1/snapshots/{uid}", get(snapshot_report).put(snapshot).delete(delete_snapshot))
         .route("/v1/vms/{uid}/logs", get(logs))
         .route("/v1/vms/{uid}/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
@@ -204,10 +204,26 @@ async fn metrics(
 
 async fn snapshot(
     State(state): State<AgentState>,
-    Path((uid, name)): Path<(String, String)>,
+    Path(uid): Path<String>,
     Json(req): Json<nexus_api::agent::SnapshotRequest>,
 ) -> Result<Json<nexus_api::agent::SnapshotReport>, AgentError> {
-    Ok(Json(state.runtime.snapshot(&uid, &name, req.resume_after).await?))
+    Ok(Json(state.runtime.snapshot(&uid, &req).await?))
+}
+
+async fn snapshot_report(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+) -> Result<Json<nexus_api::agent::SnapshotReport>, AgentError> {
+    Ok(Json(state.runtime.snapshot_report(&uid).await?))
+}
+
+/// Removes a snapshot's files; answers whether there were any.
+async fn delete_snapshot(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let removed = state.runtime.delete_snapshot(&uid).await?;
+    Ok(Json(serde_json::json!({ "removed": removed })))
 }
 
 /// What the node offers, what its VMs take, and how it runs them.

@@ -98,6 +98,13 @@ impl AgentError {
             AgentError::Process(_) => {
                 Some("check that the firecracker binary configured on the agent exists and is executable".into())
             }
+            AgentError::NotFound(m) if m.starts_with("snapshot ") => Some(
+                "take a new snapshot of a running VM and restore from that; a snapshot's files stay on the node that took it"
+                    .into(),
+            ),
+            AgentError::NotFound(m) if m.contains("is not running on this node") => {
+                Some("start the VM, wait until it is Running, then take the snapshot again".into())
+            }
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cgroup;
+pub mod clonenet;
 pub mod credentials;
 pub mod disk;
 pub mod error;

@@ -73,6 +73,11 @@ impl Net {
         Ok(Self { handle })
     }
 
+    /// The underlying netlink handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// The link called `name`, if it exists.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
         let mut stream = self.handle.link().get().match_name(name).execute();
@@ -165,7 +170,7 @@ nix::ioctl_write_int!(tunsetpersist, b'T', 203);
 
 /// Creates a persistent TAP with the flags Firecracker opens it with
 /// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
-fn create_persistent_tap(name: &str) -> std::io::Result<()> {
+pub(crate) fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
     }

@@ -1,6 +1,8 @@
 //! The agent's host layout, and the one place names from the network become
 //! paths: `<run dir>/vms/<uid>/{fc.sock, fc.log, metrics.json, console.log,
-//! rootfs.ext4, pid, vm.json}`.
+//! rootfs.ext4, pid, vm.json}` per VM and `<run dir>/snapshots/<uid>/{state,
+//! mem, rootfs.ext4, done.json}` per Snapshot (apart from any VM, so a
+//! snapshot outlives the VM it was taken from).
 
 use std::path::{Path, PathBuf};
 
@@ -9,10 +11,8 @@ pub use nexus_api::agent::TAP_PREFIX;
 /// Failures turning a name into a path.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PathError {
-    #[error("VM uid {0:?} is not a UUID (expected 8-4-4-4-12 lower-case hex digits)")]
+    #[error("uid {0:?} is not a UUID (expected 8-4-4-4-12 lower-case hex digits)")]
     BadUid(String),
-    #[error("snapshot name {0:?} must be 1-63 lower-case letters, digits or '-'")]
-    BadName(String),
 }
 
 /// A VM uid that was checked to be a lower-case hyphenated UUID, so it can
@@ -81,9 +81,16 @@ impl VmPaths {
     pub fn ip(&self) -> PathBuf {
         self.dir.join("ip")
     }
-    /// Snapshot `name` of this VM (the name must already be checked).
-    pub fn snapshot(&self, name: &str) -> SnapshotPaths {
-        SnapshotPaths { dir: self.dir.join("snapshots").join(name) }
+    /// Where Firecracker writes snapshot `snap` of this VM (inside the VM
+    /// directory, the only one it sees at a fixed path) before the files
+    /// move to the run directory's `snapshots/`.
+    pub fn staging(&self, snap: &Uid) -> SnapshotPaths {
+        SnapshotPaths { dir: self.dir.join(format!("snapshot-{snap}")) }
+    }
+    /// Present in a VM restored from a snapshot: where it came from and
+    /// the guest's own MAC and address (a [`Restored`] as JSON).
+    pub fn restored(&self) -> PathBuf {
+        self.dir.join("restored.json")
     }
     /// When the VMM was started and how long it took to boot.
     pub fn started(&self) -> PathBuf {
@@ -130,11 +137,16 @@ impl SnapshotPaths {
     }
 }
 
-/// Checks a snapshot name: a DNS label, so it can name a directory.
-pub fn check_snapshot_name(name: &str) -> Result<(), PathError> {
-    let mut errors = nexus_api::validation::FieldErrors::default();
-    nexus_api::validation::validate_dns_label(&mut errors, "snapshot", name);
-    if errors.is_empty() { Ok(()) } else { Err(PathError::BadName(name.chars().take(80).collect())) }
+/// What a restored VM's directory records of its origin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restored {
+    pub snapshot_uid: String,
+    /// The MAC the guest has (its source's).
+    pub mac: String,
+    /// The address the guest has (its source's), behind the VM's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// The agent's run directory.
@@ -148,6 +160,7 @@ impl RunDir {
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join("vms"))?;
         std::fs::create_dir_all(root.join("vm"))?;
+        std::fs::create_dir_all(root.join("snapshots"))?;
         Ok(Self { root: root.canonicalize()? })
     }
 
@@ -179,6 +192,16 @@ impl RunDir {
     /// The files of VM `uid`; always directly under `vms()`.
     pub fn vm(&self, uid: &Uid) -> VmPaths {
         VmPaths { dir: self.vms().join(uid.as_str()) }
+    }
+
+    /// Directory holding one directory per snapshot.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The files of snapshot `uid`; always directly under `snapshots()`.
+    pub fn snapshot(&self, uid: &Uid) -> SnapshotPaths {
+        SnapshotPaths { dir: self.snapshots().join(uid.as_str()) }
     }
 }
 

@@ -56,15 +56,18 @@ fn cstring(p: &Path) -> Result<CString, ProcessError> {
 
 /// Starts `binary --api-sock <fixed>/fc.sock --id <uid>` in its own process
 /// group and mount namespace, with the VM directory at `view.fixed`, its
-/// stdout and stderr (the guest console) appended to `console`. The process
-/// outlives the agent; while the agent lives, a task reaps it, writes how it
-/// ended to `reaped` (a [`Reaped`] as JSON) and then calls `ended(pid)`.
+/// stdout and stderr (the guest console) appended to `console`; with
+/// `own_netns`, in a network namespace of its own too (which ends with it).
+/// The process outlives the agent; while the agent lives, a task reaps it,
+/// writes how it ended to `reaped` (a [`Reaped`] as JSON) and then calls
+/// `ended(pid)`.
 pub fn launch(
     binary: &Path,
     view: &View,
     uid: &str,
     console: &Path,
     reaped: PathBuf,
+    own_netns: bool,
     ended: impl FnOnce(u32) + Send + 'static,
 ) -> Result<u32, ProcessError> {
     let out = std::fs::OpenOptions::new()
@@ -85,11 +88,12 @@ pub fn launch(
         .stderr(err)
         .process_group(0)
         .kill_on_drop(false);
+    let namespaces = if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS };
     // SAFETY: the closure runs between fork and exec and only makes the
     // unshare and mount system calls on pre-built C strings.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            if libc::unshare(namespaces) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // Keep our mounts from propagating back to the host.
@@ -177,6 +181,15 @@ pub fn is_vmm(pid: u32, uid: &str, api_sock: &Path) -> bool {
     args_of(pid).is_some_and(|args| {
         has_pair(&args, b"--id", uid.as_bytes()) && has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes())
     })
+}
+
+/// Whether `pid` is a child of this process (so a reaper task of ours
+/// will record how it ends).
+pub fn is_our_child(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // Fields after the parenthesised name: state, then the parent's pid.
+    let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+    ppid == Some(std::process::id())
 }
 
 /// Whether `pid` exists and is not a zombie.

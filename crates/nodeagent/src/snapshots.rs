@@ -1,15 +1,24 @@
-//! Snapshots of running VMs and restores from them, on one node.
+//! Snapshots of running VMs, and restores from them, on one node.
 //!
-//! A snapshot is the VM state, its guest memory (both written by
-//! Firecracker while the VM is paused) and a copy of its disk taken at the
-//! same moment, under `<vm dir>/snapshots/<name>/`. Every VMM sees its own
-//! directory at the same fixed path, so the drive paths a snapshot records
-//! resolve, in a restored VMM, to that VM's own copy of the disk.
+//! A snapshot is the VM state and its guest memory, both written by
+//! Firecracker while the VM is paused, and a copy of its disk taken at the
+//! same moment. Firecracker writes into the VM's own directory (the only
+//! one it sees at a fixed path); the files then move, in one rename, to
+//! `<run dir>/snapshots/<snapshot uid>/`, apart from the VM, so a snapshot
+//! outlives the VM it was taken from. `done.json`, written last, marks it
+//! complete: anything without it is a leftover of an interrupted attempt
+//! and is started over.
+//!
+//! Every VMM sees its own directory at the same fixed path, so the drive
+//! path a snapshot records resolves, in a restored VMM, to that VM's own
+//! copy of the disk.
 
 use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nexus_api::agent::{RestoreFrom, SnapshotReport};
+use nexus_api::agent::{EnsureVm, RestoreFrom, SnapshotReport};
+use nexus_api::snapshot::SnapshotFile;
 
 use crate::disk;
 use crate::error::AgentError;
@@ -18,7 +27,10 @@ use crate::firecracker::models::{
     InstanceState, MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType, VmState,
 };
-use crate::paths::{RunDir, SnapshotPaths, Uid, VmPaths, check_snapshot_name};
+use crate::paths::{RunDir, SnapshotPaths, Uid, VmPaths};
+
+/// Writing state and memory takes as long as the guest's memory is large.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn fc(step: &'static str) -> impl FnOnce(crate::firecracker::FcError) -> AgentError {
     move |source| AgentError::Firecracker { step, source }
@@ -28,43 +40,61 @@ fn disk_bytes(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-/// The report of a complete snapshot, if there is one.
+/// The report of complete snapshot `snap`, if it is on this node.
 pub fn completed(snap: &SnapshotPaths) -> Option<SnapshotReport> {
     serde_json::from_slice(&std::fs::read(snap.done()).ok()?).ok()
 }
 
-/// Pauses the VM (if running), has Firecracker write state and memory,
-/// copies the disk, and resumes it if asked. Repeating it returns the
-/// snapshot already made.
+/// Takes snapshot `snap` of VM `vm`: pauses it (if running), has
+/// Firecracker write state and memory, copies the disk, moves the files to
+/// the snapshot's directory, and resumes the VM when `resume_after` says so
+/// (also when it was left paused by an interrupted attempt). Repeating it
+/// returns the snapshot already made. The caller holds the VM's lock.
 pub async fn create(
     run: &RunDir,
-    uid: &Uid,
+    vm: &Uid,
     paths: &VmPaths,
-    name: &str,
+    snap: &Uid,
     resume_after: bool,
 ) -> Result<SnapshotReport, AgentError> {
-    check_snapshot_name(name)?;
-    let snap = paths.snapshot(name);
-    if let Some(done) = completed(&snap) {
+    let target = run.snapshot(snap);
+    let client = FcClient::new(paths.socket());
+    if let Some(done) = completed(&target) {
+        if resume_after {
+            resume_if_paused(&client).await?;
+        }
         return Ok(done);
     }
-    let client = FcClient::new(paths.socket());
     let info = client.describe_instance().await.map_err(|_| {
-        AgentError::NotFound(format!("VM {uid} is not running on this node; start it before taking a snapshot"))
+        AgentError::NotFound(format!("VM {vm} is not running on this node; start it before taking a snapshot"))
     })?;
     if info.state == InstanceState::NotStarted {
-        return Err(AgentError::Invalid(format!("VM {uid} has not booted yet")));
+        return Err(AgentError::Invalid(format!("VM {vm} has not booted yet")));
     }
-    // A half-written snapshot from an earlier crash is started over.
-    let _ = std::fs::remove_dir_all(&snap.dir);
-    std::fs::create_dir_all(&snap.dir).map_err(AgentError::io("creating the snapshot directory"))?;
-    let was_running = info.state == InstanceState::Running;
-    if was_running {
+    let config: EnsureVm = std::fs::read(paths.config())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| AgentError::NotFound(format!("VM {vm} has no configuration on this node")))?;
+    // What an interrupted attempt left is started over.
+    let staging = paths.staging(snap);
+    for dir in [&staging.dir, &target.dir] {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io(format!("removing {}", dir.display()))(e)),
+        }
+    }
+    std::fs::create_dir_all(&staging.dir).map_err(AgentError::io("creating the snapshot directory"))?;
+    let paused = Instant::now();
+    if info.state == InstanceState::Running {
         client.set_vm_state(VmState::Paused).await.map_err(fc("pause"))?;
     }
-    let view = run.vmm_view().snapshot(name);
+    // The same files as the VMM sees them.
+    let view = run.vmm_view().staging(snap);
     let made = async {
         client
+            .clone()
+            .with_request_timeout(SNAPSHOT_TIMEOUT)
             .create_snapshot(&SnapshotCreateParams {
                 snapshot_path: view.state().display().to_string(),
                 mem_file_path: view.memory().display().to_string(),
@@ -72,51 +102,103 @@ pub async fn create(
             })
             .await
             .map_err(fc("snapshot/create"))?;
-        disk::ensure_copy(paths.rootfs(), snap.rootfs())
+        disk::ensure_copy(paths.rootfs(), staging.rootfs())
             .await
             .map(|_| ())
             .map_err(AgentError::io("copying the disk into the snapshot"))
     }
     .await;
-    if was_running && (resume_after || made.is_err()) {
-        client.set_vm_state(VmState::Resumed).await.map_err(fc("resume"))?;
+    if resume_after {
+        resume_if_paused(&client).await?;
     }
-    made?;
+    let paused_millis = paused.elapsed().as_millis() as u64;
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&staging.dir);
+        return Err(e);
+    }
+    std::fs::rename(&staging.dir, &target.dir).map_err(AgentError::io("moving the snapshot into place"))?;
+    let files: Vec<SnapshotFile> = [("state", target.state()), ("memory", target.memory()), ("disk", target.rootfs())]
+        .into_iter()
+        .map(|(name, path)| SnapshotFile {
+            name: name.into(),
+            bytes: disk_bytes(&path),
+            path: path.display().to_string(),
+        })
+        .collect();
     let report = SnapshotReport {
-        name: name.to_string(),
-        vm_uid: uid.to_string(),
-        state_path: snap.state().display().to_string(),
-        memory_path: snap.memory().display().to_string(),
-        rootfs_path: snap.rootfs().display().to_string(),
-        size_bytes: disk_bytes(&snap.state()) + disk_bytes(&snap.memory()) + disk_bytes(&snap.rootfs()),
+        uid: snap.to_string(),
+        vm_uid: vm.to_string(),
+        size_bytes: files.iter().map(|f| f.bytes).sum(),
+        files,
         created_at: Utc::now(),
+        paused_millis,
+        mac: guest_mac(paths, &config),
+        ip: guest_ip(paths).map(|ip| ip.to_string()),
     };
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
-    std::fs::write(snap.done(), json).map_err(AgentError::io("recording the snapshot"))?;
-    tracing::info!(uid = %uid, snapshot = name, bytes = report.size_bytes, "snapshot created");
+    std::fs::write(target.done(), json).map_err(AgentError::io("recording the snapshot"))?;
+    tracing::info!(vm = %vm, snapshot = %snap, bytes = report.size_bytes, paused_millis, "snapshot created");
     Ok(report)
 }
 
-/// The source snapshot of a restore, checked to be complete.
-pub fn source(run: &RunDir, from: &RestoreFrom) -> Result<SnapshotPaths, AgentError> {
-    let from_uid = Uid::parse(&from.vm_uid)?;
-    check_snapshot_name(&from.snapshot)?;
-    let snap = run.vm(&from_uid).snapshot(&from.snapshot);
-    if completed(&snap).is_none() {
-        return Err(AgentError::NotFound(format!(
-            "snapshot {:?} of VM {from_uid} is not on this node; restore on the node that took it",
-            from.snapshot
-        )));
+async fn resume_if_paused(client: &FcClient) -> Result<(), AgentError> {
+    match client.describe_instance().await {
+        Ok(i) if i.state == InstanceState::Paused => client.set_vm_state(VmState::Resumed).await.map_err(fc("resume")),
+        _ => Ok(()),
     }
-    Ok(snap)
+}
+
+/// The MAC the guest has: its source's when the VM was itself restored.
+fn guest_mac(paths: &VmPaths, config: &EnsureVm) -> String {
+    restored(paths).map(|r| r.mac).unwrap_or_else(|| config.mac.clone())
+}
+
+/// The address the guest has: its source's when the VM was itself restored.
+fn guest_ip(paths: &VmPaths) -> Option<std::net::Ipv4Addr> {
+    match restored(paths) {
+        Some(r) => r.guest_ip,
+        None => std::fs::read_to_string(paths.ip()).ok()?.trim().parse().ok(),
+    }
+}
+
+/// What a restored VM's directory says of its origin.
+pub fn restored(paths: &VmPaths) -> Option<crate::paths::Restored> {
+    serde_json::from_slice(&std::fs::read(paths.restored()).ok()?).ok()
+}
+
+/// Removes snapshot `snap`'s files; returns whether there were any.
+pub fn delete(run: &RunDir, snap: &Uid) -> Result<bool, AgentError> {
+    let dir = run.snapshot(snap).dir;
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {
+            tracing::info!(snapshot = %snap, "snapshot removed");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(AgentError::io(format!("removing {}", dir.display()))(e)),
+    }
+}
+
+/// The source of a restore, checked to be complete on this node.
+pub fn source(run: &RunDir, from: &RestoreFrom) -> Result<(SnapshotPaths, SnapshotReport), AgentError> {
+    let uid = Uid::parse(&from.snapshot_uid)?;
+    let snap = run.snapshot(&uid);
+    match completed(&snap) {
+        Some(report) => Ok((snap, report)),
+        None => Err(AgentError::NotFound(format!(
+            "snapshot {uid} is not on this node (its files are gone or were never complete here); restore on the node that took it, or take it again"
+        ))),
+    }
 }
 
 /// Loads `snap` into a freshly started VMM (logger and metrics already
 /// set) and resumes it, its network interface on `tap`.
 pub async fn load(client: &FcClient, snap: &SnapshotPaths, tap: &str) -> Result<(), AgentError> {
     client
+        .clone()
+        .with_request_timeout(SNAPSHOT_TIMEOUT)
         .load_snapshot(&SnapshotLoadParams {
-            // The source's files, reached by their host paths (only the
+            // The snapshot's files, reached by their host paths (only the
             // VMM's own directory is remapped in its namespace).
             snapshot_path: snap.state().display().to_string(),
             mem_backend: MemoryBackend {

@@ -131,6 +131,14 @@ impl Runtime {
         let lock = self.lock(&uid).await;
         let _held = lock.lock().await;
         let paths = self.paths(&uid)?;
+        let api_sock = self.cfg.run_dir.api_sock();
+        if let Some(from) = &req.restore
+            && req.state != PowerState::Stopped
+            && !read_pid(&paths).is_some_and(|pid| process::is_vmm(pid, uid.as_str(), &api_sock))
+        {
+            // A VMM is about to start from it: refuse before making anything.
+            crate::snapshots::source(&self.cfg.run_dir, from)?;
+        }
         std::fs::create_dir_all(&paths.dir).map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
         let config = serde_json::to_vec_pretty(req).unwrap_or_default();
         std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
@@ -146,7 +154,6 @@ impl Runtime {
         }
         let client = FcClient::new(paths.socket());
         let mut info = None;
-        let api_sock = self.cfg.run_dir.api_sock();
         let recorded = read_pid(&paths);
         match recorded.filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
             Some(pid) => match client.describe_instance().await {
@@ -229,17 +236,25 @@ impl Runtime {
         remove_if_exists(&paths.socket())?;
         // Until it has booted, this VMM has not "run and ended".
         remove_if_exists(&paths.started())?;
+        // Checked before anything is made for it.
+        let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
         let bridge = self.ensure_bridge().await?;
         let tap = uid.tap_name();
-        self.net.ensure_tap(&tap, bridge).await?;
-        let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
-        if restore.is_none() {
-            self.check_images(req).await?;
+        match &restore {
+            // A restored VM's TAP is made inside its VMM's own namespace.
+            Some(_) => {
+                self.net.delete_link(&tap).await?;
+            }
+            None => {
+                remove_if_exists(&paths.restored())?;
+                self.net.ensure_tap(&tap, bridge).await?;
+                self.check_images(req).await?;
+            }
         }
         let copy_started = Instant::now();
         let method = match &restore {
             // The snapshot's disk, taken with its memory, is the VM's disk.
-            Some(snap) => disk::ensure_copy(snap.rootfs(), paths.rootfs())
+            Some((snap, _)) => disk::ensure_copy(snap.rootfs(), paths.rootfs())
                 .await
                 .map_err(AgentError::io("copying the snapshot's disk"))?,
             None => disk::ensure_copy(PathBuf::from(&req.rootfs_path), paths.rootfs())
@@ -255,9 +270,34 @@ impl Runtime {
                 .map_err(AgentError::io(format!("creating {}", file.display())))?;
         }
         let mut req = req.clone();
-        if let Some(ip) = self.assign_ip(uid, paths, req.ip.as_deref())? {
-            let subnet = self.subnet().expect("an address implies a subnet");
-            req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+        // A restored guest keeps its source's address; the VM gets one of
+        // its own on the bridge, joined to the guest's by NAT.
+        let addresses = match &restore {
+            Some((_, report)) => match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.subnet()) {
+                (Some(guest), Some(subnet)) => self
+                    .assign_ip(uid, paths, Some("auto"))?
+                    .map(|own| crate::clonenet::Addresses { guest, own, subnet }),
+                _ => {
+                    self.assign_ip(uid, paths, None)?;
+                    None
+                }
+            },
+            None => {
+                if let Some(ip) = self.assign_ip(uid, paths, req.ip.as_deref())? {
+                    let subnet = self.subnet().expect("an address implies a subnet");
+                    req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+                }
+                None
+            }
+        };
+        if let Some((_, report)) = &restore {
+            let record = crate::paths::Restored {
+                snapshot_uid: report.uid.clone(),
+                mac: report.mac.clone(),
+                guest_ip: report.ip.as_deref().and_then(|ip| ip.parse().ok()),
+            };
+            std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
+                .map_err(AgentError::io("recording the VM's origin"))?;
         }
         let req = &req;
         let launched = Instant::now();
@@ -271,6 +311,7 @@ impl Runtime {
             uid.as_str(),
             &paths.console(),
             paths.reaped(),
+            restore.is_some(),
             move |pid| exits.record(&who, pid),
         )?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
@@ -293,9 +334,12 @@ impl Runtime {
         wait_for_socket(client, pid, uid.as_str(), &api_sock).await?;
         let view = self.cfg.run_dir.vmm_view();
         let configured = match &restore {
-            Some(snap) => match configure_observability(client, &view).await {
-                Ok(()) => crate::snapshots::load(client, snap, &tap).await,
-                Err(e) => Err(e),
+            Some((snap, _)) => match crate::clonenet::setup(&self.net, pid, uid, bridge, addresses).await {
+                Ok(()) => match configure_observability(client, &view).await {
+                    Ok(()) => crate::snapshots::load(client, snap, &tap).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.into()),
             },
             None => configure(client, &view, req, &tap).await,
         };
@@ -324,18 +368,43 @@ impl Runtime {
         Ok(())
     }
 
-    /// Takes snapshot `name` of VM `uid` (see `snapshots::create`).
+    /// Takes snapshot `snap` of the VM the request names (see
+    /// `snapshots::create`), as the VM's owner.
     pub async fn snapshot(
         &self,
-        raw_uid: &str,
-        name: &str,
-        resume_after: bool,
+        raw_snap: &str,
+        req: &nexus_api::agent::SnapshotRequest,
     ) -> Result<nexus_api::agent::SnapshotReport, AgentError> {
-        let uid = Uid::parse(raw_uid)?;
-        let lock = self.lock(&uid).await;
+        let snap = Uid::parse(raw_snap)?;
+        let vm = Uid::parse(&req.vm_uid)?;
+        let snap_lock = self.lock(&snap).await;
+        let _snap_held = snap_lock.lock().await;
+        let lock = self.lock(&vm).await;
         let _held = lock.lock().await;
-        let paths = self.paths(&uid)?;
-        crate::snapshots::create(&self.cfg.run_dir, &uid, &paths, name, resume_after).await
+        let paths = self.paths(&vm)?;
+        crate::snapshots::create(&self.cfg.run_dir, &vm, &paths, &snap, req.resume_after).await
+    }
+
+    /// Snapshot `snap`, when it is complete on this node.
+    pub async fn snapshot_report(&self, raw_snap: &str) -> Result<nexus_api::agent::SnapshotReport, AgentError> {
+        let snap = Uid::parse(raw_snap)?;
+        let lock = self.lock(&snap).await;
+        let _held = lock.lock().await;
+        crate::snapshots::completed(&self.cfg.run_dir.snapshot(&snap))
+            .ok_or_else(|| AgentError::NotFound(format!("no complete snapshot {snap} on this node")))
+    }
+
+    /// Removes snapshot `snap`'s files (VMs restored from it keep running:
+    /// their memory is theirs once loaded).
+    pub async fn delete_snapshot(&self, raw_snap: &str) -> Result<bool, AgentError> {
+        let snap = Uid::parse(raw_snap)?;
+        let lock = self.lock(&snap).await;
+        let removed = {
+            let _held = lock.lock().await;
+            crate::snapshots::delete(&self.cfg.run_dir, &snap)?
+        };
+        self.locks.lock().await.remove(&snap);
+        Ok(removed)
     }
 
     /// How this node makes VM disks: `reflink` where the run directory's
@@ -424,11 +493,8 @@ impl Runtime {
                 tracing::warn!(uid = %uid, error = %e, "removing the VM's cgroup failed");
             }
             self.net.delete_link(&uid.tap_name()).await?;
-            match std::fs::remove_dir_all(&paths.dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(AgentError::io(format!("removing {}", paths.dir.display()))(e)),
-            }
+            self.net.delete_link(&crate::clonenet::veth_name(&uid)).await?;
+            remove_dir_all_settled(&paths.dir).await?;
         }
         self.locks.lock().await.remove(&uid);
         Ok(absent(&uid))
@@ -452,6 +518,7 @@ impl Runtime {
             if !process::is_vmm(pid, uid.as_str(), &api_sock) {
                 continue;
             }
+            let ours = process::is_our_child(pid);
             self.exits.expect(pid);
             // Ask the guest first, as a power button would; then signals.
             let _ = FcClient::new(paths.socket())
@@ -460,6 +527,13 @@ impl Runtime {
                 .await;
             if !process::wait_gone(pid, self.cfg.stop_grace).await {
                 process::stop(pid, uid.as_str(), &api_sock, Duration::from_millis(500)).await;
+            }
+            // Gone means a zombie at least; our reaper still has to collect
+            // it and write its record into the VM directory. Wait for that,
+            // so nothing writes there once the caller moves on (a removal
+            // racing the record fails with "Directory not empty").
+            if ours && process::reaped(&paths.reaped(), pid, Duration::from_secs(2)).await.is_none() {
+                tracing::warn!(uid = %uid, pid, "the VMM's exit was not recorded within 2 s");
             }
         }
         let _ = std::fs::remove_file(paths.socket());
@@ -516,8 +590,17 @@ impl Runtime {
             },
         };
         let (started_at, boot_millis) = read_started(&paths);
-        let mac =
-            std::fs::read(paths.config()).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok()).map(|c| c.mac);
+        // A restored guest has its source's MAC, whatever was asked; its
+        // TAP is in its VMM's namespace, there while the VMM is.
+        let restored = crate::snapshots::restored(&paths);
+        let mac = match &restored {
+            Some(r) => Some(r.mac.clone()),
+            None => std::fs::read(paths.config())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
+                .map(|c| c.mac),
+        };
+        let tap_exists = if restored.is_some() { pid.is_some() } else { tap_exists };
         Ok(VmReport {
             uid: uid.to_string(),
             state,
@@ -556,6 +639,13 @@ impl Runtime {
         }
         inv.taps =
             self.net.links().await?.into_iter().filter(|l| l.name.starts_with(TAP_PREFIX)).map(|l| l.name).collect();
+        let snaps = self.cfg.run_dir.snapshots();
+        inv.snapshots = std::fs::read_dir(&snaps)
+            .map_err(AgentError::io(format!("listing {}", snaps.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        inv.snapshots.sort();
         inv.run_dirs.sort();
         inv.sockets.sort();
         inv.taps.sort();
@@ -581,6 +671,11 @@ impl Runtime {
             }
             if self.net.delete_link(tap).await? {
                 removed.push(format!("tap {tap}"));
+            }
+        }
+        for raw in &req.snapshots {
+            if self.delete_snapshot(raw).await? {
+                removed.push(format!("snapshot {raw}"));
             }
         }
         for raw in &req.sockets {
@@ -769,6 +864,23 @@ fn read_started(paths: &VmPaths) -> (Option<chrono::DateTime<Utc>>, Option<u64>)
     let at = lines.next().and_then(|l| chrono::DateTime::parse_from_rfc3339(l).ok()).map(|t| t.with_timezone(&Utc));
     let millis = lines.next().and_then(|l| l.parse().ok());
     (at, millis)
+}
+
+/// Removes `dir` and everything in it, trying again for a moment when
+/// something still writes into it (a process that just ended, its reaper).
+async fn remove_dir_all_settled(dir: &Path) -> Result<(), AgentError> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => return Err(AgentError::io(format!("removing {}", dir.display()))(e)),
+        }
+    }
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), AgentError> {

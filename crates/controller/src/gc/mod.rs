@@ -1,6 +1,7 @@
 //! The garbage collector: VM run directories, VMM processes, TAP devices
-//! and sockets on a node that no VM object claims are removed once they
-//! have stayed unclaimed for a grace period. Anything a live VM owns is
+//! and sockets on a node that no VM object claims, and snapshot files no
+//! Snapshot object claims, are removed once they have stayed unclaimed for
+//! a grace period. Anything a live VM owns is
 //! never touched: a thing is only collected after being seen unclaimed in
 //! every pass for the whole period, against the VM store read after the
 //! node's inventory.
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nexus_api::agent::{Collect, Inventory, tap_name};
 use nexus_api::agent_client::AgentCallError;
-use nexus_api::{Node, NodeSpec, VmSpec};
+use nexus_api::{Node, NodeSpec, SnapshotSpec, VmSpec};
 
 use crate::Context;
 use crate::runtime::events::Recorder;
@@ -26,11 +27,18 @@ pub enum Orphan {
     Vm(String),
     Tap(String),
     Socket(String),
+    Snapshot(String),
 }
 
-/// What in `inv` no uid in `known` claims.
-pub fn orphans(inv: &Inventory, known: &BTreeSet<String>) -> BTreeSet<Orphan> {
+/// What in `inv` no VM uid in `known` and no Snapshot uid in `snapshots`
+/// claims.
+pub fn orphans(inv: &Inventory, known: &BTreeSet<String>, snapshots: &BTreeSet<String>) -> BTreeSet<Orphan> {
     let mut out = BTreeSet::new();
+    for snap in &inv.snapshots {
+        if !snapshots.contains(snap) {
+            out.insert(Orphan::Snapshot(snap.clone()));
+        }
+    }
     let uids: BTreeSet<String> = inv.run_dirs.iter().cloned().chain(inv.vmms.iter().map(|v| v.uid.clone())).collect();
     for uid in &uids {
         if !known.contains(uid) {
@@ -77,6 +85,7 @@ impl NodeMemory {
                 Orphan::Vm(u) => due.uids.push(u),
                 Orphan::Tap(t) => due.taps.push(t),
                 Orphan::Socket(s) => due.sockets.push(s),
+                Orphan::Snapshot(s) => due.snapshots.push(s),
             }
         }
         due
@@ -89,6 +98,7 @@ pub struct Collector {
     agents: std::sync::Arc<crate::agents::Agents>,
     events: Recorder,
     vms: Store<VmSpec>,
+    snapshots: Store<SnapshotSpec>,
     grace: Duration,
     interval: Duration,
     node_grace: chrono::Duration,
@@ -101,6 +111,7 @@ pub fn controller(ctx: &Context) -> Controller<Collector> {
         agents: ctx.agents.clone(),
         events: ctx.events.clone(),
         vms: ctx.reflectors.store::<VmSpec>(),
+        snapshots: ctx.reflectors.store::<SnapshotSpec>(),
         grace: ctx.settings.gc_grace,
         interval: ctx.settings.gc_interval,
         node_grace: ctx.settings.node_grace,
@@ -145,7 +156,8 @@ impl Reconciler for Collector {
             .filter(|v| v.spec.node_name.as_deref().is_none_or(|n| n == name))
             .map(|v| v.uid().to_string())
             .collect();
-        let due = self.memory(&name, |m| m.due(orphans(&inv, &known), self.grace));
+        let snapshots: BTreeSet<String> = self.snapshots.list().iter().map(|s| s.uid().to_string()).collect();
+        let due = self.memory(&name, |m| m.due(orphans(&inv, &known, &snapshots), self.grace));
         if due != Collect::default() {
             let gone = self
                 .agents
@@ -172,6 +184,7 @@ mod tests {
 
     const A: &str = "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11";
     const B: &str = "00000000-0000-4000-8000-0000000000b2";
+    const S: &str = "00000000-0000-4000-8000-0000000000c3";
 
     #[test]
     fn only_what_no_vm_claims_is_an_orphan() {
@@ -184,14 +197,16 @@ mod tests {
                 VmmProcess { pid: 7, uid: A.into() },
                 VmmProcess { pid: 8, uid: "11111111-1111-4111-8111-111111111111".into() },
             ],
+            snapshots: vec![S.into(), B.into()],
         };
         let known: BTreeSet<String> = [A.to_string()].into();
-        let got = orphans(&inv, &known);
+        let got = orphans(&inv, &known, &[S.to_string()].into());
         let want: BTreeSet<Orphan> = [
             Orphan::Vm(B.into()),
             Orphan::Vm("11111111-1111-4111-8111-111111111111".into()),
             Orphan::Tap("nxt0123456789ab".into()),
             Orphan::Socket("/run/stray.sock".into()),
+            Orphan::Snapshot(B.into()),
         ]
         .into();
         assert_eq!(got, want);
@@ -200,7 +215,7 @@ mod tests {
     #[test]
     fn a_vm_object_claims_its_tap_even_before_its_directory_exists() {
         let inv = Inventory { taps: vec![tap_name(A)], ..Default::default() };
-        assert!(orphans(&inv, &[A.to_string()].into()).is_empty());
+        assert!(orphans(&inv, &[A.to_string()].into(), &BTreeSet::new()).is_empty());
     }
 
     #[test]

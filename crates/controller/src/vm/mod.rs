@@ -19,7 +19,9 @@ use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::node::VmmExitNotice;
 use nexus_api::vm::ResolvedConfig;
-use nexus_api::{ConditionStatus, ImageSpec, Node, NodeSpec, TemplateSpec, Vm, VmPhase, VmSpec, VmStatus};
+use nexus_api::{
+    ConditionStatus, ImageSpec, Node, NodeSpec, SnapshotSpec, TemplateSpec, Vm, VmPhase, VmSpec, VmStatus,
+};
 
 use crate::Context;
 use crate::runtime::events::Recorder;
@@ -58,6 +60,7 @@ pub struct Stores {
     pub nodes: Store<NodeSpec>,
     pub templates: Store<TemplateSpec>,
     pub images: Store<ImageSpec>,
+    pub snapshots: Store<SnapshotSpec>,
 }
 
 impl Stores {
@@ -65,7 +68,7 @@ impl Stores {
     #[cfg(test)]
     pub fn empty() -> Self {
         use crate::runtime::store::store;
-        Stores { vms: store().1, nodes: store().1, templates: store().1, images: store().1 }
+        Stores { vms: store().1, nodes: store().1, templates: store().1, images: store().1, snapshots: store().1 }
     }
 
     /// The stores from `ctx`'s reflectors, the VM store indexed by node.
@@ -77,6 +80,7 @@ impl Stores {
             nodes: ctx.reflectors.store::<NodeSpec>(),
             templates: ctx.reflectors.store::<TemplateSpec>(),
             images: ctx.reflectors.store::<ImageSpec>(),
+            snapshots: ctx.reflectors.store::<SnapshotSpec>(),
         }
     }
 }
@@ -112,11 +116,12 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
         scheduling: Default::default(),
         per_node: PerNode::new(ctx.settings.per_node_concurrency),
     };
-    let (vms, vms_t, vms_i) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
+    let (vms, vms_t, vms_i, vms_s) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
     let node_map = node_mapper(vms, stores.nodes.clone(), ctx.settings.node_grace);
     Controller::new("vm", stores.vms.clone(), reconciler)
         .watches(stores.nodes.clone(), node_map)
         .watches(stores.templates.clone(), move |t| unresolved_in(&vms_t, t.metadata.project.as_deref()))
+        .watches(stores.snapshots.clone(), move |s| unresolved_in(&vms_s, s.metadata.project.as_deref()))
         .watches(stores.images.clone(), move |i| {
             let mut keys = unresolved_in(&vms_i, i.metadata.project.as_deref());
             keys.extend(refused_for_images_in(&vms_i, i.metadata.project.as_deref()));
@@ -454,7 +459,20 @@ impl VmReconciler {
             // Placed a moment ago; the store has not caught up yet.
             return Ok(Action::RequeueAfter(Duration::from_millis(200)));
         }
-        let nodes = self.stores.nodes.list();
+        let mut nodes = self.stores.nodes.list();
+        if let Some(restore) = &config.restore {
+            // Its snapshot's files are on one node: that node or none.
+            nodes.retain(|n| n.name() == restore.node);
+            if nodes.is_empty() {
+                drop(assumed);
+                let message = format!(
+                    "snapshot {} is on node {}, which does not exist any more; restore from a snapshot on a live node",
+                    restore.snapshot.split('@').next().unwrap_or_default(),
+                    restore.node
+                );
+                return self.unschedulable(vm, "SnapshotNodeNotFound", &message).await;
+            }
+        }
         let placed = assumed.placements(&self.stores, vm.uid());
         let request = Request { mem_mib: config.mem_mib, node_selector: &config.node_selector };
         match pick_node(request, &nodes, &placed, Utc::now(), self.node_grace) {
@@ -483,21 +501,27 @@ impl VmReconciler {
             }
             Err(why) => {
                 drop(assumed);
-                let was = vm
-                    .status
-                    .as_ref()
-                    .and_then(|s| find_condition(&s.conditions, "Scheduled"))
-                    .map(|c| c.message.clone());
-                if was.as_deref() != Some(why.0.as_str()) {
-                    self.events.publish(&vm, EventType::Warning, "Unschedulable", &why.0).await;
-                }
-                let mut status = vm.status_or_default();
-                status.phase = VmPhase::Pending;
-                set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, "Unschedulable", &why.0);
-                self.write_status(&vm, status).await?;
-                Ok(Action::RequeueAfter(Duration::from_secs(3)))
+                let message = match &config.restore {
+                    Some(r) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
+                    None => why.0,
+                };
+                self.unschedulable(vm, "Unschedulable", &message).await
             }
         }
+    }
+
+    /// Records why `vm` cannot be placed now; it is tried again shortly.
+    async fn unschedulable(&self, vm: Vm, reason: &'static str, message: &str) -> Result<Action, ReconcileError> {
+        let was =
+            vm.status.as_ref().and_then(|s| find_condition(&s.conditions, "Scheduled")).map(|c| c.message.clone());
+        if was.as_deref() != Some(message) {
+            self.events.publish(&vm, EventType::Warning, reason, message).await;
+        }
+        let mut status = vm.status_or_default();
+        status.phase = VmPhase::Pending;
+        set_condition(&mut status.conditions, "Scheduled", ConditionStatus::False, reason, message);
+        self.write_status(&vm, status).await?;
+        Ok(Action::RequeueAfter(Duration::from_secs(3)))
     }
 
     /// `vm` is bound to a node that has no Node object. A placement the

@@ -1,9 +1,11 @@
 //! Resolution: a VM's spec laid over its Template, with Image names turned
 //! into host paths, gives the complete machine configuration a node agent
-//! needs. Reads the stores only.
+//! needs; a VM restored from a Snapshot takes the snapshot's. Reads the
+//! stores only.
 
 use nexus_api::image::{ImagePhase, ImageType};
-use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig};
+use nexus_api::snapshot::SnapshotPhase;
+use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig, ResolvedRestore, RestoreSource};
 use nexus_api::{Template, Vm};
 
 use super::Stores;
@@ -24,6 +26,12 @@ pub enum Unresolved {
     ImageInvalid { field: &'static str, name: String, message: String },
     #[error("{field} is set neither on the VM nor on its template")]
     Incomplete { field: &'static str },
+    #[error("snapshot {name} does not exist in project {project}; create it or fix spec.restoreFrom.snapshot")]
+    SnapshotNotFound { project: String, name: String },
+    #[error("snapshot {name} is {phase:?}, not Ready yet")]
+    SnapshotNotReady { name: String, phase: SnapshotPhase },
+    #[error("snapshot {name} failed ({message}); take another and restore from that")]
+    SnapshotFailed { name: String, message: String },
 }
 
 impl Unresolved {
@@ -35,13 +43,19 @@ impl Unresolved {
             Unresolved::WrongImageType { .. } => "WrongImageType",
             Unresolved::ImageInvalid { .. } => "ImageInvalid",
             Unresolved::Incomplete { .. } => "Incomplete",
+            Unresolved::SnapshotNotFound { .. } => "SnapshotNotFound",
+            Unresolved::SnapshotNotReady { .. } => "SnapshotNotReady",
+            Unresolved::SnapshotFailed { .. } => "SnapshotFailed",
         }
     }
 }
 
-/// Resolves `vm` against the cached templates and images.
+/// Resolves `vm` against the cached templates and images (or snapshots).
 pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
     let project = vm.metadata.project.clone().unwrap_or_default();
+    if let Some(from) = &vm.spec.restore_from {
+        return restored(vm, &project, from, stores);
+    }
     let template: Option<std::sync::Arc<Template>> = match &vm.spec.template {
         Some(name) => Some(
             stores
@@ -81,6 +95,39 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
             .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
         node_selector,
         network: spec.network.clone().or(t.and_then(|t| t.network.clone())),
+        restore: None,
+    })
+}
+
+/// The configuration of a VM restored from snapshot `from`: the machine the
+/// snapshot was taken of, on the node holding its files.
+fn restored(vm: &Vm, project: &str, from: &RestoreSource, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
+    let name = from.snapshot.clone();
+    let snap = stores
+        .snapshots
+        .get_named(project, &name)
+        .ok_or_else(|| Unresolved::SnapshotNotFound { project: project.to_string(), name: name.clone() })?;
+    let status = snap.status_or_default();
+    match status.phase {
+        SnapshotPhase::Ready => {}
+        SnapshotPhase::Failed => {
+            let message = status.last_error.map(|e| e.message).unwrap_or_else(|| "no reason recorded".into());
+            return Err(Unresolved::SnapshotFailed { name, message });
+        }
+        phase => return Err(Unresolved::SnapshotNotReady { name, phase }),
+    }
+    let (Some(config), Some(node)) = (status.config, status.node_name) else {
+        return Err(Unresolved::SnapshotNotReady { name, phase: SnapshotPhase::Creating });
+    };
+    Ok(ResolvedConfig {
+        generation: vm.metadata.generation.unwrap_or_default(),
+        node_selector: Default::default(),
+        restore: Some(ResolvedRestore {
+            snapshot: format!("{name}@{}", snap.uid()),
+            snapshot_uid: snap.uid().to_string(),
+            node,
+        }),
+        ..config
     })
 }
 

@@ -26,7 +26,10 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         boot_args: config.boot_args.clone(),
         mac: network.and_then(|n| n.mac.clone()).unwrap_or_else(|| mac_from_uid(vm.uid())),
         ip: network.and_then(|n| n.ip.clone()),
-        restore: None,
+        restore: config
+            .restore
+            .as_ref()
+            .map(|r| nexus_api::agent::RestoreFrom { snapshot_uid: r.snapshot_uid.clone() }),
         restart_policy: vm.spec.restart_policy,
         kernel_sha256: config.kernel_sha256.clone(),
         rootfs_sha256: config.rootfs_sha256.clone(),

@@ -240,6 +240,7 @@ async fn inventory(State(script): State<Arc<Mutex<Script>>>) -> Json<Inventory> 
         sockets: Vec::new(),
         run_dirs: uids,
         vmms: Vec::new(),
+        snapshots: Vec::new(),
     })
 }
 
