@@ -211,3 +211,42 @@ pub struct CapacityReport {
     /// How VM disks are made: `reflink` (constant time) or `copy`.
     pub disk_clone: String,
 }
+
+/// A VM's metrics as its node collected them: cumulative counters (see the
+/// node agent's `/metrics` for their names) and their rates over the last
+/// sampling interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStats {
+    pub uid: String,
+    /// When the values were read.
+    pub at: DateTime<Utc>,
+    /// Firecracker's counters, summed over its flushes.
+    pub counters: std::collections::BTreeMap<String, f64>,
+    /// The same counters' rates per second over the last interval.
+    #[serde(default)]
+    pub rates_per_second: std::collections::BTreeMap<String, f64>,
+    /// CPU time of the VMM process, from the host.
+    pub cpu_seconds: f64,
+    /// CPU use over the last interval, percent of one CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM process.
+    pub rss_bytes: u64,
+}
+
+/// A node's use of its host, and its VMs' stats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStats {
+    pub at: DateTime<Utc>,
+    /// CPU use of the whole host over the last interval, percent of all CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Resident memory of all VMMs.
+    pub vm_rss_bytes: u64,
+    pub vms: Vec<VmStats>,
+}

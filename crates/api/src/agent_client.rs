@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::ErrorBody;
 use crate::agent::{
-    CapacityReport, Collect, CollectReport, EnsureVm, Inventory, SnapshotReport, SnapshotRequest, VmReport,
+    CapacityReport, Collect, CollectReport, EnsureVm, Inventory, NodeStats, SnapshotReport, SnapshotRequest, VmReport,
+    VmStats,
 };
 use crate::tls::Trust;
 
@@ -122,6 +123,59 @@ impl AgentClient {
         self.call(to, self.http.post(&url).json(req), &url).await
     }
 
+    /// VM `uid`'s recent metrics as its node sampled them.
+    pub async fn vm_stats(&self, to: &AgentEndpoint, uid: &str) -> Result<VmStats, AgentCallError> {
+        let url = format!("{}/v1/vms/{uid}/stats", to.base);
+        self.call(to, self.http.get(&url), &url).await
+    }
+
+    /// The node's use of its host and its VMs' metrics.
+    pub async fn node_stats(&self, to: &AgentEndpoint) -> Result<NodeStats, AgentCallError> {
+        let url = format!("{}/v1/stats", to.base);
+        self.call(to, self.http.get(&url), &url).await
+    }
+
+    /// Opens VM `uid`'s log (`query`: the agent's `file`, `tail`, `follow`,
+    /// `since`) and returns the response, whose body streams the text for
+    /// as long as the agent follows it.
+    pub async fn logs(
+        &self,
+        to: &AgentEndpoint,
+        uid: &str,
+        query: &[(&str, String)],
+    ) -> Result<reqwest::Response, AgentCallError> {
+        let url = format!("{}/v1/vms/{uid}/logs", to.base);
+        // A followed log stays open as long as the reader wants it.
+        let req = self.http.get(&url).query(query).timeout(Duration::from_secs(7 * 24 * 3600));
+        let req = crate::trace::tag(req).bearer_auth(&to.credential);
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        let upstream_status = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(method = "GET", url, upstream_status, latency_ms, "agent call (log stream opened)");
+        let resp = sent.map_err(|e| AgentCallError::Unavailable {
+            url: url.clone(),
+            message: match crate::tls::tls_failure(&e) {
+                Some(tls) => format!("TLS failed: {tls}"),
+                None => e.to_string(),
+            },
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status.as_u16() == 401 {
+            return Err(AgentCallError::Unauthorized { url });
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body = error_body(status, &bytes);
+        if status.is_client_error() && status.as_u16() != 429 {
+            Err(AgentCallError::Rejected(body))
+        } else {
+            Err(AgentCallError::Unavailable { url, message: body.to_string() })
+        }
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         to: &AgentEndpoint,
@@ -129,7 +183,19 @@ impl AgentClient {
         url: &str,
     ) -> Result<T, AgentCallError> {
         let unavailable = |message: String| AgentCallError::Unavailable { url: url.to_string(), message };
-        let resp = req.bearer_auth(&to.credential).send().await.map_err(|e| {
+        let req = crate::trace::tag(req).bearer_auth(&to.credential).build().map_err(|e| unavailable(e.to_string()))?;
+        let method = req.method().clone();
+        let started = std::time::Instant::now();
+        let sent = self.http.execute(req).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_status = sent.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        // Reads are frequent (every report); what changes a node is logged.
+        if method == reqwest::Method::GET {
+            tracing::debug!(%method, url, upstream_status, latency_ms, "agent call");
+        } else {
+            tracing::info!(%method, url, upstream_status, latency_ms, "agent call");
+        }
+        let resp = sent.map_err(|e| {
             unavailable(match crate::tls::tls_failure(&e) {
                 Some(tls) => format!("TLS failed: {tls}"),
                 None => e.to_string(),
@@ -143,14 +209,7 @@ impl AgentClient {
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
         }
-        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
-            error: "Unknown".into(),
-            message: String::from_utf8_lossy(&bytes).into_owned(),
-            status: status.as_u16(),
-            fault_message: None,
-            suggestion: None,
-            request_id: String::new(),
-        });
+        let body = error_body(status, &bytes);
         // 429 asks to come back later.
         if status.is_client_error() && status.as_u16() != 429 {
             Err(AgentCallError::Rejected(body))
@@ -158,4 +217,16 @@ impl AgentClient {
             Err(unavailable(body.to_string()))
         }
     }
+}
+
+/// The agent's error body, or one made of whatever it sent.
+fn error_body(status: reqwest::StatusCode, bytes: &[u8]) -> ErrorBody {
+    serde_json::from_slice::<ErrorBody>(bytes).unwrap_or_else(|_| ErrorBody {
+        error: "Unknown".into(),
+        message: String::from_utf8_lossy(bytes).chars().take(1000).collect(),
+        status: status.as_u16(),
+        fault_message: None,
+        suggestion: None,
+        request_id: String::new(),
+    })
 }

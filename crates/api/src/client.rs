@@ -179,7 +179,7 @@ impl Client {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
+        let req = crate::trace::tag(self.http.request(method, format!("{}{path}", self.base)));
         match self.token() {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -369,6 +369,19 @@ impl Client {
         params: &ListParams,
         resource_version: Option<&str>,
     ) -> Result<impl Stream<Item = Result<Event<Object<S>>, ClientError>> + Send + use<S>, ClientError> {
+        let traced = self.watch_traced::<S>(project, params, resource_version).await?;
+        Ok(traced.map(|e| e.map(|(event, _)| event)))
+    }
+
+    /// [`Client::watch`], each event with the id of the request that made
+    /// the change (empty for bookmarks and changes older than request ids),
+    /// for a watcher that acts on the change to pass on (see [`crate::trace`]).
+    pub async fn watch_traced<S: ResourceSpec>(
+        &self,
+        project: Option<&str>,
+        params: &ListParams,
+        resource_version: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<(Event<Object<S>>, String), ClientError>> + Send + use<S>, ClientError> {
         let mut query = params.query();
         query.push(("watch", "true".to_string()));
         if let Some(rv) = resource_version {
@@ -392,25 +405,29 @@ impl Client {
     }
 }
 
-fn parse_event<S: ResourceSpec>(line: &[u8]) -> Result<Event<Object<S>>, ClientError> {
+fn parse_event<S: ResourceSpec>(line: &[u8]) -> Result<(Event<Object<S>>, String), ClientError> {
     let event: WatchEvent =
         serde_json::from_slice(line).map_err(|e| ClientError::Decode(format!("watch event: {e}")))?;
+    let request_id = event.request_id;
     let typed = |v: serde_json::Value| {
         serde_json::from_value::<Object<S>>(v).map_err(|e| ClientError::Decode(format!("watch object: {e}")))
     };
-    match event.type_ {
-        WatchEventType::Added => Ok(Event::Added(typed(event.object)?)),
-        WatchEventType::Modified => Ok(Event::Modified(typed(event.object)?)),
-        WatchEventType::Deleted => Ok(Event::Deleted(typed(event.object)?)),
+    let event = match event.type_ {
+        WatchEventType::Added => Event::Added(typed(event.object)?),
+        WatchEventType::Modified => Event::Modified(typed(event.object)?),
+        WatchEventType::Deleted => Event::Deleted(typed(event.object)?),
         WatchEventType::Bookmark => {
             let rv = event.object["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
-            Ok(Event::Bookmark(rv))
+            Event::Bookmark(rv)
         }
-        WatchEventType::Error => Err(match serde_json::from_value::<ErrorBody>(event.object) {
-            Ok(body) => ClientError::Api(Box::new(body)),
-            Err(e) => ClientError::Decode(format!("watch error event: {e}")),
-        }),
-    }
+        WatchEventType::Error => {
+            return Err(match serde_json::from_value::<ErrorBody>(event.object) {
+                Ok(body) => ClientError::Api(Box::new(body)),
+                Err(e) => ClientError::Decode(format!("watch error event: {e}")),
+            });
+        }
+    };
+    Ok((event, request_id))
 }
 
 /// Splits a byte stream into newline-terminated lines (without the newline).

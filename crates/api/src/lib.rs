@@ -29,6 +29,8 @@ pub mod agent_client;
 pub mod client;
 #[cfg(feature = "client")]
 pub mod tls;
+#[cfg(feature = "client")]
+pub mod trace;
 
 pub use error::ErrorBody;
 pub use event::{Event, EventSpec};
@@ -49,7 +51,7 @@ pub const API_VERSION: &str = "nexus/v1";
 /// The apiserver's routes that are not about one kind, with what they do.
 pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
     ("/healthz", "GET: liveness"),
-    ("/readyz", "GET: readiness (storage reachable)"),
+    ("/readyz", "GET: readiness (storage reachable and a node Ready, unless --ready-without-nodes)"),
     ("/version", "GET: server version"),
     ("/metrics", "GET: Prometheus metrics"),
     ("/openapi.json", "GET: OpenAPI 3.1, generated from the types and the served kinds"),
@@ -58,6 +60,13 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
     ("/v1/tokens/{id}", "GET: one token; DELETE: revoke it"),
     ("/v1/tokens/{id}/rotate", "POST: a successor token; the old one works for a grace period"),
     ("/v1/nodes/{name}/join", "POST (join token): register a node and get its credential"),
+    (
+        "/v1/projects/{project}/vms/{name}/log",
+        "GET (who may read the VM): its console (source=console) or Firecracker log (source=vmm), \
+         tail=N, follow=true (chunked text/plain until the VM is deleted), since=5m (vmm only)",
+    ),
+    ("/v1/projects/{project}/vms/{name}/metrics", "GET (who may read the VM): its recent metrics, from its node"),
+    ("/v1/nodes/{name}/metrics", "GET (who may read the node): the host's CPU and memory and its VMs' metrics"),
     ("/v1/nodes/{name}/credential", "GET (controller): the node agent's API credential; PUT (the node): set it"),
     ("/v1/audit", "GET: audit records (project, kind, name, actor, since, until, result, limit, continue)"),
 ];

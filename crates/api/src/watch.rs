@@ -22,4 +22,9 @@ pub struct WatchEvent {
     #[serde(rename = "type")]
     pub type_: WatchEventType,
     pub object: serde_json::Value,
+    /// The request the change came from (the id its caller sent, else the
+    /// apiserver's): whoever acts on the change passes it on as its own
+    /// `X-Request-Id`, so one id follows a request through every component.
+    #[serde(default, rename = "requestId", skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }

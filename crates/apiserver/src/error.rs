@@ -44,6 +44,13 @@ pub enum ApiError {
     TooManyRequests { message: String, retry_after_secs: u64 },
     #[error("{message}")]
     QuotaExceeded { message: String },
+    /// Something the request needs (a node agent) cannot be reached or
+    /// is not there yet.
+    #[error("{message}")]
+    Unavailable { message: String, suggestion: String },
+    /// A node agent refused the onward call; its status is passed on.
+    #[error("{message}")]
+    Upstream { status: u16, message: String, suggestion: Option<String> },
 }
 
 fn in_project(project: &str) -> String {
@@ -62,6 +69,11 @@ impl ApiError {
             ApiError::Forbidden(_) | ApiError::Refused { .. } | ApiError::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // Only client errors are passed on: the agent's own failures are Unavailable.
+            ApiError::Upstream { status, .. } => {
+                StatusCode::from_u16(*status).ok().filter(|s| s.is_client_error()).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
             ApiError::Gone { .. } | ApiError::TooNew { .. } => StatusCode::GONE,
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +92,9 @@ impl ApiError {
             ApiError::QuotaExceeded { .. } => "QuotaExceeded",
             ApiError::UnsupportedMediaType => "UnsupportedMediaType",
             ApiError::TooManyRequests { .. } => "TooManyRequests",
+            ApiError::Unavailable { .. } => "ServiceUnavailable",
+            ApiError::Upstream { status: 404, .. } => "NotFound",
+            ApiError::Upstream { .. } => "BadRequest",
             ApiError::Gone { .. } | ApiError::TooNew { .. } => "Expired",
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => "InternalError",
         }
@@ -110,7 +125,8 @@ impl ApiError {
                 d.verb.as_str(),
                 d.what
             )),
-            ApiError::Refused { suggestion, .. } => Some(suggestion.clone()),
+            ApiError::Refused { suggestion, .. } | ApiError::Unavailable { suggestion, .. } => Some(suggestion.clone()),
+            ApiError::Upstream { suggestion, .. } => suggestion.clone(),
             ApiError::UnsupportedMediaType => Some("send the body with Content-Type: application/json".into()),
             ApiError::TooManyRequests { retry_after_secs, .. } => {
                 Some(format!("slow down: retry after {retry_after_secs} s (Retry-After)"))

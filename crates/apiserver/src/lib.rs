@@ -6,8 +6,10 @@ pub mod audit;
 pub mod auth;
 pub mod edge;
 pub mod error;
+pub mod events;
 pub mod limits;
 pub mod metrics;
+pub mod observe;
 pub mod openapi;
 pub mod quota;
 pub mod request_id;
@@ -53,6 +55,11 @@ pub struct AppState {
     /// Web origins allowed to call the API from a browser (none: no CORS
     /// headers, so browsers refuse cross-origin calls).
     pub cors_origins: Vec<axum::http::HeaderValue>,
+    /// Reaches node agents for VM logs and metrics (`None`: those routes
+    /// answer 503).
+    pub agents: Option<std::sync::Arc<observe::Agents>>,
+    /// `/readyz` asks only for storage, not also for a Ready node.
+    pub ready_without_nodes: bool,
 }
 
 impl AppState {
@@ -72,6 +79,8 @@ impl AppState {
             hosts: edge::HostPolicy::Any,
             limits: Default::default(),
             cors_origins: Vec::new(),
+            agents: None,
+            ready_without_nodes: true,
         }
     }
 }
@@ -114,6 +123,7 @@ pub fn app(state: AppState) -> Router {
     let cors = edge::cors(&state.cors_origins);
     let router = all_kind_routes()
         .merge(access::routes())
+        .merge(observe::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))
@@ -137,9 +147,31 @@ pub fn app(state: AppState) -> Router {
     }
 }
 
+/// How recent a node's heartbeat must be for `/readyz` to count it.
+const READY_NODE_GRACE: chrono::Duration = chrono::Duration::seconds(30);
+
+/// Ready: storage answers and (unless relaxed) at least one node is Ready,
+/// so a VM applied now can run.
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     state.store.ping().await?;
-    Ok("ok")
+    if state.ready_without_nodes {
+        return Ok("ok");
+    }
+    let (nodes, _) = state.store.list("Node", None).await?;
+    let now = chrono::Utc::now();
+    let ready = nodes
+        .into_iter()
+        .filter_map(|n| serde_json::from_value::<nexus_api::Node>(n).ok())
+        .any(|n| n.status_or_default().is_ready(now, READY_NODE_GRACE));
+    if ready {
+        Ok("ok")
+    } else {
+        Err(ApiError::Unavailable {
+            message: "no node is Ready: VMs applied now would wait".into(),
+            suggestion: "start a node agent (`nexusctl get nodes`), or run the apiserver with --ready-without-nodes"
+                .into(),
+        })
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> String {

@@ -72,6 +72,24 @@ struct Args {
     /// Open watches in all.
     #[arg(long, default_value_t = 5000)]
     max_watches: usize,
+    /// CA certificate (PEM) node agents' certificates are checked against
+    /// when the apiserver reads VM logs and metrics from them (default:
+    /// the cluster's, `pki/ca.crt` in the data directory, when present).
+    #[arg(long, env = "NEXUS_AGENT_CA_FILE")]
+    agent_ca_file: Option<PathBuf>,
+    /// How long an Event is kept after it last happened: 30s, 10m, 1h, 2d.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    event_ttl: Duration,
+    /// Ready (`/readyz`) when storage answers, without waiting for a Ready
+    /// node (for an apiserver that serves no VMs yet, or in tests).
+    #[arg(long)]
+    ready_without_nodes: bool,
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    nexus_apiserver::observe::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration; use a number and s, m, h or d: 1h"))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -176,6 +194,10 @@ async fn main() -> anyhow::Result<()> {
     }));
     state.cors_origins =
         args.cors_origins.iter().map(|o| nexus_apiserver::edge::parse_origin(o)).collect::<Result<_, _>>()?;
+    let agent_ca = args.agent_ca_file.clone().or_else(|| Some(pki_dir.join("ca.crt")).filter(|p| p.exists()));
+    let agent_trust = nexus_api::tls::Trust::ca_file_or_system(agent_ca.as_deref())
+        .with_context(|| "loading the CA that node agents' certificates are checked against")?;
+    state.agents = Some(std::sync::Arc::new(nexus_apiserver::observe::Agents::new(&agent_trust)));
     if args.listen.ip().is_loopback() {
         state.hosts = nexus_apiserver::edge::HostPolicy::loopback(&args.server_names);
     }
@@ -191,6 +213,12 @@ async fn main() -> anyhow::Result<()> {
     if args.allow_raw_paths {
         tracing::warn!("dev mode: admins may name raw host paths as kernels and disks (--allow-raw-paths)");
     }
+    state.ready_without_nodes = args.ready_without_nodes;
+    tokio::spawn(nexus_apiserver::events::expire_loop(
+        state.store.clone(),
+        args.event_ttl,
+        state.shutting_down.clone(),
+    ));
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, scheme = serving.scheme(), %database, "apiserver ready");

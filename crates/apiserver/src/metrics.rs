@@ -23,10 +23,16 @@ pub async fn layer(req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_string();
+    // A watch or a followed log lasts as long as its reader wants: counted,
+    // not timed, so the latency histogram is of requests that answer.
+    let query = req.uri().query().unwrap_or("");
+    let streaming = query.split('&').any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true" | "follow=1"));
     let started = Instant::now();
     let resp = next.run(req).await;
     let labels = [("route", route), ("method", method), ("code", resp.status().as_u16().to_string())];
     metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    if !streaming {
+        metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    }
     resp
 }

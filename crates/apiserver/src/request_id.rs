@@ -13,11 +13,19 @@ pub const HEADER: &str = "x-request-id";
 
 tokio::task_local! {
     static REQUEST_ID: String;
+    static TRACE_ID: String;
 }
 
 /// The id of the request being served, or `""` outside a request.
 pub fn current() -> String {
     REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
+}
+
+/// The id that follows the request onward (the client's `X-Request-Id`
+/// when it sent one, else [`current`]): stored with its changes, sent to
+/// node agents, found in every component's log.
+pub fn current_trace() -> String {
+    TRACE_ID.try_with(Clone::clone).unwrap_or_else(|_| current())
 }
 
 fn is_json(resp: &Response) -> bool {
@@ -81,7 +89,8 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     // bounded so a hostile URL cannot flood the log.
     let query: String = req.uri().query().unwrap_or("").chars().take(256).collect();
     let started = Instant::now();
-    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    let trace = correlation.clone().unwrap_or_else(|| id.clone());
+    let mut resp = REQUEST_ID.scope(id.clone(), TRACE_ID.scope(trace, next.run(req))).await;
     if resp.status().as_u16() >= 400 && !is_json(&resp) {
         resp = to_error_contract(resp, &id).await;
     }

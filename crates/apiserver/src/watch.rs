@@ -52,7 +52,11 @@ impl Filter {
 }
 
 fn event_line(type_: WatchEventType, object: Value) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&WatchEvent { type_, object }).unwrap_or_default();
+    event_line_from(type_, object, String::new())
+}
+
+fn event_line_from(type_: WatchEventType, object: Value, request_id: String) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&WatchEvent { type_, object, request_id }).unwrap_or_default();
     line.push(b'\n');
     line
 }
@@ -63,7 +67,7 @@ fn change_line(change: &Change) -> Vec<u8> {
         ChangeType::Modified => WatchEventType::Modified,
         ChangeType::Deleted => WatchEventType::Deleted,
     };
-    event_line(t, change.object.clone())
+    event_line_from(t, change.object.clone(), change.request_id.clone())
 }
 
 fn bookmark_line(rv: i64) -> Vec<u8> {

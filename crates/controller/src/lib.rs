@@ -6,6 +6,7 @@
 //! new module and one line in `main.rs`.
 
 pub mod agents;
+pub mod fleet_metrics;
 pub mod gc;
 pub mod node_lifecycle;
 pub mod quota;

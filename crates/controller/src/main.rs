@@ -92,6 +92,11 @@ async fn main() -> anyhow::Result<()> {
         let leases = ctx.reflectors.store::<LeaseSpec>();
         Arc::new(Elector::new(api, leases, identity, Duration::from_secs(args.lease_duration_secs.max(1))))
     });
+    tokio::spawn(nexus_controller::fleet_metrics::run(
+        ctx.reflectors.clone(),
+        ctx.settings.node_grace,
+        Duration::from_secs(5),
+    ));
     let mut manager = Manager::new(elector.clone());
     manager.add(vm::controller(&ctx));
     manager.add(node_lifecycle::controller(&ctx));

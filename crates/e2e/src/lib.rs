@@ -607,7 +607,8 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Starts an apiserver on a free port of 127.0.0.1 and waits for `/readyz`.
+    /// Starts an apiserver on a free port of 127.0.0.1 and waits until it
+    /// answers (`/healthz`: its `/readyz` also wants a Ready node).
     ///
     /// It serves HTTPS with a certificate from the CA in `log_dir/pki` (made
     /// on first use, so apiservers started with the same `log_dir` share
@@ -653,7 +654,7 @@ impl ApiServer {
         wait_until(Duration::from_secs(20), "the apiserver to be ready", || {
             let http = http.clone();
             let url = url.clone();
-            async move { http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) }
+            async move { http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) }
         })
         .await;
         let admin_token = std::fs::read_to_string(&token_file).ok().map(|t| t.trim().to_string());

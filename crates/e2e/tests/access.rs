@@ -344,7 +344,7 @@ fn raw_host_paths_need_dev_mode_and_an_admin() {
         let url = format!("https://127.0.0.1:{port}");
         let admin = As::new(http.clone(), &url, Some(&admin_token));
         nexus_e2e::wait_until(Duration::from_secs(10), "the apiserver", || async {
-            http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+            http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success())
         })
         .await;
         let shadow = json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "thief"},

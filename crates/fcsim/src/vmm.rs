@@ -88,6 +88,8 @@ pub struct Vmm {
     boot_configured: bool,
     /// The guest console was started (on the first transition to Running).
     console_started: bool,
+    /// When metrics were last flushed: each flush holds the counts since.
+    last_flush: Instant,
 }
 
 impl Vmm {
@@ -106,6 +108,7 @@ impl Vmm {
             requests: 0,
             boot_configured: false,
             console_started: false,
+            last_flush: Instant::now(),
         }
     }
 
@@ -730,6 +733,19 @@ impl Vmm {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "api_requests": self.requests,
         });
+        // As Firecracker's devices count: per flush, what happened since
+        // the one before. A running guest does a little of everything
+        // (a tick of I/O per millisecond), a paused or unborn one nothing.
+        let ms = self.last_flush.elapsed().as_millis() as u64;
+        self.last_flush = Instant::now();
+        let n = if self.is_running() { ms } else { 0 };
+        let mut line = line;
+        line["vcpu"] = json!({"exit_io_in": n, "exit_io_out": n * 2, "exit_mmio_read": n / 2, "exit_mmio_write": n / 4,
+            "failures": 0});
+        line["block"] = json!({"read_bytes": n * 4096, "write_bytes": n * 512, "read_count": n, "write_count": n / 8,
+            "rate_limiter_throttled_events": 0});
+        line["net"] = json!({"rx_bytes_count": n * 100, "tx_bytes_count": n * 60, "rx_packets_count": n,
+            "tx_packets_count": n, "rx_rate_limiter_throttled": 0, "tx_rate_limiter_throttled": 0});
         if let Some(f) = &mut self.metrics {
             let _ = writeln!(f, "{line}");
         }

@@ -10,6 +10,7 @@ mod explain;
 mod jsonpath;
 mod kinds;
 mod manifest;
+mod observe;
 mod render;
 
 use std::process::ExitCode;
@@ -37,6 +38,11 @@ struct Cli {
     /// Context from the config file to use instead of the current one.
     #[arg(long, global = true, env = "NEXUS_CONTEXT")]
     context: Option<String>,
+    /// Id sent as X-Request-Id with every request of this command (default:
+    /// a fresh one): the apiserver, the controller and the node agents log
+    /// their work on the request under it.
+    #[arg(long, global = true)]
+    request_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -189,8 +195,43 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print a VM's guest console (or with --vmm, its Firecracker log).
+    Logs {
+        /// `vm`.
+        kind: String,
+        name: String,
+        /// Keep printing as the log grows, until the VM is deleted.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines (default 100).
+        #[arg(long)]
+        tail: Option<usize>,
+        /// The VMM's own log instead of the guest console.
+        #[arg(long)]
+        vmm: bool,
+        /// Only lines of the last 30s, 5m, 2h (the VMM's log only).
+        #[arg(long, requires = "vmm")]
+        since: Option<String>,
+    },
+    /// Show CPU, memory and I/O of VMs or nodes.
+    #[command(subcommand)]
+    Top(TopCommand),
     /// Print the client and server versions.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopCommand {
+    /// Each VM's CPU, memory, disk and network use.
+    #[command(alias = "vm")]
+    Vms {
+        /// Across all projects.
+        #[arg(short = 'A', long)]
+        all_projects: bool,
+    },
+    /// Each node's CPU and memory, and its VMs' share.
+    #[command(alias = "node")]
+    Nodes,
 }
 
 #[derive(Debug, clap::Args)]
@@ -400,6 +441,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let wait = wait.then(|| Duration::from_secs(*timeout));
             commands::restore(&ctx, snapshot, new_vm, *paused, wait).await
         }
+        Command::Logs { kind, name, follow, tail, vmm, since } => {
+            let o = observe::LogOptions { follow: *follow, tail: *tail, vmm: *vmm, since: since.as_deref() };
+            observe::logs(&ctx, kind, name, &o).await
+        }
+        Command::Top(TopCommand::Vms { all_projects }) => observe::top_vms(&ctx, *all_projects).await,
+        Command::Top(TopCommand::Nodes) => observe::top_nodes(&ctx).await,
         Command::Version => commands::version(&ctx).await,
         Command::Whoami => access::whoami(&ctx).await,
         Command::Token(t) => match t {
@@ -430,7 +477,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
 async fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help.
     let cli = Cli::parse();
-    match run(&cli).await {
+    let request_id = cli.request_id.clone().unwrap_or_else(nexus_api::trace::new_id);
+    if !nexus_api::trace::is_sane(&request_id) {
+        eprintln!("error: --request-id must be 1 to 64 printable ASCII characters without spaces");
+        return ExitCode::from(2);
+    }
+    match nexus_api::trace::scope(request_id, run(&cli)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {

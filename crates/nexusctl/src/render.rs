@@ -155,6 +155,22 @@ pub fn table(kind: &KindInfo, items: &[Value], all_projects: bool, wide: bool, n
     lines(&t).join("\n")
 }
 
+/// Rows (the first is the header) as aligned columns, kubectl's way.
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    let mut rows = rows.iter();
+    if let Some(header) = rows.next() {
+        t.set_header(header.clone());
+    }
+    for r in rows {
+        t.add_row(r.clone());
+    }
+    let mut text = lines(&t).join("\n");
+    text.push('\n');
+    text
+}
+
 /// The table's lines without comfy-table's one-space left padding.
 fn lines(t: &Table) -> Vec<String> {
     t.lines().map(|l| l.strip_prefix(' ').unwrap_or(&l).trim_end().to_string()).collect()

@@ -27,12 +27,18 @@ pub struct AgentState {
     pub credential: Arc<crate::credentials::AgentCredential>,
     /// What this node offers.
     pub capacity: nexus_api::node::NodeCapacity,
+    /// The node's name, a label of its metrics.
+    pub node: String,
 }
 
 /// The agent's routes.
 pub fn router(state: AgentState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .route("/v1/stats", get(node_stats))
+        .route("/v1/vms/{uid}/stats", get(vm_stats))
         .route("/v1/inventory", get(inventory))
         .route("/v1/capacity", get(capacity))
         .route("/v1/gc", axum::routing::post(collect))
@@ -44,11 +50,50 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/vms/{uid}/logs", get(logs))
         .route("/v1/vms/{uid}/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::from_fn(trace))
         .with_state(state)
 }
 
-/// Rejects requests without the node credential.
+/// Runs each request under its caller's request id (a fresh one when it
+/// sent none): every line logged while serving it, the Firecracker calls
+/// included, carries the id; the request itself is logged once, with its
+/// status and latency (at debug for reads, which the controller makes often).
+async fn trace(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(nexus_api::trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| nexus_api::trace::is_sane(v))
+        .map(str::to_string)
+        .unwrap_or_else(nexus_api::trace::new_id);
+    let method = req.method().clone();
+    let path: String = req.uri().path().chars().take(200).collect();
+    let span = tracing::info_span!("request", request_id = %id);
+    let started = std::time::Instant::now();
+    let mut resp =
+        nexus_api::trace::scope(id.clone(), tracing::Instrument::instrument(next.run(req), span.clone())).await;
+    let status = resp.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if method == Method::GET && status < 400 {
+            tracing::debug!(%method, path, status, latency_ms, "request");
+        } else {
+            tracing::info!(%method, path, status, latency_ms, "request");
+        }
+    });
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(nexus_api::trace::HEADER, v);
+    }
+    resp
+}
+
+/// Rejects requests without the node credential; the operations routes
+/// (`/healthz`, `/readyz`, `/metrics`) are open, as the apiserver's are,
+/// so probes and Prometheus need no secret.
 async fn authenticate(State(state): State<AgentState>, req: Request, next: Next) -> Result<Response, AgentError> {
+    if !req.uri().path().starts_with("/v1/") {
+        return Ok(next.run(req).await);
+    }
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -59,6 +104,34 @@ async fn authenticate(State(state): State<AgentState>, req: Request, next: Next)
         return Err(AgentError::Unauthorized);
     }
     Ok(next.run(req).await)
+}
+
+/// Ready to run VMs: the bridge is there and the run directory writable.
+async fn readyz(State(state): State<AgentState>) -> Response {
+    match state.runtime.readiness().await {
+        Ok(()) => "ok".into_response(),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+/// The per-VM series for Prometheus.
+async fn prometheus(State(state): State<AgentState>) -> Response {
+    let body = state.runtime.vm_metrics().render(&state.node);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn node_stats(State(state): State<AgentState>) -> Json<nexus_api::agent::NodeStats> {
+    Json(state.runtime.vm_metrics().node())
+}
+
+async fn vm_stats(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+) -> Result<Json<nexus_api::agent::VmStats>, AgentError> {
+    let uid = Uid::parse(&uid)?;
+    state.runtime.vm_metrics().stats(uid.as_str()).map(Json).ok_or_else(|| {
+        AgentError::NotFound(format!("no metrics for VM {uid} yet: its VMM is not running here, or not sampled yet"))
+    })
 }
 
 async fn report(State(state): State<AgentState>, Path(uid): Path<String>) -> Result<Json<VmReport>, AgentError> {
@@ -122,6 +195,10 @@ struct LogQuery {
     tail: usize,
     #[serde(default)]
     follow: bool,
+    /// Only lines stamped at or after this time (RFC 3339; Firecracker's
+    /// log only: the console's lines carry no time).
+    #[serde(default)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn default_tail() -> usize {
@@ -141,7 +218,7 @@ async fn logs(
         Ok(q) => q,
         Err(e) => {
             return AgentError::Invalid(format!(
-                "{e}; use file=firecracker|console, tail=N (at most 10000), follow=true"
+                "{e}; use file=firecracker|console, tail=N (at most 10000), follow=true, since=RFC3339"
             ))
             .into_response();
         }
@@ -149,18 +226,34 @@ async fn logs(
     if q.tail > crate::logs::MAX_TAIL {
         return AgentError::Invalid(format!("tail={} is more than {}", q.tail, crate::logs::MAX_TAIL)).into_response();
     }
-    let path = match state.runtime.vm_paths(&uid) {
-        Ok(p) => q.file.path(&p),
+    if q.since.is_some() && q.file == crate::logs::LogFile::Console {
+        return AgentError::Invalid(
+            "since= applies to the Firecracker log only: the guest console's lines carry no time; use tail=N".into(),
+        )
+        .into_response();
+    }
+    let vm = match state.runtime.vm_paths(&uid) {
+        Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let path = q.file.path(&vm);
     if q.follow {
         if !path.exists() {
             return AgentError::NotFound(format!("no {:?} log for VM {uid} on this node", q.file)).into_response();
         }
-        return crate::logs::follow(path, q.tail).into_response();
+        let stream = crate::logs::follow(vm, q.file, q.tail, q.since);
+        return (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            axum::body::Body::from_stream(stream),
+        )
+            .into_response();
     }
-    match crate::logs::tail(&path, q.tail) {
-        Ok((lines, _)) => {
+    let lines = match q.since {
+        Some(t) => crate::logs::tail_since(&path, q.tail, t),
+        None => crate::logs::tail(&path, q.tail).map(|(lines, _)| lines),
+    };
+    match lines {
+        Ok(lines) => {
             let mut text = lines.join("\n");
             if !text.is_empty() {
                 text.push('\n');

@@ -20,4 +20,5 @@ pub mod proxy;
 pub mod register;
 pub mod scope;
 pub mod snapshots;
+pub mod vm_metrics;
 pub mod vms;

@@ -77,6 +77,9 @@ struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_secs: u64,
+    /// Seconds between samples of the VMs' metrics.
+    #[arg(long, default_value_t = 10)]
+    metrics_interval_secs: u64,
     /// Seconds a VMM gets to stop before it is killed.
     #[arg(long, default_value_t = 2)]
     stop_grace_secs: u64,
@@ -151,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
     };
+    let metrics_node = node_name.clone();
     let address = args.advertise_url.unwrap_or_else(|| format!("{}://{}", serving.scheme(), args.listen));
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let credential = Arc::new(AgentCredential::load_or_create(&args.state_dir)?);
@@ -182,7 +186,17 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, scheme = serving.scheme(), firecracker = %firecracker.display(), "node agent ready");
-    let state = AgentState { runtime, credential, capacity: host_capacity(args.max_vms) };
+    let sampler = runtime.clone();
+    let every = Duration::from_secs(args.metrics_interval_secs.max(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            sampler.collect_metrics().await;
+        }
+    });
+    let state = AgentState { runtime, credential, capacity: host_capacity(args.max_vms), node: metrics_node };
     nexus_tls::serve(listener, serving, router(state), shutdown()).await?;
     Ok(())
 }

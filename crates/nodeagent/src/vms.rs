@@ -53,6 +53,8 @@ pub struct Runtime {
     reflink: bool,
     /// Checks images against the checksums their Images name.
     verifier: crate::images::Verifier,
+    /// The VMs' metrics, sampled by `collect_metrics`.
+    metrics: crate::vm_metrics::Collector,
 }
 
 impl Runtime {
@@ -71,7 +73,40 @@ impl Runtime {
             exits: Default::default(),
             reflink,
             verifier: Default::default(),
+            metrics: Default::default(),
         }
+    }
+
+    /// Has every running VMM write its metrics, then samples them and the
+    /// host (see `vm_metrics`).
+    pub async fn collect_metrics(&self) {
+        let live: HashMap<String, u32> =
+            process::find_vmms(&self.cfg.run_dir.api_sock()).into_iter().map(|(pid, uid)| (uid, pid)).collect();
+        for uid in live.keys() {
+            if let Ok(uid) = Uid::parse(uid) {
+                self.flush_metrics(&uid).await;
+            }
+        }
+        self.metrics.sample(&self.cfg.run_dir, &live);
+    }
+
+    /// What was collected of the VMs and the host.
+    pub fn vm_metrics(&self) -> &crate::vm_metrics::Collector {
+        &self.metrics
+    }
+
+    /// Whether the node can run VMs now: its bridge is up and its run
+    /// directory writable. The reason when not.
+    pub async fn readiness(&self) -> Result<(), String> {
+        match self.net.link(&self.cfg.bridge).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("bridge {} is missing", self.cfg.bridge)),
+            Err(e) => return Err(format!("cannot read the links: {e}")),
+        }
+        let probe = self.cfg.run_dir.root().join(".ready-probe");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| format!("the run directory {} is not writable: {e}", self.cfg.run_dir.root().display()))
     }
 
     pub fn config(&self) -> &RuntimeConfig {

@@ -70,6 +70,8 @@ pub struct Change {
     /// The object after the change (its last state, for DELETED), carrying
     /// its new resourceVersion.
     pub object: Value,
+    /// The request it came from (see [`AuditInfo::trace_id`]).
+    pub request_id: String,
 }
 
 /// What a mutation decides to do with the current object.
@@ -101,6 +103,15 @@ pub struct AuditInfo {
     pub verb: &'static str,
     /// The status the request is answered with when the change commits.
     pub status_code: u16,
+}
+
+impl AuditInfo {
+    /// The id that follows the request on: the caller's when it sent one
+    /// (a controller passes on the id of the change it acts on), else the
+    /// server's.
+    pub fn trace_id(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(&self.request_id)
+    }
 }
 
 /// What a mutation reads besides its object, in its own transaction (so
@@ -256,7 +267,7 @@ impl Store {
     }
 
     async fn all_changes_since(&self, since: i64) -> Result<Vec<Change>, ApiError> {
-        let sql = "SELECT resource_version, kind, project, event_type, body FROM changes \
+        let sql = "SELECT resource_version, kind, project, event_type, body, request_id FROM changes \
                    WHERE resource_version > $1 ORDER BY resource_version LIMIT 10000";
         let Pool::Postgres(pool) = &self.pool else { return Ok(Vec::new()) };
         let rows = sqlx::query(sql).bind(since).fetch_all(pool).await?;
@@ -268,6 +279,7 @@ impl Store {
                     project: r.get(2),
                     type_: ChangeType::parse(r.get::<&str, _>(3)),
                     object: serde_json::from_str(r.get::<&str, _>(4))?,
+                    request_id: r.get(5),
                 })
             })
             .collect()
@@ -344,7 +356,8 @@ impl Store {
             let newest: i64 = sqlx::query_scalar(self.sql.max_version).fetch_one(&mut *tx).await?;
             let rows = sqlx::query(self.sql.changes_since).bind(kind).bind(since).fetch_all(&mut *tx).await?;
             tx.commit().await?;
-            let rows: Vec<(i64, String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+            let rows: Vec<(i64, String, String, String, String)> =
+                rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
             (oldest, newest, rows)
         });
         if oldest > 0 && since.saturating_add(1) < oldest {
@@ -354,13 +367,14 @@ impl Store {
             return Err(ApiError::TooNew { requested: since, newest });
         }
         rows.into_iter()
-            .map(|(rv, project, type_, body)| {
+            .map(|(rv, project, type_, body, request_id)| {
                 Ok(Change {
                     resource_version: rv,
                     kind: kind.to_string(),
                     project,
                     type_: ChangeType::parse(&type_),
                     object: serde_json::from_str(&body)?,
+                    request_id,
                 })
             })
             .collect()
@@ -472,7 +486,7 @@ impl Store {
                     .execute(&mut *tx).await?;
             }
             sqlx::query(sql.insert_change).bind(rv).bind(kind).bind(project).bind(name).bind(type_.as_str())
-                .bind(&body).execute(&mut *tx).await?;
+                .bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
             let after = (type_ != ChangeType::Deleted).then_some(&object);
             let changes = serde_json::to_string(&crate::audit::changes(before.as_ref(), after))?;
             sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
@@ -486,7 +500,14 @@ impl Store {
             }
             sqlx::query(sql.notify).execute(&mut *tx).await?;
             tx.commit().await?;
-            Change { resource_version: rv, kind: kind.to_string(), project: project.to_string(), type_, object }
+            Change {
+                resource_version: rv,
+                kind: kind.to_string(),
+                project: project.to_string(),
+                type_,
+                object,
+                request_id: audit.trace_id().to_string(),
+            }
         });
         let object = committed.object.clone();
         let done = Mutation { object, committed: true };

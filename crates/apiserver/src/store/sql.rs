@@ -77,14 +77,16 @@ impl Sql {
                           ORDER BY project, name LIMIT ?"),
             list_page_in_project: n("SELECT project, name, body FROM objects WHERE kind = ? AND project = ? \
                                      AND name > ? ORDER BY name LIMIT ?"),
-            changes_since: n("SELECT resource_version, project, event_type, body FROM changes \
+            changes_since: n("SELECT resource_version, project, event_type, body, request_id FROM changes \
                               WHERE kind = ? AND resource_version > ? ORDER BY resource_version"),
             delete_object: n("DELETE FROM objects WHERE kind = ? AND project = ? AND name = ?"),
             upsert_object: n("INSERT INTO objects (kind, project, name, uid, resource_version, body) \
                               VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, project, name) DO UPDATE SET \
                               resource_version = excluded.resource_version, body = excluded.body"),
-            insert_change: n("INSERT INTO changes (resource_version, kind, project, name, event_type, body) \
-                              VALUES (?, ?, ?, ?, ?, ?)"),
+            insert_change: n(
+                "INSERT INTO changes (resource_version, kind, project, name, event_type, body, request_id) \
+                              VALUES (?, ?, ?, ?, ?, ?, ?)",
+            ),
             insert_audit: n(super::INSERT_AUDIT),
             compact: n("DELETE FROM changes WHERE resource_version <= ?"),
             snapshot_read: match dialect {

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use nexus_api::{Object, ResourceSpec};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::queue::{Backoff, WorkQueue};
 use super::store::{ObjectKey, Store};
@@ -242,8 +243,16 @@ async fn work<R: Reconciler>(
         return;
     };
     let started = Instant::now();
-    let result = reconciler.reconcile(obj.clone()).await;
+    // The reconcile works for the request behind the object's latest
+    // change: its id goes with every call made (see `nexus_api::trace`).
+    let request_id = store.trace(key).unwrap_or_else(nexus_api::trace::new_id);
+    let span = tracing::info_span!("reconcile", controller = name, object = %key, request_id = %request_id);
+    let result =
+        nexus_api::trace::scope(request_id.clone(), reconciler.reconcile(obj.clone()).instrument(span.clone())).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
+    span.in_scope(|| {
+        tracing::debug!(result = outcome, latency_ms = started.elapsed().as_secs_f64() * 1000.0, "reconciled");
+    });
     metrics::counter!("nexus_controller_reconcile_total", "controller" => name, "result" => outcome).increment(1);
     metrics::histogram!("nexus_controller_reconcile_duration_seconds", "controller" => name, "result" => outcome)
         .record(started.elapsed().as_secs_f64());

@@ -45,7 +45,7 @@ pub async fn run<S: ResourceSpec>(api: Client, writer: Writer<S>) {
                 }
             }
         }
-        let stream = match api.watch::<S>(None, &ListParams::default(), version.as_deref()).await {
+        let stream = match api.watch_traced::<S>(None, &ListParams::default(), version.as_deref()).await {
             Ok(s) => s,
             Err(e) if e.is_gone() => {
                 tracing::info!(kind = S::KIND, "watch version expired; listing again");
@@ -64,16 +64,16 @@ pub async fn run<S: ResourceSpec>(api: Client, writer: Writer<S>) {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(Event::Added(obj) | Event::Modified(obj)) => {
-                    tracing::trace!(kind = S::KIND, name = obj.name(), version = ?obj.metadata.resource_version, "changed");
+                Ok((Event::Added(obj) | Event::Modified(obj), request_id)) => {
+                    tracing::trace!(kind = S::KIND, name = obj.name(), version = ?obj.metadata.resource_version, request_id, "changed");
                     version = obj.metadata.resource_version.clone().or(version);
-                    writer.apply(obj);
+                    writer.apply_traced(obj, request_id);
                 }
-                Ok(Event::Deleted(obj)) => {
+                Ok((Event::Deleted(obj), _)) => {
                     version = obj.metadata.resource_version.clone().or(version);
                     writer.delete(obj);
                 }
-                Ok(Event::Bookmark(rv)) => {
+                Ok((Event::Bookmark(rv), _)) => {
                     if !rv.is_empty() {
                         version = Some(rv);
                     }

@@ -110,6 +110,9 @@ struct Shared<S: ResourceSpec> {
     /// LISTs and watches the reflector made (for metrics and tests).
     lists: AtomicU64,
     watches: AtomicU64,
+    /// The request id of each object's latest change, as its watch event
+    /// carried it: a reconcile of the object works under that id.
+    traces: std::sync::Mutex<HashMap<ObjectKey, String>>,
 }
 
 /// Read access to the objects of one kind. Cheap to clone; clones share.
@@ -153,6 +156,7 @@ pub fn store<S: ResourceSpec>() -> (Writer<S>, Store<S>) {
         feed: broadcast::channel(FEED_CAPACITY).0,
         lists: AtomicU64::new(0),
         watches: AtomicU64::new(0),
+        traces: Default::default(),
     });
     let store = Store { shared };
     (Writer { store: store.clone() }, store)
@@ -249,6 +253,11 @@ impl<S: ResourceSpec> Store<S> {
         self.shared.watches.load(Ordering::Relaxed)
     }
 
+    /// The id of the request behind `key`'s latest change, if the watch said.
+    pub fn trace(&self, key: &ObjectKey) -> Option<String> {
+        self.shared.traces.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
     /// Makes an object the apiserver just answered to one of our writes
     /// visible to our next read, unless the store already holds the same
     /// or a newer version (the reflector will deliver it too).
@@ -283,6 +292,20 @@ impl<S: ResourceSpec> Writer<S> {
         let _ = self.store.shared.feed.send(obj);
     }
 
+    /// [`Writer::apply`] of a change made by request `request_id`.
+    pub fn apply_traced(&self, obj: Object<S>, request_id: String) {
+        let key = ObjectKey::of(&obj);
+        {
+            let mut traces = self.store.shared.traces.lock().unwrap_or_else(|p| p.into_inner());
+            if request_id.is_empty() {
+                traces.remove(&key);
+            } else {
+                traces.insert(key, request_id);
+            }
+        }
+        self.apply(obj);
+    }
+
     /// Applies an ADDED or MODIFIED object, unless a newer one is stored.
     pub fn apply(&self, obj: Object<S>) {
         let obj = Arc::new(obj);
@@ -298,6 +321,7 @@ impl<S: ResourceSpec> Writer<S> {
 
     /// Applies a DELETED object.
     pub fn delete(&self, obj: Object<S>) {
+        self.store.shared.traces.lock().unwrap_or_else(|p| p.into_inner()).remove(&ObjectKey::of(&obj));
         self.store.write().remove(&ObjectKey::of(&obj));
         self.notify(Arc::new(obj));
     }

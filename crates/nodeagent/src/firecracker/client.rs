@@ -116,6 +116,22 @@ impl FcClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), FcError> {
+        // Polls (GET) and the metrics sampler's flushes are many; what
+        // changes the VMM is logged at info.
+        let routine = method == "GET" || body.as_deref().is_some_and(|b| b.windows(12).any(|w| w == b"FlushMetrics"));
+        let started = std::time::Instant::now();
+        let result = self.exchange(method, path, body).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_status = result.as_ref().map(|(s, _)| *s).unwrap_or(0);
+        if routine {
+            tracing::debug!(method, path, upstream_status, latency_ms, "firecracker call");
+        } else {
+            tracing::info!(method, path, upstream_status, latency_ms, "firecracker call");
+        }
+        result
+    }
+
+    async fn exchange(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Bytes), FcError> {
         let stream = tokio::time::timeout(self.connect_timeout, UnixStream::connect(&self.socket))
             .await
             .map_err(|_| FcError::Timeout { method, path: path.to_string(), timeout: self.connect_timeout })?
