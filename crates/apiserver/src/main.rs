@@ -84,6 +84,10 @@ struct Args {
     /// node (for an apiserver that serves no VMs yet, or in tests).
     #[arg(long)]
     ready_without_nodes: bool,
+    /// Export spans as OpenTelemetry traces to this OTLP/HTTP collector
+    /// (`http://host:4318`; off when unset).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -154,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return pki(command, &args.data_dir);
     }
-    init_logging();
+    let _telemetry = nexus_telemetry::init("nexus-apiserver", "info,sqlx=warn", args.otlp_endpoint.as_deref())?;
     let pki_dir = args.data_dir.join("pki");
     let serving = nexus_tls::serving(
         args.tls_cert.as_deref(),
@@ -241,16 +245,6 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
-}
-
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn shutdown() {

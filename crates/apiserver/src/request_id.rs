@@ -90,7 +90,11 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let query: String = req.uri().query().unwrap_or("").chars().take(256).collect();
     let started = Instant::now();
     let trace = correlation.clone().unwrap_or_else(|| id.clone());
-    let mut resp = REQUEST_ID.scope(id.clone(), TRACE_ID.scope(trace, next.run(req))).await;
+    // The span every line of the request's work is logged (and, with
+    // OTLP export on, traced) in.
+    let span = tracing::info_span!("request", request_id = %trace, method = %method, path = %path);
+    let work = tracing::Instrument::instrument(next.run(req), span);
+    let mut resp = REQUEST_ID.scope(id.clone(), TRACE_ID.scope(trace, work)).await;
     if resp.status().as_u16() >= 400 && !is_json(&resp) {
         resp = to_error_contract(resp, &id).await;
     }

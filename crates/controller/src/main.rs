@@ -58,16 +58,16 @@ struct Args {
     /// Act without electing a leader (only one controller may run).
     #[arg(long)]
     no_leader_election: bool,
+    /// Export spans as OpenTelemetry traces to this OTLP/HTTP collector
+    /// (`http://host:4318`; off when unset).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let _telemetry = nexus_telemetry::init("nexus-controller", "info", args.otlp_endpoint.as_deref())?;
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading the controller's token from {}", args.token_file.display()))?
         .trim()

@@ -376,7 +376,10 @@ async fn every_kind_round_trips(h: &Http) {
 
 async fn operations_endpoints(h: &Http) {
     assert_eq!(h.call("GET", "/healthz", None).await.0, 200);
-    assert_eq!(h.call("GET", "/readyz", None).await.0, 200);
+    // Ready means a node can run VMs too; none runs here.
+    let (status, body) = h.call("GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("no node is Ready")), "{body}");
     let (s, metrics) = h.call("GET", "/metrics", None).await;
     assert_eq!(s, 200);
     let text = metrics.as_str().unwrap();

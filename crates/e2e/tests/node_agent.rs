@@ -195,8 +195,11 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         // Nothing is anonymous.
         let anon = agent.http.get(format!("https://{ADDR}/v1/inventory")).send().await.unwrap();
         assert_eq!(anon.status().as_u16(), 401);
-        let wrong = agent.http.get(format!("https://{ADDR}/healthz")).bearer_auth("wrong").send().await.unwrap();
+        let wrong = agent.http.get(format!("https://{ADDR}/v1/capacity")).bearer_auth("wrong").send().await.unwrap();
         assert_eq!(wrong.status().as_u16(), 401);
+        // Probes and Prometheus need no secret.
+        let open = agent.http.get(format!("https://{ADDR}/readyz")).send().await.unwrap();
+        assert_eq!(open.status().as_u16(), 200);
         // Taking the node's networking down removes the bridge and NAT too.
         let mut agent = agent;
         agent.proc.stop();

@@ -292,7 +292,7 @@ async fn events_expire_after_their_ttl_so_churn_stays_bounded() {
         futures::future::join_all(creates).await;
     }
     println!("created {total} Events in {:.1} s", started.elapsed().as_secs_f64());
-    wait_until(Duration::from_secs(40), "every Event to expire", || async {
+    wait_until(Duration::from_secs(90), "every Event to expire", || async {
         client.list::<EventSpec>(None, &Default::default()).await.is_ok_and(|l| l.items.is_empty())
     })
     .await;

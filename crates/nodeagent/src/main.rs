@@ -80,6 +80,11 @@ struct Args {
     /// Seconds between samples of the VMs' metrics.
     #[arg(long, default_value_t = 10)]
     metrics_interval_secs: u64,
+    /// Export spans as OpenTelemetry traces to this OTLP/HTTP collector
+    /// (`http://host:4318`; off when unset).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
     /// Seconds a VMM gets to stop before it is killed.
     #[arg(long, default_value_t = 2)]
     stop_grace_secs: u64,
@@ -99,12 +104,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let _telemetry = nexus_telemetry::init("nexus-nodeagent", "info", args.otlp_endpoint.as_deref())?;
     let bridge_address = match args.bridge_address.as_str() {
         "none" => None,
         cidr => Some(parse_cidr(cidr).map_err(|e| anyhow::anyhow!("--bridge-address: {e}"))?),
