@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use futures::StreamExt;
 use nexus_api::client::ClientError;
 use serde_json::{Map, Value, json};
 
@@ -223,12 +224,18 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
     let targets = read_targets(ctx, files)?;
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let mut failed = 0;
-    for t in &targets {
-        match apply_one(ctx, t, dry_run).await {
-            Ok(what) => println!("{} {what}{suffix}", t.label()),
-            Err(e) => {
-                failed += 1;
-                eprintln!("error: {}: {e}", t.label());
+    for run in runs(&targets) {
+        // Objects of one run go out together; results print in file order.
+        let results = futures::stream::iter(run.iter().map(|t| async move { (t, apply_one(ctx, t, dry_run).await) }))
+            .buffered(APPLY_CONCURRENCY);
+        let mut results = std::pin::pin!(results);
+        while let Some((t, result)) = results.next().await {
+            match result {
+                Ok(what) => println!("{} {what}{suffix}", t.label()),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("error: {}: {e}", t.label());
+                }
             }
         }
     }
@@ -239,6 +246,32 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
         return Err(Failure::error(format!("{failed} objects failed")));
     }
     Ok(())
+}
+
+/// Requests `apply` has in flight at once.
+const APPLY_CONCURRENCY: usize = 16;
+
+/// Splits `targets` into runs that may be applied concurrently: objects of
+/// one kind in a row, each named once. Runs go in file order, so what a
+/// file lists first (a Template, a quota) is stored before what follows.
+fn runs(targets: &[Target]) -> Vec<&[Target]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut names = BTreeSet::new();
+    for (i, t) in targets.iter().enumerate() {
+        let same_kind = targets[start].kind.kind == t.kind.kind;
+        let key = (t.project.clone(), t.name.clone());
+        if i > start && (!same_kind || names.contains(&key)) {
+            runs.push(&targets[start..i]);
+            start = i;
+            names.clear();
+        }
+        names.insert(key);
+    }
+    if start < targets.len() {
+        runs.push(&targets[start..]);
+    }
+    runs
 }
 
 /// Deletes objects matching `selector` in the applied projects that no file
@@ -333,6 +366,35 @@ mod tests {
 
     fn spec() -> Value {
         json!({"vcpu": 1, "memMib": 128, "kernel": "/k", "rootfs": "/r", "bootArgs": "console=ttyS0"})
+    }
+
+    fn named(kind: &str, name: &str) -> Target {
+        let doc = Document {
+            source: "t.yaml".into(),
+            index: 1,
+            value: json!({"apiVersion": "nexus/v1", "kind": kind, "metadata": {"name": name}, "spec": {}}),
+        };
+        Target::from_doc(&doc, "default").unwrap()
+    }
+
+    #[test]
+    fn runs_keep_kinds_in_file_order_and_each_name_once() {
+        let targets = vec![
+            named("Template", "t"),
+            named("VM", "a"),
+            named("VM", "b"),
+            named("VM", "a"),
+            named("VM", "c"),
+            named("Snapshot", "s"),
+        ];
+        let shape: Vec<Vec<String>> =
+            runs(&targets).iter().map(|r| r.iter().map(|t| format!("{}/{}", t.kind.kind, t.name)).collect()).collect();
+        assert_eq!(
+            shape,
+            vec![vec!["Template/t"], vec!["VM/a", "VM/b"], vec!["VM/a", "VM/c"], vec!["Snapshot/s"]],
+            "a second `a` waits for the first"
+        );
+        assert!(runs(&[]).is_empty());
     }
 
     fn stored(body: Value) -> Value {
