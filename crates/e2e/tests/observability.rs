@@ -208,6 +208,21 @@ fn per_vm_metrics_reach_prometheus_and_top_and_one_request_id_crosses_every_proc
         assert!(ok, "{err}");
         println!("nexusctl top nodes:\n{top}");
         assert!(top.lines().nth(1).is_some_and(|l| l.starts_with("node-1") && l.contains('%')), "{top}");
+        // Reading logs and metrics takes reading the VM: someone with no
+        // role in the project gets 403, and nothing of the VM.
+        let bob = nexus_e2e::issue_token(&client, "user:bob").await;
+        let (ok, out, err) = nexus_e2e::nexusctl(&cluster.server, &cluster.ca, &bob, &["logs", "vm", "m-1"]);
+        println!("logs as user:bob (no role): {}", err.trim());
+        assert!(!ok && out.is_empty() && err.contains("may not get"), "{err}");
+        let (ok, _, err) = nexus_e2e::nexusctl(&cluster.server, &cluster.ca, &bob, &["top", "vms"]);
+        assert!(!ok && err.contains("may not list"), "{err}");
+        let denied = http
+            .get(format!("{}/v1/projects/default/vms/m-1/metrics", cluster.server))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), 403);
         // A VM that does not exist: the error contract, not an empty table.
         let (ok, _, err) = cluster.nexusctl(&["logs", "vm", "nope"]);
         assert!(!ok && err.contains("not found"), "{err}");

@@ -184,6 +184,20 @@ mod tests {
         assert_eq!(t(Method::GET, "/v1/vms", "").unwrap().2, "", "all projects");
         assert_eq!(t(Method::GET, "/v1/projects/p/nodes/n1", ""), None, "nodes are cluster-wide");
         assert_eq!(t(Method::GET, "/v1/projects/p/pods", ""), None);
+        // A VM's log and metrics are read as the VM is; a node's as the node.
+        assert_eq!(
+            t(Method::GET, "/v1/projects/p/vms/a/log", "follow=true"),
+            Some((Verb::Get, "VM".into(), "p".into(), "a".into()))
+        );
+        assert_eq!(
+            t(Method::GET, "/v1/projects/p/vms/a/metrics", ""),
+            Some((Verb::Get, "VM".into(), "p".into(), "a".into()))
+        );
+        assert_eq!(
+            t(Method::GET, "/v1/nodes/n1/metrics", ""),
+            Some((Verb::Get, "Node".into(), "".into(), "n1".into()))
+        );
+        assert_eq!(t(Method::POST, "/v1/projects/p/vms/a/log", ""), None, "only read");
         let join = target(&Method::POST, "/v1/nodes/n1/join").unwrap();
         assert!(join.special && join.name == "n1");
     }
