@@ -506,9 +506,16 @@ fn an_image_whose_checksum_differs_fails_its_vms_and_the_right_one_runs() {
         println!("bad: {:?} {}: {}", bad.phase, ready.reason, bad.last_error.as_ref().unwrap().message);
         assert_eq!(ready.reason, "ImageInvalid");
         assert!(bad.last_error.unwrap().message.contains(&format!("its sha256 is {right}")));
+        // The controller marks the Image right after it fails the VM.
+        nexus_e2e::wait_until(Duration::from_secs(10), "the Image marked Invalid", || async {
+            client
+                .get::<nexus_api::ImageSpec>("default", "bad-root")
+                .await
+                .is_ok_and(|i| i.status_or_default().phase == nexus_api::image::ImagePhase::Invalid)
+        })
+        .await;
         let img = client.get::<nexus_api::ImageSpec>("default", "bad-root").await.unwrap().status_or_default();
         println!("image bad-root: {:?} {}", img.phase, img.message.clone().unwrap_or_default());
-        assert_eq!(img.phase, nexus_api::image::ImagePhase::Invalid);
         let (ok, described, _) = cluster.nexusctl(&["describe", "vm", "bad"]);
         assert!(ok && described.contains("ImageInvalid"), "{described}");
 
