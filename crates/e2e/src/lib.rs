@@ -132,6 +132,10 @@ impl Proc {
 
     /// Stops the process: SIGTERM, up to 5 s, then SIGKILL; always reaped.
     pub fn stop(&mut self) {
+        // Already ended (and reaped): its pid may belong to another process now.
+        if !self.is_running() {
+            return;
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -327,6 +331,9 @@ pub struct ClusterOptions<'a> {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // A failed test must not leave VMMs behind: they outlive the agent.
+        // The agent goes first, or its restart policy would start again
+        // the VMMs being killed.
+        self.agent.stop();
         kill_vmms_under(&self.run_dir);
     }
 }

@@ -72,6 +72,10 @@ pub struct MultiNode {
 
 impl Drop for MultiNode {
     fn drop(&mut self) {
+        // The agents first, or they would start again the VMMs being killed.
+        for agent in &mut self.agents {
+            agent.stop();
+        }
         for i in 1..=self.nodes.len() {
             crate::kill_vmms_under(&self.dir.join(format!("run-{i}")));
         }

@@ -116,7 +116,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // VMMs outlive their agent by design; a finished test takes them down.
+        // VMMs outlive their agent by design; a finished test takes them
+        // down, after the agent, which would start them again.
+        self.proc.stop();
         nexus_e2e::kill_vmms_under(&self.run_dir());
     }
 }
