@@ -188,28 +188,39 @@ pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env:
 /// after 4 s without heartbeats, a 3 s leader lease, garbage collection every
 /// second with a 3 s grace. `token` is a file holding a system:controller token.
 pub fn spawn_controller(server: &str, ca: &Path, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
+    spawn_controller_tuned(server, ca, token, metrics_listen, log, true)
+}
+
+/// [`spawn_controller`]; with `fast`, the controller rechecks VMs every
+/// 2 s, collects garbage every second and trusts a node for 4 s, so tests
+/// see things happen quickly. Without it (benchmarks), it runs with its
+/// defaults, as an operator would.
+pub fn spawn_controller_tuned(
+    server: &str,
+    ca: &Path,
+    token: &Path,
+    metrics_listen: &str,
+    log: &Path,
+    fast: bool,
+) -> Proc {
     let token = token.display().to_string();
     let ca = ca.display().to_string();
-    let args = [
-        "--apiserver",
-        server,
-        "--ca-file",
-        &ca,
-        "--token-file",
-        &token,
-        "--recheck-secs",
-        "2",
-        "--node-grace-secs",
-        "4",
-        "--lease-duration-secs",
-        "3",
-        "--gc-interval-secs",
-        "1",
-        "--gc-grace-secs",
-        "3",
-        "--metrics-listen",
-        metrics_listen,
-    ];
+    let mut args = vec!["--apiserver", server, "--ca-file", &ca, "--token-file", &token];
+    if fast {
+        args.extend([
+            "--recheck-secs",
+            "2",
+            "--node-grace-secs",
+            "4",
+            "--lease-duration-secs",
+            "3",
+            "--gc-interval-secs",
+            "1",
+            "--gc-grace-secs",
+            "3",
+        ]);
+    }
+    args.extend(["--metrics-listen", metrics_listen]);
     spawn("controller", &bin("nexus-controller"), &args, log)
 }
 

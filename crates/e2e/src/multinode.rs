@@ -68,6 +68,8 @@ pub struct MultiNode {
     /// A cluster-admin token (the bootstrap admin's).
     pub admin_token: String,
     agent_args: Vec<Vec<String>>,
+    /// Whether the controller runs with the tests' quick settings.
+    fast: bool,
 }
 
 impl Drop for MultiNode {
@@ -85,6 +87,16 @@ impl Drop for MultiNode {
 impl MultiNode {
     /// Starts everything; each agent accepts at most `max_vms`.
     pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {
+        Self::start_with(dir, n, max_vms, &bin("firecracker-sim"), true).await
+    }
+
+    /// Starts everything as a benchmark wants it: the agents running `vmm`
+    /// as their Firecracker, the controller with its defaults.
+    pub async fn start_for_bench(dir: &Path, n: usize, max_vms: u32, vmm: &Path) -> MultiNode {
+        Self::start_with(dir, n, max_vms, vmm, false).await
+    }
+
+    async fn start_with(dir: &Path, n: usize, max_vms: u32, vmm: &Path, fast: bool) -> MultiNode {
         std::fs::create_dir_all(dir).expect("dir");
         let s = |p: &Path| p.display().to_string();
         // One CA; the apiserver's certificate names every address it is
@@ -159,7 +171,7 @@ impl MultiNode {
                 "--run-dir",
                 &s(&dir.join(format!("run-{i}"))),
                 "--firecracker",
-                &s(&bin("firecracker-sim")),
+                &s(vmm),
                 "--heartbeat-secs",
                 "1",
                 "--process-manager",
@@ -177,11 +189,28 @@ impl MultiNode {
             agent_args.push(args);
             nodes.push(ns);
         }
-        let controller =
-            crate::spawn_controller(&server, &ca, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
+        let controller = crate::spawn_controller_tuned(
+            &server,
+            &ca,
+            &controller_token,
+            "127.0.0.1:7445",
+            &dir.join("controller.log"),
+            fast,
+        );
         // Every node registered and seen Ready by the controller.
         crate::wait_controller_sees_ready_nodes("127.0.0.1:7445", nodes.len()).await;
-        MultiNode { dir: dir.to_path_buf(), server, ca, apiserver, controller, agents, nodes, admin_token, agent_args }
+        MultiNode {
+            dir: dir.to_path_buf(),
+            server,
+            ca,
+            apiserver,
+            controller,
+            agents,
+            nodes,
+            admin_token,
+            agent_args,
+            fast,
+        }
     }
 
     /// A client with the cluster admin's token.
@@ -217,12 +246,13 @@ impl MultiNode {
 
     /// Runs a new controller (after the old one was killed).
     pub fn restart_controller(&mut self) {
-        self.controller = crate::spawn_controller(
+        self.controller = crate::spawn_controller_tuned(
             &self.server,
             &self.ca,
             &self.dir.join("controller.token"),
             "127.0.0.1:7445",
             &self.dir.join("controller.log"),
+            self.fast,
         );
     }
 

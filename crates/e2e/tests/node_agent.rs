@@ -908,3 +908,106 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         assert_eq!(agent.ensure(&b).await.state, ObservedState::Running);
     });
 }
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks_free() * st.fragment_size()
+}
+
+/// Writes `data_mib` MiB of non-zero data at the start of a sparse file of
+/// `size` bytes: an image that costs a plain copy real work.
+fn image_with_data(path: &Path, size: u64, data_mib: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..data_mib {
+        f.write_all(&chunk).unwrap();
+    }
+    f.set_len(size).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn on_a_reflink_filesystem_a_4_gib_disk_is_cloned_as_fast_as_a_16_mib_one_and_takes_no_new_blocks() {
+    ensure_example_images();
+    in_private_netns(|| async {
+        // An XFS filesystem (reflinks on) in a file, mounted in a mount
+        // namespace of this test's own, so it goes when the test does.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+        nexus_e2e::run_ok(std::process::Command::new("mount").args(["--make-rprivate", "/"]));
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let fs_file = dir.path().join("xfs.img");
+        std::fs::File::create(&fs_file).unwrap().set_len(8 << 30).unwrap();
+        nexus_e2e::run_ok(std::process::Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&fs_file));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        nexus_e2e::run_ok(std::process::Command::new("mount").args(["-o", "loop"]).arg(&fs_file).arg(&mnt));
+        let images = mnt.join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::copy("/var/lib/nexus/images/vmlinux", images.join("vmlinux")).unwrap();
+        image_with_data(&images.join("small.ext4"), 16 << 20, 16);
+        image_with_data(&images.join("big.ext4"), 4 << 30, 512);
+
+        let root = mnt.join("agent");
+        let image_root = images.display().to_string();
+        let agent = Agent::start_with(&root, &[], &["--process-manager", "direct", "--image-root", &image_root]).await;
+        let start = |uid: &'static str, image: &str| {
+            let mut req = request(uid);
+            req.kernel_path = images.join("vmlinux").display().to_string();
+            req.rootfs_path = images.join(image).display().to_string();
+            req
+        };
+        let mut timings = Vec::new();
+        for (uid, image, mib) in [
+            ("2b0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11", "small.ext4", 16u64),
+            ("3b0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11", "big.ext4", 4096),
+        ] {
+            let free = free_bytes(&mnt);
+            let began = Instant::now();
+            let report = agent.ensure(&start(uid, image)).await;
+            let took = began.elapsed();
+            assert_eq!(report.state, ObservedState::Running);
+            let used = free.saturating_sub(free_bytes(&mnt));
+            let disk = agent.run_dir().join("vms").join(uid).join("rootfs.ext4");
+            assert_eq!(std::fs::metadata(&disk).unwrap().len(), mib << 20, "the VM's disk has its image's size");
+            println!("{mib:>5} MiB image: ensure -> Running in {:.1} ms, {} KiB of new blocks", ms(took), used >> 10);
+            // The clone shares every block with the image: the VM's start
+            // costs its directory's small files, not its disk.
+            assert!(used < 4 << 20, "{used} bytes used by a VM on a {mib} MiB image");
+            timings.push(took);
+        }
+        let log = std::fs::read_to_string(root.join("agent.log")).unwrap();
+        let disks: Vec<&str> = log.lines().filter(|l| l.contains("\"disk ready\"")).collect();
+        assert_eq!(disks.len(), 2, "{log}");
+        assert!(disks.iter().all(|l| l.contains("\"method\":\"Reflink\"")), "{disks:?}");
+
+        // The guest's first write is what takes a block.
+        let disk = agent.run_dir().join("vms/3b0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11/rootfs.ext4");
+        let free = free_bytes(&mnt);
+        {
+            use std::io::{Seek, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+            f.write_all(&[0xAB; 1 << 20]).unwrap();
+            f.sync_all().unwrap();
+        }
+        let used = free.saturating_sub(free_bytes(&mnt));
+        println!("a 1 MiB write to the 4 GiB VM's disk took {} KiB of new blocks", used >> 10);
+        assert!(used >= 1 << 20, "copy-on-write allocates on the first write ({used} bytes)");
+        let mut image = [0u8; 16];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(images.join("big.ext4")).unwrap(),
+            &mut image,
+            1 << 20,
+        )
+        .unwrap();
+        assert_ne!(image, [0xAB; 16], "the image itself is untouched");
+        drop(agent);
+        nexus_e2e::run_ok(std::process::Command::new("umount").arg(&mnt));
+    });
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

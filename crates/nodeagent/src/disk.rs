@@ -37,6 +37,13 @@ pub async fn ensure_copy(src: PathBuf, dst: PathBuf) -> std::io::Result<CopyMeth
 
 /// [`ensure_copy`] on the calling thread.
 pub fn ensure_copy_blocking(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
+    copy_into_place(src, dst, true)
+}
+
+/// Makes `dst` a private copy of `src` (unless it exists) by a reflink or
+/// a sparse copy written beside it and renamed into place; with `sync`, the
+/// copy is flushed to disk before the rename.
+fn copy_into_place(src: &Path, dst: &Path, sync: bool) -> std::io::Result<CopyMethod> {
     if dst.exists() {
         return Ok(CopyMethod::Existing);
     }
@@ -51,9 +58,72 @@ pub fn ensure_copy_blocking(src: &Path, dst: &Path) -> std::io::Result<CopyMetho
         sparse_copy(&mut input, &mut output)?;
         CopyMethod::Sparse
     };
-    output.sync_all()?;
+    if sync {
+        output.sync_all()?;
+    }
     std::fs::rename(&tmp, dst)?;
     Ok(method)
+}
+
+/// The marker beside a VM disk saying it has been flushed to disk.
+fn synced_marker(disk: &Path) -> PathBuf {
+    disk.with_extension("synced")
+}
+
+/// Makes `dst`, a VM's private disk, a copy of `src` unless it exists, and
+/// returns at once: the flush to disk follows on a blocking thread, off the
+/// VM's start, and leaves a `.synced` marker beside the disk.
+///
+/// # Guarantees
+/// A disk found without its marker was either made since the host last
+/// started (its data is all in the page cache: it is flushed now) or before
+/// (the host went down before the flush, so it may be incomplete: it is
+/// copied again). A VM therefore never boots from a disk that a crash cut
+/// short; what it loses in such a crash is what an unflushed guest write
+/// loses anyway.
+pub async fn ensure_disk(src: PathBuf, dst: PathBuf) -> std::io::Result<CopyMethod> {
+    let disk = dst.clone();
+    let method = tokio::task::spawn_blocking(move || place_disk(&src, &dst, boot_time()?))
+        .await
+        .map_err(|e| std::io::Error::other(format!("the copy task failed: {e}")))??;
+    if !synced_marker(&disk).exists() {
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = flush(&disk) {
+                // The VM may have been deleted meanwhile.
+                tracing::debug!(disk = %disk.display(), error = %e, "flushing a VM disk failed");
+            }
+        });
+    }
+    Ok(method)
+}
+
+/// Flushes `disk` and its directory entry, then marks it flushed.
+fn flush(disk: &Path) -> std::io::Result<()> {
+    File::open(disk)?.sync_all()?;
+    let dir = disk.parent().unwrap_or(Path::new("/"));
+    File::open(dir)?.sync_all()?;
+    File::create(synced_marker(disk))?.sync_all()?;
+    File::open(dir)?.sync_all()
+}
+
+/// The blocking part of [`ensure_disk`]; `boot` is when the host started
+/// (seconds since the epoch).
+fn place_disk(src: &Path, dst: &Path, boot: Option<i64>) -> std::io::Result<CopyMethod> {
+    use std::os::unix::fs::MetadataExt;
+    if dst.exists() && !synced_marker(dst).exists() {
+        let changed = std::fs::metadata(dst)?.ctime();
+        if boot.is_some_and(|boot| changed < boot) {
+            tracing::warn!(disk = %dst.display(), "a disk made before the host restarted was never flushed; copying it again");
+            std::fs::remove_file(dst)?;
+        }
+    }
+    copy_into_place(src, dst, false)
+}
+
+/// When the host started, in seconds since the epoch (`btime` of /proc/stat).
+fn boot_time() -> std::io::Result<Option<i64>> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    Ok(stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Whether the filesystem holding `dir` clones files in constant time:
@@ -196,6 +266,34 @@ mod tests {
         let copy = std::fs::metadata(dir.path().join("out")).unwrap();
         assert_eq!(copy.len(), 4 << 30);
         assert!(copy.blocks() * 512 < 1 << 20, "holes stay holes: {} bytes", copy.blocks() * 512);
+    }
+
+    #[tokio::test]
+    async fn a_vm_disk_is_flushed_after_it_is_made_and_one_never_flushed_before_a_reboot_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("img");
+        sparse_image(&src, 16 << 20);
+        let dst = dir.path().join("rootfs.ext4");
+        assert_ne!(ensure_disk(src.clone(), dst.clone()).await.unwrap(), CopyMethod::Existing);
+        let marker = synced_marker(&dst);
+        for _ in 0..500 {
+            if marker.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(marker.exists(), "flushed in the background");
+        assert_eq!(ensure_disk(src.clone(), dst.clone()).await.unwrap(), CopyMethod::Existing);
+
+        // Without its marker: kept when made since the host started...
+        std::fs::remove_file(&marker).unwrap();
+        std::fs::write(&dst, b"cut short").unwrap();
+        let boot = boot_time().unwrap().expect("btime");
+        assert_eq!(place_disk(&src, &dst, Some(boot)).unwrap(), CopyMethod::Existing, "same boot: kept");
+        // ... and made again when the host started after it last changed.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_ne!(place_disk(&src, &dst, Some(now + 60)).unwrap(), CopyMethod::Existing);
+        assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap(), "a whole copy again");
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cgroup;
 pub mod clonenet;
 pub mod credentials;
+pub mod dirwatch;
 pub mod disk;
 pub mod error;
 pub mod exits;

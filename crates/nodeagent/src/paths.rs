@@ -74,6 +74,11 @@ impl VmPaths {
     pub fn pid(&self) -> PathBuf {
         self.dir.join("pid")
     }
+    /// Present from just before a VMM is launched until its pid is
+    /// recorded: found later, a crash may have left a VMM no pid file names.
+    pub fn launching(&self) -> PathBuf {
+        self.dir.join("launching")
+    }
     pub fn config(&self) -> PathBuf {
         self.dir.join("vm.json")
     }

@@ -201,8 +201,21 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Every live VMM launched with `api_sock`, as (pid, uid).
-pub fn find_vmms(api_sock: &Path) -> Vec<(u32, String)> {
+/// The name the kernel gives a process started from `binary` (its file
+/// name, cut to 15 bytes), as `/proc/PID/stat` shows it.
+fn comm_of(binary: &Path) -> Vec<u8> {
+    let name = binary.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    name[..name.len().min(15)].to_vec()
+}
+
+/// Every live VMM started from `binary` with `api_sock`, as (pid, uid).
+///
+/// Every process on the host is looked at, so the cheap test comes first:
+/// the command name and state in `/proc/PID/stat`. Only processes of
+/// `binary` have their command line read (which costs the kernel a walk of
+/// the process's memory).
+pub fn find_vmms(binary: &Path, api_sock: &Path) -> Vec<(u32, String)> {
+    let comm = comm_of(binary);
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -211,8 +224,17 @@ pub fn find_vmms(api_sock: &Path) -> Vec<(u32, String)> {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.iter().position(|b| *b == b'('), stat.iter().rposition(|b| *b == b')'))
+        else {
+            continue;
+        };
+        let running = stat.get(close + 2).is_some_and(|state| !matches!(state, b'Z' | b'X'));
+        if stat[open + 1..close] != comm[..] || !running {
+            continue;
+        }
         let Some(args) = args_of(pid) else { continue };
-        if !has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes()) || !alive(pid) {
+        if !has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes()) {
             continue;
         }
         if let Some(w) = args.windows(2).find(|w| w[0] == b"--id") {

@@ -15,8 +15,8 @@ use tokio::sync::Mutex;
 
 use crate::disk;
 use crate::error::AgentError;
+use crate::firecracker::FcClient;
 use crate::firecracker::models::{self, InstanceState, VmState};
-use crate::firecracker::{FcClient, FcError};
 use crate::net::Net;
 use crate::paths::{RunDir, TAP_PREFIX, Uid, VmPaths};
 use crate::process;
@@ -80,8 +80,10 @@ impl Runtime {
     /// Has every running VMM write its metrics, then samples them and the
     /// host (see `vm_metrics`).
     pub async fn collect_metrics(&self) {
-        let live: HashMap<String, u32> =
-            process::find_vmms(&self.cfg.run_dir.api_sock()).into_iter().map(|(pid, uid)| (uid, pid)).collect();
+        let live: HashMap<String, u32> = process::find_vmms(&self.cfg.firecracker, &self.cfg.run_dir.api_sock())
+            .into_iter()
+            .map(|(pid, uid)| (uid, pid))
+            .collect();
         for uid in live.keys() {
             if let Ok(uid) = Uid::parse(uid) {
                 self.flush_metrics(&uid).await;
@@ -176,7 +178,10 @@ impl Runtime {
         }
         std::fs::create_dir_all(&paths.dir).map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
         let config = serde_json::to_vec_pretty(req).unwrap_or_default();
-        std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
+        // Rewritten only when it changed: most calls are rechecks.
+        if std::fs::read(paths.config()).ok().as_deref() != Some(config.as_slice()) {
+            std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
+        }
         if req.state == PowerState::Stopped {
             self.stop_vmm(&uid, &paths).await;
             self.net.delete_link(&uid.tap_name()).await?;
@@ -273,68 +278,13 @@ impl Runtime {
         remove_if_exists(&paths.started())?;
         // Checked before anything is made for it.
         let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
-        let bridge = self.ensure_bridge().await?;
-        let tap = uid.tap_name();
-        match &restore {
-            // A restored VM's TAP is made inside its VMM's own namespace.
-            Some(_) => {
-                self.net.delete_link(&tap).await?;
-            }
-            None => {
-                remove_if_exists(&paths.restored())?;
-                self.net.ensure_tap(&tap, bridge).await?;
-                self.check_images(req).await?;
-            }
+        if restore.is_none() {
+            remove_if_exists(&paths.restored())?;
+            self.check_images(req).await?;
         }
-        let copy_started = Instant::now();
-        let method = match &restore {
-            // The snapshot's disk, taken with its memory, is the VM's disk.
-            Some((snap, _)) => disk::ensure_copy(snap.rootfs(), paths.rootfs())
-                .await
-                .map_err(AgentError::io("copying the snapshot's disk"))?,
-            None => disk::ensure_copy(PathBuf::from(&req.rootfs_path), paths.rootfs())
-                .await
-                .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
-        };
-        tracing::info!(uid = %uid, ?method, millis = copy_started.elapsed().as_millis() as u64, "disk ready");
-        for file in [paths.log(), paths.metrics()] {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file)
-                .map_err(AgentError::io(format!("creating {}", file.display())))?;
-        }
-        let mut req = req.clone();
-        // A restored guest keeps its source's address; the VM gets one of
-        // its own on the bridge, joined to the guest's by NAT.
-        let addresses = match &restore {
-            Some((_, report)) => match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.subnet()) {
-                (Some(guest), Some(subnet)) => self
-                    .assign_ip(uid, paths, Some("auto"))?
-                    .map(|own| crate::clonenet::Addresses { guest, own, subnet }),
-                _ => {
-                    self.assign_ip(uid, paths, None)?;
-                    None
-                }
-            },
-            None => {
-                if let Some(ip) = self.assign_ip(uid, paths, req.ip.as_deref())? {
-                    let subnet = self.subnet().expect("an address implies a subnet");
-                    req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
-                }
-                None
-            }
-        };
-        if let Some((_, report)) = &restore {
-            let record = crate::paths::Restored {
-                snapshot_uid: report.uid.clone(),
-                mac: report.mac.clone(),
-                guest_ip: report.ip.as_deref().and_then(|ip| ip.parse().ok()),
-            };
-            std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
-                .map_err(AgentError::io("recording the VM's origin"))?;
-        }
-        let req = &req;
+        // The VMM starts while its TAP and disk are made: it needs them only
+        // when configured, after its API socket is up.
+        std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
         let launched = Instant::now();
         let view = process::View { host_dir: paths.dir.clone(), fixed: self.cfg.run_dir.view() };
         let api_sock = view.api_sock();
@@ -350,23 +300,28 @@ impl Runtime {
             move |pid| exits.record(&who, pid),
         )?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
-        if let Some(scopes) = &self.cfg.scopes
-            && let Err(e) = scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await
-        {
-            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
-            return Err(AgentError::Io {
-                what: "placing the VMM in its systemd scope".into(),
-                source: std::io::Error::other(e.to_string()),
-            });
-        }
-        if let (None, Some(cg)) = (&self.cfg.scopes, &self.cfg.cgroups)
-            && let Err(e) = cg.confine(uid, pid, req.vcpu, req.mem_mib)
-        {
-            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
-            return Err(AgentError::io("placing the VMM in its cgroup")(e));
-        }
-        tracing::info!(uid = %uid, vm = %req.display_name, pid, scoped = self.cfg.scopes.is_some(), "VMM launched");
-        wait_for_socket(client, pid, uid.as_str(), &api_sock).await?;
+        remove_if_exists(&paths.launching())?;
+        tracing::info!(
+            uid = %uid,
+            vm = %req.display_name,
+            pid,
+            scoped = self.cfg.scopes.is_some(),
+            launch_ms = launched.elapsed().as_secs_f64() * 1000.0,
+            "VMM launched"
+        );
+        let prepared = tokio::try_join!(
+            self.prepare(uid, paths, req, restore.as_ref(), pid),
+            wait_for_socket(client, pid, uid.as_str(), &api_sock),
+        );
+        let (bridge, addresses, req) = match prepared {
+            Ok((prepared, ())) => prepared,
+            Err(e) => {
+                process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
+                return Err(e);
+            }
+        };
+        let tap = uid.tap_name();
+        let req = &req;
         let view = self.cfg.run_dir.vmm_view();
         let configured = match &restore {
             Some((snap, _)) => match crate::clonenet::setup(&self.net, pid, uid, bridge, addresses).await {
@@ -386,6 +341,98 @@ impl Runtime {
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// What a new VMM needs besides itself, made while it starts: its
+    /// systemd scope or cgroup, the bridge and its TAP (a restored VM's TAP
+    /// is made later, inside the VMM's own namespace), its private disk, its
+    /// log and metrics files, and its address (written into the request's
+    /// boot arguments). Returns the bridge's index, a restored VM's
+    /// addresses and the request to configure the VMM with.
+    async fn prepare(
+        &self,
+        uid: &Uid,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        pid: u32,
+    ) -> Result<(u32, Option<crate::clonenet::Addresses>, EnsureVm), AgentError> {
+        let began = Instant::now();
+        if let Some(scopes) = &self.cfg.scopes {
+            scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
+                what: "placing the VMM in its systemd scope".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        } else if let Some(cg) = &self.cfg.cgroups {
+            cg.confine(uid, pid, req.vcpu, req.mem_mib).map_err(AgentError::io("placing the VMM in its cgroup"))?;
+        }
+        let confined = began.elapsed();
+        let bridge = self.ensure_bridge().await?;
+        let tap = uid.tap_name();
+        match restore {
+            Some(_) => {
+                self.net.delete_link(&tap).await?;
+            }
+            None => {
+                self.net.ensure_tap(&tap, bridge).await?;
+            }
+        }
+        let copy_started = Instant::now();
+        let method = match restore {
+            // The snapshot's disk, taken with its memory, is the VM's disk.
+            Some((snap, _)) => disk::ensure_disk(snap.rootfs(), paths.rootfs())
+                .await
+                .map_err(AgentError::io("copying the snapshot's disk"))?,
+            None => disk::ensure_disk(PathBuf::from(&req.rootfs_path), paths.rootfs())
+                .await
+                .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
+        };
+        tracing::info!(
+            uid = %uid,
+            ?method,
+            confine_ms = confined.as_secs_f64() * 1000.0,
+            network_ms = (copy_started - began - confined).as_secs_f64() * 1000.0,
+            copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
+            "disk ready"
+        );
+        for file in [paths.log(), paths.metrics()] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .map_err(AgentError::io(format!("creating {}", file.display())))?;
+        }
+        let mut req = req.clone();
+        // A restored guest keeps its source's address; the VM gets one of
+        // its own on the bridge, joined to the guest's by NAT.
+        let addresses = match restore {
+            Some((_, report)) => match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.subnet()) {
+                (Some(guest), Some(subnet)) => self
+                    .assign_ip(uid, paths, Some("auto"))?
+                    .map(|own| crate::clonenet::Addresses { guest, own, subnet }),
+                _ => {
+                    self.assign_ip(uid, paths, None)?;
+                    None
+                }
+            },
+            None => {
+                if let Some(ip) = self.assign_ip(uid, paths, req.ip.as_deref())? {
+                    let subnet = self.subnet().expect("an address implies a subnet");
+                    req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+                }
+                None
+            }
+        };
+        if let Some((_, report)) = restore {
+            let record = crate::paths::Restored {
+                snapshot_uid: report.uid.clone(),
+                mac: report.mac.clone(),
+                guest_ip: report.ip.as_deref().and_then(|ip| ip.parse().ok()),
+            };
+            std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
+                .map_err(AgentError::io("recording the VM's origin"))?;
+        }
+        Ok((bridge, addresses, req))
     }
 
     /// Confines the kernel and root filesystem to the image roots and checks
@@ -539,11 +586,17 @@ impl Runtime {
     /// left unrecorded.
     async fn stop_vmm(&self, uid: &Uid, paths: &VmPaths) {
         let api_sock = self.cfg.run_dir.api_sock();
-        let mut pids: Vec<u32> = process::find_vmms(&api_sock)
-            .into_iter()
-            .filter(|(_, id)| id == uid.as_str())
-            .map(|(pid, _)| pid)
-            .collect();
+        // Only a launch cut short leaves a VMM its pid file does not name:
+        // the host's processes are searched then, not on every start.
+        let mut pids: Vec<u32> = if paths.launching().exists() {
+            process::find_vmms(&self.cfg.firecracker, &api_sock)
+                .into_iter()
+                .filter(|(_, id)| id == uid.as_str())
+                .map(|(pid, _)| pid)
+                .collect()
+        } else {
+            Vec::new()
+        };
         if let Some(pid) = read_pid(paths) {
             pids.push(pid);
         }
@@ -573,6 +626,7 @@ impl Runtime {
         }
         let _ = std::fs::remove_file(paths.socket());
         let _ = std::fs::remove_file(paths.pid());
+        let _ = std::fs::remove_file(paths.launching());
     }
 
     /// What is on the host for `uid`, asked of the VM's owner (after any
@@ -659,7 +713,7 @@ impl Runtime {
         let vms_dir = self.cfg.run_dir.vms();
         let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
         inv.sockets = sockets_under(self.cfg.run_dir.root(), 3);
-        inv.vmms = process::find_vmms(&self.cfg.run_dir.api_sock())
+        inv.vmms = process::find_vmms(&self.cfg.firecracker, &self.cfg.run_dir.api_sock())
             .into_iter()
             .map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid })
             .collect();
@@ -795,21 +849,33 @@ fn validate(req: &EnsureVm) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Waits until VMM `pid` answers on its API socket. The socket's creation
+/// wakes the wait (inotify on its directory); between Firecracker binding
+/// the socket and listening on it a connect is refused, and is tried again
+/// after a millisecond. The VMM's liveness is checked every 50 ms.
 async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, api_sock: &Path) -> Result<(), AgentError> {
-    let deadline = Instant::now() + SOCKET_WAIT;
+    let socket = client.socket().to_path_buf();
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let watch = crate::dirwatch::DirWatch::new(dir).map_err(AgentError::io("watching for the VMM's API socket"))?;
+    let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
     loop {
-        match client.describe_instance().await {
-            Ok(_) => return Ok(()),
-            Err(FcError::Connect { .. } | FcError::Timeout { .. } | FcError::Http { .. })
-                if Instant::now() < deadline =>
-            {
-                if !process::alive(pid) {
-                    break;
+        if socket.exists() {
+            match client.describe_instance().await {
+                Ok(_) => return Ok(()),
+                Err(source) if !source.is_retryable() => {
+                    return Err(AgentError::Firecracker { step: "describe", source });
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Bound, not yet listening.
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
-            Err(source) if !source.is_retryable() => return Err(AgentError::Firecracker { step: "describe", source }),
-            Err(_) => break,
+        } else {
+            tokio::select! {
+                woken = watch.changed() => woken.map_err(AgentError::io("watching for the VMM's API socket"))?,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if !process::alive(pid) || tokio::time::Instant::now() >= deadline {
+            break;
         }
     }
     process::stop(pid, uid, api_sock, Duration::ZERO).await;
@@ -836,46 +902,42 @@ pub async fn configure_observability(client: &FcClient, paths: &VmPaths) -> Resu
 }
 
 /// Sends the full pre-boot configuration, then InstanceStart. `paths` are
-/// the VM's files as the VMM sees them.
+/// the VM's files as the VMM sees them. The pre-boot requests do not depend
+/// on one another, so they are all sent at once, each on its own
+/// connection; Firecracker answers them in turn.
 pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
-    configure_observability(client, paths).await?;
-    client
-        .put_machine_config(&models::MachineConfiguration {
-            vcpu_count: req.vcpu,
-            mem_size_mib: req.mem_mib,
-            smt: None,
-            track_dirty_pages: None,
-        })
-        .await
-        .map_err(fc("machine-config"))?;
-    client
-        .put_boot_source(&models::BootSource {
-            kernel_image_path: req.kernel_path.clone(),
-            boot_args: Some(req.boot_args.clone()),
-            initrd_path: None,
-        })
-        .await
-        .map_err(fc("boot-source"))?;
-    client
-        .put_drive(&models::Drive {
-            drive_id: "rootfs".into(),
-            path_on_host: paths.rootfs().display().to_string(),
-            is_root_device: true,
-            is_read_only: false,
-        })
-        .await
-        .map_err(fc("drives"))?;
-    client
-        .put_network_interface(&models::NetworkInterface {
-            iface_id: "eth0".into(),
-            host_dev_name: tap.to_string(),
-            guest_mac: Some(req.mac.clone()),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-        })
-        .await
-        .map_err(fc("network-interfaces"))?;
+    let machine = models::MachineConfiguration {
+        vcpu_count: req.vcpu,
+        mem_size_mib: req.mem_mib,
+        smt: None,
+        track_dirty_pages: None,
+    };
+    let boot = models::BootSource {
+        kernel_image_path: req.kernel_path.clone(),
+        boot_args: Some(req.boot_args.clone()),
+        initrd_path: None,
+    };
+    let drive = models::Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: paths.rootfs().display().to_string(),
+        is_root_device: true,
+        is_read_only: false,
+    };
+    let nic = models::NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: tap.to_string(),
+        guest_mac: Some(req.mac.clone()),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    };
+    tokio::try_join!(
+        configure_observability(client, paths),
+        async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
+        async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
+        async { client.put_drive(&drive).await.map_err(fc("drives")) },
+        async { client.put_network_interface(&nic).await.map_err(fc("network-interfaces")) },
+    )?;
     client.instance_start().await.map_err(fc("InstanceStart"))
 }
 

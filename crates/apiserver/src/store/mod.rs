@@ -1,12 +1,15 @@
 //! Versioned object storage on SQLite or PostgreSQL, with a change log for
 //! watches.
 //!
-//! Every mutation runs in one transaction that writes the object, its
-//! change-log row and its audit row, under a writer lock (in-process for
-//! SQLite, an advisory lock for PostgreSQL, so versions follow commit order
-//! across replicas). Committed changes are broadcast to local watchers in
-//! resourceVersion order; on PostgreSQL every replica learns of them
-//! through LISTEN/NOTIFY and reads them from the change log.
+//! Every mutation writes the object, its change-log row and its audit row
+//! in one transaction, under a writer lock (in-process for SQLite, an
+//! advisory lock for PostgreSQL, so versions follow commit order across
+//! replicas). Mutations are queued to one writer task, which commits the
+//! ones waiting together (group commit: one fsync for many writes) and
+//! answers each only once its transaction is durable. Committed changes are
+//! broadcast to local watchers in resourceVersion order; on PostgreSQL
+//! every replica learns of them through LISTEN/NOTIFY and reads them from
+//! the change log.
 
 pub mod access;
 mod sql;
@@ -14,13 +17,14 @@ mod sql;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, Row, SqlitePool};
-use tokio::sync::{Mutex, Notify, broadcast};
+use tokio::sync::{Mutex, Notify, broadcast, mpsc, oneshot};
 
 pub use sql::Dialect;
 use sql::{NOTIFY_CHANNEL, Sql, number_placeholders_for};
@@ -173,12 +177,41 @@ macro_rules! with_pool {
 pub struct Store {
     pool: Pool,
     sql: &'static Sql,
-    /// In-process writer lock; holds the last broadcast version for SQLite.
+    /// Held while a transaction writes; holds the last broadcast version for SQLite.
     writer: Arc<Mutex<()>>,
     changes: broadcast::Sender<Arc<Change>>,
     /// Wakes the PostgreSQL tailer after a local commit.
     poke: Arc<Notify>,
-    retained: i64,
+    retained: Arc<AtomicI64>,
+    /// Mutations waiting for the writer task.
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// Most mutations committed in one transaction.
+const MAX_BATCH: usize = 128;
+
+/// What a mutation writes, decided from what is stored.
+type Decide = Box<dyn FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError> + Send>;
+
+/// One mutation waiting for the writer task.
+struct Job {
+    kind: String,
+    project: String,
+    name: String,
+    audit: AuditInfo,
+    reads: Reads,
+    decide: Decide,
+    reply: oneshot::Sender<Result<Mutation, ApiError>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("kind", &self.kind)
+            .field("project", &self.project)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 impl Store {
@@ -218,19 +251,36 @@ impl Store {
 
     fn new(pool: Pool, dialect: Dialect) -> Self {
         let (changes, _) = broadcast::channel(8192);
-        Self {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let store = Self {
             pool,
             sql: Sql::of(dialect),
             writer: Arc::new(Mutex::new(())),
             changes,
             poke: Arc::new(Notify::new()),
-            retained: DEFAULT_RETAINED_CHANGES,
+            retained: Arc::new(AtomicI64::new(DEFAULT_RETAINED_CHANGES)),
+            jobs,
+        };
+        tokio::spawn(store.writer_half().write_batches(queue));
+        store
+    }
+
+    /// The store without its queue, for the writer task (which therefore
+    /// ends once every `Store` is dropped).
+    fn writer_half(&self) -> Writer {
+        Writer {
+            pool: self.pool.clone(),
+            sql: self.sql,
+            writer: self.writer.clone(),
+            changes: self.changes.clone(),
+            poke: self.poke.clone(),
+            retained: self.retained.clone(),
         }
     }
 
     /// Keeps only the newest `n` changes for watches to resume from.
-    pub fn with_retained_changes(mut self, n: i64) -> Self {
-        self.retained = n.max(1);
+    pub fn with_retained_changes(self, n: i64) -> Self {
+        self.retained.store(n.max(1), Ordering::Relaxed);
         self
     }
 
@@ -393,10 +443,12 @@ impl Store {
     /// write will get, to stamp into the object.
     ///
     /// # Guarantees
-    /// Once started, a mutation runs to its end in a task of its own, even
-    /// when the caller stops waiting (a client that disconnects cancels its
-    /// request handler): a change that commits is always announced to the
-    /// watches, never committed and then lost to them.
+    /// Once started, a mutation runs to its end in the store's writer task,
+    /// even when the caller stops waiting (a client that disconnects cancels
+    /// its request handler): a change that commits is always announced to
+    /// the watches, never committed and then lost to them. It is answered
+    /// only after its transaction (perhaps shared with other mutations
+    /// queued at the same moment) has committed.
     pub async fn mutate<F>(
         &self,
         kind: &str,
@@ -426,99 +478,188 @@ impl Store {
     where
         F: FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError> + Send + 'static,
     {
-        let (store, kind, project, name, audit) =
-            (self.clone(), kind.to_string(), project.to_string(), name.to_string(), audit.clone());
-        let work =
-            tokio::spawn(async move { store.mutate_to_end(&kind, &project, &name, &audit, reads, decide).await });
-        match work.await {
-            Ok(result) => result,
-            Err(e) => Err(ApiError::Internal(format!("the write task failed: {e}"))),
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            kind: kind.to_string(),
+            project: project.to_string(),
+            name: name.to_string(),
+            audit: audit.clone(),
+            reads,
+            decide: Box::new(decide),
+            reply,
+        };
+        self.jobs.send(job).map_err(|_| ApiError::Internal("the store's writer has stopped".into()))?;
+        answer.await.map_err(|_| ApiError::Internal("the store's writer dropped a write".into()))?
+    }
+}
+
+/// The writing half of a [`Store`], owned by its writer task.
+#[derive(Debug)]
+struct Writer {
+    pool: Pool,
+    sql: &'static Sql,
+    writer: Arc<Mutex<()>>,
+    changes: broadcast::Sender<Arc<Change>>,
+    poke: Arc<Notify>,
+    retained: Arc<AtomicI64>,
+}
+
+/// What one job of a batch came to, before the batch commits.
+type Outcome = Result<(Mutation, Option<Change>), ApiError>;
+
+impl Writer {
+    /// Commits queued mutations, as many as are waiting (up to
+    /// [`MAX_BATCH`]) in each transaction, until the queue closes.
+    async fn write_batches(self, mut queue: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
         }
     }
 
-    async fn mutate_to_end<F>(
-        &self,
-        kind: &str,
-        project: &str,
-        name: &str,
-        audit: &AuditInfo,
-        reads: Reads,
-        decide: F,
-    ) -> Result<Mutation, ApiError>
-    where
-        F: FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError>,
-    {
+    /// Runs `batch` in one transaction and answers each job once it has
+    /// committed (or failed). A job whose own check fails is answered with
+    /// its error and leaves no trace; a storage failure fails them all.
+    async fn commit(&self, batch: Vec<Job>) {
         let _writer = self.writer.lock().await;
-        let sql = self.sql;
-        let committed = with_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
-            sqlx::query(sql.write_lock).execute(&mut *tx).await?;
-            let current: Option<String> = sqlx::query_scalar(sql.get).bind(kind).bind(project).bind(name)
-                .fetch_optional(&mut *tx).await?;
-            let existed = current.is_some();
-            let current = current.map(|b| serde_json::from_str::<Value>(&b)).transpose()?;
-            let before = current.clone();
-            let mut seen = Seen::default();
-            if let Reads::QuotaOf(p) = &reads {
-                let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
-                let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
-                seen.quotas = parse(list("ResourceQuota").fetch_all(&mut *tx).await?)?;
-                if !seen.quotas.is_empty() {
-                    seen.vms = parse(list("VM").fetch_all(&mut *tx).await?)?;
-                    seen.templates = parse(list("Template").fetch_all(&mut *tx).await?)?;
-                    seen.snapshots = parse(list("Snapshot").fetch_all(&mut *tx).await?)?;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        for job in batch {
+            let Job { kind, project, name, audit, reads, decide, reply } = job;
+            replies.push(reply);
+            work.push((kind, project, name, audit, reads, decide));
+        }
+        let size = work.len();
+        metrics::histogram!("nexus_store_batch_size").record(size as f64);
+        match self.run(work).await {
+            Ok(outcomes) => {
+                let mut announced = false;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let answer = outcome.map(|(mutation, change)| {
+                        if let Some(change) = change {
+                            match self.pool {
+                                // Still under the writer lock: broadcasts leave in commit order.
+                                Pool::Sqlite(_) => {
+                                    let _ = self.changes.send(Arc::new(change));
+                                }
+                                Pool::Postgres(_) => announced = true,
+                            }
+                        }
+                        mutation
+                    });
+                    let _ = reply.send(answer);
+                }
+                if announced {
+                    self.poke.notify_one();
                 }
             }
-            let last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
-            let rv = last + 1;
-            let (type_, object) = match decide(current, &seen, rv)? {
-                Write::Unchanged(obj) => return Ok(Mutation { object: obj, committed: false }),
-                Write::Put(obj) if existed => (ChangeType::Modified, obj),
-                Write::Put(obj) => (ChangeType::Added, obj),
-                Write::Delete(obj) => (ChangeType::Deleted, obj),
-            };
-            let body = serde_json::to_string(&object)?;
-            if type_ == ChangeType::Deleted {
-                sqlx::query(sql.delete_object).bind(kind).bind(project).bind(name).execute(&mut *tx).await?;
-            } else {
-                let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
-                sqlx::query(sql.upsert_object).bind(kind).bind(project).bind(name).bind(uid).bind(rv).bind(&body)
-                    .execute(&mut *tx).await?;
+            Err(e) => {
+                tracing::error!(error = %e, writes = size, "a batch of writes failed");
+                let message = format!("storage failed: {e}");
+                let mut first = Some(e);
+                for reply in replies {
+                    let error = first.take().unwrap_or_else(|| ApiError::Internal(message.clone()));
+                    let _ = reply.send(Err(error));
+                }
             }
-            sqlx::query(sql.insert_change).bind(rv).bind(kind).bind(project).bind(name).bind(type_.as_str())
-                .bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
-            let after = (type_ != ChangeType::Deleted).then_some(&object);
-            let changes = serde_json::to_string(&crate::audit::changes(before.as_ref(), after))?;
-            sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
-                .bind(&audit.actor).bind(audit.verb).bind(kind).bind(project).bind(name).bind(rv).bind("allowed")
-                .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
-                .bind(&changes).bind("")
-                .execute(&mut *tx).await?;
-            let every = (self.retained / 10).max(1);
-            if rv % every == 0 {
-                sqlx::query(sql.compact).bind(rv - self.retained).execute(&mut *tx).await?;
-            }
-            sqlx::query(sql.notify).execute(&mut *tx).await?;
-            tx.commit().await?;
-            Change {
-                resource_version: rv,
-                kind: kind.to_string(),
-                project: project.to_string(),
-                type_,
-                object,
-                request_id: audit.trace_id().to_string(),
-            }
-        });
-        let object = committed.object.clone();
-        let done = Mutation { object, committed: true };
-        match self.pool {
-            // Still under the writer lock: broadcasts leave in commit order.
-            Pool::Sqlite(_) => {
-                let _ = self.changes.send(Arc::new(committed));
-            }
-            Pool::Postgres(_) => self.poke.notify_one(),
         }
-        Ok(done)
+    }
+
+    /// The transaction of one batch. The outer error is a storage failure
+    /// (nothing committed); each job has its own outcome otherwise.
+    async fn run(
+        &self,
+        work: Vec<(String, String, String, AuditInfo, Reads, Decide)>,
+    ) -> Result<Vec<Outcome>, ApiError> {
+        let sql = self.sql;
+        let retained = self.retained.load(Ordering::Relaxed);
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query(sql.write_lock).execute(&mut *tx).await?;
+            let mut last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
+            let mut outcomes = Vec::with_capacity(work.len());
+            let mut wrote = false;
+            for (kind, project, name, audit, reads, decide) in work {
+                let current: Option<String> = sqlx::query_scalar(sql.get).bind(&kind).bind(&project).bind(&name)
+                    .fetch_optional(&mut *tx).await?;
+                let existed = current.is_some();
+                let current = match current.map(|b| serde_json::from_str::<Value>(&b)).transpose() {
+                    Ok(c) => c,
+                    Err(e) => { outcomes.push(Err(e.into())); continue; }
+                };
+                let before = current.clone();
+                let mut seen = Seen::default();
+                if let Reads::QuotaOf(p) = &reads {
+                    let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
+                    let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
+                    seen.quotas = parse(list("ResourceQuota").fetch_all(&mut *tx).await?)?;
+                    if !seen.quotas.is_empty() {
+                        seen.vms = parse(list("VM").fetch_all(&mut *tx).await?)?;
+                        seen.templates = parse(list("Template").fetch_all(&mut *tx).await?)?;
+                        seen.snapshots = parse(list("Snapshot").fetch_all(&mut *tx).await?)?;
+                    }
+                }
+                let rv = last + 1;
+                let (type_, object) = match decide(current, &seen, rv) {
+                    Err(e) => { outcomes.push(Err(e)); continue; }
+                    Ok(Write::Unchanged(obj)) => { outcomes.push(Ok((Mutation { object: obj, committed: false }, None))); continue; }
+                    Ok(Write::Put(obj)) if existed => (ChangeType::Modified, obj),
+                    Ok(Write::Put(obj)) => (ChangeType::Added, obj),
+                    Ok(Write::Delete(obj)) => (ChangeType::Deleted, obj),
+                };
+                // Everything that can fail on its own is done before the first statement.
+                let after = (type_ != ChangeType::Deleted).then_some(&object);
+                let prepared = serde_json::to_string(&object).and_then(|body| {
+                    serde_json::to_string(&crate::audit::changes(before.as_ref(), after)).map(|changes| (body, changes))
+                });
+                let (body, changes) = match prepared {
+                    Ok(p) => p,
+                    Err(e) => { outcomes.push(Err(e.into())); continue; }
+                };
+                if type_ == ChangeType::Deleted {
+                    sqlx::query(sql.delete_object).bind(&kind).bind(&project).bind(&name).execute(&mut *tx).await?;
+                } else {
+                    let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                    sqlx::query(sql.upsert_object).bind(&kind).bind(&project).bind(&name).bind(uid).bind(rv).bind(&body)
+                        .execute(&mut *tx).await?;
+                }
+                sqlx::query(sql.insert_change).bind(rv).bind(&kind).bind(&project).bind(&name).bind(type_.as_str())
+                    .bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
+                sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
+                    .bind(&audit.actor).bind(audit.verb).bind(&kind).bind(&project).bind(&name).bind(rv).bind("allowed")
+                    .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
+                    .bind(&changes).bind("")
+                    .execute(&mut *tx).await?;
+                let every = (retained / 10).max(1);
+                if rv % every == 0 {
+                    sqlx::query(sql.compact).bind(rv - retained).execute(&mut *tx).await?;
+                }
+                last = rv;
+                wrote = true;
+                let change = Change {
+                    resource_version: rv,
+                    kind,
+                    project,
+                    type_,
+                    object: object.clone(),
+                    request_id: audit.trace_id().to_string(),
+                };
+                outcomes.push(Ok((Mutation { object, committed: true }, Some(change))));
+            }
+            if wrote {
+                sqlx::query(sql.notify).execute(&mut *tx).await?;
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            Ok(outcomes)
+        })
     }
 }
 
@@ -577,7 +718,7 @@ impl Store {
                 });
             }
             if !done.is_empty() {
-                sqlx::query(sql.compact).bind(rv - self.retained).execute(&mut *tx).await?;
+                sqlx::query(sql.compact).bind(rv - self.retained.load(Ordering::Relaxed)).execute(&mut *tx).await?;
                 sqlx::query(sql.notify).execute(&mut *tx).await?;
             }
             tx.commit().await?;

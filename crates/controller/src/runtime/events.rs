@@ -6,14 +6,39 @@ use chrono::Utc;
 use nexus_api::client::Client;
 use nexus_api::event::{EventType, ObjectReference};
 use nexus_api::{Event, EventSpec, Object, ResourceSpec};
+use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// Component name written into every event.
 pub const COMPONENT: &str = "nexus-controller";
 
-/// Writes events for the controller.
+/// Writes events for the controller, off the reconcilers' path: `publish`
+/// hands the event to a background writer and returns at once, so a
+/// reconcile never waits on an Event's round trips.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    api: Client,
+    queue: mpsc::Sender<Pending>,
+}
+
+/// Events waiting for the writer; beyond this many, new ones are dropped
+/// (with a warning) rather than slowing reconciles down.
+const QUEUE: usize = 4096;
+
+/// Events written at once by the background writer.
+const IN_FLIGHT: usize = 8;
+
+/// One event on its way to the apiserver.
+#[derive(Debug)]
+struct Pending {
+    involved: ObjectReference,
+    /// What the event's name is derived from, with its reason.
+    key: String,
+    type_: EventType,
+    reason: String,
+    message: String,
+    at: chrono::DateTime<Utc>,
+    /// The request id of the reconcile that published it.
+    request_id: Option<String>,
 }
 
 /// A stable event name for (object uid, reason): a DNS label.
@@ -37,70 +62,95 @@ pub fn reference<S: ResourceSpec>(obj: &Object<S>) -> ObjectReference {
 }
 
 impl Recorder {
+    /// A recorder writing through `api`, from a task on the current runtime.
     pub fn new(api: Client) -> Self {
-        Recorder { api }
+        let (queue, pending) = mpsc::channel(QUEUE);
+        tokio::spawn(write_all(api, pending));
+        Recorder { queue }
     }
 
     /// Records that `reason` happened to `obj`. Failures to record are
-    /// logged, never returned: an event must not fail a reconcile.
+    /// logged, never returned: an event must not fail or slow a reconcile.
     pub async fn publish<S: ResourceSpec>(&self, obj: &Object<S>, type_: EventType, reason: &str, message: &str) {
-        if let Err(e) = self.record(reference(obj), obj.uid(), type_, reason, message).await {
-            tracing::warn!(kind = S::KIND, name = %obj.name(), reason, error = %e, "recording an event failed");
-        }
+        self.enqueue(reference(obj), obj.uid().to_string(), type_, reason, message);
     }
 
     /// Records that `reason` happened on node `node` (one event per message).
     pub async fn node(&self, node: &str, reason: &str, message: &str) {
         let reference = ObjectReference { kind: "Node".into(), name: node.to_string(), project: None, uid: None };
-        let key = format!("node/{node}/{message}");
-        if let Err(e) = self.record(reference, &key, EventType::Normal, reason, message).await {
-            tracing::warn!(node, reason, error = %e, "recording an event failed");
-        }
+        self.enqueue(reference, format!("node/{node}/{message}"), EventType::Normal, reason, message);
     }
 
-    async fn record(
-        &self,
-        involved: ObjectReference,
-        uid: &str,
-        type_: EventType,
-        reason: &str,
-        message: &str,
-    ) -> Result<(), nexus_api::client::ClientError> {
-        let name = event_name(uid, reason);
-        let now = Utc::now();
-        for _ in 0..3 {
-            match self.api.get::<EventSpec>("", &name).await {
-                Ok(mut existing) => {
-                    existing.spec.count += 1;
-                    existing.spec.last_timestamp = Some(now);
-                    existing.spec.message = message.to_string();
-                    existing.spec.type_ = type_;
-                    match self.api.replace(&existing).await {
-                        Err(e) if e.is_conflict() => continue,
-                        other => return other.map(|_| ()),
-                    }
-                }
-                Err(e) if e.is_not_found() => {
-                    let spec = EventSpec {
-                        involved_object: involved.clone(),
-                        type_,
-                        reason: reason.to_string(),
-                        message: message.to_string(),
-                        count: 1,
-                        first_timestamp: Some(now),
-                        last_timestamp: Some(now),
-                        reporting_component: COMPONENT.into(),
-                    };
-                    match self.api.create(&Event::new(&name, None, spec)).await {
-                        Err(e) if e.is_conflict() => continue,
-                        other => return other.map(|_| ()),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+    fn enqueue(&self, involved: ObjectReference, key: String, type_: EventType, reason: &str, message: &str) {
+        let pending = Pending {
+            involved,
+            key,
+            type_,
+            reason: reason.into(),
+            message: message.into(),
+            at: Utc::now(),
+            request_id: nexus_api::trace::current(),
+        };
+        if let Err(e) = self.queue.try_send(pending) {
+            let dropped = match &e {
+                mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
+            };
+            tracing::warn!(name = %dropped.involved.name, reason = %dropped.reason, "event dropped: the writer is behind");
         }
-        Ok(())
     }
+}
+
+/// Writes queued events, a few at a time, until every recorder is gone.
+async fn write_all(api: Client, mut pending: mpsc::Receiver<Pending>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    while let Some(event) = pending.recv().await {
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let api = api.clone();
+        let id = event.request_id.clone().unwrap_or_else(nexus_api::trace::new_id);
+        let write = async move {
+            if let Err(e) = record(&api, &event).await {
+                tracing::warn!(name = %event.involved.name, reason = %event.reason, error = %e, "recording an event failed");
+            }
+            drop(permit);
+        };
+        tokio::spawn(nexus_api::trace::scope(id, write).in_current_span());
+    }
+}
+
+/// Creates the event, or, when one of its name exists, bumps its count.
+async fn record(api: &Client, event: &Pending) -> Result<(), nexus_api::client::ClientError> {
+    let name = event_name(&event.key, &event.reason);
+    for _ in 0..3 {
+        // Most events are new: try the create first, one round trip.
+        let spec = EventSpec {
+            involved_object: event.involved.clone(),
+            type_: event.type_,
+            reason: event.reason.clone(),
+            message: event.message.clone(),
+            count: 1,
+            first_timestamp: Some(event.at),
+            last_timestamp: Some(event.at),
+            reporting_component: COMPONENT.into(),
+        };
+        match api.create(&Event::new(&name, None, spec)).await {
+            Err(e) if e.is_conflict() => {}
+            other => return other.map(|_| ()),
+        }
+        let mut existing = match api.get::<EventSpec>("", &name).await {
+            Ok(existing) => existing,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        existing.spec.count += 1;
+        existing.spec.last_timestamp = Some(event.at);
+        existing.spec.message = event.message.clone();
+        existing.spec.type_ = event.type_;
+        match api.replace(&existing).await {
+            Err(e) if e.is_conflict() || e.is_not_found() => continue,
+            other => return other.map(|_| ()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -101,6 +101,8 @@ pub struct VmReconciler {
     pub scheduling: tokio::sync::Mutex<Assumed>,
     /// Bounds the agent calls in flight to each node.
     pub per_node: PerNode,
+    /// VMs whose agent report is fresh.
+    pub verified: Verified,
 }
 
 /// The VM controller, built from `ctx`.
@@ -115,9 +117,10 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
         stores: stores.clone(),
         scheduling: Default::default(),
         per_node: PerNode::new(ctx.settings.per_node_concurrency),
+        verified: Verified::default(),
     };
     let (vms, vms_t, vms_i, vms_s) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
-    let node_map = node_mapper(vms, stores.nodes.clone(), ctx.settings.node_grace);
+    let node_map = node_mapper(vms, stores.nodes.clone(), ctx.settings.node_grace, reconciler.verified.clone());
     Controller::new("vm", stores.vms.clone(), reconciler)
         .watches(stores.nodes.clone(), node_map)
         .watches(stores.templates.clone(), move |t| unresolved_in(&vms_t, t.metadata.project.as_deref()))
@@ -139,6 +142,7 @@ fn node_mapper(
     vms: Store<VmSpec>,
     nodes: Store<NodeSpec>,
     grace: chrono::Duration,
+    verified: Verified,
 ) -> impl Fn(&Node) -> Vec<ObjectKey> + Send + Sync {
     let seen: Mutex<HashMap<String, bool>> = Default::default();
     let exits = Mutex::new(ExitsSeen::default());
@@ -148,6 +152,9 @@ fn node_mapper(
         let status = node.status_or_default();
         let fresh = exits.lock().unwrap_or_else(|p| p.into_inner()).fresh(&status.vmm_exits);
         if !fresh.is_empty() {
+            for uid in &fresh {
+                verified.forget(uid);
+            }
             keys.extend(
                 vms.by_index(BY_NODE, node.name())
                     .iter()
@@ -230,6 +237,38 @@ impl ExitsSeen {
     }
 }
 
+/// What the agent last reported of each VM, by uid: the VM's generation,
+/// the status written from the report, and when. A reconcile of a VM whose
+/// spec and status are still exactly these, within the recheck period, has
+/// nothing to ask its agent (it was woken by the controller's own write);
+/// a VMM exit notice forgets the VM's entry, so it is asked at once.
+#[derive(Debug, Clone, Default)]
+pub struct Verified {
+    seen: Arc<Mutex<HashMap<String, Report>>>,
+}
+
+/// A VM's generation and the status written from its agent's report, and when.
+type Report = (Option<i64>, VmStatus, std::time::Instant);
+
+impl Verified {
+    fn record(&self, vm: &Vm, status: &VmStatus) {
+        let entry = (vm.metadata.generation, status.clone(), std::time::Instant::now());
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.uid().to_string(), entry);
+    }
+
+    fn forget(&self, uid: &str) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+    }
+
+    /// How long `vm` stays verified, when it is unchanged since its report.
+    fn remaining(&self, vm: &Vm, period: Duration) -> Option<Duration> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, status, at) = seen.get(vm.uid())?;
+        let unchanged = *generation == vm.metadata.generation && vm.status.as_ref() == Some(status);
+        period.checked_sub(at.elapsed()).filter(|left| unchanged && !left.is_zero())
+    }
+}
+
 /// A semaphore per node: at most `limit` agent calls to one node at once,
 /// however many workers the controller runs.
 #[derive(Debug, Clone)]
@@ -260,8 +299,13 @@ impl Reconciler for VmReconciler {
     async fn reconcile(&self, cached: Arc<Vm>) -> Result<Action, ReconcileError> {
         let mut vm: Vm = (*cached).clone();
         match finalizer::step(&vm, FINALIZER) {
-            Step::Cleanup => return self.tear_down(vm).await,
+            Step::Cleanup => {
+                self.verified.forget(vm.uid());
+                return self.tear_down(vm).await;
+            }
             Step::Done => return Ok(Action::AwaitChange),
+            // An unplaced VM gets its finalizer with its node, in one write.
+            Step::Add if vm.spec.node_name.is_none() => {}
             Step::Add => {
                 vm = self.api.replace(&finalizer::with(&vm, FINALIZER)).await?;
                 self.stores.vms.record_write(vm.clone());
@@ -271,9 +315,37 @@ impl Reconciler for VmReconciler {
         let Some(config) = self.resolve(&mut vm).await? else {
             return Ok(Action::RequeueAfter(Duration::from_secs(5)));
         };
-        let Some(node_name) = vm.spec.node_name.clone() else {
-            return self.schedule(vm, &config).await;
-        };
+        if vm.spec.node_name.is_none() {
+            match self.schedule(vm, &config).await? {
+                Placement::Bound(bound) => vm = *bound,
+                Placement::Not(action) => return Ok(action),
+            }
+        }
+        self.converge(vm, config).await
+    }
+
+    fn error_policy(&self, _vm: &Vm, error: &ReconcileError, failures: u32) -> Duration {
+        Self::backoff(error, failures)
+    }
+}
+
+/// What scheduling a VM came to.
+enum Placement {
+    /// Bound to a node (and holding its finalizer), with its status in
+    /// memory saying so: it goes on to its node in the same reconcile.
+    Bound(Box<Vm>),
+    /// Not placed now.
+    Not(Action),
+}
+
+/// The reason a node gives for an image whose checksum is not its Image's.
+pub const IMAGE_INVALID: &str = "ImageInvalid";
+
+impl VmReconciler {
+    /// Drives a VM bound to a node towards its spec through the node's
+    /// agent, and writes what the agent reports.
+    async fn converge(&self, mut vm: Vm, config: ResolvedConfig) -> Result<Action, ReconcileError> {
+        let node_name = vm.spec.node_name.clone().unwrap_or_default();
         let Some(node) = self.stores.nodes.get_named("", &node_name) else {
             return self.node_gone(vm, &node_name).await;
         };
@@ -302,6 +374,10 @@ impl Reconciler for VmReconciler {
         } else {
             config
         };
+        if let Some(left) = self.verified.remaining(&vm, self.recheck) {
+            // Woken by our own write of the agent's fresh report.
+            return Ok(Action::RequeueAfter(left));
+        }
         let desired = status::ensure_request(&vm, &config);
         let _slot = self.per_node.slot(&node_name).await;
         let answer = self
@@ -320,7 +396,8 @@ impl Reconciler for VmReconciler {
             Ok(report) => {
                 let after = status::observed(&vm, &node_name, &report);
                 let event = status::transition_event(&vm, &current, &after, &node_name, &report);
-                self.write_status(&vm, after).await?;
+                self.write_status(&vm, after.clone()).await?;
+                self.verified.record(&vm, &after);
                 if let Some((type_, reason, message)) = event {
                     self.events.publish(&vm, type_, reason, &message).await;
                 }
@@ -336,19 +413,14 @@ impl Reconciler for VmReconciler {
                 }
                 Ok(Action::AwaitChange)
             }
-            Err(e) => Err(ReconcileError::Agent(e)),
+            Err(e) => {
+                // Whatever the agent's trouble, the placement is worth showing.
+                self.write_status(&vm, current).await?;
+                Err(ReconcileError::Agent(e))
+            }
         }
     }
 
-    fn error_policy(&self, _vm: &Vm, error: &ReconcileError, failures: u32) -> Duration {
-        Self::backoff(error, failures)
-    }
-}
-
-/// The reason a node gives for an image whose checksum is not its Image's.
-pub const IMAGE_INVALID: &str = "ImageInvalid";
-
-impl VmReconciler {
     /// Whether `vm` was refused for an invalid image and one of its Images
     /// changed since (so it may work now).
     fn images_changed_since_refusal(&self, vm: &Vm, config: &ResolvedConfig) -> bool {
@@ -453,11 +525,13 @@ impl VmReconciler {
         }
     }
 
-    async fn schedule(&self, vm: Vm, config: &ResolvedConfig) -> Result<Action, ReconcileError> {
+    /// Places `vm` on a node: binds it there (with its finalizer) in one
+    /// write, or records why it cannot be placed now.
+    async fn schedule(&self, vm: Vm, config: &ResolvedConfig) -> Result<Placement, ReconcileError> {
         let mut assumed = self.scheduling.lock().await;
         if assumed.node_of(&vm).is_some() {
             // Placed a moment ago; the store has not caught up yet.
-            return Ok(Action::RequeueAfter(Duration::from_millis(200)));
+            return Ok(Placement::Not(Action::RequeueAfter(Duration::from_millis(200))));
         }
         let mut nodes = self.stores.nodes.list();
         if let Some(restore) = &config.restore {
@@ -470,23 +544,28 @@ impl VmReconciler {
                     restore.snapshot.split('@').next().unwrap_or_default(),
                     restore.node
                 );
-                return self.unschedulable(vm, "SnapshotNodeNotFound", &message).await;
+                return self.unschedulable(vm, "SnapshotNodeNotFound", &message).await.map(Placement::Not);
             }
         }
         let placed = assumed.placements(&self.stores, vm.uid());
         let request = Request { mem_mib: config.mem_mib, node_selector: &config.node_selector };
         match pick_node(request, &nodes, &placed, Utc::now(), self.node_grace) {
             Ok(node) => {
-                let mut next = vm.clone();
+                let mut next = finalizer::with(&vm, FINALIZER);
                 next.spec.node_name = Some(node.clone());
                 next.metadata.annotations.insert(PLACED_BY.into(), "scheduler".into());
-                let bound = self.api.replace(&next).await?;
+                let mut bound = self.api.replace(&next).await?;
                 assumed.assume(&bound);
                 self.stores.vms.record_write(bound.clone());
                 drop(assumed);
                 tracing::info!(vm = %vm.name(), node = %node, "scheduled");
                 self.events.publish(&bound, EventType::Normal, "Scheduled", &format!("placed on node {node}")).await;
+                // Written with what the agent reports next, not on its own.
                 let mut status = vm.status_or_default();
+                if let Some(config) = status.config.as_mut() {
+                    // Binding changed only where the VM runs, not what it runs.
+                    config.generation = bound.metadata.generation.unwrap_or(config.generation);
+                }
                 status.phase = VmPhase::Scheduled;
                 status.node_name = Some(node.clone());
                 set_condition(
@@ -496,8 +575,8 @@ impl VmReconciler {
                     "Scheduled",
                     &format!("placed on node {node}"),
                 );
-                self.write_status(&bound, status).await?;
-                Ok(Action::AwaitChange)
+                bound.status = Some(status);
+                Ok(Placement::Bound(Box::new(bound)))
             }
             Err(why) => {
                 drop(assumed);
@@ -505,7 +584,7 @@ impl VmReconciler {
                     Some(r) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
                     None => why.0,
                 };
-                self.unschedulable(vm, "Unschedulable", &message).await
+                self.unschedulable(vm, "Unschedulable", &message).await.map(Placement::Not)
             }
         }
     }

@@ -5,7 +5,6 @@
 //! the teardown and what is left. Prints a table and JSON. Needs root.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -60,22 +59,14 @@ fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Small placeholder images: the simulated VMM only opens them, and each VM
-/// gets its own copy of the rootfs.
-fn images(dir: &Path) -> anyhow::Result<(String, String)> {
-    std::fs::create_dir_all(dir)?;
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, vec![0x7fu8; 4096])?;
-    let rootfs = dir.join("rootfs.ext4");
-    std::fs::File::create(&rootfs)?.set_len(16 << 20)?;
-    Ok((kernel.display().to_string(), rootfs.display().to_string()))
-}
-
 async fn bench(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in("/var/tmp")?;
-    let (kernel, rootfs) = images(&dir.path().join("images"))?;
+    // Under the agents' default image root, where `hack/images.sh` puts them.
+    nexus_e2e::ensure_example_images();
+    let (kernel, rootfs) = ("/var/lib/nexus/images/vmlinux", "/var/lib/nexus/images/rootfs.ext4");
     let max_vms = (args.vms.div_ceil(args.agents) + 10) as u32;
-    let mut fleet = MultiNode::start(&dir.path().join("fleet"), args.agents, max_vms).await;
+    let sim = nexus_e2e::bin("firecracker-sim");
+    let mut fleet = MultiNode::start_for_bench(&dir.path().join("fleet"), args.agents, max_vms, &sim).await;
     let client = fleet.client();
     let yaml: Vec<String> = (0..args.vms)
         .map(|i| {
@@ -106,6 +97,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             .count();
         if ready == args.vms {
             break vms;
+        }
+        if let Some(failed) = vms.iter().find(|v| v.status_or_default().phase == VmPhase::Failed) {
+            let why = find_condition(&failed.status_or_default().conditions, "Ready").map(|c| c.message.clone());
+            anyhow::bail!("VM {} failed: {}", failed.name(), why.unwrap_or_default());
         }
         anyhow::ensure!(Instant::now() < deadline, "only {ready} of {} VMs Running after 30 min", args.vms);
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmarks one VM's start (release build, as root): the VMM driven by hand,
+# then the same VM through nexus one at a time, with a per-phase breakdown.
+#   hack/bench-latency.sh [--vms 100] [--raw-runs 20]
+#                         [--firecracker PATH --kernel VMLINUX --rootfs IMG] [--boot-line TEXT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. hack/lib.sh
+need_build_tools
+cargo build -q --release --workspace --bins
+exec "${CARGO_TARGET_DIR:-target}/release/nexus-latency-bench" "$@"
