@@ -760,4 +760,52 @@ mod tests {
         assert_eq!((change.kind.as_str(), change.type_), ("VM", ChangeType::Added));
         assert!(store.get("VM", "p", "x").await.unwrap().is_some(), "committed");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_queued_together_commit_together_and_a_refused_one_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
+        let mut changes = store.subscribe();
+        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "create", ..Default::default() };
+        // Queued at once: the writer takes them in batches.
+        let writes: Vec<_> = (0..64)
+            .map(|i| {
+                let (store, audit) = (store.clone(), audit.clone());
+                tokio::spawn(async move {
+                    let name = format!("vm-{i}");
+                    let object = serde_json::json!({"metadata": {"name": name, "uid": format!("u-{i}")}});
+                    store
+                        .mutate("VM", "p", &name, &audit, move |_, _| {
+                            if i % 8 == 0 {
+                                Err(ApiError::BadRequest(format!("vm-{i} is refused")))
+                            } else {
+                                Ok(Write::Put(object))
+                            }
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut refused = 0;
+        for (i, w) in writes.into_iter().enumerate() {
+            match w.await.unwrap() {
+                Ok(m) => assert!(m.committed, "vm-{i}"),
+                Err(ApiError::BadRequest(m)) => {
+                    assert_eq!(m, format!("vm-{i} is refused"));
+                    refused += 1;
+                }
+                Err(e) => panic!("vm-{i}: {e}"),
+            }
+        }
+        assert_eq!(refused, 8);
+        let (stored, _) = store.list("VM", Some("p")).await.unwrap();
+        assert_eq!(stored.len(), 56, "every accepted write is stored, no refused one");
+        // Announced once each, in version order, with no gaps.
+        let mut versions = Vec::new();
+        for _ in 0..56 {
+            let change = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await.unwrap().unwrap();
+            versions.push(change.resource_version);
+        }
+        assert!(versions.windows(2).all(|w| w[1] == w[0] + 1), "{versions:?}");
+    }
 }
