@@ -175,6 +175,15 @@ macro_rules! with_pool {
 /// The storage backend; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    core: Core,
+    /// Mutations waiting for the writer task.
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// Everything of a [`Store`] but its queue of mutations: what the writer
+/// task owns (so it ends once every `Store` is dropped).
+#[derive(Debug, Clone)]
+pub struct Core {
     pool: Pool,
     sql: &'static Sql,
     /// Held while a transaction writes; holds the last broadcast version for SQLite.
@@ -183,8 +192,14 @@ pub struct Store {
     /// Wakes the PostgreSQL tailer after a local commit.
     poke: Arc<Notify>,
     retained: Arc<AtomicI64>,
-    /// Mutations waiting for the writer task.
-    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl std::ops::Deref for Store {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// Most mutations committed in one transaction.
@@ -252,30 +267,16 @@ impl Store {
     fn new(pool: Pool, dialect: Dialect) -> Self {
         let (changes, _) = broadcast::channel(8192);
         let (jobs, queue) = mpsc::unbounded_channel();
-        let store = Self {
+        let core = Core {
             pool,
             sql: Sql::of(dialect),
             writer: Arc::new(Mutex::new(())),
             changes,
             poke: Arc::new(Notify::new()),
             retained: Arc::new(AtomicI64::new(DEFAULT_RETAINED_CHANGES)),
-            jobs,
         };
-        tokio::spawn(store.writer_half().write_batches(queue));
-        store
-    }
-
-    /// The store without its queue, for the writer task (which therefore
-    /// ends once every `Store` is dropped).
-    fn writer_half(&self) -> Writer {
-        Writer {
-            pool: self.pool.clone(),
-            sql: self.sql,
-            writer: self.writer.clone(),
-            changes: self.changes.clone(),
-            poke: self.poke.clone(),
-            retained: self.retained.clone(),
-        }
+        tokio::spawn(core.clone().write_batches(queue));
+        Self { core, jobs }
     }
 
     /// Keeps only the newest `n` changes for watches to resume from.
@@ -493,21 +494,10 @@ impl Store {
     }
 }
 
-/// The writing half of a [`Store`], owned by its writer task.
-#[derive(Debug)]
-struct Writer {
-    pool: Pool,
-    sql: &'static Sql,
-    writer: Arc<Mutex<()>>,
-    changes: broadcast::Sender<Arc<Change>>,
-    poke: Arc<Notify>,
-    retained: Arc<AtomicI64>,
-}
-
 /// What one job of a batch came to, before the batch commits.
 type Outcome = Result<(Mutation, Option<Change>), ApiError>;
 
-impl Writer {
+impl Core {
     /// Commits queued mutations, as many as are waiting (up to
     /// [`MAX_BATCH`]) in each transaction, until the queue closes.
     async fn write_batches(self, mut queue: mpsc::UnboundedReceiver<Job>) {
