@@ -28,6 +28,16 @@ pub fn enter_private_netns() {
     run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
 }
 
+/// The `p`th percentile (0 to 1) of ascending `sorted`, by nearest rank;
+/// 0 for no samples. Every benchmark reports with it.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
 /// Runs a command and panics with its stderr unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));

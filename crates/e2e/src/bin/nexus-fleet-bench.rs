@@ -12,6 +12,7 @@ use nexus_api::client::ListParams;
 use nexus_api::meta::find_condition;
 use nexus_api::{ConditionStatus, VmPhase, VmSpec};
 use nexus_e2e::multinode::MultiNode;
+use nexus_e2e::percentile as pct;
 
 struct Args {
     vms: usize,
@@ -44,13 +45,6 @@ fn rss_kib(pid: u32) -> u64 {
             s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {

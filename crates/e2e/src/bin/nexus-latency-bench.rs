@@ -31,6 +31,7 @@ use nexus_api::client::{Event, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::{Vm, VmPhase, VmSpec};
 use nexus_e2e::multinode::MultiNode;
+use nexus_e2e::percentile as pct;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -74,15 +75,6 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     anyhow::ensure!(args.vms > 0 && args.raw_runs > 0, "--vms and --raw-runs must be positive");
     Ok(args)
-}
-
-/// The `p`th percentile of `sorted` (nearest rank).
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
