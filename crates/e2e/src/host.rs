@@ -72,9 +72,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     found
 }
 
-/// Live VMM processes whose API socket lies under `dir`.
+/// Live VMM processes jailed under `dir` (their root directory lies
+/// there), with their command lines.
 pub fn vmm_processes_under(dir: &Path) -> Vec<(u32, String)> {
-    processes_mentioning(&format!("--api-sock {}", dir.display()))
+    processes_mentioning("--api-sock")
+        .into_iter()
+        .filter(|(pid, _)| std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|root| root.starts_with(dir)))
+        .collect()
 }
 
 /// Directories under `<run dir>/vms`.

@@ -30,6 +30,14 @@ pub async fn serve(args: Args) -> Result<u8, String> {
     if let Some(ms) = std::env::var("FIRECRACKER_SIM_STARTUP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    // A VMM broken into by its guest would try the host's files: this
+    // shows on the console whether the jail lets it.
+    if let Ok(path) = std::env::var("FIRECRACKER_SIM_TRY_OPEN") {
+        match std::fs::File::open(&path) {
+            Ok(_) => println!("firecracker-sim: opened {path}"),
+            Err(e) => println!("firecracker-sim: cannot open {path}: {e}"),
+        }
+    }
     // Firecracker refuses to start when the socket path exists.
     let listener = UnixListener::bind(&args.api_sock)
         .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?;

@@ -54,7 +54,15 @@ fn peer_name(uid: &Uid) -> String {
 
 /// Sets up the namespace of VMM `pid` (restored VM `uid`): its TAP, and,
 /// when `addresses` are given, the veth pair on bridge `bridge` and the NAT.
-pub async fn setup(net: &Net, pid: u32, uid: &Uid, bridge: u32, addresses: Option<Addresses>) -> Result<(), NetError> {
+/// The TAP belongs to `owner` (the VMM's uid and gid).
+pub async fn setup(
+    net: &Net,
+    pid: u32,
+    uid: &Uid,
+    bridge: u32,
+    addresses: Option<Addresses>,
+    owner: (u32, u32),
+) -> Result<(), NetError> {
     let (veth, peer) = (veth_name(uid), peer_name(uid));
     if addresses.is_some() {
         // A pair left by an earlier VMM of this VM (its namespace is gone,
@@ -92,7 +100,7 @@ pub async fn setup(net: &Net, pid: u32, uid: &Uid, bridge: u32, addresses: Optio
             .enable_all()
             .build()
             .map_err(|source| NetError::Tap { name: tap.clone(), source })?;
-        rt.block_on(inside(&tap, &peer, addresses))
+        rt.block_on(inside(&tap, &peer, addresses, owner))
     });
     tokio::task::spawn_blocking(move || work.join())
         .await
@@ -101,11 +109,11 @@ pub async fn setup(net: &Net, pid: u32, uid: &Uid, bridge: u32, addresses: Optio
 }
 
 /// The part done inside the namespace.
-async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>) -> Result<(), NetError> {
+async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32, u32)) -> Result<(), NetError> {
     let net = Net::connect()?;
     let lo = net.link("lo").await?.ok_or_else(|| NetError::Vanished("lo".into()))?;
     set_up(&net, "lo", lo.index).await?;
-    crate::net::create_persistent_tap(tap).map_err(|source| NetError::Tap { name: tap.into(), source })?;
+    crate::net::create_persistent_tap(tap, owner).map_err(|source| NetError::Tap { name: tap.into(), source })?;
     let tap_link = net.link(tap).await?.ok_or_else(|| NetError::Vanished(tap.into()))?;
     set_up(&net, tap, tap_link.index).await?;
     let Some(a) = addresses else { return Ok(()) };

@@ -12,6 +12,7 @@ pub mod exits;
 pub mod firecracker;
 pub mod images;
 pub mod ipam;
+pub mod jail;
 pub mod logs;
 pub mod nat;
 pub mod net;

@@ -59,6 +59,10 @@ struct Args {
     /// Directory under which kernels and disks may be opened (repeatable).
     #[arg(long = "image-root", default_value = "/var/lib/nexus/images")]
     image_roots: Vec<PathBuf>,
+    /// User ids VMMs run as, `first-last`: each VM's VMM gets one of its
+    /// own (and the same group id), for as long as the VM is on the node.
+    #[arg(long, env = "NEXUS_VMM_UIDS", default_value = "1000000-1065535", value_parser = nexus_nodeagent::jail::parse_uid_range)]
+    vmm_uids: std::ops::RangeInclusive<u32>,
     /// Directory for VM run directories (sockets, logs, disks).
     #[arg(long, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
     run_dir: PathBuf,
@@ -147,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             cgroups: if scopes.is_none() { nexus_nodeagent::cgroup::Cgroups::detect() } else { None },
             scopes,
             image_roots: nexus_nodeagent::images::ImageRoots::new(&args.image_roots),
+            vmm_uids: args.vmm_uids.clone(),
         },
         net,
     ));

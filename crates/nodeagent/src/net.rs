@@ -137,11 +137,16 @@ impl Net {
         })
     }
 
-    /// Creates persistent TAP `name` if missing, enslaves it to the bridge
-    /// with index `bridge` and brings it up. Safe to repeat.
-    pub async fn ensure_tap(&self, name: &str, bridge: u32) -> Result<Link, NetError> {
-        if self.link(name).await?.is_none() {
-            create_persistent_tap(name).map_err(|source| NetError::Tap { name: name.into(), source })?;
+    /// Creates persistent TAP `name` if missing, owned by `owner` (uid,
+    /// gid: the only user besides root that may attach to it), enslaves it
+    /// to the bridge with index `bridge` and brings it up. Safe to repeat.
+    pub async fn ensure_tap(&self, name: &str, bridge: u32, owner: (u32, u32)) -> Result<Link, NetError> {
+        // An existing TAP is opened again to set its owner (it may be
+        // left from a VMM of another user); one in use is left as it is.
+        match create_persistent_tap(name, owner) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(source) => return Err(NetError::Tap { name: name.into(), source }),
         }
         let link = self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))?;
         if link.controller != Some(bridge) {
@@ -167,10 +172,13 @@ impl Net {
 
 nix::ioctl_write_int!(tunsetiff, b'T', 202);
 nix::ioctl_write_int!(tunsetpersist, b'T', 203);
+nix::ioctl_write_int!(tunsetowner, b'T', 204);
+nix::ioctl_write_int!(tunsetgroup, b'T', 206);
 
-/// Creates a persistent TAP with the flags Firecracker opens it with
-/// (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
-pub(crate) fn create_persistent_tap(name: &str) -> std::io::Result<()> {
+/// Creates (or opens) persistent TAP `name` with the flags Firecracker
+/// opens it with (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), owned by `owner`
+/// (uid, gid).
+pub fn create_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
     }
@@ -184,6 +192,8 @@ pub(crate) fn create_persistent_tap(name: &str) -> std::io::Result<()> {
     // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` outlives both calls.
     unsafe {
         tunsetiff(tun.as_raw_fd(), &req as *const libc::ifreq as libc::c_ulong).map_err(std::io::Error::from)?;
+        tunsetowner(tun.as_raw_fd(), owner.0 as libc::c_ulong).map_err(std::io::Error::from)?;
+        tunsetgroup(tun.as_raw_fd(), owner.1 as libc::c_ulong).map_err(std::io::Error::from)?;
         tunsetpersist(tun.as_raw_fd(), 1).map_err(std::io::Error::from)?;
     }
     Ok(())

@@ -1,8 +1,10 @@
 //! The agent's host layout, and the one place names from the network become
-//! paths: `<run dir>/vms/<uid>/{fc.sock, fc.log, metrics.json, console.log,
-//! rootfs.ext4, pid, vm.json}` per VM and `<run dir>/snapshots/<uid>/{state,
-//! mem, rootfs.ext4, done.json}` per Snapshot (apart from any VM, so a
-//! snapshot outlives the VM it was taken from).
+//! paths: `<run dir>/vms/<uid>/{fc.log, metrics.json, console.log,
+//! rootfs.ext4, pid, vm.json, ...}` per VM, private to the agent, with the
+//! VMM's jail in `<run dir>/vms/<uid>/root/` (see `jail`), and
+//! `<run dir>/snapshots/<uid>/{state, mem, rootfs.ext4, done.json}` per
+//! Snapshot (apart from any VM, so a snapshot outlives the VM it was taken
+//! from).
 
 use std::path::{Path, PathBuf};
 
@@ -56,8 +58,20 @@ pub struct VmPaths {
 }
 
 impl VmPaths {
+    /// The VMM's jail: the directory it is chrooted into.
+    pub fn jail(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    /// The VMM's API socket: inside the jail, at `/run/fc.sock`; or, for a
+    /// VMM started unjailed by an agent of an earlier release and adopted,
+    /// in the VM directory itself.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("fc.sock")
+        let unjailed = self.dir.join("fc.sock");
+        if unjailed.exists() { unjailed } else { self.jail().join("run/fc.sock") }
+    }
+    /// The user id the VM's VMM runs as.
+    pub fn vmm_uid(&self) -> PathBuf {
+        self.dir.join("vmm-uid")
     }
     pub fn log(&self) -> PathBuf {
         self.dir.join("fc.log")
@@ -86,9 +100,9 @@ impl VmPaths {
     pub fn ip(&self) -> PathBuf {
         self.dir.join("ip")
     }
-    /// Where Firecracker writes snapshot `snap` of this VM (inside the VM
-    /// directory, the only one it sees at a fixed path) before the files
-    /// move to the run directory's `snapshots/`.
+    /// Where the agent gathers snapshot `snap` of this VM (Firecracker's
+    /// files, moved out of the jail, and a copy of the disk) before it
+    /// moves, complete, to the run directory's `snapshots/`.
     pub fn staging(&self, snap: &Uid) -> SnapshotPaths {
         SnapshotPaths { dir: self.dir.join(format!("snapshot-{snap}")) }
     }
@@ -161,28 +175,16 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// `root` must be absolute; it is canonicalized once it exists.
+    /// `root` must be absolute; it is canonicalized once it exists. `vms/`
+    /// and `snapshots/` are made private to root (mode 0700): VMMs reach
+    /// their files through their jails, host users not at all.
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root.join("vms"))?;
-        std::fs::create_dir_all(root.join("vm"))?;
-        std::fs::create_dir_all(root.join("snapshots"))?;
+        use std::os::unix::fs::PermissionsExt;
+        for dir in ["vms", "snapshots"] {
+            std::fs::create_dir_all(root.join(dir))?;
+            std::fs::set_permissions(root.join(dir), std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(Self { root: root.canonicalize()? })
-    }
-
-    /// The fixed path at which every VMM sees its own VM directory (an
-    /// empty directory on the host; a bind mount in each VMM's namespace).
-    pub fn view(&self) -> PathBuf {
-        self.root.join("vm")
-    }
-
-    /// The VM's files as its VMM sees them.
-    pub fn vmm_view(&self) -> VmPaths {
-        VmPaths { dir: self.view() }
-    }
-
-    /// The `--api-sock` every VMM of this agent is started with.
-    pub fn api_sock(&self) -> PathBuf {
-        self.view().join("fc.sock")
     }
 
     pub fn root(&self) -> &Path {

@@ -1,12 +1,10 @@
-//! VMM processes: launching one in its own process group and its own mount
-//! namespace, finding it again after an agent restart, and stopping it.
+//! VMM processes: launching one in its jail (see `jail`), in its own
+//! process group, finding it again after an agent restart, and stopping it.
 //!
-//! Each VMM sees its VM directory bind-mounted at one fixed path (the run
-//! directory's `vm/`), so every Firecracker names its files the same way.
-//! A snapshot taken from one VM therefore restores into another VM's
-//! directory: its recorded drive paths resolve to the new VM's own copies.
+//! A VMM is known by its root directory: a live process whose
+//! `/proc/PID/root` is a VM's jail directory under this agent's run
+//! directory is that VM's VMM.
 
-use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,57 +28,36 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
-    #[error("path {0} cannot be passed to the kernel")]
-    BadPath(PathBuf),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
-/// Where a VMM's files are: on the host, and as the VMM sees them.
-#[derive(Debug, Clone)]
-pub struct View {
-    /// The VM's directory on the host.
-    pub host_dir: PathBuf,
-    /// Where the VMM sees it (the same for every VMM of this agent).
-    pub fixed: PathBuf,
-}
-
-impl View {
-    /// The API socket as the VMM is told to open it.
-    pub fn api_sock(&self) -> PathBuf {
-        self.fixed.join("fc.sock")
-    }
-}
-
-fn cstring(p: &Path) -> Result<CString, ProcessError> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| ProcessError::BadPath(p.to_path_buf()))
-}
-
-/// Starts `binary --api-sock <fixed>/fc.sock --id <uid>` in its own process
-/// group and mount namespace, with the VM directory at `view.fixed`, its
-/// stdout and stderr (the guest console) appended to `console`; with
-/// `own_netns`, in a network namespace of its own too (which ends with it).
-/// The process outlives the agent; while the agent lives, a task reaps it,
-/// writes how it ended to `reaped` (a [`Reaped`] as JSON) and then calls
-/// `ended(pid)`.
+/// Starts the jailed VMM `/firecracker --api-sock /run/fc.sock --id <uid>`
+/// in its own process group, its stdout and stderr (the guest console)
+/// appended to `console`; with `own_netns`, in a network namespace of its
+/// own too (which ends with it). The process outlives the agent; while the
+/// agent lives, a task reaps it, writes how it ended to `reaped` (a
+/// [`Reaped`] as JSON) and then calls `ended(pid)`.
 pub fn launch(
-    binary: &Path,
-    view: &View,
+    jail: &crate::jail::Jail,
     uid: &str,
     console: &Path,
     reaped: PathBuf,
     own_netns: bool,
     ended: impl FnOnce(u32) + Send + 'static,
 ) -> Result<u32, ProcessError> {
+    use crate::jail::inside;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(console)
         .map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
     let err = out.try_clone().map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
-    // Allocated before fork: the child may only make system calls.
-    let (src, dst, root) = (cstring(&view.host_dir)?, cstring(&view.fixed)?, cstring(Path::new("/"))?);
-    let mut cmd = tokio::process::Command::new(binary);
+    jail.prepare()?;
+    let entry = jail.entry(own_netns)?;
+    let mut cmd = tokio::process::Command::new(inside::BINARY);
     cmd.arg("--api-sock")
-        .arg(view.api_sock())
+        .arg(inside::API_SOCK)
         .arg("--id")
         .arg(uid)
         .stdin(Stdio::null())
@@ -88,32 +65,11 @@ pub fn launch(
         .stderr(err)
         .process_group(0)
         .kill_on_drop(false);
-    let namespaces = if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS };
-    // SAFETY: the closure runs between fork and exec and only makes the
-    // unshare and mount system calls on pre-built C strings.
+    // SAFETY: `enter` only makes system calls on strings prepared above.
     unsafe {
-        cmd.pre_exec(move || {
-            if libc::unshare(namespaces) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Keep our mounts from propagating back to the host.
-            if libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || entry.enter());
     }
-    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { binary: binary.to_path_buf(), source })?;
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { binary: jail.binary.clone(), source })?;
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {
         match child.wait().await {
@@ -163,24 +119,119 @@ pub async fn reaped(path: &Path, pid: u32, within: Duration) -> Option<nexus_api
     }
 }
 
+/// The directory VMM `pid` is chrooted into, as this process sees it.
+fn root_of(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/root")).ok()
+}
+
 fn args_of(pid: u32) -> Option<Vec<Vec<u8>>> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(cmdline.split(|b| *b == 0).map(<[u8]>::to_vec).collect())
 }
 
-fn has_pair(args: &[Vec<u8>], flag: &[u8], value: &[u8]) -> bool {
-    args.windows(2).any(|w| w[0] == flag && w[1] == value)
+fn value_of<'a>(args: &'a [Vec<u8>], flag: &[u8]) -> Option<&'a [u8]> {
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].as_slice())
 }
 
-/// Whether `pid` is a live (not zombie) VMM of VM `uid` launched with
-/// `api_sock`: the check that guards every signal the agent sends.
-pub fn is_vmm(pid: u32, uid: &str, api_sock: &Path) -> bool {
-    if pid == 0 || !alive(pid) {
-        return false;
+/// The command name of every jailed VMM (`/firecracker` in its jail).
+const VMM_COMM: &[u8] = b"firecracker";
+
+/// How the agent tells its VMMs from the host's other processes.
+///
+/// A jailed VMM is known by its root directory: a live process whose
+/// `/proc/PID/root` is `<vms dir>/<uid>/root` is VM `uid`'s VMM. VMMs an
+/// agent started before VMMs were jailed (unjailed, `--api-sock <run
+/// dir>/vm/fc.sock --id <uid>`, their VM directory bind-mounted at `<run
+/// dir>/vm`) are still known, so an upgraded agent adopts them: they run on
+/// until they stop, and start again jailed.
+#[derive(Debug, Clone)]
+pub struct Vmms {
+    vms_dir: PathBuf,
+    legacy_comm: Vec<u8>,
+    legacy_sock: PathBuf,
+}
+
+impl Vmms {
+    /// The VMMs of the agent with run directory `run`, started from `binary`.
+    pub fn new(run: &crate::paths::RunDir, binary: &Path) -> Self {
+        let name = binary.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+        Self {
+            vms_dir: run.vms(),
+            legacy_comm: name[..name.len().min(15)].to_vec(),
+            legacy_sock: run.root().join("vm/fc.sock"),
+        }
     }
-    args_of(pid).is_some_and(|args| {
-        has_pair(&args, b"--id", uid.as_bytes()) && has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes())
-    })
+
+    /// The uid of the VM whose VMM `pid` is, if it is one of ours.
+    /// `stat` is the content of `/proc/PID/stat`.
+    fn vm_of(&self, pid: u32, stat: &[u8]) -> Option<String> {
+        let (open, close) = (stat.iter().position(|b| *b == b'(')?, stat.iter().rposition(|b| *b == b')')?);
+        if stat.get(close + 2).is_none_or(|state| matches!(state, b'Z' | b'X')) {
+            return None;
+        }
+        let comm = &stat[open + 1..close];
+        if comm != VMM_COMM && comm != self.legacy_comm.as_slice() {
+            return None;
+        }
+        let root = root_of(pid)?;
+        if root == Path::new("/") {
+            let args = args_of(pid)?;
+            if value_of(&args, b"--api-sock") != Some(self.legacy_sock.as_os_str().as_bytes()) {
+                return None;
+            }
+            return value_of(&args, b"--id").map(|id| String::from_utf8_lossy(id).into_owned());
+        }
+        if root.file_name().map(|n| n.as_bytes()) != Some(b"root") {
+            return None;
+        }
+        let vm_dir = root.parent()?;
+        if vm_dir.parent() != Some(self.vms_dir.as_path()) {
+            return None;
+        }
+        vm_dir.file_name()?.to_str().map(str::to_string)
+    }
+
+    /// Whether `pid` is a live (not zombie) VMM of VM `uid`: the check that
+    /// guards every signal the agent sends.
+    pub fn is_vmm(&self, pid: u32, uid: &str) -> bool {
+        pid != 0
+            && std::fs::read(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| self.vm_of(pid, &stat).as_deref() == Some(uid))
+    }
+
+    /// Every live VMM of ours, as (pid, uid). Every process on the host is
+    /// looked at, so the cheap tests come first: the command name and state
+    /// in `/proc/PID/stat`, then the root link.
+    pub fn find(&self) -> Vec<(u32, String)> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+                Some((pid, self.vm_of(pid, &stat)?))
+            })
+            .collect()
+    }
+
+    /// Stops VMM `pid` (verified to be VM `uid`'s): SIGTERM, then SIGKILL
+    /// after `grace`. Returns once the process is gone.
+    pub async fn stop(&self, pid: u32, uid: &str, grace: Duration) {
+        if !self.is_vmm(pid, uid) {
+            return;
+        }
+        let target = Pid::from_raw(pid as i32);
+        let _ = kill(target, Signal::SIGTERM);
+        if wait_gone(pid, grace).await {
+            return;
+        }
+        if self.is_vmm(pid, uid) {
+            let _ = kill(target, Signal::SIGKILL);
+        }
+        wait_gone(pid, Duration::from_secs(5)).await;
+    }
 }
 
 /// Whether `pid` is a child of this process (so a reaper task of ours
@@ -199,66 +250,6 @@ pub fn alive(pid: u32) -> bool {
         Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(false),
         Err(_) => false,
     }
-}
-
-/// The name the kernel gives a process started from `binary` (its file
-/// name, cut to 15 bytes), as `/proc/PID/stat` shows it.
-fn comm_of(binary: &Path) -> Vec<u8> {
-    let name = binary.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-    name[..name.len().min(15)].to_vec()
-}
-
-/// Every live VMM started from `binary` with `api_sock`, as (pid, uid).
-///
-/// Every process on the host is looked at, so the cheap test comes first:
-/// the command name and state in `/proc/PID/stat`. Only processes of
-/// `binary` have their command line read (which costs the kernel a walk of
-/// the process's memory).
-pub fn find_vmms(binary: &Path, api_sock: &Path) -> Vec<(u32, String)> {
-    let comm = comm_of(binary);
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.iter().position(|b| *b == b'('), stat.iter().rposition(|b| *b == b')'))
-        else {
-            continue;
-        };
-        let running = stat.get(close + 2).is_some_and(|state| !matches!(state, b'Z' | b'X'));
-        if stat[open + 1..close] != comm[..] || !running {
-            continue;
-        }
-        let Some(args) = args_of(pid) else { continue };
-        if !has_pair(&args, b"--api-sock", api_sock.as_os_str().as_bytes()) {
-            continue;
-        }
-        if let Some(w) = args.windows(2).find(|w| w[0] == b"--id") {
-            found.push((pid, String::from_utf8_lossy(&w[1]).into_owned()));
-        }
-    }
-    found
-}
-
-/// Stops VMM `pid` (verified to be VM `uid`'s): SIGTERM, then SIGKILL
-/// after `grace`. Returns once the process is gone.
-pub async fn stop(pid: u32, uid: &str, api_sock: &Path, grace: Duration) {
-    if !is_vmm(pid, uid, api_sock) {
-        return;
-    }
-    let target = Pid::from_raw(pid as i32);
-    let _ = kill(target, Signal::SIGTERM);
-    if wait_gone(pid, grace).await {
-        return;
-    }
-    if is_vmm(pid, uid, api_sock) {
-        let _ = kill(target, Signal::SIGKILL);
-    }
-    wait_gone(pid, Duration::from_secs(5)).await;
 }
 
 /// Polls until `pid` is gone or a zombie; returns whether it went.

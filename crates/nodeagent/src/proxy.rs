@@ -142,8 +142,9 @@ pub fn socket_for(run: &RunDir, uid: &Uid) -> Result<std::path::PathBuf, ProxyEr
     if dir.parent() != Some(run.vms().as_path()) {
         return Err(ProxyError::OutsideRunDir);
     }
+    // The socket, in the jail's run/, must be no link the VMM left there.
     let socket = paths.socket().canonicalize().map_err(|_| ProxyError::NoSocket)?;
-    if socket.parent() != Some(dir.as_path()) {
+    if socket.parent() != Some(dir.join("root/run").as_path()) && socket.parent() != Some(dir.as_path()) {
         return Err(ProxyError::OutsideRunDir);
     }
     let meta = std::fs::metadata(&socket).map_err(|_| ProxyError::NoSocket)?;

@@ -2,16 +2,17 @@
 //!
 //! A snapshot is the VM state and its guest memory, both written by
 //! Firecracker while the VM is paused, and a copy of its disk taken at the
-//! same moment. Firecracker writes into the VM's own directory (the only
-//! one it sees at a fixed path); the files then move, in one rename, to
-//! `<run dir>/snapshots/<snapshot uid>/`, apart from the VM, so a snapshot
-//! outlives the VM it was taken from. `done.json`, written last, marks it
-//! complete: anything without it is a leftover of an interrupted attempt
-//! and is started over.
+//! same moment. Firecracker writes into its jail's `/run/`; the agent moves
+//! the files out into the VM's private directory, beside the disk copy,
+//! then, in one rename, to `<run dir>/snapshots/<snapshot uid>/`, apart from
+//! the VM, so a snapshot outlives the VM it was taken from. `done.json`,
+//! written last, marks it complete: anything without it is a leftover of an
+//! interrupted attempt and is started over.
 //!
-//! Every VMM sees its own directory at the same fixed path, so the drive
-//! path a snapshot records resolves, in a restored VMM, to that VM's own
-//! copy of the disk.
+//! Every VMM sees its disk at the same path in its jail, so the drive path a
+//! snapshot records resolves, in a restored VMM, to that VM's own copy of
+//! the disk; the snapshot's own files are linked into the restored VM's
+//! jail.
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use crate::firecracker::models::{
     InstanceState, MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType, VmState,
 };
+use crate::jail::inside;
 use crate::paths::{RunDir, SnapshotPaths, Uid, VmPaths};
 
 /// Writing state and memory takes as long as the guest's memory is large.
@@ -65,6 +67,11 @@ pub async fn create(
         }
         return Ok(done);
     }
+    if paths.dir.join("fc.sock").exists() {
+        return Err(AgentError::Invalid(format!(
+            "VM {vm} runs in a VMM an earlier agent started outside a jail; stop and start the VM, then take the snapshot"
+        )));
+    }
     let info = client.describe_instance().await.map_err(|_| {
         AgentError::NotFound(format!("VM {vm} is not running on this node; start it before taking a snapshot"))
     })?;
@@ -77,7 +84,8 @@ pub async fn create(
         .ok_or_else(|| AgentError::NotFound(format!("VM {vm} has no configuration on this node")))?;
     // What an interrupted attempt left is started over.
     let staging = paths.staging(snap);
-    for dir in [&staging.dir, &target.dir] {
+    let written = paths.jail().join(inside::staging(snap).trim_start_matches('/'));
+    for dir in [&staging.dir, &target.dir, &written] {
         match std::fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -85,23 +93,27 @@ pub async fn create(
         }
     }
     std::fs::create_dir_all(&staging.dir).map_err(AgentError::io("creating the snapshot directory"))?;
+    let user: Option<u32> = std::fs::read_to_string(paths.vmm_uid()).ok().and_then(|s| s.trim().parse().ok());
+    std::fs::create_dir(&written).map_err(AgentError::io("creating the VMM's snapshot directory"))?;
+    std::os::unix::fs::lchown(&written, user, user)
+        .map_err(AgentError::io("giving the snapshot directory to the VMM"))?;
     let paused = Instant::now();
     if info.state == InstanceState::Running {
         client.set_vm_state(VmState::Paused).await.map_err(fc("pause"))?;
     }
-    // The same files as the VMM sees them.
-    let view = run.vmm_view().staging(snap);
     let made = async {
         client
             .clone()
             .with_request_timeout(SNAPSHOT_TIMEOUT)
             .create_snapshot(&SnapshotCreateParams {
-                snapshot_path: view.state().display().to_string(),
-                mem_file_path: view.memory().display().to_string(),
+                snapshot_path: format!("{}/state", inside::staging(snap)),
+                mem_file_path: format!("{}/mem", inside::staging(snap)),
                 snapshot_type: Some(SnapshotType::Full),
             })
             .await
             .map_err(fc("snapshot/create"))?;
+        take_out_of_jail(&written.join("state"), &staging.state())?;
+        take_out_of_jail(&written.join("mem"), &staging.memory())?;
         disk::ensure_copy(paths.rootfs(), staging.rootfs())
             .await
             .map(|_| ())
@@ -112,6 +124,7 @@ pub async fn create(
         resume_if_paused(&client).await?;
     }
     let paused_millis = paused.elapsed().as_millis() as u64;
+    let _ = std::fs::remove_dir_all(&written);
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&staging.dir);
         return Err(e);
@@ -139,6 +152,23 @@ pub async fn create(
     std::fs::write(target.done(), json).map_err(AgentError::io("recording the snapshot"))?;
     tracing::info!(vm = %vm, snapshot = %snap, bytes = report.size_bytes, paused_millis, "snapshot created");
     Ok(report)
+}
+
+/// Moves a file the VMM wrote in its jail to `to`, owned by root and
+/// readable by the VMMs of VMs restored from it. Only a regular file is
+/// taken: the VMM could have left anything in its directory.
+fn take_out_of_jail(from: &std::path::Path, to: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::rename(from, to).map_err(AgentError::io(format!("moving {} out of the jail", from.display())))?;
+    // Checked once moved: from here on the VMM cannot swap it.
+    let meta = std::fs::symlink_metadata(to).map_err(AgentError::io(format!("reading {}", to.display())))?;
+    if !meta.file_type().is_file() {
+        let _ = std::fs::remove_file(to);
+        return Err(AgentError::Invalid(format!("the VMM left {} as something other than a file", from.display())));
+    }
+    std::os::unix::fs::lchown(to, Some(0), Some(0)).map_err(AgentError::io(format!("owning {}", to.display())))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
+        .map_err(AgentError::io(format!("mode of {}", to.display())))
 }
 
 async fn resume_if_paused(client: &FcClient) -> Result<(), AgentError> {
@@ -191,19 +221,17 @@ pub fn source(run: &RunDir, from: &RestoreFrom) -> Result<(SnapshotPaths, Snapsh
     }
 }
 
-/// Loads `snap` into a freshly started VMM (logger and metrics already
-/// set) and resumes it, its network interface on `tap`.
-pub async fn load(client: &FcClient, snap: &SnapshotPaths, tap: &str) -> Result<(), AgentError> {
+/// Loads the snapshot linked into a freshly started VMM's jail (logger and
+/// metrics already set) and resumes it, its network interface on `tap`.
+pub async fn load(client: &FcClient, tap: &str) -> Result<(), AgentError> {
     client
         .clone()
         .with_request_timeout(SNAPSHOT_TIMEOUT)
         .load_snapshot(&SnapshotLoadParams {
-            // The snapshot's files, reached by their host paths (only the
-            // VMM's own directory is remapped in its namespace).
-            snapshot_path: snap.state().display().to_string(),
+            snapshot_path: inside::SNAPSHOT_STATE.into(),
             mem_backend: MemoryBackend {
                 backend_type: MemoryBackendType::File,
-                backend_path: snap.memory().display().to_string(),
+                backend_path: inside::SNAPSHOT_MEM.into(),
             },
             resume_vm: Some(true),
             track_dirty_pages: None,

@@ -40,6 +40,8 @@ pub struct RuntimeConfig {
     pub cgroups: Option<crate::cgroup::Cgroups>,
     /// Where kernels and disks may be opened.
     pub image_roots: crate::images::ImageRoots,
+    /// The user ids VMMs run as, one per VM.
+    pub vmm_uids: std::ops::RangeInclusive<u32>,
 }
 
 /// Owns every VM on this host.
@@ -55,6 +57,13 @@ pub struct Runtime {
     verifier: crate::images::Verifier,
     /// The VMs' metrics, sampled by `collect_metrics`.
     metrics: crate::vm_metrics::Collector,
+    /// The VMMs' user ids.
+    users: crate::jail::Users,
+    /// Tells this agent's VMMs from other processes.
+    vmms: process::Vmms,
+    /// Whether the VMM binary is dynamically linked (its jails then hold
+    /// the host's libraries).
+    dynamic: bool,
 }
 
 impl Runtime {
@@ -66,7 +75,17 @@ impl Runtime {
             "VM disks are made by {}",
             if reflink { "reflink (constant time)" } else { "sparse copy (the filesystem has no reflinks)" }
         );
+        let dynamic = crate::jail::is_dynamic(&cfg.firecracker).unwrap_or(true);
+        tracing::info!(
+            binary = %cfg.firecracker.display(),
+            dynamic,
+            uids = ?cfg.vmm_uids,
+            "VMMs run jailed, each as its own user"
+        );
         Self {
+            users: crate::jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms()),
+            vmms: process::Vmms::new(&cfg.run_dir, &cfg.firecracker),
+            dynamic,
             cfg,
             net,
             locks: Mutex::new(HashMap::new()),
@@ -80,10 +99,7 @@ impl Runtime {
     /// Has every running VMM write its metrics, then samples them and the
     /// host (see `vm_metrics`).
     pub async fn collect_metrics(&self) {
-        let live: HashMap<String, u32> = process::find_vmms(&self.cfg.firecracker, &self.cfg.run_dir.api_sock())
-            .into_iter()
-            .map(|(pid, uid)| (uid, pid))
-            .collect();
+        let live: HashMap<String, u32> = self.vmms.find().into_iter().map(|(pid, uid)| (uid, pid)).collect();
         for uid in live.keys() {
             if let Ok(uid) = Uid::parse(uid) {
                 self.flush_metrics(&uid).await;
@@ -168,15 +184,22 @@ impl Runtime {
         let lock = self.lock(&uid).await;
         let _held = lock.lock().await;
         let paths = self.paths(&uid)?;
-        let api_sock = self.cfg.run_dir.api_sock();
+        let vmms = &self.vmms;
         if let Some(from) = &req.restore
             && req.state != PowerState::Stopped
-            && !read_pid(&paths).is_some_and(|pid| process::is_vmm(pid, uid.as_str(), &api_sock))
+            && !read_pid(&paths).is_some_and(|pid| vmms.is_vmm(pid, uid.as_str()))
         {
             // A VMM is about to start from it: refuse before making anything.
             crate::snapshots::source(&self.cfg.run_dir, from)?;
         }
-        std::fs::create_dir_all(&paths.dir).map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&paths.dir)
+                .map_err(AgentError::io(format!("creating {}", paths.dir.display())))?;
+        }
         let config = serde_json::to_vec_pretty(req).unwrap_or_default();
         // Rewritten only when it changed: most calls are rechecks.
         if std::fs::read(paths.config()).ok().as_deref() != Some(config.as_slice()) {
@@ -195,7 +218,7 @@ impl Runtime {
         let client = FcClient::new(paths.socket());
         let mut info = None;
         let recorded = read_pid(&paths);
-        match recorded.filter(|pid| process::is_vmm(*pid, uid.as_str(), &api_sock)) {
+        match recorded.filter(|pid| vmms.is_vmm(*pid, uid.as_str())) {
             Some(pid) => match client.describe_instance().await {
                 Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
                 // A booted VMM that does not answer may be on its way out (a
@@ -206,7 +229,7 @@ impl Runtime {
                     return Err(AgentError::Firecracker { step: "describe the running VMM", source });
                 }
                 // Configured halfway (the agent died mid-create): start over.
-                _ => process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await,
+                _ => vmms.stop(pid, uid.as_str(), Duration::ZERO).await,
             },
             // It booted, and its process ended without being asked to.
             None if recorded.is_some() && paths.started().exists() => {
@@ -278,27 +301,35 @@ impl Runtime {
         remove_if_exists(&paths.started())?;
         // Checked before anything is made for it.
         let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
-        if restore.is_none() {
-            remove_if_exists(&paths.restored())?;
-            self.check_images(req).await?;
-        }
+        let kernel = match restore {
+            Some(_) => None,
+            None => {
+                remove_if_exists(&paths.restored())?;
+                Some(self.check_images(req).await?)
+            }
+        };
+        let user = self.users.user_of(paths).map_err(|e| AgentError::Io {
+            what: "giving the VMM a user".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let jail = crate::jail::Jail {
+            root: paths.jail(),
+            uid: user,
+            gid: user,
+            binary: self.cfg.firecracker.clone(),
+            kernel,
+            dynamic: self.dynamic,
+        };
         // The VMM starts while its TAP and disk are made: it needs them only
         // when configured, after its API socket is up.
         std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
         let launched = Instant::now();
-        let view = process::View { host_dir: paths.dir.clone(), fixed: self.cfg.run_dir.view() };
-        let api_sock = view.api_sock();
         let exits = self.exits.clone();
         let who = uid.to_string();
-        let pid = process::launch(
-            &self.cfg.firecracker,
-            &view,
-            uid.as_str(),
-            &paths.console(),
-            paths.reaped(),
-            restore.is_some(),
-            move |pid| exits.record(&who, pid),
-        )?;
+        let pid =
+            process::launch(&jail, uid.as_str(), &paths.console(), paths.reaped(), restore.is_some(), move |pid| {
+                exits.record(&who, pid)
+            })?;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
         remove_if_exists(&paths.launching())?;
         tracing::info!(
@@ -310,31 +341,30 @@ impl Runtime {
             "VMM launched"
         );
         let prepared = tokio::try_join!(
-            self.prepare(uid, paths, req, restore.as_ref(), pid),
-            wait_for_socket(client, pid, uid.as_str(), &api_sock),
+            self.prepare(uid, paths, req, restore.as_ref(), pid, &jail),
+            wait_for_socket(client, pid, uid.as_str(), &self.vmms),
         );
         let (bridge, addresses, req) = match prepared {
             Ok((prepared, ())) => prepared,
             Err(e) => {
-                process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
+                self.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
                 return Err(e);
             }
         };
         let tap = uid.tap_name();
         let req = &req;
-        let view = self.cfg.run_dir.vmm_view();
         let configured = match &restore {
-            Some((snap, _)) => match crate::clonenet::setup(&self.net, pid, uid, bridge, addresses).await {
-                Ok(()) => match configure_observability(client, &view).await {
-                    Ok(()) => crate::snapshots::load(client, snap, &tap).await,
+            Some(_) => match crate::clonenet::setup(&self.net, pid, uid, bridge, addresses, (user, user)).await {
+                Ok(()) => match configure_observability(client).await {
+                    Ok(()) => crate::snapshots::load(client, &tap).await,
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e.into()),
             },
-            None => configure(client, &view, req, &tap).await,
+            None => configure(client, req, &tap).await,
         };
         if let Err(e) = configured {
-            process::stop(pid, uid.as_str(), &api_sock, Duration::ZERO).await;
+            self.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
             return Err(e);
         }
         let boot_millis = launched.elapsed().as_millis() as u64;
@@ -346,8 +376,8 @@ impl Runtime {
     /// What a new VMM needs besides itself, made while it starts: its
     /// systemd scope or cgroup, the bridge and its TAP (a restored VM's TAP
     /// is made later, inside the VMM's own namespace), its private disk, its
-    /// log and metrics files, and its address (written into the request's
-    /// boot arguments). Returns the bridge's index, a restored VM's
+    /// log and metrics files (each linked into its jail) and its address
+    /// (written into the request's boot arguments). Returns the bridge's index, a restored VM's
     /// addresses and the request to configure the VMM with.
     async fn prepare(
         &self,
@@ -356,7 +386,13 @@ impl Runtime {
         req: &EnsureVm,
         restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
         pid: u32,
+        jail: &crate::jail::Jail,
     ) -> Result<(u32, Option<crate::clonenet::Addresses>, EnsureVm), AgentError> {
+        use crate::jail::inside;
+        let jailed = |e: crate::jail::JailError| AgentError::Io {
+            what: "linking the VM's files into its jail".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
         let began = Instant::now();
         if let Some(scopes) = &self.cfg.scopes {
             scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
@@ -374,7 +410,7 @@ impl Runtime {
                 self.net.delete_link(&tap).await?;
             }
             None => {
-                self.net.ensure_tap(&tap, bridge).await?;
+                self.net.ensure_tap(&tap, bridge, (jail.uid, jail.gid)).await?;
             }
         }
         let copy_started = Instant::now();
@@ -395,12 +431,18 @@ impl Runtime {
             copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
             "disk ready"
         );
-        for file in [paths.log(), paths.metrics()] {
+        for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&file)
                 .map_err(AgentError::io(format!("creating {}", file.display())))?;
+            jail.link(&file, inside).map_err(jailed)?;
+        }
+        jail.link(&paths.rootfs(), inside::ROOTFS).map_err(jailed)?;
+        if let Some((snap, _)) = restore {
+            jail.link_read_only(&snap.state(), inside::SNAPSHOT_STATE).map_err(jailed)?;
+            jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM).map_err(jailed)?;
         }
         let mut req = req.clone();
         // A restored guest keeps its source's address; the VM gets one of
@@ -437,7 +479,8 @@ impl Runtime {
 
     /// Confines the kernel and root filesystem to the image roots and checks
     /// them against their Images' checksums, before a VMM opens them.
-    async fn check_images(&self, req: &EnsureVm) -> Result<(), AgentError> {
+    /// Returns the kernel's path on the host.
+    async fn check_images(&self, req: &EnsureVm) -> Result<PathBuf, AgentError> {
         let roots = &self.cfg.image_roots;
         let kernel = roots.check("kernel", &req.kernel_path)?;
         let rootfs = roots.check("rootfs", &req.rootfs_path)?;
@@ -447,7 +490,7 @@ impl Runtime {
         if let Some(sum) = &req.rootfs_sha256 {
             self.verifier.verify("rootfs", &rootfs, sum).await?;
         }
-        Ok(())
+        Ok(kernel)
     }
 
     /// Takes snapshot `snap` of the VM the request names (see
@@ -576,6 +619,7 @@ impl Runtime {
             }
             self.net.delete_link(&uid.tap_name()).await?;
             self.net.delete_link(&crate::clonenet::veth_name(&uid)).await?;
+            self.users.release(&paths);
             remove_dir_all_settled(&paths.dir).await?;
         }
         self.locks.lock().await.remove(&uid);
@@ -585,15 +629,10 @@ impl Runtime {
     /// Stops every VMM of this VM: the one in the pid file and any a crash
     /// left unrecorded.
     async fn stop_vmm(&self, uid: &Uid, paths: &VmPaths) {
-        let api_sock = self.cfg.run_dir.api_sock();
         // Only a launch cut short leaves a VMM its pid file does not name:
         // the host's processes are searched then, not on every start.
         let mut pids: Vec<u32> = if paths.launching().exists() {
-            process::find_vmms(&self.cfg.firecracker, &api_sock)
-                .into_iter()
-                .filter(|(_, id)| id == uid.as_str())
-                .map(|(pid, _)| pid)
-                .collect()
+            self.vmms.find().into_iter().filter(|(_, id)| id == uid.as_str()).map(|(pid, _)| pid).collect()
         } else {
             Vec::new()
         };
@@ -603,7 +642,7 @@ impl Runtime {
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            if !process::is_vmm(pid, uid.as_str(), &api_sock) {
+            if !self.vmms.is_vmm(pid, uid.as_str()) {
                 continue;
             }
             let ours = process::is_our_child(pid);
@@ -614,7 +653,7 @@ impl Runtime {
                 .send_ctrl_alt_del()
                 .await;
             if !process::wait_gone(pid, self.cfg.stop_grace).await {
-                process::stop(pid, uid.as_str(), &api_sock, Duration::from_millis(500)).await;
+                self.vmms.stop(pid, uid.as_str(), Duration::from_millis(500)).await;
             }
             // Gone means a zombie at least; our reaper still has to collect
             // it and write its record into the VM directory. Wait for that,
@@ -668,7 +707,7 @@ impl Runtime {
         }
         let tap = uid.tap_name();
         let tap_exists = self.net.link(&tap).await?.is_some();
-        let pid = read_pid(&paths).filter(|pid| process::is_vmm(*pid, uid.as_str(), &self.cfg.run_dir.api_sock()));
+        let pid = read_pid(&paths).filter(|pid| self.vmms.is_vmm(*pid, uid.as_str()));
         let state = match pid {
             None if paths.kept_down().exists() => ObservedState::Exited,
             None => ObservedState::Stopped,
@@ -712,11 +751,8 @@ impl Runtime {
         let mut inv = Inventory::default();
         let vms_dir = self.cfg.run_dir.vms();
         let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
-        inv.sockets = sockets_under(self.cfg.run_dir.root(), 3);
-        inv.vmms = process::find_vmms(&self.cfg.firecracker, &self.cfg.run_dir.api_sock())
-            .into_iter()
-            .map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid })
-            .collect();
+        inv.sockets = sockets_under(self.cfg.run_dir.root(), 5);
+        inv.vmms = self.vmms.find().into_iter().map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid }).collect();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             inv.run_dirs.push(name.clone());
@@ -849,17 +885,20 @@ fn validate(req: &EnsureVm) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Waits until VMM `pid` answers on its API socket. The socket's creation
-/// wakes the wait (inotify on its directory); between Firecracker binding
-/// the socket and listening on it a connect is refused, and is tried again
-/// after a millisecond. The VMM's liveness is checked every 50 ms.
-async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, api_sock: &Path) -> Result<(), AgentError> {
+/// Waits until VMM `pid` of VM `uid` answers on its API socket. The
+/// socket's creation wakes the wait (inotify on its directory); between
+/// Firecracker binding the socket and listening on it a connect is refused,
+/// and is tried again after a millisecond. The VMM's liveness is checked
+/// every 50 ms. Only a socket counts: the VMM may write into that
+/// directory, and a link it left there would lead the agent elsewhere.
+async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, vmms: &process::Vmms) -> Result<(), AgentError> {
+    use std::os::unix::fs::FileTypeExt;
     let socket = client.socket().to_path_buf();
     let dir = socket.parent().unwrap_or(Path::new("/"));
     let watch = crate::dirwatch::DirWatch::new(dir).map_err(AgentError::io("watching for the VMM's API socket"))?;
     let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
     loop {
-        if socket.exists() {
+        if std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
             match client.describe_instance().await {
                 Ok(_) => return Ok(()),
                 Err(source) if !source.is_retryable() => {
@@ -878,34 +917,33 @@ async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, api_sock: &Path
             break;
         }
     }
-    process::stop(pid, uid, api_sock, Duration::ZERO).await;
+    vmms.stop(pid, uid, Duration::ZERO).await;
     Err(AgentError::VmmDidNotStart { socket: client.socket().display().to_string(), seconds: SOCKET_WAIT.as_secs() })
 }
 
-/// Points Firecracker's log and metrics at the VM's files (`paths` as the
+/// Points Firecracker's log and metrics at the VM's files (as the jailed
 /// VMM sees them): the only configuration a snapshot load allows first.
-pub async fn configure_observability(client: &FcClient, paths: &VmPaths) -> Result<(), AgentError> {
+pub async fn configure_observability(client: &FcClient) -> Result<(), AgentError> {
+    use crate::jail::inside;
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     client
         .put_logger(&models::Logger {
-            log_path: paths.log().display().to_string(),
+            log_path: inside::LOG.into(),
             level: Some("Info".into()),
             show_level: Some(true),
             show_log_origin: Some(false),
         })
         .await
         .map_err(fc("logger"))?;
-    client
-        .put_metrics(&models::Metrics { metrics_path: paths.metrics().display().to_string() })
-        .await
-        .map_err(fc("metrics"))
+    client.put_metrics(&models::Metrics { metrics_path: inside::METRICS.into() }).await.map_err(fc("metrics"))
 }
 
-/// Sends the full pre-boot configuration, then InstanceStart. `paths` are
-/// the VM's files as the VMM sees them. The pre-boot requests do not depend
-/// on one another, so they are all sent at once, each on its own
+/// Sends the full pre-boot configuration, then InstanceStart, naming the
+/// VM's files as the jailed VMM sees them. The pre-boot requests do not
+/// depend on one another, so they are all sent at once, each on its own
 /// connection; Firecracker answers them in turn.
-pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+pub async fn configure(client: &FcClient, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+    use crate::jail::inside;
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     let machine = models::MachineConfiguration {
         vcpu_count: req.vcpu,
@@ -914,13 +952,13 @@ pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: 
         track_dirty_pages: None,
     };
     let boot = models::BootSource {
-        kernel_image_path: req.kernel_path.clone(),
+        kernel_image_path: inside::KERNEL.into(),
         boot_args: Some(req.boot_args.clone()),
         initrd_path: None,
     };
     let drive = models::Drive {
         drive_id: "rootfs".into(),
-        path_on_host: paths.rootfs().display().to_string(),
+        path_on_host: inside::ROOTFS.into(),
         is_root_device: true,
         is_read_only: false,
     };
@@ -932,7 +970,7 @@ pub async fn configure(client: &FcClient, paths: &VmPaths, req: &EnsureVm, tap: 
         tx_rate_limiter: None,
     };
     tokio::try_join!(
-        configure_observability(client, paths),
+        configure_observability(client),
         async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
         async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
         async { client.put_drive(&drive).await.map_err(fc("drives")) },

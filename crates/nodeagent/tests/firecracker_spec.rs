@@ -9,7 +9,6 @@ mod support;
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use nexus_api::PowerState;
 use nexus_api::agent::EnsureVm;
 use nexus_nodeagent::firecracker::FcClient;
 use nexus_nodeagent::firecracker::models::*;
+use nexus_nodeagent::jail::{Jail, inside};
 use nexus_nodeagent::paths::VmPaths;
 use nexus_nodeagent::vms::configure;
 use support::openapi::Spec;
@@ -56,25 +56,48 @@ fn sim_binary() -> PathBuf {
 }
 
 struct Sim {
-    child: Child,
+    pid: u32,
 }
 
 impl Drop for Sim {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
-/// Starts the simulator on `<dir>/<name>.real.sock` and a recording proxy
-/// in front of it on `<dir>/<name>.sock`; returns a client for the proxy.
-async fn sim_behind_recorder(dir: &Path, name: &str, recorded: Recorded) -> (Sim, FcClient) {
-    let real = dir.join(format!("{name}.real.sock"));
-    let child = Command::new(sim_binary())
-        .args(["--api-sock", &real.display().to_string(), "--id", name])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+/// A VM directory at `<dir>/<name>` with its private files linked into a
+/// jail for user `uid`, as the agent makes it, and its TAP `tap`.
+fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str) -> (VmPaths, Jail) {
+    let paths = VmPaths { dir: dir.join(name) };
+    std::fs::create_dir_all(&paths.dir).unwrap();
+    let jail = Jail {
+        root: paths.jail(),
+        uid,
+        gid: uid,
+        binary: sim_binary(),
+        kernel: kernel.map(Path::to_path_buf),
+        dynamic: true,
+    };
+    jail.prepare().unwrap();
+    for (f, at) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
+        std::fs::write(&f, b"").unwrap();
+        jail.link(&f, at).unwrap();
+    }
+    nexus_nodeagent::net::create_persistent_tap(tap, (uid, uid)).unwrap();
+    (paths, jail)
+}
+
+/// Starts the simulator in `jail` and a recording proxy in front of its
+/// socket on `<dir>/<name>.sock`; returns a client for the proxy.
+async fn sim_behind_recorder(
+    dir: &Path,
+    name: &str,
+    paths: &VmPaths,
+    jail: &Jail,
+    recorded: Recorded,
+) -> (Sim, FcClient) {
+    let real = paths.socket();
+    let pid = nexus_nodeagent::process::launch(jail, name, &paths.console(), paths.reaped(), false, |_| {}).unwrap();
     // The socket file appears at bind(), before listen(): a connect in
     // between is refused. Ready means a connection is accepted.
     for _ in 0..500 {
@@ -120,7 +143,7 @@ async fn sim_behind_recorder(dir: &Path, name: &str, recorded: Recorded) -> (Sim
             });
         }
     });
-    (Sim { child }, FcClient::new(front))
+    (Sim { pid }, FcClient::new(front))
 }
 
 fn limiter() -> RateLimiter {
@@ -136,13 +159,9 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     let rootfs = dir.join("rootfs.ext4");
     std::fs::write(&kernel, b"kernel").unwrap();
     std::fs::File::create(&rootfs).unwrap().set_len(16 << 20).unwrap();
-    let vm_dir = dir.join("vm-a");
-    std::fs::create_dir_all(&vm_dir).unwrap();
-    let paths = VmPaths { dir: vm_dir.clone() };
+    let (paths, jail_a) = jailed_vm(dir, "vm-a", 64_001, Some(&kernel), "nxtspec00000a");
     std::fs::copy(&rootfs, paths.rootfs()).unwrap();
-    for f in [paths.log(), paths.metrics()] {
-        std::fs::write(f, b"").unwrap();
-    }
+    jail_a.link(&paths.rootfs(), inside::ROOTFS).unwrap();
     let req = EnsureVm {
         uid: "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11".into(),
         display_name: "default/spec".into(),
@@ -161,8 +180,8 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.
-    let (_sim_a, a) = sim_behind_recorder(dir, "a", recorded.clone()).await;
-    configure(&a, &paths, &req, "nxtspec00000a").await.expect("configure and boot");
+    let (_sim_a, a) = sim_behind_recorder(dir, "a", &paths, &jail_a, recorded.clone()).await;
+    configure(&a, &req, "nxtspec00000a").await.expect("configure and boot");
     assert_eq!(a.describe_instance().await.unwrap().state, InstanceState::Running);
     a.version().await.unwrap();
     a.vm_config().await.unwrap();
@@ -180,8 +199,8 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     // Pause, snapshot, resume, stop.
     a.set_vm_state(VmState::Paused).await.unwrap();
     let snapshot = SnapshotCreateParams {
-        snapshot_path: vm_dir.join("snapshot.state").display().to_string(),
-        mem_file_path: vm_dir.join("snapshot.mem").display().to_string(),
+        snapshot_path: "/run/snapshot.state".into(),
+        mem_file_path: "/run/snapshot.mem".into(),
         snapshot_type: Some(SnapshotType::Full),
     };
     a.create_snapshot(&snapshot).await.unwrap();
@@ -189,28 +208,24 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     a.send_ctrl_alt_del().await.unwrap();
 
     // Restore into a new VM, with its own TAP.
-    let b_dir = dir.join("vm-b");
-    std::fs::create_dir_all(&b_dir).unwrap();
-    let b_paths = VmPaths { dir: b_dir };
-    for f in [b_paths.log(), b_paths.metrics()] {
-        std::fs::write(f, b"").unwrap();
-    }
-    let (_sim_b, b) = sim_behind_recorder(dir, "b", recorded.clone()).await;
+    let (b_paths, jail_b) = jailed_vm(dir, "vm-b", 64_002, None, "nxtspec00000b");
+    std::fs::copy(&rootfs, b_paths.rootfs()).unwrap();
+    jail_b.link(&b_paths.rootfs(), inside::ROOTFS).unwrap();
+    jail_b.link_read_only(&jail_a.host("/run/snapshot.state"), inside::SNAPSHOT_STATE).unwrap();
+    jail_b.link_read_only(&jail_a.host("/run/snapshot.mem"), inside::SNAPSHOT_MEM).unwrap();
+    let (_sim_b, b) = sim_behind_recorder(dir, "b", &b_paths, &jail_b, recorded.clone()).await;
     b.put_logger(&Logger {
-        log_path: b_paths.log().display().to_string(),
+        log_path: inside::LOG.into(),
         level: Some("Info".into()),
         show_level: Some(true),
         show_log_origin: Some(false),
     })
     .await
     .unwrap();
-    b.put_metrics(&Metrics { metrics_path: b_paths.metrics().display().to_string() }).await.unwrap();
+    b.put_metrics(&Metrics { metrics_path: inside::METRICS.into() }).await.unwrap();
     b.load_snapshot(&SnapshotLoadParams {
-        snapshot_path: snapshot.snapshot_path.clone(),
-        mem_backend: MemoryBackend {
-            backend_type: MemoryBackendType::File,
-            backend_path: snapshot.mem_file_path.clone(),
-        },
+        snapshot_path: inside::SNAPSHOT_STATE.into(),
+        mem_backend: MemoryBackend { backend_type: MemoryBackendType::File, backend_path: inside::SNAPSHOT_MEM.into() },
         resume_vm: Some(true),
         track_dirty_pages: None,
         network_overrides: vec![NetworkOverride { iface_id: "eth0".into(), host_dev_name: "nxtspec00000b".into() }],
@@ -300,7 +315,20 @@ fn client_errors_carry_firecrackers_fault_message_and_say_whether_to_retry() {
     rt.block_on(async {
         let kernel = dir.path().join("vmlinux");
         std::fs::write(&kernel, b"k").unwrap();
-        let (mut sim, client) = sim_behind_recorder(dir.path(), "e", Recorded::default()).await;
+        // Unjailed: the client's errors do not depend on where the VMM runs.
+        let real = dir.path().join("e.sock");
+        let mut sim = std::process::Command::new(sim_binary())
+            .args(["--api-sock", &real.display().to_string(), "--id", "e"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = FcClient::new(&real);
+        for _ in 0..500 {
+            if client.describe_instance().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         client
             .put_boot_source(&BootSource {
                 kernel_image_path: kernel.display().to_string(),
@@ -344,9 +372,9 @@ fn client_errors_carry_firecrackers_fault_message_and_say_whether_to_retry() {
         assert!(started.elapsed() < Duration::from_secs(2));
 
         // SIGTERM ends the simulator as it ends Firecracker.
-        let pid = nix::unistd::Pid::from_raw(sim.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(sim.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let status = sim.child.wait().unwrap();
+        let status = sim.wait().unwrap();
         assert!(!status.success(), "terminated by the signal: {status:?}");
     });
 }

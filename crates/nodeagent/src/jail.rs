@@ -1,0 +1,414 @@
+//! Jails for VMMs. Each VMM runs as an unprivileged user of its own (one
+//! uid and gid per VM, from a configured range), chrooted into its VM's
+//! jail directory (`<vm dir>/root`), with no capabilities and
+//! `no_new_privs` set, in a mount namespace of its own where the few host
+//! files it needs are bind-mounted read-only.
+//!
+//! What a VMM sees (the same in every jail, so a snapshot taken in one
+//! restores in another):
+//!
+//! | path | what |
+//! |---|---|
+//! | `/firecracker` | the VMM binary (bind mount, read-only) |
+//! | `/kernel` | the guest kernel (bind mount, read-only) |
+//! | `/rootfs.ext4`, `/fc.log`, `/metrics.json` | hard links to the VM's private files, owned by the VM's user |
+//! | `/snapshot.state`, `/snapshot.mem` | a restored VM's snapshot files (hard links, read-only to it) |
+//! | `/run/` | the one directory it may create files in: its API socket, snapshots being written |
+//! | `/dev/kvm`, `/dev/net/tun` | device nodes on a private tmpfs, owned by the VM's user |
+//! | `/usr/lib`, `/lib`, ... | only for a dynamically linked binary: the host's libraries, read-only |
+//!
+//! The jail directory itself belongs to root and is read-only to the VMM:
+//! it can write into its files and `/run/`, but cannot replace a name the
+//! agent later opens with a link to a host file. Everything the agent reads
+//! (logs, metrics, the disk) it reads through its own names in the private
+//! VM directory, never through the jail.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::ops::RangeInclusive;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::paths::VmPaths;
+
+/// Paths as a jailed VMM sees them.
+pub mod inside {
+    pub const BINARY: &str = "/firecracker";
+    pub const KERNEL: &str = "/kernel";
+    pub const ROOTFS: &str = "/rootfs.ext4";
+    pub const LOG: &str = "/fc.log";
+    pub const METRICS: &str = "/metrics.json";
+    pub const API_SOCK: &str = "/run/fc.sock";
+    pub const SNAPSHOT_STATE: &str = "/snapshot.state";
+    pub const SNAPSHOT_MEM: &str = "/snapshot.mem";
+
+    /// Where the VMM writes snapshot `snap` before the agent moves it out.
+    pub fn staging(snap: &crate::paths::Uid) -> String {
+        format!("/run/snapshot-{snap}")
+    }
+}
+
+/// The host directories holding shared libraries, bind-mounted into the
+/// jail of a dynamically linked VMM binary (a static one gets none).
+const LIBRARY_DIRS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
+
+/// Failures setting up a jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("every VMM user id in {first}-{last} is taken; widen --vmm-uids")]
+    Exhausted { first: u32, last: u32 },
+    #[error("{what} {path} cannot be read by a VMM's user (mode {mode:o}); make it readable to others (chmod a+r)")]
+    Unreadable { what: &'static str, path: PathBuf, mode: u32 },
+    #[error("preparing the jail: {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("path {0} cannot be passed to the kernel")]
+    BadPath(PathBuf),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Io { what, source }
+}
+
+/// Parses `first-last` (inclusive) as a range of user ids.
+pub fn parse_uid_range(text: &str) -> Result<RangeInclusive<u32>, String> {
+    let (a, b) = text.split_once('-').ok_or_else(|| format!("{text:?} is not in first-last form"))?;
+    let first: u32 = a.trim().parse().map_err(|_| format!("{a:?} is not a user id"))?;
+    let last: u32 = b.trim().parse().map_err(|_| format!("{b:?} is not a user id"))?;
+    if first == 0 || last < first {
+        return Err(format!("{text:?}: the range must be non-empty and must not include 0 (root)"));
+    }
+    Ok(first..=last)
+}
+
+/// The user ids of this node's VMMs: one per VM, kept in the VM's
+/// directory (`vmm-uid`) for as long as the VM is on the node.
+#[derive(Debug)]
+pub struct Users {
+    range: RangeInclusive<u32>,
+    taken: Mutex<BTreeSet<u32>>,
+}
+
+impl Users {
+    /// The range `range`, with the ids VMs under `vms_dir` already hold.
+    pub fn new(range: RangeInclusive<u32>, vms_dir: &Path) -> Self {
+        let taken = std::fs::read_dir(vms_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| read_user(&e.path().join("vmm-uid")))
+            .collect();
+        Self { range, taken: Mutex::new(taken) }
+    }
+
+    /// The user id of the VM at `paths`: the one it holds, or the lowest
+    /// free one, recorded.
+    pub fn user_of(&self, paths: &VmPaths) -> Result<u32, JailError> {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(uid) = read_user(&paths.vmm_uid()) {
+            taken.insert(uid);
+            return Ok(uid);
+        }
+        let uid = self
+            .range
+            .clone()
+            .find(|u| !taken.contains(u))
+            .ok_or(JailError::Exhausted { first: *self.range.start(), last: *self.range.end() })?;
+        std::fs::write(paths.vmm_uid(), uid.to_string()).map_err(io("recording the VMM's user id"))?;
+        taken.insert(uid);
+        Ok(uid)
+    }
+
+    /// Frees the user id of the VM at `paths` (its directory is going).
+    pub fn release(&self, paths: &VmPaths) {
+        if let Some(uid) = read_user(&paths.vmm_uid()) {
+            self.taken.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+        }
+    }
+}
+
+fn read_user(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|u| *u != 0)
+}
+
+/// Whether the ELF file at `binary` names a program interpreter, that is,
+/// is dynamically linked (it then needs the host's libraries in its jail).
+pub fn is_dynamic(binary: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(binary)?.take(64 * 1024).read_to_end(&mut head)?;
+    if head.len() < 64 || &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        // Not a 64-bit little-endian ELF (a script, say): assume it needs them.
+        return Ok(true);
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().unwrap_or_default()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    Ok((0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        head.get(at..at + 4).is_some_and(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == PT_INTERP)
+    }))
+}
+
+/// The jail of one VMM launch.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    /// The jail directory on the host (`<vm dir>/root`).
+    pub root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// The VMM binary on the host.
+    pub binary: PathBuf,
+    /// The guest kernel on the host (none for a restore).
+    pub kernel: Option<PathBuf>,
+    /// Whether the binary needs the host's libraries.
+    pub dynamic: bool,
+}
+
+impl Jail {
+    /// Makes the jail directory and its mount points (all owned by root,
+    /// `/run/` by the VM's user). Safe to repeat.
+    pub fn prepare(&self) -> Result<(), JailError> {
+        if let Some(kernel) = &self.kernel {
+            check_readable("kernel", kernel)?;
+        }
+        check_readable("VMM binary", &self.binary)?;
+        mkdir(&self.root, 0o755, None)?;
+        mkdir(&self.root.join("run"), 0o700, Some((self.uid, self.gid)))?;
+        mkdir(&self.root.join("dev"), 0o755, None)?;
+        for point in [inside::BINARY, inside::KERNEL] {
+            let path = self.host(point);
+            if !path.exists() {
+                std::fs::write(&path, b"").map_err(io(format!("creating {}", path.display())))?;
+            }
+        }
+        if self.dynamic {
+            for dir in LIBRARY_DIRS {
+                let host = Path::new(dir);
+                let Ok(meta) = std::fs::symlink_metadata(host) else { continue };
+                let at = self.host(dir);
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(host).map_err(io(format!("reading {dir}")))?;
+                    if std::fs::read_link(&at).ok().as_deref() != Some(target.as_path()) {
+                        let _ = std::fs::remove_file(&at);
+                        std::os::unix::fs::symlink(&target, &at).map_err(io(format!("linking {}", at.display())))?;
+                    }
+                } else if meta.is_dir() {
+                    std::fs::create_dir_all(&at).map_err(io(format!("creating {}", at.display())))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `inside` (a path as the VMM sees it) on the host.
+    pub fn host(&self, inside: &str) -> PathBuf {
+        self.root.join(inside.trim_start_matches('/'))
+    }
+
+    /// Makes `private` (a file in the VM directory, owned by the VM's user
+    /// from now on) visible in the jail at `inside`, by a hard link.
+    pub fn link(&self, private: &Path, inside: &str) -> Result<(), JailError> {
+        let at = self.host(inside);
+        std::os::unix::fs::chown(private, Some(self.uid), Some(self.gid))
+            .map_err(io(format!("giving {} to the VMM's user", private.display())))?;
+        let _ = std::fs::remove_file(&at);
+        std::fs::hard_link(private, &at).map_err(io(format!("linking {} into the jail", private.display())))
+    }
+
+    /// Makes the files of a snapshot readable in the jail (hard links: the
+    /// snapshot's directory and the run directory share a filesystem).
+    pub fn link_read_only(&self, file: &Path, inside: &str) -> Result<(), JailError> {
+        let at = self.host(inside);
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+            .map_err(io(format!("opening {} to VMM users", file.display())))?;
+        let _ = std::fs::remove_file(&at);
+        std::fs::hard_link(file, &at).map_err(io(format!("linking {} into the jail", file.display())))
+    }
+
+    /// The system calls to make between fork and exec, prepared in advance
+    /// (the child may not allocate).
+    pub fn entry(&self, own_netns: bool) -> Result<Entry, JailError> {
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(p.to_path_buf()));
+        let mut binds = vec![(c(&self.binary)?, c(&self.host(inside::BINARY))?)];
+        if let Some(kernel) = &self.kernel {
+            binds.push((c(kernel)?, c(&self.host(inside::KERNEL))?));
+        }
+        if self.dynamic {
+            for dir in LIBRARY_DIRS {
+                let host = Path::new(dir);
+                if std::fs::symlink_metadata(host).is_ok_and(|m| m.is_dir()) {
+                    binds.push((c(host)?, c(&self.host(dir))?));
+                }
+            }
+        }
+        let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(63);
+        Ok(Entry {
+            namespaces: if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS },
+            slash: c(Path::new("/"))?,
+            binds,
+            root: c(&self.root)?,
+            dev: c(&self.host("/dev"))?,
+            dev_net: c(&self.host("/dev/net"))?,
+            kvm: c(&self.host("/dev/kvm"))?,
+            tun: c(&self.host("/dev/net/tun"))?,
+            tmpfs: c(Path::new("tmpfs"))?,
+            tmpfs_options: CString::new("mode=755,size=64k").unwrap_or_default(),
+            uid: self.uid,
+            gid: self.gid,
+            last_cap,
+        })
+    }
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), JailError> {
+    let mode = std::fs::metadata(path).map_err(io(format!("reading {what} {}", path.display())))?.permissions().mode();
+    if mode & 0o004 == 0 {
+        return Err(JailError::Unreadable { what, path: path.to_path_buf(), mode: mode & 0o7777 });
+    }
+    Ok(())
+}
+
+fn mkdir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), JailError> {
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    if !meta.is_dir() {
+        return Err(io(format!("{} is not a directory", path.display()))(std::io::ErrorKind::AlreadyExists.into()));
+    }
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(format!("owning {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("mode of {}", path.display())))
+}
+
+/// The steps into a jail, run in the child between fork and exec.
+#[derive(Debug)]
+pub struct Entry {
+    namespaces: libc::c_int,
+    slash: CString,
+    binds: Vec<(CString, CString)>,
+    root: CString,
+    dev: CString,
+    dev_net: CString,
+    kvm: CString,
+    tun: CString,
+    tmpfs: CString,
+    tmpfs_options: CString,
+    uid: u32,
+    gid: u32,
+    last_cap: u32,
+}
+
+fn check(ret: libc::c_int) -> std::io::Result<()> {
+    if ret == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+impl Entry {
+    /// Enters the jail: new namespaces, the bind mounts, a private `/dev`,
+    /// chroot, then the VM's user without capabilities.
+    ///
+    /// # Safety
+    /// Only to be called in a freshly forked child before exec: it makes
+    /// system calls on the prepared strings and nothing else.
+    pub unsafe fn enter(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: every pointer is to a NUL-terminated string owned by
+        // `self` or null where the call allows it.
+        unsafe {
+            check(libc::unshare(self.namespaces))?;
+            // Keep the jail's mounts from propagating back to the host.
+            check(libc::mount(null, self.slash.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            for (src, dst) in &self.binds {
+                check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+                let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
+                check(libc::mount(null, dst.as_ptr(), null, ro, std::ptr::null()))?;
+            }
+            check(libc::mount(
+                self.tmpfs.as_ptr(),
+                self.dev.as_ptr(),
+                self.tmpfs.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                self.tmpfs_options.as_ptr().cast(),
+            ))?;
+            check(libc::mkdir(self.dev_net.as_ptr(), 0o755))?;
+            for (node, minor) in [(&self.kvm, 232), (&self.tun, 200)] {
+                check(libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, minor)))?;
+                check(libc::chown(node.as_ptr(), self.uid, self.gid))?;
+            }
+            check(libc::chroot(self.root.as_ptr()))?;
+            check(libc::chdir(self.slash.as_ptr()))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            for cap in 0..=self.last_cap {
+                check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
+            }
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(self.gid, self.gid, self.gid))?;
+            // Leaving uid 0 without SECBIT_KEEP_CAPS clears the permitted,
+            // effective and ambient sets.
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_ranges_exclude_root_and_empty_ranges() {
+        assert_eq!(parse_uid_range("1000000-1065535").unwrap(), 1_000_000..=1_065_535);
+        for bad in ["0-10", "10-5", "10", "a-b"] {
+            assert!(parse_uid_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_vm_gets_the_lowest_free_user_and_keeps_it_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = |n: &str| {
+            let p = VmPaths { dir: dir.path().join(n) };
+            std::fs::create_dir_all(&p.dir).unwrap();
+            p
+        };
+        let (a, b, c) = (vm("a"), vm("b"), vm("c"));
+        let users = Users::new(5000..=5001, dir.path());
+        assert_eq!(users.user_of(&a).unwrap(), 5000);
+        assert_eq!(users.user_of(&b).unwrap(), 5001);
+        assert_eq!(users.user_of(&a).unwrap(), 5000, "a VM keeps its user");
+        assert!(matches!(users.user_of(&c), Err(JailError::Exhausted { .. })));
+        // A restarted agent knows which are taken.
+        let again = Users::new(5000..=5001, dir.path());
+        assert!(again.user_of(&c).is_err());
+        again.release(&a);
+        std::fs::remove_dir_all(&a.dir).unwrap();
+        assert_eq!(again.user_of(&c).unwrap(), 5000);
+    }
+
+    #[test]
+    fn a_dynamically_linked_binary_is_told_from_a_static_one() {
+        // This test binary is linked as the workspace is: dynamically.
+        let me = std::env::current_exe().unwrap();
+        assert!(is_dynamic(&me).unwrap());
+        // A minimal static ELF: header only, no program headers.
+        let dir = tempfile::tempdir().unwrap();
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        std::fs::write(dir.path().join("static"), &elf).unwrap();
+        assert!(!is_dynamic(&dir.path().join("static")).unwrap());
+    }
+}
