@@ -10,6 +10,7 @@ pub mod disk;
 pub mod error;
 pub mod exits;
 pub mod firecracker;
+pub mod hostcheck;
 pub mod images;
 pub mod ipam;
 pub mod jail;

@@ -17,6 +17,8 @@ use nexus_nodeagent::vms::{Runtime, RuntimeConfig};
 #[derive(Debug, Parser)]
 #[command(name = "nexus-nodeagent", version, about = "The nexus node agent")]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// URL of the apiserver.
     #[arg(long, env = "NEXUS_SERVER", default_value = "https://127.0.0.1:7443")]
     apiserver: String,
@@ -61,10 +63,10 @@ struct Args {
     image_roots: Vec<PathBuf>,
     /// User ids VMMs run as, `first-last`: each VM's VMM gets one of its
     /// own (and the same group id), for as long as the VM is on the node.
-    #[arg(long, env = "NEXUS_VMM_UIDS", default_value = "1000000-1065535", value_parser = nexus_nodeagent::jail::parse_uid_range)]
+    #[arg(long, global = true, env = "NEXUS_VMM_UIDS", default_value = "1000000-1065535", value_parser = nexus_nodeagent::jail::parse_uid_range)]
     vmm_uids: std::ops::RangeInclusive<u32>,
     /// Directory for VM run directories (sockets, logs, disks).
-    #[arg(long, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
+    #[arg(long, global = true, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
     run_dir: PathBuf,
     /// Bridge the VMs' TAP devices are attached to.
     #[arg(long, default_value = "nxbr0")]
@@ -73,7 +75,7 @@ struct Args {
     #[arg(long, default_value = "172.30.0.1/24")]
     bridge_address: String,
     /// The VMM binary: `firecracker`, or `firecracker-sim` for tests.
-    #[arg(long, env = "NEXUS_FIRECRACKER", default_value = "firecracker")]
+    #[arg(long, global = true, env = "NEXUS_FIRECRACKER", default_value = "firecracker")]
     firecracker: PathBuf,
     /// Most VMs this node accepts.
     #[arg(long, default_value_t = 100)]
@@ -106,9 +108,27 @@ struct Args {
     teardown_network: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Check whether this host can run VMs (KVM, TUN, the VMM binary, NAT,
+    /// reflinks, cgroups, the VMM uid range, privileges) and say what to
+    /// fix; exits 1 when VMs cannot run.
+    Check,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Check) = args.command {
+        use nexus_nodeagent::hostcheck;
+        let findings = hostcheck::check(&hostcheck::Target {
+            firecracker: args.firecracker.clone(),
+            run_dir: args.run_dir.clone(),
+            vmm_uids: args.vmm_uids.clone(),
+        });
+        print!("{}", hostcheck::render(&findings));
+        std::process::exit(if findings.iter().any(|f| f.verdict == hostcheck::Verdict::Fail) { 1 } else { 0 });
+    }
     let _telemetry = nexus_telemetry::init("nexus-nodeagent", "info", args.otlp_endpoint.as_deref())?;
     let bridge_address = match args.bridge_address.as_str() {
         "none" => None,
