@@ -47,6 +47,13 @@ pub struct EnsureVm {
     /// before use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_sha256: Option<String>,
+    /// Where the node downloads the kernel when its copy is missing or does
+    /// not match `kernel_sha256`: a URL, or a path on the apiserver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_source: Option<String>,
+    /// The same for the root filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_source: Option<String>,
 }
 
 /// A snapshot on the same node to start a VM from.

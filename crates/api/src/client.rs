@@ -353,6 +353,26 @@ impl Client {
         Ok(resp.bytes_stream().map_err(move |source| transport_error(&url, source)))
     }
 
+    /// Uploads `file` (`len` bytes) as the body of `PUT path`, streamed
+    /// (an Image's file: `.../images/{name}/content`).
+    pub async fn put_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<T, ClientError> {
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let req = self
+            .request(reqwest::Method::PUT, path)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body)
+            // A large file takes its time; a stalled upload still ends.
+            .timeout(Duration::from_secs(3600));
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        decode(resp).await
+    }
+
     /// Server version information (`GET /version`).
     pub async fn version(&self) -> Result<serde_json::Value, ClientError> {
         self.send(self.request(reqwest::Method::GET, "/version")).await

@@ -23,6 +23,41 @@ pub struct ImageSpec {
     /// Expected SHA-256 of the file, as 64 lower-case hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// Where nodes get the file when theirs is missing or does not match
+    /// `sha256` (which a source requires): they download it to `path`,
+    /// check it, and only then use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImageSource>,
+}
+
+/// Where nodes download an image from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSource {
+    /// An `http://` or `https://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The file was uploaded to the apiserver (`nexusctl image import`):
+    /// nodes download it from `.../images/{name}/content`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uploaded: bool,
+}
+
+impl ImageSource {
+    /// Where a node downloads the file of Image `name` in `project`: an
+    /// absolute URL, or a path on the apiserver (starting with `/v1/`).
+    pub fn location(&self, project: &str, name: &str) -> Option<String> {
+        match (&self.url, self.uploaded) {
+            (Some(url), _) => Some(url.clone()),
+            (None, true) => Some(content_path(project, name)),
+            (None, false) => None,
+        }
+    }
+}
+
+/// The apiserver path of an Image's uploaded file.
+pub fn content_path(project: &str, name: &str) -> String {
+    format!("/v1/projects/{project}/images/{name}/content")
 }
 
 /// Kinds of image.
@@ -81,6 +116,40 @@ impl ResourceSpec for ImageSpec {
             && !(sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
         {
             errors.add("spec.sha256", sum, "must be 64 lower-case hex digits (the output of sha256sum)");
+        }
+        if let Some(source) = &self.source {
+            if self.sha256.is_none() {
+                errors.add(
+                    "spec.sha256",
+                    "",
+                    "is required with spec.source: nodes check what they download against it",
+                );
+            }
+            match (&source.url, source.uploaded) {
+                (Some(_), true) => errors.add(
+                    "spec.source",
+                    "url and uploaded",
+                    "give one: a URL, or uploaded: true for a file in the apiserver",
+                ),
+                (None, false) => errors.add(
+                    "spec.source",
+                    "{}",
+                    "give url: https://... or uploaded: true (set by nexusctl image import)",
+                ),
+                (Some(url), false) => {
+                    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                        && url.len() <= 2048
+                        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+                    if !ok {
+                        errors.add(
+                            "spec.source.url",
+                            url,
+                            "must be an http:// or https:// URL without spaces, at most 2048 characters",
+                        );
+                    }
+                }
+                (None, true) => {}
+            }
         }
     }
 }

@@ -237,6 +237,8 @@ pub fn decide(subject: &Subject, grants: &Grants, req: &Request<'_>) -> Result<(
             let mine = req.kind == "Node" && req.name == own;
             return match req.verb {
                 Verb::Get | Verb::List | Verb::Watch if req.kind == "Node" => Ok(()),
+                // A node downloads the files of the Images its VMs use.
+                Verb::Get if req.kind == "Image" => Ok(()),
                 Verb::Create | Verb::UpdateStatus if mine => Ok(()),
                 Verb::Update if req.kind == special::NODE_CREDENTIAL && req.name == own => Ok(()),
                 _ => deny("a node writes its own Node's status and nothing else"),

@@ -244,6 +244,13 @@ pub struct ResolvedConfig {
     /// The sha256 the root filesystem's Image names, checked by the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_sha256: Option<String>,
+    /// Where the node downloads the kernel when its copy is missing or wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_source: Option<String>,
+    /// Where the node downloads the root filesystem when its copy is
+    /// missing or wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_source: Option<String>,
     pub boot_args: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,

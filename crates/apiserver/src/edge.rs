@@ -126,7 +126,9 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         .into_response();
     }
     let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
-    if writes && has_body(&req) && !is_json(&req) {
+    // An Image's file is the one body that is not JSON.
+    let file_upload = *req.method() == Method::PUT && req.uri().path().ends_with("/content");
+    if writes && has_body(&req) && !is_json(&req) && !file_upload {
         return ApiError::UnsupportedMediaType.into_response();
     }
     next.run(req).await

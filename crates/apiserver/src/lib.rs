@@ -4,6 +4,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod content;
 pub mod edge;
 pub mod error;
 pub mod events;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub agents: Option<std::sync::Arc<observe::Agents>>,
     /// `/readyz` asks only for storage, not also for a Ready node.
     pub ready_without_nodes: bool,
+    /// Where uploaded Image files are kept (`None`: uploads answer 503).
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -81,6 +84,7 @@ impl AppState {
             cors_origins: Vec::new(),
             agents: None,
             ready_without_nodes: true,
+            blob_dir: None,
         }
     }
 }
@@ -124,6 +128,7 @@ pub fn app(state: AppState) -> Router {
     let router = all_kind_routes()
         .merge(access::routes())
         .merge(observe::routes())
+        .merge(content::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))

@@ -84,6 +84,11 @@ struct Args {
     /// node (for an apiserver that serves no VMs yet, or in tests).
     #[arg(long)]
     ready_without_nodes: bool,
+    /// Where files uploaded for Images are kept (default: `blobs` in the
+    /// data directory). Several apiservers on one database need one shared
+    /// directory.
+    #[arg(long, env = "NEXUS_BLOB_DIR")]
+    blob_dir: Option<PathBuf>,
     /// Export spans as OpenTelemetry traces to this OTLP/HTTP collector
     /// (`http://host:4318`; off when unset).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -218,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("dev mode: admins may name raw host paths as kernels and disks (--allow-raw-paths)");
     }
     state.ready_without_nodes = args.ready_without_nodes;
+    state.blob_dir = Some(args.blob_dir.clone().unwrap_or_else(|| args.data_dir.join("blobs")));
     tokio::spawn(nexus_apiserver::events::expire_loop(
         state.store.clone(),
         args.event_ttl,

@@ -2,6 +2,8 @@
 //! systemd units it writes, the units checked by `systemd-analyze verify`,
 //! and the host check the installed agent prints.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 

@@ -139,6 +139,8 @@ fn request(uid: &str) -> EnsureVm {
         restart_policy: Default::default(),
         kernel_sha256: None,
         rootfs_sha256: None,
+        kernel_source: None,
+        rootfs_source: None,
     }
 }
 

@@ -34,7 +34,7 @@ impl Failure {
     pub fn usage(message: impl Into<String>) -> Self {
         Failure { code: 2, message: message.into() }
     }
-    fn api(e: &ClientError) -> Self {
+    pub fn api(e: &ClientError) -> Self {
         Failure::error(render::client_error(e))
     }
 }

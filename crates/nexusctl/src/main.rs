@@ -7,6 +7,7 @@ mod apply;
 mod commands;
 mod config;
 mod explain;
+mod import;
 mod jsonpath;
 mod kinds;
 mod manifest;
@@ -45,6 +46,31 @@ struct Cli {
     request_id: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Make Image NAME from a root filesystem directory, a tarball (plain or
+    /// gzip), an OCI image layout or an ext4 file (or, with --type Kernel,
+    /// a kernel), and upload it: nodes download it when a VM needs it and
+    /// check its sha256. Building an ext4 image needs mkfs.ext4 (e2fsprogs).
+    Import {
+        name: String,
+        /// The directory, tarball, OCI layout directory or file.
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// Rootfs, Kernel or Initrd.
+        #[arg(long = "type", default_value = "Rootfs", value_parser = ["Rootfs", "Kernel", "Initrd"])]
+        type_: String,
+        /// Size of the ext4 image in MiB (default: its content and a margin).
+        #[arg(long)]
+        size_mib: Option<u64>,
+        /// Where nodes keep the file (default:
+        /// /var/lib/nexus/images/PROJECT/NAME-SHA.ext4); must be under their
+        /// --image-root.
+        #[arg(long)]
+        node_path: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +189,9 @@ enum Command {
     /// Manage contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Images: import a root filesystem or a kernel.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Create, list, revoke and rotate API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -449,6 +478,15 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Top(TopCommand::Nodes) => observe::top_nodes(&ctx).await,
         Command::Version => commands::version(&ctx).await,
         Command::Whoami => access::whoami(&ctx).await,
+        Command::Image(ImageCommand::Import { name, from, type_, size_mib, node_path }) => {
+            let type_ = match type_.as_str() {
+                "Kernel" => nexus_api::image::ImageType::Kernel,
+                "Initrd" => nexus_api::image::ImageType::Initrd,
+                _ => nexus_api::image::ImageType::Rootfs,
+            };
+            let o = import::ImportOptions { from, type_, size_mib: *size_mib, node_path: node_path.as_deref() };
+            import::import(&ctx, name, &o).await
+        }
         Command::Token(t) => match t {
             TokenCommand::Create { subject, description, ttl, output } => {
                 access::create(&ctx, subject.as_deref(), description, ttl.as_deref(), output).await

@@ -63,6 +63,34 @@ impl ImageRoots {
     }
 }
 
+impl ImageRoots {
+    /// Where a download of `path` (from field `field`) may be written: an
+    /// absolute path of plain components under a root, whose directory, once
+    /// made, resolves under that root too.
+    pub fn target(&self, field: &str, path: &str) -> Result<PathBuf, AgentError> {
+        use std::path::Component;
+        let p = Path::new(path);
+        let refuse = |why: &str| {
+            AgentError::Forbidden(format!("{field} {path:?} {why}; downloads go under {}", self.list().join(", ")))
+        };
+        if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+            return Err(refuse("is not a plain absolute path"));
+        }
+        let Some(root) = self.0.iter().find(|root| p.starts_with(root) && p != root.as_path()) else {
+            return Err(refuse("is outside the image roots"));
+        };
+        let dir = p.parent().unwrap_or(root);
+        std::fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        if !dir.canonicalize().is_ok_and(|real| real.starts_with(root)) {
+            return Err(refuse("leads out of the image roots through a symlink"));
+        }
+        if std::fs::symlink_metadata(p).is_ok_and(|m| !m.file_type().is_file()) {
+            return Err(refuse("is there and is not a regular file"));
+        }
+        Ok(p.to_path_buf())
+    }
+}
+
 /// A file as it was when it was hashed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {

@@ -9,6 +9,7 @@ pub mod dirwatch;
 pub mod disk;
 pub mod error;
 pub mod exits;
+pub mod fetch;
 pub mod firecracker;
 pub mod hostcheck;
 pub mod images;

@@ -161,6 +161,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    // The node's client of the apiserver; its token is set once the node
+    // has one (below), and rotations reach every clone.
+    let api = nexus_api::client::Client::with_trust(&args.apiserver, None, trust);
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
             run_dir,
@@ -172,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             scopes,
             image_roots: nexus_nodeagent::images::ImageRoots::new(&args.image_roots),
             vmm_uids: args.vmm_uids.clone(),
+            api: Some(api.clone()),
         },
         net,
     ));
@@ -194,7 +198,6 @@ async fn main() -> anyhow::Result<()> {
     };
     // The API answers at once; the node's identity is established beside
     // it (the apiserver may not be up yet).
-    let api = nexus_api::client::Client::with_trust(&args.apiserver, None, trust);
     let heartbeat = Duration::from_secs(args.heartbeat_secs.max(1));
     let rotation = Duration::from_secs(args.credential_rotation_secs.max(1));
     let (state_dir, join_file, cred) = (args.state_dir.clone(), args.join_token_file.clone(), credential.clone());

@@ -42,6 +42,9 @@ pub struct RuntimeConfig {
     pub image_roots: crate::images::ImageRoots,
     /// The user ids VMMs run as, one per VM.
     pub vmm_uids: std::ops::RangeInclusive<u32>,
+    /// The apiserver, for Image files uploaded there (`None`: only Images
+    /// with a URL source can be downloaded).
+    pub api: Option<nexus_api::client::Client>,
 }
 
 /// Owns every VM on this host.
@@ -55,6 +58,8 @@ pub struct Runtime {
     reflink: bool,
     /// Checks images against the checksums their Images name.
     verifier: crate::images::Verifier,
+    /// Downloads images this node lacks or holds a bad copy of.
+    fetcher: crate::fetch::Fetcher,
     /// The VMs' metrics, sampled by `collect_metrics`.
     metrics: crate::vm_metrics::Collector,
     /// The VMMs' user ids.
@@ -85,6 +90,7 @@ impl Runtime {
         Self {
             users: crate::jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms()),
             vmms: process::Vmms::new(&cfg.run_dir, &cfg.firecracker),
+            fetcher: crate::fetch::Fetcher::new(cfg.api.clone()),
             dynamic,
             cfg,
             net,
@@ -481,16 +487,45 @@ impl Runtime {
     /// them against their Images' checksums, before a VMM opens them.
     /// Returns the kernel's path on the host.
     async fn check_images(&self, req: &EnsureVm) -> Result<PathBuf, AgentError> {
-        let roots = &self.cfg.image_roots;
-        let kernel = roots.check("kernel", &req.kernel_path)?;
-        let rootfs = roots.check("rootfs", &req.rootfs_path)?;
-        if let Some(sum) = &req.kernel_sha256 {
-            self.verifier.verify("kernel", &kernel, sum).await?;
-        }
-        if let Some(sum) = &req.rootfs_sha256 {
-            self.verifier.verify("rootfs", &rootfs, sum).await?;
-        }
+        let kernel =
+            self.image("kernel", &req.kernel_path, req.kernel_sha256.as_deref(), req.kernel_source.as_deref()).await?;
+        self.image("rootfs", &req.rootfs_path, req.rootfs_sha256.as_deref(), req.rootfs_source.as_deref()).await?;
         Ok(kernel)
+    }
+
+    /// The image at `path`, confined and checked; one with a source that
+    /// is missing here or does not match `sha256` is downloaded first.
+    async fn image(
+        &self,
+        field: &str,
+        path: &str,
+        sha256: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<PathBuf, AgentError> {
+        let roots = &self.cfg.image_roots;
+        let (Some(sum), Some(source)) = (sha256, source) else {
+            let real = roots.check(field, path)?;
+            if let Some(sum) = sha256 {
+                self.verifier.verify(field, &real, sum).await?;
+            }
+            return Ok(real);
+        };
+        let _held = self.fetcher.hold(Path::new(path)).await;
+        if std::fs::symlink_metadata(path).is_ok() {
+            let real = roots.check(field, path)?;
+            match self.verifier.verify(field, &real, sum).await {
+                Ok(()) => return Ok(real),
+                Err(AgentError::ImageInvalid(why)) => {
+                    tracing::warn!(field, path, %why, "this node's copy of the image is corrupt; downloading it again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let target = roots.target(field, path)?;
+        self.fetcher.fetch(field, &target, source, sum).await?;
+        let real = roots.check(field, path)?;
+        self.verifier.verify(field, &real, sum).await?;
+        Ok(real)
     }
 
     /// Takes snapshot `snap` of the VM the request names (see

@@ -177,6 +177,8 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         restart_policy: Default::default(),
         kernel_sha256: None,
         rootfs_sha256: None,
+        kernel_source: None,
+        rootfs_source: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.

@@ -88,6 +88,8 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         rootfs_image: rootfs.image,
         kernel_sha256: kernel.sha256,
         rootfs_sha256: rootfs.sha256,
+        kernel_source: kernel.source,
+        rootfs_source: rootfs.source,
         boot_args: spec
             .boot_args
             .clone()
@@ -138,6 +140,8 @@ struct Resolved {
     /// `name@generation` of the Image, when one was named.
     image: Option<String>,
     sha256: Option<String>,
+    /// Where the node downloads it (an Image with a source).
+    source: Option<String>,
 }
 
 /// What a kernel or rootfs reference stands for: itself when it is a host
@@ -150,7 +154,7 @@ fn image_path(
     want: ImageType,
 ) -> Result<Resolved, Unresolved> {
     if reference.starts_with('/') {
-        return Ok(Resolved { path: reference.to_string(), image: None, sha256: None });
+        return Ok(Resolved { path: reference.to_string(), image: None, sha256: None, source: None });
     }
     let name = reference.to_string();
     let image = stores.images.get_named(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
@@ -173,6 +177,7 @@ fn image_path(
         path: image.spec.path.clone(),
         image: Some(format!("{}@{}", image.name(), image.metadata.generation.unwrap_or_default())),
         sha256: image.spec.sha256.clone(),
+        source: image.spec.source.as_ref().and_then(|s| s.location(project, image.name())),
     })
 }
 
@@ -214,9 +219,11 @@ mod tests {
         );
         t.metadata.generation = Some(3);
         stores.templates.record_write(t);
-        let kernel = ImageSpec { type_: ImageType::Kernel, path: "/images/vmlinux-6.1".into(), sha256: None };
+        let kernel =
+            ImageSpec { type_: ImageType::Kernel, path: "/images/vmlinux-6.1".into(), sha256: None, source: None };
         stores.images.record_write(Image::new("vmlinux", Some("p"), kernel));
-        let rootfs = ImageSpec { type_: ImageType::Rootfs, path: "/images/debian.ext4".into(), sha256: None };
+        let rootfs =
+            ImageSpec { type_: ImageType::Rootfs, path: "/images/debian.ext4".into(), sha256: None, source: None };
         stores.images.record_write(Image::new("debian", Some("p"), rootfs.clone()));
         let mut bad = Image::new("broken", Some("p"), rootfs);
         bad.status = Some(ImageStatus {

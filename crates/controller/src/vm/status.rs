@@ -33,6 +33,8 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         restart_policy: vm.spec.restart_policy,
         kernel_sha256: config.kernel_sha256.clone(),
         rootfs_sha256: config.rootfs_sha256.clone(),
+        kernel_source: config.kernel_source.clone(),
+        rootfs_source: config.rootfs_source.clone(),
     }
 }
 
