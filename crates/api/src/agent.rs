@@ -54,6 +54,13 @@ pub struct EnsureVm {
     /// The same for the root filesystem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_source: Option<String>,
+    /// Host path of the initial ramdisk, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_source: Option<String>,
 }
 
 /// A snapshot on the same node to start a VM from.

@@ -167,6 +167,7 @@ mod tests {
             "big",
             Some("p"),
             TemplateSpec {
+                initrd: None,
                 vcpu: 4,
                 mem_mib: 4096,
                 kernel: "k".into(),

@@ -28,6 +28,10 @@ pub struct TemplateSpec {
     /// Root filesystem: the name of a `Rootfs` Image in the template's
     /// project, or an absolute host path (dev mode).
     pub rootfs: String,
+    /// Initial ramdisk: the name of an `Initrd` Image, or an absolute host
+    /// path (dev mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,15 +64,21 @@ impl ResourceSpec for TemplateSpec {
     ];
 
     fn host_paths(&self) -> Vec<(&'static str, String)> {
-        [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs)]
-            .into_iter()
-            .filter(|(_, v)| v.starts_with('/'))
-            .map(|(f, v)| (f, v.clone()))
-            .collect()
+        [
+            ("spec.kernel", Some(&self.kernel)),
+            ("spec.rootfs", Some(&self.rootfs)),
+            ("spec.initrd", self.initrd.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(f, v)| v.filter(|v| v.starts_with('/')).map(|v| (f, v.clone())))
+        .collect()
     }
 
     fn validate(&self, errors: &mut FieldErrors) {
         validate_machine(errors, Some(self.vcpu), Some(self.mem_mib), Some(&self.kernel), Some(&self.rootfs));
+        if let Some(initrd) = &self.initrd {
+            crate::vm::validate_image_ref(errors, "spec.initrd", initrd);
+        }
         if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
             crate::vm::validate_ip_request(errors, "spec.network.ip", ip);
         }

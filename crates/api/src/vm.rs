@@ -47,6 +47,11 @@ pub struct VmSpec {
     /// copy; the image itself is never written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<String>,
+    /// Initial ramdisk, for kernels that load their drivers from one: the
+    /// name of an `Initrd` Image in the VM's project, or an absolute host
+    /// path (dev mode). Defaults to the template's; none when neither sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
     /// Kernel command line; defaults to the template's, then to `DEFAULT_BOOT_ARGS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
@@ -251,6 +256,16 @@ pub struct ResolvedConfig {
     /// missing or wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_source: Option<String>,
+    /// The initial ramdisk, when there is one: its host path, Image,
+    /// sha256 and source, as for the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_source: Option<String>,
     pub boot_args: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -341,7 +356,7 @@ impl ResourceSpec for VmSpec {
     ];
 
     fn host_paths(&self) -> Vec<(&'static str, String)> {
-        [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs)]
+        [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs), ("spec.initrd", &self.initrd)]
             .into_iter()
             .filter_map(|(f, v)| v.as_ref().filter(|v| v.starts_with('/')).map(|v| (f, v.clone())))
             .collect()
@@ -370,6 +385,7 @@ impl ResourceSpec for VmSpec {
                 ("spec.memMib", self.mem_mib.is_some()),
                 ("spec.kernel", self.kernel.is_some()),
                 ("spec.rootfs", self.rootfs.is_some()),
+                ("spec.initrd", self.initrd.is_some()),
                 ("spec.bootArgs", self.boot_args.is_some()),
                 ("spec.network", self.network.is_some()),
             ];
@@ -396,6 +412,9 @@ impl ResourceSpec for VmSpec {
             }
         }
         validate_machine(errors, self.vcpu, self.mem_mib, self.kernel.as_deref(), self.rootfs.as_deref());
+        if let Some(initrd) = &self.initrd {
+            validate_image_ref(errors, "spec.initrd", initrd);
+        }
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);
         }

@@ -19,6 +19,7 @@ fn template(name: &str, vcpu: u8) -> Template {
         name,
         Some("default"),
         TemplateSpec {
+            initrd: None,
             vcpu,
             mem_mib: 128,
             kernel: "/k".into(),

@@ -141,6 +141,9 @@ fn request(uid: &str) -> EnsureVm {
         rootfs_sha256: None,
         kernel_source: None,
         rootfs_source: None,
+        initrd_path: None,
+        initrd_sha256: None,
+        initrd_source: None,
     }
 }
 

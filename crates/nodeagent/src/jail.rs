@@ -10,7 +10,7 @@
 //! | path | what |
 //! |---|---|
 //! | `/firecracker` | the VMM binary (bind mount, read-only) |
-//! | `/kernel` | the guest kernel (bind mount, read-only) |
+//! | `/kernel`, `/initrd` | the guest kernel and its initial ramdisk, if any (bind mounts, read-only) |
 //! | `/rootfs.ext4`, `/fc.log`, `/metrics.json` | hard links to the VM's private files, owned by the VM's user |
 //! | `/snapshot.state`, `/snapshot.mem` | a restored VM's snapshot files (hard links, read-only to it) |
 //! | `/run/` | the one directory it may create files in: its API socket, snapshots being written |
@@ -37,6 +37,7 @@ use crate::paths::VmPaths;
 pub mod inside {
     pub const BINARY: &str = "/firecracker";
     pub const KERNEL: &str = "/kernel";
+    pub const INITRD: &str = "/initrd";
     pub const ROOTFS: &str = "/rootfs.ext4";
     pub const LOG: &str = "/fc.log";
     pub const METRICS: &str = "/metrics.json";
@@ -168,6 +169,8 @@ pub struct Jail {
     pub binary: PathBuf,
     /// The guest kernel on the host (none for a restore).
     pub kernel: Option<PathBuf>,
+    /// Its initial ramdisk, when the VM has one.
+    pub initrd: Option<PathBuf>,
     /// Whether the binary needs the host's libraries.
     pub dynamic: bool,
 }
@@ -179,11 +182,14 @@ impl Jail {
         if let Some(kernel) = &self.kernel {
             check_readable("kernel", kernel)?;
         }
+        if let Some(initrd) = &self.initrd {
+            check_readable("initrd", initrd)?;
+        }
         check_readable("VMM binary", &self.binary)?;
         mkdir(&self.root, 0o755, None)?;
         mkdir(&self.root.join("run"), 0o700, Some((self.uid, self.gid)))?;
         mkdir(&self.root.join("dev"), 0o755, None)?;
-        for point in [inside::BINARY, inside::KERNEL] {
+        for point in [inside::BINARY, inside::KERNEL, inside::INITRD] {
             let path = self.host(point);
             if !path.exists() {
                 std::fs::write(&path, b"").map_err(io(format!("creating {}", path.display())))?;
@@ -240,6 +246,9 @@ impl Jail {
         let mut binds = vec![(c(&self.binary)?, c(&self.host(inside::BINARY))?)];
         if let Some(kernel) = &self.kernel {
             binds.push((c(kernel)?, c(&self.host(inside::KERNEL))?));
+        }
+        if let Some(initrd) = &self.initrd {
+            binds.push((c(initrd)?, c(&self.host(inside::INITRD))?));
         }
         if self.dynamic {
             for dir in LIBRARY_DIRS {

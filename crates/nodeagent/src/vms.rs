@@ -307,11 +307,12 @@ impl Runtime {
         remove_if_exists(&paths.started())?;
         // Checked before anything is made for it.
         let restore = req.restore.as_ref().map(|from| crate::snapshots::source(&self.cfg.run_dir, from)).transpose()?;
-        let kernel = match restore {
-            Some(_) => None,
+        let (kernel, initrd) = match restore {
+            Some(_) => (None, None),
             None => {
                 remove_if_exists(&paths.restored())?;
-                Some(self.check_images(req).await?)
+                let (kernel, initrd) = self.check_images(req).await?;
+                (Some(kernel), initrd)
             }
         };
         let user = self.users.user_of(paths).map_err(|e| AgentError::Io {
@@ -324,6 +325,7 @@ impl Runtime {
             gid: user,
             binary: self.cfg.firecracker.clone(),
             kernel,
+            initrd,
             dynamic: self.dynamic,
         };
         // The VMM starts while its TAP and disk are made: it needs them only
@@ -485,12 +487,18 @@ impl Runtime {
 
     /// Confines the kernel and root filesystem to the image roots and checks
     /// them against their Images' checksums, before a VMM opens them.
-    /// Returns the kernel's path on the host.
-    async fn check_images(&self, req: &EnsureVm) -> Result<PathBuf, AgentError> {
+    /// Returns the kernel's and the initrd's paths on the host.
+    async fn check_images(&self, req: &EnsureVm) -> Result<(PathBuf, Option<PathBuf>), AgentError> {
         let kernel =
             self.image("kernel", &req.kernel_path, req.kernel_sha256.as_deref(), req.kernel_source.as_deref()).await?;
         self.image("rootfs", &req.rootfs_path, req.rootfs_sha256.as_deref(), req.rootfs_source.as_deref()).await?;
-        Ok(kernel)
+        let initrd = match &req.initrd_path {
+            Some(path) => {
+                Some(self.image("initrd", path, req.initrd_sha256.as_deref(), req.initrd_source.as_deref()).await?)
+            }
+            None => None,
+        };
+        Ok((kernel, initrd))
     }
 
     /// The image at `path`, confined and checked; one with a source that
@@ -989,7 +997,7 @@ pub async fn configure(client: &FcClient, req: &EnsureVm, tap: &str) -> Result<(
     let boot = models::BootSource {
         kernel_image_path: inside::KERNEL.into(),
         boot_args: Some(req.boot_args.clone()),
-        initrd_path: None,
+        initrd_path: req.initrd_path.as_ref().map(|_| inside::INITRD.to_string()),
     };
     let drive = models::Drive {
         drive_id: "rootfs".into(),

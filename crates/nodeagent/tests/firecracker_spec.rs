@@ -76,6 +76,7 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
         gid: uid,
         binary: sim_binary(),
         kernel: kernel.map(Path::to_path_buf),
+        initrd: None,
         dynamic: true,
     };
     jail.prepare().unwrap();
@@ -179,6 +180,9 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         rootfs_sha256: None,
         kernel_source: None,
         rootfs_source: None,
+        initrd_path: None,
+        initrd_sha256: None,
+        initrd_source: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.

@@ -75,6 +75,10 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         spec.rootfs.clone().or(t.map(|t| t.rootfs.clone())).ok_or(Unresolved::Incomplete { field: "spec.rootfs" })?;
     let kernel = image_path(stores, &project, "spec.kernel", &kernel, ImageType::Kernel)?;
     let rootfs = image_path(stores, &project, "spec.rootfs", &rootfs, ImageType::Rootfs)?;
+    let initrd = match spec.initrd.clone().or(t.and_then(|t| t.initrd.clone())) {
+        Some(r) => Some(image_path(stores, &project, "spec.initrd", &r, ImageType::Initrd)?),
+        None => None,
+    };
     let mut node_selector = t.map(|t| t.node_selector.clone()).unwrap_or_default();
     node_selector.extend(spec.node_selector.clone());
     Ok(ResolvedConfig {
@@ -90,6 +94,10 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         rootfs_sha256: rootfs.sha256,
         kernel_source: kernel.source,
         rootfs_source: rootfs.source,
+        initrd_path: initrd.as_ref().map(|i| i.path.clone()),
+        initrd_image: initrd.as_ref().and_then(|i| i.image.clone()),
+        initrd_sha256: initrd.as_ref().and_then(|i| i.sha256.clone()),
+        initrd_source: initrd.and_then(|i| i.source),
         boot_args: spec
             .boot_args
             .clone()
@@ -208,6 +216,7 @@ mod tests {
             "ci",
             Some("p"),
             TemplateSpec {
+                initrd: None,
                 vcpu: 2,
                 mem_mib: 1024,
                 kernel: "vmlinux".into(),

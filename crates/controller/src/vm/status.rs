@@ -35,6 +35,9 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         rootfs_sha256: config.rootfs_sha256.clone(),
         kernel_source: config.kernel_source.clone(),
         rootfs_source: config.rootfs_source.clone(),
+        initrd_path: config.initrd_path.clone(),
+        initrd_sha256: config.initrd_sha256.clone(),
+        initrd_source: config.initrd_source.clone(),
     }
 }
 
