@@ -1,7 +1,8 @@
 //! Guest images imported with `nexusctl image import` from a tarball and
 //! from an OCI image layout made here, uploaded to the apiserver, and
 //! downloaded, checked and used by a node; a copy corrupted on the node is
-//! found and downloaded again.
+//! found and downloaded again; an Image with a URL source is downloaded
+//! from there.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -88,6 +89,27 @@ fn oci_layout(work: &Path, layout: &Path) {
     });
     std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Serves `file` over plain HTTP on a free port of 127.0.0.1, to any GET,
+/// from a thread of its own (the test's runtime blocks on nexusctl);
+/// returns its URL.
+fn serve_file(file: std::path::PathBuf) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let body = std::fs::read(&file).unwrap();
+            let mut head = vec![0u8; 4096];
+            let _ = conn.read(&mut head);
+            let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = conn.write_all(reply.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    format!("http://127.0.0.1:{port}/images/served.ext4")
 }
 
 #[test]
@@ -198,7 +220,22 @@ fn a_tarball_and_an_oci_layout_become_images_nodes_download_check_and_refetch() 
             log.contains("copy of the image is corrupt") && log.matches("image downloaded and verified").count() == 4
         })
         .await;
-        for name in ["oci-vm", "tar-vm", "oci-vm-2"] {
+
+        // An Image with a URL source: the node downloads it from there.
+        let served = work.join("served.ext4");
+        std::fs::copy(&tar_copy, &served).unwrap();
+        let url = serve_file(served.clone());
+        let url_copy = node_images.join("from-url.ext4");
+        let image = format!(
+            "apiVersion: nexus/v1\nkind: Image\nmetadata:\n  name: from-url\nspec:\n  type: Rootfs\n  path: {}\n  sha256: {}\n  source:\n    url: {url}\n",
+            url_copy.display(),
+            sha256(&served)
+        );
+        std::fs::write(&manifests, format!("{image}---\n{}", vm("url-vm", "from-url"))).unwrap();
+        ctl(&["apply", "-f", &manifests.display().to_string()]);
+        ctl(&["wait", "vm", "url-vm", "--for=jsonpath={.status.phase}=Running", "--timeout", "30"]);
+        assert_eq!(sha256(&url_copy), sha256(&served), "downloaded from the URL");
+        for name in ["oci-vm", "tar-vm", "oci-vm-2", "url-vm"] {
             ctl(&["delete", "vm", name, "--wait"]);
         }
     });
