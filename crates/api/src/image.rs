@@ -23,6 +23,10 @@ pub struct ImageSpec {
     /// Expected SHA-256 of the file, as 64 lower-case hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The file's size in bytes (set by `nexusctl image import`); an upload
+    /// of another size is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
     /// Where nodes get the file when theirs is missing or does not match
     /// `sha256` (which a source requires): they download it to `path`,
     /// check it, and only then use it.

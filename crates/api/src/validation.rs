@@ -208,6 +208,20 @@ pub const MAX_BOOT_ARGS: usize = 2048;
 
 /// Checks a kernel command line: at most [`MAX_BOOT_ARGS`] bytes of
 /// printable characters.
+/// `30s`, `5m`, `2h`, `1d`: a whole number and a unit, as a duration.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = digits.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
+}
+
 pub fn validate_boot_args(errors: &mut FieldErrors, field: &str, args: &str) {
     if args.len() > MAX_BOOT_ARGS {
         errors.add(field, args, &format!("must be at most {MAX_BOOT_ARGS} bytes (the kernel's command-line limit)"));

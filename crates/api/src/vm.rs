@@ -61,6 +61,15 @@ pub struct VmSpec {
     /// What happens when the VMM process ends without being asked to.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// How long the VM may live once it has started (`30s`, `10m`, `2h`,
+    /// `1d`): then it is stopped and deleted, with an `Expired` Event. The
+    /// deadline is in `status.expiresAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<String>,
+    /// Seconds a VM that ended on its own (`Succeeded` or `Failed`) is
+    /// kept before it is deleted, with an `Expired` Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<u32>,
     /// The node to run on: set by the scheduler unless pinned here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
@@ -217,6 +226,11 @@ pub struct VmStatus {
     /// image names resolved to host paths.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ResolvedConfig>,
+    /// When the VM is deleted: its first start plus `spec.lifetime`, or
+    /// when it finished plus `spec.ttlSecondsAfterFinished`, whichever
+    /// comes first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A VM's complete machine configuration, resolved by the controller from
@@ -414,6 +428,18 @@ impl ResourceSpec for VmSpec {
         validate_machine(errors, self.vcpu, self.mem_mib, self.kernel.as_deref(), self.rootfs.as_deref());
         if let Some(initrd) = &self.initrd {
             validate_image_ref(errors, "spec.initrd", initrd);
+        }
+        if let Some(lifetime) = &self.lifetime {
+            let ok = crate::validation::parse_duration(lifetime).is_some_and(|d| {
+                d >= std::time::Duration::from_secs(1) && d <= std::time::Duration::from_secs(366 * 86_400)
+            });
+            if !ok {
+                errors.add(
+                    "spec.lifetime",
+                    lifetime,
+                    "must be a duration of 1s to 366d: a number and s, m, h or d (90m)",
+                );
+            }
         }
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);

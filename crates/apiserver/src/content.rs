@@ -99,6 +99,15 @@ async fn upload(
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(e);
     }
+    if let Some(expected) = image.spec.size_bytes
+        && expected != size
+    {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(ApiError::Refused {
+            message: format!("the upload is {size} bytes, but Image {project}/{name} says {expected}"),
+            suggestion: "upload the file the Image describes, or correct spec.sizeBytes".into(),
+        });
+    }
     if got != want {
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(ApiError::Refused {

@@ -96,7 +96,11 @@ fn expected(who: &str, verb: &str, kind: &str, own: bool) -> bool {
     match who {
         "cluster-admin" => true,
         "controller" => reads || verb == "update-status" || matches!(kind, "VM" | "Snapshot" | "Event" | "Lease"),
-        "node" => kind == "Node" && (reads || (own && matches!(verb, "create" | "update-status"))),
+        // A node also reads Images (it downloads their files).
+        "node" => {
+            (kind == "Node" && (reads || (own && matches!(verb, "create" | "update-status"))))
+                || (kind == "Image" && verb == "get")
+        }
         _ => {
             if kind == "Node" {
                 return reads;

@@ -180,6 +180,7 @@ fn a_tarball_and_an_oci_layout_become_images_nodes_download_check_and_refetch() 
         let sum = image["spec"]["sha256"].as_str().unwrap().to_string();
         assert_eq!(sum.len(), 64);
         assert_eq!(image["spec"]["source"]["uploaded"], true);
+        assert!(image["spec"]["sizeBytes"].as_u64().unwrap() >= 8 << 20, "its size is recorded: {image}");
         assert!(!oci_copy.exists() && !tar_copy.exists(), "nothing is on the node before a VM needs it");
 
         // VMs from them: the node downloads and checks each image.

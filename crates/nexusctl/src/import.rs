@@ -348,6 +348,7 @@ pub async fn import(ctx: &Context, name: &str, opts: &ImportOptions<'_>) -> Resu
         type_: opts.type_,
         path: path.clone(),
         sha256: Some(sha256.clone()),
+        size_bytes: Some(size),
         source: Some(ImageSource { url: None, uploaded: true }),
     };
     let client = &ctx.client;

@@ -297,6 +297,52 @@ impl Reconciler for VmReconciler {
     type Error = ReconcileError;
 
     async fn reconcile(&self, cached: Arc<Vm>) -> Result<Action, ReconcileError> {
+        let expires = cached.status.as_ref().and_then(|s| s.expires_at);
+        if let Some(at) = expires
+            && cached.metadata.deletion_timestamp.is_none()
+        {
+            let left = at - Utc::now();
+            if left <= chrono::Duration::zero() {
+                return self.expire(&cached).await;
+            }
+            // Back at the deadline at the latest, whatever the VM is doing.
+            let by_then = left.to_std().unwrap_or_default();
+            return Ok(match self.reconcile_now(cached).await? {
+                Action::RequeueAfter(d) => Action::RequeueAfter(d.min(by_then)),
+                Action::AwaitChange => Action::RequeueAfter(by_then),
+            });
+        }
+        self.reconcile_now(cached).await
+    }
+
+    fn error_policy(&self, _vm: &Vm, error: &ReconcileError, failures: u32) -> Duration {
+        Self::backoff(error, failures)
+    }
+}
+
+impl VmReconciler {
+    /// Deletes a VM whose `status.expiresAt` has passed, with an `Expired`
+    /// Event; its finalizer then takes it off its node.
+    async fn expire(&self, vm: &Vm) -> Result<Action, ReconcileError> {
+        let status = vm.status_or_default();
+        let why = match (&vm.spec.lifetime, vm.spec.ttl_seconds_after_finished) {
+            (_, Some(ttl)) if matches!(status.phase, VmPhase::Succeeded | VmPhase::Failed) => {
+                format!("finished {ttl}s ago (spec.ttlSecondsAfterFinished); deleting it")
+            }
+            (Some(life), _) => format!("its lifetime of {life} ran out (spec.lifetime); deleting it"),
+            _ => "it reached status.expiresAt; deleting it".to_string(),
+        };
+        self.events.publish(vm, EventType::Normal, "Expired", &why).await;
+        let project = vm.metadata.project.as_deref().unwrap_or_default();
+        match self.api.delete::<VmSpec>(project, vm.name()).await {
+            Ok(_) => Ok(Action::AwaitChange),
+            Err(e) if e.is_not_found() => Ok(Action::AwaitChange),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One pass towards the VM's spec.
+    async fn reconcile_now(&self, cached: Arc<Vm>) -> Result<Action, ReconcileError> {
         let mut vm: Vm = (*cached).clone();
         match finalizer::step(&vm, FINALIZER) {
             Step::Cleanup => {
@@ -322,10 +368,6 @@ impl Reconciler for VmReconciler {
             }
         }
         self.converge(vm, config).await
-    }
-
-    fn error_policy(&self, _vm: &Vm, error: &ReconcileError, failures: u32) -> Duration {
-        Self::backoff(error, failures)
     }
 }
 
@@ -394,7 +436,7 @@ impl VmReconciler {
                 Err(ReconcileError::VmmGone(report.pid.unwrap_or_default()))
             }
             Ok(report) => {
-                let after = status::observed(&vm, &node_name, &report);
+                let after = status::with_expiry(&vm, status::observed(&vm, &node_name, &report), Utc::now());
                 let event = status::transition_event(&vm, &current, &after, &node_name, &report);
                 self.write_status(&vm, after.clone()).await?;
                 self.verified.record(&vm, &after);
@@ -407,7 +449,8 @@ impl VmReconciler {
                 tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
                 let reason = if body.error == IMAGE_INVALID { IMAGE_INVALID } else { "Failed" };
                 self.events.publish(&vm, EventType::Warning, reason, &status::refusal_message(&body)).await;
-                self.write_status(&vm, status::refused(&vm, &node_name, &body)).await?;
+                self.write_status(&vm, status::with_expiry(&vm, status::refused(&vm, &node_name, &body), Utc::now()))
+                    .await?;
                 if body.error == IMAGE_INVALID {
                     self.mark_image_invalid(&vm, &config, &node_name, &body.message).await?;
                 }

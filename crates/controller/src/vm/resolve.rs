@@ -228,11 +228,21 @@ mod tests {
         );
         t.metadata.generation = Some(3);
         stores.templates.record_write(t);
-        let kernel =
-            ImageSpec { type_: ImageType::Kernel, path: "/images/vmlinux-6.1".into(), sha256: None, source: None };
+        let kernel = ImageSpec {
+            type_: ImageType::Kernel,
+            path: "/images/vmlinux-6.1".into(),
+            sha256: None,
+            size_bytes: None,
+            source: None,
+        };
         stores.images.record_write(Image::new("vmlinux", Some("p"), kernel));
-        let rootfs =
-            ImageSpec { type_: ImageType::Rootfs, path: "/images/debian.ext4".into(), sha256: None, source: None };
+        let rootfs = ImageSpec {
+            type_: ImageType::Rootfs,
+            path: "/images/debian.ext4".into(),
+            sha256: None,
+            size_bytes: None,
+            source: None,
+        };
         stores.images.record_write(Image::new("debian", Some("p"), rootfs.clone()));
         let mut bad = Image::new("broken", Some("p"), rootfs);
         bad.status = Some(ImageStatus {

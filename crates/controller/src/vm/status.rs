@@ -2,6 +2,7 @@
 //! status an agent report amounts to, the event a phase change deserves,
 //! the status of a VM its agent refused, and the request an agent gets.
 
+use chrono::{DateTime, Utc};
 use nexus_api::agent::{EnsureVm, ObservedState, VmReport};
 use nexus_api::event::EventType;
 use nexus_api::meta::set_condition;
@@ -51,6 +52,32 @@ pub fn converging(vm: &Vm, report: &VmReport) -> bool {
 
 /// The status of `vm` once its node `node` reported `report`, from the
 /// status it had.
+/// `status` with its deadline (`expiresAt`): the VM's first start plus its
+/// `spec.lifetime` (kept once set: restarts do not extend it), or when it
+/// finished plus its `spec.ttlSecondsAfterFinished`, whichever is sooner.
+pub fn with_expiry(vm: &Vm, mut status: VmStatus, now: DateTime<Utc>) -> VmStatus {
+    let started = status.runtime.as_ref().and_then(|r| r.started_at);
+    let lifetime = vm.spec.lifetime.as_deref().and_then(nexus_api::validation::parse_duration);
+    let by_lifetime = match (status.expires_at, lifetime, started) {
+        (Some(at), _, _) => Some(at),
+        (None, Some(life), Some(started)) => chrono::Duration::from_std(life).ok().map(|l| started + l),
+        _ => None,
+    };
+    let finished = matches!(status.phase, VmPhase::Succeeded | VmPhase::Failed);
+    let by_ttl = match (finished, vm.spec.ttl_seconds_after_finished) {
+        (true, Some(ttl)) => {
+            let ended = status.runtime.as_ref().and_then(|r| r.exit.as_ref()).and_then(|e| e.at).unwrap_or(now);
+            Some(ended + chrono::Duration::seconds(i64::from(ttl)))
+        }
+        _ => None,
+    };
+    status.expires_at = match (by_lifetime, by_ttl) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    status
+}
+
 pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
     let mut status = vm.status_or_default();
     status.node_name = Some(node.to_string());
@@ -199,6 +226,31 @@ mod tests {
         vm.metadata.uid = Some("7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11".into());
         vm.metadata.generation = Some(3);
         vm
+    }
+
+    #[test]
+    fn a_lifetime_counts_from_the_first_start_and_a_ttl_from_the_finish_the_sooner_wins() {
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let mut v = vm(RestartPolicy::Never);
+        v.spec.lifetime = Some("1h".into());
+        v.spec.ttl_seconds_after_finished = Some(30);
+        let mut r = report(ObservedState::Running, Some(7), None);
+        r.started_at = Some(t0);
+        let running = with_expiry(&v, observed(&v, "n1", &r), t0);
+        assert_eq!(running.expires_at, Some(t0 + chrono::Duration::hours(1)));
+        // A restart later does not move the deadline.
+        v.status = Some(running.clone());
+        r.started_at = Some(t0 + chrono::Duration::minutes(10));
+        assert_eq!(with_expiry(&v, observed(&v, "n1", &r), t0).expires_at, running.expires_at);
+        // Finished at t0 + 5 min: 30 s later is sooner than the lifetime.
+        let ended = t0 + chrono::Duration::minutes(5);
+        let exit = VmExit { code: Some(0), signal: None, at: Some(ended) };
+        let done = with_expiry(&v, observed(&v, "n1", &report(ObservedState::Exited, None, Some(exit))), t0);
+        assert_eq!(done.phase, VmPhase::Succeeded);
+        assert_eq!(done.expires_at, Some(ended + chrono::Duration::seconds(30)));
+        // Neither set: no deadline.
+        let plain = vm(RestartPolicy::Always);
+        assert_eq!(with_expiry(&plain, observed(&plain, "n1", &r), t0).expires_at, None);
     }
 
     fn report(state: ObservedState, pid: Option<u32>, exit: Option<VmExit>) -> VmReport {
