@@ -73,18 +73,9 @@ struct LogQuery {
 /// Most lines a tail may ask for (the agent's bound too).
 const MAX_TAIL: usize = 10_000;
 
-/// `30s`, `5m`, `2h`, `1d` → a duration.
+/// `30s`, `5m`, `2h`, `1d` → a duration, at most a year (366 days).
 pub fn parse_duration(text: &str) -> Option<Duration> {
-    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = digits.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (secs <= 366 * 86_400).then(|| Duration::from_secs(secs))
+    nexus_api::validation::parse_duration(text).filter(|d| d.as_secs() <= 366 * 86_400)
 }
 
 async fn vm_log(
