@@ -1078,6 +1078,23 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         assert_eq!(std::fs::metadata(&jail).unwrap().uid(), 0, "the VMM cannot rename what is in its jail");
         assert_eq!(std::fs::metadata(jail.join("rootfs.ext4")).unwrap().uid(), uid, "its disk is its own");
 
+        // A kernel the VMM's user could not read is refused up front, saying so.
+        use std::os::unix::fs::PermissionsExt;
+        let private =
+            std::path::PathBuf::from(format!("/var/lib/nexus/images/jail-test-{}-vmlinux", std::process::id()));
+        std::fs::copy("/var/lib/nexus/images/vmlinux", &private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut unreadable = request("00000000-0000-4000-8000-0000000000a7");
+        unreadable.mac = "06:00:ac:10:00:0d".into();
+        unreadable.kernel_path = private.display().to_string();
+        let (s, body) = agent
+            .call("PUT", &format!("/v1/vms/{}", unreadable.uid), Some(&serde_json::to_value(&unreadable).unwrap()))
+            .await;
+        std::fs::remove_file(&private).unwrap();
+        assert_eq!(s, 422, "{body}");
+        assert!(body.contains("ImageUnreadable") && body.contains("chmod a+r"), "{body}");
+        agent.call("DELETE", &format!("/v1/vms/{}", unreadable.uid), None).await;
+
         // A second VM gets another user.
         let b_uid = "00000000-0000-4000-8000-0000000000b7";
         let mut b = request(b_uid);

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use nexus_api::ErrorBody;
 
 use crate::firecracker::FcError;
+use crate::jail::JailError;
 use crate::net::NetError;
 use crate::paths::PathError;
 use crate::process::ProcessError;
@@ -36,6 +37,8 @@ pub enum AgentError {
     Net(#[from] NetError),
     #[error("starting the VMM failed")]
     Process(#[from] ProcessError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
     #[error("{what} failed")]
     Io {
         what: String,
@@ -61,7 +64,11 @@ impl AgentError {
             AgentError::ImageInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            AgentError::Net(_) | AgentError::Process(_) | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Jail(JailError::Unreadable { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Jail(JailError::Exhausted { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Net(_) | AgentError::Process(_) | AgentError::Jail(_) | AgentError::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -76,6 +83,9 @@ impl AgentError {
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",
             AgentError::Net(_) => "NetworkSetupFailed",
             AgentError::Process(_) => "VmmLaunchFailed",
+            AgentError::Jail(JailError::Unreadable { .. }) => "ImageUnreadable",
+            AgentError::Jail(JailError::Exhausted { .. }) => "NoVmmUser",
+            AgentError::Jail(_) => "JailFailed",
             AgentError::Io { .. } => "HostError",
         }
     }

@@ -33,7 +33,7 @@ pub enum ProcessError {
 }
 
 /// Starts the jailed VMM `/firecracker --api-sock /run/fc.sock --id <uid>`
-/// in its own process group, its stdout and stderr (the guest console)
+/// (in `jail`, which [`crate::jail::Jail::prepare`] made) in its own process group, its stdout and stderr (the guest console)
 /// appended to `console`; with `own_netns`, in a network namespace of its
 /// own too (which ends with it). The process outlives the agent; while the
 /// agent lives, a task reaps it, writes how it ended to `reaped` (a
@@ -53,7 +53,6 @@ pub fn launch(
         .open(console)
         .map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
     let err = out.try_clone().map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
-    jail.prepare()?;
     let entry = jail.entry(own_netns)?;
     let mut cmd = tokio::process::Command::new(inside::BINARY);
     cmd.arg("--api-sock")

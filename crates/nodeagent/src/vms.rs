@@ -315,10 +315,7 @@ impl Runtime {
                 (Some(kernel), initrd)
             }
         };
-        let user = self.users.user_of(paths).map_err(|e| AgentError::Io {
-            what: "giving the VMM a user".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let user = self.users.user_of(paths)?;
         let jail = crate::jail::Jail {
             root: paths.jail(),
             uid: user,
@@ -328,6 +325,7 @@ impl Runtime {
             initrd,
             dynamic: self.dynamic,
         };
+        jail.prepare()?;
         // The VMM starts while its TAP and disk are made: it needs them only
         // when configured, after its API socket is up.
         std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
@@ -397,10 +395,6 @@ impl Runtime {
         jail: &crate::jail::Jail,
     ) -> Result<(u32, Option<crate::clonenet::Addresses>, EnsureVm), AgentError> {
         use crate::jail::inside;
-        let jailed = |e: crate::jail::JailError| AgentError::Io {
-            what: "linking the VM's files into its jail".into(),
-            source: std::io::Error::other(e.to_string()),
-        };
         let began = Instant::now();
         if let Some(scopes) = &self.cfg.scopes {
             scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
@@ -445,12 +439,12 @@ impl Runtime {
                 .append(true)
                 .open(&file)
                 .map_err(AgentError::io(format!("creating {}", file.display())))?;
-            jail.link(&file, inside).map_err(jailed)?;
+            jail.link(&file, inside)?;
         }
-        jail.link(&paths.rootfs(), inside::ROOTFS).map_err(jailed)?;
+        jail.link(&paths.rootfs(), inside::ROOTFS)?;
         if let Some((snap, _)) = restore {
-            jail.link_read_only(&snap.state(), inside::SNAPSHOT_STATE).map_err(jailed)?;
-            jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM).map_err(jailed)?;
+            jail.link_read_only(&snap.state(), inside::SNAPSHOT_STATE)?;
+            jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM)?;
         }
         let mut req = req.clone();
         // A restored guest keeps its source's address; the VM gets one of
