@@ -61,6 +61,10 @@ pub struct EnsureVm {
     pub initrd_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd_source: Option<String>,
+    /// The guest check the node runs while the VM runs; its result comes
+    /// back in the report's `probe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<crate::vm::ReadinessProbe>,
 }
 
 /// A snapshot on the same node to start a VM from.
@@ -152,6 +156,18 @@ pub struct VmReport {
     /// How the last VMM ended on its own, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<VmExit>,
+    /// The readiness probe's result, when the VM has one and its guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ProbeResult>,
+}
+
+/// What a readiness probe found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeResult {
+    pub passed: bool,
+    /// What was seen: the matching line, or why it failed.
+    pub message: String,
 }
 
 /// Everything the agent finds on its host, known to it or not.

@@ -71,7 +71,7 @@ impl std::fmt::Display for Subject {
 pub enum Role {
     /// Read everything of the project.
     Viewer,
-    /// Read; create, update, delete and power VMs and Snapshots.
+    /// Read; create, update, delete and power VMs, VMPools and Snapshots.
     Operator,
     /// Everything in the project, role bindings and its service accounts'
     /// tokens included.
@@ -189,7 +189,7 @@ pub struct Denied {
 /// write them.
 fn writer_role(kind: &str) -> Option<Role> {
     match kind {
-        "VM" | "Snapshot" => Some(Role::Operator),
+        "VM" | "VMPool" | "Snapshot" => Some(Role::Operator),
         "Template" | "Image" | "RoleBinding" | special::TOKENS => Some(Role::Admin),
         _ => None,
     }
@@ -199,12 +199,12 @@ fn writer_role(kind: &str) -> Option<Role> {
 ///
 /// The rules, as the roles are documented (`docs/security.md`):
 /// - `system:controller` reads everything, writes statuses, VMs,
-///   Snapshots, Events and Leases, and reads node credentials;
+///   VMPools, Snapshots, Events and Leases, and reads node credentials;
 /// - `node:N` reads and creates its own Node and writes its status;
 /// - `system:join` may do nothing here (it only joins nodes);
 /// - everyone authenticated reads Nodes;
 /// - project roles: viewer reads the project's VMs, Snapshots, Templates,
-///   Images and Events; operator also writes VMs and Snapshots; admin
+///   Images and Events; operator also writes VMs, VMPools and Snapshots; admin
 ///   writes everything of the project (role bindings and tokens of its
 ///   service accounts included) and reads its audit log;
 /// - status is written by the system (and cluster admins) only;
@@ -228,7 +228,7 @@ pub fn decide(subject: &Subject, grants: &Grants, req: &Request<'_>) -> Result<(
             return match (req.kind, req.verb) {
                 (_, v) if v.reads() && req.kind != special::TOKENS => Ok(()),
                 (_, Verb::UpdateStatus) => Ok(()),
-                ("VM" | "Snapshot" | "Event" | "Lease", _) => Ok(()),
+                ("VM" | "VMPool" | "Snapshot" | "Event" | "Lease", _) => Ok(()),
                 (special::NODE_CREDENTIAL, Verb::Get) => Ok(()),
                 _ => deny("the controller role does not write this"),
             };

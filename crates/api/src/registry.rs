@@ -150,6 +150,7 @@ pub trait KindVisitor {
 /// is the only list of kinds in the code.
 pub fn visit_kinds(visitor: &mut impl KindVisitor) {
     visitor.visit::<crate::VmSpec>();
+    visitor.visit::<crate::VmPoolSpec>();
     visitor.visit::<crate::TemplateSpec>();
     visitor.visit::<crate::ImageSpec>();
     visitor.visit::<crate::SnapshotSpec>();

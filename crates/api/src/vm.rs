@@ -80,11 +80,71 @@ pub struct VmSpec {
     /// Network interface settings; the template's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+    /// A check of the guest, run by its node while the VM runs: the VM is
+    /// `Ready` only once it passes (a VMM that runs is not yet a guest
+    /// that serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<ReadinessProbe>,
     /// Start from a Snapshot in the VM's project instead of booting: the
     /// VM runs the snapshot's machine on the snapshot's node, continuing
     /// where its guest was. Its machine fields stay unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<RestoreSource>,
+}
+
+/// How a node checks that a VM's guest is up. Exactly one of `console`
+/// and `tcpPort` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReadinessProbe {
+    /// A regular expression (Rust `regex` syntax) one line of the guest's
+    /// console must match, such as `login:` or `^ci-runner ready$`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+    /// A TCP port on the guest's address (`spec.network.ip`) that must
+    /// accept a connection from the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+}
+
+/// Longest console pattern a probe may carry.
+pub const MAX_PROBE_PATTERN: usize = 256;
+
+impl ReadinessProbe {
+    /// Checks the probe under `field` (`spec.readinessProbe`).
+    pub fn validate(&self, errors: &mut FieldErrors, field: &str, has_ip: bool) {
+        match (&self.console, self.tcp_port) {
+            (Some(_), Some(_)) | (None, None) => errors.add(
+                field,
+                "",
+                "set exactly one of console (a pattern of a console line) and tcpPort (a port on the guest's address)",
+            ),
+            (Some(pattern), None) => {
+                if pattern.len() > MAX_PROBE_PATTERN {
+                    errors.add(&format!("{field}.console"), pattern, "must be at most 256 bytes");
+                } else if let Err(e) = regex::Regex::new(pattern) {
+                    let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                    errors.add(
+                        &format!("{field}.console"),
+                        pattern,
+                        &format!("must be a regular expression ({first}); escape special characters with \\"),
+                    );
+                }
+            }
+            (None, Some(port)) => {
+                if port == 0 {
+                    errors.add(&format!("{field}.tcpPort"), port, "must be a port from 1 to 65535");
+                }
+                if !has_ip {
+                    errors.add(
+                        &format!("{field}.tcpPort"),
+                        port,
+                        "needs the guest's address from the node: set spec.network.ip (auto or an address)",
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Where a restored VM starts from.
@@ -440,6 +500,11 @@ impl ResourceSpec for VmSpec {
                     "must be a duration of 1s to 366d: a number and s, m, h or d (90m)",
                 );
             }
+        }
+        if let Some(probe) = &self.readiness_probe {
+            // The template may give the address; the controller checks again.
+            let has_ip = self.network.as_ref().is_some_and(|n| n.ip.is_some()) || self.template.is_some();
+            probe.validate(errors, "spec.readinessProbe", has_ip);
         }
         if let Some(node) = &self.node_name {
             validate_dns_label(errors, "spec.nodeName", node);

@@ -9,6 +9,7 @@ pub mod agents;
 pub mod fleet_metrics;
 pub mod gc;
 pub mod node_lifecycle;
+pub mod pool;
 pub mod quota;
 pub mod runtime;
 pub mod snapshot;

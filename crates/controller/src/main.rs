@@ -9,7 +9,7 @@ use clap::Parser;
 use nexus_api::LeaseSpec;
 use nexus_controller::runtime::Manager;
 use nexus_controller::runtime::leader::Elector;
-use nexus_controller::{Context, Settings, gc, node_lifecycle, quota, snapshot, vm};
+use nexus_controller::{Context, Settings, gc, node_lifecycle, pool, quota, snapshot, vm};
 
 #[derive(Debug, Parser)]
 #[command(name = "nexus-controller", version, about = "The nexus controller")]
@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     manager.add(gc::controller(&ctx));
     manager.add(quota::controller(&ctx));
     manager.add(snapshot::controller(&ctx));
+    manager.add(pool::controller(&ctx));
 
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {

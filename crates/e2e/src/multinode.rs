@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nexus_api::client::Client;
 
-use crate::{Proc, bin, run_ok, spawn, wait_until};
+use crate::{Proc, bin, run_ok, spawn, spawn_env, wait_until};
 
 /// The `ip` binary (agents run under `ip netns exec`).
 fn ip_bin() -> PathBuf {
@@ -68,6 +68,8 @@ pub struct MultiNode {
     /// A cluster-admin token (the bootstrap admin's).
     pub admin_token: String,
     agent_args: Vec<Vec<String>>,
+    /// The agents' environment (and so their VMMs').
+    agent_env: Vec<(String, String)>,
     /// Whether the controller runs with the tests' quick settings.
     fast: bool,
 }
@@ -87,16 +89,22 @@ impl Drop for MultiNode {
 impl MultiNode {
     /// Starts everything; each agent accepts at most `max_vms`.
     pub async fn start(dir: &Path, n: usize, max_vms: u32) -> MultiNode {
-        Self::start_with(dir, n, max_vms, &bin("firecracker-sim"), true).await
+        Self::start_with(dir, n, max_vms, &bin("firecracker-sim"), true, &[]).await
+    }
+
+    /// [`MultiNode::start`] with `env` in every agent's environment (and so
+    /// in their VMMs', for the simulator's flags).
+    pub async fn start_env(dir: &Path, n: usize, max_vms: u32, env: &[(&str, &str)]) -> MultiNode {
+        Self::start_with(dir, n, max_vms, &bin("firecracker-sim"), true, env).await
     }
 
     /// Starts everything as a benchmark wants it: the agents running `vmm`
     /// as their Firecracker, the controller with its defaults.
     pub async fn start_for_bench(dir: &Path, n: usize, max_vms: u32, vmm: &Path) -> MultiNode {
-        Self::start_with(dir, n, max_vms, vmm, false).await
+        Self::start_with(dir, n, max_vms, vmm, false, &[]).await
     }
 
-    async fn start_with(dir: &Path, n: usize, max_vms: u32, vmm: &Path, fast: bool) -> MultiNode {
+    async fn start_with(dir: &Path, n: usize, max_vms: u32, vmm: &Path, fast: bool, env: &[(&str, &str)]) -> MultiNode {
         std::fs::create_dir_all(dir).expect("dir");
         let s = |p: &Path| p.display().to_string();
         // One CA; the apiserver's certificate names every address it is
@@ -185,7 +193,7 @@ impl MultiNode {
             .map(|a| a.to_string())
             .collect();
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-            agents.push(spawn("nodeagent", &ip_bin(), &argv, &dir.join(format!("agent-{i}.log"))));
+            agents.push(spawn_env("nodeagent", &ip_bin(), &argv, &dir.join(format!("agent-{i}.log")), env));
             agent_args.push(args);
             nodes.push(ns);
         }
@@ -209,6 +217,7 @@ impl MultiNode {
             nodes,
             admin_token,
             agent_args,
+            agent_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             fast,
         }
     }
@@ -259,7 +268,8 @@ impl MultiNode {
     /// Runs agent `i` (0-based) again.
     pub fn restart_agent(&mut self, i: usize) {
         let argv: Vec<&str> = self.agent_args[i].iter().map(String::as_str).collect();
-        self.agents[i] = spawn("nodeagent", &ip_bin(), &argv, &self.dir.join(format!("agent-{}.log", i + 1)));
+        let env: Vec<(&str, &str)> = self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.agents[i] = spawn_env("nodeagent", &ip_bin(), &argv, &self.dir.join(format!("agent-{}.log", i + 1)), &env);
     }
 
     /// Live VMM processes of every agent.

@@ -69,6 +69,13 @@ fn kinds() -> Vec<Kind> {
     vec![
         k("VM", "vms", true, json!({"vcpu": 1, "memMib": 64, "kernel": "vmlinux", "rootfs": "rootfs"})),
         k("Snapshot", "snapshots", true, json!({"vmName": "x"})),
+        k(
+            "VMPool",
+            "vmpools",
+            true,
+            json!({"replicas": 0, "selector": {"app": "x"},
+            "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"template": "t"}}}),
+        ),
         k("Template", "templates", true, json!({"vcpu": 1, "memMib": 64, "kernel": "vmlinux", "rootfs": "rootfs"})),
         k("Image", "images", true, json!({"type": "Kernel", "path": "/var/lib/nexus/images/vmlinux"})),
         k("RoleBinding", "rolebindings", true, json!({"role": "viewer", "subjects": ["user:zed"]})),
@@ -92,10 +99,12 @@ const VERBS: [&str; 7] = ["get", "list", "watch", "create", "update", "update-st
 /// a node, on its own Node) or another one?
 fn expected(who: &str, verb: &str, kind: &str, own: bool) -> bool {
     let reads = matches!(verb, "get" | "list" | "watch");
-    let project_kind = matches!(kind, "VM" | "Snapshot" | "Template" | "Image" | "RoleBinding");
+    let project_kind = matches!(kind, "VM" | "VMPool" | "Snapshot" | "Template" | "Image" | "RoleBinding");
     match who {
         "cluster-admin" => true,
-        "controller" => reads || verb == "update-status" || matches!(kind, "VM" | "Snapshot" | "Event" | "Lease"),
+        "controller" => {
+            reads || verb == "update-status" || matches!(kind, "VM" | "VMPool" | "Snapshot" | "Event" | "Lease")
+        }
         // A node also reads Images (it downloads their files).
         "node" => {
             (kind == "Node" && (reads || (own && matches!(verb, "create" | "update-status"))))
@@ -113,7 +122,7 @@ fn expected(who: &str, verb: &str, kind: &str, own: bool) -> bool {
             }
             match who {
                 "viewer" => reads && kind != "RoleBinding",
-                "operator" => (reads && kind != "RoleBinding") || matches!(kind, "VM" | "Snapshot"),
+                "operator" => (reads && kind != "RoleBinding") || matches!(kind, "VM" | "VMPool" | "Snapshot"),
                 "admin" => true,
                 _ => false,
             }

@@ -144,6 +144,7 @@ fn request(uid: &str) -> EnsureVm {
         initrd_path: None,
         initrd_sha256: None,
         initrd_source: None,
+        probe: None,
     }
 }
 

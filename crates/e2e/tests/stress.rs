@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use nexus_api::client::{Event, ListParams};
-use nexus_api::{EventSpec, LeaseSpec, NodeSpec, VmPhase, VmSpec};
+use nexus_api::{EventSpec, LeaseSpec, NodeSpec, VmPhase, VmPoolSpec, VmSpec};
 use nexus_e2e::{Cluster, Proc, ensure_example_images, in_private_netns, repo_root, wait_until};
 
 fn vm_yaml(name: &str, label: &str) -> String {
@@ -56,6 +56,18 @@ fn reapplying_the_examples_ten_times_changes_nothing_and_diff_is_clean() {
                     && phase(&cluster, "ci-job-1").await == Some(VmPhase::Running)
                     && phase(&cluster, "runner-1").await == Some(VmPhase::Stopped)
                     && phase(&cluster, "runner-2").await == Some(VmPhase::Stopped)
+            })
+            .await;
+            // And every pool to have all its VMs available.
+            wait_until(Duration::from_secs(60), "the example pools to settle", || async {
+                let pools = cluster.client().list::<VmPoolSpec>(None, &Default::default()).await.unwrap().items;
+                pools.iter().all(|p| {
+                    let s = p.status_or_default();
+                    s.observed_generation == p.metadata.generation
+                        && s.available_replicas == p.spec.replicas
+                        && s.replicas == p.spec.replicas
+                        && s.rollout.is_some_and(|r| r.phase == nexus_api::pool::RolloutPhase::Complete)
+                })
             })
             .await;
             let hello = cluster.client().get::<VmSpec>("default", "hello").await.unwrap();

@@ -770,6 +770,11 @@ impl Vmm {
         self.boot.as_ref().and_then(|b| b.boot_args.clone()).unwrap_or_default()
     }
 
+    /// The kernel's path, as the boot source names it.
+    pub fn kernel_path(&self) -> Option<String> {
+        self.boot.as_ref().map(|b| b.kernel_image_path.clone())
+    }
+
     pub fn machine(&self) -> &MachineConfig {
         &self.machine
     }

@@ -13,6 +13,7 @@ mod kinds;
 mod manifest;
 mod observe;
 mod render;
+mod rollout;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -186,6 +187,17 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Set how many VMs a pool keeps.
+    Scale {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+        #[arg(long)]
+        replicas: u32,
+    },
+    /// A pool's rollouts: status, history, pause, resume and undo.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Manage contexts in the config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -247,6 +259,52 @@ enum Command {
     Top(TopCommand),
     /// Print the client and server versions.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Show the rollout and follow it until it completes (exit 0), halts
+    /// or rolls back (exit 1).
+    Status {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+        /// Follow the rollout (`--watch=false`: print it once).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        watch: bool,
+        /// Seconds to follow it before giving up (exit 1).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// List the pool's revisions and what changed in each.
+    History {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+        /// Print this revision's VM template.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Stop the rollout where it is (spec.paused).
+    Pause {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+    },
+    /// Let a paused rollout go on.
+    Resume {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+    },
+    /// Go back to an earlier revision's template (default: the previous one).
+    Undo {
+        /// `vmpool`.
+        kind: String,
+        name: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -470,6 +528,32 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let wait = wait.then(|| Duration::from_secs(*timeout));
             commands::restore(&ctx, snapshot, new_vm, *paused, wait).await
         }
+        Command::Scale { kind, name, replicas } => {
+            rollout::pool_kind(kind, "replicas")?;
+            rollout::scale(&ctx, name, *replicas).await
+        }
+        Command::Rollout(r) => match r {
+            RolloutCommand::Status { kind, name, watch, timeout } => {
+                rollout::pool_kind(kind, "rollouts")?;
+                rollout::status(&ctx, name, *watch, Duration::from_secs(*timeout)).await
+            }
+            RolloutCommand::History { kind, name, revision } => {
+                rollout::pool_kind(kind, "rollouts")?;
+                rollout::history(&ctx, name, *revision).await
+            }
+            RolloutCommand::Pause { kind, name } => {
+                rollout::pool_kind(kind, "rollouts")?;
+                rollout::set_paused(&ctx, name, true).await
+            }
+            RolloutCommand::Resume { kind, name } => {
+                rollout::pool_kind(kind, "rollouts")?;
+                rollout::set_paused(&ctx, name, false).await
+            }
+            RolloutCommand::Undo { kind, name, to_revision } => {
+                rollout::pool_kind(kind, "rollouts")?;
+                rollout::undo(&ctx, name, *to_revision).await
+            }
+        },
         Command::Logs { kind, name, follow, tail, vmm, since } => {
             let o = observe::LogOptions { follow: *follow, tail: *tail, vmm: *vmm, since: since.as_deref() };
             observe::logs(&ctx, kind, name, &o).await

@@ -220,6 +220,13 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
     out.push('\n');
     let mut status = obj["status"].clone();
     let conditions = status.as_object_mut().and_then(|o| o.remove("conditions"));
+    // A pool's revisions carry whole templates: one line each is enough here
+    // (`nexusctl rollout history` shows them).
+    if let Some(revisions) = status.get_mut("revisions").and_then(Value::as_array_mut) {
+        for r in revisions.iter_mut() {
+            *r = Value::String(format!("{} ({}, {})", s(&r["revision"]), s(&r["hash"]), s(&r["createdAt"])));
+        }
+    }
     out.push_str("Status:\n");
     if status.as_object().is_some_and(|o| !o.is_empty()) {
         out.push_str(&yaml_block(&status, 2));

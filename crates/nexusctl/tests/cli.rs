@@ -404,3 +404,36 @@ fn get_watch_prints_changes_as_they_happen() {
     assert!(lines[1].contains("Paused"), "{lines:?}");
     assert!(lines[2].ends_with("(deleted)"), "{lines:?}");
 }
+
+#[test]
+fn scale_and_rollout_commands_edit_a_pool_and_refuse_other_kinds() {
+    let env = Env::new();
+    let pool = env.file(
+        "pool.yaml",
+        "apiVersion: nexus/v1\nkind: VMPool\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    app: web\n  \
+         template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      template: small\n",
+    );
+    env.ok(&["apply", "-f", &s(&pool)]);
+    assert_eq!(env.ok(&["scale", "vmpool", "web", "--replicas", "7"]), "vmpool/web scaled\n");
+    assert_eq!(env.ok(&["get", "vmpool", "web", "-o", "jsonpath={.spec.replicas}"]).trim(), "7");
+    assert_eq!(env.ok(&["scale", "pool", "web", "--replicas", "7"]), "vmpool/web unchanged\n");
+    assert_eq!(env.ok(&["rollout", "pause", "vmpool", "web"]), "vmpool/web paused\n");
+    assert_eq!(env.ok(&["get", "vmpool", "web", "-o", "jsonpath={.spec.paused}"]).trim(), "true");
+    assert_eq!(env.ok(&["rollout", "resume", "vmpool", "web"]), "vmpool/web resumed\n");
+    // No controller has recorded revisions: nothing to go back to.
+    let undo = env.ctl(&["rollout", "undo", "vmpool", "web", "--to-revision", "4"]);
+    assert_eq!(undo.code, 1, "{undo:?}");
+    assert!(undo.stderr.contains("has no revision 4"), "{}", undo.stderr);
+    let wrong = env.ctl(&["scale", "vm", "web", "--replicas", "2"]);
+    assert_eq!(wrong.code, 2, "{wrong:?}");
+    assert!(wrong.stderr.contains("only VMPools have replicas"), "{}", wrong.stderr);
+    // A pool's template is validated like a VM, under its own path.
+    let bad = env.file(
+        "bad.yaml",
+        "apiVersion: nexus/v1\nkind: VMPool\nmetadata:\n  name: bad\nspec:\n  replicas: 3\n  selector:\n    app: other\n  \
+         template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      template: small\n      vcpu: 3\n",
+    );
+    let r = env.ctl(&["apply", "-f", &s(&bad)]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("spec.template.spec.vcpu") && r.stderr.contains("spec.selector"), "{}", r.stderr);
+}

@@ -19,6 +19,7 @@ pub mod logs;
 pub mod nat;
 pub mod net;
 pub mod paths;
+pub mod probe;
 pub mod process;
 pub mod proxy;
 pub mod register;

@@ -111,6 +111,11 @@ impl VmPaths {
     pub fn restored(&self) -> PathBuf {
         self.dir.join("restored.json")
     }
+    /// The console's length when the current VMM was launched: where its
+    /// own output begins.
+    pub fn console_offset(&self) -> PathBuf {
+        self.dir.join("console-offset")
+    }
     /// When the VMM was started and how long it took to boot.
     pub fn started(&self) -> PathBuf {
         self.dir.join("started")

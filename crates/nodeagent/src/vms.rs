@@ -69,6 +69,8 @@ pub struct Runtime {
     /// Whether the VMM binary is dynamically linked (its jails then hold
     /// the host's libraries).
     dynamic: bool,
+    /// The VMs' readiness probes.
+    probes: crate::probe::Probes,
 }
 
 impl Runtime {
@@ -99,6 +101,7 @@ impl Runtime {
             reflink,
             verifier: Default::default(),
             metrics: Default::default(),
+            probes: Default::default(),
         }
     }
 
@@ -329,6 +332,10 @@ impl Runtime {
         // The VMM starts while its TAP and disk are made: it needs them only
         // when configured, after its API socket is up.
         std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
+        // The readiness probe reads this VMM's console from here on.
+        let console_at = std::fs::metadata(paths.console()).map(|m| m.len()).unwrap_or(0);
+        std::fs::write(paths.console_offset(), console_at.to_string())
+            .map_err(AgentError::io("recording the console's length"))?;
         let launched = Instant::now();
         let exits = self.exits.clone();
         let who = uid.to_string();
@@ -658,6 +665,7 @@ impl Runtime {
             self.net.delete_link(&crate::clonenet::veth_name(&uid)).await?;
             self.users.release(&paths);
             remove_dir_all_settled(&paths.dir).await?;
+            self.probes.forget(uid.as_str());
         }
         self.locks.lock().await.remove(&uid);
         Ok(absent(&uid))
@@ -758,12 +766,21 @@ impl Runtime {
         // A restored guest has its source's MAC, whatever was asked; its
         // TAP is in its VMM's namespace, there while the VMM is.
         let restored = crate::snapshots::restored(&paths);
+        let config = std::fs::read(paths.config()).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok());
         let mac = match &restored {
             Some(r) => Some(r.mac.clone()),
-            None => std::fs::read(paths.config())
-                .ok()
-                .and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
-                .map(|c| c.mac),
+            None => config.as_ref().map(|c| c.mac.clone()),
+        };
+        let ip = read_ip(&paths);
+        let probe = match (config.as_ref().and_then(|c| c.probe.as_ref()), pid) {
+            (Some(probe), Some(pid)) if state == ObservedState::Running => {
+                let start = std::fs::read_to_string(paths.console_offset())
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+                    .unwrap_or(0);
+                Some(self.probes.run(uid.as_str(), pid, probe, &paths.console(), start, ip).await)
+            }
+            _ => None,
         };
         let tap_exists = if restored.is_some() { pid.is_some() } else { tap_exists };
         Ok(VmReport {
@@ -773,13 +790,14 @@ impl Runtime {
             socket_path: pid.map(|_| paths.socket().display().to_string()),
             tap_name: tap_exists.then_some(tap),
             mac,
-            ip: read_ip(&paths).map(|ip| ip.to_string()),
+            ip: ip.map(|ip| ip.to_string()),
             log_path: Some(paths.log().display().to_string()),
             console_path: Some(paths.console().display().to_string()),
             started_at: if pid.is_some() { started_at } else { None },
             boot_millis: if pid.is_some() { boot_millis } else { None },
             restarts: read_restarts(&paths),
             exit: std::fs::read(paths.last_exit()).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+            probe,
         })
     }
 
@@ -896,6 +914,7 @@ fn absent(uid: &Uid) -> VmReport {
         boot_millis: None,
         restarts: 0,
         exit: None,
+        probe: None,
     }
 }
 

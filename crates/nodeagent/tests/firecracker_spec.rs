@@ -183,6 +183,7 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         initrd_path: None,
         initrd_sha256: None,
         initrd_source: None,
+        probe: None,
     };
 
     // Create: the agent's full pre-boot configuration and InstanceStart.

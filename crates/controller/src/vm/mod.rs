@@ -37,6 +37,9 @@ pub const FINALIZER: &str = "nexus.dev/vm-teardown";
 /// one the user pinned): such a VM is placed again if its node is deleted.
 pub const PLACED_BY: &str = "nexus.dev/placed-by";
 
+/// How often a running VM whose readiness probe has not passed is checked.
+pub const PROBE_RECHECK: Duration = Duration::from_millis(500);
+
 /// Index of the VM store: the node a VM is bound to (`""` when unbound).
 pub const BY_NODE: &str = "node";
 
@@ -416,7 +419,9 @@ impl VmReconciler {
         } else {
             config
         };
-        if let Some(left) = self.verified.remaining(&vm, self.recheck) {
+        // A guest whose probe has not passed is looked at every half second.
+        let recheck = if status::probing(&vm) { self.recheck.min(PROBE_RECHECK) } else { self.recheck };
+        if let Some(left) = self.verified.remaining(&vm, recheck) {
             // Woken by our own write of the agent's fresh report.
             return Ok(Action::RequeueAfter(left));
         }
@@ -443,7 +448,10 @@ impl VmReconciler {
                 if let Some((type_, reason, message)) = event {
                     self.events.publish(&vm, type_, reason, &message).await;
                 }
-                Ok(Action::RequeueAfter(self.recheck))
+                let mut written = vm.clone();
+                written.status = Some(after);
+                let probing = status::probing(&written);
+                Ok(Action::RequeueAfter(if probing { self.recheck.min(PROBE_RECHECK) } else { self.recheck }))
             }
             Err(AgentCallError::Rejected(body)) => {
                 tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
@@ -591,7 +599,9 @@ impl VmReconciler {
             }
         }
         let placed = assumed.placements(&self.stores, vm.uid());
-        let request = Request { mem_mib: config.mem_mib, node_selector: &config.node_selector };
+        let group = scheduler::group_of(&vm);
+        let request =
+            Request { mem_mib: config.mem_mib, node_selector: &config.node_selector, group: group.as_deref() };
         match pick_node(request, &nodes, &placed, Utc::now(), self.node_grace) {
             Ok(node) => {
                 let mut next = finalizer::with(&vm, FINALIZER);

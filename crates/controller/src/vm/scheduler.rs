@@ -1,4 +1,5 @@
-//! Placement: picks a Ready node with room for a VM, spreading load.
+//! Placement: picks a Ready node with room for a VM, spreading load, and
+//! spreading the VMs of one pool first.
 //!
 //! The scheduler reads the store, which trails the apiserver by a watch
 //! event. A placement it has just written may not be in the cache yet, so
@@ -23,6 +24,9 @@ pub struct Unschedulable(pub String);
 pub struct Request<'a> {
     pub mem_mib: u32,
     pub node_selector: &'a BTreeMap<String, String>,
+    /// The VM's spread group (`project/pool` for a pool's VM): nodes with
+    /// the fewest VMs of the group come first.
+    pub group: Option<&'a str>,
 }
 
 /// One VM's claim on a node.
@@ -31,10 +35,19 @@ pub struct Placement {
     pub node: String,
     pub vcpu: u8,
     pub mem_mib: u32,
+    /// The VM's spread group, if it has one.
+    pub group: Option<String>,
+}
+
+/// The spread group of `vm`: `project/pool` for a pool's VM.
+pub fn group_of(vm: &Vm) -> Option<String> {
+    let pool = vm.metadata.labels.get(nexus_api::pool::POOL_LABEL)?;
+    Some(format!("{}/{pool}", vm.metadata.project.as_deref().unwrap_or_default()))
 }
 
 /// Chooses a node for a VM needing `req` among `nodes`, given the claims of
-/// every other placed VM. Prefers the node with the fewest VMs, then by name.
+/// every other placed VM. Prefers the node with the fewest VMs of the
+/// request's group, then the fewest VMs, then by name.
 pub fn pick_node(
     req: Request<'_>,
     nodes: &[Arc<Node>],
@@ -42,16 +55,19 @@ pub fn pick_node(
     now: DateTime<Utc>,
     grace: chrono::Duration,
 ) -> Result<String, Unschedulable> {
-    let mut load: HashMap<&str, (u64, u32)> = HashMap::new();
+    let mut load: HashMap<&str, (u64, u32, u32)> = HashMap::new();
     for p in placed {
         let e = load.entry(p.node.as_str()).or_default();
         e.0 += u64::from(p.mem_mib);
         e.1 += 1;
+        if req.group.is_some() && p.group.as_deref() == req.group {
+            e.2 += 1;
+        }
     }
     let mut nodes: Vec<&Arc<Node>> = nodes.iter().collect();
     nodes.sort_by(|a, b| a.name().cmp(b.name()));
     let mut reasons = Vec::new();
-    let mut best: Option<(&Node, u32)> = None;
+    let mut best: Option<(&Node, (u32, u32))> = None;
     for node in nodes.iter().copied() {
         let name = node.name();
         let status = node.status_or_default();
@@ -67,7 +83,7 @@ pub fn pick_node(
             reasons.push(format!("{name}: labels do not match nodeSelector"));
             continue;
         }
-        let (mem, count) = load.get(name).copied().unwrap_or_default();
+        let (mem, count, in_group) = load.get(name).copied().unwrap_or_default();
         let cap = &status.capacity;
         if count + 1 > cap.max_vms {
             reasons.push(format!("{name}: already runs {count} of {} VMs", cap.max_vms));
@@ -78,8 +94,8 @@ pub fn pick_node(
             continue;
         }
         // vCPUs are overcommitted (idle microVMs are common); memory is not.
-        if best.is_none_or(|(_, c)| count < c) {
-            best = Some((node, count));
+        if best.is_none_or(|(_, c)| (in_group, count) < c) {
+            best = Some((node, (in_group, count)));
         }
     }
     match best {
@@ -134,7 +150,7 @@ impl Assumed {
                 continue;
             }
             let (vcpu, mem_mib) = super::resolve::resources(vm, stores);
-            placed.push(Placement { node, vcpu, mem_mib });
+            placed.push(Placement { node, vcpu, mem_mib, group: group_of(vm) });
         }
         // Caught up with, or the VM is gone: the assumption has served its turn.
         self.nodes.retain(|uid, _| pending.contains(uid));
@@ -183,18 +199,36 @@ mod tests {
     fn spreads_then_refuses_with_a_reason_per_node() {
         let nodes = [node("a", 2), node("b", 2)];
         let none = BTreeMap::new();
-        let req = Request { mem_mib: 512, node_selector: &none };
+        let req = Request { mem_mib: 512, node_selector: &none, group: None };
         let grace = chrono::Duration::seconds(6);
         let mut placed = Vec::new();
         let mut got = Vec::new();
         for _ in 0..4 {
             let n = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap();
-            placed.push(Placement { node: n.clone(), vcpu: 1, mem_mib: 512 });
+            placed.push(Placement { node: n.clone(), vcpu: 1, mem_mib: 512, group: None });
             got.push(n);
         }
         assert_eq!(got, ["a", "b", "a", "b"]);
         let err = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap_err();
         assert_eq!(err.0, "a: already runs 2 of 2 VMs; b: already runs 2 of 2 VMs");
+    }
+
+    #[test]
+    fn a_pools_vms_spread_over_nodes_before_load_counts() {
+        let nodes = [node("a", 50), node("b", 50), node("c", 50)];
+        let none = BTreeMap::new();
+        let grace = chrono::Duration::seconds(6);
+        // Node a runs 5 other VMs; the pool's first VM still goes to b,
+        // and its 20 VMs end 7/7/6.
+        let mut placed: Vec<Placement> =
+            (0..5).map(|_| Placement { node: "a".into(), vcpu: 1, mem_mib: 64, group: None }).collect();
+        let req = Request { mem_mib: 64, node_selector: &none, group: Some("p/ci") };
+        for _ in 0..20 {
+            let n = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap();
+            placed.push(Placement { node: n, vcpu: 1, mem_mib: 64, group: Some("p/ci".into()) });
+        }
+        let count = |n: &str| placed.iter().filter(|p| p.node == n && p.group.is_some()).count();
+        assert_eq!((count("a"), count("b"), count("c")), (6, 7, 7));
     }
 
     #[test]
@@ -208,7 +242,7 @@ mod tests {
         bound.metadata.resource_version = Some("2".into());
         assumed.assume(&bound);
         let placed = assumed.placements(&stores, "u2");
-        assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512 }]);
+        assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512, group: None }]);
         // The cache catches up: the assumption is dropped, the claim stays.
         stores.vms.record_write(bound.clone());
         assert_eq!(assumed.placements(&stores, "u2").len(), 1);

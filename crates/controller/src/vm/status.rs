@@ -39,7 +39,19 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         initrd_path: config.initrd_path.clone(),
         initrd_sha256: config.initrd_sha256.clone(),
         initrd_source: config.initrd_source.clone(),
+        probe: vm.spec.readiness_probe.clone(),
     }
+}
+
+/// Whether `vm` has a readiness probe its node has not seen pass yet
+/// (it is looked at again sooner than a converged VM).
+pub fn probing(vm: &Vm) -> bool {
+    vm.spec.readiness_probe.is_some()
+        && vm.status.as_ref().is_some_and(|s| {
+            s.phase == VmPhase::Running
+                && !nexus_api::meta::find_condition(&s.conditions, "Ready")
+                    .is_some_and(|c| c.status == ConditionStatus::True)
+        })
 }
 
 /// Whether `report` is an answer to converge on: anything but "no VMM"
@@ -115,7 +127,6 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
         restarts: report.restarts,
         exit: report.exit.clone(),
     });
-    let ready = report.state == ObservedState::Running;
     set_condition(
         &mut status.conditions,
         "Scheduled",
@@ -123,17 +134,24 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
         "Scheduled",
         &format!("placed on node {node}"),
     );
-    let not_ready = if report.state == ObservedState::Exited {
-        format!("the VMM {exit_text}")
-    } else {
-        "the guest is not running".to_string()
+    let (ready, reason, message) = match (report.state, &report.probe) {
+        (ObservedState::Running, _) if vm.spec.readiness_probe.is_none() => {
+            (true, "Running".to_string(), "the VMM is running the guest".to_string())
+        }
+        (ObservedState::Running, Some(p)) if p.passed => (true, "ProbePassed".into(), p.message.clone()),
+        (ObservedState::Running, Some(p)) => (false, "ProbeFailed".into(), p.message.clone()),
+        (ObservedState::Running, None) => {
+            (false, "ProbePending".into(), "the node has not run the readiness probe yet".into())
+        }
+        (ObservedState::Exited, _) => (false, "Exited".into(), format!("the VMM {exit_text}")),
+        (state, _) => (false, format!("{state:?}"), "the guest is not running".to_string()),
     };
     set_condition(
         &mut status.conditions,
         "Ready",
         if ready { ConditionStatus::True } else { ConditionStatus::False },
-        &format!("{:?}", report.state),
-        if ready { "the VMM is running the guest" } else { &not_ready },
+        &reason,
+        &message,
     );
     status
 }
@@ -268,6 +286,7 @@ mod tests {
             boot_millis: Some(12),
             restarts: 1,
             exit,
+            probe: None,
         }
     }
 
