@@ -249,12 +249,7 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         let rollout = status.rollout.clone().unwrap();
         let progressing = find_condition(&status.conditions, "Progressing").unwrap().clone();
         println!("rollout: step {} of {}, failed VMs {:?}", rollout.step + 1, rollout.steps, rollout.failed_vms);
-        println!(
-            "Progressing: {} {}: {}",
-            format!("{:?}", progressing.status),
-            progressing.reason,
-            progressing.message
-        );
+        println!("Progressing: {:?} {}: {}", progressing.status, progressing.reason, progressing.message);
         assert_eq!(rollout.step, 0, "halted after the canary");
         assert_eq!(rollout.failed_vms.len(), 1);
         assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
@@ -267,9 +262,9 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         let canary = vms.iter().find(|v| revision(v) != good).unwrap();
         let ready_cond = find_condition(&canary.status_or_default().conditions, "Ready").cloned().unwrap();
         println!(
-            "the canary {}: Ready {} ({}: {})",
+            "the canary {}: Ready {:?} ({}: {})",
             canary.name(),
-            format!("{:?}", ready_cond.status),
+            ready_cond.status,
             ready_cond.reason,
             ready_cond.message
         );
