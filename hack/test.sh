@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 . hack/lib.sh
 need_build_tools
 need_postgres
-need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:xfsprogs systemd-analyze:systemd mkfs.ext4:e2fsprogs debugfs:e2fsprogs sqlite3:sqlite3
+need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:xfsprogs systemd-analyze:systemd mkfs.ext4:e2fsprogs debugfs:e2fsprogs sqlite3:sqlite3 chromium:chromium chromedriver:chromium-driver
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod auth;
 pub mod error;
 pub mod event;
+pub mod fnv;
 pub mod image;
 pub mod lease;
 pub mod meta;

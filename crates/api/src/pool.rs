@@ -79,12 +79,7 @@ impl VmTemplate {
     /// A short, stable hash of the template: equal templates, equal hashes.
     pub fn hash(&self) -> String {
         // serde_json writes struct fields in order and maps sorted (BTreeMap).
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in bytes {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+        let hash = crate::fnv::fnv1a(serde_json::to_vec(self).unwrap_or_default());
         format!("{:010x}", hash & 0xff_ffff_ffff)
     }
 }

@@ -576,13 +576,8 @@ pub fn validate_image_ref(errors: &mut FieldErrors, field: &str, value: &str) {
 /// A locally administered unicast MAC derived from a VM uid: stable across
 /// restarts and distinct for distinct uids with overwhelming likelihood.
 pub fn mac_from_uid(uid: &str) -> String {
-    // FNV-1a over the uid gives 4 well-mixed bytes without a hashing dependency.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in uid.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = hash.to_be_bytes();
+    // FNV-1a over the uid gives 4 well-mixed bytes.
+    let b = crate::fnv::fnv1a(uid.bytes()).to_be_bytes();
     // 0x06: locally administered (bit 1) and unicast (bit 0 clear).
     format!("06:00:{:02x}:{:02x}:{:02x}:{:02x}", b[4], b[5], b[6], b[7])
 }

@@ -104,15 +104,25 @@ fn has_body(req: &Request) -> bool {
     }
 }
 
-fn is_json(req: &Request) -> bool {
+fn content_type(req: &Request) -> Option<String> {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        .map(|t| t.trim().to_ascii_lowercase())
 }
 
-/// Middleware: the Host check and JSON-only bodies.
+fn is_json(req: &Request) -> bool {
+    content_type(req).as_deref() == Some("application/json")
+}
+
+/// A create sent as YAML (the web console's "create from YAML").
+fn is_yaml_create(req: &Request) -> bool {
+    *req.method() == Method::POST
+        && matches!(content_type(req).as_deref(), Some("application/yaml" | "application/x-yaml" | "text/yaml"))
+}
+
+/// Middleware: the Host check and JSON-only bodies (YAML for a create).
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     if !state.hosts.allows(host) {
@@ -128,7 +138,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
     // An Image's file is the one body that is not JSON.
     let file_upload = *req.method() == Method::PUT && req.uri().path().ends_with("/content");
-    if writes && has_body(&req) && !is_json(&req) && !file_upload {
+    if writes && has_body(&req) && !is_json(&req) && !is_yaml_create(&req) && !file_upload {
         return ApiError::UnsupportedMediaType.into_response();
     }
     next.run(req).await

@@ -127,7 +127,9 @@ impl ApiError {
             )),
             ApiError::Refused { suggestion, .. } | ApiError::Unavailable { suggestion, .. } => Some(suggestion.clone()),
             ApiError::Upstream { suggestion, .. } => suggestion.clone(),
-            ApiError::UnsupportedMediaType => Some("send the body with Content-Type: application/json".into()),
+            ApiError::UnsupportedMediaType => {
+                Some("send the body with Content-Type: application/json (a create may also be application/yaml)".into())
+            }
             ApiError::TooManyRequests { retry_after_secs, .. } => {
                 Some(format!("slow down: retry after {retry_after_secs} s (Retry-After)"))
             }

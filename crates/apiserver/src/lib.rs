@@ -17,6 +17,7 @@ pub mod request_id;
 pub mod resources;
 pub mod selector;
 pub mod store;
+pub mod ui;
 pub mod watch;
 
 use std::time::Duration;
@@ -129,6 +130,7 @@ pub fn app(state: AppState) -> Router {
         .merge(access::routes())
         .merge(observe::routes())
         .merge(content::routes())
+        .merge(ui::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/version", get(version))

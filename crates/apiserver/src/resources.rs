@@ -197,6 +197,21 @@ static SCHEMAS: std::sync::LazyLock<HashMap<&'static str, Value>> = std::sync::L
         .collect()
 });
 
+/// A body sent as YAML (`Content-Type: application/yaml`, as the web
+/// console's "create from YAML" sends it), as JSON; any other body as it is.
+/// A YAML syntax error names its line and column.
+fn yaml_to_json<S: ResourceSpec>(headers: &axum::http::HeaderMap, body: Bytes) -> Result<Bytes, ApiError> {
+    let yaml = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        matches!(v.split(';').next().map(str::trim), Some("application/yaml" | "application/x-yaml" | "text/yaml"))
+    });
+    if !yaml {
+        return Ok(body);
+    }
+    let value: Value = serde_saphyr::from_slice(&body)
+        .map_err(|e| ApiError::Malformed { kind: S::KIND.to_string(), message: format!("YAML: {e}") })?;
+    Ok(Bytes::from(serde_json::to_vec(&value)?))
+}
+
 /// Parses and validates a request body as an object of kind `S`.
 fn parse_object<S: ResourceSpec>(body: &Bytes) -> Result<Object<S>, ApiError> {
     // An array where the schema wants an object is refused before serde
@@ -253,9 +268,11 @@ pub async fn create<S: ResourceSpec>(
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
+    let body = yaml_to_json::<S>(&headers, body)?;
     let mut obj = parse_object::<S>(&body)?;
     let request = nexus_api::rbac::Request {
         verb: nexus_api::rbac::Verb::Create,

@@ -597,6 +597,7 @@ where
 }
 
 pub mod postgres;
+pub mod webdriver;
 
 /// A storage backend an apiserver can run on.
 #[derive(Debug, Clone)]

@@ -76,25 +76,29 @@ async fn settled(client: &Client, name: &str, n: usize, within: Duration) {
     wait_until(within, &format!("pool {name}: {n} Ready VMs and a complete rollout"), || async {
         let vms = members(client, name).await;
         let p = pool(client, name).await;
-        let complete =
-            p.status.as_ref().and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.phase == RolloutPhase::Complete);
+        let complete = phase(&p) == Some(RolloutPhase::Complete);
         vms.len() == n && vms.iter().all(ready) && by_revision(&vms).len() == 1 && complete
     })
     .await;
 }
 
-/// Follows a rollout of pool `name` until `done` says so, printing each
-/// VM created and deleted, with the step; returns the fewest Ready VMs
-/// seen, the names of every VM seen, and those seen deleted.
+/// The VMs of pool `name` and their revisions, now.
+async fn snapshot(client: &Client, name: &str) -> BTreeMap<String, String> {
+    members(client, name).await.iter().map(|v| (v.name().to_string(), revision(v))).collect()
+}
+
+/// Follows a rollout of pool `name` from the VMs `known` (taken before the
+/// change) until `done` says so, printing each VM created and deleted,
+/// with the step; returns the fewest Ready VMs seen, the names of every VM
+/// seen, and those seen deleted.
 async fn follow(
     client: &Client,
     name: &str,
     within: Duration,
+    mut known: BTreeMap<String, String>,
     mut done: impl FnMut(&VmPool, &[Vm]) -> bool,
-) -> (usize, BTreeSet<String>, BTreeSet<String>) {
+) -> (usize, BTreeSet<String>, BTreeSet<String>, BTreeMap<String, String>) {
     let started = Instant::now();
-    let mut known: BTreeMap<String, String> =
-        members(client, name).await.iter().map(|v| (v.name().to_string(), revision(v))).collect();
     let mut seen: BTreeSet<String> = known.keys().cloned().collect();
     let mut deleted = BTreeSet::new();
     let mut fewest = usize::MAX;
@@ -126,14 +130,24 @@ async fn follow(
         known = now;
         fewest = fewest.min(vms.iter().filter(|v| ready(v)).count());
         if done(&p, &vms) {
-            return (fewest, seen, deleted);
+            return (fewest, seen, deleted, known);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// The rollout's phase and step, once the controller has seen the pool's
+/// latest spec.
+fn progress(p: &VmPool) -> Option<(RolloutPhase, u32)> {
+    p.status
+        .as_ref()
+        .filter(|s| s.observed_generation == p.metadata.generation)
+        .and_then(|s| s.rollout.as_ref())
+        .map(|r| (r.phase, r.step))
+}
+
 fn phase(p: &VmPool) -> Option<RolloutPhase> {
-    p.status.as_ref().and_then(|s| s.rollout.as_ref()).map(|r| r.phase)
+    progress(p).map(|r| r.0)
 }
 
 #[test]
@@ -223,8 +237,9 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         // A new kernel, step by step.
         let old = by_revision(&members(&client, "ci").await).into_keys().next().unwrap();
         println!("rolling kernel-v2 out over 20 VMs, steps 1 -> 25% -> 100%, maxUnavailable 1, maxSurge 1:");
+        let before = snapshot(&client, "ci").await;
         apply(&fleet, dir.path(), &pool_yaml("ci", 20, "kernel-v2", ""));
-        let (fewest, _, deleted) = follow(&client, "ci", Duration::from_secs(120), |p, vms| {
+        let (fewest, _, deleted, _) = follow(&client, "ci", Duration::from_secs(120), before, |p, vms| {
             phase(p) == Some(RolloutPhase::Complete)
                 && vms.len() == 20
                 && vms.iter().all(ready)
@@ -241,8 +256,9 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         // A bad kernel: the canary fails its probe and the rollout halts.
         println!("rolling kernel-bad out (its guest panics, the probe never passes):");
         let started = Instant::now();
+        let before = snapshot(&client, "ci").await;
         apply(&fleet, dir.path(), &pool_yaml("ci", 20, "kernel-bad", ""));
-        follow(&client, "ci", Duration::from_secs(60), |p, _| phase(p) == Some(RolloutPhase::Halted)).await;
+        follow(&client, "ci", Duration::from_secs(60), before, |p, _| phase(p) == Some(RolloutPhase::Halted)).await;
         println!("halted {} ms after the apply", started.elapsed().as_millis());
         let p = pool(&client, "ci").await;
         let status = p.status.clone().unwrap();
@@ -275,8 +291,9 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         assert!(described.contains("RolloutHalted"), "{described}");
         // Undo: 20 VMs of the old revision again.
         let started = Instant::now();
+        let before = snapshot(&client, "ci").await;
         println!("{}", ctl(&fleet, &["rollout", "undo", "vmpool", "ci"]));
-        follow(&client, "ci", Duration::from_secs(60), |p, vms| {
+        follow(&client, "ci", Duration::from_secs(60), before, |p, vms| {
             phase(p) == Some(RolloutPhase::Complete)
                 && vms.len() == 20
                 && vms.iter().all(ready)
@@ -298,16 +315,15 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!("rolling kernel-v1 out again; the leader is killed during step 2:");
+        let before = snapshot(&client, "ci").await;
         apply(&fleet, dir.path(), &pool_yaml("ci", 20, "kernel-v1", ""));
-        let (_, mut seen, mut deleted) = follow(&client, "ci", Duration::from_secs(60), |p, _| {
-            p.status.as_ref().and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.step == 1)
-        })
-        .await;
+        let (_, mut seen, mut deleted, known) =
+            follow(&client, "ci", Duration::from_secs(60), before, |p, _| progress(p).is_some_and(|r| r.1 == 1)).await;
         let step_before = pool(&client, "ci").await.status.unwrap().rollout.unwrap();
         fleet.controller.kill();
         let killed = Instant::now();
         println!("killed the leader at step {} of {}", step_before.step + 1, step_before.steps);
-        let (_, seen2, deleted2) = follow(&client, "ci", Duration::from_secs(90), |p, vms| {
+        let (_, seen2, deleted2, _) = follow(&client, "ci", Duration::from_secs(90), known, |p, vms| {
             phase(p) == Some(RolloutPhase::Complete)
                 && vms.len() == 20
                 && vms.iter().all(ready)

@@ -43,11 +43,7 @@ struct Pending {
 
 /// A stable event name for (object uid, reason): a DNS label.
 fn event_name(uid: &str, reason: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in uid.bytes().chain([0]).chain(reason.bytes()) {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = nexus_api::fnv::fnv1a(uid.bytes().chain([0]).chain(reason.bytes()));
     format!("ev-{}-{hash:016x}", reason.to_lowercase().chars().take(24).collect::<String>())
 }
 

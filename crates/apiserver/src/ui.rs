@@ -1,0 +1,47 @@
+//! The web console at `/ui/`: one page, one script and one stylesheet,
+//! built into the binary (no build step, nothing fetched from elsewhere).
+//! The page signs in with an API token and uses only the public API, so
+//! it can never do what the API refuses its user.
+
+use axum::Router;
+use axum::http::header;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+
+/// The console's files: (path, content type, body).
+pub const ASSETS: &[(&str, &str, &str)] = &[
+    ("/ui/", "text/html; charset=utf-8", include_str!("../ui/index.html")),
+    ("/ui/app.js", "text/javascript; charset=utf-8", include_str!("../ui/app.js")),
+    ("/ui/app.css", "text/css; charset=utf-8", include_str!("../ui/app.css")),
+];
+
+/// What the page may load and where it may connect: itself only.
+const POLICY: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+                      connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The console's routes (no token needed: the files hold no data).
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let mut router = Router::new().route("/ui", get(|| async { Redirect::permanent("/ui/") }));
+    for (path, content_type, body) in ASSETS {
+        router = router.route(path, get(move || async move { asset(content_type, body) }));
+    }
+    router
+}
+
+/// Bytes the console's page, script and stylesheet weigh together.
+pub fn weight() -> usize {
+    ASSETS.iter().map(|(_, _, body)| body.len()).sum()
+}
