@@ -58,6 +58,7 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
     ("/version", "GET: server version"),
     ("/metrics", "GET: Prometheus metrics"),
     ("/openapi.json", "GET: OpenAPI 3.1, generated from the types and the served kinds"),
+    ("/ui/", "GET: the web console (its files need no token; it signs in with one)"),
     ("/v1/whoami", "GET: the caller's subject and roles"),
     ("/v1/tokens", "GET: list tokens; POST: create one (the secret is shown once)"),
     ("/v1/tokens/{id}", "GET: one token; DELETE: revoke it"),
