@@ -152,7 +152,31 @@ fn the_console_shows_the_fleet_live_and_starts_stops_follows_and_deletes_a_vm() 
         browser.wait_text("#vm-phase", "Stopped", 20 * SECOND).await;
         browser.click("#vm-start").await;
         browser.wait_text("#vm-phase", "Running", 20 * SECOND).await;
-        println!("stopped and started from its page");
+        browser.click("#vm-pause").await;
+        browser.wait_text("#vm-phase", "Paused", 20 * SECOND).await;
+        browser.click("#vm-resume").await;
+        browser.wait_text("#vm-phase", "Running", 20 * SECOND).await;
+        browser.click("#vm-snapshot").await;
+        let snapped = Instant::now();
+        let snapshot = loop {
+            let snaps =
+                client.list::<nexus_api::SnapshotSpec>(Some("default"), &Default::default()).await.unwrap().items;
+            if let Some(s) = snaps.into_iter().find(|s| s.spec.vm_name == name) {
+                break s;
+            }
+            assert!(snapped.elapsed() < 5 * SECOND, "no Snapshot of {name}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        println!("stopped, started, paused, resumed and snapshotted ({}) from its page", snapshot.name());
+        // Every form field has a label a screen reader can read.
+        let unlabelled = browser
+            .script(
+                "return [...document.querySelectorAll('input, select, textarea')]\
+                 .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).length;",
+                json!([]),
+            )
+            .await;
+        assert_eq!(unlabelled, json!(0), "every field is labelled");
         browser.wait_text("#charts", "CPU", 15 * SECOND).await;
         browser.screenshot(&shots.join("vm.png")).await;
 
