@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_build_tools
 need_postgres
 need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:xfsprogs systemd-analyze:systemd mkfs.ext4:e2fsprogs debugfs:e2fsprogs sqlite3:sqlite3 chromium:chromium chromedriver:chromium-driver
+# A font for the console's browser tests (chromium only recommends one).
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_packages __nexus_no_such_command__:fonts-dejavu-core
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
