@@ -317,7 +317,6 @@ impl ResourceSpec for VmPoolSpec {
         Column::new("REVISION", &["status.updateRevision"], Format::Text),
         Column::new("ROLLOUT", &["status.rollout.phase"], Format::Text),
         AGE,
-        Column::new("STEP", &["status.rollout.step"], Format::Text).wide(),
         Column::new("MESSAGE", &["status.rollout.message"], Format::Text).wide(),
     ];
 
