@@ -119,14 +119,9 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // Every process started with this session's profile directory.
         let marker = format!("--user-data-dir={}", self._profile.path().display());
-        let Ok(entries) = std::fs::read_dir("/proc") else { return };
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if cmdline.split(|b| *b == 0).any(|arg| arg == marker.as_bytes()) {
-                // SAFETY: kill(2) on a pid just read; it may be gone already.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        for (pid, _) in crate::host::processes_mentioning(&marker) {
+            // It may have gone by itself meanwhile.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

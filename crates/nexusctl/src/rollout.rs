@@ -29,7 +29,7 @@ async fn get(ctx: &Context, name: &str) -> Result<VmPool, Failure> {
 async fn update(
     ctx: &Context,
     name: &str,
-    edit: impl Fn(&mut VmPool) -> Result<bool, Failure>,
+    mut edit: impl FnMut(&mut VmPool) -> Result<bool, Failure>,
 ) -> Result<bool, Failure> {
     for _ in 0..5 {
         let mut pool = get(ctx, name).await?;
@@ -79,7 +79,7 @@ pub async fn set_paused(ctx: &Context, name: &str, paused: bool) -> Result<(), F
 /// revision N (default: the one before the current template's), which
 /// rolls out as a new revision.
 pub async fn undo(ctx: &Context, name: &str, to: Option<u64>) -> Result<(), Failure> {
-    let target = std::sync::Mutex::new(0u64);
+    let mut target = 0;
     let changed = update(ctx, name, |p| {
         let status = p.status_or_default();
         let update = status.update_revision.unwrap_or(0);
@@ -96,13 +96,13 @@ pub async fn undo(ctx: &Context, name: &str, to: Option<u64>) -> Result<(), Fail
                     || Failure::error(format!("vmpool/{name} has no revision before {update} to go back to")),
                 )?,
             };
-        *target.lock().unwrap_or_else(|e| e.into_inner()) = revision.revision;
+        target = revision.revision;
         let changed = p.spec.template != revision.template;
         p.spec.template = revision.template.clone();
         Ok(changed)
     })
     .await?;
-    let revision = *target.lock().unwrap_or_else(|e| e.into_inner());
+    let revision = target;
     if changed {
         println!("vmpool/{name} rolled back to the template of revision {revision}");
     } else {

@@ -420,8 +420,7 @@ impl VmReconciler {
             config
         };
         // A guest whose probe has not passed is looked at every half second.
-        let recheck = if status::probing(&vm) { self.recheck.min(PROBE_RECHECK) } else { self.recheck };
-        if let Some(left) = self.verified.remaining(&vm, recheck) {
+        if let Some(left) = self.verified.remaining(&vm, self.recheck_period(&vm, vm.status.as_ref())) {
             // Woken by our own write of the agent's fresh report.
             return Ok(Action::RequeueAfter(left));
         }
@@ -448,10 +447,7 @@ impl VmReconciler {
                 if let Some((type_, reason, message)) = event {
                     self.events.publish(&vm, type_, reason, &message).await;
                 }
-                let mut written = vm.clone();
-                written.status = Some(after);
-                let probing = status::probing(&written);
-                Ok(Action::RequeueAfter(if probing { self.recheck.min(PROBE_RECHECK) } else { self.recheck }))
+                Ok(Action::RequeueAfter(self.recheck_period(&vm, Some(&after))))
             }
             Err(AgentCallError::Rejected(body)) => {
                 tracing::warn!(vm = %vm.name(), error = %body, "VM failed permanently");
@@ -470,6 +466,12 @@ impl VmReconciler {
                 Err(ReconcileError::Agent(e))
             }
         }
+    }
+
+    /// How long a VM with `status` stays unchecked: the recheck period, or
+    /// half a second while its readiness probe has not passed.
+    fn recheck_period(&self, vm: &Vm, status: Option<&VmStatus>) -> Duration {
+        if status::probing(vm, status) { self.recheck.min(PROBE_RECHECK) } else { self.recheck }
     }
 
     /// Whether `vm` was refused for an invalid image and one of its Images

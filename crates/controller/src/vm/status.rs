@@ -43,11 +43,11 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
     }
 }
 
-/// Whether `vm` has a readiness probe its node has not seen pass yet
-/// (it is looked at again sooner than a converged VM).
-pub fn probing(vm: &Vm) -> bool {
+/// Whether `vm`, with `status`, has a readiness probe its node has not
+/// seen pass yet (it is looked at again sooner than a converged VM).
+pub fn probing(vm: &Vm, status: Option<&VmStatus>) -> bool {
     vm.spec.readiness_probe.is_some()
-        && vm.status.as_ref().is_some_and(|s| {
+        && status.is_some_and(|s| {
             s.phase == VmPhase::Running
                 && !nexus_api::meta::find_condition(&s.conditions, "Ready")
                     .is_some_and(|c| c.status == ConditionStatus::True)
