@@ -1068,12 +1068,24 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         );
         // Its jail holds only its own files, and the jail belongs to root.
         let jail = agent.run_dir().join("vms").join(UID).join("root");
-        let mut names: Vec<String> =
-            std::fs::read_dir(&jail).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
+        let list = |dir: &std::path::Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let names = list(&jail);
         println!("jail: {names:?}");
-        for want in ["dev", "fc.log", "firecracker", "kernel", "metrics.json", "rootfs.ext4", "run"] {
-            assert!(names.iter().any(|n| n == want), "{want} in the jail: {names:?}");
+        assert_eq!(names, ["fc.log", "metrics.json", "rootfs.ext4", "run"], "only the VM's own files");
+        // What the VMM sees at / is the node's shared skeleton, with the
+        // jail at /vm.
+        let seen = list(&std::path::PathBuf::from(format!("/proc/{pid}/root")));
+        println!("the VMM's /: {seen:?}");
+        for want in ["dev", "fc.log", "firecracker", "kernel", "metrics.json", "rootfs.ext4", "run", "vm"] {
+            assert!(seen.iter().any(|n| n == want), "{want} in the VMM's root: {seen:?}");
         }
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&jail).unwrap().uid(), 0, "the VMM cannot rename what is in its jail");

@@ -1,6 +1,10 @@
 //! Wakes a task when entries appear in a directory (inotify), so the agent
 //! learns that a VMM has made its API socket the moment it does, instead of
 //! looking for it on a timer.
+//!
+//! Closing an inotify instance waits for the kernel's fsnotify grace period
+//! (10-20 ms on a busy host), so a watch is closed on a blocking thread,
+//! never on the task that used it.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -13,7 +17,8 @@ use tokio::io::unix::AsyncFd;
 /// An inotify instance watching one directory for new entries.
 #[derive(Debug)]
 pub struct DirWatch {
-    fd: AsyncFd<Watched>,
+    /// `None` only while being dropped.
+    fd: Option<AsyncFd<Watched>>,
 }
 
 #[derive(Debug)]
@@ -36,19 +41,32 @@ impl DirWatch {
         // so it stays open for as long as the registration lasts.
         let fd = unsafe { AsyncFd::register_with_interest(Watched(inotify), Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(DirWatch { fd })
+        Ok(DirWatch { fd: Some(fd) })
     }
 
     /// Waits until at least one entry has appeared since the last call.
     pub async fn changed(&self) -> io::Result<()> {
+        let Some(fd) = &self.fd else { return Err(io::ErrorKind::BrokenPipe.into()) };
         loop {
-            let mut ready = self.fd.readable().await?;
+            let mut ready = fd.readable().await?;
             match ready.try_io(|w| w.get_ref().0.read_events().map_err(io::Error::from)) {
                 Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => return Err(e),
                 // Nothing to read after all; readiness was cleared.
                 Err(_would_block) => continue,
             }
+        }
+    }
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        let Some(fd) = self.fd.take() else { return };
+        // Deregistered here; closed where waiting does no harm.
+        let watched = fd.into_inner();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(watched))),
+            Err(_) => drop(watched),
         }
     }
 }

@@ -11,15 +11,22 @@
 //! |---|---|
 //! | `/firecracker` | the VMM binary (bind mount, read-only) |
 //! | `/kernel`, `/initrd` | the guest kernel and its initial ramdisk, if any (bind mounts, read-only) |
-//! | `/rootfs.ext4`, `/fc.log`, `/metrics.json` | hard links to the VM's private files, owned by the VM's user |
-//! | `/snapshot.state`, `/snapshot.mem` | a restored VM's snapshot files (hard links, read-only to it) |
-//! | `/run/` | the one directory it may create files in: its API socket, snapshots being written |
+//! | `/rootfs.ext4`, `/fc.log`, `/metrics.json` | links to `/vm/...`: hard links to the VM's private files, owned by the VM's user |
+//! | `/snapshot.state`, `/snapshot.mem` | links to a restored VM's snapshot files in `/vm/` (read-only to it) |
+//! | `/run/` | a link to `/vm/run/`, the one directory it may create files in: its API socket, snapshots being written |
 //! | `/dev/kvm`, `/dev/net/tun` | device nodes on a private tmpfs, owned by the VM's user |
 //! | `/usr/lib`, `/lib`, ... | only for a dynamically linked binary: the host's libraries, read-only |
 //!
-//! The jail directory itself belongs to root and is read-only to the VMM:
-//! it can write into its files and `/run/`, but cannot replace a name the
-//! agent later opens with a link to a host file. Everything the agent reads
+//! The root the VMM sees is one skeleton shared by every jail of the node
+//! (`<run dir>/jail-skeleton`: the mount points and links above), bound
+//! read-only over the VM's jail directory in the VMM's mount namespace, with
+//! the jail directory itself bound at `/vm`. So a VM start makes two
+//! directories (the jail and its `run/`), not a dozen entries: creating
+//! inodes is what costs most on a busy ext4 host.
+//!
+//! The jail directory belongs to root and is read-only to the VMM: it can
+//! write into its files and `run/`, but cannot replace a name the agent
+//! later opens with a link to a host file. Everything the agent reads
 //! (logs, metrics, the disk) it reads through its own names in the private
 //! VM directory, never through the jail.
 
@@ -42,6 +49,8 @@ pub mod inside {
     pub const LOG: &str = "/fc.log";
     pub const METRICS: &str = "/metrics.json";
     pub const API_SOCK: &str = "/run/fc.sock";
+    /// Where the VM's jail directory is bound in the skeleton.
+    pub const VM: &str = "/vm";
     pub const SNAPSHOT_STATE: &str = "/snapshot.state";
     pub const SNAPSHOT_MEM: &str = "/snapshot.mem";
 
@@ -163,6 +172,8 @@ pub fn is_dynamic(binary: &Path) -> std::io::Result<bool> {
 pub struct Jail {
     /// The jail directory on the host (`<vm dir>/root`).
     pub root: PathBuf,
+    /// The node's shared skeleton (see [`Skeleton`]).
+    pub skeleton: PathBuf,
     pub uid: u32,
     pub gid: u32,
     /// The VMM binary on the host.
@@ -176,8 +187,9 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// Makes the jail directory and its mount points (all owned by root,
-    /// `/run/` by the VM's user). Safe to repeat.
+    /// Makes the jail directory (owned by root) and its `run/` (owned by
+    /// the VM's user), and the node's skeleton if it is missing. Safe to
+    /// repeat.
     pub fn prepare(&self) -> Result<(), JailError> {
         if let Some(kernel) = &self.kernel {
             check_readable("kernel", kernel)?;
@@ -186,32 +198,9 @@ impl Jail {
             check_readable("initrd", initrd)?;
         }
         check_readable("VMM binary", &self.binary)?;
+        Skeleton { dir: self.skeleton.clone(), dynamic: self.dynamic }.ensure()?;
         mkdir(&self.root, 0o755, None)?;
-        mkdir(&self.root.join("run"), 0o700, Some((self.uid, self.gid)))?;
-        mkdir(&self.root.join("dev"), 0o755, None)?;
-        for point in [inside::BINARY, inside::KERNEL, inside::INITRD] {
-            let path = self.host(point);
-            if !path.exists() {
-                std::fs::write(&path, b"").map_err(io(format!("creating {}", path.display())))?;
-            }
-        }
-        if self.dynamic {
-            for dir in LIBRARY_DIRS {
-                let host = Path::new(dir);
-                let Ok(meta) = std::fs::symlink_metadata(host) else { continue };
-                let at = self.host(dir);
-                if meta.file_type().is_symlink() {
-                    let target = std::fs::read_link(host).map_err(io(format!("reading {dir}")))?;
-                    if std::fs::read_link(&at).ok().as_deref() != Some(target.as_path()) {
-                        let _ = std::fs::remove_file(&at);
-                        std::os::unix::fs::symlink(&target, &at).map_err(io(format!("linking {}", at.display())))?;
-                    }
-                } else if meta.is_dir() {
-                    std::fs::create_dir_all(&at).map_err(io(format!("creating {}", at.display())))?;
-                }
-            }
-        }
-        Ok(())
+        mkdir(&self.root.join("run"), 0o700, Some((self.uid, self.gid)))
     }
 
     /// `inside` (a path as the VMM sees it) on the host.
@@ -265,6 +254,8 @@ impl Jail {
         Ok(Entry {
             namespaces: if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS },
             slash: c(Path::new("/"))?,
+            skeleton: c(&self.skeleton)?,
+            skeleton_vm: c(&self.skeleton.join(inside::VM.trim_start_matches('/')))?,
             binds,
             root: c(&self.root)?,
             dev: c(&self.host("/dev"))?,
@@ -278,6 +269,79 @@ impl Jail {
             last_cap,
         })
     }
+}
+
+/// The root every jail of the node shows its VMM: mount points for the
+/// binary, kernel, initrd, `/dev`, `/vm` and (for a dynamically linked
+/// binary) the library directories, and links from the fixed names to the
+/// VM's files under `/vm`. Owned by root, never written by a VMM (it is
+/// bound read-only).
+#[derive(Debug, Clone)]
+pub struct Skeleton {
+    pub dir: PathBuf,
+    pub dynamic: bool,
+}
+
+/// The names in the skeleton that lead to the VM's own jail directory.
+const VM_LINKS: &[&str] =
+    &[inside::ROOTFS, inside::LOG, inside::METRICS, inside::SNAPSHOT_STATE, inside::SNAPSHOT_MEM, "/run"];
+
+impl Skeleton {
+    /// Makes the skeleton unless a complete one is there (a marker beside
+    /// it says so, written last).
+    pub fn ensure(&self) -> Result<(), JailError> {
+        if self.marker().exists() { Ok(()) } else { self.make() }
+    }
+
+    fn marker(&self) -> PathBuf {
+        let mut done = self.dir.clone().into_os_string();
+        done.push(if self.dynamic { ".ready-dynamic" } else { ".ready" });
+        PathBuf::from(done)
+    }
+
+    /// Makes the skeleton, or repairs it, whatever the marker says. Safe
+    /// to repeat.
+    pub fn make(&self) -> Result<(), JailError> {
+        let done = self.marker();
+        mkdir(&self.dir, 0o755, None)?;
+        for d in ["dev", inside::VM.trim_start_matches('/')] {
+            mkdir(&self.dir.join(d), 0o755, None)?;
+        }
+        for point in [inside::BINARY, inside::KERNEL, inside::INITRD] {
+            let path = self.dir.join(point.trim_start_matches('/'));
+            if !path.exists() {
+                std::fs::write(&path, b"").map_err(io(format!("creating {}", path.display())))?;
+            }
+        }
+        for name in VM_LINKS {
+            let name = name.trim_start_matches('/');
+            let target = Path::new(inside::VM.trim_start_matches('/')).join(name);
+            symlink_once(&target, &self.dir.join(name))?;
+        }
+        if self.dynamic {
+            for dir in LIBRARY_DIRS {
+                let host = Path::new(dir);
+                let Ok(meta) = std::fs::symlink_metadata(host) else { continue };
+                let at = self.dir.join(dir.trim_start_matches('/'));
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(host).map_err(io(format!("reading {dir}")))?;
+                    symlink_once(&target, &at)?;
+                } else if meta.is_dir() {
+                    std::fs::create_dir_all(&at).map_err(io(format!("creating {}", at.display())))?;
+                }
+            }
+        }
+        std::fs::write(&done, b"").map_err(io(format!("creating {}", done.display())))
+    }
+}
+
+/// Makes `at` a symbolic link to `target`, replacing anything else there.
+fn symlink_once(target: &Path, at: &Path) -> Result<(), JailError> {
+    if std::fs::read_link(at).ok().as_deref() == Some(target) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(at);
+    std::os::unix::fs::symlink(target, at).map_err(io(format!("linking {}", at.display())))
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), JailError> {
@@ -309,6 +373,8 @@ fn mkdir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), JailEr
 pub struct Entry {
     namespaces: libc::c_int,
     slash: CString,
+    skeleton: CString,
+    skeleton_vm: CString,
     binds: Vec<(CString, CString)>,
     root: CString,
     dev: CString,
@@ -327,8 +393,9 @@ fn check(ret: libc::c_int) -> std::io::Result<()> {
 }
 
 impl Entry {
-    /// Enters the jail: new namespaces, the bind mounts, a private `/dev`,
-    /// chroot, then the VM's user without capabilities.
+    /// Enters the jail: new namespaces, the skeleton over the jail
+    /// directory (which it holds at `/vm`), the bind mounts, a private
+    /// `/dev`, chroot, then the VM's user without capabilities.
     ///
     /// # Safety
     /// Only to be called in a freshly forked child before exec: it makes
@@ -341,6 +408,18 @@ impl Entry {
             check(libc::unshare(self.namespaces))?;
             // Keep the jail's mounts from propagating back to the host.
             check(libc::mount(null, self.slash.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
+            // The jail directory at the skeleton's `/vm`, then the skeleton
+            // (with that mount) over the jail directory, read-only.
+            check(libc::mount(self.root.as_ptr(), self.skeleton_vm.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
+            check(libc::mount(
+                self.skeleton.as_ptr(),
+                self.root.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+            check(libc::mount(null, self.root.as_ptr(), null, ro, std::ptr::null()))?;
             for (src, dst) in &self.binds {
                 check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
                 let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
@@ -406,6 +485,33 @@ mod tests {
         again.release(&a);
         std::fs::remove_dir_all(&a.dir).unwrap();
         assert_eq!(again.user_of(&c).unwrap(), 5000);
+    }
+
+    #[test]
+    fn the_skeleton_holds_mount_points_and_links_into_the_vm_and_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let skeleton = Skeleton { dir: dir.path().join("jail-skeleton"), dynamic: false };
+        skeleton.ensure().unwrap();
+        let at = |p: &str| skeleton.dir.join(p.trim_start_matches('/'));
+        for point in [inside::BINARY, inside::KERNEL, inside::INITRD] {
+            assert!(at(point).is_file(), "{point} is a mount point");
+        }
+        assert!(at("/dev").is_dir() && at(inside::VM).is_dir());
+        for name in VM_LINKS {
+            let target = std::fs::read_link(at(name)).unwrap();
+            assert_eq!(Path::new("/").join(target), Path::new(inside::VM).join(name.trim_start_matches('/')));
+        }
+        assert!(!at("/usr").exists(), "a static binary needs no libraries");
+        // Once complete it is not looked at again; `make` (at the agent's
+        // start) repairs it.
+        std::fs::remove_file(at(inside::KERNEL)).unwrap();
+        skeleton.ensure().unwrap();
+        assert!(!at(inside::KERNEL).exists());
+        skeleton.make().unwrap();
+        // A dynamically linked binary's skeleton is completed with the
+        // library directories.
+        Skeleton { dynamic: true, ..skeleton.clone() }.ensure().unwrap();
+        assert!(at(inside::KERNEL).is_file() && at("/usr/lib").is_dir());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 /// Failures configuring host networking.
@@ -39,11 +39,18 @@ pub struct Link {
     pub index: u32,
     /// Index of the bridge it is enslaved to.
     pub controller: Option<u32>,
+    /// Whether it is administratively up.
+    pub up: bool,
 }
 
 impl Link {
     fn from_message(msg: &LinkMessage) -> Self {
-        let mut link = Link { name: String::new(), index: msg.header.index, controller: None };
+        let mut link = Link {
+            name: String::new(),
+            index: msg.header.index,
+            controller: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+        };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
@@ -139,8 +146,10 @@ impl Net {
 
     /// Creates persistent TAP `name` if missing, owned by `owner` (uid,
     /// gid: the only user besides root that may attach to it), enslaves it
-    /// to the bridge with index `bridge` and brings it up. Safe to repeat.
-    pub async fn ensure_tap(&self, name: &str, bridge: u32, owner: (u32, u32)) -> Result<Link, NetError> {
+    /// to the bridge with index `bridge` and brings it up, in one netlink
+    /// request (enslaving to its own bridge again changes nothing). Returns
+    /// its index. Safe to repeat.
+    pub async fn ensure_tap(&self, name: &str, bridge: u32, owner: (u32, u32)) -> Result<u32, NetError> {
         // An existing TAP is opened again to set its owner (it may be
         // left from a VMM of another user); one in use is left as it is.
         match create_persistent_tap(name, owner) {
@@ -148,13 +157,9 @@ impl Net {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(source) => return Err(NetError::Tap { name: name.into(), source }),
         }
-        let link = self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))?;
-        if link.controller != Some(bridge) {
-            self.set_up(name, link.index, Some(bridge)).await?;
-        } else {
-            self.set_up(name, link.index, None).await?;
-        }
-        self.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))
+        let index = index_of(name).ok_or_else(|| NetError::Vanished(name.into()))?;
+        self.set_up(name, index, Some(bridge)).await?;
+        Ok(index)
     }
 
     /// Deletes link `name`; returns whether it existed.
@@ -197,6 +202,14 @@ pub fn create_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<(
         tunsetpersist(tun.as_raw_fd(), 1).map_err(std::io::Error::from)?;
     }
     Ok(())
+}
+
+/// The index of interface `name`, if there is one.
+fn index_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 /// Parses `a.b.c.d/len`.

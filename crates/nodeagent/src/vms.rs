@@ -71,6 +71,8 @@ pub struct Runtime {
     dynamic: bool,
     /// The VMs' readiness probes.
     probes: crate::probe::Probes,
+    /// The bridge's index as last ensured (0: not yet).
+    bridge: std::sync::atomic::AtomicU32,
 }
 
 impl Runtime {
@@ -83,6 +85,11 @@ impl Runtime {
             if reflink { "reflink (constant time)" } else { "sparse copy (the filesystem has no reflinks)" }
         );
         let dynamic = crate::jail::is_dynamic(&cfg.firecracker).unwrap_or(true);
+        // Checked whole once per start; VM starts only look for its marker.
+        let skeleton = crate::jail::Skeleton { dir: cfg.run_dir.jail_skeleton(), dynamic };
+        if let Err(e) = skeleton.make() {
+            tracing::warn!(dir = %skeleton.dir.display(), error = %e, "cannot make the jails' skeleton yet");
+        }
         tracing::info!(
             binary = %cfg.firecracker.display(),
             dynamic,
@@ -102,6 +109,7 @@ impl Runtime {
             verifier: Default::default(),
             metrics: Default::default(),
             probes: Default::default(),
+            bridge: Default::default(),
         }
     }
 
@@ -147,7 +155,20 @@ impl Runtime {
 
     /// Creates the bridge (and its address) if missing.
     pub async fn ensure_bridge(&self) -> Result<u32, AgentError> {
-        Ok(self.net.ensure_bridge(&self.cfg.bridge, self.cfg.bridge_address).await?)
+        let index = self.net.ensure_bridge(&self.cfg.bridge, self.cfg.bridge_address).await?;
+        self.bridge.store(index, std::sync::atomic::Ordering::Relaxed);
+        Ok(index)
+    }
+
+    /// The bridge's index: one lookup while the bridge is the one this
+    /// agent last made or found and is up; made again (with its address)
+    /// when it is missing, was replaced or is down.
+    async fn bridge_index(&self) -> Result<u32, AgentError> {
+        let known = self.bridge.load(std::sync::atomic::Ordering::Relaxed);
+        if known != 0 && self.net.link(&self.cfg.bridge).await?.is_some_and(|l| l.index == known && l.up) {
+            return Ok(known);
+        }
+        self.ensure_bridge().await
     }
 
     /// The bridge, and NAT from its subnet to the uplink when it has an address.
@@ -321,6 +342,7 @@ impl Runtime {
         let user = self.users.user_of(paths)?;
         let jail = crate::jail::Jail {
             root: paths.jail(),
+            skeleton: self.cfg.run_dir.jail_skeleton(),
             uid: user,
             gid: user,
             binary: self.cfg.firecracker.clone(),
@@ -337,12 +359,25 @@ impl Runtime {
         std::fs::write(paths.console_offset(), console_at.to_string())
             .map_err(AgentError::io("recording the console's length"))?;
         let launched = Instant::now();
-        let exits = self.exits.clone();
-        let who = uid.to_string();
-        let pid =
-            process::launch(&jail, uid.as_str(), &paths.console(), paths.reaped(), restore.is_some(), move |pid| {
-                exits.record(&who, pid)
-            })?;
+        // The fork and the jail's set-up run on a blocking thread while this
+        // task makes the TAP and the disk.
+        let launch = {
+            let (jail, who, console, reaped) = (jail.clone(), uid.to_string(), paths.console(), paths.reaped());
+            let exits = self.exits.clone();
+            let own_netns = restore.is_some();
+            tokio::task::spawn_blocking(move || {
+                let ended = {
+                    let who = who.clone();
+                    move |pid| exits.record(&who, pid)
+                };
+                process::launch(&jail, &who, &console, reaped, own_netns, ended)
+            })
+        };
+        let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(uid, paths, req, restore.as_ref(), user));
+        let pid = pid.map_err(|e| AgentError::Io {
+            what: "launching the VMM".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
         remove_if_exists(&paths.launching())?;
         tracing::info!(
@@ -353,12 +388,17 @@ impl Runtime {
             launch_ms = launched.elapsed().as_secs_f64() * 1000.0,
             "VMM launched"
         );
-        let prepared = tokio::try_join!(
-            self.prepare(uid, paths, req, restore.as_ref(), pid, &jail),
-            wait_for_socket(client, pid, uid.as_str(), &self.vmms),
-        );
-        let (bridge, addresses, req) = match prepared {
-            Ok((prepared, ())) => prepared,
+        let socket_wait = async {
+            wait_for_socket(client, pid, uid.as_str(), &self.vmms).await?;
+            Ok(launched.elapsed())
+        };
+        let prepared = match made {
+            Ok(bridge) => tokio::try_join!(self.prepare(uid, paths, req, restore.as_ref(), pid, &jail), socket_wait)
+                .map(|(prepared, answered)| (bridge, prepared, answered)),
+            Err(e) => Err(e),
+        };
+        let (bridge, (addresses, req), answered) = match prepared {
+            Ok(prepared) => prepared,
             Err(e) => {
                 self.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
                 return Err(e);
@@ -381,45 +421,38 @@ impl Runtime {
             return Err(e);
         }
         let boot_millis = launched.elapsed().as_millis() as u64;
+        tracing::info!(
+            uid = %uid,
+            socket_ms = answered.as_secs_f64() * 1000.0,
+            configure_ms = (launched.elapsed() - answered).as_secs_f64() * 1000.0,
+            "VMM booted"
+        );
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
     }
 
-    /// What a new VMM needs besides itself, made while it starts: its
-    /// systemd scope or cgroup, the bridge and its TAP (a restored VM's TAP
-    /// is made later, inside the VMM's own namespace), its private disk, its
-    /// log and metrics files (each linked into its jail) and its address
-    /// (written into the request's boot arguments). Returns the bridge's index, a restored VM's
-    /// addresses and the request to configure the VMM with.
-    async fn prepare(
+    /// What a new VMM needs besides itself that does not depend on its
+    /// process, made while it is launched: the bridge and the VM's TAP (a
+    /// restored VM's TAP is made later, inside the VMM's own namespace) and
+    /// its private disk. Returns the bridge's index.
+    async fn make_tap_and_disk(
         &self,
         uid: &Uid,
         paths: &VmPaths,
         req: &EnsureVm,
         restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
-        pid: u32,
-        jail: &crate::jail::Jail,
-    ) -> Result<(u32, Option<crate::clonenet::Addresses>, EnsureVm), AgentError> {
-        use crate::jail::inside;
+        user: u32,
+    ) -> Result<u32, AgentError> {
         let began = Instant::now();
-        if let Some(scopes) = &self.cfg.scopes {
-            scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
-                what: "placing the VMM in its systemd scope".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        } else if let Some(cg) = &self.cfg.cgroups {
-            cg.confine(uid, pid, req.vcpu, req.mem_mib).map_err(AgentError::io("placing the VMM in its cgroup"))?;
-        }
-        let confined = began.elapsed();
-        let bridge = self.ensure_bridge().await?;
+        let bridge = self.bridge_index().await?;
         let tap = uid.tap_name();
         match restore {
             Some(_) => {
                 self.net.delete_link(&tap).await?;
             }
             None => {
-                self.net.ensure_tap(&tap, bridge, (jail.uid, jail.gid)).await?;
+                self.net.ensure_tap(&tap, bridge, (user, user)).await?;
             }
         }
         let copy_started = Instant::now();
@@ -435,11 +468,35 @@ impl Runtime {
         tracing::info!(
             uid = %uid,
             ?method,
-            confine_ms = confined.as_secs_f64() * 1000.0,
-            network_ms = (copy_started - began - confined).as_secs_f64() * 1000.0,
+            network_ms = (copy_started - began).as_secs_f64() * 1000.0,
             copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
             "disk ready"
         );
+        Ok(bridge)
+    }
+
+    /// The rest of what a new VMM needs, once it runs: its systemd scope or
+    /// cgroup, its disk, log and metrics files linked into its jail and its
+    /// address (written into the request's boot arguments). Returns a
+    /// restored VM's addresses and the request to configure the VMM with.
+    async fn prepare(
+        &self,
+        uid: &Uid,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        pid: u32,
+        jail: &crate::jail::Jail,
+    ) -> Result<(Option<crate::clonenet::Addresses>, EnsureVm), AgentError> {
+        use crate::jail::inside;
+        if let Some(scopes) = &self.cfg.scopes {
+            scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
+                what: "placing the VMM in its systemd scope".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        } else if let Some(cg) = &self.cfg.cgroups {
+            cg.confine(uid, pid, req.vcpu, req.mem_mib).map_err(AgentError::io("placing the VMM in its cgroup"))?;
+        }
         for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -483,7 +540,7 @@ impl Runtime {
             std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
                 .map_err(AgentError::io("recording the VM's origin"))?;
         }
-        Ok((bridge, addresses, req))
+        Ok((addresses, req))
     }
 
     /// Confines the kernel and root filesystem to the image roots and checks

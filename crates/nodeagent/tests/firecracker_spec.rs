@@ -72,6 +72,7 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
     std::fs::create_dir_all(&paths.dir).unwrap();
     let jail = Jail {
         root: paths.jail(),
+        skeleton: dir.join("jail-skeleton"),
         uid,
         gid: uid,
         binary: sim_binary(),
