@@ -360,17 +360,22 @@ impl Runtime {
             .map_err(AgentError::io("recording the console's length"))?;
         let launched = Instant::now();
         // The fork and the jail's set-up run on a blocking thread while this
-        // task makes the TAP and the disk.
+        // task makes the TAP and the disk. The pid file is written there
+        // too, so a request cut short (its caller gone) still leaves the
+        // VMM recorded.
         let launch = {
-            let (jail, who, console, reaped) = (jail.clone(), uid.to_string(), paths.console(), paths.reaped());
+            let (jail, who, paths) = (jail.clone(), uid.to_string(), paths.clone());
             let exits = self.exits.clone();
             let own_netns = restore.is_some();
-            tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || -> Result<u32, AgentError> {
                 let ended = {
                     let who = who.clone();
                     move |pid| exits.record(&who, pid)
                 };
-                process::launch(&jail, &who, &console, reaped, own_netns, ended)
+                let pid = process::launch(&jail, &who, &paths.console(), paths.reaped(), own_netns, ended)?;
+                std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
+                remove_if_exists(&paths.launching())?;
+                Ok(pid)
             })
         };
         let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(uid, paths, req, restore.as_ref(), user));
@@ -378,8 +383,6 @@ impl Runtime {
             what: "launching the VMM".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
-        std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
-        remove_if_exists(&paths.launching())?;
         tracing::info!(
             uid = %uid,
             vm = %req.display_name,
@@ -749,13 +752,18 @@ impl Runtime {
             }
             let ours = process::is_our_child(pid);
             self.exits.expect(pid);
-            // Ask the guest first, as a power button would; then signals.
-            let _ = FcClient::new(paths.socket())
-                .with_request_timeout(Duration::from_millis(500))
-                .send_ctrl_alt_del()
-                .await;
-            if !process::wait_gone(pid, self.cfg.stop_grace).await {
-                self.vmms.stop(pid, uid.as_str(), Duration::from_millis(500)).await;
+            if !paths.started().exists() {
+                // It never booted (a start cut short): no guest to ask.
+                self.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
+            } else {
+                // Ask the guest first, as a power button would; then signals.
+                let _ = FcClient::new(paths.socket())
+                    .with_request_timeout(Duration::from_millis(500))
+                    .send_ctrl_alt_del()
+                    .await;
+                if !process::wait_gone(pid, self.cfg.stop_grace).await {
+                    self.vmms.stop(pid, uid.as_str(), Duration::from_millis(500)).await;
+                }
             }
             // Gone means a zombie at least; our reaper still has to collect
             // it and write its record into the VM directory. Wait for that,
