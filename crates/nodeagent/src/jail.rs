@@ -172,8 +172,9 @@ pub fn is_dynamic(binary: &Path) -> std::io::Result<bool> {
 pub struct Jail {
     /// The jail directory on the host (`<vm dir>/root`).
     pub root: PathBuf,
-    /// The node's shared skeleton (see [`Skeleton`]).
-    pub skeleton: PathBuf,
+    /// The node's shared skeleton, which also says whether the binary
+    /// needs the host's libraries.
+    pub skeleton: Skeleton,
     pub uid: u32,
     pub gid: u32,
     /// The VMM binary on the host.
@@ -182,8 +183,6 @@ pub struct Jail {
     pub kernel: Option<PathBuf>,
     /// Its initial ramdisk, when the VM has one.
     pub initrd: Option<PathBuf>,
-    /// Whether the binary needs the host's libraries.
-    pub dynamic: bool,
 }
 
 impl Jail {
@@ -198,7 +197,7 @@ impl Jail {
             check_readable("initrd", initrd)?;
         }
         check_readable("VMM binary", &self.binary)?;
-        Skeleton { dir: self.skeleton.clone(), dynamic: self.dynamic }.ensure()?;
+        self.skeleton.ensure()?;
         mkdir(&self.root, 0o755, None)?;
         mkdir(&self.root.join("run"), 0o700, Some((self.uid, self.gid)))
     }
@@ -239,7 +238,7 @@ impl Jail {
         if let Some(initrd) = &self.initrd {
             binds.push((c(initrd)?, c(&self.host(inside::INITRD))?));
         }
-        if self.dynamic {
+        if self.skeleton.dynamic {
             for dir in LIBRARY_DIRS {
                 let host = Path::new(dir);
                 if std::fs::symlink_metadata(host).is_ok_and(|m| m.is_dir()) {
@@ -254,8 +253,8 @@ impl Jail {
         Ok(Entry {
             namespaces: if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS },
             slash: c(Path::new("/"))?,
-            skeleton: c(&self.skeleton)?,
-            skeleton_vm: c(&self.skeleton.join(inside::VM.trim_start_matches('/')))?,
+            skeleton: c(&self.skeleton.dir)?,
+            skeleton_vm: c(&self.skeleton.dir.join(inside::VM.trim_start_matches('/')))?,
             binds,
             root: c(&self.root)?,
             dev: c(&self.host("/dev"))?,
@@ -279,6 +278,8 @@ impl Jail {
 #[derive(Debug, Clone)]
 pub struct Skeleton {
     pub dir: PathBuf,
+    /// Whether the VMM binary is dynamically linked: its jails then hold
+    /// the host's library directories.
     pub dynamic: bool,
 }
 

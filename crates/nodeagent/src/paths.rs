@@ -233,19 +233,25 @@ impl RunDir {
 /// reading each one to know). Other filesystems ignore it or refuse it;
 /// either is fine.
 fn spread_subdirectories(dir: &Path) {
-    use std::os::fd::AsRawFd;
-    const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
     let Ok(handle) = std::fs::File::open(dir) else { return };
-    let mut flags: libc::c_int = 0;
-    // SAFETY: both calls pass a pointer to an int the kernel reads or
-    // writes, on a descriptor open for the duration of the calls.
-    unsafe {
-        if libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 || flags & FS_TOPDIR_FL != 0 {
-            return;
-        }
-        flags |= FS_TOPDIR_FL;
-        libc::ioctl(handle.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
+    let Some(flags) = inode_flags(&handle) else { return };
+    if flags & FS_TOPDIR_FL == 0 {
+        let flags = flags | FS_TOPDIR_FL;
+        // SAFETY: the kernel reads one int; the descriptor is open.
+        unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&handle), libc::FS_IOC_SETFLAGS, &flags) };
     }
+}
+
+/// ext2/3/4's "top of a directory hierarchy" inode flag (chattr's `T`).
+const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+
+/// The inode flags of the open file `handle` (chattr's attributes), when
+/// its filesystem has them.
+fn inode_flags(handle: &std::fs::File) -> Option<libc::c_int> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the kernel writes one int; the descriptor is open.
+    let ret = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(handle), libc::FS_IOC_GETFLAGS, &mut flags) };
+    (ret == 0).then_some(flags)
 }
 
 #[cfg(test)]
@@ -254,7 +260,6 @@ mod tests {
 
     #[test]
     fn on_ext4_the_vm_directories_are_spread_over_block_groups() {
-        use std::os::fd::AsRawFd;
         // The system tests' scratch space; on another filesystem there is
         // nothing to check.
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -268,11 +273,8 @@ mod tests {
             return;
         }
         let run = RunDir::new(dir.path()).unwrap();
-        let vms = std::fs::File::open(run.vms()).unwrap();
-        let mut flags: libc::c_int = 0;
-        // SAFETY: the kernel writes one int; the descriptor is open.
-        assert_eq!(unsafe { libc::ioctl(vms.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) }, 0);
-        assert_ne!(flags & 0x0002_0000, 0, "vms/ has the top-directory attribute (chattr +T)");
+        let flags = inode_flags(&std::fs::File::open(run.vms()).unwrap()).expect("ext4 has inode flags");
+        assert_ne!(flags & FS_TOPDIR_FL, 0, "vms/ has the top-directory attribute (chattr +T)");
     }
 
     #[test]

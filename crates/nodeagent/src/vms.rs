@@ -66,9 +66,8 @@ pub struct Runtime {
     users: crate::jail::Users,
     /// Tells this agent's VMMs from other processes.
     vmms: process::Vmms,
-    /// Whether the VMM binary is dynamically linked (its jails then hold
-    /// the host's libraries).
-    dynamic: bool,
+    /// The root every VMM of the node sees.
+    skeleton: crate::jail::Skeleton,
     /// The VMs' readiness probes.
     probes: crate::probe::Probes,
     /// The bridge's index as last ensured (0: not yet).
@@ -100,7 +99,7 @@ impl Runtime {
             users: crate::jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms()),
             vmms: process::Vmms::new(&cfg.run_dir, &cfg.firecracker),
             fetcher: crate::fetch::Fetcher::new(cfg.api.clone()),
-            dynamic,
+            skeleton,
             cfg,
             net,
             locks: Mutex::new(HashMap::new()),
@@ -342,13 +341,12 @@ impl Runtime {
         let user = self.users.user_of(paths)?;
         let jail = crate::jail::Jail {
             root: paths.jail(),
-            skeleton: self.cfg.run_dir.jail_skeleton(),
+            skeleton: self.skeleton.clone(),
             uid: user,
             gid: user,
             binary: self.cfg.firecracker.clone(),
             kernel,
             initrd,
-            dynamic: self.dynamic,
         };
         jail.prepare()?;
         // The VMM starts while its TAP and disk are made: it needs them only

@@ -72,13 +72,12 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
     std::fs::create_dir_all(&paths.dir).unwrap();
     let jail = Jail {
         root: paths.jail(),
-        skeleton: dir.join("jail-skeleton"),
+        skeleton: nexus_nodeagent::jail::Skeleton { dir: dir.join("jail-skeleton"), dynamic: true },
         uid,
         gid: uid,
         binary: sim_binary(),
         kernel: kernel.map(Path::to_path_buf),
         initrd: None,
-        dynamic: true,
     };
     jail.prepare().unwrap();
     for (f, at) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
