@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nexus_api::client::ListParams;
+use futures::StreamExt;
+use nexus_api::client::{Event, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::{ConditionStatus, VmPhase, VmSpec};
 use nexus_e2e::multinode::MultiNode;
@@ -17,18 +18,21 @@ use nexus_e2e::percentile as pct;
 struct Args {
     vms: usize,
     agents: usize,
+    /// Where the fleet's data and run directories go.
+    dir: std::path::PathBuf,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { vms: 1000, agents: 10 };
+    let mut args = Args { vms: 1000, agents: 10, dir: "/var/tmp".into() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--vms" => args.vms = value()?.parse()?,
             "--agents" => args.agents = value()?.parse()?,
+            "--dir" => args.dir = value()?.into(),
             "--help" | "-h" => {
-                println!("nexus-fleet-bench [--vms 1000] [--agents 10]   (as root)");
+                println!("nexus-fleet-bench [--vms 1000] [--agents 10] [--dir /var/tmp]   (as root)");
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown flag {other}; see --help"),
@@ -47,6 +51,48 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in milliseconds.
+fn cpu_ms(pid: u32) -> u64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &s[s.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    });
+    // Linux reports CPU time in USER_HZ ticks, 100 per second on every architecture it supports.
+    ticks.unwrap_or(0) * 10
+}
+
+/// The apiserver's requests so far by method, route and status, from its
+/// `http_requests_total` counter, most first.
+async fn requests_by_route(client: &nexus_api::client::Client) -> anyhow::Result<Vec<(String, u64)>> {
+    use futures::TryStreamExt;
+    let body: Vec<u8> = client
+        .get_stream("/metrics")
+        .await?
+        .try_fold(Vec::new(), |mut all, chunk| async move {
+            all.extend_from_slice(&chunk);
+            Ok(all)
+        })
+        .await?;
+    let mut rows: Vec<(String, u64)> = String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("http_requests_total"))
+        .filter_map(|l| {
+            let (labels, n) = l.rsplit_once(' ')?;
+            // `{route="...",method="...",code="..."}` as `METHOD route code`.
+            let label = |name: &str| {
+                let from = labels.find(&format!("{name}=\""))? + name.len() + 2;
+                Some(labels[from..].split('"').next()?.to_string())
+            };
+            let row = format!("{} {} {}", label("method")?, label("route")?, label("code")?);
+            Some((row, n.parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1));
+    Ok(rows)
+}
+
 fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
     let (ok, _, err) = fleet.nexusctl(args);
     anyhow::ensure!(ok, "nexusctl {args:?}: {err}");
@@ -54,7 +100,7 @@ fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in("/var/tmp")?;
+    let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in(&args.dir)?;
     // Under the agents' default image root, where `hack/images.sh` puts them.
     nexus_e2e::ensure_example_images();
     let (kernel, rootfs) = ("/var/lib/nexus/images/vmlinux", "/var/lib/nexus/images/rootfs.ext4");
@@ -73,33 +119,56 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let file = dir.path().join("vms.yaml");
     std::fs::write(&file, yaml.join("---\n"))?;
 
+    // One watch, opened before the apply, follows every VM to Ready: the
+    // benchmark does not load the apiserver with lists while it measures.
+    let params = ListParams { label_selector: Some("bench=yes".into()), ..Default::default() };
+    let mut stream = Box::pin(client.watch::<VmSpec>(Some("default"), &params, None).await?);
     eprintln!("applying {} VMs to {} agents ...", args.vms, args.agents);
     let started = Instant::now();
-    nexusctl(&fleet, &["apply", "-f", &file.display().to_string()])?;
-    let applied = started.elapsed();
-    let params = ListParams { label_selector: Some("bench=yes".into()), ..Default::default() };
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    let vms = loop {
-        let vms = client.list::<VmSpec>(Some("default"), &params).await?.items;
-        let ready = vms
-            .iter()
-            .filter(|v| {
-                let s = v.status_or_default();
-                s.phase == VmPhase::Running
-                    && find_condition(&s.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
-            })
-            .count();
-        if ready == args.vms {
-            break vms;
+    let apply = tokio::task::spawn_blocking({
+        let (server, ca, token) = (fleet.server.clone(), fleet.ca.clone(), fleet.admin_token.clone());
+        let file = file.display().to_string();
+        move || {
+            let (ok, _, err) = nexus_e2e::nexusctl(&server, &ca, &token, &["apply", "-f", &file]);
+            (ok, err, started.elapsed())
         }
-        if let Some(failed) = vms.iter().find(|v| v.status_or_default().phase == VmPhase::Failed) {
-            let why = find_condition(&failed.status_or_default().conditions, "Ready").map(|c| c.message.clone());
-            anyhow::bail!("VM {} failed: {}", failed.name(), why.unwrap_or_default());
+    });
+    let mut apply = Some(apply);
+    let mut applied = Duration::ZERO;
+    let mut ready: BTreeMap<String, nexus_api::Vm> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
+    while ready.len() < args.vms {
+        let event = tokio::select! {
+            // A failed apply ends the run at once, not at the deadline.
+            done = async { apply.as_mut().expect("polled only while running").await }, if apply.is_some() => {
+                let (ok, err, took) = done?;
+                anyhow::ensure!(ok, "nexusctl apply: {err}");
+                (applied, apply) = (took, None);
+                continue;
+            }
+            event = tokio::time::timeout_at(deadline, stream.next()) => event
+                .with_context(|| format!("only {} of {} VMs Running after 30 min", ready.len(), args.vms))?
+                .context("the watch ended")??,
+        };
+        let (Event::Added(vm) | Event::Modified(vm)) = event else { continue };
+        let status = vm.status_or_default();
+        if status.phase == VmPhase::Failed {
+            let why = find_condition(&status.conditions, "Ready").map(|c| c.message.clone());
+            anyhow::bail!("VM {} failed: {}", vm.name(), why.unwrap_or_default());
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {} VMs Running after 30 min", args.vms);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+        if status.phase == VmPhase::Running
+            && find_condition(&status.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        {
+            ready.entry(vm.name().to_string()).or_insert(vm);
+        }
+    }
     let all_running = started.elapsed();
+    if let Some(apply) = apply {
+        let (ok, err, took) = apply.await?;
+        anyhow::ensure!(ok, "nexusctl apply: {err}");
+        applied = took;
+    }
+    let vms: Vec<nexus_api::Vm> = ready.into_values().collect();
 
     let mut per_vm: Vec<f64> = vms
         .iter()
@@ -117,14 +186,23 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let (spread_min, spread_max) =
         (per_node.values().min().copied().unwrap_or(0), per_node.values().max().copied().unwrap_or(0));
 
+    let requests = requests_by_route(&client).await?;
     let apiserver_rss = rss_kib(fleet.apiserver.pid());
     let controller_rss = rss_kib(fleet.controller.pid());
     let agent_rss: Vec<u64> = fleet.agents.iter().map(|a| rss_kib(a.pid())).collect();
-    let sims: Vec<u64> = (1..=args.agents)
+    let vmm_pids: Vec<u32> = (1..=args.agents)
         .flat_map(|i| nexus_e2e::host::vmm_processes_under(&fleet.dir.join(format!("run-{i}"))))
-        .map(|(pid, _)| rss_kib(pid))
+        .map(|(pid, _)| pid)
         .collect();
+    let sims: Vec<u64> = vmm_pids.iter().map(|p| rss_kib(*p)).collect();
     let mean = |v: &[u64]| if v.is_empty() { 0 } else { v.iter().sum::<u64>() / v.len() as u64 };
+    let cpu = serde_json::json!({
+        "apiserver": cpu_ms(fleet.apiserver.pid()),
+        "controller": cpu_ms(fleet.controller.pid()),
+        "agents": fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum::<u64>(),
+        "vmms": vmm_pids.iter().map(|p| cpu_ms(*p)).sum::<u64>(),
+        "bench": cpu_ms(std::process::id()),
+    });
 
     eprintln!("deleting every VM ...");
     let deleting = Instant::now();
@@ -149,6 +227,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     line("RSS controller KiB", controller_rss.to_string());
     line("RSS agent mean / max KiB", format!("{} / {}", mean(&agent_rss), agent_rss.iter().max().unwrap_or(&0)));
     line("RSS simulated VMM mean KiB", mean(&sims).to_string());
+    line("CPU ms apiserver / controller", format!("{} / {}", cpu["apiserver"], cpu["controller"]));
+    line("CPU ms agents / VMMs / bench", format!("{} / {} / {}", cpu["agents"], cpu["vmms"], cpu["bench"]));
+    for (route, n) in requests.iter().filter(|(_, n)| *n as usize >= args.vms / 10) {
+        println!("{:<70} {:>6.2}", format!("apiserver requests per VM: {route}"), *n as f64 / args.vms as f64);
+    }
     line("delete all (--wait) ms", deleted.as_millis().to_string());
     line(
         "left: VMMs / TAPs / dirs / VM rows",
@@ -163,6 +246,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "perNode": per_node,
         "rssKiB": {"apiserver": apiserver_rss, "controller": controller_rss, "agents": agent_rss,
                    "vmmMean": mean(&sims)},
+        "cpuMs": cpu,
         "deleteAllMs": deleted.as_millis() as u64,
         "left": {"vmms": leftovers.0, "taps": leftovers.1, "dirs": leftovers.2, "vmRows": rows_left},
     });
