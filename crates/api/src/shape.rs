@@ -9,7 +9,36 @@ use serde_json::Value;
 /// `$ref`s point into its own `$defs`) wants an object or an array and the
 /// value is something else, as (path, what was expected, what was found).
 pub fn mismatch(value: &Value, schema: &Value) -> Option<(String, &'static str, &'static str)> {
-    walk(value, schema, schema, String::new(), 0)
+    let found = walk(value, schema, schema, 0)?;
+    // The walk names the steps on its way back out: innermost first.
+    let mut path = String::new();
+    for step in found.steps.iter().rev() {
+        match step {
+            Step::Key(k) if path.is_empty() => path.push_str(k),
+            Step::Key(k) => {
+                path.push('.');
+                path.push_str(k);
+            }
+            Step::Index(i) => path.push_str(&format!("[{i}]")),
+        }
+    }
+    if path.is_empty() {
+        path.push_str("the body");
+    }
+    Some((path, found.want, found.got))
+}
+
+/// One step from a value into one of its parts.
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// A mismatch, with the steps to it from the value walked (innermost first).
+struct Found<'a> {
+    steps: Vec<Step<'a>>,
+    want: &'static str,
+    got: &'static str,
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -23,11 +52,21 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-fn types(schema: &Value) -> Vec<&str> {
+/// Whether `schema`'s `type` (one name or a list) names `t`.
+fn allows(schema: &Value, t: &str) -> bool {
     match &schema["type"] {
-        Value::String(t) => vec![t.as_str()],
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
+        Value::String(s) => s == t,
+        Value::Array(ts) => ts.iter().any(|x| x.as_str() == Some(t)),
+        _ => false,
+    }
+}
+
+/// Whether `schema` is `{"type": "null"}` (or a list of only that).
+fn only_null(schema: &Value) -> bool {
+    match &schema["type"] {
+        Value::String(s) => s == "null",
+        Value::Array(ts) => ts.len() == 1 && ts[0].as_str() == Some("null"),
+        _ => false,
     }
 }
 
@@ -38,13 +77,7 @@ fn resolve<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
     }
 }
 
-fn walk(
-    value: &Value,
-    schema: &Value,
-    root: &Value,
-    path: String,
-    depth: usize,
-) -> Option<(String, &'static str, &'static str)> {
+fn walk<'a>(value: &'a Value, schema: &Value, root: &Value, depth: usize) -> Option<Found<'a>> {
     if depth > 64 {
         return None;
     }
@@ -55,47 +88,45 @@ fn walk(
             if value.is_null() {
                 return None;
             }
-            let non_null: Vec<&Value> = branches.iter().filter(|b| types(b) != ["null"]).collect();
-            return match non_null.as_slice() {
-                [only] => walk(value, only, root, path, depth + 1),
+            let mut non_null = branches.iter().filter(|b| !only_null(b));
+            return match (non_null.next(), non_null.next()) {
+                (Some(only), None) => walk(value, only, root, depth + 1),
                 _ => None,
             };
         }
     }
     if let Some(all) = schema["allOf"].as_array() {
-        return all.iter().find_map(|b| walk(value, b, root, path.clone(), depth + 1));
+        return all.iter().find_map(|b| walk(value, b, root, depth + 1));
     }
-    let here = if path.is_empty() { "the body".to_string() } else { path.clone() };
-    let ts = types(schema);
-    if ts.contains(&"object") && !value.is_object() && !(ts.contains(&"null") && value.is_null()) {
-        return Some((here, "an object", kind_of(value)));
-    }
-    if ts.contains(&"array") && !value.is_array() && !(ts.contains(&"null") && value.is_null()) {
-        return Some((here, "an array", kind_of(value)));
-    }
-    let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                let sub = match schema["properties"].get(k) {
-                    Some(s) => s,
-                    None => match &schema["additionalProperties"] {
-                        s @ Value::Object(_) => s,
-                        _ => continue,
-                    },
-                };
-                if let Some(m) = walk(v, sub, root, join(k), depth + 1) {
-                    return Some(m);
-                }
-            }
-            None
+    let null_ok = allows(schema, "null") && value.is_null();
+    for (t, want, fits) in [("object", "an object", value.is_object()), ("array", "an array", value.is_array())] {
+        if allows(schema, t) && !fits && !null_ok {
+            return Some(Found { steps: Vec::new(), want, got: kind_of(value) });
         }
+    }
+    match value {
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let sub = match schema["properties"].get(k) {
+                Some(s) => s,
+                None => match &schema["additionalProperties"] {
+                    s @ Value::Object(_) => s,
+                    _ => return None,
+                },
+            };
+            let mut found = walk(v, sub, root, depth + 1)?;
+            found.steps.push(Step::Key(k));
+            Some(found)
+        }),
         Value::Array(items) => {
             let item = &schema["items"];
             if item.is_null() {
                 return None;
             }
-            items.iter().enumerate().find_map(|(i, v)| walk(v, item, root, format!("{path}[{i}]"), depth + 1))
+            items.iter().enumerate().find_map(|(i, v)| {
+                let mut found = walk(v, item, root, depth + 1)?;
+                found.steps.push(Step::Index(i));
+                Some(found)
+            })
         }
         _ => None,
     }
@@ -126,5 +157,15 @@ mod tests {
         let labels = serde_json::json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "a", "labels": []}, "spec": {}});
         assert_eq!(mismatch(&labels, &s), Some(("metadata.labels".into(), "an object", "an array")));
         assert_eq!(crate::VmSpec::KIND, "VM");
+    }
+
+    #[test]
+    fn the_path_names_keys_and_indexes_down_to_the_mismatch() {
+        let s = serde_json::json!({"type": "object", "properties": {"xs": {"type": "array", "items": {"$ref": "#/$defs/X"}}},
+                                   "$defs": {"X": {"type": "object", "properties": {"y": {"type": ["object", "null"]}}}}});
+        let v = serde_json::json!({"xs": [{"y": null}, {"y": {}}, {"y": 3}]});
+        assert_eq!(mismatch(&v, &s), Some(("xs[2].y".into(), "an object", "a number")));
+        let v = serde_json::json!({"xs": [{}, "x"]});
+        assert_eq!(mismatch(&v, &s), Some(("xs[1]".into(), "an object", "a string")));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use nexus_api::{WatchEvent, WatchEventType};
 use serde_json::{Value, json};
@@ -51,26 +51,30 @@ impl Filter {
     }
 }
 
-fn event_line(type_: WatchEventType, object: Value) -> Vec<u8> {
+fn event_line(type_: WatchEventType, object: Value) -> Bytes {
     event_line_from(type_, object, String::new())
 }
 
-fn event_line_from(type_: WatchEventType, object: Value, request_id: String) -> Vec<u8> {
+fn event_line_from(type_: WatchEventType, object: Value, request_id: String) -> Bytes {
     let mut line = serde_json::to_vec(&WatchEvent { type_, object, request_id }).unwrap_or_default();
     line.push(b'\n');
-    line
+    line.into()
 }
 
-fn change_line(change: &Change) -> Vec<u8> {
-    let t = match change.type_ {
-        ChangeType::Added => WatchEventType::Added,
-        ChangeType::Modified => WatchEventType::Modified,
-        ChangeType::Deleted => WatchEventType::Deleted,
-    };
-    event_line_from(t, change.object.clone(), change.request_id.clone())
+/// The change's line, serialized once however many watches send it.
+fn change_line(change: &Change) -> Bytes {
+    let line = change.line.get_or_init(|| {
+        let t = match change.type_ {
+            ChangeType::Added => WatchEventType::Added,
+            ChangeType::Modified => WatchEventType::Modified,
+            ChangeType::Deleted => WatchEventType::Deleted,
+        };
+        event_line_from(t, change.object.clone(), change.request_id.clone())
+    });
+    line.clone()
 }
 
-fn bookmark_line(rv: i64) -> Vec<u8> {
+fn bookmark_line(rv: i64) -> Bytes {
     event_line(WatchEventType::Bookmark, json!({"metadata": {"resourceVersion": rv.to_string()}}))
 }
 
@@ -85,7 +89,7 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     // Subscribe before reading the store so no change falls between the two.
     let mut live = state.store.subscribe();
-    let mut initial: Vec<Vec<u8>> = Vec::new();
+    let mut initial: Vec<Bytes> = Vec::new();
     let last = match since {
         Some(rv) => {
             let mut last = rv;
@@ -106,7 +110,7 @@ pub async fn stream(
         }
     };
     let mut last = last;
-    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let bookmark_every = state.bookmark_interval;
     let mut shutting_down = state.shutting_down.clone();
     tokio::spawn(async move {
@@ -161,7 +165,7 @@ async fn catch_up(
     state: &AppState,
     filter: &Filter,
     last: &mut i64,
-    tx: &mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), ApiError> {
     for change in state.store.changes_since(&filter.kind, *last).await? {
         *last = change.resource_version;

@@ -120,10 +120,16 @@ fn place_disk(src: &Path, dst: &Path, boot: Option<i64>) -> std::io::Result<Copy
     copy_into_place(src, dst, false)
 }
 
-/// When the host started, in seconds since the epoch (`btime` of /proc/stat).
+/// When the host started, in seconds since the epoch (`btime` of
+/// /proc/stat), read once: the file is long and the answer never changes.
 fn boot_time() -> std::io::Result<Option<i64>> {
+    static BOOT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    if let Some(boot) = BOOT.get() {
+        return Ok(*boot);
+    }
     let stat = std::fs::read_to_string("/proc/stat")?;
-    Ok(stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()))
+    let boot = stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok());
+    Ok(*BOOT.get_or_init(|| boot))
 }
 
 /// Whether the filesystem holding `dir` clones files in constant time:
@@ -150,7 +156,8 @@ pub fn supports_reflink(dir: &Path) -> bool {
 /// not report extents.
 fn sparse_copy(input: &mut File, output: &mut File) -> std::io::Result<()> {
     let len = input.metadata()?.len();
-    let mut buf = vec![0u8; CHUNK];
+    // Made at the first data extent: an image of holes needs none.
+    let mut buf: Vec<u8> = Vec::new();
     let mut pos: u64 = 0;
     while pos < len {
         let (start, end) = match data_extent(input, pos) {
@@ -160,6 +167,9 @@ fn sparse_copy(input: &mut File, output: &mut File) -> std::io::Result<()> {
             None => break,
         };
         let end = end.min(len);
+        if buf.is_empty() {
+            buf = vec![0u8; CHUNK];
+        }
         input.seek(SeekFrom::Start(start))?;
         output.seek(SeekFrom::Start(start))?;
         let mut at = start;

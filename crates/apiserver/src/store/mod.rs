@@ -76,6 +76,9 @@ pub struct Change {
     pub object: Value,
     /// The request it came from (see [`AuditInfo::trace_id`]).
     pub request_id: String,
+    /// The change as a watch event line: made by the first watch that
+    /// sends it and shared by every other (see `crate::watch`).
+    pub line: std::sync::OnceLock<axum::body::Bytes>,
 }
 
 /// What a mutation decides to do with the current object.
@@ -331,6 +334,7 @@ impl Store {
                     type_: ChangeType::parse(r.get::<&str, _>(3)),
                     object: serde_json::from_str(r.get::<&str, _>(4))?,
                     request_id: r.get(5),
+                    line: Default::default(),
                 })
             })
             .collect()
@@ -426,6 +430,7 @@ impl Store {
                     type_: ChangeType::parse(&type_),
                     object: serde_json::from_str(&body)?,
                     request_id,
+                    line: Default::default(),
                 })
             })
             .collect()
@@ -639,6 +644,7 @@ impl Core {
                     type_,
                     object: object.clone(),
                     request_id: audit.trace_id().to_string(),
+                    line: Default::default(),
                 };
                 outcomes.push(Ok((Mutation { object, committed: true }, Some(change))));
             }
@@ -705,6 +711,7 @@ impl Store {
                     type_: ChangeType::Deleted,
                     object,
                     request_id: audit.trace_id().to_string(),
+                    line: Default::default(),
                 });
             }
             if !done.is_empty() {
