@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use chrono::{DateTime, Utc};
 use nexus_api::auth::{IssuedToken, TOKEN_PREFIX, TokenInfo, split_token};
 use nexus_api::rbac::Subject;
@@ -70,9 +70,94 @@ pub struct Tokens {
 }
 
 /// Argon2id with OWASP's minimum settings (19 MiB, 2 passes, 1 lane).
-fn hasher() -> Argon2<'static> {
-    let params = Params::new(19 * 1024, 2, 1, None).expect("valid Argon2 parameters");
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+fn params() -> Params {
+    Params::new(19 * 1024, 2, 1, None).expect("valid Argon2 parameters")
+}
+
+/// The memory one Argon2 computation works in, mapped for that computation
+/// alone and unmapped when it ends. Taken from the allocator instead, the
+/// 19 MiB of each check would stay with the thread that made it: a burst of
+/// first requests with new tokens left the apiserver holding 300-700 MiB.
+struct WorkArea {
+    blocks: std::ptr::NonNull<Block>,
+    count: usize,
+}
+
+impl WorkArea {
+    fn map(count: usize) -> std::io::Result<Self> {
+        let len = count * std::mem::size_of::<Block>();
+        // SAFETY: a new private anonymous mapping; it aliases nothing.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let blocks = std::ptr::NonNull::new(at.cast::<Block>()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(WorkArea { blocks, count })
+    }
+}
+
+impl AsMut<[Block]> for WorkArea {
+    fn as_mut(&mut self) -> &mut [Block] {
+        // SAFETY: the mapping holds `count` blocks, is page-aligned (more
+        // than a block's 64 bytes), zero-filled (a valid block is any
+        // bits), and borrowed mutably through `self` only.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_ptr(), self.count) }
+    }
+}
+
+impl Drop for WorkArea {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, no longer borrowed.
+        unsafe { libc::munmap(self.blocks.as_ptr().cast(), self.count * std::mem::size_of::<Block>()) };
+    }
+}
+
+/// The Argon2id output for `secret` and `salt` under `params`, `len` bytes.
+fn argon2id(params: Params, secret: &[u8], salt: Salt<'_>, len: usize) -> Result<Output, String> {
+    let mut salt_bytes = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_bytes).map_err(|e| e.to_string())?;
+    let hasher = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let mut memory = WorkArea::map(hasher.params().block_count()).map_err(|e| format!("no memory to hash in: {e}"))?;
+    Output::init_with(len, |out| {
+        hasher.hash_password_into_with_memory(secret, salt, out, &mut memory).map_err(Into::into)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// A new token secret's stored form: its Argon2id hash in PHC format.
+fn hash_secret(secret: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    let params = params();
+    let output = argon2id(params.clone(), secret.as_bytes(), salt.as_salt(), Params::DEFAULT_OUTPUT_LEN)?;
+    let hash = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).map_err(|e| e.to_string())?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(hash.to_string())
+}
+
+/// Whether `secret` is the one `stored` (a PHC string from [`hash_secret`])
+/// was made from. The comparison takes the same time wherever they differ.
+fn secret_matches(secret: &str, stored: &str) -> bool {
+    let Ok(hash) = PasswordHash::new(stored) else { return false };
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else { return false };
+    if hash.algorithm != Algorithm::Argon2id.ident() || hash.version != Some(Version::V0x13.into()) {
+        return false;
+    }
+    let Ok(params) = Params::try_from(&hash) else { return false };
+    argon2id(params, secret.as_bytes(), salt, expected.len()).is_ok_and(|got| got == expected)
 }
 
 fn random_hex(bytes: usize) -> Result<String, ApiError> {
@@ -97,13 +182,10 @@ impl Tokens {
     ) -> Result<IssuedToken, ApiError> {
         let id = random_hex(8)?;
         let secret = random_hex(32)?;
-        let hash = tokio::task::spawn_blocking(move || {
-            let salt = SaltString::generate(&mut OsRng);
-            hasher().hash_password(secret.as_bytes(), &salt).map(|h| (h.to_string(), secret))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("hashing failed: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("hashing failed: {e}")))?;
+        let hash = tokio::task::spawn_blocking(move || hash_secret(&secret).map(|h| (h, secret)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("hashing failed: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("hashing failed: {e}")))?;
         let (hash, secret) = hash;
         let now = Utc::now();
         let info = TokenInfo {
@@ -158,11 +240,9 @@ impl Tokens {
             Some(c) => c.touched,
             None => {
                 let (secret, hash) = (secret.to_string(), row.hash.clone());
-                let ok = tokio::task::spawn_blocking(move || {
-                    PasswordHash::new(&hash).is_ok_and(|h| hasher().verify_password(secret.as_bytes(), &h).is_ok())
-                })
-                .await
-                .map_err(|e| ApiError::Internal(format!("verifying failed: {e}")))?;
+                let ok = tokio::task::spawn_blocking(move || secret_matches(&secret, &hash))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("verifying failed: {e}")))?;
                 if !ok {
                     return Ok(Err(TokenError::Unknown));
                 }
@@ -246,6 +326,23 @@ mod tests {
         let stored = store.token(&issued.info.id).await.unwrap().unwrap();
         assert!(stored.hash.starts_with("$argon2id$"), "only a hash is stored");
         assert!(!stored.hash.contains(&issued.token[23..]));
+    }
+
+    #[test]
+    fn hashes_are_standard_phc_argon2id_both_ways() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let standard = Argon2::new(Algorithm::Argon2id, Version::V0x13, params());
+        // A hash stored before the work area was mapped by hand still checks.
+        let salt = SaltString::generate(&mut OsRng);
+        let old = standard.hash_password(b"s3cret", &salt).unwrap().to_string();
+        assert!(secret_matches("s3cret", &old));
+        assert!(!secret_matches("s3creT", &old));
+        // And a new one is what the standard verifier expects.
+        let new = hash_secret("s3cret").unwrap();
+        assert!(new.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{new}");
+        standard.verify_password(b"s3cret", &PasswordHash::new(&new).unwrap()).unwrap();
+        assert!(!secret_matches("s3cret", "$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"));
+        assert!(!secret_matches("s3cret", "not a hash"));
     }
 
     #[tokio::test]
