@@ -600,16 +600,28 @@ impl VmReconciler {
                 return self.unschedulable(vm, "SnapshotNodeNotFound", &message).await.map(Placement::Not);
             }
         }
-        let placed = assumed.placements(&self.stores, vm.uid());
         let group = scheduler::group_of(&vm);
+        let loads = assumed.loads(&self.stores, vm.uid(), group.as_deref());
         let request =
             Request { mem_mib: config.mem_mib, node_selector: &config.node_selector, group: group.as_deref() };
-        match pick_node(request, &nodes, &placed, Utc::now(), self.node_grace) {
+        match pick_node(request, &nodes, &loads, Utc::now(), self.node_grace) {
             Ok(node) => {
+                // The claim counts from now; other VMs are placed while
+                // this one's binding is written.
+                assumed.claim(vm.uid(), &node);
+                drop(assumed);
                 let mut next = finalizer::with(&vm, FINALIZER);
                 next.spec.node_name = Some(node.clone());
                 next.metadata.annotations.insert(PLACED_BY.into(), "scheduler".into());
-                let mut bound = self.api.replace(&next).await?;
+                let written = self.api.replace(&next).await;
+                let mut assumed = self.scheduling.lock().await;
+                let mut bound = match written {
+                    Ok(bound) => bound,
+                    Err(e) => {
+                        assumed.release(vm.uid());
+                        return Err(e.into());
+                    }
+                };
                 assumed.assume(&bound);
                 self.stores.vms.record_write(bound.clone());
                 drop(assumed);

@@ -6,7 +6,7 @@
 //! it remembers its own placements ("assumed") until the cache shows them;
 //! capacity therefore holds however fast VMs arrive.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -29,15 +29,26 @@ pub struct Request<'a> {
     pub group: Option<&'a str>,
 }
 
-/// One VM's claim on a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
-    pub node: String,
-    pub vcpu: u8,
-    pub mem_mib: u32,
-    /// The VM's spread group, if it has one.
-    pub group: Option<String>,
+/// What the VMs placed on one node claim.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub mem_mib: u64,
+    pub vms: u32,
+    /// How many of them are in the request's spread group.
+    pub in_group: u32,
 }
+
+impl Load {
+    /// Adds one VM's claim.
+    pub fn add(&mut self, mem_mib: u32, in_group: bool) {
+        self.mem_mib += u64::from(mem_mib);
+        self.vms += 1;
+        self.in_group += u32::from(in_group);
+    }
+}
+
+/// The load of each node with VMs, by node name.
+pub type Loads = HashMap<String, Load>;
 
 /// The spread group of `vm`: `project/pool` for a pool's VM.
 pub fn group_of(vm: &Vm) -> Option<String> {
@@ -45,25 +56,25 @@ pub fn group_of(vm: &Vm) -> Option<String> {
     Some(format!("{}/{pool}", vm.metadata.project.as_deref().unwrap_or_default()))
 }
 
-/// Chooses a node for a VM needing `req` among `nodes`, given the claims of
-/// every other placed VM. Prefers the node with the fewest VMs of the
-/// request's group, then the fewest VMs, then by name.
+/// Whether `vm` is in spread group `group` (as [`group_of`] names it),
+/// without building its name.
+fn in_group(vm: &Vm, group: &str) -> bool {
+    let Some(pool) = vm.metadata.labels.get(nexus_api::pool::POOL_LABEL) else { return false };
+    group
+        .split_once('/')
+        .is_some_and(|(project, p)| p == pool && vm.metadata.project.as_deref().unwrap_or_default() == project)
+}
+
+/// Chooses a node for a VM needing `req` among `nodes`, given the load the
+/// other placed VMs put on each. Prefers the node with the fewest VMs of
+/// the request's group, then the fewest VMs, then by name.
 pub fn pick_node(
     req: Request<'_>,
     nodes: &[Arc<Node>],
-    placed: &[Placement],
+    loads: &Loads,
     now: DateTime<Utc>,
     grace: chrono::Duration,
 ) -> Result<String, Unschedulable> {
-    let mut load: HashMap<&str, (u64, u32, u32)> = HashMap::new();
-    for p in placed {
-        let e = load.entry(p.node.as_str()).or_default();
-        e.0 += u64::from(p.mem_mib);
-        e.1 += 1;
-        if req.group.is_some() && p.group.as_deref() == req.group {
-            e.2 += 1;
-        }
-    }
     let mut nodes: Vec<&Arc<Node>> = nodes.iter().collect();
     nodes.sort_by(|a, b| a.name().cmp(b.name()));
     let mut reasons = Vec::new();
@@ -83,19 +94,23 @@ pub fn pick_node(
             reasons.push(format!("{name}: labels do not match nodeSelector"));
             continue;
         }
-        let (mem, count, in_group) = load.get(name).copied().unwrap_or_default();
+        let load = loads.get(name).copied().unwrap_or_default();
         let cap = &status.capacity;
-        if count + 1 > cap.max_vms {
-            reasons.push(format!("{name}: already runs {count} of {} VMs", cap.max_vms));
+        if load.vms + 1 > cap.max_vms {
+            reasons.push(format!("{name}: already runs {} of {} VMs", load.vms, cap.max_vms));
             continue;
         }
-        if mem + u64::from(req.mem_mib) > cap.mem_mib {
-            reasons.push(format!("{name}: {} MiB free, {} needed", cap.mem_mib.saturating_sub(mem), req.mem_mib));
+        if load.mem_mib + u64::from(req.mem_mib) > cap.mem_mib {
+            reasons.push(format!(
+                "{name}: {} MiB free, {} needed",
+                cap.mem_mib.saturating_sub(load.mem_mib),
+                req.mem_mib
+            ));
             continue;
         }
         // vCPUs are overcommitted (idle microVMs are common); memory is not.
-        if best.is_none_or(|(_, c)| (in_group, count) < c) {
-            best = Some((node, (in_group, count)));
+        if best.is_none_or(|(_, c)| (load.in_group, load.vms) < c) {
+            best = Some((node, (load.in_group, load.vms)));
         }
     }
     match best {
@@ -105,56 +120,99 @@ pub fn pick_node(
     }
 }
 
+/// The node of `vm`'s assumption in `nodes`, if it still holds.
+fn assumed_node<'a>(nodes: &'a HashMap<String, (String, Option<u64>)>, vm: &Vm) -> Option<&'a str> {
+    nodes.get(vm.uid()).filter(|(_, rv)| rv.is_none_or(|rv| version_of(vm) < rv)).map(|(n, _)| n.as_str())
+}
+
 /// Whether a VM in this phase still holds its node's resources.
 fn holds_resources(vm: &Vm) -> bool {
     !matches!(vm.status.as_ref().map(|s| s.phase), Some(VmPhase::Succeeded | VmPhase::Failed))
 }
 
-/// Placements this controller wrote that the cache may not show yet, by VM
-/// uid, with the resourceVersion the binding write produced. An assumption
-/// holds only while the cache has an older copy of the VM: once the cache
-/// has that version or a later one (bound, or unbound again since), the
-/// cache is the truth.
+/// The scheduler's memory between placements.
+///
+/// Placements this controller made that the cache may not show yet, by VM
+/// uid: while the binding write is in flight, and after it with the
+/// resourceVersion it produced. An assumption holds while the write is in
+/// flight and then while the cache has an older copy of the VM: once the
+/// cache has that version or a later one (bound, or unbound again since),
+/// the cache is the truth.
+///
+/// It also remembers the memory of VMs whose status does not carry their
+/// resolved configuration yet (bound, not yet reported), by uid and
+/// resourceVersion, so a placement does not resolve them all again.
 #[derive(Debug, Default)]
 pub struct Assumed {
-    nodes: HashMap<String, (String, u64)>,
+    nodes: HashMap<String, (String, Option<u64>)>,
+    memory: HashMap<String, (u64, u32)>,
 }
 
 impl Assumed {
+    /// Remembers that a write placing VM `uid` on `node` is under way.
+    pub fn claim(&mut self, uid: &str, node: &str) {
+        self.nodes.insert(uid.to_string(), (node.to_string(), None));
+    }
+
+    /// Forgets a claim whose write failed.
+    pub fn release(&mut self, uid: &str) {
+        self.nodes.remove(uid);
+    }
+
     /// Remembers that writing `bound` placed it on its `spec.nodeName`.
     pub fn assume(&mut self, bound: &Vm) {
         if let Some(node) = &bound.spec.node_name {
-            self.nodes.insert(bound.uid().to_string(), (node.clone(), version_of(bound)));
+            self.nodes.insert(bound.uid().to_string(), (node.clone(), Some(version_of(bound))));
         }
     }
 
-    /// The node `vm` (as cached) was placed on, if the cache is older than
-    /// the placement.
+    /// The node `vm` (as cached) was placed on, if its binding is in flight
+    /// or the cache is older than the placement.
     pub fn node_of(&self, vm: &Vm) -> Option<&str> {
-        self.nodes.get(vm.uid()).filter(|(_, rv)| version_of(vm) < *rv).map(|(n, _)| n.as_str())
+        assumed_node(&self.nodes, vm)
     }
 
-    /// Every VM's claim (other than `except`'s), from the cache and from
-    /// assumptions it has not caught up with; forgets the assumptions it has.
-    pub fn placements(&mut self, stores: &Stores, except: &str) -> Vec<Placement> {
+    /// The load on each node of every VM but `except`, from the cache and
+    /// from assumptions it has not caught up with, counting the members of
+    /// spread group `group`; forgets the assumptions it has caught up with.
+    /// One pass over the cached VMs, without building anything per VM.
+    pub fn loads(&mut self, stores: &Stores, except: &str, group: Option<&str>) -> Loads {
         let vms = stores.vms.list();
-        let mut pending = std::collections::HashSet::new();
-        let mut placed = Vec::with_capacity(vms.len());
+        let mut pending = HashSet::new();
+        let mut seen = HashSet::with_capacity(self.memory.len());
+        let mut loads: HashMap<&str, Load> = HashMap::new();
         for vm in &vms {
-            let assumed = self.node_of(vm).map(str::to_string);
+            let assumed = assumed_node(&self.nodes, vm);
             if assumed.is_some() {
-                pending.insert(vm.uid().to_string());
+                pending.insert(vm.uid());
             }
-            let Some(node) = assumed.or_else(|| vm.spec.node_name.clone()) else { continue };
+            let Some(node) = assumed.or(vm.spec.node_name.as_deref()) else { continue };
             if vm.uid() == except || !holds_resources(vm) {
                 continue;
             }
-            let (vcpu, mem_mib) = super::resolve::resources(vm, stores);
-            placed.push(Placement { node, vcpu, mem_mib, group: group_of(vm) });
+            let mem_mib = match vm.status.as_ref().and_then(|s| s.config.as_ref()) {
+                Some(c) => c.mem_mib,
+                None => {
+                    seen.insert(vm.uid());
+                    let rv = version_of(vm);
+                    match self.memory.get(vm.uid()) {
+                        Some(&(at, mem)) if at == rv => mem,
+                        _ => {
+                            let mem = super::resolve::resources(vm, stores).1;
+                            self.memory.insert(vm.uid().to_string(), (rv, mem));
+                            mem
+                        }
+                    }
+                }
+            };
+            loads.entry(node).or_default().add(mem_mib, group.is_some_and(|g| in_group(vm, g)));
         }
-        // Caught up with, or the VM is gone: the assumption has served its turn.
-        self.nodes.retain(|uid, _| pending.contains(uid));
-        placed
+        let loads: Loads = loads.into_iter().map(|(node, load)| (node.to_string(), load)).collect();
+        self.memory.retain(|uid, _| seen.contains(uid.as_str()));
+        // Caught up with, or the VM is gone: the assumption has served its
+        // turn. A write still in flight keeps its claim.
+        self.nodes.retain(|uid, (_, rv)| rv.is_none() || pending.contains(uid.as_str()));
+        loads
     }
 }
 
@@ -201,15 +259,15 @@ mod tests {
         let none = BTreeMap::new();
         let req = Request { mem_mib: 512, node_selector: &none, group: None };
         let grace = chrono::Duration::seconds(6);
-        let mut placed = Vec::new();
+        let mut loads = Loads::new();
         let mut got = Vec::new();
         for _ in 0..4 {
-            let n = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap();
-            placed.push(Placement { node: n.clone(), vcpu: 1, mem_mib: 512, group: None });
+            let n = pick_node(req, &nodes, &loads, Utc::now(), grace).unwrap();
+            loads.entry(n.clone()).or_default().add(512, false);
             got.push(n);
         }
         assert_eq!(got, ["a", "b", "a", "b"]);
-        let err = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap_err();
+        let err = pick_node(req, &nodes, &loads, Utc::now(), grace).unwrap_err();
         assert_eq!(err.0, "a: already runs 2 of 2 VMs; b: already runs 2 of 2 VMs");
     }
 
@@ -220,14 +278,16 @@ mod tests {
         let grace = chrono::Duration::seconds(6);
         // Node a runs 5 other VMs; the pool's first VM still goes to b,
         // and its 20 VMs end 7/7/6.
-        let mut placed: Vec<Placement> =
-            (0..5).map(|_| Placement { node: "a".into(), vcpu: 1, mem_mib: 64, group: None }).collect();
+        let mut loads = Loads::new();
+        for _ in 0..5 {
+            loads.entry("a".into()).or_default().add(64, false);
+        }
         let req = Request { mem_mib: 64, node_selector: &none, group: Some("p/ci") };
         for _ in 0..20 {
-            let n = pick_node(req, &nodes, &placed, Utc::now(), grace).unwrap();
-            placed.push(Placement { node: n, vcpu: 1, mem_mib: 64, group: Some("p/ci".into()) });
+            let n = pick_node(req, &nodes, &loads, Utc::now(), grace).unwrap();
+            loads.entry(n).or_default().add(64, true);
         }
-        let count = |n: &str| placed.iter().filter(|p| p.node == n && p.group.is_some()).count();
+        let count = |n: &str| loads[n].in_group;
         assert_eq!((count("a"), count("b"), count("c")), (6, 7, 7));
     }
 
@@ -238,15 +298,51 @@ mod tests {
         unbound.metadata.resource_version = Some("1".into());
         stores.vms.record_write(unbound);
         let mut assumed = Assumed::default();
+        let one = Load { mem_mib: 512, vms: 1, in_group: 0 };
+        // While the binding write is in flight, the claim counts.
+        assumed.claim("u1", "a");
+        assert_eq!(assumed.loads(&stores, "u2", None), Loads::from([("a".to_string(), one)]));
         let mut bound = vm("one", "u1", Some("a"));
         bound.metadata.resource_version = Some("2".into());
         assumed.assume(&bound);
-        let placed = assumed.placements(&stores, "u2");
-        assert_eq!(placed, [Placement { node: "a".into(), vcpu: 1, mem_mib: 512, group: None }]);
+        assert_eq!(assumed.loads(&stores, "u2", None), Loads::from([("a".to_string(), one)]));
+        assert_eq!(assumed.loads(&stores, "u1", None), Loads::new(), "a VM's own claim is left out");
         // The cache catches up: the assumption is dropped, the claim stays.
         stores.vms.record_write(bound.clone());
-        assert_eq!(assumed.placements(&stores, "u2").len(), 1);
+        assert_eq!(assumed.loads(&stores, "u2", None), Loads::from([("a".to_string(), one)]));
         assert_eq!(assumed.node_of(&bound), None);
+    }
+
+    #[test]
+    fn a_failed_binding_write_releases_its_claim() {
+        let stores = Stores::empty();
+        stores.vms.record_write(vm("one", "u1", None));
+        let mut assumed = Assumed::default();
+        assumed.claim("u1", "a");
+        assert_eq!(assumed.loads(&stores, "u2", None).len(), 1);
+        assumed.release("u1");
+        assert!(assumed.loads(&stores, "u2", None).is_empty());
+    }
+
+    #[test]
+    fn loads_count_a_groups_members_and_resolve_an_unreported_vm_once_per_version() {
+        let stores = Stores::empty();
+        let mut pooled = vm("one", "u1", Some("a"));
+        pooled.metadata.labels.insert(nexus_api::pool::POOL_LABEL.into(), "ci".into());
+        pooled.metadata.resource_version = Some("4".into());
+        stores.vms.record_write(pooled.clone());
+        stores.vms.record_write(vm("two", "u2", Some("a")));
+        let mut assumed = Assumed::default();
+        let loads = assumed.loads(&stores, "u3", Some("p/ci"));
+        assert_eq!(loads["a"], Load { mem_mib: 1024, vms: 2, in_group: 1 });
+        assert_eq!(assumed.loads(&stores, "u3", Some("q/ci"))["a"].in_group, 0, "another project's pool");
+        assert_eq!(assumed.memory.get("u1"), Some(&(4, 512)));
+        // A new version is resolved again; a VM gone is forgotten.
+        pooled.spec.mem_mib = Some(256);
+        pooled.metadata.resource_version = Some("5".into());
+        stores.vms.record_write(pooled);
+        assert_eq!(assumed.loads(&stores, "u3", None)["a"].mem_mib, 768);
+        assert_eq!(assumed.memory.get("u1"), Some(&(5, 256)));
     }
 
     #[test]
@@ -261,6 +357,6 @@ mod tests {
         unbound.metadata.resource_version = Some("3".into());
         stores.vms.record_write(unbound.clone());
         assert_eq!(assumed.node_of(&unbound), None, "free to be placed again");
-        assert!(assumed.placements(&stores, "u2").is_empty());
+        assert!(assumed.loads(&stores, "u2", None).is_empty());
     }
 }
