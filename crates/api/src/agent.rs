@@ -174,6 +174,8 @@ pub struct ProbeResult {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Inventory {
+    /// Each VM's report, when asked for (`?vms=true`).
+    #[serde(default)]
     pub vms: Vec<VmReport>,
     /// TAP devices with the agent's name prefix.
     pub taps: Vec<String>,

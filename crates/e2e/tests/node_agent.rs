@@ -108,7 +108,7 @@ impl Agent {
     }
 
     async fn inventory(&self) -> Inventory {
-        let (status, body) = self.call("GET", "/v1/inventory", None).await;
+        let (status, body) = self.call("GET", "/v1/inventory?vms=true", None).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }
@@ -324,6 +324,10 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
             host::vmm_processes_under(&agent.run_dir()).is_empty()
         })
         .await;
+        let (status, body) = agent.call("GET", "/v1/inventory", None).await;
+        assert_eq!(status, 200, "{body}");
+        let bare: Inventory = serde_json::from_str(&body).unwrap();
+        assert_eq!((bare.vms.len(), bare.run_dirs.len()), (0, 1), "reports only when asked for");
         let inv = agent.inventory().await;
         assert_eq!(inv.vms.len(), 1);
         assert_eq!(inv.vms[0].state, ObservedState::Stopped, "{inv:?}");

@@ -340,6 +340,18 @@ async fn collect(
     Ok(Json(nexus_api::agent::CollectReport { removed }))
 }
 
-async fn inventory(State(state): State<AgentState>) -> Result<Json<Inventory>, AgentError> {
-    Ok(Json(state.runtime.inventory().await?))
+/// `GET /v1/inventory` parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+struct InventoryQuery {
+    /// Include a report of every VM (each asks its VMM): off by default, as
+    /// the garbage collector, which asks every few seconds, needs none.
+    #[serde(default)]
+    vms: bool,
+}
+
+async fn inventory(
+    State(state): State<AgentState>,
+    Query(q): Query<InventoryQuery>,
+) -> Result<Json<Inventory>, AgentError> {
+    Ok(Json(state.runtime.inventory(q.vms).await?))
 }

@@ -864,8 +864,9 @@ impl Runtime {
         })
     }
 
-    /// Everything of ours on the host, whether or not a VM claims it.
-    pub async fn inventory(&self) -> Result<Inventory, AgentError> {
+    /// Everything of ours on the host, whether or not a VM claims it; with
+    /// `reports`, also what [`Runtime::report`] says of each VM.
+    pub async fn inventory(&self, reports: bool) -> Result<Inventory, AgentError> {
         let mut inv = Inventory::default();
         let vms_dir = self.cfg.run_dir.vms();
         let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
@@ -874,7 +875,8 @@ impl Runtime {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             inv.run_dirs.push(name.clone());
-            if let Ok(uid) = Uid::parse(&name)
+            if reports
+                && let Ok(uid) = Uid::parse(&name)
                 && let Ok(report) = self.report(&uid).await
             {
                 inv.vms.push(report);
