@@ -31,12 +31,25 @@ pub use reflector::Reflectors;
 pub use store::{ObjectKey, Store};
 
 /// Delays between attempts while the apiserver does not answer: short, so
-/// a returning apiserver is followed within a second.
+/// a returning apiserver is followed within a second. The jitter adds up to
+/// the delay itself, so the delay is capped at half of that second.
 pub(crate) fn retry_delays() -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_millis(500))
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_retry_waits_a_second_or_more() {
+        let longest = retry_delays().take(1000).max().unwrap_or_default();
+        assert!(longest < Duration::from_secs(1), "{longest:?}");
+        assert!(longest >= Duration::from_millis(500), "the delays grow to their cap: {longest:?}");
+    }
 }
