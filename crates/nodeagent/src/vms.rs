@@ -115,13 +115,29 @@ impl Runtime {
     /// Has every running VMM write its metrics, then samples them and the
     /// host (see `vm_metrics`).
     pub async fn collect_metrics(&self) {
-        let live: HashMap<String, u32> = self.vmms.find().into_iter().map(|(pid, uid)| (uid, pid)).collect();
+        let live = self.running_vmms();
         for uid in live.keys() {
             if let Ok(uid) = Uid::parse(uid) {
                 self.flush_metrics(&uid).await;
             }
         }
         self.metrics.sample(&self.cfg.run_dir, &live);
+    }
+
+    /// The VMMs of this agent's VMs, as VM uid → pid: each VM directory's
+    /// pid file, where that process is the VM's VMM. It costs a look at
+    /// this agent's VMs, not at every process on the host; a VMM whose
+    /// launch was cut short before its pid was recorded is not in it.
+    fn running_vmms(&self) -> HashMap<String, u32> {
+        let Ok(entries) = std::fs::read_dir(self.cfg.run_dir.vms()) else { return HashMap::new() };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let uid = entry.file_name().into_string().ok()?;
+                let pid = read_pid(&VmPaths { dir: entry.path() })?;
+                self.vmms.is_vmm(pid, &uid).then_some((uid, pid))
+            })
+            .collect()
     }
 
     /// What was collected of the VMs and the host.
