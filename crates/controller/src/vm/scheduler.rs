@@ -6,7 +6,7 @@
 //! it remembers its own placements ("assumed") until the cache shows them;
 //! capacity therefore holds however fast VMs arrive.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -121,13 +121,43 @@ pub fn pick_node(
 }
 
 /// The node of `vm`'s assumption in `nodes`, if it still holds.
-fn assumed_node<'a>(nodes: &'a HashMap<String, (String, Option<u64>)>, vm: &Vm) -> Option<&'a str> {
-    nodes.get(vm.uid()).filter(|(_, rv)| rv.is_none_or(|rv| version_of(vm) < rv)).map(|(n, _)| n.as_str())
+fn assumed_node<'a>(nodes: &'a FastMap<String, Assumption>, vm: &Vm) -> Option<&'a str> {
+    nodes.get(vm.uid()).filter(|a| a.holds_for(vm)).map(|a| a.node.as_str())
 }
 
 /// Whether a VM in this phase still holds its node's resources.
 fn holds_resources(vm: &Vm) -> bool {
     !matches!(vm.status.as_ref().map(|s| s.phase), Some(VmPhase::Succeeded | VmPhase::Failed))
+}
+
+/// A hash map for the scheduler's per-VM bookkeeping, looked up for every
+/// VM at every placement: keys are uids and node names the apiserver and
+/// the nodes chose, so a fast hash suffices (no one can pick keys to
+/// collide).
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// How long a binding write may be in flight before its claim is dropped:
+/// longer than the API client's 30 s request timeout, so only a claim
+/// whose writer was cancelled (it neither confirmed nor released it) goes.
+const IN_FLIGHT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A placement the cache may not show yet.
+#[derive(Debug)]
+struct Assumption {
+    node: String,
+    /// The resourceVersion the binding write produced; `None` while the
+    /// write is in flight.
+    version: Option<u64>,
+    /// When it was made.
+    made: std::time::Instant,
+    /// The last pass over the cache that met this assumption holding.
+    seen: std::cell::Cell<u64>,
+}
+
+impl Assumption {
+    fn holds_for(&self, vm: &Vm) -> bool {
+        self.version.is_none_or(|rv| version_of(vm) < rv)
+    }
 }
 
 /// The scheduler's memory between placements.
@@ -144,14 +174,23 @@ fn holds_resources(vm: &Vm) -> bool {
 /// resourceVersion, so a placement does not resolve them all again.
 #[derive(Debug, Default)]
 pub struct Assumed {
-    nodes: HashMap<String, (String, Option<u64>)>,
-    memory: HashMap<String, (u64, u32)>,
+    nodes: FastMap<String, Assumption>,
+    /// uid → (resourceVersion, memory in MiB, last pass that met the VM).
+    memory: FastMap<String, (u64, u32, u64)>,
+    /// Counts the passes over the cache ([`Assumed::loads`]).
+    pass: u64,
 }
 
 impl Assumed {
     /// Remembers that a write placing VM `uid` on `node` is under way.
     pub fn claim(&mut self, uid: &str, node: &str) {
-        self.nodes.insert(uid.to_string(), (node.to_string(), None));
+        let claim = Assumption {
+            node: node.to_string(),
+            version: None,
+            made: std::time::Instant::now(),
+            seen: self.pass.into(),
+        };
+        self.nodes.insert(uid.to_string(), claim);
     }
 
     /// Forgets a claim whose write failed.
@@ -162,7 +201,13 @@ impl Assumed {
     /// Remembers that writing `bound` placed it on its `spec.nodeName`.
     pub fn assume(&mut self, bound: &Vm) {
         if let Some(node) = &bound.spec.node_name {
-            self.nodes.insert(bound.uid().to_string(), (node.clone(), Some(version_of(bound))));
+            let assumption = Assumption {
+                node: node.clone(),
+                version: Some(version_of(bound)),
+                made: std::time::Instant::now(),
+                seen: self.pass.into(),
+            };
+            self.nodes.insert(bound.uid().to_string(), assumption);
         }
     }
 
@@ -175,17 +220,20 @@ impl Assumed {
     /// The load on each node of every VM but `except`, from the cache and
     /// from assumptions it has not caught up with, counting the members of
     /// spread group `group`; forgets the assumptions it has caught up with.
-    /// One pass over the cached VMs, without building anything per VM.
+    /// One pass over the cached VMs that builds nothing per VM.
     pub fn loads(&mut self, stores: &Stores, except: &str, group: Option<&str>) -> Loads {
+        self.pass += 1;
+        let pass = self.pass;
         let vms = stores.vms.list();
-        let mut pending = HashSet::new();
-        let mut seen = HashSet::with_capacity(self.memory.len());
-        let mut loads: HashMap<&str, Load> = HashMap::new();
+        let mut loads: FastMap<&str, Load> = FastMap::default();
         for vm in &vms {
-            let assumed = assumed_node(&self.nodes, vm);
-            if assumed.is_some() {
-                pending.insert(vm.uid());
-            }
+            let assumed = match self.nodes.get(vm.uid()) {
+                Some(a) if a.holds_for(vm) => {
+                    a.seen.set(pass);
+                    Some(a.node.as_str())
+                }
+                _ => None,
+            };
             let Some(node) = assumed.or(vm.spec.node_name.as_deref()) else { continue };
             if vm.uid() == except || !holds_resources(vm) {
                 continue;
@@ -193,13 +241,15 @@ impl Assumed {
             let mem_mib = match vm.status.as_ref().and_then(|s| s.config.as_ref()) {
                 Some(c) => c.mem_mib,
                 None => {
-                    seen.insert(vm.uid());
                     let rv = version_of(vm);
-                    match self.memory.get(vm.uid()) {
-                        Some(&(at, mem)) if at == rv => mem,
+                    match self.memory.get_mut(vm.uid()) {
+                        Some((at, mem, seen)) if *at == rv => {
+                            *seen = pass;
+                            *mem
+                        }
                         _ => {
                             let mem = super::resolve::resources(vm, stores).1;
-                            self.memory.insert(vm.uid().to_string(), (rv, mem));
+                            self.memory.insert(vm.uid().to_string(), (rv, mem, pass));
                             mem
                         }
                     }
@@ -208,10 +258,13 @@ impl Assumed {
             loads.entry(node).or_default().add(mem_mib, group.is_some_and(|g| in_group(vm, g)));
         }
         let loads: Loads = loads.into_iter().map(|(node, load)| (node.to_string(), load)).collect();
-        self.memory.retain(|uid, _| seen.contains(uid.as_str()));
+        self.memory.retain(|_, (_, _, seen)| *seen == pass);
         // Caught up with, or the VM is gone: the assumption has served its
         // turn. A write still in flight keeps its claim.
-        self.nodes.retain(|uid, (_, rv)| rv.is_none() || pending.contains(uid.as_str()));
+        self.nodes.retain(|_, a| match a.version {
+            None => a.made.elapsed() < IN_FLIGHT_LIMIT,
+            Some(_) => a.seen.get() == pass,
+        });
         loads
     }
 }
@@ -336,13 +389,13 @@ mod tests {
         let loads = assumed.loads(&stores, "u3", Some("p/ci"));
         assert_eq!(loads["a"], Load { mem_mib: 1024, vms: 2, in_group: 1 });
         assert_eq!(assumed.loads(&stores, "u3", Some("q/ci"))["a"].in_group, 0, "another project's pool");
-        assert_eq!(assumed.memory.get("u1"), Some(&(4, 512)));
+        assert_eq!(assumed.memory.get("u1").map(|m| (m.0, m.1)), Some((4, 512)));
         // A new version is resolved again; a VM gone is forgotten.
         pooled.spec.mem_mib = Some(256);
         pooled.metadata.resource_version = Some("5".into());
         stores.vms.record_write(pooled);
         assert_eq!(assumed.loads(&stores, "u3", None)["a"].mem_mib, 768);
-        assert_eq!(assumed.memory.get("u1"), Some(&(5, 256)));
+        assert_eq!(assumed.memory.get("u1").map(|m| (m.0, m.1)), Some((5, 256)));
     }
 
     #[test]
