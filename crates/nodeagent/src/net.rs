@@ -30,6 +30,12 @@ pub enum NetError {
     },
     #[error("link {0} vanished while being configured")]
     Vanished(String),
+    #[error("looking up link {name} failed")]
+    Lookup {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A link as the agent sees it.
@@ -180,6 +186,22 @@ nix::ioctl_write_int!(tunsetpersist, b'T', 203);
 nix::ioctl_write_int!(tunsetowner, b'T', 204);
 nix::ioctl_write_int!(tunsetgroup, b'T', 206);
 
+/// Whether link `name` exists in this network namespace: an ioctl on a
+/// socket (`if_nametoindex`), not a netlink exchange, whose answer carries
+/// every attribute and statistic of the link.
+pub fn exists(name: &str) -> Result<bool, NetError> {
+    let lookup = |source| NetError::Lookup { name: name.to_string(), source };
+    let c_name = std::ffi::CString::new(name).map_err(|e| lookup(std::io::Error::other(e)))?;
+    // SAFETY: `c_name` is NUL-terminated and outlives the call, which only reads it.
+    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+        e => Err(lookup(e)),
+    }
+}
+
 /// Creates (or opens) persistent TAP `name` with the flags Firecracker
 /// opens it with (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), owned by `owner`
 /// (uid, gid).
@@ -218,4 +240,16 @@ pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
     let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
     let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("prefix length {len:?} must be 0-32"))?;
     Ok((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_exists_or_not_without_netlink() {
+        assert!(exists("lo").unwrap(), "every namespace has lo");
+        assert!(!exists("nxt-none-such").unwrap());
+        assert!(exists("l\0o").is_err(), "a name with a NUL is an error, not an absent link");
+    }
 }

@@ -289,18 +289,25 @@ impl Runtime {
             Some(i) => i,
             None => self.start(&uid, &paths, req, &client).await?,
         };
-        match (req.state, info.state) {
-            (PowerState::Paused, InstanceState::Running) => client
-                .set_vm_state(VmState::Paused)
-                .await
-                .map_err(|source| AgentError::Firecracker { step: "pause", source })?,
-            (PowerState::Running, InstanceState::Paused) => client
-                .set_vm_state(VmState::Resumed)
-                .await
-                .map_err(|source| AgentError::Firecracker { step: "resume", source })?,
-            _ => {}
-        }
-        self.observe(&uid).await
+        let state = match (req.state, info.state) {
+            (PowerState::Paused, InstanceState::Running) => {
+                client
+                    .set_vm_state(VmState::Paused)
+                    .await
+                    .map_err(|source| AgentError::Firecracker { step: "pause", source })?;
+                InstanceState::Paused
+            }
+            (PowerState::Running, InstanceState::Paused) => {
+                client
+                    .set_vm_state(VmState::Resumed)
+                    .await
+                    .map_err(|source| AgentError::Firecracker { step: "resume", source })?;
+                InstanceState::Running
+            }
+            (_, state) => state,
+        };
+        // The VMM has just said what state it is in: not asked again.
+        self.observe_knowing(&uid, Some(state)).await
     }
 
     /// Records how VMM `pid` of `uid` ended on its own and applies `policy`:
@@ -825,21 +832,30 @@ impl Runtime {
 
     /// What is on the host for `uid`; the caller is its owner.
     async fn observe(&self, uid: &Uid) -> Result<VmReport, AgentError> {
+        self.observe_knowing(uid, None).await
+    }
+
+    /// [`Runtime::observe`], given the state the VMM reported a moment ago
+    /// under the same hold of the VM's lock, if the caller has it.
+    async fn observe_knowing(&self, uid: &Uid, reported: Option<InstanceState>) -> Result<VmReport, AgentError> {
         let paths = self.paths(uid)?;
         if !paths.dir.exists() {
             return Ok(absent(uid));
         }
         let tap = uid.tap_name();
-        let tap_exists = self.net.link(&tap).await?.is_some();
+        let tap_exists = crate::net::exists(&tap)?;
         let pid = read_pid(&paths).filter(|pid| self.vmms.is_vmm(*pid, uid.as_str()));
-        let state = match pid {
-            None if paths.kept_down().exists() => ObservedState::Exited,
-            None => ObservedState::Stopped,
-            Some(_) => match FcClient::new(paths.socket()).describe_instance().await {
-                Ok(i) if i.state == InstanceState::Running => ObservedState::Running,
-                Ok(i) if i.state == InstanceState::Paused => ObservedState::Paused,
-                _ => ObservedState::Stopped,
-            },
+        let reported = match (pid, reported) {
+            (None, _) => None,
+            (Some(_), Some(state)) => Some(state),
+            (Some(_), None) => FcClient::new(paths.socket()).describe_instance().await.ok().map(|i| i.state),
+        };
+        let state = match (pid, reported) {
+            (None, _) if paths.kept_down().exists() => ObservedState::Exited,
+            (None, _) => ObservedState::Stopped,
+            (Some(_), Some(InstanceState::Running)) => ObservedState::Running,
+            (Some(_), Some(InstanceState::Paused)) => ObservedState::Paused,
+            (Some(_), _) => ObservedState::Stopped,
         };
         let (started_at, boot_millis) = read_started(&paths);
         // A restored guest has its source's MAC, whatever was asked; its
