@@ -171,12 +171,12 @@ pub fn ruleset(peer: &str, a: Addresses) -> String {
 /// Loads the NAT rules with `nft`, run from this (namespaced) thread.
 fn nat(peer: &str, a: Addresses) -> std::io::Result<()> {
     use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
+    let mut nft = std::process::Command::new("nft");
+    nft.args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+        .stderr(std::process::Stdio::piped());
+    let mut child = crate::forks::forking(|| nft.spawn())?;
     child.stdin.take().expect("piped").write_all(ruleset(peer, a).as_bytes())?;
     let out = child.wait_with_output()?;
     if out.status.success() {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod exits;
 pub mod fetch;
 pub mod firecracker;
+pub mod forks;
 pub mod hostcheck;
 pub mod images;
 pub mod ipam;

@@ -158,7 +158,14 @@ impl Net {
     pub async fn ensure_tap(&self, name: &str, bridge: u32, owner: (u32, u32)) -> Result<u32, NetError> {
         // An existing TAP is opened again to set its owner (it may be
         // left from a VMM of another user); one in use is left as it is.
-        match create_persistent_tap(name, owner) {
+        // It waits for forks under way, so not on this task's thread.
+        let made = {
+            let tap = name.to_string();
+            tokio::task::spawn_blocking(move || create_persistent_tap(&tap, owner))
+                .await
+                .map_err(|e| NetError::Tap { name: name.into(), source: std::io::Error::other(e.to_string()) })?
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(source) => return Err(NetError::Tap { name: name.into(), source }),
@@ -204,11 +211,16 @@ pub fn exists(name: &str) -> Result<bool, NetError> {
 
 /// Creates (or opens) persistent TAP `name` with the flags Firecracker
 /// opens it with (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), owned by `owner`
-/// (uid, gid).
+/// (uid, gid). While its descriptor is open no fork happens (see
+/// [`crate::forks`]); it waits for forks under way.
 pub fn create_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
     }
+    crate::forks::without_forks(|| make_persistent_tap(name, owner))
+}
+
+fn make_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
     let tun = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };

@@ -68,7 +68,8 @@ pub fn launch(
     unsafe {
         cmd.pre_exec(move || entry.enter());
     }
-    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn { binary: jail.binary.clone(), source })?;
+    let mut child = crate::forks::forking(|| cmd.spawn())
+        .map_err(|source| ProcessError::Spawn { binary: jail.binary.clone(), source })?;
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {
         match child.wait().await {
