@@ -37,23 +37,6 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    nix::ioctl_write_int!(tunsetiff, b'T', 202);
-    nix::ioctl_write_int!(tunsetpersist, b'T', 203);
-
-    /// Attaches to TAP `name` as a VMM does; returns the descriptor.
-    fn attach(name: &str) -> std::io::Result<std::fs::File> {
-        let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-        // SAFETY: ifreq is plain data; all-zero is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` outlives the call.
-        unsafe { tunsetiff(tun.as_raw_fd(), &req as *const libc::ifreq as libc::c_ulong) }?;
-        Ok(tun)
-    }
-
     #[test]
     fn a_tap_just_made_is_never_held_by_a_fork_in_progress() {
         if !nix::unistd::geteuid().is_root() {
@@ -90,10 +73,10 @@ mod tests {
             for i in 0..300 {
                 let name = format!("nxtfork{i}");
                 crate::net::create_persistent_tap(&name, (0, 0)).expect("making the TAP");
-                match attach(&name) {
+                match crate::net::attach_tap(&name) {
                     Ok(tap) => {
                         // SAFETY: `tap` is attached to the TAP; not persistent, it goes with `tap`.
-                        let _ = unsafe { tunsetpersist(tap.as_raw_fd(), 0) };
+                        let _ = unsafe { crate::net::tunsetpersist(tap.as_raw_fd(), 0) };
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy += 1,
                     Err(e) => panic!("attaching to {name}: {e}"),

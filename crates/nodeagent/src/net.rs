@@ -170,7 +170,7 @@ impl Net {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(source) => return Err(NetError::Tap { name: name.into(), source }),
         }
-        let index = index_of(name).ok_or_else(|| NetError::Vanished(name.into()))?;
+        let index = index_of(name)?.ok_or_else(|| NetError::Vanished(name.into()))?;
         self.set_up(name, index, Some(bridge)).await?;
         Ok(index)
     }
@@ -193,20 +193,9 @@ nix::ioctl_write_int!(tunsetpersist, b'T', 203);
 nix::ioctl_write_int!(tunsetowner, b'T', 204);
 nix::ioctl_write_int!(tunsetgroup, b'T', 206);
 
-/// Whether link `name` exists in this network namespace: an ioctl on a
-/// socket (`if_nametoindex`), not a netlink exchange, whose answer carries
-/// every attribute and statistic of the link.
+/// Whether link `name` exists in this network namespace (see [`index_of`]).
 pub fn exists(name: &str) -> Result<bool, NetError> {
-    let lookup = |source| NetError::Lookup { name: name.to_string(), source };
-    let c_name = std::ffi::CString::new(name).map_err(|e| lookup(std::io::Error::other(e)))?;
-    // SAFETY: `c_name` is NUL-terminated and outlives the call, which only reads it.
-    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0 {
-        return Ok(true);
-    }
-    match std::io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
-        e => Err(lookup(e)),
-    }
+    Ok(index_of(name)?.is_some())
 }
 
 /// Creates (or opens) persistent TAP `name` with the flags Firecracker
@@ -221,16 +210,9 @@ pub fn create_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<(
 }
 
 fn make_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
-    let tun = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` outlives both calls.
+    let tun = attach_tap(name)?;
+    // SAFETY: `tun` is a descriptor attached to the TAP; the calls take integers.
     unsafe {
-        tunsetiff(tun.as_raw_fd(), &req as *const libc::ifreq as libc::c_ulong).map_err(std::io::Error::from)?;
         tunsetowner(tun.as_raw_fd(), owner.0 as libc::c_ulong).map_err(std::io::Error::from)?;
         tunsetgroup(tun.as_raw_fd(), owner.1 as libc::c_ulong).map_err(std::io::Error::from)?;
         tunsetpersist(tun.as_raw_fd(), 1).map_err(std::io::Error::from)?;
@@ -238,12 +220,38 @@ fn make_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A new descriptor attached to TAP `name` (made if missing, gone with the
+/// descriptor unless persistent), with the flags Firecracker uses. EBUSY
+/// when another descriptor is attached to it.
+pub(crate) fn attach_tap(name: &str) -> std::io::Result<std::fs::File> {
+    let tun = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: `tun` is an open /dev/net/tun descriptor and `req` outlives the call.
+    unsafe { tunsetiff(tun.as_raw_fd(), &req as *const libc::ifreq as libc::c_ulong) }.map_err(std::io::Error::from)?;
+    Ok(tun)
+}
+
 /// The index of interface `name`, if there is one.
-fn index_of(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+///
+/// An ioctl on a socket (`if_nametoindex`), not a netlink exchange, whose
+/// answer carries every attribute and statistic of the link.
+fn index_of(name: &str) -> Result<Option<u32>, NetError> {
+    let lookup = |source| NetError::Lookup { name: name.to_string(), source };
+    let c_name = std::ffi::CString::new(name).map_err(|e| lookup(std::io::Error::other(e)))?;
+    // SAFETY: `c_name` is NUL-terminated and outlives the call, which only reads it.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index != 0 {
+        return Ok(Some(index));
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        e => Err(lookup(e)),
+    }
 }
 
 /// Parses `a.b.c.d/len`.
