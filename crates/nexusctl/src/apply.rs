@@ -4,7 +4,7 @@
 //! annotation, so a field removed from a file is removed from the object,
 //! while fields the system set (such as `spec.nodeName`) are kept.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use futures::StreamExt;
 use nexus_api::client::ClientError;
@@ -187,11 +187,23 @@ async fn get_live(ctx: &Context, t: &Target) -> Result<Option<Value>, String> {
 }
 
 /// Applies one target; returns `created`, `configured` or `unchanged`.
-async fn apply_one(ctx: &Context, t: &Target, dry_run: bool) -> Result<&'static str, String> {
+/// `listed` is the object as a list of its kind just showed it (`None`
+/// inside when the list did not have it); without a list it is read first.
+async fn apply_one(
+    ctx: &Context,
+    t: &Target,
+    listed: Option<Option<Value>>,
+    dry_run: bool,
+) -> Result<&'static str, String> {
     let q = if dry_run { "?dryRun=All" } else { "" };
-    // A conflict means someone wrote in between: plan again on their version.
+    let mut listed = listed;
+    // A conflict means someone wrote in between (or since the list): plan
+    // again on their version, read afresh.
     for _ in 0..5 {
-        let live = get_live(ctx, t).await?;
+        let live = match listed.take() {
+            Some(live) => live,
+            None => get_live(ctx, t).await?,
+        };
         let (method, path, body, outcome) = match plan(t, live.as_ref())? {
             Plan::Unchanged => return Ok("unchanged"),
             Plan::Create(body) => (reqwest::Method::POST, t.kind.collection(&t.project), body, "created"),
@@ -225,9 +237,13 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let mut failed = 0;
     for run in runs(&targets) {
+        let mut listed = list_live(ctx, run).await;
         // Objects of one run go out together; results print in file order.
-        let results = futures::stream::iter(run.iter().map(|t| async move { (t, apply_one(ctx, t, dry_run).await) }))
-            .buffered(APPLY_CONCURRENCY);
+        let results = futures::stream::iter(run.iter().map(|t| {
+            let known = listed.as_mut().map(|l| l.remove(&(t.project.clone(), t.name.clone())));
+            async move { (t, apply_one(ctx, t, known, dry_run).await) }
+        }))
+        .buffered(APPLY_CONCURRENCY);
         let mut results = std::pin::pin!(results);
         while let Some((t, result)) = results.next().await {
             match result {
@@ -250,6 +266,31 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
 
 /// Requests `apply` has in flight at once.
 const APPLY_CONCURRENCY: usize = 16;
+
+/// Runs at least this long are read with one list per project instead of
+/// one GET per object.
+const LIST_FROM: usize = 32;
+
+/// The live objects of a long run's kind in the run's projects, by
+/// (project, name); `None` when the run is short or a list fails (for
+/// example when the caller may get but not list), and each object is then
+/// read on its own.
+async fn list_live(ctx: &Context, run: &[Target]) -> Option<HashMap<(String, String), Value>> {
+    let first = run.first()?;
+    if run.len() < LIST_FROM {
+        return None;
+    }
+    let projects: BTreeSet<&str> = run.iter().map(|t| t.project.as_str()).collect();
+    let mut live = HashMap::new();
+    for project in projects {
+        let list: Value = ctx.client.raw(reqwest::Method::GET, &first.kind.collection(project), None).await.ok()?;
+        for item in list["items"].as_array()? {
+            let name = item["metadata"]["name"].as_str()?.to_string();
+            live.insert((project.to_string(), name), item.clone());
+        }
+    }
+    Some(live)
+}
 
 /// Splits `targets` into runs that may be applied concurrently: objects of
 /// one kind in a row, each named once. Runs go in file order, so what a

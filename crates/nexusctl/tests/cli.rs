@@ -123,6 +123,54 @@ fn apply_reports_created_unchanged_configured_and_get_output_reapplies_unchanged
     assert_eq!(env.ok(&["diff", "-f", &s(&round)]), "");
 }
 
+/// The apiserver's count of `method` requests to `route`, from its metrics.
+fn requests(env: &Env, method: &str, route: &str) -> u64 {
+    use futures::TryStreamExt;
+    let client = env.server.client();
+    let body: Vec<u8> = env.rt.block_on(async {
+        client.get_stream("/metrics").await.unwrap().map_ok(|b| b.to_vec()).try_concat().await.unwrap()
+    });
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| {
+            l.starts_with("http_requests_total")
+                && l.contains(&format!("method=\"{method}\""))
+                && l.contains(&format!("route=\"{route}\""))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn a_long_file_is_planned_from_one_list_and_reports_in_file_order() {
+    let env = Env::new();
+    let vm = |i: usize, mem: u32| {
+        VM.replace("name: web", &format!("name: vm-{i:02}")).replace("memMib: 128", &format!("memMib: {mem}"))
+    };
+    // Two of the forty exist already: one as the file has it, one not.
+    env.ok(&["apply", "-f", &s(&env.file("pre.yaml", &format!("{}---\n{}", vm(3, 128), vm(7, 512))))]);
+    let all: Vec<String> = (0..40).map(|i| vm(i, 128)).collect();
+    let f = env.file("many.yaml", &all.join("---\n"));
+    let gets_before = requests(&env, "GET", "/v1/projects/{project}/vms/{name}");
+    let expected: String = (0..40)
+        .map(|i| match i {
+            3 => "vm/vm-03 unchanged\n".to_string(),
+            7 => "vm/vm-07 configured\n".to_string(),
+            i => format!("vm/vm-{i:02} created\n"),
+        })
+        .collect();
+    assert_eq!(env.ok(&["apply", "-f", &s(&f)]), expected);
+    assert_eq!(
+        requests(&env, "GET", "/v1/projects/{project}/vms/{name}"),
+        gets_before,
+        "no object was read on its own"
+    );
+    assert_eq!(env.ok(&["get", "vm", "vm-07", "-o", "jsonpath={.spec.memMib}"]).trim(), "128");
+    // Again, every object is unchanged.
+    let again = env.ok(&["apply", "-f", &s(&f)]);
+    assert_eq!(again.lines().filter(|l| l.ends_with(" unchanged")).count(), 40, "{again}");
+}
+
 #[test]
 fn prune_deletes_a_removed_files_object_and_nothing_else() {
     let env = Env::new();

@@ -369,7 +369,9 @@ impl Store {
         let (after_project, after_name) = after.unwrap_or_default();
         let (rows, rv) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            sqlx::query(self.sql.snapshot_read).execute(&mut *tx).await?;
+            if let Some(statement) = self.sql.snapshot_read {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
             let rv: i64 = sqlx::query_scalar(self.sql.max_version).fetch_one(&mut *tx).await?;
             let rows = match project {
                 Some(p) => {
@@ -406,7 +408,9 @@ impl Store {
     pub async fn changes_since(&self, kind: &str, since: i64) -> Result<Vec<Change>, ApiError> {
         let (oldest, newest, rows) = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            sqlx::query(self.sql.snapshot_read).execute(&mut *tx).await?;
+            if let Some(statement) = self.sql.snapshot_read {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
             let oldest: i64 = sqlx::query_scalar(self.sql.min_version).fetch_one(&mut *tx).await?;
             let newest: i64 = sqlx::query_scalar(self.sql.max_version).fetch_one(&mut *tx).await?;
             let rows = sqlx::query(self.sql.changes_since).bind(kind).bind(since).fetch_all(&mut *tx).await?;
@@ -576,7 +580,9 @@ impl Core {
         let retained = self.retained.load(Ordering::Relaxed);
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            sqlx::query(sql.write_lock).execute(&mut *tx).await?;
+            if let Some(statement) = sql.write_lock {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
             let mut last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
             let mut outcomes = Vec::with_capacity(work.len());
             let mut wrote = false;
@@ -649,7 +655,9 @@ impl Core {
                 outcomes.push(Ok((Mutation { object, committed: true }, Some(change))));
             }
             if wrote {
-                sqlx::query(sql.notify).execute(&mut *tx).await?;
+                if let Some(statement) = sql.notify {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
                 tx.commit().await?;
             } else {
                 tx.rollback().await?;
@@ -680,7 +688,9 @@ impl Store {
         let now = access::stamp(chrono::Utc::now());
         let committed: Vec<Change> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            sqlx::query(sql.write_lock).execute(&mut *tx).await?;
+            if let Some(statement) = sql.write_lock {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
             let mut rv: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
             let mut done = Vec::new();
             for (project, name) in keys {
@@ -716,7 +726,9 @@ impl Store {
             }
             if !done.is_empty() {
                 sqlx::query(sql.compact).bind(rv - self.retained.load(Ordering::Relaxed)).execute(&mut *tx).await?;
-                sqlx::query(sql.notify).execute(&mut *tx).await?;
+                if let Some(statement) = sql.notify {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
             }
             tx.commit().await?;
             done

@@ -22,13 +22,15 @@ pub struct Sql {
     pub insert_change: &'static str,
     pub insert_audit: &'static str,
     pub compact: &'static str,
-    /// Run first in a list's transaction so all its reads see one snapshot.
-    pub snapshot_read: &'static str,
+    /// Run first in a list's transaction so all its reads see one snapshot
+    /// (PostgreSQL; a SQLite transaction reads one snapshot anyway).
+    pub snapshot_read: Option<&'static str>,
     /// Run first in a write's transaction: serialises writers across
     /// processes (PostgreSQL); the in-process lock does it for SQLite.
-    pub write_lock: &'static str,
-    /// Run last in a write's transaction: wakes every replica's watches.
-    pub notify: &'static str,
+    pub write_lock: Option<&'static str>,
+    /// Run last in a write's transaction: wakes every replica's watches
+    /// (PostgreSQL; a SQLite store has one process and announces directly).
+    pub notify: Option<&'static str>,
     pub insert_token: &'static str,
     pub get_token: &'static str,
     pub list_tokens: &'static str,
@@ -90,16 +92,16 @@ impl Sql {
             insert_audit: n(super::INSERT_AUDIT),
             compact: n("DELETE FROM changes WHERE resource_version <= ?"),
             snapshot_read: match dialect {
-                Dialect::Sqlite => "SELECT 1",
-                Dialect::Postgres => "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                Dialect::Sqlite => None,
+                Dialect::Postgres => Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"),
             },
             write_lock: match dialect {
-                Dialect::Sqlite => "SELECT 1",
-                Dialect::Postgres => "SELECT pg_advisory_xact_lock(7245001)",
+                Dialect::Sqlite => None,
+                Dialect::Postgres => Some("SELECT pg_advisory_xact_lock(7245001)"),
             },
             notify: match dialect {
-                Dialect::Sqlite => "SELECT 1",
-                Dialect::Postgres => "SELECT pg_notify('nexus_changes', '')",
+                Dialect::Sqlite => None,
+                Dialect::Postgres => Some("SELECT pg_notify('nexus_changes', '')"),
             },
             insert_token: n(&format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")),
             get_token: n(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?")),
@@ -151,6 +153,6 @@ mod tests {
         assert_eq!(number_placeholders("a = ? AND b = ?"), "a = $1 AND b = $2");
         assert!(Sql::of(Dialect::Sqlite).get.contains('?'));
         assert!(Sql::of(Dialect::Postgres).get.ends_with("name = $3"));
-        assert!(Sql::of(Dialect::Postgres).notify.contains(NOTIFY_CHANNEL));
+        assert!(Sql::of(Dialect::Postgres).notify.is_some_and(|n| n.contains(NOTIFY_CHANNEL)));
     }
 }

@@ -63,6 +63,35 @@ fn cpu_ms(pid: u32) -> u64 {
     ticks.unwrap_or(0) * 10
 }
 
+/// The machine's CPU time counters (the `cpu` line of `/proc/stat`, in
+/// ticks): user, nice, system, idle, iowait, irq, softirq, steal.
+fn host_cpu() -> Option<[u64; 8]> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut fields = stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse::<u64>().ok());
+    let mut ticks = [0; 8];
+    for t in &mut ticks {
+        *t = fields.next()??;
+    }
+    Some(ticks)
+}
+
+/// How the machine's CPUs spent a span, in percent: running anything,
+/// idle (or waiting on I/O), and taken by the hypervisor for other guests.
+struct HostCpu {
+    busy: f64,
+    idle: f64,
+    stolen: f64,
+}
+
+impl HostCpu {
+    fn share(before: &[u64; 8], after: &[u64; 8]) -> HostCpu {
+        let d: Vec<f64> = before.iter().zip(after).map(|(a, b)| b.saturating_sub(*a) as f64).collect();
+        let total = d.iter().sum::<f64>().max(1.0);
+        let idle = d[3] + d[4];
+        HostCpu { busy: 100.0 * (total - idle - d[7]) / total, idle: 100.0 * idle / total, stolen: 100.0 * d[7] / total }
+    }
+}
+
 /// The apiserver's requests so far by method, route and status, from its
 /// `http_requests_total` counter, most first.
 async fn requests_by_route(client: &nexus_api::client::Client) -> anyhow::Result<Vec<(String, u64)>> {
@@ -125,6 +154,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut stream = Box::pin(client.watch::<VmSpec>(Some("default"), &params, None).await?);
     eprintln!("applying {} VMs to {} agents ...", args.vms, args.agents);
     let started = Instant::now();
+    let host_before = host_cpu();
     let apply = tokio::task::spawn_blocking({
         let (server, ca, token) = (fleet.server.clone(), fleet.ca.clone(), fleet.admin_token.clone());
         let file = file.display().to_string();
@@ -163,6 +193,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     let all_running = started.elapsed();
+    let host = host_before.zip(host_cpu()).map(|(a, b)| HostCpu::share(&a, &b));
     if let Some(apply) = apply {
         let (ok, err, took) = apply.await?;
         anyhow::ensure!(ok, "nexusctl apply: {err}");
@@ -230,6 +261,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     // Not the VMMs': /proc shows next to nothing for them, though a profile
     // of the whole machine finds them in about 15% of its samples.
     line("CPU ms agents / bench", format!("{} / {}", cpu["agents"], cpu["bench"]));
+    if let Some(h) = &host {
+        line("host CPU busy / idle / stolen %", format!("{:.0} / {:.0} / {:.0}", h.busy, h.idle, h.stolen));
+    }
     for (route, n) in requests.iter().filter(|(_, n)| *n as usize >= args.vms / 10) {
         println!("{:<70} {:>6.2}", format!("apiserver requests per VM: {route}"), *n as f64 / args.vms as f64);
     }
@@ -248,6 +282,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "rssKiB": {"apiserver": apiserver_rss, "controller": controller_rss, "agents": agent_rss,
                    "vmmMean": mean(&sims)},
         "cpuMs": cpu,
+        "hostCpuPercent": host.as_ref().map(|h| serde_json::json!({"busy": h.busy, "idle": h.idle, "stolen": h.stolen})),
         "deleteAllMs": deleted.as_millis() as u64,
         "left": {"vmms": leftovers.0, "taps": leftovers.1, "dirs": leftovers.2, "vmRows": rows_left},
     });
