@@ -2,6 +2,7 @@
 //! replace status, delete, and watch (a list with `watch=true`).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -139,36 +140,44 @@ fn answer<S: ResourceSpec>(state: &AppState, status: StatusCode, m: Mutation) ->
     resp
 }
 
-/// Refuses raw host paths in the spec unless the server runs in dev mode
-/// and the caller administers the project. Only paths the request brings
-/// count: those `current` (the stored object) already has may stay, so the
-/// system's own updates of such an object pass.
-async fn check_host_paths<S: ResourceSpec>(
-    state: &AppState,
-    caller: &Caller,
-    project: &str,
+/// The first raw host path in `obj`'s spec the caller may not name, as
+/// (field, path). Raw paths need a server in dev mode and a caller who
+/// administers the project. Only paths the request brings count: those
+/// `current` (the stored object) already has may stay, so the system's own
+/// updates of such an object pass.
+fn unpermitted_host_path<S: ResourceSpec>(
+    may_name_raw_paths: bool,
     obj: &Object<S>,
     current: Option<&Object<S>>,
-) -> Result<(), ApiError> {
-    let kept = current.map(|c| c.spec.host_paths()).unwrap_or_default();
-    let paths: Vec<(&'static str, String)> = obj.spec.host_paths().into_iter().filter(|p| !kept.contains(p)).collect();
-    let Some((field, path)) = paths.first() else { return Ok(()) };
-    if state.allow_raw_paths && caller.holds(project, nexus_api::rbac::Role::Admin) {
-        return Ok(());
+) -> Option<(&'static str, String)> {
+    if may_name_raw_paths {
+        return None;
     }
+    let kept = current.map(|c| c.spec.host_paths()).unwrap_or_default();
+    obj.spec.host_paths().into_iter().find(|p| !kept.contains(p))
+}
+
+/// Whether `caller` may name raw host paths in `project` on this server.
+fn may_name_raw_paths(state: &AppState, caller: &Caller, project: &str) -> bool {
+    state.allow_raw_paths && caller.holds(project, nexus_api::rbac::Role::Admin)
+}
+
+/// The refusal of raw host path `path` in `field`, with the image roots
+/// the nodes report as the way out.
+async fn host_path_refused(state: &AppState, field: &str, path: &str) -> ApiError {
     let roots = image_roots(state).await;
     let why = if state.allow_raw_paths {
         "raw host paths need the admin role in the project"
     } else {
         "raw host paths are a dev-mode feature (apiserver --allow-raw-paths), off on this server"
     };
-    Err(ApiError::Refused {
+    ApiError::Refused {
         message: format!("{field} names the host path {path}: {why}"),
         suggestion: format!(
             "create an Image whose path lies under a node's image root ({}) and name it in {field}",
             if roots.is_empty() { "the nodes report none yet".to_string() } else { roots.join(", ") }
         ),
-    })
+    }
 }
 
 /// The image roots the nodes report.
@@ -281,7 +290,9 @@ pub async fn create<S: ResourceSpec>(
         name: obj.name(),
     };
     nexus_api::rbac::decide(&caller.subject, &caller.grants, &request)?;
-    check_host_paths(&state, &caller, &t.project, &obj, None).await?;
+    if let Some((field, path)) = unpermitted_host_path(may_name_raw_paths(&state, &caller, &t.project), &obj, None) {
+        return Err(host_path_refused(&state, field, &path).await);
+    }
     if S::NAMESPACED {
         match &obj.metadata.project {
             Some(p) if *p != t.project => {
@@ -443,12 +454,12 @@ async fn update<S: ResourceSpec>(
     let sent = parse_object::<S>(body)?;
     let name = t.name.clone().unwrap_or_default();
     check_url_name::<S>(&sent, &name)?;
-    if verb == "update" {
-        // Checked against what is stored now; the write below fails with a
-        // conflict if the object changes in between (its version is sent).
-        let current = state.store.get(S::KIND, &t.project, &name).await?.map(from_value::<S>).transpose()?;
-        check_host_paths(state, caller, &t.project, &sent, current.as_ref()).await?;
-    }
+    // Host paths are checked against the stored object in the write's own
+    // transaction; the refusal, which names the nodes' image roots, is
+    // worded after it.
+    let raw_paths_ok = verb != "update" || may_name_raw_paths(state, caller, &t.project);
+    let refused_path: Arc<Mutex<Option<(&'static str, String)>>> = Arc::default();
+    let refused = refused_path.clone();
     let dry_run = params.dry_run()?;
     let (project, missing) = (t.project.clone(), not_found::<S>(&t));
     // Spec updates count against quotas (a VM grown past its project's).
@@ -458,6 +469,10 @@ async fn update<S: ResourceSpec>(
         .mutate_seeing(S::KIND, &project, &name, &audit(caller, ids, verb, 200), reads, move |current, seen, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
+            if let Some(found) = unpermitted_host_path(raw_paths_ok, &sent, Some(&current)) {
+                *refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(found);
+                return Err(ApiError::Refused { message: String::new(), suggestion: String::new() });
+            }
             if verb == "update" {
                 let mut errors = FieldErrors::default();
                 sent.spec.validate_update(&current.spec, &mut errors);
@@ -473,8 +488,12 @@ async fn update<S: ResourceSpec>(
             }
             Ok(write)
         })
-        .await?;
-    Ok(answer::<S>(state, StatusCode::OK, result))
+        .await;
+    let refused = refused_path.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match (result, refused) {
+        (Err(_), Some((field, path))) => Err(host_path_refused(state, field, &path).await),
+        (result, _) => Ok(answer::<S>(state, StatusCode::OK, result?)),
+    }
 }
 
 /// `PUT` on an object: replaces metadata and spec; status is kept as stored.

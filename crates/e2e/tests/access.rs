@@ -388,6 +388,21 @@ fn raw_host_paths_need_dev_mode_and_an_admin() {
         assert!(body["message"].as_str().unwrap().contains("need the admin role"), "{body}");
         let (s, _) = admin.call("POST", "/v1/projects/default/vms", Some(&shadow)).await;
         assert_eq!(s, 201, "an admin in dev mode may name a path (the agent still confines it to its image roots)");
+        // An update may keep the paths the object has, not bring new ones.
+        let (_, mut stored) = otto.call("GET", "/v1/projects/default/vms/thief", None).await;
+        stored["metadata"]["labels"] = json!({"seen": "yes"});
+        let (s, kept) = otto.call("PUT", "/v1/projects/default/vms/thief", Some(&stored)).await;
+        assert_eq!(s, 200, "the paths it had may stay: {kept}");
+        let mut moved = kept.clone();
+        moved["spec"]["kernel"] = json!("/etc/passwd");
+        let (s, body) = otto.call("PUT", "/v1/projects/default/vms/thief", Some(&moved)).await;
+        println!("kernel moved to /etc/passwd in dev mode, as operator: {s} {}", body["message"]);
+        assert_eq!(s, 403);
+        assert!(body["message"].as_str().unwrap().contains("spec.kernel names the host path /etc/passwd"), "{body}");
+        assert!(body["suggestion"].as_str().unwrap().contains("image root"), "{body}");
+        let (_, after) = otto.call("GET", "/v1/projects/default/vms/thief", None).await;
+        assert_eq!(after["spec"]["kernel"], "/etc/shadow", "nothing stored");
+        assert_eq!(after["metadata"]["resourceVersion"], kept["metadata"]["resourceVersion"]);
     });
 }
 

@@ -88,7 +88,11 @@ impl HostCpu {
         let d: Vec<f64> = before.iter().zip(after).map(|(a, b)| b.saturating_sub(*a) as f64).collect();
         let total = d.iter().sum::<f64>().max(1.0);
         let idle = d[3] + d[4];
-        HostCpu { busy: 100.0 * (total - idle - d[7]) / total, idle: 100.0 * idle / total, stolen: 100.0 * d[7] / total }
+        HostCpu {
+            busy: 100.0 * (total - idle - d[7]) / total,
+            idle: 100.0 * idle / total,
+            stolen: 100.0 * d[7] / total,
+        }
     }
 }
 
