@@ -272,9 +272,9 @@ const APPLY_CONCURRENCY: usize = 16;
 const LIST_FROM: usize = 32;
 
 /// The live objects of a long run's kind in the run's projects, by
-/// (project, name); `None` when the run is short or a list fails (for
-/// example when the caller may get but not list), and each object is then
-/// read on its own.
+/// (project, name); `None` when the run is short or a list fails, and each
+/// object is then read on its own (so a failure is reported per object, as
+/// for a short run).
 async fn list_live(ctx: &Context, run: &[Target]) -> Option<HashMap<(String, String), Value>> {
     let first = run.first()?;
     if run.len() < LIST_FROM {
