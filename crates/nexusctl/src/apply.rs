@@ -374,22 +374,31 @@ fn yaml(v: &Value) -> String {
 pub async fn diff(ctx: &Context, files: &[String]) -> Result<bool, Failure> {
     let targets = read_targets(ctx, files)?;
     let mut changed = false;
-    for t in &targets {
-        let live = get_live(ctx, t).await.map_err(Failure::error)?;
-        let (old, new) = match plan(t, live.as_ref()).map_err(|e| Failure::error(format!("{}: {e}", t.label())))? {
-            Plan::Unchanged => continue,
-            Plan::Create(body) => (String::new(), yaml(&clean(&body))),
-            Plan::Update(body) => (yaml(&clean(live.as_ref().unwrap_or(&Value::Null))), yaml(&clean(&body))),
-        };
-        changed = true;
-        let label = t.label();
-        let text = similar::TextDiff::from_lines(&old, &new);
-        print!(
-            "{}",
-            text.unified_diff().context_radius(3).header(&format!("live/{label}"), &format!("applied/{label}"))
-        );
+    for run in runs(&targets) {
+        let mut listed = list_live(ctx, run).await;
+        for t in run {
+            let live = match listed.as_mut().map(|l| l.remove(&(t.project.clone(), t.name.clone()))) {
+                Some(live) => live,
+                None => get_live(ctx, t).await.map_err(Failure::error)?,
+            };
+            changed |= print_diff(t, live.as_ref())?;
+        }
     }
     Ok(changed)
+}
+
+/// Prints what applying `t` onto `live` would change, as a unified diff;
+/// returns whether anything would.
+fn print_diff(t: &Target, live: Option<&Value>) -> Result<bool, Failure> {
+    let (old, new) = match plan(t, live).map_err(|e| Failure::error(format!("{}: {e}", t.label())))? {
+        Plan::Unchanged => return Ok(false),
+        Plan::Create(body) => (String::new(), yaml(&clean(&body))),
+        Plan::Update(body) => (yaml(&clean(live.unwrap_or(&Value::Null))), yaml(&clean(&body))),
+    };
+    let label = t.label();
+    let text = similar::TextDiff::from_lines(&old, &new);
+    print!("{}", text.unified_diff().context_radius(3).header(&format!("live/{label}"), &format!("applied/{label}")));
+    Ok(true)
 }
 
 #[cfg(test)]

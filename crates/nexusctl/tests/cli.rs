@@ -166,9 +166,21 @@ fn a_long_file_is_planned_from_one_list_and_reports_in_file_order() {
         "no object was read on its own"
     );
     assert_eq!(env.ok(&["get", "vm", "vm-07", "-o", "jsonpath={.spec.memMib}"]).trim(), "128");
-    // Again, every object is unchanged.
+    // Again, every object is unchanged, and diff (from one list too) agrees.
     let again = env.ok(&["apply", "-f", &s(&f)]);
     assert_eq!(again.lines().filter(|l| l.ends_with(" unchanged")).count(), 40, "{again}");
+    assert_eq!(env.ok(&["diff", "-f", &s(&f)]), "");
+    env.file(
+        "many.yaml",
+        &all.join("---\n").replace("name: vm-39\n  labels:\n", "name: vm-39\n  labels:\n    late: \"yes\"\n"),
+    );
+    let d = env.ok(&["diff", "-f", &s(&f)]);
+    assert!(d.contains("--- live/vm/vm-39") && d.contains("+    late: \"yes\"") && !d.contains("vm-38"), "{d}");
+    assert_eq!(
+        requests(&env, "GET", "/v1/projects/{project}/vms/{name}"),
+        gets_before + 1,
+        "only the one `get` above read an object on its own"
+    );
 }
 
 #[test]
