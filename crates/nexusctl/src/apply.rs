@@ -240,7 +240,7 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
         let mut listed = list_live(ctx, run).await;
         // Objects of one run go out together; results print in file order.
         let results = futures::stream::iter(run.iter().map(|t| {
-            let known = listed.as_mut().map(|l| l.remove(&(t.project.clone(), t.name.clone())));
+            let known = take_listed(&mut listed, t);
             async move { (t, apply_one(ctx, t, known, dry_run).await) }
         }))
         .buffered(APPLY_CONCURRENCY);
@@ -377,7 +377,7 @@ pub async fn diff(ctx: &Context, files: &[String]) -> Result<bool, Failure> {
     for run in runs(&targets) {
         let mut listed = list_live(ctx, run).await;
         for t in run {
-            let live = match listed.as_mut().map(|l| l.remove(&(t.project.clone(), t.name.clone()))) {
+            let live = match take_listed(&mut listed, t) {
                 Some(live) => live,
                 None => get_live(ctx, t).await.map_err(Failure::error)?,
             };
@@ -385,6 +385,12 @@ pub async fn diff(ctx: &Context, files: &[String]) -> Result<bool, Failure> {
         }
     }
     Ok(changed)
+}
+
+/// What the run's list showed of `t` (`Some(None)`: it was not there), or
+/// `None` without a list.
+fn take_listed(listed: &mut Option<HashMap<(String, String), Value>>, t: &Target) -> Option<Option<Value>> {
+    listed.as_mut().map(|l| l.remove(&(t.project.clone(), t.name.clone())))
 }
 
 /// Prints what applying `t` onto `live` would change, as a unified diff;

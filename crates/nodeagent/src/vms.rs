@@ -289,22 +289,17 @@ impl Runtime {
             Some(i) => i,
             None => self.start(&uid, &paths, req, &client).await?,
         };
-        let state = match (req.state, info.state) {
-            (PowerState::Paused, InstanceState::Running) => {
-                client
-                    .set_vm_state(VmState::Paused)
-                    .await
-                    .map_err(|source| AgentError::Firecracker { step: "pause", source })?;
-                InstanceState::Paused
+        let change = match (req.state, info.state) {
+            (PowerState::Paused, InstanceState::Running) => Some((VmState::Paused, "pause", InstanceState::Paused)),
+            (PowerState::Running, InstanceState::Paused) => Some((VmState::Resumed, "resume", InstanceState::Running)),
+            _ => None,
+        };
+        let state = match change {
+            Some((to, step, after)) => {
+                client.set_vm_state(to).await.map_err(|source| AgentError::Firecracker { step, source })?;
+                after
             }
-            (PowerState::Running, InstanceState::Paused) => {
-                client
-                    .set_vm_state(VmState::Resumed)
-                    .await
-                    .map_err(|source| AgentError::Firecracker { step: "resume", source })?;
-                InstanceState::Running
-            }
-            (_, state) => state,
+            None => info.state,
         };
         // The VMM has just said what state it is in: not asked again.
         self.observe_knowing(&uid, Some(state)).await
