@@ -656,8 +656,8 @@ impl Core {
             }
             if wrote {
                 if let Some(statement) = sql.notify {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
             } else {
                 tx.rollback().await?;
@@ -727,8 +727,8 @@ impl Store {
             if !done.is_empty() {
                 sqlx::query(sql.compact).bind(rv - self.retained.load(Ordering::Relaxed)).execute(&mut *tx).await?;
                 if let Some(statement) = sql.notify {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
             }
             tx.commit().await?;
             done
