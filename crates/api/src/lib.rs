@@ -1,8 +1,8 @@
 //! nexus resource types and their validation.
 //!
-//! This crate does no I/O (except the HTTP client behind the `client`
-//! feature): it is what the apiserver stores, what the controller reconciles
-//! and what `nexusctl` prints, shared by all of them.
+//! This crate does no I/O: it is what the apiserver stores, what the
+//! controller reconciles and what `nexusctl` prints, shared by all of them.
+//! The HTTP clients that carry these types are in `nexus-client`.
 
 pub mod agent;
 pub mod auth;
@@ -24,15 +24,6 @@ pub mod template;
 pub mod validation;
 pub mod vm;
 pub mod watch;
-
-#[cfg(feature = "client")]
-pub mod agent_client;
-#[cfg(feature = "client")]
-pub mod client;
-#[cfg(feature = "client")]
-pub mod tls;
-#[cfg(feature = "client")]
-pub mod trace;
 
 pub use error::ErrorBody;
 pub use event::{Event, EventSpec};

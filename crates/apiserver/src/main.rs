@@ -212,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
     state.cors_origins =
         args.cors_origins.iter().map(|o| nexus_apiserver::edge::parse_origin(o)).collect::<Result<_, _>>()?;
     let agent_ca = args.agent_ca_file.clone().or_else(|| Some(pki_dir.join("ca.crt")).filter(|p| p.exists()));
-    let agent_trust = nexus_api::tls::Trust::ca_file_or_system(agent_ca.as_deref())
+    let agent_trust = nexus_client::tls::Trust::ca_file_or_system(agent_ca.as_deref())
         .with_context(|| "loading the CA that node agents' certificates are checked against")?;
     state.agents = Some(std::sync::Arc::new(nexus_apiserver::observe::Agents::new(&agent_trust)));
     if args.listen.ip().is_loopback() {

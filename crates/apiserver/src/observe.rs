@@ -19,8 +19,8 @@ use axum::routing::get;
 use chrono::Utc;
 use futures::TryStreamExt;
 use nexus_api::agent::{NodeStats, VmStats};
-use nexus_api::agent_client::{AgentCallError, AgentClient, AgentEndpoint};
 use nexus_api::{Node, Vm};
+use nexus_client::agent::{AgentCallError, AgentClient, AgentEndpoint};
 use serde::Deserialize;
 
 use crate::AppState;
@@ -34,7 +34,7 @@ pub struct Agents {
 
 impl Agents {
     /// Agents whose certificates `trust` verifies (the cluster's CA).
-    pub fn new(trust: &nexus_api::tls::Trust) -> Self {
+    pub fn new(trust: &nexus_client::tls::Trust) -> Self {
         Agents { client: AgentClient::new(trust) }
     }
 }
@@ -153,7 +153,7 @@ async fn node_metrics(
 
 /// Runs an onward call under the request's trace id, so the agent logs it.
 async fn with_trace<F: std::future::Future>(call: F) -> F::Output {
-    nexus_api::trace::scope(crate::request_id::current_trace(), call).await
+    nexus_client::trace::scope(crate::request_id::current_trace(), call).await
 }
 
 fn agents(state: &AppState) -> Result<&Arc<Agents>, ApiError> {

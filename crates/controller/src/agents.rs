@@ -8,8 +8,8 @@ use std::future::Future;
 use std::sync::Mutex;
 
 use nexus_api::Node;
-use nexus_api::agent_client::{AgentCallError, AgentClient, AgentEndpoint};
-use nexus_api::client::Client;
+use nexus_client::Client;
+use nexus_client::agent::{AgentCallError, AgentClient, AgentEndpoint};
 
 /// The agents of every node.
 #[derive(Debug)]

@@ -17,7 +17,7 @@ pub mod vm;
 
 use std::time::Duration;
 
-use nexus_api::client::Client;
+use nexus_client::Client;
 
 use runtime::Reflectors;
 use runtime::events::Recorder;

@@ -78,8 +78,8 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading the controller's token from {}", args.token_file.display()))?
         .trim()
         .to_string();
-    let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
-    let api = nexus_api::client::Client::with_trust(&args.apiserver, Some(token), trust);
+    let trust = nexus_client::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
+    let api = nexus_client::Client::with_trust(&args.apiserver, Some(token), trust);
     let settings = Settings {
         workers: args.workers.max(1),
         per_node_concurrency: args.per_node_concurrency.max(1),

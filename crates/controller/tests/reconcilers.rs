@@ -9,10 +9,10 @@ mod support;
 
 use std::time::Duration;
 
-use nexus_api::client::{Client, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::vm::{RestartPolicy, VmExit};
 use nexus_api::{ConditionStatus, EventSpec, NodeSpec, Vm, VmPhase, VmSpec};
+use nexus_client::{Client, ListParams};
 use support::{Harness, wait_until};
 
 fn vm(name: &str) -> Vm {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nexus_api::client::Client;
+use nexus_client::Client;
 
 pub mod host;
 pub mod multinode;
@@ -260,8 +260,8 @@ fn run_pki(args: &[&str]) {
 }
 
 /// Trust in the CA file `ca` (panics when it cannot be read).
-pub fn trust(ca: &Path) -> nexus_api::tls::Trust {
-    nexus_api::tls::Trust::ca_file(ca).unwrap_or_else(|e| panic!("{e}"))
+pub fn trust(ca: &Path) -> nexus_client::tls::Trust {
+    nexus_client::tls::Trust::ca_file(ca).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A raw HTTP client that trusts the CA file `ca`, for requests the typed
@@ -298,7 +298,7 @@ pub async fn tls_connect(
 
 /// A plain HTTP client (metrics endpoints and the like).
 pub fn http_client() -> reqwest::Client {
-    nexus_api::tls::Trust::system()
+    nexus_client::tls::Trust::system()
         .apply(reqwest::Client::builder().timeout(Duration::from_secs(30)))
         .build()
         .expect("an HTTP client")
@@ -691,7 +691,7 @@ impl ApiServer {
     }
 
     /// How clients of this server verify it.
-    pub fn trust(&self) -> nexus_api::tls::Trust {
+    pub fn trust(&self) -> nexus_client::tls::Trust {
         self.ca.as_deref().map(trust).unwrap_or_default()
     }
 

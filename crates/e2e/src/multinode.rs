@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nexus_api::client::Client;
+use nexus_client::Client;
 
 use crate::{Proc, bin, run_ok, spawn, spawn_env, wait_until};
 

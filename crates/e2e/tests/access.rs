@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nexus_api::auth::{RotateRequest, TokenRequest};
-use nexus_api::client::Client;
+use nexus_client::Client;
 use nexus_e2e::postgres::TestPostgres;
 use nexus_e2e::{ApiServer, Backend};
 use serde_json::{Value, json};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use nexus_api::VmSpec;
-use nexus_api::client::{Client, Event, ListParams};
+use nexus_client::{Client, Event, ListParams};
 use nexus_e2e::postgres::TestPostgres;
 use nexus_e2e::{ApiServer, Backend};
 use serde_json::{Value, json};

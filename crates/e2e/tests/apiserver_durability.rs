@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nexus_api::client::{Event, ListParams};
 use nexus_api::{Vm, VmSpec};
+use nexus_client::{Event, ListParams};
 use nexus_e2e::postgres::TestPostgres;
 use nexus_e2e::{ApiServer, Backend};
 
@@ -86,7 +86,7 @@ fn two_apiservers_on_one_postgres_share_watches_in_one_order() {
 /// The next `n` ADDED events of a watch, as (resourceVersion, name).
 async fn collect<S>(stream: S, n: usize) -> Vec<(i64, String)>
 where
-    S: futures::Stream<Item = Result<Event<Vm>, nexus_api::client::ClientError>>,
+    S: futures::Stream<Item = Result<Event<Vm>, nexus_client::ClientError>>,
 {
     let mut stream = std::pin::pin!(stream);
     let mut seen = Vec::new();

@@ -17,7 +17,7 @@ fn vm(name: &str, extra: &str) -> String {
 }
 
 /// Waits until VM `name` is gone; returns when that was seen.
-async fn gone(client: &nexus_api::client::Client, name: &str, within: Duration) -> chrono::DateTime<Utc> {
+async fn gone(client: &nexus_client::Client, name: &str, within: Duration) -> chrono::DateTime<Utc> {
     let deadline = Instant::now() + within;
     loop {
         match client.get::<nexus_api::VmSpec>("default", name).await {
@@ -28,7 +28,7 @@ async fn gone(client: &nexus_api::client::Client, name: &str, within: Duration) 
     }
 }
 
-async fn expired_event(client: &nexus_api::client::Client, name: &str) -> String {
+async fn expired_event(client: &nexus_client::Client, name: &str) -> String {
     let events: serde_json::Value = client.raw(reqwest::Method::GET, "/v1/events", None).await.unwrap();
     events["items"]
         .as_array()

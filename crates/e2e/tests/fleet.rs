@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use nexus_api::client::ListParams;
 use nexus_api::meta::find_condition;
 use nexus_api::{VmPhase, VmSpec};
+use nexus_client::ListParams;
 use nexus_e2e::multinode::MultiNode;
 use nexus_e2e::{ensure_example_images, in_private_netns, wait_until};
 

@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use nexus_api::client::ListParams;
 use nexus_api::meta::find_condition;
 use nexus_api::{ConditionStatus, EventSpec, NodeSpec, VmPhase, VmSpec};
+use nexus_client::ListParams;
 use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root, wait_until};
 
 fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
@@ -17,7 +17,7 @@ fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
 }
 
 /// Whether VM `name` is Running and Ready.
-async fn ready(client: &nexus_api::client::Client, name: &str) -> bool {
+async fn ready(client: &nexus_client::Client, name: &str) -> bool {
     client.get::<VmSpec>("default", name).await.is_ok_and(|v| {
         let s = v.status_or_default();
         s.phase == VmPhase::Running
@@ -35,7 +35,7 @@ async fn apply_example_and_wait_ready(cluster: &Cluster) {
 
 /// The events about `name` once their reasons are `want` (events are written
 /// just after the status they describe, so a test polls for them).
-async fn events_about(client: &nexus_api::client::Client, name: &str, want: &[&str]) -> Vec<nexus_api::Event> {
+async fn events_about(client: &nexus_client::Client, name: &str, want: &[&str]) -> Vec<nexus_api::Event> {
     let params = ListParams { field_selector: Some(format!("spec.involvedObject.name={name}")), ..Default::default() };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -286,7 +286,7 @@ fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
 }
 
 /// Sets `spec.state` of VM `name` (retrying on conflicts).
-async fn set_state(client: &nexus_api::client::Client, name: &str, state: nexus_api::PowerState) {
+async fn set_state(client: &nexus_client::Client, name: &str, state: nexus_api::PowerState) {
     loop {
         let mut vm = client.get::<VmSpec>("default", name).await.unwrap();
         vm.spec.state = state;
@@ -298,7 +298,7 @@ async fn set_state(client: &nexus_api::client::Client, name: &str, state: nexus_
     }
 }
 
-async fn wait_phase(client: &nexus_api::client::Client, name: &str, phase: VmPhase) {
+async fn wait_phase(client: &nexus_client::Client, name: &str, phase: VmPhase) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if client.get::<VmSpec>("default", name).await.is_ok_and(|v| v.status_or_default().phase == phase) {

@@ -22,7 +22,7 @@ fn vm_yaml(name: &str) -> String {
     )
 }
 
-async fn running(client: &nexus_api::client::Client, name: &str) -> bool {
+async fn running(client: &nexus_client::Client, name: &str) -> bool {
     client.get::<VmSpec>("default", name).await.is_ok_and(|v| v.status_or_default().phase == VmPhase::Running)
 }
 

@@ -8,10 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use nexus_api::client::{Client, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::pool::{REVISION_LABEL, RolloutPhase, VmPool};
 use nexus_api::{ConditionStatus, Vm, VmPhase, VmPoolSpec, VmSpec};
+use nexus_client::{Client, ListParams};
 use nexus_e2e::multinode::MultiNode;
 use nexus_e2e::{ensure_example_images, in_private_netns, wait_until};
 

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nexus_api::client::{Event, ListParams};
 use nexus_api::{NodeSpec, VmPhase, VmSpec};
+use nexus_client::{Event, ListParams};
 use nexus_e2e::{AGENT_ADDR, APISERVER_ADDR, Cluster, ensure_example_images, in_private_netns};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

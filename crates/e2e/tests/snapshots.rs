@@ -22,15 +22,15 @@ fn vm_yaml(name: &str, mem_mib: u32) -> String {
     )
 }
 
-async fn vm(client: &nexus_api::client::Client, name: &str) -> Option<Vm> {
+async fn vm(client: &nexus_client::Client, name: &str) -> Option<Vm> {
     client.get::<VmSpec>("default", name).await.ok()
 }
 
-async fn phase(client: &nexus_api::client::Client, name: &str) -> Option<VmPhase> {
+async fn phase(client: &nexus_client::Client, name: &str) -> Option<VmPhase> {
     vm(client, name).await.map(|v| v.status_or_default().phase)
 }
 
-async fn snap_phase(client: &nexus_api::client::Client, name: &str) -> Option<SnapshotPhase> {
+async fn snap_phase(client: &nexus_client::Client, name: &str) -> Option<SnapshotPhase> {
     client.get::<SnapshotSpec>("default", name).await.ok().map(|s| s.status_or_default().phase)
 }
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nexus_api::client::{Event, ListParams};
 use nexus_api::{EventSpec, LeaseSpec, NodeSpec, VmPhase, VmPoolSpec, VmSpec};
+use nexus_client::{Event, ListParams};
 use nexus_e2e::{Cluster, Proc, ensure_example_images, in_private_netns, repo_root, wait_until};
 
 fn vm_yaml(name: &str, label: &str) -> String {

@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nexus_api::client::{Client, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::{EventSpec, Vm, VmPhase, VmSpec};
+use nexus_client::{Client, ListParams};
 use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root};
 
 fn example(name: &str) -> String {

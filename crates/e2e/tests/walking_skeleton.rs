@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nexus_api::client::{Event, ListParams};
 use nexus_api::{VmPhase, VmSpec};
+use nexus_client::{Event, ListParams};
 use nexus_e2e::{Cluster, ensure_example_images, host, in_private_netns, repo_root};
 
 const VM_NAME: &str = "hello";

@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use futures::StreamExt;
-use nexus_api::client::ClientError;
+use nexus_client::ClientError;
 use serde_json::{Map, Value, json};
 
 use crate::commands::{Context, Failure};

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use nexus_api::client::{Client, ClientError};
+use nexus_client::{Client, ClientError};
 use serde_json::{Value, json};
 
 use crate::apply::urlencode;

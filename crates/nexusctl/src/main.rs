@@ -398,10 +398,10 @@ fn context(cli: &Cli) -> Result<Context, Failure> {
         .or_else(|| ctx.and_then(|c| c.project.clone()))
         .unwrap_or_else(|| nexus_api::DEFAULT_PROJECT.into());
     let ca = cli.certificate_authority.clone().or_else(|| ctx.and_then(|c| c.certificate_authority.clone()));
-    let trust = nexus_api::tls::Trust::ca_file_or_system(ca.as_deref()).map_err(|e| {
+    let trust = nexus_client::tls::Trust::ca_file_or_system(ca.as_deref()).map_err(|e| {
         Failure::usage(format!("{e}; set --certificate-authority or the context's certificateAuthority"))
     })?;
-    Ok(Context { client: nexus_api::client::Client::with_trust(&server, token, trust), project })
+    Ok(Context { client: nexus_client::Client::with_trust(&server, token, trust), project })
 }
 
 fn power_selection(a: &PowerArgs) -> Result<Selection<'_>, Failure> {
@@ -452,7 +452,7 @@ fn config_command(cli: &Cli, cmd: &ConfigCommand) -> Result<(), Failure> {
                 // Kept absolute, so the context works from any directory.
                 let ca = std::fs::canonicalize(ca)
                     .map_err(|e| Failure::usage(format!("--certificate-authority {}: {e}", ca.display())))?;
-                nexus_api::tls::Trust::ca_file(&ca).map_err(|e| Failure::usage(e.to_string()))?;
+                nexus_client::tls::Trust::ca_file(&ca).map_err(|e| Failure::usage(e.to_string()))?;
                 entry.certificate_authority = Some(ca);
             }
             if token.is_some() {
@@ -599,12 +599,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
 async fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help.
     let cli = Cli::parse();
-    let request_id = cli.request_id.clone().unwrap_or_else(nexus_api::trace::new_id);
-    if !nexus_api::trace::is_sane(&request_id) {
+    let request_id = cli.request_id.clone().unwrap_or_else(nexus_client::trace::new_id);
+    if !nexus_client::trace::is_sane(&request_id) {
         eprintln!("error: --request-id must be 1 to 64 printable ASCII characters without spaces");
         return ExitCode::from(2);
     }
-    match nexus_api::trace::scope(request_id, run(&cli)).await {
+    match nexus_client::trace::scope(request_id, run(&cli)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {

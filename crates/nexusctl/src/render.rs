@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
 use nexus_api::ErrorBody;
-use nexus_api::client::ClientError;
+use nexus_client::ClientError;
 use serde_json::Value;
 
 use nexus_api::registry::{Column, Format};

@@ -61,17 +61,17 @@ pub fn router(state: AgentState) -> Router {
 async fn trace(req: Request, next: Next) -> Response {
     let id = req
         .headers()
-        .get(nexus_api::trace::HEADER)
+        .get(nexus_client::trace::HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| nexus_api::trace::is_sane(v))
+        .filter(|v| nexus_client::trace::is_sane(v))
         .map(str::to_string)
-        .unwrap_or_else(nexus_api::trace::new_id);
+        .unwrap_or_else(nexus_client::trace::new_id);
     let method = req.method().clone();
     let path: String = req.uri().path().chars().take(200).collect();
     let span = tracing::info_span!("request", request_id = %id);
     let started = std::time::Instant::now();
     let mut resp =
-        nexus_api::trace::scope(id.clone(), tracing::Instrument::instrument(next.run(req), span.clone())).await;
+        nexus_client::trace::scope(id.clone(), tracing::Instrument::instrument(next.run(req), span.clone())).await;
     let status = resp.status().as_u16();
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
@@ -82,7 +82,7 @@ async fn trace(req: Request, next: Next) -> Response {
         }
     });
     if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(nexus_api::trace::HEADER, v);
+        resp.headers_mut().insert(nexus_client::trace::HEADER, v);
     }
     resp
 }

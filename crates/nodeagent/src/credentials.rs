@@ -15,7 +15,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use nexus_api::auth::{NodeCredential, RotateRequest, split_token};
-use nexus_api::client::Client;
+use nexus_client::Client;
 
 /// How long a replaced credential or token keeps working.
 pub const GRACE: Duration = Duration::from_secs(600);
@@ -32,7 +32,7 @@ pub enum CredentialError {
     )]
     NotJoined,
     #[error("the apiserver refused: {0}")]
-    Refused(#[source] nexus_api::client::ClientError),
+    Refused(#[source] nexus_client::ClientError),
     #[error("{what}")]
     Io {
         what: String,
@@ -145,15 +145,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Retries `f` while the apiserver cannot be reached; gives up on an answer
 /// that refuses.
-async fn patiently<T, F, Fut>(what: &str, mut f: F) -> Result<T, nexus_api::client::ClientError>
+async fn patiently<T, F, Fut>(what: &str, mut f: F) -> Result<T, nexus_client::ClientError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, nexus_api::client::ClientError>>,
+    Fut: std::future::Future<Output = Result<T, nexus_client::ClientError>>,
 {
     let mut delay = Duration::from_millis(100);
     loop {
         match f().await {
-            Err(e @ nexus_api::client::ClientError::Transport { .. }) => {
+            Err(e @ nexus_client::ClientError::Transport { .. }) => {
                 tracing::warn!(error = %e, "{what}: the apiserver is not answering; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));

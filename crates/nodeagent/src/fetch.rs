@@ -20,7 +20,7 @@ use crate::error::AgentError;
 pub struct Fetcher {
     /// The node's apiserver client (with its token); `None` when the agent
     /// runs without one (then only URL sources can be fetched).
-    api: Option<nexus_api::client::Client>,
+    api: Option<nexus_client::Client>,
     busy: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -29,7 +29,7 @@ fn failed(what: String) -> impl FnOnce(std::io::Error) -> AgentError {
 }
 
 impl Fetcher {
-    pub fn new(api: Option<nexus_api::client::Client>) -> Self {
+    pub fn new(api: Option<nexus_client::Client>) -> Self {
         Self { api, busy: Default::default() }
     }
 
@@ -57,7 +57,7 @@ impl Fetcher {
                 let (origin, at) = split_url(source).ok_or_else(|| {
                     AgentError::ImageInvalid(format!("{field} image source {source:?} is not an http(s) URL"))
                 })?;
-                (nexus_api::client::Client::new(origin, None), at.to_string())
+                (nexus_client::Client::new(origin, None), at.to_string())
             }
         };
         let mut stream = client

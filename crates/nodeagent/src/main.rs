@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         args.plain_http,
         Some((args.state_dir.join("agent.crt"), args.state_dir.join("agent.key"))),
     )?;
-    let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
+    let trust = nexus_client::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
     let firecracker = resolve_binary(&args.firecracker)?;
     let run_dir = RunDir::new(&args.run_dir).with_context(|| format!("preparing {}", args.run_dir.display()))?;
     let use_systemd = match args.process_manager.as_str() {
@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // The node's client of the apiserver; its token is set once the node
     // has one (below), and rotations reach every clone.
-    let api = nexus_api::client::Client::with_trust(&args.apiserver, None, trust);
+    let api = nexus_client::Client::with_trust(&args.apiserver, None, trust);
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
             run_dir,
@@ -232,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Gets the node's token (joining if needed) and publishes its agent credential.
 async fn establish(
-    api: &nexus_api::client::Client,
+    api: &nexus_client::Client,
     node: &str,
     state_dir: &std::path::Path,
     join_token_file: Option<&std::path::Path>,
@@ -245,7 +245,7 @@ async fn establish(
 /// Runs the heartbeat on a thread and runtime of its own: however busy the
 /// agent's workers are (disk copies, VMM start-ups), the node's heartbeat
 /// goes out on time, so a busy node is never taken for a lost one.
-fn spawn_heartbeat(api: &nexus_api::client::Client, info: NodeInfo, interval: Duration) -> anyhow::Result<()> {
+fn spawn_heartbeat(api: &nexus_client::Client, info: NodeInfo, interval: Duration) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("heartbeat runtime")?;
     let api = api.clone();
     std::thread::Builder::new()

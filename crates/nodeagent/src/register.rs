@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use nexus_api::client::Client;
 use nexus_api::meta::set_condition;
 use nexus_api::node::{CONDITION_READY, NodeCapacity};
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus};
+use nexus_client::Client;
 
 /// How long an unasked VMM exit stays in the Node's status.
 const EXIT_WINDOW: Duration = Duration::from_secs(60);
@@ -47,7 +47,7 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
     }
 }
 
-async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_api::client::ClientError> {
+async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::ClientError> {
     let mut node: Node = match client.get::<NodeSpec>("", &info.name).await {
         Ok(n) => n,
         Err(e) if e.is_not_found() => client.create(&Node::new(&info.name, None, NodeSpec::default())).await?,

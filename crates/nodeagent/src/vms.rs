@@ -44,7 +44,7 @@ pub struct RuntimeConfig {
     pub vmm_uids: std::ops::RangeInclusive<u32>,
     /// The apiserver, for Image files uploaded there (`None`: only Images
     /// with a URL source can be downloaded).
-    pub api: Option<nexus_api::client::Client>,
+    pub api: Option<nexus_client::Client>,
 }
 
 /// Owns every VM on this host.

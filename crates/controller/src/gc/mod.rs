@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nexus_api::agent::{Collect, Inventory, tap_name};
-use nexus_api::agent_client::AgentCallError;
 use nexus_api::{Node, NodeSpec, SnapshotSpec, VmSpec};
+use nexus_client::agent::AgentCallError;
 
 use crate::Context;
 use crate::runtime::events::Recorder;

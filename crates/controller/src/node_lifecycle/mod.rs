@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::node::CONDITION_READY;
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus, VmSpec};
+use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;

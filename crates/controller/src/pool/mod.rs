@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{OwnerReference, find_condition, set_condition};
 use nexus_api::pool::{POOL_LABEL, REVISION_LABEL, VmPool, VmPoolStatus};
 use nexus_api::{ConditionStatus, ResourceSpec, Vm, VmPoolSpec, VmSpec};
+use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use nexus_api::client::{Client, ClientError};
 use nexus_api::quota::{ResourceQuota, ResourceQuotaSpec, usage};
 use nexus_api::{Object, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::store::BY_PROJECT;

@@ -244,11 +244,12 @@ async fn work<R: Reconciler>(
     };
     let started = Instant::now();
     // The reconcile works for the request behind the object's latest
-    // change: its id goes with every call made (see `nexus_api::trace`).
-    let request_id = store.trace(key).unwrap_or_else(nexus_api::trace::new_id);
+    // change: its id goes with every call made (see `nexus_client::trace`).
+    let request_id = store.trace(key).unwrap_or_else(nexus_client::trace::new_id);
     let span = tracing::info_span!("reconcile", controller = name, object = %key, request_id = %request_id);
     let result =
-        nexus_api::trace::scope(request_id.clone(), reconciler.reconcile(obj.clone()).instrument(span.clone())).await;
+        nexus_client::trace::scope(request_id.clone(), reconciler.reconcile(obj.clone()).instrument(span.clone()))
+            .await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     span.in_scope(|| {
         tracing::debug!(result = outcome, latency_ms = started.elapsed().as_secs_f64() * 1000.0, "reconciled");

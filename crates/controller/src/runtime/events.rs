@@ -3,9 +3,9 @@
 //! of adding another.
 
 use chrono::Utc;
-use nexus_api::client::Client;
 use nexus_api::event::{EventType, ObjectReference};
 use nexus_api::{Event, EventSpec, Object, ResourceSpec};
+use nexus_client::Client;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -85,7 +85,7 @@ impl Recorder {
             reason: reason.into(),
             message: message.into(),
             at: Utc::now(),
-            request_id: nexus_api::trace::current(),
+            request_id: nexus_client::trace::current(),
         };
         if let Err(e) = self.queue.try_send(pending) {
             let dropped = match &e {
@@ -102,19 +102,19 @@ async fn write_all(api: Client, mut pending: mpsc::Receiver<Pending>) {
     while let Some(event) = pending.recv().await {
         let permit = slots.clone().acquire_owned().await.expect("never closed");
         let api = api.clone();
-        let id = event.request_id.clone().unwrap_or_else(nexus_api::trace::new_id);
+        let id = event.request_id.clone().unwrap_or_else(nexus_client::trace::new_id);
         let write = async move {
             if let Err(e) = record(&api, &event).await {
                 tracing::warn!(name = %event.involved.name, reason = %event.reason, error = %e, "recording an event failed");
             }
             drop(permit);
         };
-        tokio::spawn(nexus_api::trace::scope(id, write).in_current_span());
+        tokio::spawn(nexus_client::trace::scope(id, write).in_current_span());
     }
 }
 
 /// Creates the event, or, when one of its name exists, bumps its count.
-async fn record(api: &Client, event: &Pending) -> Result<(), nexus_api::client::ClientError> {
+async fn record(api: &Client, event: &Pending) -> Result<(), nexus_client::ClientError> {
     let name = event_name(&event.key, &event.reason);
     for _ in 0..3 {
         // Most events are new: try the create first, one round trip.

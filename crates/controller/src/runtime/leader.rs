@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nexus_api::client::{Client, ClientError};
 use nexus_api::{Lease, LeaseSpec};
+use nexus_client::{Client, ClientError};
 
 use super::store::Store;
 

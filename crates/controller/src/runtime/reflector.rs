@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use nexus_api::ResourceSpec;
-use nexus_api::client::{Client, Event, ListParams};
+use nexus_client::{Client, Event, ListParams};
 
 use super::store::{Store, Writer, store};
 

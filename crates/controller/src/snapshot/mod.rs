@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use nexus_api::agent::SnapshotRequest;
-use nexus_api::agent_client::AgentCallError;
-use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::snapshot::{Snapshot, SnapshotPhase, SnapshotStatus};
 use nexus_api::vm::VmError;
 use nexus_api::{ConditionStatus, NodeSpec, PowerState, SnapshotSpec, Vm, VmPhase, VmSpec};
+use nexus_client::agent::AgentCallError;
+use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;

@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use nexus_api::agent_client::AgentCallError;
-use nexus_api::client::{Client, ClientError};
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::node::VmmExitNotice;
@@ -22,6 +20,8 @@ use nexus_api::vm::ResolvedConfig;
 use nexus_api::{
     ConditionStatus, ImageSpec, Node, NodeSpec, SnapshotSpec, TemplateSpec, Vm, VmPhase, VmSpec, VmStatus,
 };
+use nexus_client::agent::AgentCallError;
+use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;

@@ -17,11 +17,11 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 use nexus_api::agent::{CollectReport, EnsureVm, Inventory, ObservedState, VmReport};
-use nexus_api::client::Client;
 use nexus_api::meta::set_condition;
 use nexus_api::node::{CONDITION_READY, NodeCapacity};
 use nexus_api::vm::VmExit;
 use nexus_api::{ConditionStatus, ErrorBody, Node, NodeSpec, NodeStatus, PowerState};
+use nexus_client::Client;
 use nexus_controller::runtime::Manager;
 use nexus_controller::{Context, Settings, gc, node_lifecycle, vm};
 
@@ -35,8 +35,8 @@ pub fn pki(dir: &Path, name: &str) -> (PathBuf, Arc<rustls::ServerConfig>) {
 }
 
 /// Trust in the test CA under `dir`.
-pub fn trust(dir: &Path) -> nexus_api::tls::Trust {
-    nexus_api::tls::Trust::ca_file(&dir.join("pki").join(nexus_tls::pki::CA_CERT)).unwrap()
+pub fn trust(dir: &Path) -> nexus_client::tls::Trust {
+    nexus_client::tls::Trust::ca_file(&dir.join("pki").join(nexus_tls::pki::CA_CERT)).unwrap()
 }
 
 /// An apiserver in this process, restartable on the same port and file.
@@ -125,8 +125,8 @@ impl Api {
     }
 
     /// Trust in this server's CA.
-    pub fn trust(&self) -> nexus_api::tls::Trust {
-        nexus_api::tls::Trust::ca_file(&self.ca).unwrap()
+    pub fn trust(&self) -> nexus_client::tls::Trust {
+        nexus_client::tls::Trust::ca_file(&self.ca).unwrap()
     }
 }
 

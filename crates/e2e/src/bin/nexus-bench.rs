@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
-use nexus_api::client::{Client, Event, ListParams};
 use nexus_api::{Vm, VmPhase, VmSpec, VmStatus};
+use nexus_client::{Client, Event, ListParams};
 use nexus_e2e::postgres::TestPostgres;
 use nexus_e2e::{ApiServer, Backend};
 
@@ -277,7 +277,7 @@ fn compare(path: &std::path::Path, now: &[Stats]) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     if let Some(server) = &args.server {
-        let trust = nexus_api::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
+        let trust = nexus_client::tls::Trust::ca_file_or_system(args.ca_file.as_deref())?;
         return bench(Client::with_trust(server, args.token.clone(), trust), &args, "external").await;
     }
     let dir = tempfile::tempdir()?;

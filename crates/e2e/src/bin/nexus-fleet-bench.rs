@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
-use nexus_api::client::{Event, ListParams};
 use nexus_api::meta::find_condition;
 use nexus_api::{ConditionStatus, VmPhase, VmSpec};
+use nexus_client::{Event, ListParams};
 use nexus_e2e::multinode::MultiNode;
 use nexus_e2e::percentile as pct;
 
@@ -98,7 +98,7 @@ impl HostCpu {
 
 /// The apiserver's requests so far by method, route and status, from its
 /// `http_requests_total` counter, most first.
-async fn requests_by_route(client: &nexus_api::client::Client) -> anyhow::Result<Vec<(String, u64)>> {
+async fn requests_by_route(client: &nexus_client::Client) -> anyhow::Result<Vec<(String, u64)>> {
     use futures::TryStreamExt;
     let body: Vec<u8> = client
         .get_stream("/metrics")

@@ -5,10 +5,10 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 
-use crate::error::ErrorBody;
-use crate::meta::{Object, ObjectList, ResourceSpec};
 use crate::tls::Trust;
-use crate::watch::{WatchEvent, WatchEventType};
+use nexus_api::ErrorBody;
+use nexus_api::meta::{Object, ObjectList, ResourceSpec};
+use nexus_api::watch::{WatchEvent, WatchEventType};
 
 /// Failures of a client call.
 #[derive(Debug, thiserror::Error)]
@@ -236,7 +236,7 @@ impl Client {
 
     /// Creates an object; its project comes from `metadata.project`.
     pub async fn create<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
-        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let project = obj.metadata.project.as_deref().unwrap_or(nexus_api::DEFAULT_PROJECT);
         let req = self.request(reqwest::Method::POST, &Self::collection_path::<S>(Some(project))).json(obj);
         self.send(req).await
     }
@@ -244,7 +244,7 @@ impl Client {
     /// Replaces an object's spec and metadata; fails with 409 when
     /// `metadata.resourceVersion` is stale.
     pub async fn replace<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
-        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let project = obj.metadata.project.as_deref().unwrap_or(nexus_api::DEFAULT_PROJECT);
         let req = self.request(reqwest::Method::PUT, &Self::object_path::<S>(project, obj.name())).json(obj);
         self.send(req).await
     }
@@ -252,7 +252,7 @@ impl Client {
     /// Replaces an object's status; fails with 409 when
     /// `metadata.resourceVersion` is stale.
     pub async fn replace_status<S: ResourceSpec>(&self, obj: &Object<S>) -> Result<Object<S>, ClientError> {
-        let project = obj.metadata.project.as_deref().unwrap_or(crate::DEFAULT_PROJECT);
+        let project = obj.metadata.project.as_deref().unwrap_or(nexus_api::DEFAULT_PROJECT);
         let path = format!("{}/status", Self::object_path::<S>(project, obj.name()));
         self.send(self.request(reqwest::Method::PUT, &path).json(obj)).await
     }
@@ -279,17 +279,20 @@ impl Client {
     }
 
     /// Who the token stands for and what it holds.
-    pub async fn whoami(&self) -> Result<crate::auth::WhoAmI, ClientError> {
+    pub async fn whoami(&self) -> Result<nexus_api::auth::WhoAmI, ClientError> {
         self.send(self.request(reqwest::Method::GET, "/v1/whoami")).await
     }
 
     /// Issues a token (the secret is in the answer, and nowhere else).
-    pub async fn create_token(&self, req: &crate::auth::TokenRequest) -> Result<crate::auth::IssuedToken, ClientError> {
+    pub async fn create_token(
+        &self,
+        req: &nexus_api::auth::TokenRequest,
+    ) -> Result<nexus_api::auth::IssuedToken, ClientError> {
         self.send(self.request(reqwest::Method::POST, "/v1/tokens").json(req)).await
     }
 
     /// The tokens the caller may see (of `subject` only, when given).
-    pub async fn list_tokens(&self, subject: Option<&str>) -> Result<crate::auth::TokenList, ClientError> {
+    pub async fn list_tokens(&self, subject: Option<&str>) -> Result<nexus_api::auth::TokenList, ClientError> {
         let mut req = self.request(reqwest::Method::GET, "/v1/tokens");
         if let Some(s) = subject {
             req = req.query(&[("subject", s)]);
@@ -298,7 +301,7 @@ impl Client {
     }
 
     /// Revokes token `id`.
-    pub async fn revoke_token(&self, id: &str) -> Result<crate::auth::TokenInfo, ClientError> {
+    pub async fn revoke_token(&self, id: &str) -> Result<nexus_api::auth::TokenInfo, ClientError> {
         self.send(self.request(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"))).await
     }
 
@@ -306,23 +309,27 @@ impl Client {
     pub async fn rotate_token(
         &self,
         id: &str,
-        req: &crate::auth::RotateRequest,
-    ) -> Result<crate::auth::IssuedToken, ClientError> {
+        req: &nexus_api::auth::RotateRequest,
+    ) -> Result<nexus_api::auth::IssuedToken, ClientError> {
         self.send(self.request(reqwest::Method::POST, &format!("/v1/tokens/{id}/rotate")).json(req)).await
     }
 
     /// Joins node `name` (with a join token): its own token comes back.
-    pub async fn join(&self, name: &str) -> Result<crate::auth::IssuedToken, ClientError> {
+    pub async fn join(&self, name: &str) -> Result<nexus_api::auth::IssuedToken, ClientError> {
         self.send(self.request(reqwest::Method::POST, &format!("/v1/nodes/{name}/join"))).await
     }
 
     /// Node `name`'s agent credential (controller and cluster admins).
-    pub async fn node_credential(&self, name: &str) -> Result<crate::auth::NodeCredential, ClientError> {
+    pub async fn node_credential(&self, name: &str) -> Result<nexus_api::auth::NodeCredential, ClientError> {
         self.send(self.request(reqwest::Method::GET, &format!("/v1/nodes/{name}/credential"))).await
     }
 
     /// Sets node `name`'s agent credential (the node itself).
-    pub async fn set_node_credential(&self, name: &str, cred: &crate::auth::NodeCredential) -> Result<(), ClientError> {
+    pub async fn set_node_credential(
+        &self,
+        name: &str,
+        cred: &nexus_api::auth::NodeCredential,
+    ) -> Result<(), ClientError> {
         let req = self.request(reqwest::Method::PUT, &format!("/v1/nodes/{name}/credential")).json(cred);
         let resp = req.timeout(Duration::from_secs(30)).send().await.map_err(|e| self.transport(e))?;
         if resp.status().is_success() {
@@ -333,7 +340,7 @@ impl Client {
 
     /// Audit records matching `query` (`(name, value)` pairs: project,
     /// kind, name, actor, result, since, until, limit, continue).
-    pub async fn audit(&self, query: &[(&str, String)]) -> Result<crate::auth::AuditList, ClientError> {
+    pub async fn audit(&self, query: &[(&str, String)]) -> Result<nexus_api::auth::AuditList, ClientError> {
         self.send(self.request(reqwest::Method::GET, "/v1/audit").query(query)).await
     }
 

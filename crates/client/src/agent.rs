@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use crate::ErrorBody;
-use crate::agent::{
+use crate::tls::Trust;
+use nexus_api::ErrorBody;
+use nexus_api::agent::{
     CapacityReport, Collect, CollectReport, EnsureVm, Inventory, NodeStats, SnapshotReport, SnapshotRequest, VmReport,
     VmStats,
 };
-use crate::tls::Trust;
 
 /// Failures calling an agent.
 #[derive(Debug, thiserror::Error)]
