@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, Readers, Writers};
 use crate::registry::{Column, Format};
 
 use crate::meta::{Object, ResourceSpec};
@@ -67,6 +68,8 @@ impl ResourceSpec for EventSpec {
     const KIND: &'static str = "Event";
     const PLURAL: &'static str = "events";
     const NAMESPACED: bool = false;
+    const POLICY: Policy =
+        Policy::cluster(Readers::EveryoneInTheirProjects, Writers::System).written_by_the_controller();
     const ALIASES: &'static [&'static str] = &["event", "ev"];
     const FIELD_SELECTORS: &'static [&'static str] =
         &["spec.involvedObject.kind", "spec.involvedObject.name", "spec.involvedObject.project", "spec.reason"];

@@ -3,6 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{NodeAccess, Policy};
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
 use crate::meta::{Object, ResourceSpec};
@@ -104,6 +106,7 @@ impl ResourceSpec for ImageSpec {
     const KIND: &'static str = "Image";
     const PLURAL: &'static str = "images";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Admin).nodes(NodeAccess::Get);
     const ALIASES: &'static [&'static str] = &["image", "img"];
     const FIELD_SELECTORS: &'static [&'static str] = &["status.phase"];
     const COLUMNS: &'static [Column] = &[

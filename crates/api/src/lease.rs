@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, Readers, Writers};
 use crate::registry::{Column, Format, NAME};
 
 use crate::meta::{Object, ResourceSpec};
@@ -41,6 +42,7 @@ impl ResourceSpec for LeaseSpec {
     const KIND: &'static str = "Lease";
     const PLURAL: &'static str = "leases";
     const NAMESPACED: bool = false;
+    const POLICY: Policy = Policy::cluster(Readers::ClusterRoles, Writers::ClusterAdmins).written_by_the_controller();
     const ALIASES: &'static [&'static str] = &["lease"];
     const COLUMNS: &'static [Column] = &[
         NAME,

@@ -13,6 +13,7 @@ pub mod image;
 pub mod lease;
 pub mod meta;
 pub mod node;
+pub mod policy;
 pub mod pool;
 pub mod quota;
 pub mod rbac;
@@ -51,6 +52,7 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
     ("/openapi.json", "GET: OpenAPI 3.1, generated from the types and the served kinds"),
     ("/ui/", "GET: the web console (its files need no token; it signs in with one)"),
     ("/v1/whoami", "GET: the caller's subject and roles"),
+    ("/v1/kinds", "GET: the kinds served, with their paths, aliases and field selectors (discovery)"),
     ("/v1/tokens", "GET: list tokens; POST: create one (the secret is shown once)"),
     ("/v1/tokens/{id}", "GET: one token; DELETE: revoke it"),
     ("/v1/tokens/{id}/rotate", "POST: a successor token; the old one works for a grace period"),

@@ -34,6 +34,8 @@ pub trait ResourceSpec:
     const FIELD_SELECTORS: &'static [&'static str] = &[];
     /// The columns of `nexusctl get`.
     const COLUMNS: &'static [crate::registry::Column] = &[crate::registry::NAME, crate::registry::AGE];
+    /// Who may read and write the kind, and whether quotas count it.
+    const POLICY: crate::policy::Policy;
 
     /// The raw host paths the spec names, as (field, path): allowed only in
     /// the apiserver's dev mode, to admins. Default: none.

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{NodeAccess, Policy, Readers, Writers};
 use crate::registry::{AGE, Column, Format, NAME};
 
 use crate::meta::{Condition, ConditionStatus, Object, ResourceSpec, find_condition};
@@ -95,6 +96,7 @@ impl ResourceSpec for NodeSpec {
     const KIND: &'static str = "Node";
     const PLURAL: &'static str = "nodes";
     const NAMESPACED: bool = false;
+    const POLICY: Policy = Policy::cluster(Readers::Everyone, Writers::ClusterAdmins).nodes(NodeAccess::Own);
     const ALIASES: &'static [&'static str] = &["node", "no"];
     const COLUMNS: &'static [Column] = &[
         NAME,

@@ -8,6 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Condition, Object, ResourceSpec};
+use crate::policy::Policy;
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 use crate::validation::{FieldErrors, validate_labels};
 use crate::vm::VmSpec;
@@ -306,6 +308,7 @@ impl ResourceSpec for VmPoolSpec {
     const KIND: &'static str = "VMPool";
     const PLURAL: &'static str = "vmpools";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Operator).written_by_the_controller();
     const ALIASES: &'static [&'static str] = &["vmpool", "pool", "pools"];
     const COLUMNS: &'static [Column] = &[
         NAME,

@@ -8,6 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Object, ResourceSpec};
+use crate::policy::{Policy, Writers};
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 use crate::validation::FieldErrors;
 use crate::{Snapshot, Template, Vm};
@@ -63,6 +65,7 @@ impl ResourceSpec for ResourceQuotaSpec {
     const KIND: &'static str = "ResourceQuota";
     const PLURAL: &'static str = "resourcequotas";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Admin).written_by(Writers::ClusterAdmins);
     const ALIASES: &'static [&'static str] = &["resourcequota", "quota", "quotas"];
     const COLUMNS: &'static [Column] = &[
         NAME,

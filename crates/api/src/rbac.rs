@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{Object, ResourceSpec};
+use crate::policy::{NodeAccess, Policy, Readers, Writers};
 use crate::registry::{AGE, Column, Format, NAME};
 use crate::validation::{FieldErrors, validate_dns_label};
 
@@ -117,14 +118,20 @@ impl Verb {
     }
 }
 
-/// The kinds a request may be about besides the registered ones.
+/// What a request may be about besides the registered kinds: the routes
+/// that are not about objects. Each has its own rule in [`decide`].
 pub mod special {
-    /// API tokens (`/v1/tokens`).
+    /// API tokens (`/v1/tokens`): every caller reaches them; which tokens
+    /// each may see and change is filtered by who the tokens are for.
     pub const TOKENS: &str = "Token";
     /// The audit log (`/v1/audit`).
     pub const AUDIT: &str = "Audit";
     /// A node's agent credential (`/v1/nodes/{name}/credential`).
     pub const NODE_CREDENTIAL: &str = "NodeCredential";
+    /// A node joining (`/v1/nodes/{name}/join`).
+    pub const NODE_JOIN: &str = "NodeJoin";
+    /// The caller itself (`/v1/whoami`) and the kinds served (`/v1/kinds`).
+    pub const SELF: &str = "Self";
 }
 
 /// One request, as authorization sees it.
@@ -183,119 +190,135 @@ pub struct Denied {
     pub what: String,
     pub where_: String,
     pub why: String,
+    /// What to do instead, where the rule knows better than "ask for a
+    /// role".
+    pub suggestion: Option<&'static str>,
 }
 
-/// Project-scoped kinds users work with, by the weakest role that may
-/// write them.
-fn writer_role(kind: &str) -> Option<Role> {
-    match kind {
-        "VM" | "VMPool" | "Snapshot" => Some(Role::Operator),
-        "Template" | "Image" | "RoleBinding" | special::TOKENS => Some(Role::Admin),
-        _ => None,
-    }
-}
-
-/// Decides whether `subject`, holding `grants`, may make `req`.
+/// Decides whether `subject`, holding `grants`, may make `req`. Registered
+/// kinds are decided by their [`Policy`](crate::policy::Policy), read from
+/// the registry; the routes of [`special`] by their own rules. A create is
+/// decided without the new object's name (as Kubernetes does): a node
+/// naming itself is checked when the object is admitted.
 ///
 /// The rules, as the roles are documented (`docs/security.md`):
-/// - `system:controller` reads everything, writes statuses, VMs,
-///   VMPools, Snapshots, Events and Leases, and reads node credentials;
-/// - `node:N` reads and creates its own Node and writes its status;
-/// - `system:join` may do nothing here (it only joins nodes);
-/// - everyone authenticated reads Nodes;
-/// - project roles: viewer reads the project's VMs, Snapshots, Templates,
-///   Images and Events; operator also writes VMs, VMPools and Snapshots; admin
-///   writes everything of the project (role bindings and tokens of its
-///   service accounts included) and reads its audit log;
-/// - status is written by the system (and cluster admins) only;
-/// - cluster-wide kinds (Nodes, Leases, Events, ClusterRoleBindings) are
-///   written by cluster admins (and the components above).
+/// - cluster admins may do everything;
+/// - `system:controller` reads everything but tokens, writes every status,
+///   writes the kinds whose policy says the controller writes them, and
+///   reads node credentials;
+/// - `node:N` reads and creates the kinds it owns an object of (its
+///   Node), writes its own object's status, gets the kinds it may get
+///   (Images it downloads) and sets its own credential;
+/// - `system:join` only joins nodes;
+/// - people and service accounts read and write as each kind's readers
+///   and writers say; status is written by the system only.
 pub fn decide(subject: &Subject, grants: &Grants, req: &Request<'_>) -> Result<(), Denied> {
-    let deny = |why: &str| {
-        Err(Denied {
-            subject: subject.to_string(),
-            verb: req.verb,
-            what: if req.name.is_empty() { format!("{}s", req.kind) } else { format!("{} {}", req.kind, req.name) },
-            where_: if req.project.is_empty() { String::new() } else { format!(" in project {}", req.project) },
-            why: why.to_string(),
-        })
-    };
+    let deny = |why: &str| Err(denied(subject, req, why, None));
     if grants.cluster_admin() {
         return Ok(());
     }
+    if let Some(answer) = decide_special(subject, grants, req) {
+        return answer;
+    }
+    let Some(kind) = crate::registry::lookup_kind(req.kind) else {
+        return deny("no such kind");
+    };
+    let policy = kind.policy;
     match subject {
         Subject::Controller => {
-            return match (req.kind, req.verb) {
-                (_, v) if v.reads() && req.kind != special::TOKENS => Ok(()),
-                (_, Verb::UpdateStatus) => Ok(()),
-                ("VM" | "VMPool" | "Snapshot" | "Event" | "Lease", _) => Ok(()),
-                (special::NODE_CREDENTIAL, Verb::Get) => Ok(()),
+            return match req.verb {
+                v if v.reads() => Ok(()),
+                Verb::UpdateStatus => Ok(()),
+                _ if policy.controller_writes => Ok(()),
                 _ => deny("the controller role does not write this"),
             };
         }
         Subject::Node(own) => {
-            let mine = req.kind == "Node" && req.name == own;
-            return match req.verb {
-                Verb::Get | Verb::List | Verb::Watch if req.kind == "Node" => Ok(()),
+            let mine = req.name == own;
+            return match (policy.node, req.verb) {
+                (NodeAccess::Own, v) if v.reads() => Ok(()),
+                (NodeAccess::Own, Verb::Create) => Ok(()),
+                (NodeAccess::Own, Verb::UpdateStatus) if mine => Ok(()),
                 // A node downloads the files of the Images its VMs use.
-                Verb::Get if req.kind == "Image" => Ok(()),
-                Verb::Create | Verb::UpdateStatus if mine => Ok(()),
-                Verb::Update if req.kind == special::NODE_CREDENTIAL && req.name == own => Ok(()),
+                (NodeAccess::Get, Verb::Get) => Ok(()),
                 _ => deny("a node writes its own Node's status and nothing else"),
             };
         }
         Subject::Join => return deny("a join token only joins a node (POST /v1/nodes/{name}/join)"),
         Subject::User(_) | Subject::ServiceAccount { .. } => {}
     }
-    // Every authenticated person or service account reads nodes.
-    if req.kind == "Node" && req.verb.reads() {
-        return Ok(());
+    if req.verb.reads() {
+        return match policy.read {
+            Readers::Everyone | Readers::EveryoneInTheirProjects => Ok(()),
+            Readers::ClusterRoles if grants.reads_everywhere() => Ok(()),
+            Readers::ClusterRoles | Readers::ClusterAdmins => deny("needs the cluster-admin role"),
+            // A list across projects: served filtered to readable projects.
+            Readers::Project(_) if req.project.is_empty() => {
+                if grants.reads_everywhere() || !grants.projects.is_empty() {
+                    Ok(())
+                } else {
+                    deny("no role in any project")
+                }
+            }
+            Readers::Project(need) if grants.has(req.project, need) => Ok(()),
+            Readers::Project(need) => deny(&format!("needs the {} role in the project", role_name(need))),
+        };
     }
     if req.verb == Verb::UpdateStatus {
         return deny("status is written by the system; change the spec instead");
     }
+    match policy.write {
+        Writers::Project(need) if !req.project.is_empty() && grants.has(req.project, need) => Ok(()),
+        Writers::Project(need) => deny(&format!("needs the {} role in the project", role_name(need))),
+        Writers::ClusterAdmins if kind.namespaced => deny("not writable by project roles"),
+        Writers::ClusterAdmins => deny("needs the cluster-admin role"),
+        Writers::System => deny(&format!("{} are written by the system", kind.plural)),
+    }
+}
+
+/// The rules of the routes that are not about registered kinds; `None`
+/// for a registered kind.
+fn decide_special(subject: &Subject, grants: &Grants, req: &Request<'_>) -> Option<Result<(), Denied>> {
+    let deny = |why: &str, suggestion: &'static str| Some(Err(denied(subject, req, why, Some(suggestion))));
     match req.kind {
-        "Node" | "Lease" | "ClusterRoleBinding" => {
-            return if req.verb.reads() && grants.reads_everywhere() && req.kind != "ClusterRoleBinding" {
-                Ok(())
-            } else {
-                deny("needs the cluster-admin role")
-            };
-        }
-        "Event" => {
-            // Events are cluster-wide objects about objects in projects;
-            // reads are filtered by project where they are served.
-            return if req.verb.reads() { Ok(()) } else { deny("events are written by the system") };
-        }
+        special::SELF | special::TOKENS => Some(Ok(())),
+        special::NODE_JOIN if *subject == Subject::Join => Some(Ok(())),
+        special::NODE_JOIN => deny(
+            "only a join token joins nodes",
+            "join with a join token: `nexusctl token create --subject system:join`",
+        ),
+        special::NODE_CREDENTIAL => match (subject, req.verb) {
+            (Subject::Controller, Verb::Get) => Some(Ok(())),
+            (Subject::Node(own), Verb::Update) if own == req.name => Some(Ok(())),
+            (_, Verb::Get) => deny(
+                "only the controller reads node credentials",
+                "only the controller (and cluster admins) call node agents",
+            ),
+            _ => deny("only a node sets its credential", "each node agent sets its own credential"),
+        },
         special::AUDIT => {
-            return if req.verb.reads() && !req.project.is_empty() && grants.has(req.project, Role::Admin) {
-                Ok(())
+            let person = matches!(subject, Subject::User(_) | Subject::ServiceAccount { .. });
+            if person && req.verb.reads() && !req.project.is_empty() && grants.has(req.project, Role::Admin) {
+                Some(Ok(()))
             } else {
-                deny("reading the audit log needs the admin role in the project (or cluster-admin for all)")
-            };
+                deny(
+                    "reading the audit log needs the admin role in the project (or cluster-admin for all)",
+                    "project admins read their project's records (?project=NAME); cluster admins read all",
+                )
+            }
         }
-        _ => {}
+        _ => None,
     }
-    if req.project.is_empty() {
-        // A list across projects: served filtered to readable projects.
-        return if req.verb.reads() && (grants.reads_everywhere() || !grants.projects.is_empty()) {
-            Ok(())
-        } else {
-            deny("no role in any project")
-        };
-    }
-    if req.verb.reads() {
-        let need = if req.kind == "RoleBinding" || req.kind == special::TOKENS { Role::Admin } else { Role::Viewer };
-        return if grants.has(req.project, need) {
-            Ok(())
-        } else {
-            deny(&format!("needs the {} role in the project", role_name(need)))
-        };
-    }
-    match writer_role(req.kind) {
-        Some(need) if grants.has(req.project, need) => Ok(()),
-        Some(need) => deny(&format!("needs the {} role in the project", role_name(need))),
-        None => deny("not writable by project roles"),
+}
+
+fn denied(subject: &Subject, req: &Request<'_>, why: &str, suggestion: Option<&'static str>) -> Denied {
+    Denied {
+        subject: subject.to_string(),
+        verb: req.verb,
+        what: if req.name.is_empty() { format!("{}s", req.kind) } else { format!("{} {}", req.kind, req.name) },
+        where_: if req.project.is_empty() { String::new() } else { format!(" in project {}", req.project) },
+        why: why.to_string(),
+        suggestion,
     }
 }
 
@@ -348,6 +371,7 @@ impl ResourceSpec for RoleBindingSpec {
     const KIND: &'static str = "RoleBinding";
     const PLURAL: &'static str = "rolebindings";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Admin).read_by(Readers::Project(Role::Admin));
     const ALIASES: &'static [&'static str] = &["rolebinding", "rb"];
     const COLUMNS: &'static [Column] = &[
         NAME,
@@ -382,6 +406,7 @@ impl ResourceSpec for ClusterRoleBindingSpec {
     const KIND: &'static str = "ClusterRoleBinding";
     const PLURAL: &'static str = "clusterrolebindings";
     const NAMESPACED: bool = false;
+    const POLICY: Policy = Policy::cluster(Readers::ClusterAdmins, Writers::ClusterAdmins);
     const ALIASES: &'static [&'static str] = &["clusterrolebinding", "crb"];
     const COLUMNS: &'static [Column] = &[
         NAME,
@@ -445,9 +470,11 @@ mod tests {
         assert!(decide(&n, &g, &own).is_ok());
         assert!(decide(&n, &g, &other).is_err());
         assert!(decide(&n, &g, &Request { verb: Verb::Update, ..own.clone() }).is_err(), "not its spec");
-        let create = |name| Request { verb: Verb::Create, kind: "Node", project: "", name };
-        assert!(decide(&n, &g, &create("n1")).is_ok(), "registers itself");
-        assert!(decide(&n, &g, &create("n2")).is_err(), "not another node");
+        // A create is decided before its name is read: admission checks that
+        // a node registers itself only (see the apiserver's `admission`).
+        let create = Request { verb: Verb::Create, kind: "Node", project: "", name: "" };
+        assert!(decide(&n, &g, &create).is_ok(), "registers itself");
+        assert!(decide(&n, &g, &Request { kind: "Lease", ..create }).is_err(), "not another kind");
         assert!(decide(&n, &g, &req(Verb::Get, "VM", "p")).is_err());
     }
 
@@ -462,5 +489,44 @@ mod tests {
         assert!(decide(&alice, &admin, &lease).is_ok());
         assert!(decide(&Subject::Controller, &Grants::default(), &req(Verb::Create, "Template", "p")).is_err());
         assert!(decide(&Subject::Join, &Grants::default(), &req(Verb::Get, "Node", "")).is_err());
+    }
+
+    #[test]
+    fn the_special_routes_keep_their_own_rules() {
+        let g = Grants::default();
+        let join = Request { verb: Verb::Create, kind: special::NODE_JOIN, project: "", name: "n1" };
+        assert!(decide(&Subject::Join, &g, &join).is_ok());
+        let refused = decide(&Subject::User("alice".into()), &g, &join).unwrap_err();
+        assert!(refused.suggestion.is_some_and(|s| s.contains("system:join")));
+        let cred = Request { verb: Verb::Get, kind: special::NODE_CREDENTIAL, project: "", name: "n1" };
+        assert!(decide(&Subject::Controller, &g, &cred).is_ok());
+        assert!(decide(&Subject::Node("n1".into()), &g, &cred).is_err(), "a node does not read credentials");
+        let set = Request { verb: Verb::Update, ..cred.clone() };
+        assert!(decide(&Subject::Node("n1".into()), &g, &set).is_ok());
+        assert!(decide(&Subject::Node("n2".into()), &g, &set).is_err(), "only its own");
+        let audit = Request { verb: Verb::List, kind: special::AUDIT, project: "p", name: "" };
+        assert!(decide(&Subject::User("a".into()), &grants("p", Role::Admin), &audit).is_ok());
+        assert!(decide(&Subject::User("a".into()), &grants("p", Role::Operator), &audit).is_err());
+        assert!(
+            decide(&Subject::User("a".into()), &grants("p", Role::Admin), &Request { project: "", ..audit }).is_err()
+        );
+        for subject in [Subject::Controller, Subject::Node("n".into()), Subject::User("u".into())] {
+            let me = Request { verb: Verb::Get, kind: special::SELF, project: "", name: "" };
+            assert!(decide(&subject, &g, &me).is_ok(), "{subject} asks who it is");
+        }
+    }
+
+    #[test]
+    fn events_are_read_by_everyone_and_written_by_the_system() {
+        let alice = Subject::User("alice".into());
+        let admin = grants("p", Role::Admin);
+        assert!(decide(&alice, &Grants::default(), &req(Verb::List, "Event", "")).is_ok());
+        let refused = decide(&alice, &admin, &req(Verb::Create, "Event", "")).unwrap_err();
+        assert_eq!(refused.why, "events are written by the system");
+        assert!(decide(&Subject::Controller, &Grants::default(), &req(Verb::Create, "Event", "")).is_ok());
+        let quota = decide(&alice, &admin, &req(Verb::Update, "ResourceQuota", "p")).unwrap_err();
+        assert_eq!(quota.why, "not writable by project roles");
+        assert!(decide(&alice, &grants("p", Role::Viewer), &req(Verb::Get, "ResourceQuota", "p")).is_ok());
+        assert!(decide(&alice, &grants("p", Role::Operator), &req(Verb::Get, "RoleBinding", "p")).is_err());
     }
 }

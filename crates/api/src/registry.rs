@@ -82,6 +82,8 @@ pub struct KindInfo {
     pub field_selectors: Vec<&'static str>,
     /// Columns of `nexusctl get`.
     pub columns: &'static [Column],
+    /// Who may read and write it, and whether quotas count it.
+    pub policy: crate::policy::Policy,
 }
 
 impl KindInfo {
@@ -96,6 +98,7 @@ impl KindInfo {
             aliases: S::ALIASES,
             field_selectors,
             columns: S::COLUMNS,
+            policy: S::POLICY,
         }
     }
 
@@ -185,6 +188,17 @@ pub fn lookup(name: &str) -> Option<&'static KindInfo> {
     kinds().iter().find(|k| k.kind.to_lowercase() == lower || k.plural == lower || k.aliases.contains(&lower.as_str()))
 }
 
+/// The kind whose `kind` is exactly `kind` (`VM`, `Node`).
+pub fn lookup_kind(kind: &str) -> Option<&'static KindInfo> {
+    kinds().iter().find(|k| k.kind == kind)
+}
+
+/// The kinds whose objects quota admission reads: those it counts and
+/// those it reads to size them.
+pub fn quota_kinds() -> impl Iterator<Item = &'static KindInfo> {
+    kinds().iter().filter(|k| k.policy.quota != crate::policy::QuotaUse::None)
+}
+
 /// A function generic over the spec type, run for one kind chosen at run
 /// time by [`with_kind`].
 pub trait KindFn {
@@ -212,6 +226,46 @@ pub fn with_kind<F: KindFn>(kind: &str, f: F) -> Option<F::Output> {
     let mut d = Dispatch { kind, f: Some(f), out: None };
     visit_kinds(&mut d);
     d.out
+}
+
+/// One kind as `GET /v1/kinds` describes it to clients (the web console
+/// learns the kinds from it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KindDescription {
+    pub kind: String,
+    pub plural: String,
+    pub namespaced: bool,
+    pub aliases: Vec<String>,
+    pub field_selectors: Vec<String>,
+}
+
+/// The answer of `GET /v1/kinds`: every kind, in display order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KindList {
+    pub api_version: String,
+    pub kinds: Vec<KindDescription>,
+}
+
+impl KindList {
+    /// The served kinds, from the registry.
+    pub fn served() -> KindList {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        KindList {
+            api_version: crate::API_VERSION.into(),
+            kinds: kinds()
+                .iter()
+                .map(|k| KindDescription {
+                    kind: k.kind.into(),
+                    plural: k.plural.into(),
+                    namespaced: k.namespaced,
+                    aliases: strings(k.aliases),
+                    field_selectors: strings(&k.field_selectors),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The API reference's route table (markdown), derived from the registry;

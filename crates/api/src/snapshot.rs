@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, QuotaUse};
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
 use crate::meta::{Condition, Object, ResourceSpec};
@@ -100,6 +102,7 @@ impl ResourceSpec for SnapshotSpec {
     const KIND: &'static str = "Snapshot";
     const PLURAL: &'static str = "snapshots";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Operator).written_by_the_controller().quota(QuotaUse::Counted);
     const ALIASES: &'static [&'static str] = &["snapshot", "snap"];
     const FIELD_SELECTORS: &'static [&'static str] = &["spec.vmName", "status.phase", "status.nodeName"];
     const COLUMNS: &'static [Column] = &[

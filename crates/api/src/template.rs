@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, QuotaUse};
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
 use crate::meta::{Object, ResourceSpec};
@@ -53,6 +55,7 @@ impl ResourceSpec for TemplateSpec {
     const KIND: &'static str = "Template";
     const PLURAL: &'static str = "templates";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Admin).quota(QuotaUse::Input);
     const ALIASES: &'static [&'static str] = &["template", "tpl"];
     const COLUMNS: &'static [Column] = &[
         NAME,

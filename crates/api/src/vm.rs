@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, QuotaUse};
+use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
 use crate::meta::{Condition, Object, ResourceSpec};
@@ -413,6 +415,7 @@ impl ResourceSpec for VmSpec {
     const KIND: &'static str = "VM";
     const PLURAL: &'static str = "vms";
     const NAMESPACED: bool = true;
+    const POLICY: Policy = Policy::project(Role::Operator).written_by_the_controller().quota(QuotaUse::Counted);
     const ALIASES: &'static [&'static str] = &["vm"];
     const FIELD_SELECTORS: &'static [&'static str] = &["spec.nodeName", "status.phase", "status.nodeName"];
     const COLUMNS: &'static [Column] = &[

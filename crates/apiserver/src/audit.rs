@@ -14,9 +14,10 @@ use chrono::Utc;
 use nexus_api::auth::{AuditRecord, AuditResult};
 use serde_json::Value;
 
-use crate::AppState;
 use crate::auth::{Caller, target};
+use crate::error::AuditMessage;
 use crate::request_id::RequestIds;
+use crate::state::AppState;
 
 /// Most field changes one record lists.
 const MAX_CHANGES: usize = 12;
@@ -184,10 +185,6 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     }
     resp
 }
-
-/// The reason a request was refused or failed, for its audit record.
-#[derive(Debug, Clone)]
-pub struct AuditMessage(pub String);
 
 #[cfg(test)]
 mod tests {

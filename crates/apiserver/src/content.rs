@@ -21,12 +21,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
-use nexus_api::Image;
+use nexus_api::{Image, ImageSpec, ResourceSpec};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// The routes of Image files.
 pub fn routes() -> Router<AppState> {
@@ -46,8 +46,8 @@ fn blob_path(dir: &FsPath, sha256: &str) -> PathBuf {
 }
 
 async fn image(state: &AppState, project: &str, name: &str) -> Result<Image, ApiError> {
-    let value = state.store.get("Image", project, name).await?.ok_or_else(|| ApiError::NotFound {
-        kind: "Image".into(),
+    let value = state.store.get(ImageSpec::KIND, project, name).await?.ok_or_else(|| ApiError::NotFound {
+        kind: ImageSpec::KIND.into(),
         project: project.to_string(),
         name: name.to_string(),
     })?;

@@ -120,11 +120,9 @@ impl ApiError {
                  directory on first start) and pass it with --token or a context"
                     .into(),
             ),
-            ApiError::Forbidden(d) => Some(format!(
-                "ask an admin of the project for a RoleBinding that allows {} on {}",
-                d.verb.as_str(),
-                d.what
-            )),
+            ApiError::Forbidden(d) => Some(d.suggestion.map(str::to_string).unwrap_or_else(|| {
+                format!("ask an admin of the project for a RoleBinding that allows {} on {}", d.verb.as_str(), d.what)
+            })),
             ApiError::Refused { suggestion, .. } | ApiError::Unavailable { suggestion, .. } => Some(suggestion.clone()),
             ApiError::Upstream { suggestion, .. } => suggestion.clone(),
             ApiError::UnsupportedMediaType => {
@@ -172,7 +170,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
-        resp.extensions_mut().insert(crate::audit::AuditMessage(self.to_string()));
+        resp.extensions_mut().insert(AuditMessage(self.to_string()));
         resp
     }
 }
+
+/// The reason a request was refused or failed (or a note on what it did),
+/// carried by its response for its audit record.
+#[derive(Debug, Clone)]
+pub struct AuditMessage(pub String);

@@ -2,6 +2,7 @@
 //! Kubernetes semantics, and watch streams.
 
 pub mod access;
+pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod content;
@@ -12,15 +13,13 @@ pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod openapi;
-pub mod quota;
 pub mod request_id;
 pub mod resources;
 pub mod selector;
+pub mod state;
 pub mod store;
 pub mod ui;
 pub mod watch;
-
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -31,64 +30,7 @@ use nexus_api::registry::{KindVisitor, visit_kinds};
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::store::Store;
-
-/// Shared state of every handler.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub store: Store,
-    pub bookmark_interval: Duration,
-    /// Turns true when the server shuts down; open watches end then.
-    pub shutting_down: tokio::sync::watch::Receiver<bool>,
-    /// Renders `/metrics`; `None` when no recorder is installed.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Issues and checks API tokens.
-    pub tokens: std::sync::Arc<auth::tokens::Tokens>,
-    /// Who holds which role.
-    pub bindings: std::sync::Arc<auth::bindings::Bindings>,
-    /// Bounds the audit records of refused anonymous requests.
-    pub anonymous_budget: std::sync::Arc<audit::AnonymousBudget>,
-    /// Dev mode: admins may name raw host paths as kernels and disks.
-    pub allow_raw_paths: bool,
-    /// Which Host headers are answered.
-    pub hosts: edge::HostPolicy,
-    /// Request budgets and watch caps per identity.
-    pub limits: std::sync::Arc<limits::Limits>,
-    /// Web origins allowed to call the API from a browser (none: no CORS
-    /// headers, so browsers refuse cross-origin calls).
-    pub cors_origins: Vec<axum::http::HeaderValue>,
-    /// Reaches node agents for VM logs and metrics (`None`: those routes
-    /// answer 503).
-    pub agents: Option<std::sync::Arc<observe::Agents>>,
-    /// `/readyz` asks only for storage, not also for a Ready node.
-    pub ready_without_nodes: bool,
-    /// Where uploaded Image files are kept (`None`: uploads answer 503).
-    pub blob_dir: Option<std::path::PathBuf>,
-}
-
-impl AppState {
-    /// State serving `store`, with authentication on and dev mode off.
-    pub fn new(store: Store, shutting_down: tokio::sync::watch::Receiver<bool>) -> Self {
-        let bindings = std::sync::Arc::new(auth::bindings::Bindings::default());
-        bindings.follow(&store);
-        AppState {
-            store,
-            bookmark_interval: watch::DEFAULT_BOOKMARK_INTERVAL,
-            shutting_down,
-            metrics: None,
-            tokens: Default::default(),
-            bindings,
-            anonymous_budget: Default::default(),
-            allow_raw_paths: false,
-            hosts: edge::HostPolicy::Any,
-            limits: Default::default(),
-            cors_origins: Vec::new(),
-            agents: None,
-            ready_without_nodes: true,
-            blob_dir: None,
-        }
-    }
-}
+pub use crate::state::AppState;
 
 /// The routes of one kind, under its project-scoped or cluster-wide paths.
 fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
@@ -136,6 +78,7 @@ pub fn app(state: AppState) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(|| async { axum::Json(openapi::document()) }))
+        .route("/v1/kinds", get(|| async { axum::Json(nexus_api::registry::KindList::served()) }))
         .fallback(fallback)
         .route_layer(axum::middleware::from_fn(metrics::layer))
         // Outermost last: request ids, panics, the edge checks, audit,
@@ -164,7 +107,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     if state.ready_without_nodes {
         return Ok("ok");
     }
-    let (nodes, _) = state.store.list("Node", None).await?;
+    let (nodes, _) = state.store.list(nexus_api::NodeSpec::KIND, None).await?;
     let now = chrono::Utc::now();
     let ready = nodes
         .into_iter()

@@ -19,12 +19,12 @@ use axum::routing::get;
 use chrono::Utc;
 use futures::TryStreamExt;
 use nexus_api::agent::{NodeStats, VmStats};
-use nexus_api::{Node, Vm};
+use nexus_api::{Node, NodeSpec, ResourceSpec, Vm, VmSpec};
 use nexus_client::agent::{AgentCallError, AgentClient, AgentEndpoint};
 use serde::Deserialize;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// How the apiserver reaches node agents.
 #[derive(Debug, Clone)]
@@ -165,8 +165,8 @@ fn agents(state: &AppState) -> Result<&Arc<Agents>, ApiError> {
 
 /// The VM and the agent of the node it runs on.
 async fn vm_agent(state: &AppState, project: &str, name: &str) -> Result<(Vm, AgentEndpoint), ApiError> {
-    let not_found = || ApiError::NotFound { kind: "VM".into(), project: project.into(), name: name.into() };
-    let value = state.store.get("VM", project, name).await?.ok_or_else(not_found)?;
+    let not_found = || ApiError::NotFound { kind: VmSpec::KIND.into(), project: project.into(), name: name.into() };
+    let value = state.store.get(VmSpec::KIND, project, name).await?.ok_or_else(not_found)?;
     let vm: Vm = serde_json::from_value(value)?;
     let Some(node_name) = vm.status_or_default().node_name.or_else(|| vm.spec.node_name.clone()) else {
         return Err(ApiError::Unavailable {
@@ -179,8 +179,8 @@ async fn vm_agent(state: &AppState, project: &str, name: &str) -> Result<(Vm, Ag
 }
 
 async fn read_node(state: &AppState, name: &str) -> Result<Node, ApiError> {
-    let value = state.store.get("Node", "", name).await?.ok_or_else(|| ApiError::NotFound {
-        kind: "Node".into(),
+    let value = state.store.get(NodeSpec::KIND, "", name).await?.ok_or_else(|| ApiError::NotFound {
+        kind: NodeSpec::KIND.into(),
         project: String::new(),
         name: name.into(),
     })?;

@@ -15,11 +15,12 @@ use nexus_api::{ListMeta, Object, ObjectList, ResourceSpec};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::AppState;
+use crate::admission::{host_paths, quota};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestIds;
 use crate::selector::Selector;
+use crate::state::AppState;
 use crate::store::{AuditInfo, Mutation, Write};
 use crate::watch;
 
@@ -140,59 +141,6 @@ fn answer<S: ResourceSpec>(state: &AppState, status: StatusCode, m: Mutation) ->
     resp
 }
 
-/// The first raw host path in `obj`'s spec the caller may not name, as
-/// (field, path). Raw paths need a server in dev mode and a caller who
-/// administers the project. Only paths the request brings count: those
-/// `current` (the stored object) already has may stay, so the system's own
-/// updates of such an object pass.
-fn unpermitted_host_path<S: ResourceSpec>(
-    may_name_raw_paths: bool,
-    obj: &Object<S>,
-    current: Option<&Object<S>>,
-) -> Option<(&'static str, String)> {
-    if may_name_raw_paths {
-        return None;
-    }
-    let kept = current.map(|c| c.spec.host_paths()).unwrap_or_default();
-    obj.spec.host_paths().into_iter().find(|p| !kept.contains(p))
-}
-
-/// Whether `caller` may name raw host paths in `project` on this server.
-fn may_name_raw_paths(state: &AppState, caller: &Caller, project: &str) -> bool {
-    state.allow_raw_paths && caller.holds(project, nexus_api::rbac::Role::Admin)
-}
-
-/// The refusal of raw host path `path` in `field`, with the image roots
-/// the nodes report as the way out.
-async fn host_path_refused(state: &AppState, field: &str, path: &str) -> ApiError {
-    let roots = image_roots(state).await;
-    let why = if state.allow_raw_paths {
-        "raw host paths need the admin role in the project"
-    } else {
-        "raw host paths are a dev-mode feature (apiserver --allow-raw-paths), off on this server"
-    };
-    ApiError::Refused {
-        message: format!("{field} names the host path {path}: {why}"),
-        suggestion: format!(
-            "create an Image whose path lies under a node's image root ({}) and name it in {field}",
-            if roots.is_empty() { "the nodes report none yet".to_string() } else { roots.join(", ") }
-        ),
-    }
-}
-
-/// The image roots the nodes report.
-async fn image_roots(state: &AppState) -> Vec<String> {
-    let Ok((nodes, _)) = state.store.list("Node", None).await else { return Vec::new() };
-    let mut roots: Vec<String> = nodes
-        .iter()
-        .flat_map(|n| n["status"]["imageRoots"].as_array().cloned().unwrap_or_default())
-        .filter_map(|r| r.as_str().map(str::to_string))
-        .collect();
-    roots.sort();
-    roots.dedup();
-    roots
-}
-
 /// The JSON Schema of every kind, by kind.
 static SCHEMAS: std::sync::LazyLock<HashMap<&'static str, Value>> = std::sync::LazyLock::new(|| {
     nexus_api::registry::kinds()
@@ -283,16 +231,7 @@ pub async fn create<S: ResourceSpec>(
     let t = target::<S>(&path)?;
     let body = yaml_to_json::<S>(&headers, body)?;
     let mut obj = parse_object::<S>(&body)?;
-    let request = nexus_api::rbac::Request {
-        verb: nexus_api::rbac::Verb::Create,
-        kind: S::KIND,
-        project: &t.project,
-        name: obj.name(),
-    };
-    nexus_api::rbac::decide(&caller.subject, &caller.grants, &request)?;
-    if let Some((field, path)) = unpermitted_host_path(may_name_raw_paths(&state, &caller, &t.project), &obj, None) {
-        return Err(host_path_refused(&state, field, &path).await);
-    }
+    crate::admission::create(&state, &caller, &t.project, &obj).await?;
     if S::NAMESPACED {
         match &obj.metadata.project {
             Some(p) if *p != t.project => {
@@ -321,7 +260,7 @@ pub async fn create<S: ResourceSpec>(
         return Ok((StatusCode::CREATED, Json(obj)).into_response());
     }
     let (project, key) = (t.project.clone(), name.clone());
-    let reads = crate::quota::reads_for(S::KIND, &t.project);
+    let reads = quota::reads(S::KIND, &t.project);
     let stored = state
         .store
         .mutate_seeing(
@@ -336,7 +275,7 @@ pub async fn create<S: ResourceSpec>(
                 }
                 obj.metadata.resource_version = Some(rv.to_string());
                 let value = to_value(&obj)?;
-                crate::quota::admit(S::KIND, obj.name(), &value, seen)?;
+                quota::admit(S::KIND, obj.name(), &value, seen)?;
                 Ok(Write::Put(value))
             },
         )
@@ -366,13 +305,10 @@ pub async fn list<S: ResourceSpec>(
 ) -> Result<Response, ApiError> {
     let t = target::<S>(&path)?;
     let project = (S::NAMESPACED && !t.project.is_empty()).then_some(t.project.clone());
-    // Across projects (and Events, which are about objects in projects),
-    // a caller sees the projects it may read.
-    let visible = if (S::NAMESPACED && project.is_none()) || S::KIND == nexus_api::EventSpec::KIND {
-        caller.readable_projects()
-    } else {
-        None
-    };
+    // Across projects (and for kinds whose objects are about objects in
+    // projects, such as Events), a caller sees the projects it may read.
+    let by_project = S::POLICY.read == nexus_api::policy::Readers::EveryoneInTheirProjects;
+    let visible = if (S::NAMESPACED && project.is_none()) || by_project { caller.readable_projects() } else { None };
     let labels = Selector::labels(params.label_selector.as_deref().unwrap_or(""))?;
     let fields = Selector::fields(
         params.field_selector.as_deref().unwrap_or(""),
@@ -457,19 +393,19 @@ async fn update<S: ResourceSpec>(
     // Host paths are checked against the stored object in the write's own
     // transaction; the refusal, which names the nodes' image roots, is
     // worded after it.
-    let raw_paths_ok = verb != "update" || may_name_raw_paths(state, caller, &t.project);
+    let raw_paths_ok = verb != "update" || host_paths::may_name_raw_paths(state, caller, &t.project);
     let refused_path: Arc<Mutex<Option<(&'static str, String)>>> = Arc::default();
     let refused = refused_path.clone();
     let dry_run = params.dry_run()?;
     let (project, missing) = (t.project.clone(), not_found::<S>(&t));
     // Spec updates count against quotas (a VM grown past its project's).
-    let reads = if verb == "update" { crate::quota::reads_for(S::KIND, &project) } else { Default::default() };
+    let reads = if verb == "update" { quota::reads(S::KIND, &project) } else { Default::default() };
     let result = state
         .store
         .mutate_seeing(S::KIND, &project, &name, &audit(caller, ids, verb, 200), reads, move |current, seen, rv| {
             let current = from_value::<S>(current.ok_or(missing)?)?;
             check_version(&sent, &current)?;
-            if let Some(found) = unpermitted_host_path(raw_paths_ok, &sent, Some(&current)) {
+            if let Some(found) = host_paths::unpermitted(raw_paths_ok, &sent, Some(&current)) {
                 *refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(found);
                 return Err(ApiError::Refused { message: String::new(), suggestion: String::new() });
             }
@@ -484,14 +420,14 @@ async fn update<S: ResourceSpec>(
             merge(&mut next, &sent);
             let write = finish_write(current, next, rv, dry_run)?;
             if let Write::Put(v) = &write {
-                crate::quota::admit(S::KIND, v["metadata"]["name"].as_str().unwrap_or_default(), v, seen)?;
+                quota::admit(S::KIND, v["metadata"]["name"].as_str().unwrap_or_default(), v, seen)?;
             }
             Ok(write)
         })
         .await;
     let refused = refused_path.lock().unwrap_or_else(PoisonError::into_inner).take();
     match (result, refused) {
-        (Err(_), Some((field, path))) => Err(host_path_refused(state, field, &path).await),
+        (Err(_), Some((field, path))) => Err(host_paths::refused(state, field, &path).await),
         (result, _) => Ok(answer::<S>(state, StatusCode::OK, result?)),
     }
 }

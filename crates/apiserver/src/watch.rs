@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::selector::Selector;
+use crate::state::AppState;
 use crate::store::{Change, ChangeType};
 
 /// Which changes a watch wants.

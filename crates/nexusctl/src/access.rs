@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
 use nexus_api::auth::{AuditRecord, RotateRequest, TokenInfo, TokenRequest};
 
-use crate::commands::{Context, Failure};
+use crate::context::{Context, Failure};
 use crate::render;
 
 /// Parses a duration such as `90s`, `30m`, `12h`, `7d` (a bare number is seconds).

@@ -10,13 +10,10 @@ use futures::StreamExt;
 use nexus_client::ClientError;
 use serde_json::{Map, Value, json};
 
-use crate::commands::{Context, Failure};
-use crate::kinds::{self, KindInfo, normalize};
-use crate::manifest::{self, Document};
+use crate::context::{Context, Failure, urlencode};
+use crate::kinds::{self, normalize};
+use crate::manifest::{self, LAST_APPLIED, Target, clean};
 use crate::render;
-
-/// Annotation holding the last applied configuration (JSON).
-pub const LAST_APPLIED: &str = "nexus.dev/last-applied";
 
 /// What applying one document will do.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,56 +21,6 @@ pub enum Plan {
     Create(Value),
     Update(Value),
     Unchanged,
-}
-
-/// A document resolved to its kind, project and name, reduced to the
-/// fields a user owns.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub kind: &'static KindInfo,
-    pub project: String,
-    pub name: String,
-    pub desired: Value,
-}
-
-impl Target {
-    pub fn from_doc(doc: &Document, default_project: &str) -> Result<Target, String> {
-        let v = &doc.value;
-        let kind_name = v["kind"].as_str().ok_or("missing field `kind`")?;
-        let kind = kinds::resolve(kind_name)?;
-        let name = v["metadata"]["name"].as_str().ok_or("missing field `metadata.name`")?.to_string();
-        let mut desired = clean(v);
-        let project = if kind.namespaced {
-            let p = v["metadata"]["project"].as_str().unwrap_or(default_project).to_string();
-            desired["metadata"]["project"] = json!(p);
-            p
-        } else {
-            String::new()
-        };
-        Ok(Target { kind, project, name, desired })
-    }
-
-    /// `vm/web-1`.
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.kind.short(), self.name)
-    }
-}
-
-/// Keeps apiVersion, kind, spec and the user-owned metadata.
-pub fn clean(v: &Value) -> Value {
-    let mut meta = Map::new();
-    for k in ["name", "project", "labels", "annotations", "ownerReferences"] {
-        if let Some(x) = v["metadata"].get(k) {
-            meta.insert(k.to_string(), x.clone());
-        }
-    }
-    if let Some(Value::Object(a)) = meta.get_mut("annotations") {
-        a.remove(LAST_APPLIED);
-        if a.is_empty() {
-            meta.remove("annotations");
-        }
-    }
-    json!({"apiVersion": v["apiVersion"], "kind": v["kind"], "metadata": meta, "spec": v["spec"]})
 }
 
 /// The merge patch that takes `last` to `desired`: what `desired` says,
@@ -101,26 +48,6 @@ static EMPTY_MAP: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value
 /// `v`, or an empty object when `v` is absent (`null`).
 fn map_or_empty(v: &Value) -> &Value {
     if v.is_null() { &EMPTY_MAP } else { v }
-}
-
-/// Applies an RFC 7386 merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = Value::Object(Map::new());
-            }
-            let t = target.as_object_mut().expect("made an object above");
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
 }
 
 fn without_last_applied(mut v: Value) -> Value {
@@ -151,12 +78,12 @@ pub fn plan(target: &Target, live: Option<&Value>) -> Result<Plan, String> {
     if let Some(o) = next.as_object_mut() {
         o.remove("status");
     }
-    merge_patch(&mut next["spec"], &three_way(&last["spec"], &target.desired["spec"]));
+    json_patch::merge(&mut next["spec"], &three_way(&last["spec"], &target.desired["spec"]));
     for field in ["labels", "annotations"] {
         // An absent map is an empty one: a file without annotations owns
         // none, and says nothing about those the system wrote.
         let patch = three_way(map_or_empty(&last["metadata"][field]), map_or_empty(&target.desired["metadata"][field]));
-        merge_patch(&mut next["metadata"][field], &patch);
+        json_patch::merge(&mut next["metadata"][field], &patch);
         if next["metadata"][field].as_object().is_some_and(Map::is_empty) || next["metadata"][field].is_null() {
             if let Some(m) = next["metadata"].as_object_mut() {
                 m.remove(field);
@@ -355,16 +282,6 @@ async fn prune_absent(ctx: &Context, targets: &[Target], selector: &str, dry_run
     Ok(failed)
 }
 
-/// Percent-encodes a query value.
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 fn yaml(v: &Value) -> String {
     serde_saphyr::to_string(v).unwrap_or_default()
 }
@@ -410,6 +327,7 @@ fn print_diff(t: &Target, live: Option<&Value>) -> Result<bool, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Document;
 
     fn target(spec: Value) -> Target {
         let doc = Document {

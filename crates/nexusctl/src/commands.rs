@@ -4,40 +4,15 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use nexus_client::{Client, ClientError};
+use nexus_api::{ResourceSpec, VmSpec};
+use nexus_client::ClientError;
 use serde_json::{Value, json};
 
-use crate::apply::urlencode;
+use crate::context::{Context, Failure, urlencode};
 use crate::jsonpath::Template;
 use crate::kinds::{self, KindInfo};
 use crate::manifest;
 use crate::render;
-
-/// What every command needs.
-#[derive(Debug)]
-pub struct Context {
-    pub client: Client,
-    pub project: String,
-}
-
-/// A failed command: the message and the exit code (1 error, 2 usage).
-#[derive(Debug)]
-pub struct Failure {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn error(message: impl Into<String>) -> Self {
-        Failure { code: 1, message: message.into() }
-    }
-    pub fn usage(message: impl Into<String>) -> Self {
-        Failure { code: 2, message: message.into() }
-    }
-    pub fn api(e: &ClientError) -> Self {
-        Failure::error(render::client_error(e))
-    }
-}
 
 async fn get_json(ctx: &Context, path: &str) -> Result<Value, ClientError> {
     ctx.client.raw(reqwest::Method::GET, path, None).await
@@ -199,7 +174,7 @@ async fn select(ctx: &Context, sel: &Selection<'_>) -> Result<Vec<(&'static Kind
     let mut out = Vec::new();
     for f in sel.files {
         for doc in manifest::read(f).map_err(Failure::error)? {
-            let t = crate::apply::Target::from_doc(&doc, &ctx.project)
+            let t = crate::manifest::Target::from_doc(&doc, &ctx.project)
                 .map_err(|e| Failure::error(format!("{}: {e}", doc.origin())))?;
             out.push((t.kind, t.project, t.name));
         }
@@ -355,7 +330,7 @@ pub async fn wait(ctx: &Context, kind: &str, name: &str, cond: &WaitFor, timeout
 /// `start|stop|pause|resume vm NAME... | -l SELECTOR`: edits `spec.state`.
 pub async fn power(ctx: &Context, state: &str, verb_done: &str, sel: &Selection<'_>) -> Result<(), Failure> {
     let targets = select(ctx, sel).await?;
-    if let Some((k, _, _)) = targets.iter().find(|(k, _, _)| k.kind != "VM") {
+    if let Some((k, _, _)) = targets.iter().find(|(k, _, _)| k.kind != VmSpec::KIND) {
         return Err(Failure::usage(format!("only VMs have a power state, not {}", k.plural)));
     }
     if targets.is_empty() {

@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 use nexus_api::image::{ImageSource, ImageSpec, ImageType};
 use sha2::Digest;
 
-use crate::commands::{Context, Failure};
+use crate::context::{Context, Failure};
 
 /// What to import and how.
 #[derive(Debug)]

@@ -6,6 +6,7 @@ mod access;
 mod apply;
 mod commands;
 mod config;
+mod context;
 mod explain;
 mod import;
 mod jsonpath;
@@ -19,7 +20,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use commands::{Context, Failure, GetOptions, Selection, WaitFor};
+use commands::{GetOptions, Selection, WaitFor};
+use context::{Context, Failure};
 
 #[derive(Debug, Parser)]
 #[command(name = "nexusctl", version, about = "Manage nexus microVMs declaratively", propagate_version = true)]
@@ -405,7 +407,7 @@ fn context(cli: &Cli) -> Result<Context, Failure> {
 }
 
 fn power_selection(a: &PowerArgs) -> Result<Selection<'_>, Failure> {
-    if kinds::resolve(&a.kind).map_err(Failure::usage)?.kind != "VM" {
+    if kinds::resolve(&a.kind).map_err(Failure::usage)?.kind != <nexus_api::VmSpec as nexus_api::ResourceSpec>::KIND {
         return Err(Failure::usage(format!("only VMs have a power state, not {}", a.kind)));
     }
     Ok(Selection { kind: Some(&a.kind), names: &a.names, files: &[], labels: a.selector.as_deref() })

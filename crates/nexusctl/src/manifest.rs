@@ -4,9 +4,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
-use crate::kinds;
+use crate::kinds::{self, KindInfo};
 
 /// One object read from a file, with where it came from.
 #[derive(Debug, Clone)]
@@ -146,4 +146,57 @@ mod tests {
         let err = parse("bad.yaml", "a: [1,\n").unwrap_err();
         assert!(err.starts_with("bad.yaml (document 1)"), "{err}");
     }
+}
+
+/// Annotation holding the last applied configuration (JSON).
+pub const LAST_APPLIED: &str = "nexus.dev/last-applied";
+
+/// A document resolved to its kind, project and name, reduced to the
+/// fields a user owns.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub kind: &'static KindInfo,
+    pub project: String,
+    pub name: String,
+    pub desired: Value,
+}
+
+impl Target {
+    pub fn from_doc(doc: &Document, default_project: &str) -> Result<Target, String> {
+        let v = &doc.value;
+        let kind_name = v["kind"].as_str().ok_or("missing field `kind`")?;
+        let kind = kinds::resolve(kind_name)?;
+        let name = v["metadata"]["name"].as_str().ok_or("missing field `metadata.name`")?.to_string();
+        let mut desired = clean(v);
+        let project = if kind.namespaced {
+            let p = v["metadata"]["project"].as_str().unwrap_or(default_project).to_string();
+            desired["metadata"]["project"] = json!(p);
+            p
+        } else {
+            String::new()
+        };
+        Ok(Target { kind, project, name, desired })
+    }
+
+    /// `vm/web-1`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.kind.short(), self.name)
+    }
+}
+
+/// Keeps apiVersion, kind, spec and the user-owned metadata.
+pub fn clean(v: &Value) -> Value {
+    let mut meta = Map::new();
+    for k in ["name", "project", "labels", "annotations", "ownerReferences"] {
+        if let Some(x) = v["metadata"].get(k) {
+            meta.insert(k.to_string(), x.clone());
+        }
+    }
+    if let Some(Value::Object(a)) = meta.get_mut("annotations") {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            meta.remove("annotations");
+        }
+    }
+    json!({"apiVersion": v["apiVersion"], "kind": v["kind"], "metadata": meta, "spec": v["spec"]})
 }

@@ -7,8 +7,7 @@ use futures::StreamExt;
 use nexus_api::agent::{NodeStats, VmStats};
 use serde_json::Value;
 
-use crate::apply::urlencode;
-use crate::commands::{Context, Failure};
+use crate::context::{Context, Failure, urlencode};
 use crate::render;
 
 /// Options of `logs`.
@@ -44,7 +43,8 @@ pub fn log_path(project: &str, name: &str, o: &LogOptions) -> String {
 /// Prints VM `name`'s log; with `follow`, as it grows, until the VM is
 /// deleted (exit 0) or the connection breaks (exit 1).
 pub async fn logs(ctx: &Context, kind: &str, name: &str, o: &LogOptions<'_>) -> Result<(), Failure> {
-    if crate::kinds::resolve(kind).map_err(Failure::usage)?.kind != "VM" {
+    if crate::kinds::resolve(kind).map_err(Failure::usage)?.kind != <nexus_api::VmSpec as nexus_api::ResourceSpec>::KIND
+    {
         return Err(Failure::usage(format!("only VMs have logs, not {kind}")));
     }
     let body = ctx

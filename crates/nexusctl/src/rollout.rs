@@ -7,7 +7,7 @@ use nexus_api::pool::{PoolRevision, RolloutPhase, VmPool};
 use nexus_api::{ResourceSpec, VmPoolSpec};
 use serde_json::Value;
 
-use crate::commands::{Context, Failure};
+use crate::context::{Context, Failure};
 use crate::kinds;
 use crate::render;
 

@@ -1,7 +1,10 @@
-//! Authentication and authorization, in one place for every route: a
-//! bearer token names the caller ([`tokens`]), bindings say what it holds
-//! ([`bindings`]), and [`nexus_api::rbac::decide`] says whether this request
-//! is allowed. Handlers find the [`Caller`] in the request's extensions.
+//! Authentication and authorization, in one layer for every route and
+//! verb, creates included: a bearer token names the caller ([`tokens`]),
+//! bindings say what it holds ([`bindings`]), and
+//! [`nexus_api::rbac::decide`] says whether this request is allowed, from
+//! the policy each kind states in the registry. Handlers find the
+//! [`Caller`] in the request's extensions; what they filter afterwards
+//! (the projects a list shows, the tokens a caller manages) they ask of it.
 
 pub mod bindings;
 pub mod tokens;
@@ -15,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use nexus_api::rbac::{Grants, Role, Subject, Verb, decide, special};
 use nexus_api::registry;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Who is calling, and what it holds.
 #[derive(Debug, Clone)]
@@ -41,6 +44,21 @@ impl Caller {
     pub fn holds(&self, project: &str, role: Role) -> bool {
         self.grants.cluster_admin() || self.grants.has(project, role)
     }
+
+    /// Whether the caller may issue, see, revoke or rotate the tokens of
+    /// `subject`: its own (a person's or a service account's), its
+    /// project's service accounts' as a project admin, anyone's as a
+    /// cluster admin.
+    pub fn manages_tokens_of(&self, subject: &Subject) -> bool {
+        if self.grants.cluster_admin() {
+            return true;
+        }
+        match subject {
+            s if *s == self.subject => matches!(s, Subject::User(_) | Subject::ServiceAccount { .. }),
+            Subject::ServiceAccount { project, .. } => self.holds(project, Role::Admin),
+            _ => false,
+        }
+    }
 }
 
 /// What a request is about, from its method and path.
@@ -51,8 +69,6 @@ pub struct Target {
     pub kind: String,
     pub project: String,
     pub name: String,
-    /// Served by its own handler, which decides for itself.
-    pub special: bool,
 }
 
 fn verb_of(method: &Method, has_name: bool, status: bool, watch: bool) -> Option<Verb> {
@@ -69,9 +85,10 @@ fn verb_of(method: &Method, has_name: bool, status: bool, watch: bool) -> Option
 }
 
 /// Parses a request on `/v1/...` into what it does to what. `query` is the
-/// raw query string (for `watch=true`).
+/// raw query string (for `watch=true`, and the audit log's `project=`).
 pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Target> {
     let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let queried_project = query.split('&').find_map(|kv| kv.strip_prefix("project=")).unwrap_or_default().to_string();
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let (project, rest) = match parts.as_slice() {
         ["v1", "projects", p, rest @ ..] => (p.to_string(), rest),
@@ -79,15 +96,18 @@ pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Tar
         _ => return None,
     };
     let special_target = |kind: &str, verb: Verb, name: &str| {
-        Some(Target { verb, kind: kind.to_string(), project: project.clone(), name: name.to_string(), special: true })
+        Some(Target { verb, kind: kind.to_string(), project: project.clone(), name: name.to_string() })
     };
     match rest {
         ["tokens", ..] => {
             return special_target(special::TOKENS, if method == Method::GET { Verb::Get } else { Verb::Update }, "");
         }
-        ["audit"] => return special_target(special::AUDIT, Verb::List, ""),
-        ["whoami"] => return special_target("WhoAmI", Verb::Get, ""),
-        ["nodes", name, "join"] => return special_target("Node", Verb::Create, name),
+        ["audit"] if project.is_empty() => {
+            let verb = Verb::List;
+            return Some(Target { verb, kind: special::AUDIT.into(), project: queried_project, name: String::new() });
+        }
+        ["whoami"] | ["kinds"] => return special_target(special::SELF, Verb::Get, ""),
+        ["nodes", name, "join"] => return special_target(special::NODE_JOIN, Verb::Create, name),
         ["nodes", name, "credential"] => {
             let verb = if method == Method::GET { Verb::Get } else { Verb::Update };
             return special_target(special::NODE_CREDENTIAL, verb, name);
@@ -113,7 +133,7 @@ pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Tar
     if !kind.namespaced && !project.is_empty() {
         return None;
     }
-    Some(Target { verb, kind: kind.kind.to_string(), project, name: name.to_string(), special: false })
+    Some(Target { verb, kind: kind.kind.to_string(), project, name: name.to_string() })
 }
 
 /// [`target_with_query`] without a query.
@@ -129,8 +149,9 @@ fn bearer(req: &Request) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Middleware: authenticates every `/v1/` request and authorizes those on
-/// objects; refusals are answered here (401, 403) in the error contract.
+/// Middleware: authenticates and authorizes every `/v1/` request; refusals
+/// are answered here (401, 403) in the error contract. A path that names no
+/// route is let through to be answered 404.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/v1/") {
         return next.run(req).await;
@@ -154,11 +175,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         return resp;
     }
     let query = req.uri().query().unwrap_or("").to_string();
-    // A create is decided by its handler, which knows the object's name.
-    if let Some(t) = target_with_query(req.method(), req.uri().path(), &query)
-        && !t.special
-        && t.verb != Verb::Create
-    {
+    if let Some(t) = target_with_query(req.method(), req.uri().path(), &query) {
         let request = nexus_api::rbac::Request { verb: t.verb, kind: &t.kind, project: &t.project, name: &t.name };
         if let Err(denied) = decide(&caller.subject, &caller.grants, &request) {
             let mut resp = ApiError::Forbidden(denied).into_response();
@@ -201,6 +218,9 @@ mod tests {
         );
         assert_eq!(t(Method::POST, "/v1/projects/p/vms/a/log", ""), None, "only read");
         let join = target(&Method::POST, "/v1/nodes/n1/join").unwrap();
-        assert!(join.special && join.name == "n1");
+        assert_eq!((join.kind.as_str(), join.name.as_str()), (special::NODE_JOIN, "n1"));
+        let audit = target_with_query(&Method::GET, "/v1/audit", "limit=5&project=p").unwrap();
+        assert_eq!((audit.kind.as_str(), audit.project.as_str()), (special::AUDIT, "p"));
+        assert_eq!(target(&Method::GET, "/v1/kinds").unwrap().kind, special::SELF);
     }
 }

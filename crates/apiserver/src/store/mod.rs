@@ -14,6 +14,7 @@
 pub mod access;
 mod sql;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -122,23 +123,29 @@ impl AuditInfo {
 }
 
 /// What a mutation reads besides its object, in its own transaction (so
-/// nothing it read changes before it commits).
+/// nothing it read changes before it commits). The store reads what it is
+/// told; admission decides what that is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Reads {
     #[default]
     Nothing,
-    /// The ResourceQuotas of this project and, when it has any, its VMs,
-    /// Templates and Snapshots.
-    QuotaOf(String),
+    /// The objects of kind `gate` in `project` and, when there are any, the
+    /// objects of each kind of `then` there.
+    InProject { project: String, gate: &'static str, then: Vec<&'static str> },
 }
 
-/// What a mutation's `decide` sees besides its object.
+/// What a mutation's `decide` sees besides its object: the objects read,
+/// by kind (a kind not read is absent).
 #[derive(Debug, Clone, Default)]
 pub struct Seen {
-    pub quotas: Vec<Value>,
-    pub vms: Vec<Value>,
-    pub templates: Vec<Value>,
-    pub snapshots: Vec<Value>,
+    pub objects: HashMap<&'static str, Vec<Value>>,
+}
+
+impl Seen {
+    /// The objects of `kind` read (none when it was not read).
+    pub fn of(&self, kind: &str) -> &[Value] {
+        self.objects.get(kind).map(Vec::as_slice).unwrap_or_default()
+    }
 }
 
 /// What a mutation did.
@@ -596,15 +603,16 @@ impl Core {
                 };
                 let before = current.clone();
                 let mut seen = Seen::default();
-                if let Reads::QuotaOf(p) = &reads {
+                if let Reads::InProject { project: p, gate, then } = &reads {
                     let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
                     let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
-                    seen.quotas = parse(list("ResourceQuota").fetch_all(&mut *tx).await?)?;
-                    if !seen.quotas.is_empty() {
-                        seen.vms = parse(list("VM").fetch_all(&mut *tx).await?)?;
-                        seen.templates = parse(list("Template").fetch_all(&mut *tx).await?)?;
-                        seen.snapshots = parse(list("Snapshot").fetch_all(&mut *tx).await?)?;
+                    let gates = parse(list(gate).fetch_all(&mut *tx).await?)?;
+                    if !gates.is_empty() {
+                        for kind in then {
+                            seen.objects.insert(kind, parse(list(kind).fetch_all(&mut *tx).await?)?);
+                        }
                     }
+                    seen.objects.insert(gate, gates);
                 }
                 let rv = last + 1;
                 let (type_, object) = match decide(current, &seen, rv) {

@@ -73,7 +73,12 @@ impl Recorder {
 
     /// Records that `reason` happened on node `node` (one event per message).
     pub async fn node(&self, node: &str, reason: &str, message: &str) {
-        let reference = ObjectReference { kind: "Node".into(), name: node.to_string(), project: None, uid: None };
+        let reference = ObjectReference {
+            kind: nexus_api::NodeSpec::KIND.into(),
+            name: node.to_string(),
+            project: None,
+            uid: None,
+        };
         self.enqueue(reference, format!("node/{node}/{message}"), EventType::Normal, reason, message);
     }
 
