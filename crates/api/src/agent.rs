@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::vm::{PowerState, RestartPolicy, VmExit};
+use crate::vm::{PowerState, RestartPolicy};
 
 /// Prefix of every TAP device a node agent creates.
 pub const TAP_PREFIX: &str = "nxt";
@@ -132,30 +132,10 @@ pub enum ObservedState {
 pub struct VmReport {
     pub uid: String,
     pub state: ObservedState,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tap_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub console_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_millis: Option<u64>,
-    /// Times the agent started the VMM again after it ended on its own.
-    #[serde(default)]
-    pub restarts: u32,
-    /// How the last VMM ended on its own, if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit: Option<VmExit>,
+    /// What runs on the host for the VM: the VM's `status.runtime` as the
+    /// controller writes it.
+    #[serde(flatten)]
+    pub runtime: crate::vm::VmRuntime,
     /// The readiness probe's result, when the VM has one and its guest runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ProbeResult>,

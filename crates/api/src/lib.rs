@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod conditions;
 pub mod error;
 pub mod event;
 pub mod fnv;

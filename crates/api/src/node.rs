@@ -7,13 +7,11 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{NodeAccess, Policy, Readers, Writers};
 use crate::registry::{AGE, Column, Format, NAME};
 
+use crate::conditions;
 use crate::meta::{Condition, ConditionStatus, Object, ResourceSpec, find_condition};
 
 /// A host that runs microVMs.
 pub type Node = Object<NodeSpec>;
-
-/// Condition type an agent sets while it heartbeats.
-pub const CONDITION_READY: &str = "Ready";
 
 /// Desired state of a node, written by operators.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -100,7 +98,7 @@ impl ResourceSpec for NodeSpec {
     const ALIASES: &'static [&'static str] = &["node", "no"];
     const COLUMNS: &'static [Column] = &[
         NAME,
-        Column::new("READY", &["status.conditions"], Format::Condition(CONDITION_READY)),
+        Column::new("READY", &["status.conditions"], Format::Condition(conditions::READY)),
         Column::new("ADDRESS", &["status.address"], Format::Text),
         Column::new("VCPU", &["status.capacity.vcpu"], Format::Text).wide(),
         Column::new("MEMORY", &["status.capacity.memMib"], Format::Mebibytes).wide(),
@@ -115,7 +113,7 @@ impl NodeStatus {
     /// Whether the agent says it is Ready and heartbeated within `grace`.
     pub fn is_ready(&self, now: DateTime<Utc>, grace: chrono::Duration) -> bool {
         let ready =
-            find_condition(&self.conditions, CONDITION_READY).is_some_and(|c| c.status == ConditionStatus::True);
+            find_condition(&self.conditions, conditions::READY).is_some_and(|c| c.status == ConditionStatus::True);
         let fresh = self.last_heartbeat_time.is_some_and(|t| now - t <= grace);
         ready && fresh && !self.address.is_empty()
     }

@@ -305,10 +305,10 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Waits until the controller serving metrics on `metrics_addr` counts
-/// `n` Ready nodes in its cache (`nexus_controller_ready_nodes`).
+/// `n` Ready nodes in its cache (`nexus_nodes{ready="true"}`).
 pub async fn wait_controller_sees_ready_nodes(metrics_addr: &str, n: usize) {
     let url = format!("http://{metrics_addr}/metrics");
-    let want = format!("nexus_controller_ready_nodes {n}");
+    let want = format!("nexus_nodes{{ready=\"true\"}} {n}");
     wait_until(Duration::from_secs(20), &format!("the controller to see {n} Ready node(s)"), || async {
         match http_client().get(&url).send().await {
             Ok(r) => r.text().await.is_ok_and(|t| t.lines().any(|l| l == want)),

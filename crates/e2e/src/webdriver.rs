@@ -1,8 +1,13 @@
 //! A small W3C WebDriver client over the HTTP client the tests already
 //! use, and a headless Chromium driven through Debian's `chromedriver`:
 //! enough to sign in, click, type, read text, run a script and take a
-//! screenshot. (The WebDriver crates bring a second TLS stack with them;
-//! these few calls do not need one.)
+//! screenshot.
+//!
+//! Why not `fantoccini`: without its TLS features it needs no second TLS
+//! stack, but its `webdriver` dependency (0.53) brings 22 crates for the
+//! ten calls used here, among them second major versions of `http` (0.2
+//! beside 1), `cookie` (0.16 beside 0.18), `thiserror` (1 beside 2) and
+//! ICU (1.5 beside 2.1), which the workspace otherwise avoids.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

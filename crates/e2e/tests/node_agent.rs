@@ -174,7 +174,7 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
 
         let first = agent.ensure(&request(UID)).await;
         assert_eq!(first.state, ObservedState::Running);
-        let tap = first.tap_name.clone().unwrap();
+        let tap = first.runtime.tap_name.clone().unwrap();
         let link = host::links().into_iter().find(|l| l.name == tap).unwrap();
         assert_eq!(link.master.as_deref(), Some("nxbr0"));
         let before = host_state(&agent.run_dir());
@@ -256,7 +256,7 @@ fn two_hundred_create_delete_cycles_with_vmms_reaped_late_fail_no_call() {
                         failed.push(format!("ensure {uid}: {s} {b}"));
                         continue;
                     }
-                    let pid = serde_json::from_str::<VmReport>(&b).ok().and_then(|r| r.pid).unwrap_or_default();
+                    let pid = serde_json::from_str::<VmReport>(&b).ok().and_then(|r| r.runtime.pid).unwrap_or_default();
                     let (s, b) = agent.call("DELETE", &format!("/v1/vms/{uid}"), None).await;
                     if s != 200 {
                         failed.push(format!("delete {uid}: {s} {b}"));
@@ -294,7 +294,7 @@ fn a_stop_ends_the_vmm_whether_or_not_the_guest_honours_ctrl_alt_del() {
             let agent =
                 Agent::start_with(dir.path(), &env, &["--process-manager", "direct", "--stop-grace-secs", "1"]).await;
             let running = agent.ensure(&request(UID)).await;
-            let pid = running.pid.unwrap();
+            let pid = running.runtime.pid.unwrap();
             let mut stop = request(UID);
             stop.state = PowerState::Stopped;
             let asked = Instant::now();
@@ -318,7 +318,7 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
         let first = agent.ensure(&request(UID)).await;
-        let pid = first.pid.unwrap();
+        let pid = first.runtime.pid.unwrap();
         nexus_e2e::host::sigkill(pid);
         wait_until(Duration::from_secs(5), "the VMM to die", || async {
             host::vmm_processes_under(&agent.run_dir()).is_empty()
@@ -331,12 +331,12 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
         let inv = agent.inventory().await;
         assert_eq!(inv.vms.len(), 1);
         assert_eq!(inv.vms[0].state, ObservedState::Stopped, "{inv:?}");
-        assert_eq!(inv.vms[0].pid, None);
+        assert_eq!(inv.vms[0].runtime.pid, None);
         let t = Instant::now();
         let again = agent.ensure(&request(UID)).await;
         println!("VMM restarted {} ms after ensure", t.elapsed().as_millis());
         assert_eq!(again.state, ObservedState::Running);
-        assert_ne!(again.pid, Some(pid));
+        assert_ne!(again.runtime.pid, Some(pid));
         let (taps, sockets, vmms, dirs) = host_state(&agent.run_dir());
         assert_eq!((taps.len(), sockets.len(), vmms.len(), dirs.len()), (1, 1, 1, 1), "one of each, nothing stale");
     });
@@ -353,8 +353,8 @@ fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restar
         req.restart_policy = nexus_api::vm::RestartPolicy::OnFailure;
         let first = agent.ensure(&req).await;
         assert_eq!(first.state, ObservedState::Running);
-        let pid = first.pid.unwrap();
-        let socket = first.socket_path.clone().unwrap();
+        let pid = first.runtime.pid.unwrap();
+        let socket = first.runtime.socket_path.clone().unwrap();
         assert_eq!(host::fc_ctrl_alt_del(Path::new(&socket)).await.unwrap(), 204);
         // Reconciles while it powers off: the VMM is left alone.
         let pressed = Instant::now();
@@ -363,7 +363,7 @@ fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restar
             let (status, body) =
                 agent.call("PUT", &format!("/v1/vms/{UID}"), Some(&serde_json::to_value(&req).unwrap())).await;
             let report: Option<VmReport> = serde_json::from_str(&body).ok();
-            during.push((status, report.and_then(|r| r.pid)));
+            during.push((status, report.and_then(|r| r.runtime.pid)));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         println!(
@@ -377,9 +377,9 @@ fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restar
         })
         .await;
         let after = agent.ensure(&req).await;
-        println!("after the guest powered off: {:?}, exit {:?}", after.state, after.exit);
+        println!("after the guest powered off: {:?}, exit {:?}", after.state, after.runtime.exit);
         assert_eq!(after.state, ObservedState::Exited, "OnFailure keeps a clean shutdown down");
-        assert_eq!(after.exit.and_then(|e| e.code), Some(0));
+        assert_eq!(after.runtime.exit.and_then(|e| e.code), Some(0));
         let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
         assert!(!log.contains("SIGTERM"), "the agent never signalled the VMM:\n{log}");
     });
@@ -410,7 +410,7 @@ fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
         let (taps, sockets, vmms, dirs) = host_state(&agent.run_dir());
         assert_eq!(taps.len(), 1, "{taps:?}");
         assert_eq!(sockets.len(), 1, "{sockets:?}");
-        assert_eq!(vmms, vec![report.pid.unwrap()], "exactly one VMM, the configured one");
+        assert_eq!(vmms, vec![report.runtime.pid.unwrap()], "exactly one VMM, the configured one");
         assert_eq!(dirs, vec![UID.to_string()]);
     });
 }
@@ -424,12 +424,12 @@ fn a_restarted_agent_adopts_running_vms() {
         let first = agent.ensure(&request(UID)).await;
         agent.proc.kill();
         assert!(
-            host::vmm_processes_under(&agent.run_dir()).iter().any(|(p, _)| Some(*p) == first.pid),
+            host::vmm_processes_under(&agent.run_dir()).iter().any(|(p, _)| Some(*p) == first.runtime.pid),
             "the VM keeps running"
         );
         let agent = Agent::start(dir.path(), &[]).await;
         let again = agent.ensure(&request(UID)).await;
-        assert_eq!(again.pid, first.pid, "adopted, not restarted");
+        assert_eq!(again.runtime.pid, first.runtime.pid, "adopted, not restarted");
         assert_eq!(again.state, ObservedState::Running);
     });
 }
@@ -736,7 +736,7 @@ fn guests_that_ask_get_an_address_from_the_node_subnet_on_the_kernel_command_lin
         let mut a = request(UID);
         a.ip = Some("auto".into());
         let ra = agent.ensure(&a).await;
-        let ip: std::net::Ipv4Addr = ra.ip.clone().expect("an address").parse().unwrap();
+        let ip: std::net::Ipv4Addr = ra.runtime.ip.clone().expect("an address").parse().unwrap();
         let o = ip.octets();
         assert!(o[0..3] == [172, 30, 0] && o[3] != 0 && o[3] != 1 && o[3] != 255, "{ip}");
         let console = std::fs::read_to_string(agent.run_dir().join("vms").join(UID).join("console.log")).unwrap();
@@ -757,10 +757,10 @@ fn guests_that_ask_get_an_address_from_the_node_subnet_on_the_kernel_command_lin
         assert!(body.contains("172.30.0.0/24"), "{body}");
         b.ip = Some("auto".into());
         let rb = agent.ensure(&b).await;
-        assert_ne!(rb.ip, ra.ip);
+        assert_ne!(rb.runtime.ip, ra.runtime.ip);
         // Restarting keeps the address.
         let again = agent.ensure(&a).await;
-        assert_eq!(again.ip, ra.ip);
+        assert_eq!(again.runtime.ip, ra.runtime.ip);
     });
 }
 
@@ -821,7 +821,7 @@ fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
         let agent =
             Agent::start_with(dir.path(), &[], &["--process-manager", "systemd", "--systemd-bus", &address]).await;
         let report = agent.ensure(&request(UID)).await;
-        let pid = report.pid.unwrap();
+        let pid = report.runtime.pid.unwrap();
         let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
         assert_eq!(status, 200);
         let seen = calls.lock().unwrap().clone();
@@ -857,7 +857,7 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
             assert!(Path::new(&path_of(name)).starts_with(&snap_dir), "{name} lives apart from the VM");
         }
         assert_eq!(std::fs::metadata(path_of("memory")).unwrap().len(), 128 << 20, "memory file of the guest's size");
-        assert_eq!(snap["mac"], a.mac.clone().unwrap(), "the guest's MAC is recorded");
+        assert_eq!(snap["mac"], a.runtime.mac.clone().unwrap(), "the guest's MAC is recorded");
         println!("snapshot takes {} bytes on disk; the VM was paused {} ms", snap["sizeBytes"], snap["pausedMillis"]);
         let (_, again) = agent.call("PUT", &format!("/v1/snapshots/{snap_uid}"), Some(&take)).await;
         assert_eq!(serde_json::from_str::<Value>(&again).unwrap(), snap, "repeating returns the snapshot made");
@@ -871,13 +871,13 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         b.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into() });
         let rb = agent.ensure(&b).await;
         assert_eq!(rb.state, ObservedState::Running);
-        assert_eq!(rb.mac, a.mac, "the restored guest has its source's MAC, and the report says so");
-        assert!(rb.tap_name.is_some());
-        let pid = rb.pid.unwrap();
+        assert_eq!(rb.runtime.mac, a.runtime.mac, "the restored guest has its source's MAC, and the report says so");
+        assert!(rb.runtime.tap_name.is_some());
+        let pid = rb.runtime.pid.unwrap();
         let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
         assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), ours, "in a namespace of its own");
         assert!(
-            !host::taps().iter().any(|t| Some(&t.name) == rb.tap_name.as_ref()),
+            !host::taps().iter().any(|t| Some(&t.name) == rb.runtime.tap_name.as_ref()),
             "its TAP is not on the host's bridge"
         );
         // Each VMM sees its own disk at /rootfs.ext4 in its jail.
@@ -1056,7 +1056,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         let agent = Agent::start(dir.path(), &[("FIRECRACKER_SIM_TRY_OPEN", &secret_s)]).await;
         let a = agent.ensure(&request(UID)).await;
         assert_eq!(a.state, ObservedState::Running);
-        let pid = a.pid.unwrap();
+        let pid = a.runtime.pid.unwrap();
         let (uid, gid, root, caps, nnp) = confinement(pid);
         println!("VMM {pid}: uid {uid} gid {gid} root {} {caps:?} NoNewPrivs {nnp}", root.display());
         assert!(uid >= 1_000_000 && gid == uid, "its own unprivileged user: {uid}:{gid}");
@@ -1065,7 +1065,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
             assert!(c.ends_with(" 0000000000000000"), "no capabilities: {c}");
         }
         assert_eq!(nnp, "1");
-        let console = std::fs::read_to_string(a.console_path.as_ref().unwrap()).unwrap();
+        let console = std::fs::read_to_string(a.runtime.console_path.as_ref().unwrap()).unwrap();
         assert!(
             console.contains(&format!("firecracker-sim: cannot open {secret_s}: No such file or directory")),
             "the host file is out of its sight: {console}"
@@ -1117,7 +1117,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         let mut b = request(b_uid);
         b.mac = "06:00:ac:10:00:0b".into();
         let rb = agent.ensure(&b).await;
-        let (uid_b, ..) = confinement(rb.pid.unwrap());
+        let (uid_b, ..) = confinement(rb.runtime.pid.unwrap());
         assert_ne!(uid_b, uid, "one user per VMM");
 
         // The whole lifecycle works jailed: pause, resume, stop, start,
@@ -1134,7 +1134,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
             assert_eq!(got.state, want, "{state:?}");
         }
         let again = agent.ensure(&request(UID)).await;
-        assert_eq!(confinement(again.pid.unwrap()).0, uid, "a VM keeps its user across restarts");
+        assert_eq!(confinement(again.runtime.pid.unwrap()).0, uid, "a VM keeps its user across restarts");
         let snap_uid = "00000000-0000-4000-8000-0000000000c7";
         let (s, body) =
             agent.call("PUT", &format!("/v1/snapshots/{snap_uid}"), Some(&serde_json::json!({"vmUid": UID}))).await;
@@ -1144,7 +1144,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         c.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into() });
         let rc = agent.ensure(&c).await;
         assert_eq!(rc.state, ObservedState::Running);
-        let (uid_c, _, root_c, caps_c, _) = confinement(rc.pid.unwrap());
+        let (uid_c, _, root_c, caps_c, _) = confinement(rc.runtime.pid.unwrap());
         assert!(uid_c != uid && uid_c != uid_b && uid_c >= 1_000_000);
         assert!(root_c.ends_with("00000000-0000-4000-8000-0000000000d7/root"));
         assert!(caps_c.iter().all(|c| c.ends_with(" 0000000000000000")));
@@ -1209,7 +1209,7 @@ fn a_vmm_an_earlier_agent_started_unjailed_is_adopted_then_restarts_jailed() {
 
         // The upgraded agent adopts it: same process, Running, in the inventory.
         let adopted = agent.ensure(&request(UID)).await;
-        assert_eq!((adopted.pid, adopted.state), (Some(pid), ObservedState::Running), "adopted, not restarted");
+        assert_eq!((adopted.runtime.pid, adopted.state), (Some(pid), ObservedState::Running), "adopted, not restarted");
         assert!(agent.inventory().await.vmms.iter().any(|v| v.pid == pid && v.uid == UID));
         let (s, body) = agent
             .call("PUT", "/v1/snapshots/00000000-0000-4000-8000-0000000000e8", Some(&serde_json::json!({"vmUid": UID})))
@@ -1222,7 +1222,7 @@ fn a_vmm_an_earlier_agent_started_unjailed_is_adopted_then_restarts_jailed() {
         let mut old = old;
         assert!(old.try_wait().unwrap().is_some(), "the unjailed VMM was stopped");
         let again = agent.ensure(&request(UID)).await;
-        let new_pid = again.pid.unwrap();
+        let new_pid = again.runtime.pid.unwrap();
         assert_ne!(new_pid, pid);
         assert_eq!(std::fs::read_link(format!("/proc/{new_pid}/root")).unwrap(), vm_dir.join("root"));
         assert!(!vm_dir.join("fc.sock").exists());

@@ -5,10 +5,10 @@ use axum::response::{IntoResponse, Response};
 use nexus_api::ErrorBody;
 
 use crate::firecracker::FcError;
-use crate::jail::JailError;
-use crate::net::NetError;
+use crate::host::jail::JailError;
+use crate::host::net::NetError;
+use crate::host::process::ProcessError;
 use crate::paths::PathError;
-use crate::process::ProcessError;
 
 /// Everything an agent call can fail with.
 #[derive(Debug, thiserror::Error)]

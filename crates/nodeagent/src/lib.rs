@@ -1,30 +1,20 @@
 //! The nexus node agent: runs Firecracker microVMs on one host, with their
 //! TAP devices on a bridge, and answers the controller's declarative calls.
+//!
+//! - [`vm`]: the VM runtime: its front door ([`vm::Runtime`]) and one
+//!   owner task per VM, fed typed commands, that launches, configures,
+//!   observes and tears down that VM;
+//! - [`host`]: what the node's VMs share: the bridge, NAT, addresses, TAP
+//!   devices, clone namespaces, cgroups and scopes, jails, VMM processes,
+//!   disk copies and images;
+//! - [`server`]: the agent's HTTP API, the Firecracker passthrough, the
+//!   node's credentials and its registration with the apiserver;
+//! - [`firecracker`]: Firecracker's API, typed, over its unix socket;
+//! - [`paths`]: the run directory's layout, where names become paths.
 
-pub mod api;
-pub mod cgroup;
-pub mod clonenet;
-pub mod credentials;
-pub mod dirwatch;
-pub mod disk;
 pub mod error;
-pub mod exits;
-pub mod fetch;
 pub mod firecracker;
-pub mod forks;
-pub mod hostcheck;
-pub mod images;
-pub mod ipam;
-pub mod jail;
-pub mod logs;
-pub mod nat;
-pub mod net;
+pub mod host;
 pub mod paths;
-pub mod probe;
-pub mod process;
-pub mod proxy;
-pub mod register;
-pub mod scope;
-pub mod snapshots;
-pub mod vm_metrics;
-pub mod vms;
+pub mod server;
+pub mod vm;

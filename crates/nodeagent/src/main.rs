@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nexus_nodeagent::api::{AgentState, router};
-use nexus_nodeagent::credentials::{self, AgentCredential};
-use nexus_nodeagent::net::{Net, parse_cidr};
+use nexus_nodeagent::host::HostConfig;
+use nexus_nodeagent::host::net::{Net, parse_cidr};
 use nexus_nodeagent::paths::RunDir;
-use nexus_nodeagent::register::{NodeInfo, firecracker_version, heartbeat_loop, host_capacity};
-use nexus_nodeagent::vms::{Runtime, RuntimeConfig};
+use nexus_nodeagent::server::credentials::{self, AgentCredential};
+use nexus_nodeagent::server::register::{NodeInfo, firecracker_version, heartbeat_loop, host_capacity};
+use nexus_nodeagent::server::{AgentState, router};
+use nexus_nodeagent::vm::Runtime;
 
 #[derive(Debug, Parser)]
 #[command(name = "nexus-nodeagent", version, about = "The nexus node agent")]
@@ -63,7 +64,7 @@ struct Args {
     image_roots: Vec<PathBuf>,
     /// User ids VMMs run as, `first-last`: each VM's VMM gets one of its
     /// own (and the same group id), for as long as the VM is on the node.
-    #[arg(long, global = true, env = "NEXUS_VMM_UIDS", default_value = "1000000-1065535", value_parser = nexus_nodeagent::jail::parse_uid_range)]
+    #[arg(long, global = true, env = "NEXUS_VMM_UIDS", default_value = "1000000-1065535", value_parser = nexus_nodeagent::host::jail::parse_uid_range)]
     vmm_uids: std::ops::RangeInclusive<u32>,
     /// Directory for VM run directories (sockets, logs, disks).
     #[arg(long, global = true, env = "NEXUS_RUN_DIR", default_value = "/var/lib/nexus/run")]
@@ -120,7 +121,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Command::Check) = args.command {
-        use nexus_nodeagent::hostcheck;
+        use nexus_nodeagent::host::check as hostcheck;
         let findings = hostcheck::check(&hostcheck::Target {
             firecracker: args.firecracker.clone(),
             run_dir: args.run_dir.clone(),
@@ -150,11 +151,11 @@ async fn main() -> anyhow::Result<()> {
     let use_systemd = match args.process_manager.as_str() {
         "systemd" => true,
         "direct" => false,
-        _ => nexus_nodeagent::scope::systemd_is_init(),
+        _ => nexus_nodeagent::host::scope::systemd_is_init(),
     };
     let scopes = if use_systemd {
         Some(
-            nexus_nodeagent::scope::Scopes::connect(args.systemd_bus.as_deref())
+            nexus_nodeagent::host::scope::Scopes::connect(args.systemd_bus.as_deref())
                 .await
                 .context("connecting to systemd")?,
         )
@@ -165,21 +166,21 @@ async fn main() -> anyhow::Result<()> {
     // has one (below), and rotations reach every clone.
     let api = nexus_client::Client::with_trust(&args.apiserver, None, trust);
     let runtime = Arc::new(Runtime::new(
-        RuntimeConfig {
+        HostConfig {
             run_dir,
             bridge: args.bridge.clone(),
             bridge_address,
             firecracker: firecracker.clone(),
             stop_grace: Duration::from_secs(args.stop_grace_secs),
-            cgroups: if scopes.is_none() { nexus_nodeagent::cgroup::Cgroups::detect() } else { None },
+            cgroups: if scopes.is_none() { nexus_nodeagent::host::cgroup::Cgroups::detect() } else { None },
             scopes,
-            image_roots: nexus_nodeagent::images::ImageRoots::new(&args.image_roots),
+            image_roots: nexus_nodeagent::host::images::ImageRoots::new(&args.image_roots),
             vmm_uids: args.vmm_uids.clone(),
             api: Some(api.clone()),
         },
         net,
     ));
-    runtime.ensure_network().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    runtime.host().ensure_network().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
     let node_name = match args.node_name {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
@@ -269,7 +270,7 @@ async fn teardown(net: &Net, args: &Args, bridge_address: Option<(std::net::Ipv4
         bail!("{remaining} VM directories remain in {}: delete those VMs first", vms.display());
     }
     if let Some((ip, len)) = bridge_address {
-        nexus_nodeagent::nat::remove_masquerade(nexus_nodeagent::nat::detect(), &args.bridge, ip, len)
+        nexus_nodeagent::host::nat::remove_masquerade(nexus_nodeagent::host::nat::detect(), &args.bridge, ip, len)
             .await
             .context("removing the NAT rule")?;
     }

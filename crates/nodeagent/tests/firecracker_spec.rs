@@ -22,9 +22,9 @@ use nexus_api::PowerState;
 use nexus_api::agent::EnsureVm;
 use nexus_nodeagent::firecracker::FcClient;
 use nexus_nodeagent::firecracker::models::*;
-use nexus_nodeagent::jail::{Jail, inside};
+use nexus_nodeagent::host::jail::{Jail, inside};
 use nexus_nodeagent::paths::VmPaths;
-use nexus_nodeagent::vms::configure;
+use nexus_nodeagent::vm::configure::configure;
 use support::openapi::Spec;
 
 type Recorded = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
@@ -72,7 +72,7 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
     std::fs::create_dir_all(&paths.dir).unwrap();
     let jail = Jail {
         root: paths.jail(),
-        skeleton: nexus_nodeagent::jail::Skeleton { dir: dir.join("jail-skeleton"), dynamic: true },
+        skeleton: nexus_nodeagent::host::jail::Skeleton { dir: dir.join("jail-skeleton"), dynamic: true },
         uid,
         gid: uid,
         binary: sim_binary(),
@@ -84,7 +84,7 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
         std::fs::write(&f, b"").unwrap();
         jail.link(&f, at).unwrap();
     }
-    nexus_nodeagent::net::create_persistent_tap(tap, (uid, uid)).unwrap();
+    nexus_nodeagent::host::net::create_persistent_tap(tap, (uid, uid)).unwrap();
     (paths, jail)
 }
 
@@ -98,7 +98,8 @@ async fn sim_behind_recorder(
     recorded: Recorded,
 ) -> (Sim, FcClient) {
     let real = paths.socket();
-    let pid = nexus_nodeagent::process::launch(jail, name, &paths.console(), paths.reaped(), false, |_| {}).unwrap();
+    let pid =
+        nexus_nodeagent::host::process::launch(jail, name, &paths.console(), paths.reaped(), false, |_| {}).unwrap();
     // The socket file appears at bind(), before listen(): a connect in
     // between is refused. Ready means a connection is accepted.
     for _ in 0..500 {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use nexus_api::conditions;
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
-use nexus_api::node::CONDITION_READY;
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus, VmSpec};
 use nexus_client::{Client, ClientError};
 
@@ -32,7 +32,8 @@ pub enum Verdict {
 
 /// Decides about a node with `status` at `now`, given the heartbeat `grace`.
 pub fn verdict(status: &NodeStatus, now: DateTime<Utc>, grace: chrono::Duration) -> Verdict {
-    let ready = find_condition(&status.conditions, CONDITION_READY).is_some_and(|c| c.status == ConditionStatus::True);
+    let ready =
+        find_condition(&status.conditions, conditions::READY).is_some_and(|c| c.status == ConditionStatus::True);
     if !ready {
         return Verdict::NotReady;
     }
@@ -77,7 +78,13 @@ impl Reconciler for NodeLifecycle {
             Verdict::NotReady => return Ok(Action::AwaitChange),
             Verdict::Lost { message } => message,
         };
-        set_condition(&mut status.conditions, CONDITION_READY, ConditionStatus::False, "NodeStatusUnknown", &message);
+        set_condition(
+            &mut status.conditions,
+            conditions::READY,
+            ConditionStatus::False,
+            conditions::reason::NODE_STATUS_UNKNOWN,
+            &message,
+        );
         let mut next = (*node).clone();
         next.status = Some(status);
         match self.api.replace_status(&next).await {
@@ -101,7 +108,7 @@ mod tests {
     fn status(ready: bool, beat: Option<DateTime<Utc>>) -> NodeStatus {
         let mut s = NodeStatus { last_heartbeat_time: beat, ..Default::default() };
         let c = if ready { ConditionStatus::True } else { ConditionStatus::False };
-        set_condition(&mut s.conditions, CONDITION_READY, c, "AgentHeartbeat", "");
+        set_condition(&mut s.conditions, conditions::READY, c, "AgentHeartbeat", "");
         s
     }
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use nexus_api::conditions;
 use nexus_api::event::EventType;
 use nexus_api::meta::{OwnerReference, find_condition, set_condition};
 use nexus_api::pool::{POOL_LABEL, REVISION_LABEL, VmPool, VmPoolStatus};
@@ -24,7 +25,7 @@ use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;
-use crate::runtime::finalizer::{self, Step};
+use crate::runtime::finalizer::{Event, Finalizer};
 use crate::runtime::store::BY_OWNER;
 use crate::runtime::{Action, Controller, Reconciler, Store};
 use plan::Member;
@@ -49,13 +50,19 @@ pub struct PoolReconciler {
     events: Recorder,
     pools: Store<VmPoolSpec>,
     vms: Store<VmSpec>,
+    finalizer: Finalizer<VmPoolSpec>,
 }
 
 /// The VMPool controller, built from `ctx`.
 pub fn controller(ctx: &Context) -> Controller<PoolReconciler> {
     let r = &ctx.reflectors;
-    let reconciler =
-        PoolReconciler { api: ctx.api.clone(), events: ctx.events.clone(), pools: r.store(), vms: r.store() };
+    let reconciler = PoolReconciler {
+        api: ctx.api.clone(),
+        events: ctx.events.clone(),
+        pools: r.store(),
+        vms: r.store(),
+        finalizer: Finalizer::new(ctx.api.clone(), r.store(), FINALIZER),
+    };
     Controller::new("vmpool", r.store::<VmPoolSpec>(), reconciler).owns(r.store::<VmSpec>()).workers(4)
 }
 
@@ -64,16 +71,20 @@ impl Reconciler for PoolReconciler {
     type Error = PoolError;
 
     async fn reconcile(&self, cached: Arc<VmPool>) -> Result<Action, PoolError> {
-        let mut pool: VmPool = (*cached).clone();
-        match finalizer::step(&pool, FINALIZER) {
-            Step::Cleanup => return self.delete_all(pool).await,
-            Step::Done => return Ok(Action::AwaitChange),
-            Step::Add => {
-                pool = self.api.replace(&finalizer::with(&pool, FINALIZER)).await?;
-                self.pools.record_write(pool.clone());
-            }
-            Step::Apply => {}
-        }
+        self.finalizer
+            .run(cached, |event| async move {
+                match event {
+                    Event::Apply(pool) => self.apply(pool).await,
+                    Event::Cleanup(pool) => self.delete_all(pool).await,
+                }
+            })
+            .await
+    }
+}
+
+impl PoolReconciler {
+    /// Keeps the pool's VMs at its replicas and moves its rollout on.
+    async fn apply(&self, pool: VmPool) -> Result<Action, PoolError> {
         let mut members = Vec::new();
         for vm in self.owned(&pool) {
             if vm.is_deleting() {
@@ -102,7 +113,7 @@ impl Reconciler for PoolReconciler {
             Some(why) => (ConditionStatus::True, "FailedCreate", why.as_str()),
             None => (ConditionStatus::False, "Created", ""),
         };
-        set_condition(&mut status.conditions, "ReplicaFailure", failure, reason, message);
+        set_condition(&mut status.conditions, conditions::REPLICA_FAILURE, failure, reason, message);
         if let Some(why) = &refused {
             self.events.publish(&pool, EventType::Warning, "FailedCreate", why).await;
         }
@@ -121,7 +132,7 @@ impl Reconciler for PoolReconciler {
 /// How the plan sees `vm`.
 fn member(vm: &Vm) -> Member {
     let status = vm.status_or_default();
-    let ready = find_condition(&status.conditions, "Ready");
+    let ready = find_condition(&status.conditions, conditions::READY);
     Member {
         name: vm.name().to_string(),
         revision: vm.metadata.labels.get(REVISION_LABEL).cloned().unwrap_or_default(),
@@ -215,7 +226,8 @@ impl PoolReconciler {
         }
     }
 
-    /// Deletes every VM of a deleted pool, then lets the pool go.
+    /// Deletes every VM of a deleted pool; done (and the pool let go) once
+    /// none is left.
     async fn delete_all(&self, pool: VmPool) -> Result<Action, PoolError> {
         let owned = self.owned(&pool);
         for vm in owned.iter().filter(|vm| !vm.is_deleting()) {
@@ -225,22 +237,12 @@ impl PoolReconciler {
             // Back when the last one is gone (each deletion wakes us).
             return Ok(Action::RequeueAfter(Duration::from_secs(2)));
         }
-        match self.api.replace(&finalizer::without(&pool, FINALIZER)).await {
-            Ok(_) => Ok(Action::AwaitChange),
-            Err(e) if e.is_not_found() => Ok(Action::AwaitChange),
-            Err(e) => Err(e.into()),
-        }
+        Ok(Action::AwaitChange)
     }
 
-    /// Writes `status` when it changed.
+    /// Writes `status` (see [`crate::runtime::status::write_status`]).
     async fn write_status(&self, pool: &VmPool, status: VmPoolStatus) -> Result<(), PoolError> {
-        if pool.status.as_ref() == Some(&status) {
-            return Ok(());
-        }
-        let mut next = pool.clone();
-        next.status = Some(status);
-        let written = self.api.replace_status(&next).await?;
-        self.pools.record_write(written);
+        crate::runtime::status::write_status(&self.api, &self.pools, pool, status).await?;
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use nexus_api::conditions;
 use nexus_api::event::EventType;
 use nexus_api::meta::set_condition;
 use nexus_api::pool::{PoolRevision, RolloutPhase, RolloutStatus, VmPool, VmPoolStatus, VmTemplate, selector_text};
@@ -275,7 +276,7 @@ pub fn plan(pool: &VmPool, members: &[Member], now: DateTime<Utc>) -> Plan {
     let enough = available >= replicas.saturating_sub(unavailable);
     set_condition(
         &mut status.conditions,
-        "Available",
+        conditions::AVAILABLE,
         if enough { ConditionStatus::True } else { ConditionStatus::False },
         if enough { "MinimumVMsAvailable" } else { "MinimumVMsUnavailable" },
         &format!("{available} of {replicas} VMs available (at most {unavailable} may be unavailable)"),
@@ -287,7 +288,7 @@ pub fn plan(pool: &VmPool, members: &[Member], now: DateTime<Utc>) -> Plan {
         RolloutPhase::Complete => (ConditionStatus::True, "RolloutComplete"),
         RolloutPhase::Progressing | RolloutPhase::StepPause => (ConditionStatus::True, "ReplacingVMs"),
     };
-    set_condition(&mut status.conditions, "Progressing", progressing, reason, &rollout.message);
+    set_condition(&mut status.conditions, conditions::PROGRESSING, progressing, reason, &rollout.message);
 
     // When time alone changes something.
     let mut next: Option<chrono::Duration> = None;

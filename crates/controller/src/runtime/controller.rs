@@ -92,7 +92,7 @@ impl<R: Reconciler> std::fmt::Debug for Controller<R> {
 /// Feeds `queue` with `map(obj)` for every change in `store`.
 fn trigger<K: ResourceSpec>(
     store: Store<K>,
-    map: impl Fn(&Object<K>) -> Vec<ObjectKey> + Send + Sync + 'static,
+    map: impl Fn(Option<&Object<K>>, &Object<K>) -> Vec<ObjectKey> + Send + Sync + 'static,
 ) -> Trigger {
     let map = Arc::new(map);
     let synced_store = store.clone();
@@ -103,7 +103,7 @@ fn trigger<K: ResourceSpec>(
             Box::pin(async move {
                 loop {
                     match feed.recv().await {
-                        Ok(obj) => map(&obj).into_iter().for_each(|k| queue.add(k)),
+                        Ok(u) => map(u.old.as_deref(), &u.new).into_iter().for_each(|k| queue.add(k)),
                         Err(RecvError::Lagged(missed)) => {
                             tracing::warn!(kind = K::KIND, missed, "change feed lagged; looking at everything");
                             resync();
@@ -124,7 +124,7 @@ impl<R: Reconciler> Controller<R> {
     /// A controller named `name` (in logs and metrics) running `reconciler`
     /// over the objects in `store`, triggered by their changes.
     pub fn new(name: &'static str, store: Store<R::Spec>, reconciler: R) -> Self {
-        let own = trigger(store.clone(), |o: &Object<R::Spec>| vec![ObjectKey::of(o)]);
+        let own = trigger(store.clone(), |_, o: &Object<R::Spec>| vec![ObjectKey::of(o)]);
         Controller {
             name,
             reconciler: Arc::new(reconciler),
@@ -138,9 +138,21 @@ impl<R: Reconciler> Controller<R> {
     /// Also reconciles the objects `map` names whenever an object of kind
     /// `K` in `store` changes.
     pub fn watches<K: ResourceSpec>(
-        mut self,
+        self,
         store: Store<K>,
         map: impl Fn(&Object<K>) -> Vec<ObjectKey> + Send + Sync + 'static,
+    ) -> Self {
+        self.watches_updates(store, move |_, new| map(new))
+    }
+
+    /// [`Controller::watches`], with the mapper also given the version of
+    /// the object the store held before the change (`None` when it had
+    /// none): a mapper that only cares about some changes compares the two,
+    /// keeping no state of its own.
+    pub fn watches_updates<K: ResourceSpec>(
+        mut self,
+        store: Store<K>,
+        map: impl Fn(Option<&Object<K>>, &Object<K>) -> Vec<ObjectKey> + Send + Sync + 'static,
     ) -> Self {
         self.triggers.push(trigger(store, map));
         self

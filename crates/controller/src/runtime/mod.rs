@@ -10,7 +10,8 @@
 //!   changes of its kind and, through mappers, of related kinds;
 //! - [`leader`]: leader election on a Lease;
 //! - [`manager`]: runs every controller while this process leads;
-//! - [`finalizer`], [`events`]: helpers reconcilers share.
+//! - [`finalizer`], [`status`], [`events`]: the steps reconcilers share
+//!   (deletion behind a finalizer, status writes, Events).
 
 pub mod controller;
 pub mod events;
@@ -19,6 +20,7 @@ pub mod leader;
 pub mod manager;
 pub mod queue;
 pub mod reflector;
+pub mod status;
 pub mod store;
 
 use std::time::Duration;
@@ -28,7 +30,7 @@ use backon::BackoffBuilder;
 pub use controller::{Action, Controller, Reconciler, Runnable};
 pub use manager::Manager;
 pub use reflector::Reflectors;
-pub use store::{ObjectKey, Store};
+pub use store::{ObjectKey, Store, Update};
 
 /// Delays between attempts while the apiserver does not answer: short, so
 /// a returning apiserver is followed within a second. The jitter adds up to

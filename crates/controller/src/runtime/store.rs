@@ -106,13 +106,29 @@ impl<S: ResourceSpec> Inner<S> {
 struct Shared<S: ResourceSpec> {
     inner: RwLock<Inner<S>>,
     synced: watch::Sender<bool>,
-    feed: broadcast::Sender<Arc<Object<S>>>,
+    feed: broadcast::Sender<Update<S>>,
     /// LISTs and watches the reflector made (for metrics and tests).
     lists: AtomicU64,
     watches: AtomicU64,
     /// The request id of each object's latest change, as its watch event
     /// carried it: a reconcile of the object works under that id.
     traces: std::sync::Mutex<HashMap<ObjectKey, String>>,
+}
+
+/// One change on a store's feed: the object as it now is (or was, when
+/// it was deleted) and the version the store held before, if any. Mappers
+/// compare the two to see what changed without keeping state of their own
+/// (as an informer's update handler gets the old and the new object).
+#[derive(Debug)]
+pub struct Update<S: ResourceSpec> {
+    pub old: Option<Arc<Object<S>>>,
+    pub new: Arc<Object<S>>,
+}
+
+impl<S: ResourceSpec> Clone for Update<S> {
+    fn clone(&self) -> Self {
+        Update { old: self.old.clone(), new: self.new.clone() }
+    }
 }
 
 /// Read access to the objects of one kind. Cheap to clone; clones share.
@@ -239,7 +255,7 @@ impl<S: ResourceSpec> Store<S> {
     /// Every object the reflector applies from now on (also deletions, as
     /// the object's last state), after the store holds the change. A
     /// receiver that lags gets `Lagged` and should look at everything.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Object<S>>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Update<S>> {
         self.shared.feed.subscribe()
     }
 
@@ -287,9 +303,9 @@ impl<S: ResourceSpec> Writer<S> {
         self.store.shared.watches.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn notify(&self, obj: Arc<Object<S>>) {
+    fn notify(&self, old: Option<Arc<Object<S>>>, new: Arc<Object<S>>) {
         // No subscriber is fine: nobody runs yet.
-        let _ = self.store.shared.feed.send(obj);
+        let _ = self.store.shared.feed.send(Update { old, new });
     }
 
     /// [`Writer::apply`] of a change made by request `request_id`.
@@ -309,21 +325,23 @@ impl<S: ResourceSpec> Writer<S> {
     /// Applies an ADDED or MODIFIED object, unless a newer one is stored.
     pub fn apply(&self, obj: Object<S>) {
         let obj = Arc::new(obj);
-        {
+        let old = {
             let mut inner = self.store.write();
             let key = ObjectKey::of(&obj);
-            if inner.objects.get(&key).is_none_or(|old| version_of(old) <= version_of(&obj)) {
+            let old = inner.objects.get(&key).cloned();
+            if old.as_ref().is_none_or(|old| version_of(old) <= version_of(&obj)) {
                 inner.put(obj.clone());
             }
-        }
-        self.notify(obj);
+            old
+        };
+        self.notify(old, obj);
     }
 
     /// Applies a DELETED object.
     pub fn delete(&self, obj: Object<S>) {
         self.store.shared.traces.lock().unwrap_or_else(|p| p.into_inner()).remove(&ObjectKey::of(&obj));
-        self.store.write().remove(&ObjectKey::of(&obj));
-        self.notify(Arc::new(obj));
+        let old = self.store.write().remove(&ObjectKey::of(&obj));
+        self.notify(old, Arc::new(obj));
     }
 
     /// Replaces everything with a fresh list and marks the store synced.
@@ -331,19 +349,28 @@ impl<S: ResourceSpec> Writer<S> {
     /// goes out on the change feed.
     pub fn replace(&self, items: Vec<Object<S>>) {
         let fresh: Vec<Arc<Object<S>>> = items.into_iter().map(Arc::new).collect();
-        let gone = {
+        let changes = {
             let mut inner = self.store.write();
             let keep: std::collections::HashSet<ObjectKey> = fresh.iter().map(|o| ObjectKey::of(o)).collect();
             let stale: Vec<ObjectKey> = inner.objects.keys().filter(|k| !keep.contains(*k)).cloned().collect();
-            let gone: Vec<Arc<Object<S>>> = stale.iter().filter_map(|k| inner.remove(k)).collect();
-            for obj in &fresh {
-                inner.put(obj.clone());
-            }
-            gone
+            let gone: Vec<Update<S>> = stale
+                .iter()
+                .filter_map(|k| inner.remove(k))
+                .map(|old| Update { old: Some(old.clone()), new: old })
+                .collect();
+            let listed: Vec<Update<S>> = fresh
+                .into_iter()
+                .map(|obj| {
+                    let old = inner.objects.get(&ObjectKey::of(&obj)).cloned();
+                    inner.put(obj.clone());
+                    Update { old, new: obj }
+                })
+                .collect();
+            gone.into_iter().chain(listed).collect::<Vec<_>>()
         };
         self.store.shared.synced.send_replace(true);
-        for obj in gone.into_iter().chain(fresh) {
-            self.notify(obj);
+        for Update { old, new } in changes {
+            self.notify(old, new);
         }
     }
 }
@@ -380,10 +407,15 @@ mod tests {
         writer.replace(vec![node("b", 3), node("c", 4)]);
         assert!(store.is_synced());
         let mut seen = Vec::new();
-        while let Ok(o) = feed.try_recv() {
-            seen.push(format!("{}@{}", o.name(), version_of(&o)));
+        while let Ok(u) = feed.try_recv() {
+            let old = u.old.map(|o| format!("{}@{}->", o.name(), version_of(&o))).unwrap_or_default();
+            seen.push(format!("{old}{}@{}", u.new.name(), version_of(&u.new)));
         }
-        assert_eq!(seen, ["a@1", "b@2", "a@1", "b@3", "c@4"], "the vanished a is announced before the listed ones");
+        assert_eq!(
+            seen,
+            ["a@1", "b@2", "a@1->a@1", "b@2->b@3", "c@4"],
+            "the vanished a is announced before the listed ones, each with what the store held"
+        );
         tokio::time::timeout(std::time::Duration::from_millis(10), store.wait_synced()).await.expect("synced");
         let mut names: Vec<_> = store.keys().into_iter().map(|k| k.name).collect();
         names.sort();

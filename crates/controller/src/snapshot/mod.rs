@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use nexus_api::agent::SnapshotRequest;
+use nexus_api::conditions;
 use nexus_api::event::EventType;
 use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::snapshot::{Snapshot, SnapshotPhase, SnapshotStatus};
@@ -28,7 +29,7 @@ use nexus_client::{Client, ClientError};
 
 use crate::Context;
 use crate::runtime::events::Recorder;
-use crate::runtime::finalizer::{self, Step};
+use crate::runtime::finalizer::{Event, Finalizer};
 use crate::runtime::store::BY_PROJECT;
 use crate::runtime::{Action, Controller, ObjectKey, Reconciler, Store};
 
@@ -58,6 +59,7 @@ pub struct SnapshotReconciler {
     vms: Store<VmSpec>,
     nodes: Store<NodeSpec>,
     node_grace: chrono::Duration,
+    finalizer: Finalizer<SnapshotSpec>,
 }
 
 /// The snapshot controller, built from `ctx`.
@@ -71,6 +73,7 @@ pub fn controller(ctx: &Context) -> Controller<SnapshotReconciler> {
         vms: r.store(),
         nodes: r.store(),
         node_grace: ctx.settings.node_grace,
+        finalizer: Finalizer::new(ctx.api.clone(), r.store(), FINALIZER),
     };
     let snaps = reconciler.snapshots.clone();
     Controller::new("snapshot", r.store::<SnapshotSpec>(), reconciler)
@@ -96,16 +99,25 @@ impl Reconciler for SnapshotReconciler {
     type Error = SnapshotError;
 
     async fn reconcile(&self, cached: Arc<Snapshot>) -> Result<Action, SnapshotError> {
-        let mut snap: Snapshot = (*cached).clone();
-        match finalizer::step(&snap, FINALIZER) {
-            Step::Cleanup => return self.remove_files(snap).await,
-            Step::Done => return Ok(Action::AwaitChange),
-            Step::Add => {
-                snap = self.api.replace(&finalizer::with(&snap, FINALIZER)).await?;
-                self.snapshots.record_write(snap.clone());
-            }
-            Step::Apply => {}
-        }
+        self.finalizer
+            .run(cached, |event| async move {
+                match event {
+                    Event::Apply(snap) => self.apply(snap).await,
+                    Event::Cleanup(snap) => self.remove_files(snap).await,
+                }
+            })
+            .await
+    }
+
+    fn error_policy(&self, _obj: &Snapshot, _error: &SnapshotError, failures: u32) -> Duration {
+        crate::runtime::queue::Backoff::default().delay(failures)
+    }
+}
+
+impl SnapshotReconciler {
+    /// Takes the snapshot once its VM runs on a Ready node, and follows it
+    /// until its files are complete (or it fails).
+    async fn apply(&self, snap: Snapshot) -> Result<Action, SnapshotError> {
         let status = snap.status_or_default();
         if matches!(status.phase, SnapshotPhase::Ready | SnapshotPhase::Failed) {
             return Ok(Action::AwaitChange);
@@ -180,7 +192,13 @@ impl Reconciler for SnapshotReconciler {
                     "{} bytes on node {node_name}; the VM was paused for {} ms",
                     report.size_bytes, report.paused_millis
                 );
-                set_condition(&mut status.conditions, "Ready", ConditionStatus::True, "Created", &message);
+                set_condition(
+                    &mut status.conditions,
+                    conditions::READY,
+                    ConditionStatus::True,
+                    conditions::reason::CREATED,
+                    &message,
+                );
                 self.write_status(&snap, status).await?;
                 self.events.publish(&snap, EventType::Normal, "Created", &message).await;
                 Ok(Action::AwaitChange)
@@ -205,16 +223,10 @@ impl Reconciler for SnapshotReconciler {
         }
     }
 
-    fn error_policy(&self, _obj: &Snapshot, _error: &SnapshotError, failures: u32) -> Duration {
-        crate::runtime::queue::Backoff::default().delay(failures)
-    }
-}
-
-impl SnapshotReconciler {
     /// Whether `status` has been `Creating` for longer than the deadline.
     fn past_deadline(&self, status: &SnapshotStatus) -> bool {
-        find_condition(&status.conditions, "Ready")
-            .filter(|c| c.reason == "Creating")
+        find_condition(&status.conditions, conditions::READY)
+            .filter(|c| c.reason == conditions::reason::CREATING)
             .is_some_and(|c| Utc::now() - c.last_transition_time > CREATING_DEADLINE)
     }
 
@@ -245,7 +257,13 @@ impl SnapshotReconciler {
         status.config = vm_status.config.clone();
         let message = format!("taking a snapshot of VM {} on node {node}", vm.name());
         // Unknown while in progress: its transition time is when it began.
-        set_condition(&mut status.conditions, "Ready", ConditionStatus::Unknown, "Creating", &message);
+        set_condition(
+            &mut status.conditions,
+            conditions::READY,
+            ConditionStatus::Unknown,
+            conditions::reason::CREATING,
+            &message,
+        );
         let written = self.write_status(&snap, status).await?;
         self.events.publish(&written, EventType::Normal, "Creating", &message).await;
         Ok(written)
@@ -255,11 +273,11 @@ impl SnapshotReconciler {
     /// back.
     async fn wait(&self, snap: &Snapshot, reason: &str, message: &str) -> Result<Action, SnapshotError> {
         let mut status = snap.status_or_default();
-        let was = find_condition(&status.conditions, "Ready").map(|c| c.message.clone());
+        let was = find_condition(&status.conditions, conditions::READY).map(|c| c.message.clone());
         if was.as_deref() != Some(message) {
             self.events.publish(snap, EventType::Normal, reason, message).await;
         }
-        set_condition(&mut status.conditions, "Ready", ConditionStatus::False, reason, message);
+        set_condition(&mut status.conditions, conditions::READY, ConditionStatus::False, reason, message);
         status.observed_generation = snap.metadata.generation;
         self.write_status(snap, status).await?;
         Ok(Action::RequeueAfter(Duration::from_secs(30)))
@@ -280,15 +298,15 @@ impl SnapshotReconciler {
             fault_message: None,
             suggestion: Some("delete this snapshot and create it again".into()),
         }));
-        set_condition(&mut status.conditions, "Ready", ConditionStatus::False, reason, message);
+        set_condition(&mut status.conditions, conditions::READY, ConditionStatus::False, reason, message);
         self.write_status(snap, status).await?;
         self.events.publish(snap, EventType::Warning, reason, message).await;
         tracing::warn!(snapshot = %snap.name(), reason, message, "snapshot failed");
         Ok(Action::AwaitChange)
     }
 
-    /// Removes the files on the node (unless the node is gone for good),
-    /// then the finalizer.
+    /// Removes the files on the node (unless the node is gone for good); the
+    /// finalizer goes after.
     async fn remove_files(&self, snap: Snapshot) -> Result<Action, SnapshotError> {
         if let Some(node) = snap.status_or_default().node_name.and_then(|n| self.nodes.get_named("", &n)) {
             let uid = snap.uid().to_string();
@@ -300,27 +318,13 @@ impl SnapshotReconciler {
                 .await
                 .map_err(SnapshotError::Agent)?;
         }
-        let project = snap.metadata.project.as_deref().unwrap_or_default();
-        let latest: Snapshot = match self.api.get::<SnapshotSpec>(project, snap.name()).await {
-            Ok(s) => s,
-            Err(e) if e.is_not_found() => return Ok(Action::AwaitChange),
-            Err(e) => return Err(e.into()),
-        };
-        self.api.replace(&finalizer::without(&latest, FINALIZER)).await?;
         tracing::info!(snapshot = %snap.name(), "snapshot files removed");
         Ok(Action::AwaitChange)
     }
 
-    /// Writes `status` unless the store already shows it; returns the
-    /// object as written.
+    /// Writes `status` (see [`crate::runtime::status::write_status`]);
+    /// returns the object as written.
     async fn write_status(&self, snap: &Snapshot, status: SnapshotStatus) -> Result<Snapshot, SnapshotError> {
-        if snap.status.as_ref() == Some(&status) {
-            return Ok(snap.clone());
-        }
-        let mut next = snap.clone();
-        next.status = Some(status);
-        let written = self.api.replace_status(&next).await?;
-        self.snapshots.record_write(written.clone());
-        Ok(written)
+        Ok(crate::runtime::status::write_status(&self.api, &self.snapshots, snap, status).await?)
     }
 }

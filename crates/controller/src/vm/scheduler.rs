@@ -271,7 +271,8 @@ impl Assumed {
 
 #[cfg(test)]
 mod tests {
-    use nexus_api::node::{CONDITION_READY, NodeCapacity};
+    use nexus_api::conditions::READY as CONDITION_READY;
+    use nexus_api::node::NodeCapacity;
     use nexus_api::{ConditionStatus, NodeSpec, NodeStatus, VmSpec};
 
     use super::*;

@@ -4,9 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use nexus_api::agent::{EnsureVm, ObservedState, VmReport};
+use nexus_api::conditions;
 use nexus_api::event::EventType;
 use nexus_api::meta::set_condition;
-use nexus_api::vm::{ResolvedConfig, VmError, VmRuntime, mac_from_uid};
+use nexus_api::vm::{ResolvedConfig, VmError, mac_from_uid};
 use nexus_api::{ConditionStatus, ErrorBody, Vm, VmPhase, VmStatus};
 
 /// An event to record: its type, reason and message.
@@ -49,7 +50,7 @@ pub fn probing(vm: &Vm, status: Option<&VmStatus>) -> bool {
     vm.spec.readiness_probe.is_some()
         && status.is_some_and(|s| {
             s.phase == VmPhase::Running
-                && !nexus_api::meta::find_condition(&s.conditions, "Ready")
+                && !nexus_api::meta::find_condition(&s.conditions, conditions::READY)
                     .is_some_and(|c| c.status == ConditionStatus::True)
         })
 }
@@ -95,7 +96,7 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
     status.node_name = Some(node.to_string());
     status.observed_generation = vm.metadata.generation;
     status.last_error = None;
-    let clean_exit = report.exit.as_ref().is_some_and(|e| e.is_clean());
+    let clean_exit = report.runtime.exit.as_ref().is_some_and(|e| e.is_clean());
     status.phase = match report.state {
         ObservedState::Running => VmPhase::Running,
         ObservedState::Paused => VmPhase::Paused,
@@ -103,7 +104,7 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
         ObservedState::Exited if clean_exit => VmPhase::Succeeded,
         ObservedState::Exited => VmPhase::Failed,
     };
-    let exit_text = report.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
+    let exit_text = report.runtime.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
     let policy = vm.spec.restart_policy;
     if status.phase == VmPhase::Failed {
         status.last_error = Some(VmError {
@@ -114,26 +115,8 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
             ),
         });
     }
-    status.runtime = Some(VmRuntime {
-        pid: report.pid,
-        socket_path: report.socket_path.clone(),
-        tap_name: report.tap_name.clone(),
-        mac: report.mac.clone(),
-        ip: report.ip.clone(),
-        log_path: report.log_path.clone(),
-        console_path: report.console_path.clone(),
-        started_at: report.started_at,
-        boot_millis: report.boot_millis,
-        restarts: report.restarts,
-        exit: report.exit.clone(),
-    });
-    set_condition(
-        &mut status.conditions,
-        "Scheduled",
-        ConditionStatus::True,
-        "Scheduled",
-        &format!("placed on node {node}"),
-    );
+    status.runtime = Some(report.runtime.clone());
+    super::placement::scheduled_on(&mut status, node);
     let (ready, reason, message) = match (report.state, &report.probe) {
         (ObservedState::Running, _) if vm.spec.readiness_probe.is_none() => {
             (true, "Running".to_string(), "the VMM is running the guest".to_string())
@@ -148,7 +131,7 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
     };
     set_condition(
         &mut status.conditions,
-        "Ready",
+        conditions::READY,
         if ready { ConditionStatus::True } else { ConditionStatus::False },
         &reason,
         &message,
@@ -166,22 +149,22 @@ pub fn transition_event(
     report: &VmReport,
 ) -> Option<EventNote> {
     let old_pid = before.runtime.as_ref().and_then(|r| r.pid);
-    let exit_text = report.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
+    let exit_text = report.runtime.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
     let policy = vm.spec.restart_policy;
     match (before.phase, after.phase) {
         (b, VmPhase::Running) if b != VmPhase::Running => {
-            let pid = report.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+            let pid = report.runtime.pid.map(|p| format!(", pid {p}")).unwrap_or_default();
             Some((EventType::Normal, "Started", format!("running on node {node}{pid}")))
         }
-        (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.pid => {
-            let (old, new) = (old_pid.unwrap_or_default(), report.pid.unwrap_or_default());
-            let how = report.exit.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
+        (VmPhase::Running, VmPhase::Running) if old_pid.is_some() && old_pid != report.runtime.pid => {
+            let (old, new) = (old_pid.unwrap_or_default(), report.runtime.pid.unwrap_or_default());
+            let how = report.runtime.exit.as_ref().map(|e| format!(" ({e})")).unwrap_or_default();
             Some((
                 EventType::Normal,
                 "Restarted",
                 format!(
                     "the VMM (pid {old}) ended{how}; started again as pid {new} (restart {}, restartPolicy {policy:?})",
-                    report.restarts
+                    report.runtime.restarts
                 ),
             ))
         }
@@ -214,7 +197,7 @@ pub fn refused(vm: &Vm, node: &str, body: &ErrorBody) -> VmStatus {
         fault_message: body.fault_message.clone(),
         suggestion: body.suggestion.clone(),
     });
-    set_condition(&mut status.conditions, "Ready", ConditionStatus::False, &body.error, &body.message);
+    set_condition(&mut status.conditions, conditions::READY, ConditionStatus::False, &body.error, &body.message);
     status
 }
 
@@ -253,12 +236,12 @@ mod tests {
         v.spec.lifetime = Some("1h".into());
         v.spec.ttl_seconds_after_finished = Some(30);
         let mut r = report(ObservedState::Running, Some(7), None);
-        r.started_at = Some(t0);
+        r.runtime.started_at = Some(t0);
         let running = with_expiry(&v, observed(&v, "n1", &r), t0);
         assert_eq!(running.expires_at, Some(t0 + chrono::Duration::hours(1)));
         // A restart later does not move the deadline.
         v.status = Some(running.clone());
-        r.started_at = Some(t0 + chrono::Duration::minutes(10));
+        r.runtime.started_at = Some(t0 + chrono::Duration::minutes(10));
         assert_eq!(with_expiry(&v, observed(&v, "n1", &r), t0).expires_at, running.expires_at);
         // Finished at t0 + 5 min: 30 s later is sooner than the lifetime.
         let ended = t0 + chrono::Duration::minutes(5);
@@ -275,17 +258,19 @@ mod tests {
         VmReport {
             uid: "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11".into(),
             state,
-            pid,
-            socket_path: None,
-            tap_name: Some("nxt7f0c9a523a43".into()),
-            mac: Some("06:00:aa:bb:cc:dd".into()),
-            ip: None,
-            log_path: None,
-            console_path: None,
-            started_at: None,
-            boot_millis: Some(12),
-            restarts: 1,
-            exit,
+            runtime: nexus_api::vm::VmRuntime {
+                pid,
+                socket_path: None,
+                tap_name: Some("nxt7f0c9a523a43".into()),
+                mac: Some("06:00:aa:bb:cc:dd".into()),
+                ip: None,
+                log_path: None,
+                console_path: None,
+                started_at: None,
+                boot_millis: Some(12),
+                restarts: 1,
+                exit,
+            },
             probe: None,
         }
     }

@@ -17,8 +17,9 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use chrono::Utc;
 use nexus_api::agent::{CollectReport, EnsureVm, Inventory, ObservedState, VmReport};
+use nexus_api::conditions::READY as CONDITION_READY;
 use nexus_api::meta::set_condition;
-use nexus_api::node::{CONDITION_READY, NodeCapacity};
+use nexus_api::node::NodeCapacity;
 use nexus_api::vm::VmExit;
 use nexus_api::{ConditionStatus, ErrorBody, Node, NodeSpec, NodeStatus, PowerState};
 use nexus_client::Client;
@@ -184,17 +185,19 @@ fn report(uid: &str, vm: Option<&AgentVm>) -> VmReport {
     VmReport {
         uid: uid.to_string(),
         state,
-        pid,
-        socket_path: None,
-        tap_name: vm.map(|_| nexus_api::agent::tap_name(uid)),
-        mac: vm.map(|v| v.req.mac.clone()),
-        ip: None,
-        log_path: None,
-        console_path: None,
-        started_at: pid.map(|_| Utc::now()),
-        boot_millis: pid.map(|_| 1),
-        restarts: 0,
-        exit,
+        runtime: nexus_api::vm::VmRuntime {
+            pid,
+            socket_path: None,
+            tap_name: vm.map(|_| nexus_api::agent::tap_name(uid)),
+            mac: vm.map(|v| v.req.mac.clone()),
+            ip: None,
+            log_path: None,
+            console_path: None,
+            started_at: pid.map(|_| Utc::now()),
+            boot_millis: pid.map(|_| 1),
+            restarts: 0,
+            exit,
+        },
         probe: None,
     }
 }

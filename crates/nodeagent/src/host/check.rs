@@ -143,7 +143,7 @@ pub fn firecracker(binary: &Path) -> Finding {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
         .unwrap_or_default();
-    let linking = match crate::jail::is_dynamic(&path) {
+    let linking = match crate::host::jail::is_dynamic(&path) {
         Ok(false) => "statically linked: its jail holds no libraries",
         _ => "dynamically linked: its jail holds the host's libraries, read-only",
     };
@@ -154,14 +154,14 @@ pub fn firecracker(binary: &Path) -> Finding {
 }
 
 fn nat() -> Finding {
-    match crate::nat::detect() {
-        crate::nat::Firewall::Nftables => {
+    match crate::host::nat::detect() {
+        crate::host::nat::Firewall::Nftables => {
             finding("nat", Verdict::Ok, "nftables: the agent adds its own table for the VMs' NAT")
         }
-        crate::nat::Firewall::Iptables => {
+        crate::host::nat::Firewall::Iptables => {
             finding("nat", Verdict::Ok, "iptables: the agent adds a MASQUERADE rule for the VMs")
         }
-        crate::nat::Firewall::None => {
+        crate::host::nat::Firewall::None => {
             finding("nat", Verdict::Warn, "neither nft nor iptables found: VMs get no way out (apt install nftables)")
         }
     }
@@ -170,7 +170,7 @@ fn nat() -> Finding {
 fn reflink(run_dir: &Path) -> Finding {
     // The run directory may not exist yet: ask its nearest existing parent.
     let probe = run_dir.ancestors().find(|p| p.is_dir()).unwrap_or(Path::new("/"));
-    if crate::disk::supports_reflink(probe) {
+    if crate::host::disk::supports_reflink(probe) {
         finding("reflink", Verdict::Ok, format!("{} clones disks by reflink: constant time", probe.display()))
     } else {
         finding(
@@ -185,10 +185,10 @@ fn reflink(run_dir: &Path) -> Finding {
 }
 
 fn cgroups() -> Finding {
-    if crate::scope::systemd_is_init() {
+    if crate::host::scope::systemd_is_init() {
         return finding("cgroups", Verdict::Ok, "systemd: each VMM gets a transient scope with its limits");
     }
-    match crate::cgroup::Cgroups::detect() {
+    match crate::host::cgroup::Cgroups::detect() {
         Some(_) => finding("cgroups", Verdict::Ok, "cgroup v2 with memory and cpu: each VMM gets its own group"),
         None => finding(
             "cgroups",

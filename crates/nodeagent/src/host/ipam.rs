@@ -32,7 +32,7 @@ pub struct Subnet {
 
 impl Subnet {
     fn base(&self) -> u32 {
-        u32::from(crate::nat::network(self.gateway, self.len))
+        u32::from(crate::host::nat::network(self.gateway, self.len))
     }
 
     fn size(&self) -> u32 {

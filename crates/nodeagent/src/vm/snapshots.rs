@@ -21,14 +21,14 @@ use chrono::Utc;
 use nexus_api::agent::{EnsureVm, RestoreFrom, SnapshotReport};
 use nexus_api::snapshot::SnapshotFile;
 
-use crate::disk;
 use crate::error::AgentError;
 use crate::firecracker::FcClient;
 use crate::firecracker::models::{
     InstanceState, MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType, VmState,
 };
-use crate::jail::inside;
+use crate::host::disk;
+use crate::host::jail::inside;
 use crate::paths::{RunDir, SnapshotPaths, Uid, VmPaths};
 
 /// Writing state and memory takes as long as the guest's memory is large.

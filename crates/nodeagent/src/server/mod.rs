@@ -1,5 +1,12 @@
 //! The agent's HTTP API for the controller. Every route requires the node
-//! credential; every mutating call is declarative and safe to repeat.
+//! credential; every mutating call is declarative and safe to repeat. The
+//! guarded Firecracker passthrough ([`proxy`]), the node's credentials
+//! ([`credentials`]) and its registration and heartbeat ([`register`])
+//! live beside it.
+
+pub mod credentials;
+pub mod proxy;
+pub mod register;
 
 use std::sync::Arc;
 
@@ -17,14 +24,14 @@ use serde::Deserialize;
 
 use crate::error::AgentError;
 use crate::paths::Uid;
-use crate::vms::Runtime;
+use crate::vm::Runtime;
 
 /// Shared state of the agent's handlers.
 #[derive(Debug, Clone)]
 pub struct AgentState {
     pub runtime: Arc<Runtime>,
     /// What callers must present.
-    pub credential: Arc<crate::credentials::AgentCredential>,
+    pub credential: Arc<crate::server::credentials::AgentCredential>,
     /// What this node offers.
     pub capacity: nexus_api::node::NodeCapacity,
     /// The node's name, a label of its metrics.
@@ -108,7 +115,7 @@ async fn authenticate(State(state): State<AgentState>, req: Request, next: Next)
 
 /// Ready to run VMs: the bridge is there and the run directory writable.
 async fn readyz(State(state): State<AgentState>) -> Response {
-    match state.runtime.readiness().await {
+    match state.runtime.host().readiness().await {
         Ok(()) => "ok".into_response(),
         Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
@@ -190,7 +197,7 @@ async fn proxy_to(state: &AgentState, uid: &str, method: Method, fc_path: &str, 
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     #[serde(default)]
-    file: crate::logs::LogFile,
+    file: crate::vm::logs::LogFile,
     #[serde(default = "default_tail")]
     tail: usize,
     #[serde(default)]
@@ -223,10 +230,11 @@ async fn logs(
             .into_response();
         }
     };
-    if q.tail > crate::logs::MAX_TAIL {
-        return AgentError::Invalid(format!("tail={} is more than {}", q.tail, crate::logs::MAX_TAIL)).into_response();
+    if q.tail > crate::vm::logs::MAX_TAIL {
+        return AgentError::Invalid(format!("tail={} is more than {}", q.tail, crate::vm::logs::MAX_TAIL))
+            .into_response();
     }
-    if q.since.is_some() && q.file == crate::logs::LogFile::Console {
+    if q.since.is_some() && q.file == crate::vm::logs::LogFile::Console {
         return AgentError::Invalid(
             "since= applies to the Firecracker log only: the guest console's lines carry no time; use tail=N".into(),
         )
@@ -241,7 +249,7 @@ async fn logs(
         if !path.exists() {
             return AgentError::NotFound(format!("no {:?} log for VM {uid} on this node", q.file)).into_response();
         }
-        let stream = crate::logs::follow(vm, q.file, q.tail, q.since);
+        let stream = crate::vm::logs::follow(vm, q.file, q.tail, q.since);
         return (
             [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             axum::body::Body::from_stream(stream),
@@ -249,8 +257,8 @@ async fn logs(
             .into_response();
     }
     let lines = match q.since {
-        Some(t) => crate::logs::tail_since(&path, q.tail, t),
-        None => crate::logs::tail(&path, q.tail).map(|(lines, _)| lines),
+        Some(t) => crate::vm::logs::tail_since(&path, q.tail, t),
+        None => crate::vm::logs::tail(&path, q.tail).map(|(lines, _)| lines),
     };
     match lines {
         Ok(lines) => {
@@ -285,7 +293,7 @@ async fn metrics(
     if q.flush {
         state.runtime.flush_metrics(&uid).await;
     }
-    match crate::logs::latest_metrics(&paths) {
+    match crate::vm::logs::latest_metrics(&paths) {
         Ok(Some(v)) => Ok(Json(v)),
         Ok(None) => Err(AgentError::NotFound(format!("VM {uid} has written no metrics yet; ask with flush=true"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -322,13 +330,14 @@ async fn delete_snapshot(
 /// What the node offers, what its VMs take, and how it runs them.
 async fn capacity(State(state): State<AgentState>) -> Json<nexus_api::agent::CapacityReport> {
     let rt = &state.runtime;
+    let host = rt.host();
     Json(nexus_api::agent::CapacityReport {
         capacity: state.capacity.clone(),
         allocated: rt.allocation(),
-        subnet: rt.subnet().map(|s| s.cidr()),
-        process_manager: if rt.config().scopes.is_some() { "systemd" } else { "direct" }.into(),
-        cgroups: rt.config().cgroups.is_some(),
-        disk_clone: rt.disk_clone().into(),
+        subnet: host.subnet().map(|s| s.cidr()),
+        process_manager: if host.cfg.scopes.is_some() { "systemd" } else { "direct" }.into(),
+        cgroups: host.cfg.cgroups.is_some(),
+        disk_clone: host.disk_clone().into(),
     })
 }
 

@@ -72,11 +72,11 @@ mod tests {
             let mut busy = 0;
             for i in 0..300 {
                 let name = format!("nxtfork{i}");
-                crate::net::create_persistent_tap(&name, (0, 0)).expect("making the TAP");
-                match crate::net::attach_tap(&name) {
+                crate::host::net::create_persistent_tap(&name, (0, 0)).expect("making the TAP");
+                match crate::host::net::attach_tap(&name) {
                     Ok(tap) => {
                         // SAFETY: `tap` is attached to the TAP; not persistent, it goes with `tap`.
-                        let _ = unsafe { crate::net::tunsetpersist(tap.as_raw_fd(), 0) };
+                        let _ = unsafe { crate::host::net::tunsetpersist(tap.as_raw_fd(), 0) };
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy += 1,
                     Err(e) => panic!("attaching to {name}: {e}"),

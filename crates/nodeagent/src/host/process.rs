@@ -29,24 +29,24 @@ pub enum ProcessError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Jail(#[from] crate::jail::JailError),
+    Jail(#[from] crate::host::jail::JailError),
 }
 
 /// Starts the jailed VMM `/firecracker --api-sock /run/fc.sock --id <uid>`
-/// (in `jail`, which [`crate::jail::Jail::prepare`] made) in its own process group, its stdout and stderr (the guest console)
+/// (in `jail`, which [`crate::host::jail::Jail::prepare`] made) in its own process group, its stdout and stderr (the guest console)
 /// appended to `console`; with `own_netns`, in a network namespace of its
 /// own too (which ends with it). The process outlives the agent; while the
 /// agent lives, a task reaps it, writes how it ended to `reaped` (a
 /// [`Reaped`] as JSON) and then calls `ended(pid)`.
 pub fn launch(
-    jail: &crate::jail::Jail,
+    jail: &crate::host::jail::Jail,
     uid: &str,
     console: &Path,
     reaped: PathBuf,
     own_netns: bool,
     ended: impl FnOnce(u32) + Send + 'static,
 ) -> Result<u32, ProcessError> {
-    use crate::jail::inside;
+    use crate::host::jail::inside;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -68,7 +68,7 @@ pub fn launch(
     unsafe {
         cmd.pre_exec(move || entry.enter());
     }
-    let mut child = crate::forks::forking(|| cmd.spawn())
+    let mut child = crate::host::forks::forking(|| cmd.spawn())
         .map_err(|source| ProcessError::Spawn { binary: jail.binary.clone(), source })?;
     let pid = child.id().unwrap_or(0);
     tokio::spawn(async move {

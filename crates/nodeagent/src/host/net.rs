@@ -201,12 +201,12 @@ pub fn exists(name: &str) -> Result<bool, NetError> {
 /// Creates (or opens) persistent TAP `name` with the flags Firecracker
 /// opens it with (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), owned by `owner`
 /// (uid, gid). While its descriptor is open no fork happens (see
-/// [`crate::forks`]); it waits for forks under way.
+/// [`crate::host::forks`]); it waits for forks under way.
 pub fn create_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name too long"));
     }
-    crate::forks::without_forks(|| make_persistent_tap(name, owner))
+    crate::host::forks::without_forks(|| make_persistent_tap(name, owner))
 }
 
 fn make_persistent_tap(name: &str, owner: (u32, u32)) -> std::io::Result<()> {

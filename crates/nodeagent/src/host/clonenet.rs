@@ -24,8 +24,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::ipam::Subnet;
-use crate::net::{Net, NetError};
+use crate::host::ipam::Subnet;
+use crate::host::net::{Net, NetError};
 use crate::paths::Uid;
 
 /// Prefix of the bridge end of a restored VM's veth pair.
@@ -113,7 +113,7 @@ async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32
     let net = Net::connect()?;
     let lo = net.link("lo").await?.ok_or_else(|| NetError::Vanished("lo".into()))?;
     set_up(&net, "lo", lo.index).await?;
-    crate::net::create_persistent_tap(tap, owner).map_err(|source| NetError::Tap { name: tap.into(), source })?;
+    crate::host::net::create_persistent_tap(tap, owner).map_err(|source| NetError::Tap { name: tap.into(), source })?;
     let tap_link = net.link(tap).await?.ok_or_else(|| NetError::Vanished(tap.into()))?;
     set_up(&net, tap, tap_link.index).await?;
     let Some(a) = addresses else { return Ok(()) };
@@ -176,7 +176,7 @@ fn nat(peer: &str, a: Addresses) -> std::io::Result<()> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    let mut child = crate::forks::forking(|| nft.spawn())?;
+    let mut child = crate::host::forks::forking(|| nft.spawn())?;
     child.stdin.take().expect("piped").write_all(ruleset(peer, a).as_bytes())?;
     let out = child.wait_with_output()?;
     if out.status.success() {

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use nexus_api::conditions;
 use nexus_api::meta::set_condition;
-use nexus_api::node::{CONDITION_READY, NodeCapacity};
+use nexus_api::node::NodeCapacity;
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus};
 use nexus_client::Client;
 
@@ -19,7 +20,7 @@ pub struct NodeInfo {
     pub capacity: NodeCapacity,
     pub firecracker_version: String,
     pub bridge: String,
-    pub runtime: std::sync::Arc<crate::vms::Runtime>,
+    pub runtime: std::sync::Arc<crate::vm::Runtime>,
 }
 
 /// Registers the node (creating it if needed) and writes a heartbeat every
@@ -34,7 +35,7 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
             _ = ticker.tick() => {}
             // A VMM ended unasked: tell the controller now (after a moment,
             // so a burst of exits goes out in one beat).
-            _ = info.runtime.exits().recorded() => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ = info.runtime.host().exits.recorded() => tokio::time::sleep(Duration::from_millis(50)).await,
         }
         match beat(&client, &info).await {
             Ok(()) if !registered => {
@@ -60,19 +61,19 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::Clie
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         firecracker_version: info.firecracker_version.clone(),
         bridge: info.bridge.clone(),
-        subnet: info.runtime.subnet().map(|s| s.cidr()).unwrap_or_default(),
+        subnet: info.runtime.host().subnet().map(|s| s.cidr()).unwrap_or_default(),
         allocated: info.runtime.allocation(),
-        image_roots: info.runtime.config().image_roots.list(),
-        disk_clone: info.runtime.disk_clone().to_string(),
+        image_roots: info.runtime.host().cfg.image_roots.list(),
+        disk_clone: info.runtime.host().disk_clone().to_string(),
         last_heartbeat_time: Some(Utc::now()),
         conditions: std::mem::take(&mut status.conditions),
-        vmm_exits: info.runtime.exits().recent(EXIT_WINDOW),
+        vmm_exits: info.runtime.host().exits.recent(EXIT_WINDOW),
     };
     set_condition(
         &mut status.conditions,
-        CONDITION_READY,
+        conditions::READY,
         ConditionStatus::True,
-        "AgentHeartbeat",
+        conditions::reason::AGENT_HEARTBEAT,
         "the node agent is running",
     );
     node.status = Some(status);

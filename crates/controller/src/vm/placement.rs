@@ -1,0 +1,158 @@
+//! Placement: binding an unplaced VM to a node (with its finalizer, in one
+//! write), recording why it cannot be placed now, and placing it again when
+//! the scheduler's node is deleted.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use nexus_api::conditions::{self, reason};
+use nexus_api::event::EventType;
+use nexus_api::meta::{find_condition, set_condition};
+use nexus_api::vm::ResolvedConfig;
+use nexus_api::{ConditionStatus, Vm, VmPhase};
+
+use super::scheduler::{self, Request, pick_node};
+use super::{PLACED_BY, ReconcileError, VmReconciler};
+use crate::runtime::Action;
+use crate::runtime::finalizer;
+
+/// What scheduling a VM came to.
+pub(super) enum Placement {
+    /// Bound to a node (and holding its finalizer), with its status in
+    /// memory saying so: it goes on to its node in the same reconcile.
+    Bound(Box<Vm>),
+    /// Not placed now.
+    Not(Action),
+}
+
+/// The `Scheduled` condition of a VM placed on `node`.
+pub fn scheduled_on(status: &mut nexus_api::VmStatus, node: &str) {
+    set_condition(
+        &mut status.conditions,
+        conditions::SCHEDULED,
+        ConditionStatus::True,
+        reason::SCHEDULED,
+        &format!("placed on node {node}"),
+    );
+}
+
+impl VmReconciler {
+    /// Places `vm` on a node: binds it there (with its finalizer) in one
+    /// write, or records why it cannot be placed now.
+    pub(super) async fn schedule(&self, vm: Vm, config: &ResolvedConfig) -> Result<Placement, ReconcileError> {
+        let mut assumed = self.scheduling.lock().await;
+        if assumed.node_of(&vm).is_some() {
+            // Placed a moment ago; the store has not caught up yet.
+            return Ok(Placement::Not(Action::RequeueAfter(Duration::from_millis(200))));
+        }
+        let mut nodes = self.stores.nodes.list();
+        if let Some(restore) = &config.restore {
+            // Its snapshot's files are on one node: that node or none.
+            nodes.retain(|n| n.name() == restore.node);
+            if nodes.is_empty() {
+                drop(assumed);
+                let message = format!(
+                    "snapshot {} is on node {}, which does not exist any more; restore from a snapshot on a live node",
+                    restore.snapshot.split('@').next().unwrap_or_default(),
+                    restore.node
+                );
+                return self.unschedulable(vm, reason::SNAPSHOT_NODE_NOT_FOUND, &message).await.map(Placement::Not);
+            }
+        }
+        let group = scheduler::group_of(&vm);
+        let loads = assumed.loads(&self.stores, vm.uid(), group.as_deref());
+        let request =
+            Request { mem_mib: config.mem_mib, node_selector: &config.node_selector, group: group.as_deref() };
+        match pick_node(request, &nodes, &loads, Utc::now(), self.node_grace) {
+            Ok(node) => {
+                // The claim counts from now; other VMs are placed while
+                // this one's binding is written.
+                assumed.claim(vm.uid(), &node);
+                drop(assumed);
+                let mut next = finalizer::with(&vm, self.finalizer.name());
+                next.spec.node_name = Some(node.clone());
+                next.metadata.annotations.insert(PLACED_BY.into(), "scheduler".into());
+                let written = self.api.replace(&next).await;
+                let mut assumed = self.scheduling.lock().await;
+                let mut bound = match written {
+                    Ok(bound) => bound,
+                    Err(e) => {
+                        assumed.release(vm.uid());
+                        return Err(e.into());
+                    }
+                };
+                assumed.assume(&bound);
+                self.stores.vms.record_write(bound.clone());
+                drop(assumed);
+                tracing::info!(vm = %vm.name(), node = %node, "scheduled");
+                let placed = format!("placed on node {node}");
+                self.events.publish(&bound, EventType::Normal, reason::SCHEDULED, &placed).await;
+                // Written with what the agent reports next, not on its own.
+                let mut status = vm.status_or_default();
+                if let Some(config) = status.config.as_mut() {
+                    // Binding changed only where the VM runs, not what it runs.
+                    config.generation = bound.metadata.generation.unwrap_or(config.generation);
+                }
+                status.phase = VmPhase::Scheduled;
+                status.node_name = Some(node.clone());
+                scheduled_on(&mut status, &node);
+                bound.status = Some(status);
+                Ok(Placement::Bound(Box::new(bound)))
+            }
+            Err(why) => {
+                drop(assumed);
+                let message = match &config.restore {
+                    Some(r) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
+                    None => why.0,
+                };
+                self.unschedulable(vm, reason::UNSCHEDULABLE, &message).await.map(Placement::Not)
+            }
+        }
+    }
+
+    /// Records why `vm` cannot be placed now; it is tried again shortly.
+    async fn unschedulable(&self, vm: Vm, why: &'static str, message: &str) -> Result<Action, ReconcileError> {
+        let was = vm
+            .status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, conditions::SCHEDULED))
+            .map(|c| c.message.clone());
+        if was.as_deref() != Some(message) {
+            self.events.publish(&vm, EventType::Warning, why, message).await;
+        }
+        let mut status = vm.status_or_default();
+        status.phase = VmPhase::Pending;
+        set_condition(&mut status.conditions, conditions::SCHEDULED, ConditionStatus::False, why, message);
+        self.write_status(&vm, status).await?;
+        Ok(Action::RequeueAfter(Duration::from_secs(3)))
+    }
+
+    /// `vm` is bound to a node that has no Node object. A placement the
+    /// scheduler made is made again elsewhere (the old node, should it come
+    /// back, has its leftovers collected); a node the user pinned may not be
+    /// registered yet, so that VM waits for it.
+    pub(super) async fn node_gone(&self, vm: Vm, node: &str) -> Result<Action, ReconcileError> {
+        if vm.metadata.annotations.get(PLACED_BY).map(String::as_str) != Some("scheduler") {
+            let message = format!("node {node} does not exist; register it or change spec.nodeName");
+            self.write_waiting(&vm, reason::NODE_NOT_FOUND, &message).await?;
+            return Ok(Action::RequeueAfter(Duration::from_secs(5)));
+        }
+        let mut next = vm.clone();
+        next.spec.node_name = None;
+        next.metadata.annotations.remove(PLACED_BY);
+        let unbound = self.api.replace(&next).await?;
+        self.stores.vms.record_write(unbound.clone());
+        let message = format!("node {node} was deleted; placing the VM again (its disk there is lost)");
+        tracing::warn!(vm = %vm.name(), node, "node deleted; rescheduling");
+        self.events.publish(&unbound, EventType::Warning, "Rescheduled", &message).await;
+        let mut status = vm.status_or_default();
+        status.phase = VmPhase::Pending;
+        status.node_name = None;
+        status.runtime = None;
+        for type_ in [conditions::SCHEDULED, conditions::READY] {
+            set_condition(&mut status.conditions, type_, ConditionStatus::False, reason::NODE_DELETED, &message);
+        }
+        self.write_status(&unbound, status).await?;
+        Ok(Action::AwaitChange)
+    }
+}

@@ -1,0 +1,67 @@
+//! The Firecracker configuration of a VM: its log and metrics, machine,
+//! boot source, drives and network interface, sent before InstanceStart,
+//! naming the VM's files as the jailed VMM sees them.
+
+use nexus_api::agent::EnsureVm;
+
+use crate::error::AgentError;
+use crate::firecracker::FcClient;
+use crate::firecracker::models;
+
+/// Points Firecracker's log and metrics at the VM's files (as the jailed
+/// VMM sees them): the only configuration a snapshot load allows first.
+pub async fn configure_observability(client: &FcClient) -> Result<(), AgentError> {
+    use crate::host::jail::inside;
+    let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
+    client
+        .put_logger(&models::Logger {
+            log_path: inside::LOG.into(),
+            level: Some("Info".into()),
+            show_level: Some(true),
+            show_log_origin: Some(false),
+        })
+        .await
+        .map_err(fc("logger"))?;
+    client.put_metrics(&models::Metrics { metrics_path: inside::METRICS.into() }).await.map_err(fc("metrics"))
+}
+
+/// Sends the full pre-boot configuration, then InstanceStart, naming the
+/// VM's files as the jailed VMM sees them. The pre-boot requests do not
+/// depend on one another, so they are all sent at once, each on its own
+/// connection; Firecracker answers them in turn.
+pub async fn configure(client: &FcClient, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+    use crate::host::jail::inside;
+    let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
+    let machine = models::MachineConfiguration {
+        vcpu_count: req.vcpu,
+        mem_size_mib: req.mem_mib,
+        smt: None,
+        track_dirty_pages: None,
+    };
+    let boot = models::BootSource {
+        kernel_image_path: inside::KERNEL.into(),
+        boot_args: Some(req.boot_args.clone()),
+        initrd_path: req.initrd_path.as_ref().map(|_| inside::INITRD.to_string()),
+    };
+    let drive = models::Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: inside::ROOTFS.into(),
+        is_root_device: true,
+        is_read_only: false,
+    };
+    let nic = models::NetworkInterface {
+        iface_id: "eth0".into(),
+        host_dev_name: tap.to_string(),
+        guest_mac: Some(req.mac.clone()),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    };
+    tokio::try_join!(
+        configure_observability(client),
+        async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
+        async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
+        async { client.put_drive(&drive).await.map_err(fc("drives")) },
+        async { client.put_network_interface(&nic).await.map_err(fc("network-interfaces")) },
+    )?;
+    client.instance_start().await.map_err(fc("InstanceStart"))
+}

@@ -1,0 +1,144 @@
+//! The node's inventory: everything of the agent's on the host (run
+//! directories, VMMs, TAPs, sockets, snapshots), whether or not a VM claims
+//! it, what the VMs meant to run take, and the removal of what the
+//! garbage collector found unclaimed, each name checked again here.
+
+use std::path::Path;
+
+use nexus_api::PowerState;
+use nexus_api::agent::{EnsureVm, Inventory};
+
+use super::Runtime;
+use crate::error::AgentError;
+use crate::paths::{TAP_PREFIX, Uid, VmPaths};
+
+impl Runtime {
+    /// vCPUs, memory and count of the VMs meant to run here (not Stopped,
+    /// not kept down after their VMM ended).
+    pub fn allocation(&self) -> nexus_api::node::NodeAllocation {
+        let mut total = nexus_api::node::NodeAllocation::default();
+        let Ok(entries) = std::fs::read_dir(self.host.cfg.run_dir.vms()) else { return total };
+        for entry in entries.flatten() {
+            let Some(cfg) = std::fs::read(entry.path().join("vm.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
+            else {
+                continue;
+            };
+            let kept_down = VmPaths { dir: entry.path() }.kept_down().exists();
+            if cfg.state != PowerState::Stopped && !kept_down {
+                total.vcpu += u32::from(cfg.vcpu);
+                total.mem_mib += u64::from(cfg.mem_mib);
+                total.vms += 1;
+            }
+        }
+        total
+    }
+
+    /// Everything of ours on the host, whether or not a VM claims it; with
+    /// `reports`, also what [`Runtime::report`] says of each VM.
+    pub async fn inventory(&self, reports: bool) -> Result<Inventory, AgentError> {
+        let mut inv = Inventory::default();
+        let vms_dir = self.host.cfg.run_dir.vms();
+        let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
+        inv.sockets = sockets_under(self.host.cfg.run_dir.root(), 5);
+        inv.vmms =
+            self.host.vmms.find().into_iter().map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid }).collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            inv.run_dirs.push(name.clone());
+            if reports
+                && let Ok(uid) = Uid::parse(&name)
+                && let Ok(report) = self.report(&uid).await
+            {
+                inv.vms.push(report);
+            }
+        }
+        inv.taps = self
+            .host
+            .net
+            .links()
+            .await?
+            .into_iter()
+            .filter(|l| l.name.starts_with(TAP_PREFIX))
+            .map(|l| l.name)
+            .collect();
+        let snaps = self.host.cfg.run_dir.snapshots();
+        inv.snapshots = std::fs::read_dir(&snaps)
+            .map_err(AgentError::io(format!("listing {}", snaps.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        inv.snapshots.sort();
+        inv.run_dirs.sort();
+        inv.sockets.sort();
+        inv.taps.sort();
+        inv.vmms.sort_by_key(|v| v.pid);
+        Ok(inv)
+    }
+
+    /// Removes what the controller found unclaimed. Every name is checked
+    /// again here: uids must be UUIDs, TAPs must carry the agent's prefix,
+    /// sockets must be socket files inside the run directory.
+    pub async fn collect(&self, req: &nexus_api::agent::Collect) -> Result<Vec<String>, AgentError> {
+        let mut removed = Vec::new();
+        for raw in &req.uids {
+            self.remove(raw).await?;
+            removed.push(format!("vm {raw}"));
+        }
+        for tap in &req.taps {
+            let ok = tap.len() == TAP_PREFIX.len() + 12
+                && tap.starts_with(TAP_PREFIX)
+                && tap[TAP_PREFIX.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                return Err(AgentError::Invalid(format!("{tap:?} is not a TAP device this agent makes")));
+            }
+            if self.host.net.delete_link(tap).await? {
+                removed.push(format!("tap {tap}"));
+            }
+        }
+        for raw in &req.snapshots {
+            if self.delete_snapshot(raw).await? {
+                removed.push(format!("snapshot {raw}"));
+            }
+        }
+        for raw in &req.sockets {
+            use std::os::unix::fs::FileTypeExt;
+            let path = Path::new(raw);
+            let inside = path
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .is_some_and(|d| d.starts_with(self.host.cfg.run_dir.root()));
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if !inside || !is_socket {
+                return Err(AgentError::Forbidden(format!("{raw:?} is not a socket inside the run directory")));
+            }
+            std::fs::remove_file(path).map_err(AgentError::io(format!("removing {raw}")))?;
+            removed.push(format!("socket {raw}"));
+        }
+        if !removed.is_empty() {
+            tracing::info!(?removed, "garbage collected");
+        }
+        Ok(removed)
+    }
+}
+
+/// Unix sockets under `root`, at most `depth` directories down; symlinks
+/// are not followed.
+fn sockets_under(root: &Path, depth: usize) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), 0)];
+    while let Some((dir, d)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_socket() {
+                found.push(e.path().display().to_string());
+            } else if ft.is_dir() && d < depth {
+                stack.push((e.path(), d + 1));
+            }
+        }
+    }
+    found
+}

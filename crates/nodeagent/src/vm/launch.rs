@@ -1,0 +1,290 @@
+//! Launch: a fresh VMM for a VM, in its jail, with its TAP, private disk,
+//! cgroup or scope and address made while the process starts, then
+//! configured (or loaded from its snapshot) and booted.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nexus_api::agent::EnsureVm;
+
+use super::files::remove_if_exists;
+use super::owner::VmOwner;
+use crate::error::AgentError;
+use crate::firecracker::FcClient;
+use crate::firecracker::models;
+use crate::host::{disk, process};
+use crate::paths::VmPaths;
+
+/// How long a new VMM gets to open its API socket.
+pub const SOCKET_WAIT: Duration = Duration::from_secs(5);
+
+impl VmOwner {
+    /// Starts a fresh VMM for the VM and configures and boots it.
+    pub(super) async fn start(
+        &self,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        client: &FcClient,
+    ) -> Result<models::InstanceInfo, AgentError> {
+        let uid = &self.uid;
+        self.stop_vmm(paths).await;
+        remove_if_exists(&paths.socket())?;
+        // Until it has booted, this VMM has not "run and ended".
+        remove_if_exists(&paths.started())?;
+        // Checked before anything is made for it.
+        let restore =
+            req.restore.as_ref().map(|from| super::snapshots::source(&self.host.cfg.run_dir, from)).transpose()?;
+        let (kernel, initrd) = match restore {
+            Some(_) => (None, None),
+            None => {
+                remove_if_exists(&paths.restored())?;
+                let (kernel, initrd) = self.check_images(req).await?;
+                (Some(kernel), initrd)
+            }
+        };
+        let user = self.host.users.user_of(paths)?;
+        let jail = crate::host::jail::Jail {
+            root: paths.jail(),
+            skeleton: self.host.skeleton.clone(),
+            uid: user,
+            gid: user,
+            binary: self.host.cfg.firecracker.clone(),
+            kernel,
+            initrd,
+        };
+        jail.prepare()?;
+        // The VMM starts while its TAP and disk are made: it needs them only
+        // when configured, after its API socket is up.
+        std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
+        // The readiness probe reads this VMM's console from here on.
+        let console_at = std::fs::metadata(paths.console()).map(|m| m.len()).unwrap_or(0);
+        std::fs::write(paths.console_offset(), console_at.to_string())
+            .map_err(AgentError::io("recording the console's length"))?;
+        let launched = Instant::now();
+        // The fork and the jail's set-up run on a blocking thread while this
+        // task makes the TAP and the disk. The pid file is written there
+        // too, so a request cut short (its caller gone) still leaves the
+        // VMM recorded.
+        let launch = {
+            let (jail, who, paths) = (jail.clone(), uid.to_string(), paths.clone());
+            let exits = self.host.exits.clone();
+            let own_netns = restore.is_some();
+            tokio::task::spawn_blocking(move || -> Result<u32, AgentError> {
+                let ended = {
+                    let who = who.clone();
+                    move |pid| exits.record(&who, pid)
+                };
+                let pid = process::launch(&jail, &who, &paths.console(), paths.reaped(), own_netns, ended)?;
+                std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
+                remove_if_exists(&paths.launching())?;
+                Ok(pid)
+            })
+        };
+        let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(paths, req, restore.as_ref(), user));
+        let pid = pid.map_err(|e| AgentError::Io {
+            what: "launching the VMM".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        tracing::info!(
+            uid = %uid,
+            vm = %req.display_name,
+            pid,
+            scoped = self.host.cfg.scopes.is_some(),
+            launch_ms = launched.elapsed().as_secs_f64() * 1000.0,
+            "VMM launched"
+        );
+        let socket_wait = async {
+            wait_for_socket(client, pid, uid.as_str(), &self.host.vmms).await?;
+            Ok(launched.elapsed())
+        };
+        let prepared = match made {
+            Ok(bridge) => tokio::try_join!(self.prepare(paths, req, restore.as_ref(), pid, &jail), socket_wait)
+                .map(|(prepared, answered)| (bridge, prepared, answered)),
+            Err(e) => Err(e),
+        };
+        let (bridge, (addresses, req), answered) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
+                return Err(e);
+            }
+        };
+        let tap = uid.tap_name();
+        let req = &req;
+        let configured = match &restore {
+            Some(_) => {
+                match crate::host::clonenet::setup(&self.host.net, pid, uid, bridge, addresses, (user, user)).await {
+                    Ok(()) => match super::configure::configure_observability(client).await {
+                        Ok(()) => super::snapshots::load(client, &tap).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e.into()),
+                }
+            }
+            None => super::configure::configure(client, req, &tap).await,
+        };
+        if let Err(e) = configured {
+            self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
+            return Err(e);
+        }
+        let boot_millis = launched.elapsed().as_millis() as u64;
+        tracing::info!(
+            uid = %uid,
+            socket_ms = answered.as_secs_f64() * 1000.0,
+            configure_ms = (launched.elapsed() - answered).as_secs_f64() * 1000.0,
+            "VMM booted"
+        );
+        let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
+        std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
+        client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
+    }
+
+    /// What a new VMM needs besides itself that does not depend on its
+    /// process, made while it is launched: the bridge and the VM's TAP (a
+    /// restored VM's TAP is made later, inside the VMM's own namespace) and
+    /// its private disk. Returns the bridge's index.
+    async fn make_tap_and_disk(
+        &self,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        user: u32,
+    ) -> Result<u32, AgentError> {
+        let uid = &self.uid;
+        let began = Instant::now();
+        let bridge = self.host.bridge_index().await?;
+        let tap = uid.tap_name();
+        match restore {
+            Some(_) => {
+                self.host.net.delete_link(&tap).await?;
+            }
+            None => {
+                self.host.net.ensure_tap(&tap, bridge, (user, user)).await?;
+            }
+        }
+        let copy_started = Instant::now();
+        let method = match restore {
+            // The snapshot's disk, taken with its memory, is the VM's disk.
+            Some((snap, _)) => disk::ensure_disk(snap.rootfs(), paths.rootfs())
+                .await
+                .map_err(AgentError::io("copying the snapshot's disk"))?,
+            None => disk::ensure_disk(PathBuf::from(&req.rootfs_path), paths.rootfs())
+                .await
+                .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
+        };
+        tracing::info!(
+            uid = %uid,
+            ?method,
+            network_ms = (copy_started - began).as_secs_f64() * 1000.0,
+            copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
+            "disk ready"
+        );
+        Ok(bridge)
+    }
+
+    /// The rest of what a new VMM needs, once it runs: its systemd scope or
+    /// cgroup, its disk, log and metrics files linked into its jail and its
+    /// address (written into the request's boot arguments). Returns a
+    /// restored VM's addresses and the request to configure the VMM with.
+    async fn prepare(
+        &self,
+        paths: &VmPaths,
+        req: &EnsureVm,
+        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        pid: u32,
+        jail: &crate::host::jail::Jail,
+    ) -> Result<(Option<crate::host::clonenet::Addresses>, EnsureVm), AgentError> {
+        let uid = &self.uid;
+        use crate::host::jail::inside;
+        if let Some(scopes) = &self.host.cfg.scopes {
+            scopes.adopt(uid, pid, &format!("nexus VM {}", req.display_name)).await.map_err(|e| AgentError::Io {
+                what: "placing the VMM in its systemd scope".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        } else if let Some(cg) = &self.host.cfg.cgroups {
+            cg.confine(uid, pid, req.vcpu, req.mem_mib).map_err(AgentError::io("placing the VMM in its cgroup"))?;
+        }
+        for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .map_err(AgentError::io(format!("creating {}", file.display())))?;
+            jail.link(&file, inside)?;
+        }
+        jail.link(&paths.rootfs(), inside::ROOTFS)?;
+        if let Some((snap, _)) = restore {
+            jail.link_read_only(&snap.state(), inside::SNAPSHOT_STATE)?;
+            jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM)?;
+        }
+        let mut req = req.clone();
+        // A restored guest keeps its source's address; the VM gets one of
+        // its own on the bridge, joined to the guest's by NAT.
+        let addresses = match restore {
+            Some((_, report)) => match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.host.subnet()) {
+                (Some(guest), Some(subnet)) => self
+                    .assign_ip(paths, Some("auto"))?
+                    .map(|own| crate::host::clonenet::Addresses { guest, own, subnet }),
+                _ => {
+                    self.assign_ip(paths, None)?;
+                    None
+                }
+            },
+            None => {
+                if let Some(ip) = self.assign_ip(paths, req.ip.as_deref())? {
+                    let subnet = self.host.subnet().expect("an address implies a subnet");
+                    req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+                }
+                None
+            }
+        };
+        if let Some((_, report)) = restore {
+            let record = crate::paths::Restored {
+                snapshot_uid: report.uid.clone(),
+                mac: report.mac.clone(),
+                guest_ip: report.ip.as_deref().and_then(|ip| ip.parse().ok()),
+            };
+            std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
+                .map_err(AgentError::io("recording the VM's origin"))?;
+        }
+        Ok((addresses, req))
+    }
+}
+
+/// Waits until VMM `pid` of VM `uid` answers on its API socket. The
+/// socket's creation wakes the wait (inotify on its directory); between
+/// Firecracker binding the socket and listening on it a connect is refused,
+/// and is tried again after a millisecond. The VMM's liveness is checked
+/// every 50 ms. Only a socket counts: the VMM may write into that
+/// directory, and a link it left there would lead the agent elsewhere.
+async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, vmms: &process::Vmms) -> Result<(), AgentError> {
+    use std::os::unix::fs::FileTypeExt;
+    let socket = client.socket().to_path_buf();
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let watch =
+        crate::host::dirwatch::DirWatch::new(dir).map_err(AgentError::io("watching for the VMM's API socket"))?;
+    let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
+    loop {
+        if std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            match client.describe_instance().await {
+                Ok(_) => return Ok(()),
+                Err(source) if !source.is_retryable() => {
+                    return Err(AgentError::Firecracker { step: "describe", source });
+                }
+                // Bound, not yet listening.
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        } else {
+            tokio::select! {
+                woken = watch.changed() => woken.map_err(AgentError::io("watching for the VMM's API socket"))?,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if !process::alive(pid) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    vmms.stop(pid, uid, Duration::ZERO).await;
+    Err(AgentError::VmmDidNotStart { socket: client.socket().display().to_string(), seconds: SOCKET_WAIT.as_secs() })
+}

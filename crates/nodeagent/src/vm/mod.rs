@@ -1,0 +1,174 @@
+//! The VM runtime: realises an `EnsureVm` on this host (run dir, TAP, VMM
+//! process, Firecracker configuration) and tears it down again.
+//!
+//! [`Runtime`] is the front door the API, the metrics sampler and the
+//! garbage collector call; each call about a VM becomes a typed command to
+//! that VM's owner ([`owner`]), which alone acts on the VM:
+//!
+//! - [`ensure`]: start, stop, pause, resume, the restart policy;
+//! - [`launch`] ([`images`], [`addresses`]), [`configure`]: a fresh VMM,
+//!   its jail, TAP, disk and address, its Firecracker configuration;
+//! - [`observe`], [`probe`]: what is on the host, as a report;
+//! - [`teardown`]: stopping the VMM and removing the VM;
+//! - [`snapshots`]: snapshots taken of the VM and VMs restored from them;
+//! - [`inventory`]: everything on the host, and the garbage collector's removals;
+//! - [`metrics`], [`logs`]: what the VMMs count and write, read back.
+
+pub mod addresses;
+pub mod configure;
+pub mod ensure;
+pub mod files;
+pub mod images;
+pub mod inventory;
+pub mod launch;
+pub mod logs;
+pub mod metrics;
+pub mod observe;
+pub mod owner;
+pub mod probe;
+pub mod request;
+pub mod snapshots;
+pub mod teardown;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nexus_api::agent::{EnsureVm, SnapshotReport, SnapshotRequest, VmReport};
+
+use crate::error::AgentError;
+use crate::host::{Host, HostConfig};
+use crate::paths::{Uid, VmPaths};
+use owner::{Command, Owners, Proxied};
+
+/// Owns every VM on this host, through one owner per VM.
+#[derive(Debug)]
+pub struct Runtime {
+    host: Arc<Host>,
+    owners: Arc<Owners>,
+    /// The VMs' metrics, sampled by `collect_metrics`.
+    metrics: metrics::Collector,
+}
+
+impl Runtime {
+    pub fn new(cfg: HostConfig, net: crate::host::net::Net) -> Self {
+        let host = Arc::new(Host::new(cfg, net));
+        Runtime { owners: Owners::new(host.clone()), host, metrics: Default::default() }
+    }
+
+    /// The host the VMs run on.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Brings VM `req.uid` to `req.state` and reports what is there.
+    pub async fn ensure(&self, req: &EnsureVm) -> Result<VmReport, AgentError> {
+        let uid = Uid::parse(&req.uid)?;
+        let req = Box::new(req.clone());
+        self.owners.ask(&uid, |reply| Command::Ensure(req, reply)).await?
+    }
+
+    /// Stops the VM's VMM and removes everything of it from the host.
+    pub async fn remove(&self, raw_uid: &str) -> Result<VmReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        self.owners.ask(&uid, Command::Remove).await?
+    }
+
+    /// What is on the host for `uid`, asked of the VM's owner (after any
+    /// command for it in progress).
+    pub async fn report(&self, uid: &Uid) -> Result<VmReport, AgentError> {
+        self.owners.ask(uid, Command::Report).await?
+    }
+
+    /// Takes snapshot `snap` of the VM the request names (see
+    /// `snapshots::create`), as the VM's owner.
+    pub async fn snapshot(&self, raw_snap: &str, req: &SnapshotRequest) -> Result<SnapshotReport, AgentError> {
+        let snap = Uid::parse(raw_snap)?;
+        let vm = Uid::parse(&req.vm_uid)?;
+        let req = req.clone();
+        self.owners.ask(&vm, |reply| Command::Snapshot(snap, req, reply)).await?
+    }
+
+    /// Snapshot `snap`, when it is complete on this node.
+    pub async fn snapshot_report(&self, raw_snap: &str) -> Result<SnapshotReport, AgentError> {
+        let snap = Uid::parse(raw_snap)?;
+        let _files = self.host.snapshot_files.hold(&snap).await;
+        snapshots::completed(&self.host.cfg.run_dir.snapshot(&snap))
+            .ok_or_else(|| AgentError::NotFound(format!("no complete snapshot {snap} on this node")))
+    }
+
+    /// Removes snapshot `snap`'s files (VMs restored from it keep running:
+    /// their memory is theirs once loaded).
+    pub async fn delete_snapshot(&self, raw_snap: &str) -> Result<bool, AgentError> {
+        let snap = Uid::parse(raw_snap)?;
+        let removed = {
+            let _files = self.host.snapshot_files.hold(&snap).await;
+            snapshots::delete(&self.host.cfg.run_dir, &snap)?
+        };
+        self.host.snapshot_files.forget(&snap);
+        Ok(removed)
+    }
+
+    /// Forwards a Firecracker API call to VM `uid`'s VMM, as its owner: it
+    /// never interleaves with a configuration, snapshot or stop in progress.
+    pub async fn proxy(
+        &self,
+        uid: &Uid,
+        method: &axum::http::Method,
+        fc_path: &str,
+        body: bytes::Bytes,
+    ) -> Result<axum::response::Response, crate::server::proxy::ProxyError> {
+        let call = Proxied { method: method.clone(), path: fc_path.to_string(), body };
+        match self.owners.ask(uid, |reply| Command::Proxy(call, reply)).await {
+            Ok(answer) => answer,
+            Err(e) => Err(crate::server::proxy::ProxyError::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Asks VM `uid`'s VMM to write its metrics now, as its owner.
+    pub async fn flush_metrics(&self, uid: &Uid) {
+        let _ = self.owners.ask(uid, Command::FlushMetrics).await;
+    }
+
+    /// Has every running VMM write its metrics, then samples them and the
+    /// host (see `metrics`).
+    pub async fn collect_metrics(&self) {
+        let live = self.running_vmms();
+        for uid in live.keys() {
+            if let Ok(uid) = Uid::parse(uid) {
+                self.flush_metrics(&uid).await;
+            }
+        }
+        self.metrics.sample(&self.host.cfg.run_dir, &live);
+    }
+
+    /// The VMMs of this agent's VMs, as VM uid → pid: each VM directory's
+    /// pid file, where that process is the VM's VMM. It costs a look at
+    /// this agent's VMs, not at every process on the host; a VMM whose
+    /// launch was cut short before its pid was recorded is not in it.
+    fn running_vmms(&self) -> HashMap<String, u32> {
+        let Ok(entries) = std::fs::read_dir(self.host.cfg.run_dir.vms()) else { return HashMap::new() };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let uid = entry.file_name().into_string().ok()?;
+                let pid = files::read_pid(&VmPaths { dir: entry.path() })?;
+                self.host.vmms.is_vmm(pid, &uid).then_some((uid, pid))
+            })
+            .collect()
+    }
+
+    /// What was collected of the VMs and the host.
+    pub fn vm_metrics(&self) -> &metrics::Collector {
+        &self.metrics
+    }
+
+    /// The VM's paths for read-only callers (logs, metrics); see `paths`.
+    pub fn vm_paths(&self, uid: &Uid) -> Result<VmPaths, AgentError> {
+        self.host.paths(uid)
+    }
+
+    /// How many VMs have an owner task now (those asked about lately).
+    pub fn owners(&self) -> usize {
+        self.owners.len()
+    }
+}
