@@ -39,3 +39,38 @@ need_postgres() {
     fi
     need_packages __nexus_no_such_command__:postgresql
 }
+
+# Sets FIRECRACKER_API_SPEC to Firecracker's v1.16.1 OpenAPI spec: the one
+# given, the copy in ../shared/firecracker/, or a download from Firecracker's
+# repository at v1.16.1, kept under the target directory and checked against
+# its sha256. Says so plainly when none can be had (the conformance tests
+# then fail with the same reason).
+need_firecracker_spec() {
+    local sum=a514abec7b29700c5ca8bdaebbb960e4ffb46fe1fd4869094c6c63630a6fa41c
+    local url=https://raw.githubusercontent.com/firecracker-microvm/firecracker/v1.16.1/src/firecracker/swagger/firecracker.yaml
+    local shared
+    shared="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/firecracker/firecracker-v1.16.1-api.yaml"
+    if [ -n "${FIRECRACKER_API_SPEC:-}" ] && [ -f "$FIRECRACKER_API_SPEC" ]; then
+        return 0
+    fi
+    if [ -f "$shared" ]; then
+        export FIRECRACKER_API_SPEC="$shared"
+        return 0
+    fi
+    local cache="${CARGO_TARGET_DIR:-$(pwd)/target}/firecracker-api/firecracker-v1.16.1-api.yaml"
+    if [ ! -f "$cache" ] || ! echo "$sum  $cache" | sha256sum -c --quiet - >/dev/null 2>&1; then
+        mkdir -p "$(dirname "$cache")"
+        if ! curl -fsSL --max-time 60 -o "$cache.part" "$url"; then
+            echo "no copy of Firecracker's v1.16.1 OpenAPI spec: not in \$FIRECRACKER_API_SPEC, not at $shared, and $url cannot be reached; the conformance tests will fail" >&2
+            rm -f "$cache.part"
+            return 0
+        fi
+        if ! echo "$sum  $cache.part" | sha256sum -c --quiet - >/dev/null 2>&1; then
+            echo "the Firecracker spec downloaded from $url does not have sha256 $sum; not using it" >&2
+            rm -f "$cache.part"
+            return 0
+        fi
+        mv "$cache.part" "$cache"
+    fi
+    export FIRECRACKER_API_SPEC="$cache"
+}

@@ -10,6 +10,11 @@ need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:
 # A font for the console's browser tests (chromium only recommends one).
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_packages __nexus_no_such_command__:fonts-dejavu-core
 
+# Firecracker's v1.16.1 OpenAPI spec, which the conformance tests check the
+# agent's requests against: $FIRECRACKER_API_SPEC, a copy beside the
+# repository, or one downloaded from Firecracker's repository (and checked).
+need_firecracker_spec
+
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"

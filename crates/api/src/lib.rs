@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod binding;
 pub mod conditions;
 pub mod error;
 pub mod event;
@@ -27,6 +28,7 @@ pub mod validation;
 pub mod vm;
 pub mod watch;
 
+pub use binding::{ClusterRoleBinding, ClusterRoleBindingSpec, RoleBinding, RoleBindingSpec};
 pub use error::ErrorBody;
 pub use event::{Event, EventSpec};
 pub use image::{Image, ImageSpec};
@@ -35,7 +37,6 @@ pub use meta::{Condition, ConditionStatus, ListMeta, Object, ObjectList, ObjectM
 pub use node::{Node, NodeSpec, NodeStatus};
 pub use pool::{VmPool, VmPoolSpec};
 pub use quota::{ResourceQuota, ResourceQuotaSpec};
-pub use rbac::{ClusterRoleBinding, ClusterRoleBindingSpec, RoleBinding, RoleBindingSpec};
 pub use snapshot::{Snapshot, SnapshotSpec};
 pub use template::{Template, TemplateSpec};
 pub use vm::{PowerState, Vm, VmPhase, VmSpec, VmStatus};

@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use nexus_api::ClusterRoleBindingSpec;
 use nexus_api::auth::{AuditList, IssuedToken, NodeCredential, RotateRequest, TokenList, TokenRequest, WhoAmI};
-use nexus_api::rbac::{ClusterRoleBindingSpec, Role, Subject};
+use nexus_api::rbac::{Role, Subject};
 use nexus_api::{ClusterRoleBinding, Object, ResourceSpec};
 use serde::Deserialize;
 

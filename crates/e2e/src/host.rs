@@ -124,3 +124,8 @@ pub async fn fc_request(socket: &Path, method: &str, path: &str, body: Option<&s
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
+
+/// Whether `path` is on a tmpfs.
+pub fn is_tmpfs(path: &std::path::Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}

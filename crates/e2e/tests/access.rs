@@ -483,7 +483,6 @@ async fn vm_status(client: &Client, name: &str) -> nexus_api::VmStatus {
 
 #[test]
 fn an_image_whose_checksum_differs_fails_its_vms_and_the_right_one_runs() {
-    nexus_e2e::ensure_example_images();
     nexus_e2e::in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = nexus_e2e::Cluster::start(dir.path(), "node-a").await;
@@ -583,7 +582,6 @@ fn an_image_whose_checksum_differs_fails_its_vms_and_the_right_one_runs() {
 
 #[test]
 fn a_vms_history_by_two_users_is_on_record_with_the_viewers_refusal() {
-    nexus_e2e::ensure_example_images();
     nexus_e2e::in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = nexus_e2e::Cluster::start(dir.path(), "node-a").await;
@@ -659,7 +657,6 @@ fn a_vms_history_by_two_users_is_on_record_with_the_viewers_refusal() {
 
 #[test]
 fn node_credentials_rotate_without_a_restart_and_calls_keep_working() {
-    nexus_e2e::ensure_example_images();
     nexus_e2e::in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster =

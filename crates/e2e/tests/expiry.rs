@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nexus_e2e::{Cluster, ensure_example_images, host, in_private_netns, wait_until};
+use nexus_e2e::{Cluster, host, in_private_netns, wait_until};
 
 fn vm(name: &str, extra: &str) -> String {
     format!(
@@ -41,7 +41,6 @@ async fn expired_event(client: &nexus_client::Client, name: &str) -> String {
 
 #[test]
 fn a_vm_is_deleted_when_its_lifetime_runs_out_and_a_finished_one_after_its_ttl() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path(), "n1").await;

@@ -10,7 +10,7 @@ use nexus_api::meta::find_condition;
 use nexus_api::{VmPhase, VmSpec};
 use nexus_client::ListParams;
 use nexus_e2e::multinode::MultiNode;
-use nexus_e2e::{ensure_example_images, in_private_netns, wait_until};
+use nexus_e2e::{in_private_netns, wait_until};
 
 fn vms_yaml(names: &[String]) -> String {
     names
@@ -61,7 +61,6 @@ async fn delete_all_and_check_nothing_left(fleet: &mut MultiNode) {
 
 #[test]
 fn fifty_vms_spread_over_three_agents_within_capacity_and_the_overflow_waits_with_a_reason() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut fleet = MultiNode::start(dir.path(), 3, 17).await;
@@ -111,7 +110,6 @@ fn fifty_vms_spread_over_three_agents_within_capacity_and_the_overflow_waits_wit
 
 #[test]
 fn killing_each_process_during_churn_converges_and_leaks_nothing() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut fleet = MultiNode::start(dir.path(), 3, 20).await;
@@ -212,7 +210,6 @@ fn killing_each_process_during_churn_converges_and_leaks_nothing() {
 
 #[test]
 fn vms_of_a_deleted_node_are_placed_again_and_what_they_left_there_is_collected() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut fleet = MultiNode::start(dir.path(), 2, 10).await;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, run_ok, wait_until};
+use nexus_e2e::{Cluster, in_private_netns, run_ok, wait_until};
 
 fn sha256(path: &Path) -> String {
     run_ok(Command::new("sha256sum").arg(path)).split_whitespace().next().unwrap().to_string()
@@ -114,7 +114,6 @@ fn serve_file(file: std::path::PathBuf) -> String {
 
 #[test]
 fn a_tarball_and_an_oci_layout_become_images_nodes_download_check_and_refetch() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let node_images = dir.path().join("node-images");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nexus_api::PowerState;
 use nexus_api::agent::{EnsureVm, Inventory, ObservedState, VmReport};
-use nexus_e2e::{Proc, bin, ensure_example_images, host, in_private_netns, wait_until};
+use nexus_e2e::{Proc, bin, host, in_private_netns, wait_until};
 use serde_json::Value;
 
 const ADDR: &str = "127.0.0.1:7444";
@@ -159,7 +159,6 @@ fn host_state(run: &Path) -> (Vec<String>, Vec<String>, Vec<u32>, Vec<String>) {
 
 #[test]
 fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -231,7 +230,6 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
 
 #[test]
 fn two_hundred_create_delete_cycles_with_vmms_reaped_late_fail_no_call() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         // VMMs that end as a multi-threaded Firecracker does: a zombie to
@@ -283,7 +281,6 @@ fn two_hundred_create_delete_cycles_with_vmms_reaped_late_fail_no_call() {
 
 #[test]
 fn a_stop_ends_the_vmm_whether_or_not_the_guest_honours_ctrl_alt_del() {
-    ensure_example_images();
     for (guest, env) in [
         ("honours Ctrl+Alt+Del", vec![]),
         ("ignores Ctrl+Alt+Del", vec![("FIRECRACKER_SIM_GUEST_IGNORES_CTRL_ALT_DEL", "1")]),
@@ -313,7 +310,6 @@ fn a_stop_ends_the_vmm_whether_or_not_the_guest_honours_ctrl_alt_del() {
 
 #[test]
 fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -344,7 +340,6 @@ fn a_killed_vmm_is_reported_and_ensure_brings_it_back() {
 
 #[test]
 fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restart_policy() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         // A guest that takes two seconds to power off after Ctrl+Alt+Del.
@@ -387,7 +382,6 @@ fn a_guest_powering_off_slowly_is_left_to_finish_and_its_exit_reaches_the_restar
 
 #[test]
 fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         // VMMs that take 1.5 s to open their socket: the agent dies while waiting.
@@ -417,7 +411,6 @@ fn an_agent_killed_mid_create_and_restarted_ends_with_one_vm_and_no_orphans() {
 
 #[test]
 fn a_restarted_agent_adopts_running_vms() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut agent = Agent::start(dir.path(), &[]).await;
@@ -436,7 +429,6 @@ fn a_restarted_agent_adopts_running_vms() {
 
 #[test]
 fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -537,7 +529,6 @@ fn the_proxy_passes_allowed_calls_and_logs_and_metrics_are_served() {
 
 #[test]
 fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -729,7 +720,6 @@ fn walk(root: &Path, run: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
 
 #[test]
 fn guests_that_ask_get_an_address_from_the_node_subnet_on_the_kernel_command_line() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -800,7 +790,6 @@ fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
         std::process::Command::new("dbus-daemon").arg("--version").output().is_ok(),
         "no dbus-daemon to run a fake systemd peer on: install it (hack/test.sh does)"
     );
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let bus = dir.path().join("bus");
@@ -839,7 +828,6 @@ fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
 
 #[test]
 fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;
@@ -942,7 +930,6 @@ fn image_with_data(path: &Path, size: u64, data_mib: usize) {
 
 #[test]
 fn on_a_reflink_filesystem_a_4_gib_disk_is_cloned_as_fast_as_a_16_mib_one_and_takes_no_new_blocks() {
-    ensure_example_images();
     in_private_netns(|| async {
         // An XFS filesystem (reflinks on) in a file, mounted in a mount
         // namespace of this test's own, so it goes when the test does.
@@ -1046,7 +1033,6 @@ fn confinement(pid: u32) -> (u32, u32, PathBuf, Vec<String>, String) {
 
 #[test]
 fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_host_files() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         // A host file any host user could read: only the jail keeps it from the VMM.
@@ -1157,7 +1143,6 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
 
 #[test]
 fn a_vmm_an_earlier_agent_started_unjailed_is_adopted_then_restarts_jailed() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let agent = Agent::start(dir.path(), &[]).await;

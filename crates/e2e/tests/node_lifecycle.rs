@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nexus_api::meta::find_condition;
 use nexus_api::{ConditionStatus, EventSpec, NodeSpec, VmPhase, VmSpec};
 use nexus_client::ListParams;
-use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root, wait_until};
+use nexus_e2e::{Cluster, in_private_netns, repo_root, wait_until};
 
 fn reasons(events: &[nexus_api::Event]) -> Vec<String> {
     let mut r: Vec<String> = events.iter().map(|e| e.spec.reason.clone()).collect();
@@ -50,7 +50,6 @@ async fn events_about(client: &nexus_client::Client, name: &str, want: &[&str]) 
 
 #[test]
 fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -96,7 +95,6 @@ fn a_silent_node_goes_not_ready_and_its_vm_is_adopted_when_the_agent_returns() {
 
 #[test]
 fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -142,7 +140,6 @@ fn pause_stop_and_start_are_events_and_a_dead_vmm_is_restarted() {
 
 #[test]
 fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones_never() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -208,7 +205,6 @@ fn unclaimed_taps_and_sockets_are_collected_after_the_grace_period_and_live_ones
 
 #[test]
 fn when_the_leading_controller_dies_the_standby_takes_over_within_seconds() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -312,7 +308,6 @@ async fn wait_phase(client: &nexus_client::Client, name: &str, phase: VmPhase) {
 #[test]
 fn create_pause_resume_stop_start_delete_a_hundred_times_leaks_nothing() {
     use nexus_api::PowerState;
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;

@@ -11,9 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nexus_api::{EventSpec, VmPhase, VmSpec};
-use nexus_e2e::{
-    ApiServer, Backend, Cluster, ClusterOptions, bin, ensure_example_images, in_private_netns, wait_until,
-};
+use nexus_e2e::{ApiServer, Backend, Cluster, ClusterOptions, bin, in_private_netns, wait_until};
 
 fn vm_yaml(name: &str) -> String {
     format!(
@@ -41,7 +39,6 @@ fn expect_line(lines: &mpsc::Receiver<(Instant, String)>, needle: &str, within: 
 
 #[test]
 fn logs_follow_a_vm_across_a_vmm_restart_and_end_when_it_is_deleted() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path(), "node-1").await;
@@ -121,7 +118,6 @@ fn logs_follow_a_vm_across_a_vmm_restart_and_end_when_it_is_deleted() {
 
 #[test]
 fn per_vm_metrics_reach_prometheus_and_top_and_one_request_id_crosses_every_process() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let opts = ClusterOptions { agent_args: &["--metrics-interval-secs", "1"], ..Default::default() };

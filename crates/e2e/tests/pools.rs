@@ -13,7 +13,7 @@ use nexus_api::pool::{REVISION_LABEL, RolloutPhase, VmPool};
 use nexus_api::{ConditionStatus, Vm, VmPhase, VmPoolSpec, VmSpec};
 use nexus_client::{Client, ListParams};
 use nexus_e2e::multinode::MultiNode;
-use nexus_e2e::{ensure_example_images, in_private_netns, wait_until};
+use nexus_e2e::{in_private_netns, wait_until};
 
 /// What the simulated guest of a bad kernel panics on.
 const PANIC_MARKER: &str = "NEXUS-E2E-BAD-KERNEL";
@@ -152,18 +152,18 @@ fn phase(p: &VmPool) -> Option<RolloutPhase> {
 
 #[test]
 fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader() {
-    ensure_example_images();
-    // Three kernels: two good ones and one whose guest panics.
-    let images = std::path::Path::new("/var/lib/nexus/images");
-    let base = std::fs::read(images.join("vmlinux")).unwrap();
-    for (file, extra) in
-        [("e2e-pool-kernel-v1", "v1"), ("e2e-pool-kernel-v2", "v2"), ("e2e-pool-kernel-bad", PANIC_MARKER)]
-    {
-        let mut bytes = base.clone();
-        bytes.extend_from_slice(extra.as_bytes());
-        std::fs::write(images.join(file), bytes).unwrap();
-    }
     in_private_netns(|| async {
+        // Three kernels: two good ones and one whose guest panics (in the
+        // test's own image directory, see `in_private_netns`).
+        let images = std::path::Path::new(nexus_e2e::EXAMPLE_IMAGES);
+        let base = std::fs::read(images.join("vmlinux")).unwrap();
+        for (file, extra) in
+            [("e2e-pool-kernel-v1", "v1"), ("e2e-pool-kernel-v2", "v2"), ("e2e-pool-kernel-bad", PANIC_MARKER)]
+        {
+            let mut bytes = base.clone();
+            bytes.extend_from_slice(extra.as_bytes());
+            std::fs::write(images.join(file), bytes).unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut fleet =
             MultiNode::start_env(dir.path(), 3, 40, &[("FIRECRACKER_SIM_PANIC_IF_KERNEL_CONTAINS", PANIC_MARKER)])
@@ -391,7 +391,4 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         assert_eq!(fleet.taps(), 0);
         fleet.stop();
     });
-    for file in ["e2e-pool-kernel-v1", "e2e-pool-kernel-v2", "e2e-pool-kernel-bad"] {
-        let _ = std::fs::remove_file(images.join(file));
-    }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use nexus_api::{NodeSpec, VmPhase, VmSpec};
 use nexus_client::{Event, ListParams};
-use nexus_e2e::{AGENT_ADDR, APISERVER_ADDR, Cluster, ensure_example_images, in_private_netns};
+use nexus_e2e::{AGENT_ADDR, APISERVER_ADDR, Cluster, in_private_netns};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,7 +34,6 @@ async fn plain_get(addr: &str) -> String {
 
 #[test]
 fn every_hop_is_https_and_plain_http_or_a_foreign_ca_is_refused() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -149,7 +148,6 @@ async fn reconciles() -> (f64, f64) {
 
 #[test]
 fn a_noisy_user_gets_429_while_the_controllers_reconciles_keep_their_pace() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let cluster =

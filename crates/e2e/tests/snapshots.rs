@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nexus_api::snapshot::SnapshotPhase;
 use nexus_api::{SnapshotSpec, Vm, VmPhase, VmSpec};
 use nexus_e2e::multinode::MultiNode;
-use nexus_e2e::{Cluster, ClusterOptions, ensure_example_images, in_private_netns, wait_until};
+use nexus_e2e::{Cluster, ClusterOptions, in_private_netns, wait_until};
 use serde_json::Value;
 
 fn vm_yaml(name: &str, mem_mib: u32) -> String {
@@ -47,7 +47,6 @@ fn bridge_ports(ns: &nexus_e2e::multinode::NodeNs) -> Vec<(String, String)> {
 
 #[test]
 fn a_snapshot_restores_into_three_vms_on_its_node_each_with_its_own_identity_and_nothing_is_left() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut fleet = MultiNode::start(dir.path(), 2, 10).await;
@@ -249,7 +248,6 @@ async fn interrupted(what: &str) -> (SnapshotPhase, VmPhase, u128) {
 
 #[test]
 fn a_controller_agent_or_vmm_killed_mid_snapshot_leaves_it_ready_or_failed_and_the_vm_running() {
-    ensure_example_images();
     for what in ["controller", "agent", "vmm"] {
         in_private_netns(move || async move {
             let (snap, vm, _) = interrupted(what).await;
@@ -261,7 +259,6 @@ fn a_controller_agent_or_vmm_killed_mid_snapshot_leaves_it_ready_or_failed_and_t
 
 #[test]
 fn a_restore_from_files_removed_by_hand_fails_with_the_reason_and_leaves_nothing() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;

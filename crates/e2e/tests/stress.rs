@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use nexus_api::{EventSpec, LeaseSpec, NodeSpec, VmPhase, VmPoolSpec, VmSpec};
 use nexus_client::{Event, ListParams};
-use nexus_e2e::{Cluster, Proc, ensure_example_images, in_private_netns, repo_root, wait_until};
+use nexus_e2e::{Cluster, Proc, in_private_netns, repo_root, wait_until};
 
 fn vm_yaml(name: &str, label: &str) -> String {
     format!(
@@ -41,7 +41,6 @@ async fn phase(cluster: &Cluster, name: &str) -> Option<VmPhase> {
 
 #[test]
 fn reapplying_the_examples_ten_times_changes_nothing_and_diff_is_clean() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -98,7 +97,6 @@ fn reapplying_the_examples_ten_times_changes_nothing_and_diff_is_clean() {
 
 #[test]
 fn one_controller_survives_an_apiserver_outage_and_acts_within_two_seconds_of_its_return() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -133,7 +131,6 @@ fn one_controller_survives_an_apiserver_outage_and_acts_within_two_seconds_of_it
 
 #[test]
 fn twenty_vms_with_large_disks_at_once_never_stall_the_agents_heartbeat() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -210,7 +207,6 @@ async fn leader_of(cluster: &Cluster, pids: &[u32]) -> Option<usize> {
 
 #[test]
 fn a_leader_killed_during_churn_is_replaced_and_every_vm_converges_within_five_seconds() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nexus_api::{VmPhase, VmSpec};
-use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, wait_until};
+use nexus_e2e::{Cluster, in_private_netns, wait_until};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -91,7 +91,6 @@ fn spans(bodies: &[Value]) -> BTreeSet<(String, String, String)> {
 
 #[test]
 fn spans_of_every_process_reach_the_collector_with_the_request_id() {
-    ensure_example_images();
     let port = nexus_e2e::free_port();
     // SAFETY: the only test of this binary, before it starts any thread;
     // the processes it starts inherit the variables.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use nexus_api::{Vm, VmSpec};
 use nexus_e2e::webdriver::{Driver, chromium};
-use nexus_e2e::{ApiServer, Backend, Cluster, ensure_example_images, in_private_netns, issue_token, repo_root};
+use nexus_e2e::{ApiServer, Backend, Cluster, in_private_netns, issue_token, repo_root};
 use serde_json::json;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -43,7 +43,6 @@ fn vm_yaml(name: &str, team: &str) -> String {
 #[test]
 fn the_console_shows_the_fleet_live_and_starts_stops_follows_and_deletes_a_vm() {
     let (chromium, chromedriver) = browsers();
-    ensure_example_images();
     in_private_netns(|| async move {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::start(dir.path(), "node-a").await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nexus_api::meta::find_condition;
 use nexus_api::{EventSpec, Vm, VmPhase, VmSpec};
 use nexus_client::{Client, ListParams};
-use nexus_e2e::{Cluster, ensure_example_images, in_private_netns, repo_root};
+use nexus_e2e::{Cluster, in_private_netns, repo_root};
 
 fn example(name: &str) -> String {
     repo_root().join("examples").join(name).display().to_string()
@@ -75,7 +75,6 @@ fn apply(cluster: &Cluster, file: &str) {
 
 #[test]
 fn a_vm_from_a_template_waits_for_its_template_and_images_then_runs_with_them_resolved() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -177,7 +176,6 @@ fn sigkill(vm: &Vm) {
 
 #[test]
 fn the_restart_policy_decides_what_follows_a_guest_shutdown_or_a_dead_vmm() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "node-a").await;

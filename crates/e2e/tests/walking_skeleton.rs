@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use nexus_api::{VmPhase, VmSpec};
 use nexus_client::{Event, ListParams};
-use nexus_e2e::{Cluster, ensure_example_images, host, in_private_netns, repo_root};
+use nexus_e2e::{Cluster, host, in_private_netns, repo_root};
 
 const VM_NAME: &str = "hello";
 
@@ -88,7 +88,6 @@ fn assert_nothing_left(run_dir: &Path) {
 
 #[test]
 fn applied_example_vm_runs_and_delete_leaves_nothing_behind() {
-    ensure_example_images();
     in_private_netns(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Cluster::start(dir.path(), "node-a").await;
@@ -103,7 +102,6 @@ fn applied_example_vm_runs_and_delete_leaves_nothing_behind() {
 
 #[test]
 fn walking_skeleton_twenty_times_in_a_row_leaves_nothing_behind() {
-    ensure_example_images();
     in_private_netns(|| async {
         let base = tempfile::tempdir().expect("tempdir");
         let before =

@@ -1,7 +1,7 @@
 //! Every request the agent's Firecracker client sends during a full
 //! lifecycle (create, pause, snapshot, resume, stop; restore into a new VM)
 //! is captured on the wire and checked against Firecracker's OpenAPI spec,
-//! read from `../shared/firecracker/` (or `$FIRECRACKER_API_SPEC`).
+//! found through `$FIRECRACKER_API_SPEC` or in `../shared/firecracker/` (see `spec_paths`).
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -29,23 +29,32 @@ use support::openapi::Spec;
 
 type Recorded = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 
-fn spec_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("FIRECRACKER_API_SPEC") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/firecracker-v1.16.1-api.yaml")
+/// Where Firecracker's v1.16.1 OpenAPI spec is looked for, in order:
+/// `$FIRECRACKER_API_SPEC` (which `hack/test.sh` sets, downloading the
+/// file from Firecracker's repository and checking its sha256 when it has
+/// no copy), then `shared/firecracker/` beside the repository.
+fn spec_paths() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::env::var_os("FIRECRACKER_API_SPEC").map(PathBuf::from).into_iter().collect();
+    paths.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/firecracker/firecracker-v1.16.1-api.yaml"));
+    paths
 }
 
 fn load_spec() -> Spec {
-    let path = spec_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "Firecracker's OpenAPI spec is absent ({}: {e}). This test validates the agent's requests against it: \
-             put shared/firecracker/ beside the repository or point FIRECRACKER_API_SPEC at the spec file.",
-            path.display()
-        )
-    });
+    let (_, text) = read_spec();
     Spec::parse(&text)
+}
+
+/// The spec's text and where it was read from.
+fn read_spec() -> (PathBuf, String) {
+    let paths = spec_paths();
+    paths.iter().find_map(|p| std::fs::read_to_string(p).ok().map(|t| (p.clone(), t))).unwrap_or_else(|| {
+        panic!(
+            "Firecracker's v1.16.1 OpenAPI spec is not here (looked at {}). This test validates the agent's \
+             requests against it: run hack/test.sh, which downloads it from Firecracker's repository and checks \
+             its sha256, or point FIRECRACKER_API_SPEC at a copy.",
+            paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 fn sim_binary() -> PathBuf {
@@ -275,7 +284,7 @@ fn every_request_of_a_full_lifecycle_conforms_to_the_firecracker_spec() {
             .unwrap_or_default();
         seen.insert(format!("{method} {tpl}{action}"));
     }
-    println!("{} requests checked against {}", requests.len(), spec_path().display());
+    println!("{} requests checked against {}", requests.len(), read_spec().0.display());
     for s in &seen {
         println!("  {s}");
     }

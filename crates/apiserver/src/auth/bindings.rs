@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use nexus_api::rbac::{ClusterRoleBindingSpec, Grants, RoleBindingSpec};
+use nexus_api::rbac::Grants;
+use nexus_api::{ClusterRoleBindingSpec, RoleBindingSpec};
 use nexus_api::{Object, ResourceSpec};
 
 use crate::error::ApiError;

@@ -135,7 +135,7 @@ fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
 async fn bench(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in(&args.dir)?;
     // Under the agents' default image root, where `hack/images.sh` puts them.
-    nexus_e2e::ensure_example_images();
+    nexus_e2e::ensure_host_example_images();
     let (kernel, rootfs) = ("/var/lib/nexus/images/vmlinux", "/var/lib/nexus/images/rootfs.ext4");
     let max_vms = (args.vms.div_ceil(args.agents) + 10) as u32;
     let sim = nexus_e2e::bin("firecracker-sim");

@@ -315,7 +315,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         None => (nexus_e2e::bin("firecracker-sim"), "firecracker-sim (simulated VMM)".to_string()),
     };
     if args.firecracker.is_none() {
-        nexus_e2e::ensure_example_images();
+        nexus_e2e::ensure_host_example_images();
     }
     let tmp = tempfile::Builder::new().prefix("nexus-latency-bench").tempdir_in("/var/tmp")?;
     // NEXUS_BENCH_KEEP=1 keeps the processes' logs for a closer look.

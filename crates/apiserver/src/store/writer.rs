@@ -1,0 +1,204 @@
+//! The writer task: mutations are queued to it, and it commits the ones
+//! waiting together (group commit: one fsync for many writes) under the
+//! writer lock, each with its change-log and audit rows, answering each
+//! only once its transaction is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+/// Most mutations committed in one transaction.
+const MAX_BATCH: usize = 128;
+
+/// What a mutation writes, decided from what is stored.
+type Decide = Box<dyn FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError> + Send>;
+
+/// One mutation waiting for the writer task.
+pub(super) struct Job {
+    pub(super) kind: String,
+    pub(super) project: String,
+    pub(super) name: String,
+    pub(super) audit: AuditInfo,
+    pub(super) reads: Reads,
+    pub(super) decide: Decide,
+    pub(super) reply: oneshot::Sender<Result<Mutation, ApiError>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("kind", &self.kind)
+            .field("project", &self.project)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// What one job of a batch came to, before the batch commits.
+type Outcome = Result<(Mutation, Option<Change>), ApiError>;
+
+impl Core {
+    /// Commits queued mutations, as many as are waiting (up to
+    /// [`MAX_BATCH`]) in each transaction, until the queue closes.
+    pub(super) async fn write_batches(self, mut queue: mpsc::UnboundedReceiver<Job>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Runs `batch` in one transaction and answers each job once it has
+    /// committed (or failed). A job whose own check fails is answered with
+    /// its error and leaves no trace; a storage failure fails them all.
+    async fn commit(&self, batch: Vec<Job>) {
+        let _writer = self.writer.lock().await;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        for job in batch {
+            let Job { kind, project, name, audit, reads, decide, reply } = job;
+            replies.push(reply);
+            work.push((kind, project, name, audit, reads, decide));
+        }
+        let size = work.len();
+        metrics::histogram!("nexus_store_batch_size").record(size as f64);
+        match self.run(work).await {
+            Ok(outcomes) => {
+                let mut announced = false;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let answer = outcome.map(|(mutation, change)| {
+                        if let Some(change) = change {
+                            match self.pool {
+                                // Still under the writer lock: broadcasts leave in commit order.
+                                Pool::Sqlite(_) => {
+                                    let _ = self.changes.send(Arc::new(change));
+                                }
+                                Pool::Postgres(_) => announced = true,
+                            }
+                        }
+                        mutation
+                    });
+                    let _ = reply.send(answer);
+                }
+                if announced {
+                    self.poke.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = size, "a batch of writes failed");
+                let message = format!("storage failed: {e}");
+                let mut first = Some(e);
+                for reply in replies {
+                    let error = first.take().unwrap_or_else(|| ApiError::Internal(message.clone()));
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+    }
+
+    /// The transaction of one batch. The outer error is a storage failure
+    /// (nothing committed); each job has its own outcome otherwise.
+    async fn run(
+        &self,
+        work: Vec<(String, String, String, AuditInfo, Reads, Decide)>,
+    ) -> Result<Vec<Outcome>, ApiError> {
+        let sql = self.sql;
+        let retained = self.retained.load(Ordering::Relaxed);
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            if let Some(statement) = sql.write_lock {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            let mut last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
+            let mut outcomes = Vec::with_capacity(work.len());
+            let mut wrote = false;
+            for (kind, project, name, audit, reads, decide) in work {
+                let current: Option<String> = sqlx::query_scalar(sql.get).bind(&kind).bind(&project).bind(&name)
+                    .fetch_optional(&mut *tx).await?;
+                let existed = current.is_some();
+                let current = match current.map(|b| serde_json::from_str::<Value>(&b)).transpose() {
+                    Ok(c) => c,
+                    Err(e) => { outcomes.push(Err(e.into())); continue; }
+                };
+                let before = current.clone();
+                let mut seen = Seen::default();
+                if let Reads::InProject { project: p, gate, then } = &reads {
+                    let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
+                    let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
+                    let gates = parse(list(gate).fetch_all(&mut *tx).await?)?;
+                    if !gates.is_empty() {
+                        for kind in then {
+                            seen.objects.insert(kind, parse(list(kind).fetch_all(&mut *tx).await?)?);
+                        }
+                    }
+                    seen.objects.insert(gate, gates);
+                }
+                let rv = last + 1;
+                let (type_, object) = match decide(current, &seen, rv) {
+                    Err(e) => { outcomes.push(Err(e)); continue; }
+                    Ok(Write::Unchanged(obj)) => { outcomes.push(Ok((Mutation { object: obj, committed: false }, None))); continue; }
+                    Ok(Write::Put(obj)) if existed => (ChangeType::Modified, obj),
+                    Ok(Write::Put(obj)) => (ChangeType::Added, obj),
+                    Ok(Write::Delete(obj)) => (ChangeType::Deleted, obj),
+                };
+                // Everything that can fail on its own is done before the first statement.
+                let after = (type_ != ChangeType::Deleted).then_some(&object);
+                let prepared = serde_json::to_string(&object).and_then(|body| {
+                    serde_json::to_string(&crate::audit::changes(before.as_ref(), after)).map(|changes| (body, changes))
+                });
+                let (body, changes) = match prepared {
+                    Ok(p) => p,
+                    Err(e) => { outcomes.push(Err(e.into())); continue; }
+                };
+                if type_ == ChangeType::Deleted {
+                    sqlx::query(sql.delete_object).bind(&kind).bind(&project).bind(&name).execute(&mut *tx).await?;
+                } else {
+                    let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                    sqlx::query(sql.upsert_object).bind(&kind).bind(&project).bind(&name).bind(uid).bind(rv).bind(&body)
+                        .execute(&mut *tx).await?;
+                }
+                sqlx::query(sql.insert_change).bind(rv).bind(&kind).bind(&project).bind(&name).bind(type_.as_str())
+                    .bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
+                sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
+                    .bind(&audit.actor).bind(audit.verb).bind(&kind).bind(&project).bind(&name).bind(rv).bind("allowed")
+                    .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
+                    .bind(&changes).bind("")
+                    .execute(&mut *tx).await?;
+                let every = (retained / 10).max(1);
+                if rv % every == 0 {
+                    sqlx::query(sql.compact).bind(rv - retained).execute(&mut *tx).await?;
+                }
+                last = rv;
+                wrote = true;
+                let change = Change {
+                    resource_version: rv,
+                    kind,
+                    project,
+                    type_,
+                    object: object.clone(),
+                    request_id: audit.trace_id().to_string(),
+                    line: Default::default(),
+                };
+                outcomes.push(Ok((Mutation { object, committed: true }, Some(change))));
+            }
+            if wrote {
+                if let Some(statement) = sql.notify {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            } else {
+                tx.rollback().await?;
+            }
+            Ok(outcomes)
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! A whole cluster on one node: apiserver, controller and node agent (on the
+//! simulated VMM), as real processes in the calling thread's namespace.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nexus_client::Client;
+
+use crate::*;
+
+/// An apiserver, controller and node agent (on the simulated VMM), started
+/// as real processes in the calling thread's network namespace.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub server: String,
+    /// The cluster's CA file: the apiserver's and the agent's certificates
+    /// are signed by it.
+    pub ca: PathBuf,
+    pub apiserver: Proc,
+    pub agent: Proc,
+    pub controller: Proc,
+    /// A cluster-admin token (the bootstrap admin's).
+    pub admin_token: String,
+    agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
+    apiserver_args: Vec<String>,
+}
+
+/// How [`Cluster::start_opts`] starts the processes, beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterOptions<'a> {
+    /// Extra flags for the node agent.
+    pub agent_args: &'a [&'a str],
+    /// Extra flags for the apiserver.
+    pub apiserver_args: &'a [&'a str],
+    /// Environment of the node agent (and so of the VMMs it starts).
+    pub agent_env: &'a [(&'a str, &'a str)],
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failed test must not leave VMMs behind: they outlive the agent.
+        // The agent goes first, or its restart policy would start again
+        // the VMMs being killed.
+        self.agent.stop();
+        kill_vmms_under(&self.run_dir);
+    }
+}
+
+/// SIGKILLs every VMM whose API socket lies under `dir`.
+pub fn kill_vmms_under(dir: &Path) {
+    for (pid, _) in host::vmm_processes_under(dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Ports used inside the test's own namespace (no clash with the host).
+pub const APISERVER_ADDR: &str = "127.0.0.1:7443";
+pub const AGENT_ADDR: &str = "127.0.0.1:7444";
+
+impl Cluster {
+    /// Starts the three processes with state under `dir` and waits until
+    /// the node is registered and Ready.
+    pub async fn start(dir: &Path, node: &str) -> Cluster {
+        Cluster::start_with(dir, node, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra flags for the node agent.
+    pub async fn start_with(dir: &Path, node: &str, agent_extra: &[&str]) -> Cluster {
+        Cluster::start_full(dir, node, agent_extra, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra flags for the node agent and the
+    /// apiserver. Every connection is HTTPS: the apiserver finds its
+    /// certificate where `nexus-apiserver init-pki` puts it (`pki/` in its
+    /// data directory), and the agent's is issued for its address.
+    pub async fn start_full(dir: &Path, node: &str, agent_extra: &[&str], apiserver_extra: &[&str]) -> Cluster {
+        let opts = ClusterOptions { agent_args: agent_extra, apiserver_args: apiserver_extra, agent_env: &[] };
+        Cluster::start_opts(dir, node, &opts).await
+    }
+
+    /// Like [`Cluster::start`], started as `opts` say.
+    pub async fn start_opts(dir: &Path, node: &str, opts: &ClusterOptions<'_>) -> Cluster {
+        let (agent_extra, apiserver_extra) = (opts.agent_args, opts.apiserver_args);
+        let agent_env: Vec<(String, String)> =
+            opts.agent_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        std::fs::create_dir_all(dir).expect("cluster dir");
+        let run_dir = dir.join("run");
+        let data = dir.join("data");
+        let pki = data.join("pki");
+        let ca = init_pki(&pki);
+        let agent_ip = AGENT_ADDR.split(':').next().expect("agent address");
+        let (agent_cert, agent_key) = issue_cert(&pki, "agent", &[agent_ip]);
+        let server = format!("https://{APISERVER_ADDR}");
+        let s = |p: &Path| p.display().to_string();
+        let mut apiserver_args: Vec<String> =
+            ["--listen", APISERVER_ADDR, "--data-dir", &s(&data), "--bookmark-interval-secs", "2", "--allow-raw-paths"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+        // Tests are not about request budgets, unless they say so.
+        if !apiserver_extra.contains(&"--rate-limit-qps") {
+            apiserver_args.extend(["--rate-limit-qps", "100000", "--rate-limit-burst", "100000"].map(String::from));
+        }
+        apiserver_args.extend(apiserver_extra.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
+        let apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &dir.join("apiserver.log"));
+        let admin_token = wait_admin_token(&data.join("admin.token")).await;
+        let client = Client::with_trust(&server, Some(admin_token.clone()), trust(&ca));
+        wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
+            .await;
+        let (join, controller_token) = component_tokens(&client, dir).await;
+        let agent_args: Vec<String> = [
+            "--apiserver",
+            &server,
+            "--ca-file",
+            &s(&ca),
+            "--tls-cert",
+            &s(&agent_cert),
+            "--tls-key",
+            &s(&agent_key),
+            "--node-name",
+            node,
+            "--listen",
+            AGENT_ADDR,
+            "--state-dir",
+            &s(&dir.join("agent-state")),
+            "--join-token-file",
+            &s(&join),
+            "--run-dir",
+            &s(&run_dir),
+            "--firecracker",
+            &s(&bin("firecracker-sim")),
+            "--heartbeat-secs",
+            "1",
+            "--process-manager",
+            "direct",
+        ]
+        .iter()
+        .chain(agent_extra)
+        .map(|a| a.to_string())
+        .collect();
+        let argv: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let agent = spawn_env("nodeagent", &bin("nexus-nodeagent"), &argv, &dir.join("agent.log"), &env);
+        let controller =
+            spawn_controller(&server, &ca, &controller_token, "127.0.0.1:7445", &dir.join("controller.log"));
+        // Registered, heartbeating, and seen Ready by the controller (its
+        // cache trails the apiserver): a VM applied now is placed at once.
+        wait_controller_sees_ready_nodes("127.0.0.1:7445", 1).await;
+        Cluster {
+            dir: dir.to_path_buf(),
+            run_dir,
+            server,
+            ca,
+            apiserver,
+            agent,
+            controller,
+            admin_token,
+            agent_args,
+            agent_env,
+            apiserver_args,
+        }
+    }
+
+    /// Starts another controller (a standby while the first leads), serving
+    /// its metrics on `metrics_listen`.
+    pub fn spawn_controller(&self, metrics_listen: &str, log: &str) -> Proc {
+        spawn_controller(
+            &self.server,
+            &self.ca,
+            &self.dir.join("controller.token"),
+            metrics_listen,
+            &self.dir.join(log),
+        )
+    }
+
+    /// Starts the apiserver again (after it was killed or stopped) on the
+    /// same address and data, and waits until it answers.
+    pub async fn restart_apiserver(&mut self) {
+        let argv: Vec<&str> = self.apiserver_args.iter().map(String::as_str).collect();
+        self.apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &self.dir.join("apiserver.log"));
+        let client = self.client();
+        wait_until(Duration::from_secs(10), "the apiserver to answer again", || async {
+            client.version().await.is_ok()
+        })
+        .await;
+    }
+
+    /// Starts the node agent again (after it was killed or stopped).
+    pub fn restart_agent(&mut self) {
+        let argv: Vec<&str> = self.agent_args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.agent = spawn_env("nodeagent", &bin("nexus-nodeagent"), &argv, &self.dir.join("agent.log"), &env);
+    }
+
+    /// A client with the cluster admin's token.
+    pub fn client(&self) -> Client {
+        Client::with_trust(&self.server, Some(self.admin_token.clone()), trust(&self.ca))
+    }
+
+    /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
+    pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
+        nexusctl(&self.server, &self.ca, &self.admin_token, args)
+    }
+
+    /// Stops all three processes (controller first).
+    pub fn stop(&mut self) {
+        self.controller.stop();
+        self.agent.stop();
+        self.apiserver.stop();
+    }
+
+    /// The processes' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        ["apiserver.log", "agent.log", "controller.log"]
+            .iter()
+            .map(|f| format!("--- {f}\n{}", std::fs::read_to_string(self.dir.join(f)).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Runs `nexusctl --server <server> --certificate-authority <ca> <args>`
+/// with `token`; returns (success, stdout, stderr).
+pub fn nexusctl(server: &str, ca: &Path, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("nexusctl"))
+        .args(["--server", server])
+        .arg("--certificate-authority")
+        .arg(ca)
+        .args(args)
+        .env("NEXUS_TOKEN", token)
+        .env_remove("NEXUS_CONTEXT")
+        .output()
+        .expect("running nexusctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,180 @@
+//! Snapshots: writing the state and memory files of a paused VM, and
+//! loading them into a fresh VMM.
+
+use super::*;
+
+impl Vmm {
+    pub(super) fn snapshot_create(&mut self, body: &[u8]) -> Reply {
+        let params: SnapshotCreate = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Err(r) = self.post_boot() {
+            return r;
+        }
+        if self.state != InstanceState::Paused {
+            return Reply::fault(
+                400,
+                "Cannot create a snapshot: the microVM is not paused. Pause it first with PATCH /vm {\"state\": \"Paused\"}.",
+            );
+        }
+        match params.snapshot_type.as_deref() {
+            // Firecracker v1.16 takes a Diff snapshot without dirty-page
+            // tracking too (all of memory is then written).
+            None | Some("Full") | Some("Diff") => {}
+            Some(other) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "An error occurred when deserializing the json body of a request: unknown variant `{other}`, expected `Full` or `Diff`."
+                    ),
+                );
+            }
+        }
+        let state = SnapshotState {
+            magic: SNAPSHOT_MAGIC.into(),
+            firecracker_version: EMULATED_VERSION.into(),
+            machine: self.machine.clone(),
+            boot: self.boot.clone(),
+            drives: self.drives.values().cloned().collect(),
+            nets: self.nets.values().cloned().collect(),
+        };
+        // Both files are created or truncated, as Firecracker does.
+        let mem_bytes = (self.machine.mem_size_mib as u64) << 20;
+        let written = std::fs::write(&params.snapshot_path, serde_json::to_vec(&state).unwrap_or_default())
+            .and_then(|()| File::create(&params.mem_file_path))
+            .and_then(|mem| mem.set_len(mem_bytes));
+        match written {
+            Ok(()) => {
+                self.log("main", "INFO", &format!("Snapshot created at {}", params.snapshot_path));
+                Reply::no_content()
+            }
+            Err(e) => Reply::fault(400, format!("Cannot create the snapshot: {e}")),
+        }
+    }
+
+    pub(super) fn snapshot_load(&mut self, body: &[u8]) -> Reply {
+        let params: SnapshotLoad = match parse(body) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if self.state != InstanceState::NotStarted {
+            return Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT);
+        }
+        if self.boot_configured {
+            return Reply::fault(
+                400,
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            );
+        }
+        let mem_path = match (&params.mem_file_path, &params.mem_backend) {
+            (Some(p), None) => p.clone(),
+            (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+            (None, Some(b)) if b.backend_type == "Uffd" => {
+                return Reply::fault(400, "Uffd memory backends are not supported by firecracker-sim.");
+            }
+            (None, Some(b)) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `File` or `Uffd`.",
+                        b.backend_type
+                    ),
+                );
+            }
+            _ => {
+                return Reply::fault(
+                    400,
+                    "An error occurred when deserializing the json body of a request: missing field: either `mem_backend` or `mem_file_path` is required.",
+                );
+            }
+        };
+        let state: SnapshotState = match std::fs::read(&params.snapshot_path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SnapshotState>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(s) if s.magic == SNAPSHOT_MAGIC => s,
+            Ok(_) => {
+                return Reply::fault(
+                    400,
+                    "Load snapshot error: Failed to restore from snapshot: invalid snapshot state file.",
+                );
+            }
+            Err(e) => return Reply::fault(400, format!("Load snapshot error: Failed to restore from snapshot: {e}")),
+        };
+        let expected = (state.machine.mem_size_mib as u64) << 20;
+        match std::fs::metadata(&mem_path) {
+            Ok(m) if m.len() == expected => {}
+            Ok(m) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: the memory file {mem_path} holds {} bytes, the snapshot needs {expected}.",
+                        m.len()
+                    ),
+                );
+            }
+            Err(e) => {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: Failed to restore from snapshot: cannot open memory file {mem_path}: {e}"
+                    ),
+                );
+            }
+        }
+        let mut nets = state.nets.clone();
+        for o in &params.network_overrides {
+            match nets.iter_mut().find(|n| n.iface_id == o.iface_id) {
+                Some(n) => n.host_dev_name = o.host_dev_name.clone(),
+                None => {
+                    return Reply::fault(
+                        400,
+                        format!(
+                            "Load snapshot error: Invalid network configuration: no interface {} in the snapshot.",
+                            o.iface_id
+                        ),
+                    );
+                }
+            }
+        }
+        for d in &state.drives {
+            if let Some(path) = &d.path_on_host
+                && let Err(e) = OpenOptions::new().read(true).write(!d.is_read_only.unwrap_or(false)).open(path)
+            {
+                return Reply::fault(
+                    400,
+                    format!(
+                        "Load snapshot error: Failed to restore from snapshot: block device {}: {e} {path}",
+                        d.drive_id
+                    ),
+                );
+            }
+        }
+        let mut taps = BTreeMap::new();
+        for n in &nets {
+            match open_tap(&n.host_dev_name) {
+                Ok(f) => {
+                    taps.insert(n.iface_id.clone(), f);
+                }
+                Err(e) => {
+                    return Reply::fault(
+                        400,
+                        format!(
+                            "Load snapshot error: Failed to restore from snapshot: Open tap device failed: {e}. Invalid TUN/TAP Backend provided by {}.",
+                            n.host_dev_name
+                        ),
+                    );
+                }
+            }
+        }
+        self.machine = state.machine;
+        self.boot = state.boot;
+        self.drives = state.drives.into_iter().map(|d| (d.drive_id.clone(), d)).collect();
+        self.nets = nets.into_iter().map(|n| (n.iface_id.clone(), n)).collect();
+        self.taps = taps;
+        self.state = if params.resume_vm.unwrap_or(false) { InstanceState::Running } else { InstanceState::Paused };
+        self.log("main", "INFO", &format!("Snapshot loaded from {}", params.snapshot_path));
+        Reply::no_content()
+    }
+}
