@@ -74,3 +74,17 @@ need_firecracker_spec() {
     fi
     export FIRECRACKER_API_SPEC="$cache"
 }
+
+# Puts cargo-deny (a pinned version) on PATH: the one there, or one built
+# once into $NEXUS_TOOLS_DIR (default /var/tmp/nexus-tools, beside CI's
+# reused target directory), from crates.io.
+need_cargo_deny() {
+    local version=0.20.2
+    local dir=${NEXUS_TOOLS_DIR:-/var/tmp/nexus-tools}
+    export PATH="$dir/bin:$PATH"
+    if cargo deny --version 2>/dev/null | grep -q "$version"; then
+        return 0
+    fi
+    echo "installing cargo-deny $version into $dir" >&2
+    cargo install --quiet --locked --version "$version" --root "$dir" cargo-deny
+}

@@ -17,6 +17,9 @@ need_firecracker_spec
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
+echo "== cargo deny (licenses, bans, sources)"
+need_cargo_deny
+cargo deny -L error check licenses bans sources
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"

@@ -63,10 +63,7 @@ impl Vmm {
     }
 
     pub(super) fn patch_vm(&mut self, body: &[u8]) -> Reply {
-        let vm: VmState = match parse(body) {
-            Ok(v) => v,
-            Err(r) => return r,
-        };
+        let vm: VmState = attempt!(parse(body));
         if self.state == InstanceState::NotStarted {
             return Reply::fault(400, NOT_SUPPORTED_BEFORE_BOOT);
         }

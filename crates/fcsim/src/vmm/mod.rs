@@ -75,6 +75,18 @@ pub enum After {
     Fail,
 }
 
+/// The value of a step that answers `Result<T, Reply>`, or that reply
+/// returned from the handler at once.
+macro_rules! attempt {
+    ($step:expr) => {
+        match $step {
+            Ok(value) => value,
+            Err(reply) => return reply,
+        }
+    };
+}
+use attempt;
+
 const NOT_SUPPORTED_AFTER_BOOT: &str = "The requested operation is not supported after starting the microVM.";
 const NOT_SUPPORTED_BEFORE_BOOT: &str = "The requested operation is not supported before starting the microVM.";
 
@@ -193,6 +205,15 @@ fn title(method: &str) -> String {
     let lower = method.to_lowercase();
     let mut chars = lower.chars();
     chars.next().map(|c| c.to_uppercase().collect::<String>() + chars.as_str()).unwrap_or_default()
+}
+
+/// Refuses a body whose id is not the one in the path, as Firecracker does.
+fn same_id(in_body: &str, in_path: &str) -> Result<(), Reply> {
+    if in_body == in_path {
+        Ok(())
+    } else {
+        Err(Reply::fault(400, "The id from the path does not match the id from the body!"))
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {

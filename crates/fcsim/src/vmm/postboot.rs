@@ -9,13 +9,8 @@ impl Vmm {
     }
 
     pub(super) fn patch_machine_config(&mut self, body: &[u8]) -> Reply {
-        let patch: MachineConfigPatch = match parse(body) {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.pre_boot() {
-            return r;
-        }
+        let patch: MachineConfigPatch = attempt!(parse(body));
+        attempt!(self.pre_boot());
         let mut next = self.machine.clone();
         if let Some(v) = patch.vcpu_count {
             next.vcpu_count = v;
@@ -37,16 +32,9 @@ impl Vmm {
     }
 
     pub(super) fn patch_drive(&mut self, id: &str, body: &[u8]) -> Reply {
-        let patch: PartialDrive = match parse(body) {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.post_boot() {
-            return r;
-        }
-        if patch.drive_id != id {
-            return Reply::fault(400, "The id from the path does not match the id from the body!");
-        }
+        let patch: PartialDrive = attempt!(parse(body));
+        attempt!(self.post_boot());
+        attempt!(same_id(&patch.drive_id, id));
         let Some(drive) = self.drives.get_mut(id) else {
             return Reply::fault(400, format!("Unable to patch the block device: Invalid block device ID: {id}"));
         };
@@ -67,16 +55,9 @@ impl Vmm {
     }
 
     pub(super) fn patch_net(&mut self, id: &str, body: &[u8]) -> Reply {
-        let patch: PartialNetworkInterface = match parse(body) {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.post_boot() {
-            return r;
-        }
-        if patch.iface_id != id {
-            return Reply::fault(400, "The id from the path does not match the id from the body!");
-        }
+        let patch: PartialNetworkInterface = attempt!(parse(body));
+        attempt!(self.post_boot());
+        attempt!(same_id(&patch.iface_id, id));
         let Some(net) = self.nets.get_mut(id) else {
             return Reply::fault(
                 400,

@@ -6,13 +6,8 @@ use super::*;
 
 impl Vmm {
     pub(super) fn put_machine_config(&mut self, body: &[u8]) -> Reply {
-        let cfg: MachineConfig = match parse(body) {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.pre_boot() {
-            return r;
-        }
+        let cfg: MachineConfig = attempt!(parse(body));
+        attempt!(self.pre_boot());
         if cfg.vcpu_count == 0 || cfg.vcpu_count > 32 || (cfg.vcpu_count > 1 && cfg.vcpu_count % 2 == 1 && cfg.smt) {
             return Reply::fault(
                 400,
@@ -37,13 +32,8 @@ impl Vmm {
     }
 
     pub(super) fn put_boot_source(&mut self, body: &[u8]) -> Reply {
-        let boot: BootSource = match parse(body) {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.pre_boot() {
-            return r;
-        }
+        let boot: BootSource = attempt!(parse(body));
+        attempt!(self.pre_boot());
         if let Err(e) = File::open(&boot.kernel_image_path) {
             return Reply::fault(400, format!("The kernel file cannot be opened: {e}"));
         }
@@ -61,16 +51,9 @@ impl Vmm {
     }
 
     pub(super) fn put_drive(&mut self, id: &str, body: &[u8]) -> Reply {
-        let drive: Drive = match parse(body) {
-            Ok(d) => d,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.pre_boot() {
-            return r;
-        }
-        if drive.drive_id != id {
-            return Reply::fault(400, "The id from the path does not match the id from the body!");
-        }
+        let drive: Drive = attempt!(parse(body));
+        attempt!(self.pre_boot());
+        attempt!(same_id(&drive.drive_id, id));
         match (&drive.path_on_host, &drive.socket) {
             (Some(path), None) => {
                 let read_only = drive.is_read_only.unwrap_or(false);
@@ -100,16 +83,9 @@ impl Vmm {
     }
 
     pub(super) fn put_net(&mut self, id: &str, body: &[u8]) -> Reply {
-        let net: NetworkInterface = match parse(body) {
-            Ok(n) => n,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.pre_boot() {
-            return r;
-        }
-        if net.iface_id != id {
-            return Reply::fault(400, "The id from the path does not match the id from the body!");
-        }
+        let net: NetworkInterface = attempt!(parse(body));
+        attempt!(self.pre_boot());
+        attempt!(same_id(&net.iface_id, id));
         if let Some(mac) = &net.guest_mac
             && !valid_mac(mac)
         {
@@ -155,10 +131,7 @@ impl Vmm {
     }
 
     pub(super) fn put_logger(&mut self, body: &[u8]) -> Reply {
-        let logger: Logger = match parse(body) {
-            Ok(l) => l,
-            Err(r) => return r,
-        };
+        let logger: Logger = attempt!(parse(body));
         if let Some(level) = &logger.level
             && !["error", "warning", "info", "debug", "trace", "off"].contains(&level.to_lowercase().as_str())
         {
@@ -184,10 +157,7 @@ impl Vmm {
     }
 
     pub(super) fn put_metrics(&mut self, body: &[u8]) -> Reply {
-        let metrics: Metrics = match parse(body) {
-            Ok(m) => m,
-            Err(r) => return r,
-        };
+        let metrics: Metrics = attempt!(parse(body));
         if self.metrics.is_some() {
             return Reply::fault(400, "Reinitialization of metrics not allowed.");
         }

@@ -5,13 +5,8 @@ use super::*;
 
 impl Vmm {
     pub(super) fn snapshot_create(&mut self, body: &[u8]) -> Reply {
-        let params: SnapshotCreate = match parse(body) {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Err(r) = self.post_boot() {
-            return r;
-        }
+        let params: SnapshotCreate = attempt!(parse(body));
+        attempt!(self.post_boot());
         if self.state != InstanceState::Paused {
             return Reply::fault(
                 400,
@@ -54,10 +49,7 @@ impl Vmm {
     }
 
     pub(super) fn snapshot_load(&mut self, body: &[u8]) -> Reply {
-        let params: SnapshotLoad = match parse(body) {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
+        let params: SnapshotLoad = attempt!(parse(body));
         if self.state != InstanceState::NotStarted {
             return Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT);
         }
