@@ -17,7 +17,7 @@ pub fn tap_name(uid: &str) -> String {
 
 /// The fully resolved configuration of one VM, as the controller asks a
 /// node agent to realise it. Sending the same request twice is a no-op.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnsureVm {
     /// The VM object's uid; names the run directory, the TAP and the VMM.
@@ -65,6 +65,18 @@ pub struct EnsureVm {
     /// back in the report's `probe`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<crate::vm::ReadinessProbe>,
+    /// The VM's `metadata.generation` (the applied limits report it).
+    #[serde(default)]
+    pub generation: i64,
+    /// Extra drives, attached after the root drive in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<crate::storage::ResolvedDrive>,
+    /// I/O limits of the root drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_rate_limiter: Option<crate::storage::RateLimiter>,
+    /// I/O limits of the network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_limits: Option<crate::storage::NetworkLimits>,
 }
 
 /// A snapshot on the same node to start a VM from.
@@ -111,6 +123,44 @@ pub struct SnapshotReport {
     /// The guest's address, when it had one from the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+}
+
+/// Body of `PUT /v1/volumes/{uid}`: make volume `uid` on the node (a
+/// no-op when it is there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeRequest {
+    /// `project/name`, for logs only.
+    pub display_name: String,
+    /// An empty sparse disk of this many MiB, or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_mib: Option<u64>,
+    /// a copy of this image file (checked against its sha256, downloaded
+    /// from its source when the node lacks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageFile>,
+}
+
+/// An Image's file as a node finds, checks and fetches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageFile {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A volume on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeReport {
+    pub uid: String,
+    /// Its file on the node.
+    pub path: String,
+    /// Its size (apparent bytes).
+    pub size_bytes: u64,
 }
 
 /// What a node agent observes about one VM.
@@ -227,7 +277,7 @@ pub struct CapacityReport {
 /// A VM's metrics as its node collected them: cumulative counters (see the
 /// node agent's `/metrics` for their names) and their rates over the last
 /// sampling interval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStats {
     pub uid: String,
@@ -245,6 +295,10 @@ pub struct VmStats {
     pub cpu_percent: Option<f64>,
     /// Resident memory of the VMM process.
     pub rss_bytes: u64,
+    /// Each drive's counters (read and write bytes and ops, throttled
+    /// requests), by drive id (`rootfs` and the extra drives' names).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drives: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
 }
 
 /// A node's use of its host, and its VMs' stats.

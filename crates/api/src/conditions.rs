@@ -15,6 +15,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const REPLICA_FAILURE: &str = "ReplicaFailure";
 /// A pool has at least its minimum of VMs available.
 pub const AVAILABLE: &str = "Available";
+/// A running VM's spec asks for what only a restart gives it (drives added
+/// or removed).
+pub const RESTART_PENDING: &str = "RestartPending";
 
 /// Reasons of conditions (and of the Events that go with them).
 pub mod reason {
@@ -56,4 +59,11 @@ pub mod reason {
     pub const CREATED: &str = "Created";
     /// A pool's `ReplicaFailure`: a VM could not be created.
     pub const FAILED_CREATE: &str = "FailedCreate";
+    /// A VM's `Ready` False: a Volume it names is used by another VM.
+    pub const VOLUME_IN_USE: &str = "VolumeInUse";
+    /// `Scheduled` False: the VM's volumes are on different nodes.
+    pub const VOLUMES_APART: &str = "VolumesOnDifferentNodes";
+    /// A VM's `RestartPending` True: part of its spec takes effect at its
+    /// next start.
+    pub const DRIVES_CHANGED: &str = "DrivesChanged";
 }

@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{NodeAccess, Policy};
+use crate::policy::{NodeAccess, Policy, QuotaUse};
 use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
@@ -106,7 +106,7 @@ impl ResourceSpec for ImageSpec {
     const KIND: &'static str = "Image";
     const PLURAL: &'static str = "images";
     const NAMESPACED: bool = true;
-    const POLICY: Policy = Policy::project(Role::Admin).nodes(NodeAccess::Get);
+    const POLICY: Policy = Policy::project(Role::Admin).nodes(NodeAccess::Get).quota(QuotaUse::Input);
     const ALIASES: &'static [&'static str] = &["image", "img"];
     const FIELD_SELECTORS: &'static [&'static str] = &["status.phase"];
     const COLUMNS: &'static [Column] = &[

@@ -23,9 +23,11 @@ pub mod registry;
 pub mod schema;
 pub mod shape;
 pub mod snapshot;
+pub mod storage;
 pub mod template;
 pub mod validation;
 pub mod vm;
+pub mod volume;
 pub mod watch;
 
 pub use binding::{ClusterRoleBinding, ClusterRoleBindingSpec, RoleBinding, RoleBindingSpec};
@@ -40,6 +42,7 @@ pub use quota::{ResourceQuota, ResourceQuotaSpec};
 pub use snapshot::{Snapshot, SnapshotSpec};
 pub use template::{Template, TemplateSpec};
 pub use vm::{PowerState, Vm, VmPhase, VmSpec, VmStatus};
+pub use volume::{Volume, VolumeSpec};
 pub use watch::{WatchEvent, WatchEventType};
 
 /// The `apiVersion` of every nexus object.

@@ -43,6 +43,13 @@ pub trait ResourceSpec:
         Vec::new()
     }
 
+    /// The Images the spec's extra drives name, as (field, image name):
+    /// admission checks each is a `Rootfs` Image when it exists. Default:
+    /// none.
+    fn drive_images(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Checks the spec's values, adding one error per bad field (paths start
     /// at `spec.`). The default accepts everything serde accepted.
     fn validate(&self, errors: &mut crate::validation::FieldErrors) {

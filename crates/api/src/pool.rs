@@ -323,6 +323,10 @@ impl ResourceSpec for VmPoolSpec {
         Column::new("MESSAGE", &["status.rollout.message"], Format::Text).wide(),
     ];
 
+    fn drive_images(&self) -> Vec<(String, String)> {
+        crate::storage::drive_images("spec.template.spec.drives", &self.template.spec.drives)
+    }
+
     fn host_paths(&self) -> Vec<(&'static str, String)> {
         let spec = &self.template.spec;
         [

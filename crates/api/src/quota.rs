@@ -12,7 +12,7 @@ use crate::policy::{Policy, Writers};
 use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 use crate::validation::FieldErrors;
-use crate::{Snapshot, Template, Vm};
+use crate::{Image, Snapshot, Template, Vm, Volume};
 
 /// Limits on a project.
 pub type ResourceQuota = Object<ResourceQuotaSpec>;
@@ -36,6 +36,13 @@ pub struct ResourceQuotaSpec {
     /// Most bytes of snapshots, summed over those taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_bytes: Option<u64>,
+    /// Most Volume objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<u64>,
+    /// Most MiB of volumes, summed over their sizes (an Image's copy counts
+    /// the Image's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mib: Option<u64>,
 }
 
 /// What a project holds, in the quota's units.
@@ -47,6 +54,10 @@ pub struct Usage {
     pub mem_mib: u64,
     pub snapshots: u64,
     pub snapshot_bytes: u64,
+    #[serde(default)]
+    pub volumes: u64,
+    #[serde(default)]
+    pub volume_mib: u64,
 }
 
 /// Observed state of a quota.
@@ -82,7 +93,11 @@ impl ResourceSpec for ResourceQuotaSpec {
 
     fn validate(&self, errors: &mut FieldErrors) {
         if *self == ResourceQuotaSpec::default() {
-            errors.add("spec", "{}", "set at least one limit: vms, vcpu, memMib, snapshots or snapshotBytes");
+            errors.add(
+                "spec",
+                "{}",
+                "set at least one limit: vms, vcpu, memMib, snapshots, snapshotBytes, volumes or volumeMib",
+            );
         }
     }
 }
@@ -108,11 +123,30 @@ pub fn vm_resources(
     (u64::from(vcpu), u64::from(mem))
 }
 
-/// What `vms` and `snapshots` (of one project) hold.
-pub fn usage(vms: &[&Vm], templates: &[&Template], snapshots: &[&Snapshot]) -> Usage {
+/// The objects of one project quotas count, and those they read to size
+/// them (the Templates VMs take their machine from, the Images volumes
+/// copy).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Holdings<'a> {
+    pub vms: &'a [&'a Vm],
+    pub templates: &'a [&'a Template],
+    pub snapshots: &'a [&'a Snapshot],
+    pub volumes: &'a [&'a Volume],
+    pub images: &'a [&'a Image],
+}
+
+/// What the objects of one project hold.
+pub fn usage(h: &Holdings<'_>) -> Usage {
+    let Holdings { vms, templates, snapshots, volumes, images } = *h;
     let by_name: BTreeMap<String, &Template> = templates.iter().map(|t| (t.name().to_string(), *t)).collect();
     let snaps: BTreeMap<String, &Snapshot> = snapshots.iter().map(|s| (s.name().to_string(), *s)).collect();
     let mut u = Usage::default();
+    for v in volumes {
+        let image_bytes =
+            v.spec.image.as_ref().and_then(|i| images.iter().find(|x| x.name() == i)).and_then(|i| i.spec.size_bytes);
+        u.volumes += 1;
+        u.volume_mib += v.spec.charged_mib(image_bytes);
+    }
     for vm in vms {
         let (vcpu, mem) = vm_resources(vm, &by_name, &snaps);
         u.vms += 1;
@@ -136,6 +170,8 @@ pub fn admit(name: &str, quota: &ResourceQuotaSpec, before: &Usage, after: &Usag
         ("memory", quota.mem_mib, before.mem_mib, after.mem_mib, " MiB"),
         ("snapshots", quota.snapshots, before.snapshots, after.snapshots, ""),
         ("snapshot bytes", quota.snapshot_bytes, before.snapshot_bytes, after.snapshot_bytes, ""),
+        ("volumes", quota.volumes, before.volumes, after.volumes, ""),
+        ("volume storage", quota.volume_mib, before.volume_mib, after.volume_mib, " MiB"),
     ];
     for (what, limit, was, will, unit) in dims {
         if let Some(limit) = limit
@@ -178,14 +214,32 @@ mod tests {
                 boot_args: None,
                 network: None,
                 node_selector: Default::default(),
+                ..Default::default()
             },
         );
         let a = vm("a", Some(1), Some(128), None);
         let b = vm("b", None, Some(512), Some("big"));
         let mut s = Snapshot::new("s", Some("p"), crate::SnapshotSpec { vm_name: "a".into(), resume_after: true });
         s.status = Some(crate::snapshot::SnapshotStatus { size_bytes: Some(1000), ..Default::default() });
-        let u = usage(&[&a, &b], &[&t], &[&s]);
-        assert_eq!(u, Usage { vms: 2, vcpu: 5, mem_mib: 640, snapshots: 1, snapshot_bytes: 1000 });
+        let vol = Volume::new("data", Some("p"), crate::VolumeSpec { size_mib: Some(64), ..Default::default() });
+        let img = Image::new(
+            "debian",
+            Some("p"),
+            crate::ImageSpec {
+                size_bytes: Some(3 << 20 | 1),
+                ..serde_json::from_value(serde_json::json!({"type": "Rootfs", "path": "/i"})).unwrap()
+            },
+        );
+        let copy =
+            Volume::new("copy", Some("p"), crate::VolumeSpec { image: Some("debian".into()), ..Default::default() });
+        let h =
+            Holdings { vms: &[&a, &b], templates: &[&t], snapshots: &[&s], volumes: &[&vol, &copy], images: &[&img] };
+        let u = usage(&h);
+        assert_eq!(
+            u,
+            Usage { vms: 2, vcpu: 5, mem_mib: 640, snapshots: 1, snapshot_bytes: 1000, volumes: 2, volume_mib: 68 },
+            "the copy of a 3 MiB + 1 byte image counts 4 MiB"
+        );
     }
 
     #[test]

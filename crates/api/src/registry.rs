@@ -157,6 +157,7 @@ pub fn visit_kinds(visitor: &mut impl KindVisitor) {
     visitor.visit::<crate::TemplateSpec>();
     visitor.visit::<crate::ImageSpec>();
     visitor.visit::<crate::SnapshotSpec>();
+    visitor.visit::<crate::VolumeSpec>();
     visitor.visit::<crate::NodeSpec>();
     visitor.visit::<crate::EventSpec>();
     visitor.visit::<crate::LeaseSpec>();

@@ -17,7 +17,7 @@ use crate::vm::{VmNetwork, validate_machine};
 pub type Template = Object<TemplateSpec>;
 
 /// What a VM made from this template gets unless it overrides it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateSpec {
     /// Number of vCPUs: 1 or an even number up to 32.
@@ -40,6 +40,13 @@ pub struct TemplateSpec {
     pub network: Option<VmNetwork>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Extra drives every VM made from the template gets (a VM's drive of
+    /// the same name replaces one of these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<crate::storage::DriveSpec>,
+    /// I/O limits of the root drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_rate_limiter: Option<crate::storage::RateLimiter>,
 }
 
 /// Observed state of a template.
@@ -66,6 +73,10 @@ impl ResourceSpec for TemplateSpec {
         AGE,
     ];
 
+    fn drive_images(&self) -> Vec<(String, String)> {
+        crate::storage::drive_images("spec.drives", &self.drives)
+    }
+
     fn host_paths(&self) -> Vec<(&'static str, String)> {
         [
             ("spec.kernel", Some(&self.kernel)),
@@ -89,5 +100,69 @@ impl ResourceSpec for TemplateSpec {
             crate::validation::validate_boot_args(errors, "spec.bootArgs", args);
         }
         crate::validation::validate_labels(errors, "spec.nodeSelector", &self.node_selector);
+        if let Some(limits) = self.network.as_ref().and_then(|n| n.rate_limiter.as_ref()) {
+            limits.validate(errors, "spec.network.rateLimiter");
+        }
+        crate::storage::validate_drives(errors, "spec.drives", &self.drives);
+        if let Some(l) = &self.rootfs_rate_limiter {
+            l.validate(errors, "spec.rootfsRateLimiter");
+        }
     }
+}
+
+/// A VM made from a template, as its status shows it: the template's
+/// revision and each field the VM sets differently.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateView {
+    pub name: String,
+    /// The template's `metadata.generation` the VM was resolved from.
+    pub revision: i64,
+    /// The fields the VM sets, with the template's value and its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<FieldOverride>,
+}
+
+/// One field a VM overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FieldOverride {
+    /// The field, as a path (`spec.memMib`, `spec.drives[cache]`,
+    /// `spec.nodeSelector.zone`).
+    pub field: String,
+    /// The template's value (absent: the template does not set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<serde_json::Value>,
+    /// The VM's value.
+    pub vm: serde_json::Value,
+}
+
+/// The fields of the machine a VM may take from its template.
+const MACHINE_FIELDS: &[&str] =
+    &["vcpu", "memMib", "kernel", "rootfs", "initrd", "bootArgs", "network", "rootfsRateLimiter"];
+
+/// What `vm` sets differently from `template`: each machine field it gives
+/// another value, each node selector key and each drive (by name).
+pub fn overrides(template: &TemplateSpec, vm: &crate::VmSpec) -> Vec<FieldOverride> {
+    let (t, v) = (serde_json::to_value(template).unwrap_or_default(), serde_json::to_value(vm).unwrap_or_default());
+    let mut out = Vec::new();
+    let mut differ = |field: String, tv: Option<&serde_json::Value>, vv: &serde_json::Value| {
+        if tv != Some(vv) {
+            out.push(FieldOverride { field, template: tv.cloned(), vm: vv.clone() });
+        }
+    };
+    for key in MACHINE_FIELDS {
+        if let Some(vv) = v.get(key) {
+            differ(format!("spec.{key}"), t.get(key), vv);
+        }
+    }
+    for (key, value) in &vm.node_selector {
+        let tv = template.node_selector.get(key).map(|s| serde_json::Value::String(s.clone()));
+        differ(format!("spec.nodeSelector.{key}"), tv.as_ref(), &serde_json::Value::String(value.clone()));
+    }
+    for drive in &vm.drives {
+        let tv = template.drives.iter().find(|d| d.name == drive.name).and_then(|d| serde_json::to_value(d).ok());
+        differ(format!("spec.drives[{}]", drive.name), tv.as_ref(), &serde_json::to_value(drive).unwrap_or_default());
+    }
+    out
 }

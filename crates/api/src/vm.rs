@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -10,8 +9,13 @@ use crate::policy::{Policy, QuotaUse};
 use crate::rbac::Role;
 use crate::registry::{AGE, Column, Format, NAME};
 
-use crate::meta::{Condition, Object, ResourceSpec};
+use crate::meta::{Object, ResourceSpec};
+use crate::storage::{DriveSpec, NetworkLimits, RateLimiter};
 use crate::validation::{FieldErrors, validate_dns_label, validate_host_path, validate_mac};
+
+mod status;
+
+pub use status::{ResolvedConfig, ResolvedRestore, VmError, VmExit, VmPhase, VmRuntime, VmStatus};
 
 /// A microVM.
 pub type Vm = Object<VmSpec>;
@@ -92,6 +96,15 @@ pub struct VmSpec {
     /// where its guest was. Its machine fields stay unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<RestoreSource>,
+    /// Extra drives, attached before boot after the root drive, in order;
+    /// merged with the template's by name. Adding or removing one on a
+    /// running VM takes effect at its next start (`RestartPending`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveSpec>,
+    /// I/O limits of the root drive; the template's when absent. Changed on
+    /// a running VM without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_rate_limiter: Option<RateLimiter>,
 }
 
 /// How a node checks that a VM's guest is up. Exactly one of `console`
@@ -184,38 +197,6 @@ impl RestartPolicy {
     }
 }
 
-/// How a VMM process ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VmExit {
-    /// Exit status, when it exited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<i32>,
-    /// Signal number, when a signal ended it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    /// When the agent saw it end; absent when it was not watching.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<DateTime<Utc>>,
-}
-
-impl VmExit {
-    /// Exit status 0 without a signal: the guest shut down.
-    pub fn is_clean(&self) -> bool {
-        self.code == Some(0) && self.signal.is_none()
-    }
-}
-
-impl std::fmt::Display for VmExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.code, self.signal) {
-            (_, Some(sig)) => write!(f, "killed by signal {sig}"),
-            (Some(code), None) => write!(f, "exited with status {code}"),
-            (None, None) => write!(f, "ended (status unknown)"),
-        }
-    }
-}
-
 /// Network settings of a VM's single interface.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -228,6 +209,10 @@ pub struct VmNetwork {
     /// in that subnet. Absent: the guest configures its own network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// I/O limits of the interface (what the guest receives, `rx`, and
+    /// sends, `tx`). Changed on a running VM without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<NetworkLimits>,
 }
 
 /// Desired power state of a VM.
@@ -237,177 +222,6 @@ pub enum PowerState {
     Running,
     Paused,
     Stopped,
-}
-
-/// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum VmPhase {
-    /// Accepted, not yet placed on a node.
-    #[default]
-    Pending,
-    /// Placed on a node, not yet running.
-    Scheduled,
-    Running,
-    Paused,
-    Stopped,
-    /// The VMM exited cleanly and `restartPolicy` keeps it down.
-    Succeeded,
-    /// Cannot run until its spec changes; see `lastError`.
-    Failed,
-    /// Being torn down after a delete.
-    Terminating,
-}
-
-impl std::fmt::Display for VmPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
-}
-
-/// Observed state of a VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VmStatus {
-    #[serde(default)]
-    pub phase: VmPhase,
-    /// The `metadata.generation` this status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    /// The node the VM was placed on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_name: Option<String>,
-    /// Facts about the running VMM.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<VmRuntime>,
-    /// The last error, with Firecracker's own message when it came from the VMM.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<VmError>,
-    /// The configuration the VM runs with: its spec over its template, with
-    /// image names resolved to host paths.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<ResolvedConfig>,
-    /// When the VM is deleted: its first start plus `spec.lifetime`, or
-    /// when it finished plus `spec.ttlSecondsAfterFinished`, whichever
-    /// comes first.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// A VM's complete machine configuration, resolved by the controller from
-/// the VM, its Template and its Images. Kept in status so a running VM does
-/// not depend on its template or images staying as they were.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ResolvedConfig {
-    /// The VM's `metadata.generation` this was resolved from.
-    pub generation: i64,
-    /// The template used, with its generation (`name@generation`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<String>,
-    pub vcpu: u8,
-    pub mem_mib: u32,
-    /// Host path of the kernel.
-    pub kernel_path: String,
-    /// Host path of the root filesystem image.
-    pub rootfs_path: String,
-    /// The kernel's Image and its generation (`name@generation`), when
-    /// the kernel was named by an Image.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_image: Option<String>,
-    /// The root filesystem's Image and its generation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rootfs_image: Option<String>,
-    /// The sha256 the kernel's Image names, checked by the node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_sha256: Option<String>,
-    /// The sha256 the root filesystem's Image names, checked by the node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rootfs_sha256: Option<String>,
-    /// Where the node downloads the kernel when its copy is missing or wrong.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_source: Option<String>,
-    /// Where the node downloads the root filesystem when its copy is
-    /// missing or wrong.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rootfs_source: Option<String>,
-    /// The initial ramdisk, when there is one: its host path, Image,
-    /// sha256 and source, as for the kernel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_image: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd_source: Option<String>,
-    pub boot_args: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub node_selector: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<VmNetwork>,
-    /// The snapshot a restored VM starts from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restore: Option<ResolvedRestore>,
-}
-
-/// A restored VM's source, as resolved by the controller.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ResolvedRestore {
-    /// The Snapshot's name and uid (`name@uid`).
-    pub snapshot: String,
-    pub snapshot_uid: String,
-    /// The node holding its files, where the VM must run.
-    pub node: String,
-}
-
-/// Runtime facts reported by the node agent.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VmRuntime {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub socket_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tap_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    /// The guest's IPv4 address, when the VM asked for one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub console_path: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<DateTime<Utc>>,
-    /// Milliseconds from process start to InstanceStart answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot_millis: Option<u64>,
-    /// How many times the VMM was started again after it ended on its own.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub restarts: u32,
-    /// How the last VMM ended, when it ended on its own.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit: Option<VmExit>,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-/// An error worth showing to the VM's owner.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VmError {
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault_message: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub suggestion: Option<String>,
 }
 
 impl ResourceSpec for VmSpec {
@@ -431,6 +245,10 @@ impl ResourceSpec for VmSpec {
         Column::new("MAC", &["status.runtime.mac"], Format::Text).wide(),
         Column::new("PID", &["status.runtime.pid"], Format::Text).wide(),
     ];
+
+    fn drive_images(&self) -> Vec<(String, String)> {
+        crate::storage::drive_images("spec.drives", &self.drives)
+    }
 
     fn host_paths(&self) -> Vec<(&'static str, String)> {
         [("spec.kernel", &self.kernel), ("spec.rootfs", &self.rootfs), ("spec.initrd", &self.initrd)]
@@ -465,6 +283,8 @@ impl ResourceSpec for VmSpec {
                 ("spec.initrd", self.initrd.is_some()),
                 ("spec.bootArgs", self.boot_args.is_some()),
                 ("spec.network", self.network.is_some()),
+                ("spec.drives", !self.drives.is_empty()),
+                ("spec.rootfsRateLimiter", self.rootfs_rate_limiter.is_some()),
             ];
             for (field, present) in set {
                 if present {
@@ -521,6 +341,13 @@ impl ResourceSpec for VmSpec {
         }
         if let Some(ip) = self.network.as_ref().and_then(|n| n.ip.as_ref()) {
             validate_ip_request(errors, "spec.network.ip", ip);
+        }
+        if let Some(limits) = self.network.as_ref().and_then(|n| n.rate_limiter.as_ref()) {
+            limits.validate(errors, "spec.network.rateLimiter");
+        }
+        crate::storage::validate_drives(errors, "spec.drives", &self.drives);
+        if let Some(l) = &self.rootfs_rate_limiter {
+            l.validate(errors, "spec.rootfsRateLimiter");
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum ApiError {
     /// is not there yet.
     #[error("{message}")]
     Unavailable { message: String, suggestion: String },
+    /// The object is used by another and cannot go until it is not.
+    #[error("{message}")]
+    InUse { message: String, suggestion: String },
     /// A node agent refused the onward call; its status is passed on.
     #[error("{message}")]
     Upstream { status: u16, message: String, suggestion: Option<String> },
@@ -62,7 +65,7 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } | ApiError::InUse { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
             ApiError::Conflict { .. } => "Conflict",
+            ApiError::InUse { .. } => "InUse",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Malformed { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
@@ -123,7 +127,9 @@ impl ApiError {
             ApiError::Forbidden(d) => Some(d.suggestion.map(str::to_string).unwrap_or_else(|| {
                 format!("ask an admin of the project for a RoleBinding that allows {} on {}", d.verb.as_str(), d.what)
             })),
-            ApiError::Refused { suggestion, .. } | ApiError::Unavailable { suggestion, .. } => Some(suggestion.clone()),
+            ApiError::Refused { suggestion, .. }
+            | ApiError::Unavailable { suggestion, .. }
+            | ApiError::InUse { suggestion, .. } => Some(suggestion.clone()),
             ApiError::Upstream { suggestion, .. } => suggestion.clone(),
             ApiError::UnsupportedMediaType => {
                 Some("send the body with Content-Type: application/json (a create may also be application/yaml)".into())

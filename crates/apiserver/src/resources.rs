@@ -390,6 +390,9 @@ async fn update<S: ResourceSpec>(
     let sent = parse_object::<S>(body)?;
     let name = t.name.clone().unwrap_or_default();
     check_url_name::<S>(&sent, &name)?;
+    if verb == "update" {
+        crate::admission::update(state, &t.project, &sent).await?;
+    }
     // Host paths are checked against the stored object in the write's own
     // transaction; the refusal, which names the nodes' image roots, is
     // worded after it.
@@ -482,6 +485,7 @@ pub async fn delete<S: ResourceSpec>(
     let t = target::<S>(&path)?;
     let name = t.name.clone().unwrap_or_default();
     let dry_run = params.dry_run()?;
+    crate::admission::in_use::<S>(&state, &t.project, &name).await?;
     let missing = not_found::<S>(&t);
     let result = state
         .store

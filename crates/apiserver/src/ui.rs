@@ -27,6 +27,7 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
     ("/ui/js/views/snapshots.js", JS, include_str!("../ui/js/views/snapshots.js")),
     ("/ui/js/views/templates.js", JS, include_str!("../ui/js/views/templates.js")),
     ("/ui/js/views/vm.js", JS, include_str!("../ui/js/views/vm.js")),
+    ("/ui/js/views/vm-storage.js", JS, include_str!("../ui/js/views/vm-storage.js")),
     ("/ui/js/views/vms.js", JS, include_str!("../ui/js/views/vms.js")),
     ("/ui/js/views/yaml.js", JS, include_str!("../ui/js/views/yaml.js")),
     ("/ui/app.css", "text/css; charset=utf-8", include_str!("../ui/app.css")),

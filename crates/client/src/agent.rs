@@ -7,7 +7,7 @@ use crate::tls::Trust;
 use nexus_api::ErrorBody;
 use nexus_api::agent::{
     CapacityReport, Collect, CollectReport, EnsureVm, Inventory, NodeStats, SnapshotReport, SnapshotRequest, VmReport,
-    VmStats,
+    VmStats, VolumeReport, VolumeRequest,
 };
 
 /// Failures calling an agent.
@@ -102,6 +102,25 @@ impl AgentClient {
     /// Removes snapshot `uid`'s files from the node (done when absent).
     pub async fn delete_snapshot(&self, to: &AgentEndpoint, uid: &str) -> Result<(), AgentCallError> {
         let url = format!("{}/v1/snapshots/{uid}", to.base);
+        self.call::<serde_json::Value>(to, self.http.delete(&url), &url).await.map(|_| ())
+    }
+
+    /// Makes volume `uid` on the node (a no-op when it is there).
+    pub async fn ensure_volume(
+        &self,
+        to: &AgentEndpoint,
+        uid: &str,
+        req: &VolumeRequest,
+    ) -> Result<VolumeReport, AgentCallError> {
+        let url = format!("{}/v1/volumes/{uid}", to.base);
+        // A copy of a large image may take a while where the node has no reflinks.
+        let call = self.http.put(&url).json(req).timeout(std::time::Duration::from_secs(600));
+        self.call(to, call, &url).await
+    }
+
+    /// Removes volume `uid`'s file from the node (done when absent).
+    pub async fn delete_volume(&self, to: &AgentEndpoint, uid: &str) -> Result<(), AgentCallError> {
+        let url = format!("{}/v1/volumes/{uid}", to.base);
         self.call::<serde_json::Value>(to, self.http.delete(&url), &url).await.map(|_| ())
     }
 

@@ -14,6 +14,7 @@ pub mod quota;
 pub mod runtime;
 pub mod snapshot;
 pub mod vm;
+pub mod volume;
 
 use std::time::Duration;
 

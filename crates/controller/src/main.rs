@@ -9,7 +9,7 @@ use clap::Parser;
 use nexus_api::LeaseSpec;
 use nexus_controller::runtime::Manager;
 use nexus_controller::runtime::leader::Elector;
-use nexus_controller::{Context, Settings, gc, node_lifecycle, pool, quota, snapshot, vm};
+use nexus_controller::{Context, Settings, gc, node_lifecycle, pool, quota, snapshot, vm, volume};
 
 /// mimalloc: the daemon allocates and frees many small objects per request
 /// (bodies, JSON values, headers), and glibc's malloc was a fifth of its
@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
     manager.add(quota::controller(&ctx));
     manager.add(snapshot::controller(&ctx));
     manager.add(pool::controller(&ctx));
+    manager.add(volume::controller(&ctx));
 
     tracing::info!(apiserver = %args.apiserver, workers = args.workers, "controller starting");
     tokio::select! {

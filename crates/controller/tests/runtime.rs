@@ -27,6 +27,7 @@ fn template(name: &str, vcpu: u8) -> Template {
             boot_args: None,
             network: None,
             node_selector: Default::default(),
+            ..Default::default()
         },
     )
 }

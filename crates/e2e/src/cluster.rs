@@ -201,6 +201,28 @@ impl Cluster {
         Client::with_trust(&self.server, Some(self.admin_token.clone()), trust(&self.ca))
     }
 
+    /// Calls the node agent's API as the controller does (with the node's
+    /// own credential, over HTTPS verified against the cluster's CA);
+    /// returns the status and the body (JSON, or the text as a string).
+    pub async fn agent_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let cred =
+            std::fs::read_to_string(self.dir.join("agent-state/agent.credential")).expect("the agent's credential");
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let mut req = https_client(&self.ca).request(m, format!("https://{AGENT_ADDR}{path}")).bearer_auth(cred.trim());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.expect("the agent answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
     /// Runs `nexusctl` as the cluster admin; returns (success, stdout, stderr).
     pub fn nexusctl(&self, args: &[&str]) -> (bool, String, String) {
         nexusctl(&self.server, &self.ca, &self.admin_token, args)

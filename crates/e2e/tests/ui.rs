@@ -140,6 +140,10 @@ fn the_console_shows_the_fleet_live_and_starts_stops_follows_and_deletes_a_vm() 
         );
         let vm: Vm = client.get::<VmSpec>("default", &name).await.unwrap();
         assert_eq!(vm.spec.template.as_deref(), Some("small"));
+        // Its template, its drives and their limits are on its page.
+        browser.wait_text("#vm-made", "Template small at revision", 10 * SECOND).await;
+        browser.wait_text("#vm-drives", "root filesystem", 10 * SECOND).await;
+        println!("template: {:?}; drives: {:?}", browser.text("#vm-made").await, browser.text("#vm-drives").await);
 
         // Its console, followed live.
         browser.wait_text("#console", "login: booted", 15 * SECOND).await;
@@ -263,6 +267,7 @@ fn the_console_weighs_little_and_lists_a_thousand_vms_quickly() {
             "/ui/js/views/snapshots.js",
             "/ui/js/views/templates.js",
             "/ui/js/views/vm.js",
+            "/ui/js/views/vm-storage.js",
             "/ui/js/views/vms.js",
             "/ui/js/views/yaml.js",
         ];

@@ -39,8 +39,10 @@ pub async fn serve(args: Args) -> Result<u8, String> {
         }
     }
     // Firecracker refuses to start when the socket path exists.
-    let listener = UnixListener::bind(&args.api_sock)
-        .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?;
+    let mut listener = Some(
+        UnixListener::bind(&args.api_sock)
+            .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?,
+    );
     let vmm = Arc::new(Mutex::new(Vmm::new(args.id.clone())));
     let (after_tx, mut after_rx) = mpsc::unbounded_channel::<After>();
     let mut metrics = tokio::time::interval(METRICS_PERIOD);
@@ -67,7 +69,7 @@ pub async fn serve(args: Args) -> Result<u8, String> {
     };
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let vmm = vmm.clone();
                 let after_tx = after_tx.clone();
@@ -79,7 +81,10 @@ pub async fn serve(args: Args) -> Result<u8, String> {
             Some(after) = after_rx.recv() => match after {
                 After::Booted => console::start(vmm.clone()),
                 After::Fail => {
-                    // The answer goes out first, then the process ends.
+                    // No new connection from now on: a client connecting to a
+                    // Firecracker that is exiting is refused, not reset. The
+                    // answer in flight goes out first, then the process ends.
+                    drop(listener.take());
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     lock(&vmm).log("main", "ERROR", "Loading the snapshot failed; exiting.");
                     return Ok(1);

@@ -1,6 +1,10 @@
 //! Request bodies, checked the way Firecracker checks them: unknown fields
 //! and missing required fields are refused before any rule is applied.
 //!
+//! What `GET /vm/config` reports is these bodies serialized: fields
+//! Firecracker reports as `null` (a drive's `partuuid`, a bucket's
+//! `one_time_burst`, a missing rate limiter) are kept as `null`, not left out.
+//!
 //! Deliberately not shared with the agent's client models: a stand-in that
 //! reused the client's types would agree with the client's mistakes.
 
@@ -17,12 +21,48 @@ pub struct MachineConfig {
     pub track_dirty_pages: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
-    #[serde(default = "default_huge_pages")]
-    pub huge_pages: String,
+    #[serde(default)]
+    pub huge_pages: HugePages,
 }
 
-fn default_huge_pages() -> String {
-    "None".into()
+/// `huge_pages`: serde's own refusal of another value is Firecracker's
+/// ("unknown variant `1G`, expected `None` or `2M`").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    #[default]
+    None,
+    #[serde(rename = "2M")]
+    TwoMiB,
+}
+
+/// A guest MAC address, refused while parsing as Firecracker refuses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Mac(pub String);
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let parts: Vec<&str> = text.split(':').collect();
+        let ok = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ok { Ok(Mac(text)) } else { Err(serde::de::Error::custom("The provided MAC address is invalid.")) }
+    }
+}
+
+/// A logger level, any case, `Warn` or `Warning`; anything else is
+/// refused while parsing, in Firecracker's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Level(pub String);
+
+impl<'de> Deserialize<'de> for Level {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.to_lowercase().as_str() {
+            "off" | "trace" | "debug" | "info" | "warn" | "warning" | "error" => Ok(Level(text)),
+            _ => Err(serde::de::Error::custom("Invalid LevelFilter")),
+        }
+    }
 }
 
 impl Default for MachineConfig {
@@ -33,7 +73,7 @@ impl Default for MachineConfig {
             smt: false,
             track_dirty_pages: false,
             cpu_template: None,
-            huge_pages: default_huge_pages(),
+            huge_pages: HugePages::None,
         }
     }
 }
@@ -44,26 +84,61 @@ pub struct BootSource {
     pub kernel_image_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub initrd_path: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucket {
     pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub one_time_burst: Option<u64>,
     pub refill_time: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiter {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub bandwidth: Option<TokenBucket>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ops: Option<TokenBucket>,
+}
+
+impl TokenBucket {
+    /// The bucket Firecracker makes of this configuration: none for a size
+    /// or refill time of 0 (such a bucket limits nothing).
+    fn live(self) -> Option<TokenBucket> {
+        (self.size > 0 && self.refill_time > 0).then_some(self)
+    }
+}
+
+impl RateLimiter {
+    /// The limiter Firecracker keeps for a device configured with `self`
+    /// (`PUT`): buckets of size or refill time 0 are dropped; none when
+    /// neither is left.
+    pub fn live(self) -> Option<RateLimiter> {
+        let live = RateLimiter {
+            bandwidth: self.bandwidth.and_then(TokenBucket::live),
+            ops: self.ops.and_then(TokenBucket::live),
+        };
+        (live.bandwidth.is_some() || live.ops.is_some()).then_some(live)
+    }
+
+    /// `current` after a `PATCH` with `update`, bucket by bucket as
+    /// Firecracker does: an absent bucket is left as it is, one of size or
+    /// refill time 0 is removed, any other replaces it.
+    pub fn updated(current: Option<RateLimiter>, update: &RateLimiter) -> Option<RateLimiter> {
+        let current = current.unwrap_or(RateLimiter { bandwidth: None, ops: None });
+        let apply = |now: Option<TokenBucket>, new: Option<TokenBucket>| match new {
+            None => now,
+            Some(b) => b.live(),
+        };
+        let next =
+            RateLimiter { bandwidth: apply(current.bandwidth, update.bandwidth), ops: apply(current.ops, update.ops) };
+        (next.bandwidth.is_some() || next.ops.is_some()).then_some(next)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,7 +146,7 @@ pub struct RateLimiter {
 pub struct Drive {
     pub drive_id: String,
     pub is_root_device: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub partuuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<String>,
@@ -79,11 +154,11 @@ pub struct Drive {
     pub is_read_only: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub socket: Option<String>,
 }
 
@@ -92,13 +167,13 @@ pub struct Drive {
 pub struct NetworkInterface {
     pub iface_id: String,
     pub host_dev_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_mac: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    pub guest_mac: Option<Mac>,
+    #[serde(default)]
     pub mtu: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub rx_rate_limiter: Option<RateLimiter>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
@@ -108,7 +183,7 @@ pub struct Logger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level: Option<String>,
+    pub level: Option<Level>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub show_level: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,7 +245,7 @@ pub struct MachineConfigPatch {
     #[serde(default)]
     pub cpu_template: Option<String>,
     #[serde(default)]
-    pub huge_pages: Option<String>,
+    pub huge_pages: Option<HugePages>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

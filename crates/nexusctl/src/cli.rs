@@ -296,6 +296,10 @@ pub(crate) enum TopCommand {
         /// Across all projects.
         #[arg(short = 'A', long)]
         all_projects: bool,
+        /// Each drive of each VM (bytes and operations read and written,
+        /// requests its rate limiter delayed), since its VMM started.
+        #[arg(long)]
+        drives: bool,
     },
     /// Each node's CPU and memory, and its VMs' share.
     #[command(alias = "node")]
@@ -310,6 +314,19 @@ pub(crate) struct PowerArgs {
     /// Act on every VM matching this label selector.
     #[arg(short = 'l', long)]
     pub(crate) selector: Option<String>,
+    /// Return only once each VM is in the new state (or has failed).
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// Seconds --wait waits.
+    #[arg(long, default_value_t = 120)]
+    pub(crate) timeout: u64,
+}
+
+impl PowerArgs {
+    /// How long to wait for the new state, when asked to.
+    pub(crate) fn wait(&self) -> Option<std::time::Duration> {
+        self.wait.then(|| std::time::Duration::from_secs(self.timeout))
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ use nexus_client::ClientError;
 use serde_json::{Value, json};
 
 use crate::context::{Context, Failure, urlencode};
+use crate::follow::{self, Seen};
 use crate::jsonpath::Template;
 use crate::kinds::{self, KindInfo};
 use crate::manifest;
@@ -111,30 +112,25 @@ async fn watch_rows(ctx: &Context, kind: &KindInfo, o: &GetOptions<'_>, rv: Opti
         path.push_str(&format!("&resourceVersion={rv}"));
     }
     let body = ctx.client.get_stream(&path).await.map_err(|e| Failure::api(&e))?;
-    let mut body = std::pin::pin!(body);
-    let mut buf = Vec::new();
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| Failure::error(format!("watch ended: {e}")))?);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
-            if event["type"] == "BOOKMARK" {
-                continue;
-            }
-            if event["type"] == "ERROR" {
-                return Err(Failure::error(format!("watch ended: {}", event["object"]["message"])));
-            }
-            let table = render::table(
-                kind,
-                std::slice::from_ref(&event["object"]),
-                o.all_projects,
-                o.output == Some("wide"),
-                Utc::now(),
-            );
-            if let Some(row) = table.lines().nth(1) {
-                let tag = if event["type"] == "DELETED" { " (deleted)" } else { "" };
-                println!("{row}{tag}");
-            }
+    let mut events = std::pin::pin!(follow::events(body));
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| Failure::error(format!("watch ended: {e}")))?;
+        if event["type"] == "BOOKMARK" {
+            continue;
+        }
+        if event["type"] == "ERROR" {
+            return Err(Failure::error(format!("watch ended: {}", event["object"]["message"])));
+        }
+        let table = render::table(
+            kind,
+            std::slice::from_ref(&event["object"]),
+            o.all_projects,
+            o.output == Some("wide"),
+            Utc::now(),
+        );
+        if let Some(row) = table.lines().nth(1) {
+            let tag = if event["type"] == "DELETED" { " (deleted)" } else { "" };
+            println!("{row}{tag}");
         }
     }
     Ok(())
@@ -215,19 +211,12 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
     if wait {
         let deadline = Instant::now() + timeout;
         for (kind, project, name) in &targets {
-            loop {
-                match get_json(ctx, &kind.object(project, name)).await {
-                    Err(e) if e.is_not_found() => break,
-                    Err(e) => return Err(Failure::api(&e)),
-                    Ok(_) if Instant::now() >= deadline => {
-                        return Err(Failure::error(format!(
-                            "timed out after {timeout:?} waiting for {}/{name} to be deleted",
-                            kind.short()
-                        )));
-                    }
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            follow::until(ctx, kind, project, name, left, |obj| match obj {
+                None => Seen::Done,
+                Some(o) => Seen::Waiting(format!("still there, finalizers {}", o["metadata"]["finalizers"])),
+            })
+            .await?;
         }
     }
     Ok(())
@@ -303,32 +292,23 @@ impl WaitFor {
 /// `wait KIND NAME --for=... --timeout`.
 pub async fn wait(ctx: &Context, kind: &str, name: &str, cond: &WaitFor, timeout: Duration) -> Result<(), Failure> {
     let kind = kinds::resolve(kind).map_err(Failure::usage)?;
-    let path = kind.object(&ctx.project, name);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let obj = match get_json(ctx, &path).await {
-            Ok(v) => Some(v),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(Failure::api(&e)),
-        };
-        let (ok, seen) = cond.check(obj.as_ref());
-        if ok {
-            println!("{}/{name} condition met", kind.short());
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(Failure::error(format!(
-                "timed out after {}s waiting for {}/{name}: {seen}",
-                timeout.as_secs(),
-                kind.short()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    follow::until(ctx, kind, &ctx.project, name, timeout, |obj| match cond.check(obj) {
+        (true, _) => Seen::Done,
+        (false, seen) => Seen::Waiting(seen),
+    })
+    .await?;
+    println!("{}/{name} condition met", kind.short());
+    Ok(())
 }
 
 /// `start|stop|pause|resume vm NAME... | -l SELECTOR`: edits `spec.state`.
-pub async fn power(ctx: &Context, state: &str, verb_done: &str, sel: &Selection<'_>) -> Result<(), Failure> {
+pub async fn power(
+    ctx: &Context,
+    state: &str,
+    verb_done: &str,
+    sel: &Selection<'_>,
+    wait: Option<Duration>,
+) -> Result<(), Failure> {
     let targets = select(ctx, sel).await?;
     if let Some((k, _, _)) = targets.iter().find(|(k, _, _)| k.kind != VmSpec::KIND) {
         return Err(Failure::usage(format!("only VMs have a power state, not {}", k.plural)));
@@ -374,7 +354,28 @@ pub async fn power(ctx: &Context, state: &str, verb_done: &str, sel: &Selection<
             }
         }
     }
+    if let Some(timeout) = wait
+        && failed == 0
+    {
+        let deadline = Instant::now() + timeout;
+        for (kind, project, name) in &targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            follow::until(ctx, kind, project, name, left, |obj| reached(obj, state)).await?;
+            println!("vm/{name} {state}");
+        }
+    }
     if failed > 0 { Err(Failure::error(format!("{failed} VMs failed"))) } else { Ok(()) }
+}
+
+/// Whether a VM (None: gone) is in the power state `state` asked for.
+fn reached(vm: Option<&Value>, state: &str) -> Seen {
+    let Some(vm) = vm else { return Seen::Failed("the VM was deleted".into()) };
+    let status = &vm["status"];
+    match status["phase"].as_str().unwrap_or("Pending") {
+        phase if phase == state => Seen::Done,
+        "Failed" => Seen::Failed(format!("the VM Failed: {}", status["lastError"]["message"].as_str().unwrap_or(""))),
+        phase => Seen::Waiting(format!("phase {phase}")),
+    }
 }
 
 /// `version`: the client's, then the server's.
@@ -398,30 +399,25 @@ pub async fn snapshot(
     ctx.client.create(&obj).await.map_err(|e| Failure::api(&e))?;
     println!("snapshot/{name} created");
     let Some(timeout) = wait else { return Ok(()) };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let snap = ctx.client.get::<nexus_api::SnapshotSpec>(&ctx.project, name).await.map_err(|e| Failure::api(&e))?;
-        let status = snap.status_or_default();
-        match status.phase {
-            nexus_api::snapshot::SnapshotPhase::Ready => {
-                let size = status.size_bytes.map(render::bytes).unwrap_or_default();
-                let node = status.node_name.unwrap_or_default();
-                println!("snapshot/{name} Ready: {size} on node {node}");
-                return Ok(());
-            }
-            nexus_api::snapshot::SnapshotPhase::Failed => {
-                let why = status.last_error.map(|e| e.message).unwrap_or_default();
-                return Err(Failure::error(format!("snapshot/{name} Failed: {why}")));
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(Failure::error(format!(
-                    "timed out after {}s waiting for snapshot/{name} to be Ready",
-                    timeout.as_secs()
-                )));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+    let kind = kinds::resolve("snapshot").map_err(Failure::usage)?;
+    follow::until(ctx, kind, &ctx.project, name, timeout, |obj| {
+        let Some(obj) = obj else { return Seen::Failed(format!("snapshot/{name} was deleted")) };
+        let status = &obj["status"];
+        match status["phase"].as_str().unwrap_or("Pending") {
+            "Ready" => Seen::Done,
+            "Failed" => Seen::Failed(format!(
+                "snapshot/{name} Failed: {}",
+                status["lastError"]["message"].as_str().unwrap_or("")
+            )),
+            phase => Seen::Waiting(format!("phase {phase}")),
         }
-    }
+    })
+    .await?;
+    let snap = ctx.client.get::<nexus_api::SnapshotSpec>(&ctx.project, name).await.map_err(|e| Failure::api(&e))?;
+    let status = snap.status_or_default();
+    let size = status.size_bytes.map(render::bytes).unwrap_or_default();
+    println!("snapshot/{name} Ready: {size} on node {}", status.node_name.unwrap_or_default());
+    Ok(())
 }
 
 /// `restore SNAPSHOT NEW_VM [--paused] [--wait]`: writes a VM restored

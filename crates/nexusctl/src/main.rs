@@ -9,6 +9,7 @@ mod commands;
 mod config;
 mod context;
 mod explain;
+mod follow;
 mod import;
 mod jsonpath;
 mod kinds;
@@ -158,10 +159,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let changed = apply::diff(&ctx, files).await?;
             if changed && *exit_code { Err(Failure { code: 1, message: String::new() }) } else { Ok(()) }
         }
-        Command::Start(a) => commands::power(&ctx, "Running", "started", &power_selection(a)?).await,
-        Command::Stop(a) => commands::power(&ctx, "Stopped", "stopped", &power_selection(a)?).await,
-        Command::Pause(a) => commands::power(&ctx, "Paused", "paused", &power_selection(a)?).await,
-        Command::Resume(a) => commands::power(&ctx, "Running", "resumed", &power_selection(a)?).await,
+        Command::Start(a) => commands::power(&ctx, "Running", "started", &power_selection(a)?, a.wait()).await,
+        Command::Stop(a) => commands::power(&ctx, "Stopped", "stopped", &power_selection(a)?, a.wait()).await,
+        Command::Pause(a) => commands::power(&ctx, "Paused", "paused", &power_selection(a)?, a.wait()).await,
+        Command::Resume(a) => commands::power(&ctx, "Running", "resumed", &power_selection(a)?, a.wait()).await,
         Command::Snapshot { vm, name, stay_paused, wait, timeout } => {
             let wait = wait.then(|| Duration::from_secs(*timeout));
             commands::snapshot(&ctx, vm, name, *stay_paused, wait).await
@@ -200,7 +201,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let o = observe::LogOptions { follow: *follow, tail: *tail, vmm: *vmm, since: since.as_deref() };
             observe::logs(&ctx, kind, name, &o).await
         }
-        Command::Top(TopCommand::Vms { all_projects }) => observe::top_vms(&ctx, *all_projects).await,
+        Command::Top(TopCommand::Vms { all_projects, drives }) => observe::top_vms(&ctx, *all_projects, *drives).await,
         Command::Top(TopCommand::Nodes) => observe::top_nodes(&ctx).await,
         Command::Version => commands::version(&ctx).await,
         Command::Whoami => access::whoami(&ctx).await,

@@ -122,6 +122,36 @@ pub fn vms_table(rows: &[VmUsage], all_projects: bool) -> String {
     render::columns(&table)
 }
 
+/// The `top vms --drives` table: each drive of each running VM, with what
+/// its VMM counted of it.
+pub fn drives_table(rows: &[VmUsage], all_projects: bool) -> String {
+    let mut table = Vec::new();
+    let mut header = vec!["NAME", "DRIVE", "READ", "WRITTEN", "READ-OPS", "WRITE-OPS", "THROTTLED"];
+    if all_projects {
+        header.insert(0, "PROJECT");
+    }
+    table.push(header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    for r in rows {
+        let Some(s) = &r.stats else { continue };
+        for (drive, c) in &s.drives {
+            let n = |k: &str| c.get(k).copied().unwrap_or(0.0);
+            let mut row = Vec::new();
+            if all_projects {
+                row.push(r.project.clone());
+            }
+            row.push(r.name.clone());
+            row.push(drive.clone());
+            row.push(render::bytes(n("read_bytes") as u64));
+            row.push(render::bytes(n("write_bytes") as u64));
+            row.push(format!("{}", n("read_ops") as u64));
+            row.push(format!("{}", n("write_ops") as u64));
+            row.push(format!("{}", n("throttled") as u64));
+            table.push(row);
+        }
+    }
+    render::columns(&table)
+}
+
 /// The `top nodes` table: the host's CPU and memory, and what its VMs hold.
 pub fn nodes_table(rows: &[NodeUsage]) -> String {
     let mut table = vec![
@@ -150,7 +180,7 @@ pub fn nodes_table(rows: &[NodeUsage]) -> String {
 }
 
 /// `top vms`: every VM of the project (or all), with its node's latest sample.
-pub async fn top_vms(ctx: &Context, all_projects: bool) -> Result<(), Failure> {
+pub async fn top_vms(ctx: &Context, all_projects: bool, drives: bool) -> Result<(), Failure> {
     let path = if all_projects { "/v1/vms".to_string() } else { format!("/v1/projects/{}/vms", ctx.project) };
     let list: Value = ctx
         .client
@@ -176,7 +206,11 @@ pub async fn top_vms(ctx: &Context, all_projects: bool) -> Result<(), Failure> {
         eprintln!("No VMs found.");
         return Ok(());
     }
-    print!("{}", vms_table(&rows, all_projects));
+    if drives {
+        print!("{}", drives_table(&rows, all_projects));
+    } else {
+        print!("{}", vms_table(&rows, all_projects));
+    }
     Ok(())
 }
 
@@ -218,6 +252,7 @@ mod tests {
             cpu_seconds: 1.0,
             cpu_percent: cpu,
             rss_bytes: rss,
+            ..Default::default()
         }
     }
 
@@ -244,6 +279,24 @@ mod tests {
         ];
         insta::assert_snapshot!(vms_table(&rows, false));
         insta::assert_snapshot!("top_vms_all_projects", vms_table(&rows, true));
+    }
+
+    #[test]
+    fn top_vms_drives() {
+        let counters = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let mut s = stats(Some(3.0), 128 << 20, &[]);
+        s.drives = BTreeMap::from([
+            (
+                "rootfs".to_string(),
+                counters(&[("read_bytes", 12.0 * 1048576.0), ("write_bytes", 1.5 * 1048576.0), ("read_ops", 3072.0)]),
+            ),
+            ("scratch".to_string(), counters(&[("write_bytes", 98304.0), ("write_ops", 192.0), ("throttled", 12.0)])),
+        ]);
+        let rows = vec![
+            VmUsage { project: "ci".into(), name: "runner-1".into(), node: "node-a".into(), stats: Some(s) },
+            VmUsage { project: "ci".into(), name: "stopped".into(), node: String::new(), stats: None },
+        ];
+        insta::assert_snapshot!(drives_table(&rows, false));
     }
 
     #[test]

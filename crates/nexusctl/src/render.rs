@@ -220,6 +220,8 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
     out.push('\n');
     let mut status = obj["status"].clone();
     let conditions = status.as_object_mut().and_then(|o| o.remove("conditions"));
+    // Shown as tables of their own below.
+    let template = status.as_object_mut().and_then(|o| o.remove("template"));
     // A pool's revisions carry whole templates: one line each is enough here
     // (`nexusctl rollout history` shows them).
     if let Some(revisions) = status.get_mut("revisions").and_then(Value::as_array_mut) {
@@ -233,6 +235,12 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
         out.push('\n');
     } else {
         out.push_str("  <none>\n");
+    }
+    if let Some(t) = &template {
+        out.push_str(&template_section(t));
+    }
+    if let Some(drives) = obj["status"]["runtime"]["drives"].as_array().filter(|d| !d.is_empty()) {
+        out.push_str(&drives_section(drives, &obj["status"]["runtime"]["limits"]));
     }
     out.push_str("Conditions:\n");
     match conditions.as_ref().and_then(Value::as_array) {
@@ -279,6 +287,89 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
         }
     }
     out
+}
+
+/// A VM's template and what the VM overrides of it, field by field: the
+/// template's value beside the VM's.
+fn template_section(t: &Value) -> String {
+    let mut out = format!("Template:           {} (revision {})\n", s(&t["name"]), s(&t["revision"]));
+    let overrides = t["overrides"].as_array().cloned().unwrap_or_default();
+    if overrides.is_empty() {
+        out.push_str("  no overrides: the VM is its template\n");
+        return out;
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(vec!["FIELD", "TEMPLATE (BASE)", "VM (OVERRIDE)"]);
+    for o in &overrides {
+        let base = if o["template"].is_null() { "<not set>".to_string() } else { compact(&o["template"]) };
+        table.add_row(vec![s(&o["field"]), base, compact(&o["vm"])]);
+    }
+    for l in lines(&table) {
+        out.push_str(&format!("  {l}\n"));
+    }
+    out
+}
+
+/// A VM's extra drives as its node reports them, with their I/O limits.
+fn drives_section(drives: &[Value], limits: &Value) -> String {
+    let mut out = String::from("Drives:\n");
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(vec!["NAME", "SOURCE", "MODE", "LIMITS", "PATH"]);
+    table.add_row(vec![
+        "rootfs".to_string(),
+        "root filesystem".into(),
+        "rw".into(),
+        limits_text(&limits["rootfs"]),
+        String::new(),
+    ]);
+    for d in drives {
+        let name = s(&d["name"]);
+        table.add_row(vec![
+            name.clone(),
+            s(&d["source"]),
+            if d["readOnly"].as_bool() == Some(true) { "ro".into() } else { "rw".into() },
+            limits_text(&limits["drives"][&name]),
+            s(&d["path"]),
+        ]);
+    }
+    for l in lines(&table) {
+        out.push_str(&format!("  {l}\n"));
+    }
+    if limits["network"].is_object() {
+        let n = &limits["network"];
+        out.push_str(&format!("  network: rx {}, tx {}\n", limits_text(&n["rx"]), limits_text(&n["tx"])));
+    }
+    if let Some(g) = limits["generation"].as_i64() {
+        out.push_str(&format!("  limits applied from generation {g}\n"));
+    }
+    out
+}
+
+/// A rate limiter in a few words: `bandwidth 10Mi/100ms, ops 100/1s`.
+fn limits_text(l: &Value) -> String {
+    let bucket = |b: &Value, bytes: bool| {
+        let size = b["size"].as_u64().unwrap_or(0);
+        let amount = if bytes { self::bytes(size) } else { size.to_string() };
+        format!("{amount}/{}ms", b["refillTimeMs"].as_u64().unwrap_or(0))
+    };
+    let mut parts = Vec::new();
+    if l["bandwidth"].is_object() {
+        parts.push(format!("bandwidth {}", bucket(&l["bandwidth"], true)));
+    }
+    if l["ops"].is_object() {
+        parts.push(format!("ops {}", bucket(&l["ops"], false)));
+    }
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
+}
+
+/// `v` as compact JSON, or as text when it is a string.
+fn compact(v: &Value) -> String {
+    match v {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +447,26 @@ mod tests {
                      "lastTimestamp": "2026-11-22T11:58:31Z"}});
         let vms = crate::kinds::lookup("vm").unwrap();
         insta::assert_snapshot!("describe_vm", describe(vms, &vm("web-1", "Running", "node-a"), &[event], now()));
+    }
+
+    #[test]
+    fn describe_vm_from_a_template() {
+        let mut vm = vm("runner-1", "Running", "node-a");
+        vm["spec"] = json!({"template": "runner", "memMib": 1024, "drives": [{"name": "scratch", "sizeMib": 64}],
+            "rootfsRateLimiter": {"bandwidth": {"size": 20971520, "refillTimeMs": 100}}});
+        vm["status"]["template"] = json!({"name": "runner", "revision": 3, "overrides": [
+            {"field": "spec.memMib", "template": 512, "vm": 1024},
+            {"field": "spec.rootfsRateLimiter", "template": {"bandwidth": {"size": 10485760, "refillTimeMs": 100}},
+             "vm": {"bandwidth": {"size": 20971520, "refillTimeMs": 100}}},
+            {"field": "spec.drives[scratch]", "vm": {"name": "scratch", "sizeMib": 64}}]});
+        vm["status"]["runtime"]["drives"] = json!([
+            {"name": "tools", "source": "image tools@1", "path": "/var/lib/nexus/images/tools.ext4", "readOnly": true},
+            {"name": "scratch", "source": "64 MiB scratch", "path": "/var/lib/nexus/run/vms/7f0c9a52/drives/scratch.img"}]);
+        vm["status"]["runtime"]["limits"] = json!({"generation": 2,
+            "rootfs": {"bandwidth": {"size": 20971520, "refillTimeMs": 100}},
+            "network": {"tx": {"ops": {"size": 1000, "refillTimeMs": 1000}}}});
+        let vms = crate::kinds::lookup("vm").unwrap();
+        insta::assert_snapshot!("describe_vm_from_a_template", describe(vms, &vm, &[], now()));
     }
 
     #[test]

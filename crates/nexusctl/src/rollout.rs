@@ -1,13 +1,14 @@
 //! `scale` and `rollout`: a pool's size, and its rollouts (status,
 //! history, pause, resume, undo), kubectl's way.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nexus_api::pool::{PoolRevision, RolloutPhase, VmPool};
-use nexus_api::{ResourceSpec, VmPoolSpec};
+use nexus_api::{Object, ResourceSpec, VmPoolSpec};
 use serde_json::Value;
 
 use crate::context::{Context, Failure};
+use crate::follow::{self, Seen};
 use crate::kinds;
 use crate::render;
 
@@ -183,12 +184,10 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
 /// (exit 0 when complete, 1 when it halted, rolled back or timed out)
 /// unless `watch` is off.
 pub async fn status(ctx: &Context, name: &str, watch: bool, timeout: Duration) -> Result<(), Failure> {
-    let deadline = Instant::now() + timeout;
     let mut last = String::new();
-    loop {
-        let pool = match ctx.client.get::<VmPoolSpec>(&ctx.project, name).await {
-            Ok(p) => p,
-            Err(e) => return Err(Failure::api(&e)),
+    let mut judge = |obj: Option<&serde_json::Value>| {
+        let Some(pool) = obj.and_then(|o| serde_json::from_value::<Object<VmPoolSpec>>(o.clone()).ok()) else {
+            return Seen::Failed(format!("vmpool/{name} not found"));
         };
         let s = pool.status_or_default();
         let current_generation = s.observed_generation == pool.metadata.generation;
@@ -213,17 +212,16 @@ pub async fn status(ctx: &Context, name: &str, watch: bool, timeout: Duration) -
         let phase = rollout.as_ref().map(|r| r.phase);
         let complete = phase == Some(RolloutPhase::Complete) && s.available_replicas >= pool.spec.replicas;
         match phase {
-            _ if complete => return Ok(()),
+            _ if complete => Seen::Done,
             Some(RolloutPhase::Halted | RolloutPhase::RolledBack) => {
-                return Err(Failure::error(format!("vmpool/{name}: the rollout did not complete")));
+                Seen::Failed(format!("vmpool/{name}: the rollout did not complete"))
             }
-            _ if !watch => return Ok(()),
-            _ if Instant::now() >= deadline => {
-                return Err(Failure::error(format!("vmpool/{name}: not rolled out after {}s", timeout.as_secs())));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            _ if !watch => Seen::Done,
+            _ => Seen::Waiting(last.clone()),
         }
-    }
+    };
+    let kind = kinds::resolve("vmpool").map_err(Failure::usage)?;
+    follow::until(ctx, kind, &ctx.project, name, timeout, &mut judge).await
 }
 
 #[cfg(test)]

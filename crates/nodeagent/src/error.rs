@@ -23,6 +23,9 @@ pub enum AgentError {
     NotFound(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The thing is in use (a volume a VMM has attached).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     ImageInvalid(String),
     #[error("Firecracker step {step} failed")]
@@ -61,6 +64,7 @@ impl AgentError {
             AgentError::BadPath(_) | AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::ImageInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,6 +82,7 @@ impl AgentError {
             AgentError::BadPath(_) | AgentError::Invalid(_) => "Invalid",
             AgentError::NotFound(_) => "NotFound",
             AgentError::Forbidden(_) => "Forbidden",
+            AgentError::Conflict(_) => "Conflict",
             AgentError::ImageInvalid(_) => "ImageInvalid",
             AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",

@@ -5,7 +5,10 @@
 //! VMM sees is `<run dir>/jail-skeleton/`, shared), and
 //! `<run dir>/snapshots/<uid>/{state, mem, rootfs.ext4, done.json}` per
 //! Snapshot (apart from any VM, so a snapshot outlives the VM it was taken
-//! from).
+//! from), and `<run dir>/volumes/<uid>/{disk, volume.json}` per Volume
+//! (apart from any VM too). A VM's extra drives are `drives/<name>.img` in
+//! its directory (private copies and scratch disks), seen by its VMM at
+//! `/drives/<name>`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +19,8 @@ pub use nexus_api::agent::TAP_PREFIX;
 pub enum PathError {
     #[error("uid {0:?} is not a UUID (expected 8-4-4-4-12 lower-case hex digits)")]
     BadUid(String),
+    #[error("drive name {0:?} is not a DNS label other than rootfs")]
+    BadDriveName(String),
 }
 
 /// A VM uid that was checked to be a lower-case hyphenated UUID, so it can
@@ -138,6 +143,60 @@ impl VmPaths {
     pub fn restarts(&self) -> PathBuf {
         self.dir.join("restarts")
     }
+    /// The VM's own drive files (private copies, scratch disks).
+    pub fn drives(&self) -> PathBuf {
+        self.dir.join("drives")
+    }
+    /// The file of extra drive `name` (a checked drive name: a DNS label).
+    pub fn drive(&self, name: &DriveName) -> PathBuf {
+        self.drives().join(format!("{}.img", name.as_str()))
+    }
+    /// The drives the running VMM was started with (`[DriveStatus]`).
+    pub fn started_drives(&self) -> PathBuf {
+        self.dir.join("drives.json")
+    }
+    /// The I/O limits the running VMM applies (`AppliedLimits`).
+    pub fn limits(&self) -> PathBuf {
+        self.dir.join("limits.json")
+    }
+}
+
+/// A drive name that was checked to be a DNS label, so it can name a file
+/// and a Firecracker drive id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveName(String);
+
+impl DriveName {
+    pub fn parse(raw: &str) -> Result<Self, PathError> {
+        let ok = !raw.is_empty()
+            && raw.len() <= 63
+            && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !raw.starts_with('-')
+            && !raw.ends_with('-')
+            && raw != nexus_api::storage::ROOT_DRIVE;
+        if ok { Ok(DriveName(raw.to_string())) } else { Err(PathError::BadDriveName(raw.to_string())) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The files of one volume.
+#[derive(Debug, Clone)]
+pub struct VolumePaths {
+    pub dir: PathBuf,
+}
+
+impl VolumePaths {
+    /// The disk a VM attaches.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+    /// Written last: the volume is made when it exists.
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("volume.json")
+    }
 }
 
 /// The files of one snapshot.
@@ -186,7 +245,7 @@ impl RunDir {
     /// their files through their jails, host users not at all.
     pub fn new(root: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        for dir in ["vms", "snapshots"] {
+        for dir in ["vms", "snapshots", "volumes"] {
             std::fs::create_dir_all(root.join(dir))?;
             std::fs::set_permissions(root.join(dir), std::fs::Permissions::from_mode(0o700))?;
             spread_subdirectories(&root.join(dir));
@@ -221,6 +280,16 @@ impl RunDir {
     /// The files of snapshot `uid`; always directly under `snapshots()`.
     pub fn snapshot(&self, uid: &Uid) -> SnapshotPaths {
         SnapshotPaths { dir: self.snapshots().join(uid.as_str()) }
+    }
+
+    /// Directory holding one directory per volume.
+    pub fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// The files of volume `uid`; always directly under `volumes()`.
+    pub fn volume(&self, uid: &Uid) -> VolumePaths {
+        VolumePaths { dir: self.volumes().join(uid.as_str()) }
     }
 }
 

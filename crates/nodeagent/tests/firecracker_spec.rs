@@ -23,8 +23,10 @@ use nexus_api::agent::EnsureVm;
 use nexus_nodeagent::firecracker::FcClient;
 use nexus_nodeagent::firecracker::models::*;
 use nexus_nodeagent::host::jail::{Jail, inside};
+use nexus_nodeagent::paths::DriveName;
 use nexus_nodeagent::paths::VmPaths;
 use nexus_nodeagent::vm::configure::configure;
+use nexus_nodeagent::vm::drives::{Backing, Planned, update};
 use support::openapi::Spec;
 
 type Recorded = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
@@ -87,6 +89,7 @@ fn jailed_vm(dir: &Path, name: &str, uid: u32, kernel: Option<&Path>, tap: &str)
         binary: sim_binary(),
         kernel: kernel.map(Path::to_path_buf),
         initrd: None,
+        read_only_binds: Vec::new(),
     };
     jail.prepare().unwrap();
     for (f, at) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
@@ -164,6 +167,24 @@ fn limiter() -> RateLimiter {
     }
 }
 
+/// Makes an extra drive's file where the jailed VMM looks for it.
+fn place_drive(jail: &Jail, drive: &Planned, uid: u32) {
+    let at = jail.host(&drive.inside());
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::fs::File::create(&at).unwrap().set_len(4 << 20).unwrap();
+    std::os::unix::fs::chown(&at, Some(uid), Some(uid)).unwrap();
+}
+
+/// The same limits in the API's terms, as a VM's spec states them.
+fn api_limiter(l: RateLimiter) -> nexus_api::storage::RateLimiter {
+    let bucket = |b: TokenBucket| nexus_api::storage::TokenBucket {
+        size: b.size,
+        refill_time_ms: b.refill_time,
+        one_time_burst: b.one_time_burst,
+    };
+    nexus_api::storage::RateLimiter { bandwidth: l.bandwidth.map(bucket), ops: l.ops.map(bucket) }
+}
+
 /// The lifecycle, driven through the agent's own client and configure step.
 async fn lifecycle(dir: &Path, recorded: Recorded) {
     let kernel = dir.join("vmlinux");
@@ -194,11 +215,26 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
         initrd_sha256: None,
         initrd_source: None,
         probe: None,
+        ..Default::default()
     };
+
+    // Two extra drives after the root drive: a read-only image and a
+    // rate-limited scratch disk, at their places in the jail.
+    let extra = [("cache", true, None), ("scratch", false, Some(limiter()))].map(|(name, read_only, rate_limiter)| {
+        let planned = Planned {
+            name: DriveName::parse(name).unwrap(),
+            read_only,
+            rate_limiter: rate_limiter.map(api_limiter),
+            backing: Backing::Scratch(4),
+            source: "4 MiB scratch".into(),
+        };
+        place_drive(&jail_a, &planned, 64_001);
+        planned
+    });
 
     // Create: the agent's full pre-boot configuration and InstanceStart.
     let (_sim_a, a) = sim_behind_recorder(dir, "a", &paths, &jail_a, recorded.clone()).await;
-    configure(&a, &req, "nxtspec00000a").await.expect("configure and boot");
+    configure(&a, &req, "nxtspec00000a", &extra).await.expect("configure and boot");
     assert_eq!(a.describe_instance().await.unwrap().state, InstanceState::Running);
     a.version().await.unwrap();
     a.vm_config().await.unwrap();
@@ -206,6 +242,16 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     a.patch_drive(&PartialDrive { drive_id: "rootfs".into(), path_on_host: None, rate_limiter: Some(limiter()) })
         .await
         .unwrap();
+    // A limit taken off a running drive: the agent sends its buckets with
+    // size 0, which Firecracker reads as "no limit".
+    let was = extra[1].rate_limiter.clone();
+    a.patch_drive(&PartialDrive {
+        drive_id: "scratch".into(),
+        path_on_host: None,
+        rate_limiter: Some(update(was.as_ref(), None)),
+    })
+    .await
+    .unwrap();
     a.patch_network_interface(&PartialNetworkInterface {
         iface_id: "eth0".into(),
         rx_rate_limiter: Some(limiter()),
@@ -228,6 +274,10 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     let (b_paths, jail_b) = jailed_vm(dir, "vm-b", 64_002, None, "nxtspec00000b");
     std::fs::copy(&rootfs, b_paths.rootfs()).unwrap();
     jail_b.link(&b_paths.rootfs(), inside::ROOTFS).unwrap();
+    // The snapshot names the drives by their paths in the jail.
+    for d in &extra {
+        place_drive(&jail_b, d, 64_002);
+    }
     jail_b.link_read_only(&jail_a.host("/run/snapshot.state"), inside::SNAPSHOT_STATE).unwrap();
     jail_b.link_read_only(&jail_a.host("/run/snapshot.mem"), inside::SNAPSHOT_MEM).unwrap();
     let (_sim_b, b) = sim_behind_recorder(dir, "b", &b_paths, &jail_b, recorded.clone()).await;

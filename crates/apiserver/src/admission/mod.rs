@@ -6,14 +6,17 @@
 //! - [`nodes`]: a node creates only its own Node (authorization decided
 //!   the create before the object's name was read);
 //! - [`host_paths`]: raw host paths are for project admins in dev mode;
-//! - [`quota`]: what quotas count stays within the project's quotas.
+//! - [`drive_images`]: a drive names a `Rootfs` Image (when it exists);
+//! - [`quota`]: what quotas count stays within the project's quotas;
+//! - [`in_use`]: a Volume a VM uses is not deleted.
 
 pub mod host_paths;
 pub mod quota;
 
+use nexus_api::image::ImageType;
 use nexus_api::policy::NodeAccess;
 use nexus_api::rbac::{Denied, Subject, Verb};
-use nexus_api::{Object, ResourceSpec};
+use nexus_api::{ImageSpec, Object, ResourceSpec, VmSpec, VolumeSpec};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -32,7 +35,56 @@ pub async fn create<S: ResourceSpec>(
     if let Some((field, path)) = host_paths::unpermitted(may, obj, None) {
         return Err(host_paths::refused(state, field, &path).await);
     }
-    Ok(())
+    drive_images(state, project, obj).await
+}
+
+/// Checks a spec update's drives (its host paths and quota are checked in
+/// the write itself).
+pub async fn update<S: ResourceSpec>(state: &AppState, project: &str, obj: &Object<S>) -> Result<(), ApiError> {
+    drive_images(state, project, obj).await
+}
+
+/// Refuses a drive that names an Image of another type than `Rootfs`. An
+/// Image not created yet is let through (objects may come in any order;
+/// the VM waits for it).
+async fn drive_images<S: ResourceSpec>(state: &AppState, project: &str, obj: &Object<S>) -> Result<(), ApiError> {
+    let mut errors = nexus_api::validation::FieldErrors::default();
+    for (field, name) in obj.spec.drive_images() {
+        let Some(value) = state.store.get(ImageSpec::KIND, project, &name).await? else { continue };
+        let image: nexus_api::Image = serde_json::from_value(value)?;
+        if image.spec.type_ != ImageType::Rootfs {
+            errors.add(
+                &field,
+                &name,
+                &format!("is a {:?} Image; a drive needs a Rootfs Image (a disk image)", image.spec.type_),
+            );
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(ApiError::Invalid { kind: S::KIND.to_string(), errors }) }
+}
+
+/// Refuses to delete a Volume a VM of its project holds or names: it is
+/// deleted once detached (the VM deleted, or its drive removed).
+pub async fn in_use<S: ResourceSpec>(state: &AppState, project: &str, name: &str) -> Result<(), ApiError> {
+    if S::KIND != VolumeSpec::KIND {
+        return Ok(());
+    }
+    let Some(value) = state.store.get(S::KIND, project, name).await? else { return Ok(()) };
+    let volume: nexus_api::Volume = serde_json::from_value(value)?;
+    let holder = volume.status.as_ref().and_then(|s| s.attached_to.clone());
+    let (vms, _) = state.store.list(VmSpec::KIND, Some(project)).await?;
+    let naming = vms
+        .into_iter()
+        .filter_map(|v| serde_json::from_value::<nexus_api::Vm>(v).ok())
+        .find(|vm| vm.spec.drives.iter().any(|d| d.volume.as_deref() == Some(name)))
+        .map(|vm| vm.name().to_string());
+    match holder.or(naming) {
+        Some(vm) => Err(ApiError::InUse {
+            message: format!("volume {name} is used by VM {vm} in project {project}"),
+            suggestion: format!("delete VM {vm}, or remove the drive from its spec, then delete the volume"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A node may create only the object of a kind it owns one of (its Node)

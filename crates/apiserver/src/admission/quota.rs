@@ -6,9 +6,10 @@
 //! them, is each kind's policy in the registry.
 
 use nexus_api::policy::QuotaUse;
-use nexus_api::quota::{admit as within, usage};
+use nexus_api::quota::{Holdings, admit as within, usage};
 use nexus_api::{
-    ResourceQuota, ResourceQuotaSpec, ResourceSpec, Snapshot, SnapshotSpec, Template, TemplateSpec, Vm, VmSpec,
+    Image, ImageSpec, ResourceQuota, ResourceQuotaSpec, ResourceSpec, Snapshot, SnapshotSpec, Template, TemplateSpec,
+    Vm, VmSpec, Volume, VolumeSpec,
 };
 use serde_json::Value;
 
@@ -38,6 +39,8 @@ struct Objects {
     vms: Vec<Vm>,
     templates: Vec<Template>,
     snapshots: Vec<Snapshot>,
+    volumes: Vec<Volume>,
+    images: Vec<Image>,
 }
 
 impl Objects {
@@ -46,15 +49,18 @@ impl Objects {
             vms: parse(seen.of(VmSpec::KIND))?,
             templates: parse(seen.of(TemplateSpec::KIND))?,
             snapshots: parse(seen.of(SnapshotSpec::KIND))?,
+            volumes: parse(seen.of(VolumeSpec::KIND))?,
+            images: parse(seen.of(ImageSpec::KIND))?,
         })
     }
 
     fn usage(&self) -> nexus_api::quota::Usage {
-        usage(
-            &self.vms.iter().collect::<Vec<_>>(),
-            &self.templates.iter().collect::<Vec<_>>(),
-            &self.snapshots.iter().collect::<Vec<_>>(),
-        )
+        fn refs<T>(v: &[T]) -> Vec<&T> {
+            v.iter().collect()
+        }
+        let (vms, templates, snapshots) = (refs(&self.vms), refs(&self.templates), refs(&self.snapshots));
+        let (volumes, images) = (refs(&self.volumes), refs(&self.images));
+        usage(&Holdings { vms: &vms, templates: &templates, snapshots: &snapshots, volumes: &volumes, images: &images })
     }
 }
 

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use nexus_api::quota::{ResourceQuota, ResourceQuotaSpec, usage};
-use nexus_api::{Object, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec};
+use nexus_api::quota::{Holdings, ResourceQuota, ResourceQuotaSpec, usage};
+use nexus_api::{ImageSpec, Object, ResourceSpec, SnapshotSpec, TemplateSpec, VmSpec, VolumeSpec};
 use nexus_client::{Client, ClientError};
 
 use crate::Context;
@@ -20,6 +20,8 @@ pub struct QuotaReconciler {
     vms: Store<VmSpec>,
     templates: Store<TemplateSpec>,
     snapshots: Store<SnapshotSpec>,
+    volumes: Store<VolumeSpec>,
+    images: Store<ImageSpec>,
     quotas: Store<ResourceQuotaSpec>,
 }
 
@@ -37,13 +39,18 @@ pub fn controller(ctx: &Context) -> Controller<QuotaReconciler> {
         vms: r.store(),
         templates: r.store(),
         snapshots: r.store(),
+        volumes: r.store(),
+        images: r.store(),
         quotas: r.store(),
     };
-    let (q1, q2, q3) = (reconciler.quotas.clone(), reconciler.quotas.clone(), reconciler.quotas.clone());
+    let q = reconciler.quotas.clone();
+    let (q1, q2, q3, q4, q5) = (q.clone(), q.clone(), q.clone(), q.clone(), q);
     Controller::new("quota", r.store::<ResourceQuotaSpec>(), reconciler)
         .watches(r.store::<VmSpec>(), move |o| quotas_of(&q1, o))
         .watches(r.store::<TemplateSpec>(), move |o| quotas_of(&q2, o))
         .watches(r.store::<SnapshotSpec>(), move |o| quotas_of(&q3, o))
+        .watches(r.store::<VolumeSpec>(), move |o| quotas_of(&q4, o))
+        .watches(r.store::<ImageSpec>(), move |o| quotas_of(&q5, o))
         .workers(2)
 }
 
@@ -56,11 +63,22 @@ impl Reconciler for QuotaReconciler {
         let vms = self.vms.by_index(BY_PROJECT, &project);
         let templates = self.templates.by_index(BY_PROJECT, &project);
         let snapshots = self.snapshots.by_index(BY_PROJECT, &project);
-        let used = usage(
-            &vms.iter().map(|v| &**v).collect::<Vec<_>>(),
-            &templates.iter().map(|t| &**t).collect::<Vec<_>>(),
-            &snapshots.iter().map(|s| &**s).collect::<Vec<_>>(),
+        let volumes = self.volumes.by_index(BY_PROJECT, &project);
+        let images = self.images.by_index(BY_PROJECT, &project);
+        let (vms, templates, snapshots, volumes, images) = (
+            vms.iter().map(|v| &**v).collect::<Vec<_>>(),
+            templates.iter().map(|t| &**t).collect::<Vec<_>>(),
+            snapshots.iter().map(|s| &**s).collect::<Vec<_>>(),
+            volumes.iter().map(|v| &**v).collect::<Vec<_>>(),
+            images.iter().map(|i| &**i).collect::<Vec<_>>(),
         );
+        let used = usage(&Holdings {
+            vms: &vms,
+            templates: &templates,
+            snapshots: &snapshots,
+            volumes: &volumes,
+            images: &images,
+        });
         let mut status = quota.status_or_default();
         if status.used == used && status.observed_generation == quota.metadata.generation {
             return Ok(Action::AwaitChange);

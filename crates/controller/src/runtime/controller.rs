@@ -259,9 +259,10 @@ async fn work<R: Reconciler>(
     // change: its id goes with every call made (see `nexus_client::trace`).
     let request_id = store.trace(key).unwrap_or_else(nexus_client::trace::new_id);
     let span = tracing::info_span!("reconcile", controller = name, object = %key, request_id = %request_id);
-    let result =
-        nexus_client::trace::scope(request_id.clone(), reconciler.reconcile(obj.clone()).instrument(span.clone()))
-            .await;
+    // Boxed: a reconciler's future can be large (it holds objects across
+    // its awaits), and the worker's stack should not have to hold it.
+    let reconcile = Box::pin(reconciler.reconcile(obj.clone()));
+    let result = nexus_client::trace::scope(request_id.clone(), reconcile.instrument(span.clone())).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     span.in_scope(|| {
         tracing::debug!(result = outcome, latency_ms = started.elapsed().as_secs_f64() * 1000.0, "reconciled");

@@ -82,6 +82,31 @@ pub fn controller(ctx: &Context) -> Controller<SnapshotReconciler> {
         .workers(4)
 }
 
+/// Why `vm` cannot be snapshotted, if it cannot: a snapshot of a VM with a
+/// Volume would make a VM restored from it write the same volume as its
+/// source; one of a VM with other extra drives would have to carry each
+/// drive's file, which snapshots do not yet do (docs/storage.md).
+fn unsupported_drives(vm: &Vm) -> Option<String> {
+    let config = vm.status.as_ref().and_then(|s| s.config.as_ref())?;
+    let volumes = crate::vm::volumes::volumes_of(config);
+    if let Some(volume) = volumes.first() {
+        return Some(format!(
+            "VM {} uses volume {volume}: a VM restored from its snapshot would write the same volume; snapshot a VM \
+             without volumes",
+            vm.name()
+        ));
+    }
+    let names: Vec<&str> = config.drives.iter().map(|d| d.name.as_str()).collect();
+    (!names.is_empty()).then(|| {
+        format!(
+            "VM {} has extra drives ({}); snapshots of VMs with extra drives are not supported yet: snapshot a VM \
+             with its root drive only",
+            vm.name(),
+            names.join(", ")
+        )
+    })
+}
+
 /// The unfinished snapshots of `vm`.
 fn waiting_for(snaps: &Store<SnapshotSpec>, vm: &Vm) -> Vec<ObjectKey> {
     let project = vm.metadata.project.clone().unwrap_or_default();
@@ -138,6 +163,14 @@ impl SnapshotReconciler {
             return self.fail(&snap, "VmReplaced", message, None).await;
         }
         let vm_status = vm.status_or_default();
+        if let Some(message) = unsupported_drives(&vm) {
+            let error = VmError {
+                message: message.clone(),
+                fault_message: None,
+                suggestion: Some("delete this snapshot; see docs/storage.md for what snapshots hold".into()),
+            };
+            return self.fail(&snap, "DrivesNotSupported", &message, Some(error)).await;
+        }
         let node_name =
             vm.spec.node_name.clone().filter(|_| matches!(vm_status.phase, VmPhase::Running | VmPhase::Paused));
         let Some(node_name) = node_name else {

@@ -11,7 +11,8 @@
 //! - [`triggers`]: which VMs a change of a node, Template, Image or
 //!   Snapshot concerns;
 //! - [`resolve`], [`scheduler`], [`status`]: the pure decisions underneath;
-//! - [`verified`]: which VMs' agent reports are fresh enough to skip a call.
+//! - [`verified`]: which VMs' agent reports are fresh enough to skip a call;
+//! - [`volumes`]: the volumes a VM attaches: their node, and taking them.
 
 pub mod placement;
 pub mod reconcile;
@@ -21,11 +22,12 @@ pub mod status;
 pub mod teardown;
 pub mod triggers;
 pub mod verified;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use nexus_api::{ImageSpec, NodeSpec, SnapshotSpec, TemplateSpec, Vm, VmSpec};
+use nexus_api::{ImageSpec, NodeSpec, SnapshotSpec, TemplateSpec, Vm, VmSpec, VolumeSpec};
 use nexus_client::agent::AgentCallError;
 use nexus_client::{Client, ClientError};
 
@@ -71,6 +73,7 @@ pub struct Stores {
     pub templates: Store<TemplateSpec>,
     pub images: Store<ImageSpec>,
     pub snapshots: Store<SnapshotSpec>,
+    pub volumes: Store<VolumeSpec>,
 }
 
 impl Stores {
@@ -78,7 +81,14 @@ impl Stores {
     #[cfg(test)]
     pub fn empty() -> Self {
         use crate::runtime::store::store;
-        Stores { vms: store().1, nodes: store().1, templates: store().1, images: store().1, snapshots: store().1 }
+        Stores {
+            vms: store().1,
+            nodes: store().1,
+            templates: store().1,
+            images: store().1,
+            snapshots: store().1,
+            volumes: store().1,
+        }
     }
 
     /// The stores from `ctx`'s reflectors, the VM store indexed by node.
@@ -91,6 +101,7 @@ impl Stores {
             templates: ctx.reflectors.store::<TemplateSpec>(),
             images: ctx.reflectors.store::<ImageSpec>(),
             snapshots: ctx.reflectors.store::<SnapshotSpec>(),
+            volumes: ctx.reflectors.store::<VolumeSpec>(),
         }
     }
 }
@@ -134,7 +145,7 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
         per_node: PerNode::new(ctx.settings.per_node_concurrency),
         verified: Verified::default(),
     };
-    let (vms_t, vms_i, vms_s) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
+    let (vms_t, vms_i, vms_s, vms_v) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
     Controller::new("vm", stores.vms.clone(), reconciler)
         .watches_updates(stores.nodes.clone(), triggers::node_changed(stores.vms.clone(), stores.nodes.clone()))
         .watches(stores.templates.clone(), move |t| triggers::unresolved_in(&vms_t, t.metadata.project.as_deref()))
@@ -144,6 +155,8 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
             keys.extend(triggers::refused_for_images_in(&vms_i, i.metadata.project.as_deref()));
             keys
         })
+        // A volume made, freed or taken concerns the VMs that name it.
+        .watches(stores.volumes.clone(), move |v| triggers::naming_volume(&vms_v, v))
         .workers(ctx.settings.workers)
         .resync(ctx.settings.resync)
 }

@@ -59,6 +59,20 @@ impl VmReconciler {
                 return self.unschedulable(vm, reason::SNAPSHOT_NODE_NOT_FOUND, &message).await.map(Placement::Not);
             }
         }
+        // Its volumes are on one node: that node or none.
+        let project = vm.metadata.project.clone().unwrap_or_default();
+        let volume_nodes = super::volumes::volume_nodes(config, &project, &self.stores);
+        if volume_nodes.len() > 1 {
+            drop(assumed);
+            let message = format!(
+                "its volumes are on different nodes ({}); a VM runs on one node",
+                volume_nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+            return self.unschedulable(vm, reason::VOLUMES_APART, &message).await.map(Placement::Not);
+        }
+        if let Some(node) = volume_nodes.first() {
+            nodes.retain(|n| n.name() == node);
+        }
         let group = scheduler::group_of(&vm);
         let loads = assumed.loads(&self.stores, vm.uid(), group.as_deref());
         let request =
@@ -101,9 +115,10 @@ impl VmReconciler {
             }
             Err(why) => {
                 drop(assumed);
-                let message = match &config.restore {
-                    Some(r) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
-                    None => why.0,
+                let message = match (&config.restore, volume_nodes.first()) {
+                    (Some(r), _) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
+                    (None, Some(node)) => format!("its volumes are on node {node}: {}", why.0),
+                    (None, None) => why.0,
                 };
                 self.unschedulable(vm, reason::UNSCHEDULABLE, &message).await.map(Placement::Not)
             }

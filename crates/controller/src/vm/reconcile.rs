@@ -67,9 +67,9 @@ impl VmReconciler {
                 match event {
                     Event::Cleanup(vm) => {
                         self.verified.forget(vm.uid());
-                        self.tear_down(vm).await
+                        Box::pin(self.tear_down(vm)).await
                     }
-                    Event::Apply(vm) => self.apply(vm).await,
+                    Event::Apply(vm) => Box::pin(self.apply(vm)).await,
                 }
             })
             .await
@@ -80,13 +80,16 @@ impl VmReconciler {
         let Some(config) = self.resolve(&mut vm).await? else {
             return Ok(Action::RequeueAfter(Duration::from_secs(5)));
         };
+        if let Some(waiting) = self.take_volumes(&vm, &config).await? {
+            return Ok(waiting);
+        }
         if vm.spec.node_name.is_none() {
             match self.schedule(vm, &config).await? {
                 Placement::Bound(bound) => vm = *bound,
                 Placement::Not(action) => return Ok(action),
             }
         }
-        self.converge(vm, config).await
+        Box::pin(self.converge(vm, config)).await
     }
 
     /// Drives a VM bound to a node towards its spec through the node's
@@ -249,6 +252,7 @@ impl VmReconciler {
                     reason::RESOLVED,
                     format!("{} vCPU, {} MiB {what}", config.vcpu, config.mem_mib).trim_end(),
                 );
+                status.template = self.template_view(vm, &config);
                 status.config = Some(config.clone());
                 vm.status = Some(status);
                 Ok(Some(config))
@@ -274,6 +278,19 @@ impl VmReconciler {
                 Ok(kept)
             }
         }
+    }
+
+    /// The template `vm` was resolved from (`config.template`), with what
+    /// the VM overrides of it.
+    fn template_view(&self, vm: &Vm, config: &ResolvedConfig) -> Option<nexus_api::template::TemplateView> {
+        let (name, revision) = config.template.as_deref()?.split_once('@')?;
+        let project = vm.metadata.project.as_deref().unwrap_or_default();
+        let template = self.stores.templates.get_named(project, name)?;
+        Some(nexus_api::template::TemplateView {
+            name: name.to_string(),
+            revision: revision.parse().unwrap_or_default(),
+            overrides: nexus_api::template::overrides(&template.spec, &vm.spec),
+        })
     }
 
     /// Records on `vm` why it waits (its `Ready` condition Unknown).

@@ -5,7 +5,9 @@
 
 use nexus_api::image::{ImagePhase, ImageType};
 use nexus_api::snapshot::SnapshotPhase;
+use nexus_api::storage::{DriveSource, DriveSpec, ResolvedDrive, merge_drives};
 use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig, ResolvedRestore, RestoreSource};
+use nexus_api::volume::VolumePhase;
 use nexus_api::{Template, Vm};
 
 use super::Stores;
@@ -19,11 +21,11 @@ pub enum Unresolved {
     #[error(
         "{field} names image {name}, which does not exist in project {project}; create the Image or give an absolute host path"
     )]
-    ImageNotFound { field: &'static str, project: String, name: String },
+    ImageNotFound { field: String, project: String, name: String },
     #[error("{field} names image {name} of type {got:?}; it needs a {want:?} image")]
-    WrongImageType { field: &'static str, name: String, want: ImageType, got: ImageType },
+    WrongImageType { field: String, name: String, want: ImageType, got: ImageType },
     #[error("{field} names image {name}, which is Invalid: {message}")]
-    ImageInvalid { field: &'static str, name: String, message: String },
+    ImageInvalid { field: String, name: String, message: String },
     #[error("{field} is set neither on the VM nor on its template")]
     Incomplete { field: &'static str },
     #[error("snapshot {name} does not exist in project {project}; create it or fix spec.restoreFrom.snapshot")]
@@ -32,6 +34,14 @@ pub enum Unresolved {
     SnapshotNotReady { name: String, phase: SnapshotPhase },
     #[error("snapshot {name} failed ({message}); take another and restore from that")]
     SnapshotFailed { name: String, message: String },
+    #[error(
+        "{field} names volume {name}, which does not exist in project {project}; create the Volume or fix the drive"
+    )]
+    VolumeNotFound { field: String, project: String, name: String },
+    #[error("{field} names volume {name}, which is not made yet ({phase:?}); it is used once its node has made it")]
+    VolumeNotReady { field: String, name: String, phase: VolumePhase },
+    #[error("{field} names volume {name}, which failed: {message}; delete it and make another")]
+    VolumeFailed { field: String, name: String, message: String },
 }
 
 impl Unresolved {
@@ -46,6 +56,9 @@ impl Unresolved {
             Unresolved::SnapshotNotFound { .. } => "SnapshotNotFound",
             Unresolved::SnapshotNotReady { .. } => "SnapshotNotReady",
             Unresolved::SnapshotFailed { .. } => "SnapshotFailed",
+            Unresolved::VolumeNotFound { .. } => "VolumeNotFound",
+            Unresolved::VolumeNotReady { .. } => "VolumeNotReady",
+            Unresolved::VolumeFailed { .. } => "VolumeFailed",
         }
     }
 }
@@ -79,6 +92,12 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         Some(r) => Some(image_path(stores, &project, "spec.initrd", &r, ImageType::Initrd)?),
         None => None,
     };
+    let wanted = merge_drives(t.map(|t| t.drives.as_slice()).unwrap_or_default(), &spec.drives);
+    let drives = wanted
+        .iter()
+        .enumerate()
+        .map(|(i, d)| drive(stores, &project, &format!("spec.drives[{i}]"), d))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut node_selector = t.map(|t| t.node_selector.clone()).unwrap_or_default();
     node_selector.extend(spec.node_selector.clone());
     Ok(ResolvedConfig {
@@ -106,7 +125,51 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         node_selector,
         network: spec.network.clone().or(t.and_then(|t| t.network.clone())),
         restore: None,
+        drives,
+        rootfs_rate_limiter: spec.rootfs_rate_limiter.clone().or(t.and_then(|t| t.rootfs_rate_limiter.clone())),
     })
+}
+
+/// What backs drive `d` (at `field`): its Image's file, its Volume (once
+/// made), or a scratch disk.
+fn drive(stores: &Stores, project: &str, field: &str, d: &DriveSpec) -> Result<ResolvedDrive, Unresolved> {
+    let source = match (&d.image, &d.volume, d.size_mib) {
+        (Some(image), _, _) => {
+            let r = image_path(stores, project, &format!("{field}.image"), image, ImageType::Rootfs)?;
+            DriveSource::Image {
+                image: r.image.unwrap_or_else(|| image.clone()),
+                path: r.path,
+                sha256: r.sha256,
+                source: r.source,
+            }
+        }
+        (_, Some(name), _) => {
+            let field = format!("{field}.volume");
+            let v = stores.volumes.get_named(project, name).ok_or_else(|| Unresolved::VolumeNotFound {
+                field: field.clone(),
+                project: project.to_string(),
+                name: name.clone(),
+            })?;
+            if v.is_deleting() {
+                let message = "it is being deleted".to_string();
+                return Err(Unresolved::VolumeFailed { field, name: name.clone(), message });
+            }
+            let status = v.status_or_default();
+            match status.phase {
+                VolumePhase::Available | VolumePhase::InUse => {}
+                VolumePhase::Failed => {
+                    let message = status.message.unwrap_or_else(|| "no reason recorded".into());
+                    return Err(Unresolved::VolumeFailed { field, name: name.clone(), message });
+                }
+                phase => return Err(Unresolved::VolumeNotReady { field, name: name.clone(), phase }),
+            }
+            DriveSource::Volume { volume: name.clone(), uid: v.uid().to_string() }
+        }
+        (_, _, Some(size_mib)) => DriveSource::Scratch { size_mib },
+        // Validation refuses a drive with no source.
+        _ => DriveSource::Scratch { size_mib: 0 },
+    };
+    Ok(ResolvedDrive { name: d.name.clone(), read_only: d.read_only, rate_limiter: d.rate_limiter.clone(), source })
 }
 
 /// The configuration of a VM restored from snapshot `from`: the machine the
@@ -143,21 +206,21 @@ fn restored(vm: &Vm, project: &str, from: &RestoreSource, stores: &Stores) -> Re
 
 /// A kernel or root filesystem as a VM uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Resolved {
-    path: String,
+pub(crate) struct Resolved {
+    pub path: String,
     /// `name@generation` of the Image, when one was named.
-    image: Option<String>,
-    sha256: Option<String>,
+    pub image: Option<String>,
+    pub sha256: Option<String>,
     /// Where the node downloads it (an Image with a source).
-    source: Option<String>,
+    pub source: Option<String>,
 }
 
 /// What a kernel or rootfs reference stands for: itself when it is a host
 /// path, else the named Image of the wanted type (with its checksum).
-fn image_path(
+pub(crate) fn image_path(
     stores: &Stores,
     project: &str,
-    field: &'static str,
+    field: &str,
     reference: &str,
     want: ImageType,
 ) -> Result<Resolved, Unresolved> {
@@ -166,12 +229,12 @@ fn image_path(
     }
     let name = reference.to_string();
     let image = stores.images.get_named(project, reference).ok_or_else(|| Unresolved::ImageNotFound {
-        field,
+        field: field.to_string(),
         project: project.to_string(),
         name: name.clone(),
     })?;
     if image.spec.type_ != want {
-        return Err(Unresolved::WrongImageType { field, name, want, got: image.spec.type_ });
+        return Err(Unresolved::WrongImageType { field: field.to_string(), name, want, got: image.spec.type_ });
     }
     let status = image.status_or_default();
     // Found Invalid at its current generation (an edit makes it trusted again).
@@ -179,7 +242,7 @@ fn image_path(
         && status.observed_generation.is_none_or(|g| Some(g) == image.metadata.generation)
     {
         let message = status.message.unwrap_or_else(|| "no reason given".into());
-        return Err(Unresolved::ImageInvalid { field, name, message });
+        return Err(Unresolved::ImageInvalid { field: field.to_string(), name, message });
     }
     Ok(Resolved {
         path: image.spec.path.clone(),
@@ -224,6 +287,7 @@ mod tests {
                 boot_args: Some("console=ttyS0".into()),
                 network: None,
                 node_selector: BTreeMap::from([("pool".into(), "ci".into()), ("zone".into(), "a".into())]),
+                ..Default::default()
             },
         );
         t.metadata.generation = Some(3);

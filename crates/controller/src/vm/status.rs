@@ -41,6 +41,10 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         initrd_sha256: config.initrd_sha256.clone(),
         initrd_source: config.initrd_source.clone(),
         probe: vm.spec.readiness_probe.clone(),
+        generation: vm.metadata.generation.unwrap_or_default(),
+        drives: config.drives.clone(),
+        rootfs_rate_limiter: config.rootfs_rate_limiter.clone(),
+        network_limits: network.and_then(|n| n.rate_limiter.clone()),
     }
 }
 
@@ -116,6 +120,18 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
         });
     }
     status.runtime = Some(report.runtime.clone());
+    match &report.runtime.restart_pending {
+        Some(why) => {
+            set_condition(
+                &mut status.conditions,
+                conditions::RESTART_PENDING,
+                ConditionStatus::True,
+                conditions::reason::DRIVES_CHANGED,
+                why,
+            );
+        }
+        None => status.conditions.retain(|c| c.type_ != conditions::RESTART_PENDING),
+    }
     super::placement::scheduled_on(&mut status, node);
     let (ready, reason, message) = match (report.state, &report.probe) {
         (ObservedState::Running, _) if vm.spec.readiness_probe.is_none() => {
@@ -270,6 +286,7 @@ mod tests {
                 boot_millis: Some(12),
                 restarts: 1,
                 exit,
+                ..Default::default()
             },
             probe: None,
         }

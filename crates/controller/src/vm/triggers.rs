@@ -58,6 +58,27 @@ fn new_exits(old: Option<&Node>, node: &Node) -> HashSet<String> {
     now.iter().filter(|n| !before.contains(n)).map(|n| n.uid.clone()).collect()
 }
 
+/// The VMs of `volume`'s project that name it as a drive.
+pub fn naming_volume(vms: &Store<VmSpec>, volume: &nexus_api::Volume) -> Vec<ObjectKey> {
+    vms.by_index(BY_PROJECT, volume.metadata.project.as_deref().unwrap_or_default())
+        .iter()
+        .filter(|vm| uses_volume(vm, volume.name()))
+        .map(|v| ObjectKey::of(&**v))
+        .collect()
+}
+
+/// Whether `vm` names volume `name` as a drive, in its spec or (for a VM
+/// resolved from a template) its configuration.
+pub fn uses_volume(vm: &nexus_api::Vm, name: &str) -> bool {
+    let in_spec = vm.spec.drives.iter().any(|d| d.volume.as_deref() == Some(name));
+    let resolved = vm.status.as_ref().and_then(|s| s.config.as_ref()).is_some_and(|c| {
+        c.drives
+            .iter()
+            .any(|d| matches!(&d.source, nexus_api::storage::DriveSource::Volume { volume, .. } if volume == name))
+    });
+    in_spec || resolved
+}
+
 /// The VMs of `project` whose configuration is not resolved yet.
 pub fn unresolved_in(vms: &Store<VmSpec>, project: Option<&str>) -> Vec<ObjectKey> {
     vms.by_index(BY_PROJECT, project.unwrap_or_default())

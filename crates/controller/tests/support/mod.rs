@@ -197,6 +197,7 @@ fn report(uid: &str, vm: Option<&AgentVm>) -> VmReport {
             boot_millis: pid.map(|_| 1),
             restarts: 0,
             exit,
+            ..Default::default()
         },
         probe: None,
     }

@@ -97,7 +97,9 @@ pub struct Vmm {
     pub state: InstanceState,
     machine: MachineConfig,
     boot: Option<BootSource>,
-    drives: BTreeMap<String, Drive>,
+    /// In Firecracker's order: the root drive first, the others in the
+    /// order they were added (an update keeps a drive's place).
+    drives: Vec<Drive>,
     nets: BTreeMap<String, NetworkInterface>,
     /// Open TAP queues, held for the life of the process as Firecracker does.
     taps: BTreeMap<String, File>,
@@ -120,7 +122,7 @@ impl Vmm {
             state: InstanceState::NotStarted,
             machine: MachineConfig::default(),
             boot: None,
-            drives: BTreeMap::new(),
+            drives: Vec::new(),
             nets: BTreeMap::new(),
             taps: BTreeMap::new(),
             logger: None,
@@ -153,14 +155,7 @@ impl Vmm {
             ("PATCH", ["drives", id]) => self.patch_drive(id, body),
             ("PATCH", ["network-interfaces", id]) => self.patch_net(id, body),
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(body),
-            ("PUT", ["snapshot", "load"]) => {
-                let reply = self.snapshot_load(body);
-                // Firecracker cannot go on from a failed load: it exits.
-                if reply.status >= 300 {
-                    return (reply, After::Fail);
-                }
-                return (reply, self.after_running());
-            }
+            ("PUT", ["snapshot", "load"]) => return self.snapshot_load(body),
             ("PUT", ["actions"]) => return self.put_action(body),
             ("PATCH", ["vm"]) => {
                 let reply = self.patch_vm(body);
@@ -180,17 +175,31 @@ impl Vmm {
         })
     }
 
+    /// `GET /vm/config`. Before boot Firecracker lists the devices as
+    /// configured (the root drive first, then in the order added); after
+    /// boot it lists what its device manager holds, from a hash map, so
+    /// in no particular order (and a different one in each process). The
+    /// logger and metrics are never listed.
     fn vm_config(&self) -> Value {
+        let (drives, nets): (Vec<&Drive>, Vec<&NetworkInterface>) = if self.state == InstanceState::NotStarted {
+            (self.drives.iter().collect(), self.nets.values().collect())
+        } else {
+            let drives: std::collections::HashMap<&str, &Drive> =
+                self.drives.iter().map(|d| (d.drive_id.as_str(), d)).collect();
+            let nets: std::collections::HashMap<&str, &NetworkInterface> =
+                self.nets.values().map(|n| (n.iface_id.as_str(), n)).collect();
+            (drives.into_values().collect(), nets.into_values().collect())
+        };
         json!({
             "balloon": null,
-            "drives": self.drives.values().collect::<Vec<_>>(),
+            "drives": drives,
             "boot-source": self.boot,
             "cpu-config": null,
-            "logger": self.logger.as_ref().map(|(l, _)| l),
+            "logger": null,
             "machine-config": self.machine,
             "metrics": null,
             "mmds-config": null,
-            "network-interfaces": self.nets.values().collect::<Vec<_>>(),
+            "network-interfaces": nets,
             "vsock": null,
             "entropy": null,
         })
@@ -198,6 +207,12 @@ impl Vmm {
 
     fn pre_boot(&self) -> Result<(), Reply> {
         if self.state == InstanceState::NotStarted { Ok(()) } else { Err(Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT)) }
+    }
+
+    /// A `PUT` of a drive or network interface after boot asks Firecracker
+    /// to hot-plug it, which needs PCI (`--enable-pci`); without it, this.
+    fn pre_boot_or_hotplug(&self) -> Result<(), Reply> {
+        if self.state == InstanceState::NotStarted { Ok(()) } else { Err(Reply::fault(400, "PCI is not enabled")) }
     }
 }
 
@@ -208,11 +223,25 @@ fn title(method: &str) -> String {
 }
 
 /// Refuses a body whose id is not the one in the path, as Firecracker does.
+/// A drive's id in the body against the one in the path, checked while
+/// parsing (before the VM's state is looked at).
 fn same_id(in_body: &str, in_path: &str) -> Result<(), Reply> {
     if in_body == in_path {
         Ok(())
     } else {
         Err(Reply::fault(400, "The id from the path does not match the id from the body!"))
+    }
+}
+
+/// The same for a network interface, whose refusal names both ids.
+fn same_iface(in_body: &str, in_path: &str) -> Result<(), Reply> {
+    if in_body == in_path {
+        Ok(())
+    } else {
+        Err(Reply::fault(
+            400,
+            format!("The id from the path [{in_path}] does not match the id from the body [{in_body}]!"),
+        ))
     }
 }
 
@@ -223,11 +252,6 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| {
         Reply::fault(400, format!("An error occurred when deserializing the json body of a request: {e}."))
     })
-}
-
-fn valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 nix::ioctl_write_int!(tunsetiff, b'T', 202);

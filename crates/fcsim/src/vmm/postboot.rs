@@ -33,42 +33,55 @@ impl Vmm {
 
     pub(super) fn patch_drive(&mut self, id: &str, body: &[u8]) -> Reply {
         let patch: PartialDrive = attempt!(parse(body));
-        attempt!(self.post_boot());
         attempt!(same_id(&patch.drive_id, id));
-        let Some(drive) = self.drives.get_mut(id) else {
-            return Reply::fault(400, format!("Unable to patch the block device: Invalid block device ID: {id}"));
+        attempt!(self.post_boot());
+        let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) else {
+            return Reply::fault(
+                400,
+                "Drive config error: Unable to patch the block device: Failed perform action on device: Device not found Please verify the request arguments.",
+            );
         };
+        // Neither a path nor a limiter: an update for a vhost-user drive,
+        // which a file-backed drive refuses.
+        if patch.path_on_host.is_none() && patch.rate_limiter.is_none() && drive.socket.is_none() {
+            return Reply::fault(
+                400,
+                "Drive config error: Unable to patch the block device: Block: Running method expected different backend. Please verify the request arguments.",
+            );
+        }
         if let Some(path) = &patch.path_on_host {
             let read_only = drive.is_read_only.unwrap_or(false);
             if let Err(e) = OpenOptions::new().read(true).write(!read_only).open(path) {
                 return Reply::fault(
                     400,
-                    format!("Unable to patch the block device: Error manipulating the backing file: {e} {path}"),
+                    format!(
+                        "Drive config error: Unable to patch the block device: Block: Virtio backend error: Error manipulating the backing file: {e} {path} Please verify the request arguments."
+                    ),
                 );
             }
             drive.path_on_host = Some(path.clone());
         }
-        if patch.rate_limiter.is_some() {
-            drive.rate_limiter = patch.rate_limiter;
+        if let Some(update) = &patch.rate_limiter {
+            drive.rate_limiter = RateLimiter::updated(drive.rate_limiter.take(), update);
         }
         Reply::no_content()
     }
 
     pub(super) fn patch_net(&mut self, id: &str, body: &[u8]) -> Reply {
         let patch: PartialNetworkInterface = attempt!(parse(body));
+        attempt!(same_iface(&patch.iface_id, id));
         attempt!(self.post_boot());
-        attempt!(same_id(&patch.iface_id, id));
         let Some(net) = self.nets.get_mut(id) else {
             return Reply::fault(
                 400,
-                format!("Failed to update network interface: Invalid interface ID - not found: {id}"),
+                "Network config error: Unable to update the net device: Failed perform action on device: Device not found",
             );
         };
-        if patch.rx_rate_limiter.is_some() {
-            net.rx_rate_limiter = patch.rx_rate_limiter;
+        if let Some(update) = &patch.rx_rate_limiter {
+            net.rx_rate_limiter = RateLimiter::updated(net.rx_rate_limiter.take(), update);
         }
-        if patch.tx_rate_limiter.is_some() {
-            net.tx_rate_limiter = patch.tx_rate_limiter;
+        if let Some(update) = &patch.tx_rate_limiter {
+            net.tx_rate_limiter = RateLimiter::updated(net.tx_rate_limiter.take(), update);
         }
         Reply::no_content()
     }

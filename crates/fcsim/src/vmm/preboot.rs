@@ -11,19 +11,14 @@ impl Vmm {
         if cfg.vcpu_count == 0 || cfg.vcpu_count > 32 || (cfg.vcpu_count > 1 && cfg.vcpu_count % 2 == 1 && cfg.smt) {
             return Reply::fault(
                 400,
-                "The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled.",
+                "Machine config error: The number of vCPUs must be greater than 0, less than 32 and must be 1 or an even number if SMT is enabled.",
             );
         }
-        if cfg.mem_size_mib == 0 {
-            return Reply::fault(400, "The memory size (MiB) is invalid.");
-        }
-        if cfg.huge_pages != "None" && cfg.huge_pages != "2M" {
+        // A multiple of the page size: 4 KiB always, 2 MiB with huge pages.
+        if cfg.mem_size_mib == 0 || (cfg.huge_pages == HugePages::TwoMiB && cfg.mem_size_mib % 2 == 1) {
             return Reply::fault(
                 400,
-                format!(
-                    "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `None` or `2M`.",
-                    cfg.huge_pages
-                ),
+                "Machine config error: The memory size (MiB) is either 0, or not a multiple of the configured page size.",
             );
         }
         self.machine = cfg;
@@ -35,14 +30,16 @@ impl Vmm {
         let boot: BootSource = attempt!(parse(body));
         attempt!(self.pre_boot());
         if let Err(e) = File::open(&boot.kernel_image_path) {
-            return Reply::fault(400, format!("The kernel file cannot be opened: {e}"));
+            return Reply::fault(400, format!("Boot source error: The kernel file cannot be opened: {e}"));
         }
         if let Some(initrd) = &boot.initrd_path
             && let Err(e) = File::open(initrd)
         {
             return Reply::fault(
                 400,
-                format!("The initrd file cannot be opened due to invalid path or invalid permissions. {e}"),
+                format!(
+                    "Boot source error: The initrd file cannot be opened due to invalid path or invalid permissions. {e}"
+                ),
             );
         }
         self.boot = Some(boot);
@@ -51,9 +48,9 @@ impl Vmm {
     }
 
     pub(super) fn put_drive(&mut self, id: &str, body: &[u8]) -> Reply {
-        let drive: Drive = attempt!(parse(body));
-        attempt!(self.pre_boot());
+        let mut drive: Drive = attempt!(parse(body));
         attempt!(same_id(&drive.drive_id, id));
+        attempt!(self.pre_boot_or_hotplug());
         match (&drive.path_on_host, &drive.socket) {
             (Some(path), None) => {
                 let read_only = drive.is_read_only.unwrap_or(false);
@@ -61,7 +58,7 @@ impl Vmm {
                     return Reply::fault(
                         400,
                         format!(
-                            "Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: {e} {path}"
+                            "Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: {e} {path}"
                         ),
                     );
                 }
@@ -70,47 +67,60 @@ impl Vmm {
             _ => {
                 return Reply::fault(
                     400,
-                    "An error occurred when deserializing the json body of a request: exactly one of path_on_host and socket must be given.",
+                    "Drive config error: Unable to create the virtio block device: Invalid block config.",
                 );
             }
         }
-        if drive.is_root_device && self.drives.values().any(|d| d.is_root_device && d.drive_id != id) {
-            return Reply::fault(400, "A root block device already exists!");
+        let at = self.drives.iter().position(|d| d.drive_id == id);
+        let has_root = self.drives.first().is_some_and(|d| d.is_root_device);
+        if drive.is_root_device && has_root && at != Some(0) {
+            return Reply::fault(400, "Drive config error: A root block device already exists!");
         }
-        self.drives.insert(id.to_string(), drive);
+        drive.rate_limiter = drive.rate_limiter.and_then(RateLimiter::live);
+        // What Firecracker reports for a drive given none.
+        drive.cache_type.get_or_insert_with(|| "Unsafe".into());
+        drive.io_engine.get_or_insert_with(|| "Sync".into());
+        drive.is_read_only.get_or_insert(false);
+        // Firecracker keeps its block devices in a list: a new root drive
+        // goes first, any other last; an update takes the old one's place,
+        // and a drive updated into the root moves to the front.
+        match at {
+            None if drive.is_root_device => self.drives.insert(0, drive),
+            None => self.drives.push(drive),
+            Some(i) => {
+                let root = drive.is_root_device;
+                self.drives[i] = drive;
+                if root && i != 0 {
+                    self.drives.swap(0, i);
+                }
+            }
+        }
         self.boot_configured = true;
         Reply::no_content()
     }
 
     pub(super) fn put_net(&mut self, id: &str, body: &[u8]) -> Reply {
-        let net: NetworkInterface = attempt!(parse(body));
-        attempt!(self.pre_boot());
-        attempt!(same_id(&net.iface_id, id));
-        if let Some(mac) = &net.guest_mac
-            && !valid_mac(mac)
-        {
-            return Reply::fault(
-                400,
-                format!("An error occurred when deserializing the json body of a request: invalid MAC address {mac}."),
-            );
-        }
+        let mut net: NetworkInterface = attempt!(parse(body));
+        attempt!(same_iface(&net.iface_id, id));
+        attempt!(self.pre_boot_or_hotplug());
         if let Some(mtu) = net.mtu
             && !(68..=65535).contains(&mtu)
         {
             return Reply::fault(
                 400,
-                format!("An error occurred when deserializing the json body of a request: invalid MTU {mtu}."),
-            );
-        }
-        if self.nets.values().any(|n| n.host_dev_name == net.host_dev_name && n.iface_id != id) {
-            return Reply::fault(
-                400,
                 format!(
-                    "Could not create the network device: The host device name {} is already in use.",
-                    net.host_dev_name
+                    "Network config error: Could not create the network device: MTU {mtu} is out of range [68, 65535]"
                 ),
             );
         }
+        if let Some(mac) = &net.guest_mac
+            && self.nets.values().any(|n| n.guest_mac.as_ref() == Some(mac) && n.iface_id != id)
+        {
+            return Reply::fault(400, format!("Network config error: The MAC address is already in use: {}", mac.0));
+        }
+        // An update replaces the interface: its TAP is closed first. A TAP
+        // another interface holds is busy: opening it again fails (EBUSY).
+        self.taps.remove(id);
         match open_tap(&net.host_dev_name) {
             Ok(file) => {
                 self.taps.insert(id.to_string(), file);
@@ -119,12 +129,14 @@ impl Vmm {
                 return Reply::fault(
                     400,
                     format!(
-                        "Could not create the network device: Open tap device failed: Error while creating ifreq structure: {e}. Invalid TUN/TAP Backend provided by {}. Check our documentation on setting up the network devices.",
+                        "Network config error: Could not create the network device: Open tap device failed: Error while creating ifreq structure: {e}. Invalid TUN/TAP Backend provided by {}. Check our documentation on setting up the network devices.",
                         net.host_dev_name
                     ),
                 );
             }
         }
+        net.rx_rate_limiter = net.rx_rate_limiter.and_then(RateLimiter::live);
+        net.tx_rate_limiter = net.tx_rate_limiter.and_then(RateLimiter::live);
         self.nets.insert(id.to_string(), net);
         self.boot_configured = true;
         Reply::no_content()
@@ -132,16 +144,6 @@ impl Vmm {
 
     pub(super) fn put_logger(&mut self, body: &[u8]) -> Reply {
         let logger: Logger = attempt!(parse(body));
-        if let Some(level) = &logger.level
-            && !["error", "warning", "info", "debug", "trace", "off"].contains(&level.to_lowercase().as_str())
-        {
-            return Reply::fault(
-                400,
-                format!(
-                    "An error occurred when deserializing the json body of a request: unknown variant `{level}`, expected one of `Error`, `Warning`, `Info`, `Debug`, `Trace`, `Off`."
-                ),
-            );
-        }
         let Some(path) = &logger.log_path else {
             return Reply::no_content();
         };
@@ -152,21 +154,27 @@ impl Vmm {
                 self.log("main", "INFO", &format!("Running Firecracker v{EMULATED_VERSION}"));
                 Reply::no_content()
             }
-            Err(e) => Reply::fault(400, format!("Cannot initialize logging system: Failed to open target file: {e}")),
+            Err(e) => Reply::fault(400, format!("Logger error: Failed to open target file: {e}")),
         }
     }
 
     pub(super) fn put_metrics(&mut self, body: &[u8]) -> Reply {
         let metrics: Metrics = attempt!(parse(body));
         if self.metrics.is_some() {
-            return Reply::fault(400, "Reinitialization of metrics not allowed.");
+            return Reply::fault(
+                400,
+                "Metrics error: Cannot initialize the metrics system due to bad user input: Reinitialization of metrics not allowed.",
+            );
         }
         match OpenOptions::new().append(true).open(&metrics.metrics_path) {
             Ok(file) => {
                 self.metrics = Some(file);
                 Reply::no_content()
             }
-            Err(e) => Reply::fault(400, format!("Cannot initialize the metrics system: {e}")),
+            Err(e) => Reply::fault(
+                400,
+                format!("Metrics error: Cannot initialize the metrics system due to bad user input: {e}"),
+            ),
         }
     }
 }

@@ -31,7 +31,7 @@ impl Vmm {
             firecracker_version: EMULATED_VERSION.into(),
             machine: self.machine.clone(),
             boot: self.boot.clone(),
-            drives: self.drives.values().cloned().collect(),
+            drives: self.drives.clone(),
             nets: self.nets.values().cloned().collect(),
         };
         // Both files are created or truncated, as Firecracker does.
@@ -48,39 +48,58 @@ impl Vmm {
         }
     }
 
-    pub(super) fn snapshot_load(&mut self, body: &[u8]) -> Reply {
-        let params: SnapshotLoad = attempt!(parse(body));
+    /// `PUT /snapshot/load`. A load refused before it starts (a bad body,
+    /// a VM already booted or configured) is answered and the VMM serves
+    /// on; one that fails while loading (missing or bad files) ends the
+    /// VMM after the answer, as Firecracker's does.
+    pub(super) fn snapshot_load(&mut self, body: &[u8]) -> (Reply, After) {
+        let refused = |reply| (reply, After::Nothing);
+        let params: SnapshotLoad = match parse(body) {
+            Ok(p) => p,
+            Err(reply) => return refused(reply),
+        };
         if self.state != InstanceState::NotStarted {
-            return Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT);
+            return refused(Reply::fault(400, NOT_SUPPORTED_AFTER_BOOT));
         }
         if self.boot_configured {
-            return Reply::fault(
+            return refused(Reply::fault(
                 400,
                 "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
-            );
+            ));
         }
         let mem_path = match (&params.mem_file_path, &params.mem_backend) {
             (Some(p), None) => p.clone(),
             (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
             (None, Some(b)) if b.backend_type == "Uffd" => {
-                return Reply::fault(400, "Uffd memory backends are not supported by firecracker-sim.");
+                return refused(Reply::fault(400, "Uffd memory backends are not supported by firecracker-sim."));
             }
             (None, Some(b)) => {
-                return Reply::fault(
+                return refused(Reply::fault(
                     400,
                     format!(
                         "An error occurred when deserializing the json body of a request: unknown variant `{}`, expected `File` or `Uffd`.",
                         b.backend_type
                     ),
-                );
+                ));
             }
             _ => {
-                return Reply::fault(
+                return refused(Reply::fault(
                     400,
                     "An error occurred when deserializing the json body of a request: missing field: either `mem_backend` or `mem_file_path` is required.",
-                );
+                ));
             }
         };
+        let reply = self.load(&params, &mem_path);
+        // Firecracker cannot go on from a load that failed part-way: it exits.
+        if reply.status >= 300 {
+            return (reply, After::Fail);
+        }
+        (reply, self.after_running())
+    }
+
+    /// Loads the snapshot's files: the part of a load that, failing,
+    /// leaves the VMM unusable.
+    fn load(&mut self, params: &SnapshotLoad, mem_path: &str) -> Reply {
         let state: SnapshotState = match std::fs::read(&params.snapshot_path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<SnapshotState>(&b).map_err(|e| e.to_string()))
@@ -95,7 +114,7 @@ impl Vmm {
             Err(e) => return Reply::fault(400, format!("Load snapshot error: Failed to restore from snapshot: {e}")),
         };
         let expected = (state.machine.mem_size_mib as u64) << 20;
-        match std::fs::metadata(&mem_path) {
+        match std::fs::metadata(mem_path) {
             Ok(m) if m.len() == expected => {}
             Ok(m) => {
                 return Reply::fault(
@@ -162,7 +181,7 @@ impl Vmm {
         }
         self.machine = state.machine;
         self.boot = state.boot;
-        self.drives = state.drives.into_iter().map(|d| (d.drive_id.clone(), d)).collect();
+        self.drives = state.drives;
         self.nets = nets.into_iter().map(|n| (n.iface_id.clone(), n)).collect();
         self.taps = taps;
         self.state = if params.resume_vm.unwrap_or(false) { InstanceState::Running } else { InstanceState::Paused };

@@ -31,6 +31,8 @@ pub struct Drive {
     pub path_on_host: String,
     pub is_root_device: bool,
     pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// `PATCH /drives/{drive_id}` (post-boot): a new backing file or rate limiter.

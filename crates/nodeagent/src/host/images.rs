@@ -156,6 +156,43 @@ impl Verifier {
     }
 }
 
+impl super::Host {
+    /// The image at `path`, confined and checked; one with a source that
+    /// is missing here or does not match `sha256` is downloaded first.
+    pub async fn image(
+        &self,
+        field: &str,
+        path: &str,
+        sha256: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<PathBuf, AgentError> {
+        let roots = &self.cfg.image_roots;
+        let (Some(sum), Some(source)) = (sha256, source) else {
+            let real = roots.check(field, path)?;
+            if let Some(sum) = sha256 {
+                self.verifier.verify(field, &real, sum).await?;
+            }
+            return Ok(real);
+        };
+        let _held = self.fetcher.hold(Path::new(path)).await;
+        if std::fs::symlink_metadata(path).is_ok() {
+            let real = roots.check(field, path)?;
+            match self.verifier.verify(field, &real, sum).await {
+                Ok(()) => return Ok(real),
+                Err(AgentError::ImageInvalid(why)) => {
+                    tracing::warn!(field, path, %why, "this node's copy of the image is corrupt; downloading it again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let target = roots.target(field, path)?;
+        self.fetcher.fetch(field, &target, source, sum).await?;
+        let real = roots.check(field, path)?;
+        self.verifier.verify(field, &real, sum).await?;
+        Ok(real)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,8 @@ pub mod inside {
     pub const API_SOCK: &str = "/run/fc.sock";
     /// Where the VM's jail directory is bound in the skeleton.
     pub const VM: &str = "/vm";
+    /// Where a VM's extra drives are, one file per drive.
+    pub const DRIVES: &str = "/drives";
     pub const SNAPSHOT_STATE: &str = "/snapshot.state";
     pub const SNAPSHOT_MEM: &str = "/snapshot.mem";
 
@@ -183,6 +185,9 @@ pub struct Jail {
     pub kernel: Option<PathBuf>,
     /// Its initial ramdisk, when the VM has one.
     pub initrd: Option<PathBuf>,
+    /// Host files bound read-only into the jail, at these paths (under
+    /// `/drives`, whose mount points the caller makes).
+    pub read_only_binds: Vec<(PathBuf, String)>,
 }
 
 impl Jail {
@@ -195,6 +200,9 @@ impl Jail {
         }
         if let Some(initrd) = &self.initrd {
             check_readable("initrd", initrd)?;
+        }
+        for (file, _) in &self.read_only_binds {
+            check_readable("drive image", file)?;
         }
         check_readable("VMM binary", &self.binary)?;
         self.skeleton.ensure()?;
@@ -237,6 +245,9 @@ impl Jail {
         }
         if let Some(initrd) = &self.initrd {
             binds.push((c(initrd)?, c(&self.host(inside::INITRD))?));
+        }
+        for (file, at) in &self.read_only_binds {
+            binds.push((c(file)?, c(&self.host(at))?));
         }
         if self.skeleton.dynamic {
             for dir in LIBRARY_DIRS {
@@ -284,8 +295,15 @@ pub struct Skeleton {
 }
 
 /// The names in the skeleton that lead to the VM's own jail directory.
-const VM_LINKS: &[&str] =
-    &[inside::ROOTFS, inside::LOG, inside::METRICS, inside::SNAPSHOT_STATE, inside::SNAPSHOT_MEM, "/run"];
+const VM_LINKS: &[&str] = &[
+    inside::ROOTFS,
+    inside::LOG,
+    inside::METRICS,
+    inside::SNAPSHOT_STATE,
+    inside::SNAPSHOT_MEM,
+    inside::DRIVES,
+    "/run",
+];
 
 impl Skeleton {
     /// Makes the skeleton unless a complete one is there (a marker beside

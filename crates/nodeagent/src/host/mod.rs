@@ -2,7 +2,7 @@
 //! uses: networking ([`net`], [`nat`], [`ipam`], [`clonenet`]), process
 //! confinement ([`cgroup`], [`scope`], [`jail`], [`process`], [`forks`],
 //! [`exits`]), files ([`disk`], [`images`], [`fetch`], [`dirwatch`],
-//! [`locks`]) and the host check ([`check`]).
+//! [`locks`], [`volumes`]) and the host check ([`check`]).
 
 pub mod cgroup;
 pub mod check;
@@ -20,6 +20,7 @@ pub mod nat;
 pub mod net;
 pub mod process;
 pub mod scope;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,8 @@ pub struct Host {
     pub skeleton: jail::Skeleton,
     /// Held while a snapshot's files are written, read or removed.
     pub snapshot_files: locks::KeyedLocks,
+    /// Held while a volume is made or removed.
+    pub volume_files: locks::KeyedLocks,
     /// The bridge's index as last ensured (0: not yet).
     bridge: AtomicU32,
 }
@@ -111,6 +114,7 @@ impl Host {
             reflink,
             verifier: Default::default(),
             snapshot_files: Default::default(),
+            volume_files: Default::default(),
             bridge: Default::default(),
         }
     }

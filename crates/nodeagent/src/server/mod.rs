@@ -54,6 +54,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/{*path}", any(proxy))
         .route("/v1/snapshots/{uid}", get(snapshot_report).put(snapshot).delete(delete_snapshot))
+        .route("/v1/volumes/{uid}", get(volume_report).put(ensure_volume).delete(delete_volume))
         .route("/v1/vms/{uid}/logs", get(logs))
         .route("/v1/vms/{uid}/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
@@ -324,6 +325,30 @@ async fn delete_snapshot(
     Path(uid): Path<String>,
 ) -> Result<Json<serde_json::Value>, AgentError> {
     let removed = state.runtime.delete_snapshot(&uid).await?;
+    Ok(Json(serde_json::json!({ "removed": removed })))
+}
+
+async fn ensure_volume(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+    Json(req): Json<nexus_api::agent::VolumeRequest>,
+) -> Result<Json<nexus_api::agent::VolumeReport>, AgentError> {
+    Ok(Json(state.runtime.ensure_volume(&uid, &req).await?))
+}
+
+async fn volume_report(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+) -> Result<Json<nexus_api::agent::VolumeReport>, AgentError> {
+    Ok(Json(state.runtime.volume_report(&uid).await?))
+}
+
+/// Removes a volume's file; answers whether there was one.
+async fn delete_volume(
+    State(state): State<AgentState>,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, AgentError> {
+    let removed = state.runtime.delete_volume(&uid).await?;
     Ok(Json(serde_json::json!({ "removed": removed })))
 }
 

@@ -29,7 +29,12 @@ pub async fn configure_observability(client: &FcClient) -> Result<(), AgentError
 /// VM's files as the jailed VMM sees them. The pre-boot requests do not
 /// depend on one another, so they are all sent at once, each on its own
 /// connection; Firecracker answers them in turn.
-pub async fn configure(client: &FcClient, req: &EnsureVm, tap: &str) -> Result<(), AgentError> {
+pub async fn configure(
+    client: &FcClient,
+    req: &EnsureVm,
+    tap: &str,
+    drives: &[super::drives::Planned],
+) -> Result<(), AgentError> {
     use crate::host::jail::inside;
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
     let machine = models::MachineConfiguration {
@@ -44,23 +49,43 @@ pub async fn configure(client: &FcClient, req: &EnsureVm, tap: &str) -> Result<(
         initrd_path: req.initrd_path.as_ref().map(|_| inside::INITRD.to_string()),
     };
     let drive = models::Drive {
-        drive_id: "rootfs".into(),
+        drive_id: nexus_api::storage::ROOT_DRIVE.into(),
         path_on_host: inside::ROOTFS.into(),
         is_root_device: true,
         is_read_only: false,
+        rate_limiter: req.rootfs_rate_limiter.as_ref().map(super::drives::limiter),
     };
+    let limits = req.network_limits.clone().unwrap_or_default();
     let nic = models::NetworkInterface {
         iface_id: "eth0".into(),
         host_dev_name: tap.to_string(),
         guest_mac: Some(req.mac.clone()),
-        rx_rate_limiter: None,
-        tx_rate_limiter: None,
+        rx_rate_limiter: limits.rx.as_ref().map(super::drives::limiter),
+        tx_rate_limiter: limits.tx.as_ref().map(super::drives::limiter),
     };
+    // Extra drives after the root drive, in order (the guest numbers them
+    // in the order they were added).
+    let extra: Vec<models::Drive> = drives
+        .iter()
+        .map(|d| models::Drive {
+            drive_id: d.name.as_str().to_string(),
+            path_on_host: d.inside(),
+            is_root_device: false,
+            is_read_only: d.read_only,
+            rate_limiter: d.rate_limiter.as_ref().map(super::drives::limiter),
+        })
+        .collect();
     tokio::try_join!(
         configure_observability(client),
         async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
         async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
-        async { client.put_drive(&drive).await.map_err(fc("drives")) },
+        async {
+            client.put_drive(&drive).await.map_err(fc("drives"))?;
+            for d in &extra {
+                client.put_drive(d).await.map_err(fc("drives"))?;
+            }
+            Ok(())
+        },
         async { client.put_network_interface(&nic).await.map_err(fc("network-interfaces")) },
     )?;
     client.instance_start().await.map_err(fc("InstanceStart"))

@@ -79,7 +79,11 @@ impl VmOwner {
             None => {}
         }
         let info = match info {
-            Some(i) => i,
+            Some(i) => {
+                // A VMM that runs on: its I/O limits follow the request.
+                self.apply_limits(&paths, req, &client).await?;
+                i
+            }
             None => self.start(&paths, req, &client).await?,
         };
         let change = match (req.state, info.state) {

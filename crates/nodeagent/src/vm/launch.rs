@@ -43,6 +43,14 @@ impl VmOwner {
                 (Some(kernel), initrd)
             }
         };
+        let drives = self.plan_drives(req).await?;
+        let read_only_binds = drives
+            .iter()
+            .filter_map(|d| match &d.backing {
+                super::drives::Backing::Bound(file) => Some((file.clone(), d.inside())),
+                _ => None,
+            })
+            .collect();
         let user = self.host.users.user_of(paths)?;
         let jail = crate::host::jail::Jail {
             root: paths.jail(),
@@ -52,8 +60,11 @@ impl VmOwner {
             binary: self.host.cfg.firecracker.clone(),
             kernel,
             initrd,
+            read_only_binds,
         };
         jail.prepare()?;
+        // Its drives' files and mount points: the launch binds the latter.
+        self.make_drives(paths, &jail, &drives).await?;
         // The VMM starts while its TAP and disk are made: it needs them only
         // when configured, after its API socket is up.
         std::fs::write(paths.launching(), b"").map_err(AgentError::io("marking the launch"))?;
@@ -99,8 +110,10 @@ impl VmOwner {
             Ok(launched.elapsed())
         };
         let prepared = match made {
-            Ok(bridge) => tokio::try_join!(self.prepare(paths, req, restore.as_ref(), pid, &jail), socket_wait)
-                .map(|(prepared, answered)| (bridge, prepared, answered)),
+            Ok(bridge) => {
+                tokio::try_join!(self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives), socket_wait)
+                    .map(|(prepared, answered)| (bridge, prepared, answered))
+            }
             Err(e) => Err(e),
         };
         let (bridge, (addresses, req), answered) = match prepared {
@@ -122,7 +135,7 @@ impl VmOwner {
                     Err(e) => Err(e.into()),
                 }
             }
-            None => super::configure::configure(client, req, &tap).await,
+            None => super::configure::configure(client, req, &tap, &drives).await,
         };
         if let Err(e) = configured {
             self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
@@ -135,6 +148,7 @@ impl VmOwner {
             configure_ms = (launched.elapsed() - answered).as_secs_f64() * 1000.0,
             "VMM booted"
         );
+        super::drives::write_limits(paths, &super::drives::wanted_limits(req))?;
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })
@@ -194,6 +208,7 @@ impl VmOwner {
         restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
         pid: u32,
         jail: &crate::host::jail::Jail,
+        drives: &[super::drives::Planned],
     ) -> Result<(Option<crate::host::clonenet::Addresses>, EnsureVm), AgentError> {
         let uid = &self.uid;
         use crate::host::jail::inside;
@@ -214,6 +229,7 @@ impl VmOwner {
             jail.link(&file, inside)?;
         }
         jail.link(&paths.rootfs(), inside::ROOTFS)?;
+        self.link_drives(paths, jail, drives)?;
         if let Some((snap, _)) = restore {
             jail.link_read_only(&snap.state(), inside::SNAPSHOT_STATE)?;
             jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM)?;

@@ -38,12 +38,26 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("net_tx_throttled", "net", "tx_rate_limiter_throttled"),
 ];
 
+/// Firecracker's counters of each drive (its `block_<drive id>` section),
+/// as (series suffix, field).
+pub const DRIVE_COUNTERS: &[(&str, &str)] = &[
+    ("read_bytes", "read_bytes"),
+    ("write_bytes", "write_bytes"),
+    ("read_ops", "read_count"),
+    ("write_ops", "write_count"),
+    ("throttled", "rate_limiter_throttled_events"),
+];
+
+/// Counters by drive, then by series suffix.
+type DriveCounters = BTreeMap<String, BTreeMap<&'static str, f64>>;
+
 /// What is known of one VM.
 #[derive(Debug, Clone, Default)]
 struct Totals {
     /// How far into its metrics file has been read.
     offset: u64,
     counters: BTreeMap<&'static str, f64>,
+    drives: DriveCounters,
     cpu_seconds: f64,
     rss_bytes: u64,
     at: Option<DateTime<Utc>>,
@@ -92,7 +106,7 @@ impl Collector {
             if let Some(at) = t.at {
                 t.previous = Some((at, t.counters.clone(), t.cpu_seconds));
             }
-            t.offset = add_new_lines(&paths, t.offset, &mut t.counters);
+            t.offset = add_new_lines(&paths, t.offset, &mut t.counters, &mut t.drives);
             let (cpu, rss) = host_usage(*pid);
             t.cpu_seconds = cpu;
             t.rss_bytes = rss;
@@ -125,6 +139,11 @@ impl Collector {
             cpu_seconds: t.cpu_seconds,
             cpu_percent,
             rss_bytes: t.rss_bytes,
+            drives: t
+                .drives
+                .iter()
+                .map(|(d, c)| (d.clone(), c.iter().map(|(k, v)| (k.to_string(), *v)).collect()))
+                .collect(),
         })
     }
 
@@ -171,23 +190,38 @@ impl Collector {
             )
         };
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Totals) -> f64| {
+        let family = |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&Totals) -> f64| {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
             for (uid, t) in &sorted {
                 out.push_str(&format!("{name}{{{}}} {}\n", labels(uid, t), value(t)));
             }
         };
-        family("nexus_vm_up", "gauge", "1 for each VM whose VMM runs on this node.", &|_| 1.0);
-        family("nexus_vm_cpu_seconds_total", "counter", "CPU time of the VMM process, from the host.", &|t| {
-            t.cpu_seconds
-        });
-        family("nexus_vm_memory_rss_bytes", "gauge", "Resident memory of the VMM process, from the host.", &|t| {
-            t.rss_bytes as f64
-        });
+        family(&mut out, "nexus_vm_up", "gauge", "1 for each VM whose VMM runs on this node.", &|_| 1.0);
+        family(
+            &mut out,
+            "nexus_vm_cpu_seconds_total",
+            "counter",
+            "CPU time of the VMM process, from the host.",
+            &|t| t.cpu_seconds,
+        );
+        let rss_help = "Resident memory of the VMM process, from the host.";
+        family(&mut out, "nexus_vm_memory_rss_bytes", "gauge", rss_help, &|t| t.rss_bytes as f64);
         for (suffix, section, field) in COUNTERS {
             let name = format!("nexus_vm_{suffix}_total");
             let help = format!("Firecracker's {section}.{field}, summed over its flushes.");
-            family(&name, "counter", &help, &|t| t.counters.get(suffix).copied().unwrap_or(0.0));
+            family(&mut out, &name, "counter", &help, &|t| t.counters.get(suffix).copied().unwrap_or(0.0));
+        }
+        for (suffix, field) in DRIVE_COUNTERS {
+            let name = format!("nexus_vm_drive_{suffix}_total");
+            out.push_str(&format!(
+                "# HELP {name} Firecracker's block_<drive>.{field} of each drive, summed over its flushes.\n# TYPE {name} counter\n"
+            ));
+            for (uid, t) in &sorted {
+                for (drive, counters) in &t.drives {
+                    let value = counters.get(suffix).copied().unwrap_or(0.0);
+                    out.push_str(&format!("{name}{{{},drive=\"{}\"}} {value}\n", labels(uid, t), escape(drive)));
+                }
+            }
         }
         out
     }
@@ -198,9 +232,14 @@ fn escape(v: &str) -> String {
 }
 
 /// Adds the counts in the lines of `paths`' metrics file after `offset`
-/// to `counters`; returns the new offset. A file that shrank (a new VMM
-/// started over) is read from the start.
-fn add_new_lines(paths: &VmPaths, offset: u64, counters: &mut BTreeMap<&'static str, f64>) -> u64 {
+/// to `counters` (and each drive's to `drives`); returns the new offset.
+/// A file that shrank (a new VMM started over) is read from the start.
+fn add_new_lines(
+    paths: &VmPaths,
+    offset: u64,
+    counters: &mut BTreeMap<&'static str, f64>,
+    drives: &mut DriveCounters,
+) -> u64 {
     let Ok(mut f) = std::fs::File::open(paths.metrics()) else { return offset };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let start = if len < offset { 0 } else { offset };
@@ -218,6 +257,15 @@ fn add_new_lines(paths: &VmPaths, offset: u64, counters: &mut BTreeMap<&'static 
         for (suffix, section, field) in COUNTERS {
             if let Some(n) = v[*section][*field].as_f64() {
                 *counters.entry(suffix).or_default() += n;
+            }
+        }
+        let Some(sections) = v.as_object() else { continue };
+        for (key, section) in sections {
+            let Some(drive) = key.strip_prefix("block_") else { continue };
+            for (suffix, field) in DRIVE_COUNTERS {
+                if let Some(n) = section[*field].as_f64() {
+                    *drives.entry(drive.to_string()).or_default().entry(suffix).or_default() += n;
+                }
             }
         }
     }
@@ -293,18 +341,26 @@ mod tests {
             format!("{{\"vcpu\":{{\"exit_io_out\":{io_out}}},\"net\":{{\"rx_bytes_count\":{rx}}}}}\n")
         };
         std::fs::write(paths.metrics(), line(5, 100) + &line(7, 50)).unwrap();
-        let mut counters = BTreeMap::new();
-        let offset = add_new_lines(&paths, 0, &mut counters);
+        let (mut counters, mut drives) = (BTreeMap::new(), DriveCounters::new());
+        let offset = add_new_lines(&paths, 0, &mut counters, &mut drives);
         assert_eq!(counters["vcpu_exits_io_out"], 12.0);
         assert_eq!(counters["net_rx_bytes"], 150.0);
         // A partly written line waits for its end.
         let mut f = std::fs::OpenOptions::new().append(true).open(paths.metrics()).unwrap();
         std::io::Write::write_all(&mut f, b"{\"vcpu\":{\"exit_io_out\":1").unwrap();
-        let same = add_new_lines(&paths, offset, &mut counters);
+        let same = add_new_lines(&paths, offset, &mut counters, &mut drives);
         assert_eq!((same, counters["vcpu_exits_io_out"]), (offset, 12.0));
         std::io::Write::write_all(&mut f, b"}}\n").unwrap();
-        add_new_lines(&paths, same, &mut counters);
+        add_new_lines(&paths, same, &mut counters, &mut drives);
         assert_eq!(counters["vcpu_exits_io_out"], 13.0);
+        // Each drive's own section counts for that drive.
+        std::io::Write::write_all(
+            &mut f,
+            b"{\"block_cache\":{\"write_bytes\":512,\"rate_limiter_throttled_events\":2}}\n",
+        )
+        .unwrap();
+        add_new_lines(&paths, 0, &mut BTreeMap::new(), &mut drives);
+        assert_eq!((drives["cache"]["write_bytes"], drives["cache"]["throttled"]), (512.0, 2.0));
     }
 
     #[test]

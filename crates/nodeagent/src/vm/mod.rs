@@ -6,8 +6,9 @@
 //! that VM's owner ([`owner`]), which alone acts on the VM:
 //!
 //! - [`ensure`]: start, stop, pause, resume, the restart policy;
-//! - [`launch`] ([`images`], [`addresses`]), [`configure`]: a fresh VMM,
-//!   its jail, TAP, disk and address, its Firecracker configuration;
+//! - [`launch`] ([`images`], [`addresses`], [`drives`]), [`configure`]: a
+//!   fresh VMM, its jail, TAP, disks and address, its Firecracker
+//!   configuration; [`drives`] also changes a running VMM's I/O limits;
 //! - [`observe`], [`probe`]: what is on the host, as a report;
 //! - [`teardown`]: stopping the VMM and removing the VM;
 //! - [`snapshots`]: snapshots taken of the VM and VMs restored from them;
@@ -16,6 +17,7 @@
 
 pub mod addresses;
 pub mod configure;
+pub mod drives;
 pub mod ensure;
 pub mod files;
 pub mod images;
@@ -106,6 +108,65 @@ impl Runtime {
         };
         self.host.snapshot_files.forget(&snap);
         Ok(removed)
+    }
+
+    /// Makes volume `raw_uid` on this node (a no-op when it is there): an
+    /// empty sparse disk, or a copy of a checked image.
+    pub async fn ensure_volume(
+        &self,
+        raw_uid: &str,
+        req: &nexus_api::agent::VolumeRequest,
+    ) -> Result<nexus_api::agent::VolumeReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let _files = self.host.volume_files.hold(&uid).await;
+        let paths = self.host.cfg.run_dir.volume(&uid);
+        let image = match &req.image {
+            Some(i) => Some(self.host.image("image", &i.path, i.sha256.as_deref(), i.source.as_deref()).await?),
+            None => None,
+        };
+        crate::host::volumes::ensure(&uid, &paths, &req.display_name, req.size_mib, image.as_deref()).await
+    }
+
+    /// Volume `raw_uid`, when it is made on this node.
+    pub async fn volume_report(&self, raw_uid: &str) -> Result<nexus_api::agent::VolumeReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let _files = self.host.volume_files.hold(&uid).await;
+        crate::host::volumes::made(&uid, &self.host.cfg.run_dir.volume(&uid))
+            .ok_or_else(|| AgentError::NotFound(format!("no volume {uid} on this node")))
+    }
+
+    /// Removes volume `raw_uid`'s file. Refused while a VMM of this node
+    /// has it attached (the controller detaches it first).
+    pub async fn delete_volume(&self, raw_uid: &str) -> Result<bool, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let paths = self.host.cfg.run_dir.volume(&uid);
+        if let Some(vm) = self.vm_using(&paths.disk()) {
+            return Err(AgentError::Conflict(format!(
+                "volume {uid} is attached to VM {vm} on this node; remove that VM first"
+            )));
+        }
+        let removed = {
+            let _files = self.host.volume_files.hold(&uid).await;
+            crate::host::volumes::delete(&paths)?
+        };
+        self.host.volume_files.forget(&uid);
+        Ok(removed)
+    }
+
+    /// The VM (uid) of this node whose running VMM has `disk` as a drive.
+    fn vm_using(&self, disk: &std::path::Path) -> Option<String> {
+        let running = self.running_vmms();
+        let wanted = disk.display().to_string();
+        running
+            .keys()
+            .find(|uid| {
+                let paths = VmPaths { dir: self.host.cfg.run_dir.vms().join(uid.as_str()) };
+                std::fs::read(paths.started_drives())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Vec<nexus_api::storage::DriveStatus>>(&b).ok())
+                    .is_some_and(|drives| drives.iter().any(|d| d.path == wanted))
+            })
+            .cloned()
     }
 
     /// Forwards a Firecracker API call to VM `uid`'s VMM, as its owner: it

@@ -72,6 +72,14 @@ impl VmOwner {
                 boot_millis: if pid.is_some() { boot_millis } else { None },
                 restarts: read_restarts(&paths),
                 exit: std::fs::read(paths.last_exit()).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+                drives: pid
+                    .and_then(|_| std::fs::read(paths.started_drives()).ok())
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default(),
+                limits: pid
+                    .and_then(|_| std::fs::read(paths.limits()).ok())
+                    .and_then(|b| serde_json::from_slice(&b).ok()),
+                restart_pending: pid.and(config.as_ref()).and_then(|c| super::drives::restart_pending(&paths, c)),
             },
             probe,
         })

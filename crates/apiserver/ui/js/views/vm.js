@@ -4,11 +4,14 @@ import { api, collection, errorText, headers, kindNamed, session } from '../api.
 import { $, age, announce, confirmDialog, el, enc, mib, sleep } from '../dom.js';
 import { live, onLeave } from '../live.js';
 import { setState } from './vms.js';
+import { drivesPart, templatePart } from './vm-storage.js';
 
 export function vmView(name) {
   const notice = el('p', { class: 'notice', role: 'alert', id: 'vm-error' });
   const title = el('h1', { id: 'view-title' }, name, ' ', el('span', { id: 'vm-phase' }));
   const overview = el('dl', { class: 'kv' });
+  const made = el('div', { id: 'vm-made' });
+  const drives = el('div', { id: 'vm-storage' });
   const conditions = el('tbody');
   const events = el('tbody');
   const consoleLog = el('pre', { id: 'console', tabindex: '0', 'aria-label': 'Console log' });
@@ -39,6 +42,8 @@ export function vmView(name) {
       el('div', { class: 'card' }, el('h2', {}, 'Overview'), overview),
       el('div', { class: 'card' }, el('h2', {}, 'Conditions'), el('table', {}, el('thead', {}, el('tr', {},
         ...['Type', 'Status', 'Reason', 'Message'].map((h) => el('th', { scope: 'col' }, h)))), conditions)),
+      el('div', { class: 'card' }, el('h2', {}, 'Template'), made),
+      el('div', { class: 'card' }, el('h2', {}, 'Drives'), drives),
       el('div', { class: 'card' }, el('h2', {}, 'Console'), consoleLog),
       el('div', { class: 'card' }, el('h2', {}, 'Metrics'), charts),
       el('div', { class: 'card' }, el('h2', {}, 'Events'), el('table', {}, el('thead', {}, el('tr', {},
@@ -61,6 +66,8 @@ export function vmView(name) {
     overview.replaceChildren(...rows.filter(([, v]) => v !== undefined && v !== null && v !== '').flatMap(([k, v]) => [el('dt', {}, k), el('dd', {}, String(v))]));
     conditions.replaceChildren(...(s.conditions || []).map((x) => el('tr', {}, el('td', {}, x.type),
       el('td', { class: x.status === 'True' ? 'ok' : 'warn' }, x.status), el('td', {}, x.reason), el('td', {}, x.message))));
+    made.replaceChildren(templatePart(s.template));
+    drives.replaceChildren(drivesPart(r));
     spec.textContent = JSON.stringify({ spec: vm.spec, status: vm.status }, null, 2);
   }, (e) => { notice.textContent = e ? errorText(e) : notice.textContent; });
   live('/v1/events', (items) => {

@@ -105,7 +105,7 @@ fn cases() -> Vec<Case> {
             "/machine-config",
             r#"{"vcpu_count":0,"mem_size_mib":256}"#,
             400,
-            "vCPU number is invalid",
+            "Machine config error: The number of vCPUs must be greater than 0",
         ),
         c(
             "api.yaml:1439 vcpu_count maximum 32",
@@ -114,7 +114,7 @@ fn cases() -> Vec<Case> {
             "/machine-config",
             r#"{"vcpu_count":34,"mem_size_mib":256}"#,
             400,
-            "vCPU number is invalid",
+            "Machine config error: The number of vCPUs must be greater than 0",
         ),
         c(
             "STYLE: deny_unknown_fields, machine_config.rs",
@@ -207,13 +207,13 @@ fn cases() -> Vec<Case> {
             "does not match",
         ),
         c(
-            "api.yaml:283 PUT /drives is pre-boot only",
+            "api.yaml:283 PUT /drives is pre-boot only; v1.16.1 takes a later one as a hot-plug, which needs PCI",
             "running",
             "PUT",
             "/drives/rootfs",
             r#"{"drive_id":"rootfs","path_on_host":"$DIR/rootfs","is_root_device":true}"#,
             400,
-            "not supported after starting",
+            "PCI is not enabled",
         ),
         c(
             "api.yaml:313 PATCH /drives is post-boot only",
@@ -234,13 +234,31 @@ fn cases() -> Vec<Case> {
             "",
         ),
         c(
-            "api.yaml:313 PATCH /drives needs an existing drive",
+            "api.yaml:313 PATCH /drives needs an existing drive (vmm_config/drive.rs DriveError::DeviceUpdate, device_manager FindDeviceError::DeviceNotFound)",
             "running",
             "PATCH",
             "/drives/nope",
             r#"{"drive_id":"nope"}"#,
             400,
-            "Invalid block device ID",
+            "Unable to patch the block device: Failed perform action on device: Device not found",
+        ),
+        c(
+            "api.yaml:313 PATCH /drives checks the path id against the body",
+            "running",
+            "PATCH",
+            "/drives/rootfs",
+            r#"{"drive_id":"other"}"#,
+            400,
+            "The id from the path does not match the id from the body",
+        ),
+        c(
+            "api.yaml:1700 a bucket of size 0 is accepted and limits nothing (vmm_config/mod.rs get_bucket_update)",
+            "fresh",
+            "PUT",
+            "/drives/data",
+            r#"{"drive_id":"data","path_on_host":"$DIR/rootfs","is_root_device":false,"rate_limiter":{"bandwidth":{"size":0,"refill_time":100}}}"#,
+            204,
+            "",
         ),
         c(
             "api.yaml:1715 TokenBucket requires size",
@@ -252,13 +270,13 @@ fn cases() -> Vec<Case> {
             "missing field `size`",
         ),
         c(
-            "api.yaml:709 PUT /network-interfaces is pre-boot only",
+            "api.yaml:709 PUT /network-interfaces is pre-boot only; v1.16.1 takes a later one as a hot-plug, which needs PCI",
             "running",
             "PUT",
             "/network-interfaces/eth0",
             r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#,
             400,
-            "not supported after starting",
+            "PCI is not enabled",
         ),
         c(
             "api.yaml:1522 NetworkInterface requires host_dev_name",
@@ -276,7 +294,7 @@ fn cases() -> Vec<Case> {
             "/network-interfaces/eth0",
             r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":10}"#,
             400,
-            "invalid MTU",
+            "MTU 10 is out of range [68, 65535]",
         ),
         c(
             "api.yaml:737 PATCH /network-interfaces is post-boot only",
@@ -288,13 +306,13 @@ fn cases() -> Vec<Case> {
             "not supported before starting",
         ),
         c(
-            "api.yaml:737 PATCH /network-interfaces needs an existing interface",
+            "api.yaml:737 PATCH /network-interfaces needs an existing interface (vmm_config/net.rs NetworkInterfaceError::DeviceUpdate)",
             "running",
             "PATCH",
             "/network-interfaces/eth9",
             r#"{"iface_id":"eth9"}"#,
             400,
-            "not found",
+            "Unable to update the net device: Failed perform action on device: Device not found",
         ),
         c(
             "api.yaml:403 PUT /logger",
@@ -312,7 +330,7 @@ fn cases() -> Vec<Case> {
             "/logger",
             r#"{"log_path":"$DIR/nolog"}"#,
             400,
-            "Cannot initialize logging system",
+            "Logger error: Failed to open target file",
         ),
         c("api.yaml:499 PUT /metrics", "fresh", "PUT", "/metrics", r#"{"metrics_path":"$DIR/metrics"}"#, 204, ""),
         c(
@@ -520,50 +538,4 @@ fn each_request_gets_the_status_and_fault_message_firecracker_gives() {
     assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
 
-#[test]
-fn snapshot_create_writes_a_sparse_memory_file_of_guest_size_and_load_restores_paused_or_resumed() {
-    use std::os::unix::fs::MetadataExt;
-    let fx = Fixture::new();
-    let mut src = fx.vmm_in("fresh");
-    let put = |vmm: &mut Vmm, m: &str, p: &str, b: &str| vmm.handle(m, p, fx.subst(b).as_bytes()).0.status;
-    assert_eq!(put(&mut src, "PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":512}"#), 204);
-    assert_eq!(put(&mut src, "PUT", "/boot-source", r#"{"kernel_image_path":"$DIR/vmlinux"}"#), 204);
-    assert_eq!(put(&mut src, "PUT", "/actions", r#"{"action_type":"InstanceStart"}"#), 204);
-    assert_eq!(put(&mut src, "PATCH", "/vm", r#"{"state":"Paused"}"#), 204);
-    assert_eq!(
-        put(&mut src, "PUT", "/snapshot/create", r#"{"snapshot_path":"$DIR/snap","mem_file_path":"$DIR/mem"}"#),
-        204
-    );
-    let mem = std::fs::metadata(fx.dir.join("mem")).unwrap();
-    assert_eq!(mem.len(), 512 << 20, "memory file has the guest's size");
-    assert!(mem.blocks() * 512 < 1 << 20, "and is sparse");
-
-    // Logger and metrics may be set before a load (snapshot-support.md:397).
-    let mut restored = fx.vmm_in("fresh");
-    assert_eq!(put(&mut restored, "PUT", "/logger", r#"{"log_path":"$DIR/log"}"#), 204);
-    let load = r#"{"snapshot_path":"$DIR/snap","mem_backend":{"backend_type":"File","backend_path":"$DIR/mem"}}"#;
-    assert_eq!(put(&mut restored, "PUT", "/snapshot/load", load), 204);
-    let info = restored.handle("GET", "/", b"").0.body.unwrap();
-    assert_eq!(info["state"], "Paused", "snapshot-support.md:470: a loaded VM is Paused");
-    let config = restored.handle("GET", "/vm/config", b"").0.body.unwrap();
-    assert_eq!(config["machine-config"]["mem_size_mib"], 512);
-
-    let mut resumed = fx.vmm_in("fresh");
-    let load = r#"{"snapshot_path":"$DIR/snap","mem_file_path":"$DIR/mem","resume_vm":true}"#;
-    assert_eq!(put(&mut resumed, "PUT", "/snapshot/load", load), 204);
-    assert_eq!(resumed.handle("GET", "/", b"").0.body.unwrap()["state"], "Running");
-}
-
-#[test]
-fn a_failed_snapshot_load_ends_the_process_and_ctrl_alt_del_powers_off_only_a_willing_guest() {
-    use crate::vmm::After;
-    let fx = Fixture::new();
-    let mut vmm = fx.vmm_in("fresh");
-    let load = fx.subst(r#"{"snapshot_path":"$DIR/absent","mem_file_path":"$DIR/absent"}"#);
-    let (reply, after) = vmm.handle("PUT", "/snapshot/load", load.as_bytes());
-    assert_eq!(reply.status, 400);
-    assert_eq!(after, After::Fail, "Firecracker v1.16.1 exits (status 1) after a failed load");
-    let mut running = fx.vmm_in("running");
-    let (reply, after) = running.handle("PUT", "/actions", br#"{"action_type":"SendCtrlAltDel"}"#);
-    assert_eq!((reply.status, after), (204, After::Shutdown), "a guest that honours it powers off");
-}
+mod scenarios;
