@@ -57,8 +57,7 @@ impl As {
     }
 }
 
-/// A kind as the matrix exercises it.
-
+/// A token for `subject`, issued by the admin.
 async fn issue(admin: &Client, subject: &str) -> String {
     nexus_e2e::issue_token(admin, subject).await
 }

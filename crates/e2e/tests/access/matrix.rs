@@ -3,6 +3,7 @@
 
 use super::*;
 
+/// A kind as the matrix exercises it.
 struct Kind {
     kind: &'static str,
     plural: &'static str,
