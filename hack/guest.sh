@@ -8,8 +8,10 @@
 #                virtio_mmio.device= arguments Firecracker adds to the
 #                command line) and switches to the root filesystem
 #   rootfs.ext4  busybox, with an /sbin/init that brings eth0 up from the
-#                ip= argument nexus writes on the kernel command line and
-#                gives a shell on the serial console
+#                ip= argument nexus writes on the kernel command line, reads
+#                the VM's metadata (hostname, SSH keys, user data, run once)
+#                from the metadata service and gives a shell on the serial
+#                console
 #
 #   bash hack/guest.sh [--out DIR]     (default /var/lib/nexus/images/debian)
 #
@@ -25,7 +27,7 @@ out=/var/lib/nexus/images/debian
 while [ $# -gt 0 ]; do
     case $1 in
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -98,7 +100,7 @@ chmod 0755 initrd/init
 (cd initrd && find . | cpio -o -H newc --quiet | gzip -9) > initrd.img
 
 echo "== rootfs.ext4"
-mkdir -p rootfs/bin rootfs/sbin rootfs/dev rootfs/proc rootfs/sys rootfs/etc rootfs/tmp rootfs/root
+mkdir -p rootfs/bin rootfs/sbin rootfs/dev rootfs/proc rootfs/sys rootfs/etc rootfs/tmp rootfs/root rootfs/var/lib
 cp "$busybox_bin" rootfs/bin/busybox
 echo nexus-guest > rootfs/etc/hostname
 cat > rootfs/sbin/init <<'EOF'
@@ -126,6 +128,47 @@ for arg in $(cat /proc/cmdline); do
             ;;
     esac
 done
+# The metadata service (Firecracker's MMDS, version 2) at 169.254.169.254
+# on eth0: a session token first (PUT), then each value with it (GET).
+mmds=169.254.169.254
+ip link set eth0 up
+ip -4 addr show dev eth0 | grep -q inet || ip addr add 169.254.0.2/16 dev eth0
+ip route add $mmds/32 dev eth0 2>/dev/null
+token=$(printf 'PUT /latest/api/token HTTP/1.1\r\nHost: %s\r\nX-metadata-token-ttl-seconds: 300\r\n\r\n' $mmds \
+    | nc -w 2 $mmds 80 | tr -d '\r' | sed '1,/^$/d')
+mmds_get() { wget -q -T 2 -O - --header "X-metadata-token: $token" "http://$mmds/$1" 2>/dev/null; }
+if [ -n "$token" ]; then
+    name=$(mmds_get latest/meta-data/local-hostname)
+    if [ -n "$name" ]; then
+        hostname "$name" && echo "$name" > /etc/hostname
+        echo "nexus-guest: hostname $name (from the metadata service)"
+    fi
+    mkdir -p /root/.ssh && chmod 0700 /root/.ssh
+    : > /root/.ssh/authorized_keys
+    i=0
+    while key=$(mmds_get "latest/meta-data/public-keys/$i/openssh-key") && [ -n "$key" ]; do
+        echo "$key" >> /root/.ssh/authorized_keys
+        i=$((i + 1))
+    done
+    chmod 0600 /root/.ssh/authorized_keys
+    echo "nexus-guest: $i SSH keys in /root/.ssh/authorized_keys"
+    # The user data runs once in the disk's life (the disk is the VM's own).
+    mmds_get latest/user-data > /tmp/user-data
+    if [ -s /tmp/user-data ] && [ ! -e /var/lib/nexus-guest/user-data.done ]; then
+        mkdir -p /var/lib/nexus-guest
+        if head -1 /tmp/user-data | grep -q '^#!'; then
+            echo "nexus-guest: running the user data ($(wc -c < /tmp/user-data) bytes)"
+            sh /tmp/user-data 2>&1 | sed 's/^/user-data: /'
+            echo "nexus-guest: the user data finished"
+        else
+            echo "nexus-guest: the user data is not a script (#!); left in /var/lib/nexus-guest/user-data"
+        fi
+        cp /tmp/user-data /var/lib/nexus-guest/user-data
+        : > /var/lib/nexus-guest/user-data.done
+    fi
+else
+    echo "nexus-guest: no metadata service answered at $mmds"
+fi
 echo "nexus-guest login: ready"
 exec setsid sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'
 EOF

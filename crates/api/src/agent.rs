@@ -77,6 +77,11 @@ pub struct EnsureVm {
     /// I/O limits of the network interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_limits: Option<crate::storage::NetworkLimits>,
+    /// Who the VM is, for the document its guest reads from the metadata
+    /// service; the agent adds the uid, its node and the VM's address.
+    /// Changed on a running VM without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::guest::GuestIdentity>,
 }
 
 /// A snapshot on the same node to start a VM from.

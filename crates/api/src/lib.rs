@@ -11,6 +11,7 @@ pub mod conditions;
 pub mod error;
 pub mod event;
 pub mod fnv;
+pub mod guest;
 pub mod image;
 pub mod lease;
 pub mod meta;

@@ -47,6 +47,32 @@ pub struct TemplateSpec {
     /// I/O limits of the root drive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_rate_limiter: Option<crate::storage::RateLimiter>,
+    /// Handed to the guest through its metadata service
+    /// (`/latest/user-data`): a cloud-init file or a script, at most 16 KiB;
+    /// Not for secrets: anyone who may read the
+    /// VM may read it (docs/guests.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// OpenSSH public keys the guest installs (`/latest/meta-data/public-keys`),
+    /// after the template's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The user's own JSON, served to the guest at `/nexus/metadata`
+    /// (at most 16 KiB). Changed on
+    /// a running VM without a restart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+impl TemplateSpec {
+    /// The template's guest-facing fields.
+    pub fn guest(&self) -> crate::guest::GuestConfig {
+        crate::guest::GuestConfig {
+            user_data: self.user_data.clone(),
+            ssh_authorized_keys: self.ssh_authorized_keys.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
 }
 
 /// Observed state of a template.
@@ -107,6 +133,7 @@ impl ResourceSpec for TemplateSpec {
         if let Some(l) = &self.rootfs_rate_limiter {
             l.validate(errors, "spec.rootfsRateLimiter");
         }
+        crate::guest::validate(errors, "spec", &self.guest());
     }
 }
 
@@ -139,7 +166,7 @@ pub struct FieldOverride {
 
 /// The fields of the machine a VM may take from its template.
 const MACHINE_FIELDS: &[&str] =
-    &["vcpu", "memMib", "kernel", "rootfs", "initrd", "bootArgs", "network", "rootfsRateLimiter"];
+    &["vcpu", "memMib", "kernel", "rootfs", "initrd", "bootArgs", "network", "rootfsRateLimiter", "userData"];
 
 /// What `vm` sets differently from `template`: each machine field it gives
 /// another value, each node selector key and each drive (by name).
@@ -159,6 +186,12 @@ pub fn overrides(template: &TemplateSpec, vm: &crate::VmSpec) -> Vec<FieldOverri
     for (key, value) in &vm.node_selector {
         let tv = template.node_selector.get(key).map(|s| serde_json::Value::String(s.clone()));
         differ(format!("spec.nodeSelector.{key}"), tv.as_ref(), &serde_json::Value::String(value.clone()));
+    }
+    for key in vm.ssh_authorized_keys.iter().filter(|k| !template.ssh_authorized_keys.contains(k)) {
+        differ("spec.sshAuthorizedKeys[+]".to_string(), None, &serde_json::Value::String(key.clone()));
+    }
+    for (key, value) in &vm.metadata {
+        differ(format!("spec.metadata.{key}"), template.metadata.get(key), value);
     }
     for drive in &vm.drives {
         let tv = template.drives.iter().find(|d| d.name == drive.name).and_then(|d| serde_json::to_value(d).ok());

@@ -105,6 +105,33 @@ pub struct VmSpec {
     /// a running VM without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_rate_limiter: Option<RateLimiter>,
+    /// Handed to the guest through its metadata service
+    /// (`/latest/user-data`): a cloud-init file or a script, at most 16 KiB;
+    /// the template's when absent. Not for secrets: anyone who may read the
+    /// VM may read it (docs/guests.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// OpenSSH public keys the guest installs (`/latest/meta-data/public-keys`),
+    /// after the template's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The user's own JSON, served to the guest at `/nexus/metadata`
+    /// (merged over the template's, key by key; at most 16 KiB). Changed on
+    /// a running VM without a restart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+impl VmSpec {
+    /// The spec's guest-facing fields, as set here (not yet merged with
+    /// the template's).
+    pub fn guest(&self) -> crate::guest::GuestConfig {
+        crate::guest::GuestConfig {
+            user_data: self.user_data.clone(),
+            ssh_authorized_keys: self.ssh_authorized_keys.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
 }
 
 /// How a node checks that a VM's guest is up. Exactly one of `console`
@@ -309,6 +336,7 @@ impl ResourceSpec for VmSpec {
             }
         }
         validate_machine(errors, self.vcpu, self.mem_mib, self.kernel.as_deref(), self.rootfs.as_deref());
+        crate::guest::validate(errors, "spec", &self.guest());
         if let Some(initrd) = &self.initrd {
             validate_image_ref(errors, "spec.initrd", initrd);
         }

@@ -66,11 +66,36 @@ fn walk(path: &str, before: &Value, after: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Fields whose values the audit log never holds (a guest's user data may
+/// carry what only the VM's readers should see): a change shows only their
+/// size.
+const REDACTED: &[&str] = &["userData", "user-data"];
+
+/// Replaces each redacted field's value in `v` with its size.
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                if REDACTED.contains(&k.as_str()) {
+                    let size = child.as_str().map_or_else(|| child.to_string().len(), str::len);
+                    *child = Value::String(format!("<{size} bytes>"));
+                } else {
+                    redact(child);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
 /// What a change did, field by field, leaving out bookkeeping
-/// (`resourceVersion`, `generation`, timestamps of the system).
+/// (`resourceVersion`, `generation`, timestamps of the system) and the
+/// values of redacted fields (user data: only their sizes).
 pub fn changes(before: Option<&Value>, after: Option<&Value>) -> Vec<String> {
     let strip = |v: Option<&Value>| {
         let mut v = v.cloned().unwrap_or(Value::Null);
+        redact(&mut v);
         if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
             for k in ["resourceVersion", "generation", "uid", "creationTimestamp"] {
                 m.remove(k);
@@ -189,6 +214,15 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_data_is_on_record_by_size_only() {
+        let before = serde_json::json!({"spec": {"userData": "#!/bin/sh\necho secret-a\n", "vcpu": 1}});
+        let after = serde_json::json!({"spec": {"userData": "#!/bin/sh\necho secret-bb\n", "vcpu": 1}});
+        let out = changes(Some(&before), Some(&after));
+        assert_eq!(out, ["spec.userData: <24 bytes> -> <25 bytes>"]);
+        assert!(!out.concat().contains("secret"));
+    }
 
     #[test]
     fn changes_name_the_fields_that_moved_and_skip_bookkeeping() {

@@ -228,6 +228,33 @@ impl Cluster {
         nexusctl(&self.server, &self.ca, &self.admin_token, args)
     }
 
+    /// `nexusctl apply -f` of `yaml` (written to a file in the cluster's
+    /// directory), which must succeed.
+    pub fn apply(&self, yaml: &str) {
+        let file = self.dir.join(format!("apply-{:016x}.yaml", nexus_api::fnv::fnv1a(yaml.bytes())));
+        std::fs::write(&file, yaml).expect("writing the manifest");
+        let (ok, out, err) = self.nexusctl(&["apply", "-f", &file.display().to_string()]);
+        assert!(ok, "apply: {out}{err}\n{}", self.logs());
+    }
+
+    /// VM `name` of project `default`, which must exist.
+    pub async fn vm(&self, name: &str) -> nexus_api::Vm {
+        self.client().get::<nexus_api::VmSpec>("default", name).await.expect("the VM")
+    }
+
+    /// VM `name` of project `default` once it is Running (within 30 s).
+    pub async fn wait_running(&self, name: &str) -> nexus_api::Vm {
+        let client = self.client();
+        wait_until(Duration::from_secs(30), &format!("VM {name} Running"), || async {
+            client
+                .get::<nexus_api::VmSpec>("default", name)
+                .await
+                .is_ok_and(|v| v.status_or_default().phase == nexus_api::VmPhase::Running)
+        })
+        .await;
+        self.vm(name).await
+    }
+
     /// Stops all three processes (controller first).
     pub fn stop(&mut self) {
         self.controller.stop();

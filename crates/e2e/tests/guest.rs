@@ -72,6 +72,14 @@ fn the_guest_script_builds_a_kernel_firecracker_loads_an_initrd_and_a_rootfs_wit
 
     let init = debugfs_cat(&out.join("rootfs.ext4"), "/sbin/init");
     assert!(init.starts_with("#!/bin/busybox sh") && init.contains("ip=*)"), "the rootfs's init: {init}");
+    for step in [
+        "X-metadata-token-ttl-seconds",
+        "latest/meta-data/local-hostname",
+        "public-keys/$i/openssh-key",
+        "latest/user-data",
+    ] {
+        assert!(init.contains(step), "the rootfs's init reads {step} from the metadata service: {init}");
+    }
     assert!(!debugfs_cat(&out.join("rootfs.ext4"), "/bin/busybox").is_empty(), "busybox in the rootfs");
     let listing = Command::new("sh")
         .arg("-c")

@@ -13,29 +13,9 @@ use std::time::{Duration, Instant};
 use nexus_api::conditions;
 use nexus_api::meta::find_condition;
 use nexus_api::volume::VolumePhase;
-use nexus_api::{ConditionStatus, Vm, VmPhase, VmSpec, VolumeSpec};
+use nexus_api::{ConditionStatus, VmPhase, VmSpec, VolumeSpec};
 use nexus_e2e::{Cluster, EXAMPLE_IMAGES, in_private_netns, wait_until};
 use serde_json::{Value, json};
-
-fn apply(cluster: &Cluster, dir: &Path, yaml: &str) {
-    let file = dir.join(format!("apply-{}.yaml", yaml.len()));
-    std::fs::write(&file, yaml).unwrap();
-    let (ok, out, err) = cluster.nexusctl(&["apply", "-f", &file.display().to_string()]);
-    assert!(ok, "apply: {out}{err}\n{}", cluster.logs());
-}
-
-async fn vm(cluster: &Cluster, name: &str) -> Vm {
-    cluster.client().get::<VmSpec>("default", name).await.unwrap()
-}
-
-async fn wait_running(cluster: &Cluster, name: &str) -> Vm {
-    let client = cluster.client();
-    wait_until(Duration::from_secs(30), &format!("VM {name} Running"), || async {
-        client.get::<VmSpec>("default", name).await.is_ok_and(|v| v.status_or_default().phase == VmPhase::Running)
-    })
-    .await;
-    vm(cluster, name).await
-}
 
 /// The VMM's configuration, read through the node agent's proxy.
 async fn vm_config(cluster: &Cluster, uid: &str) -> Value {
@@ -97,10 +77,7 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
             assert!(text.contains(field), "{field} in {text}");
         }
         assert_eq!(err.status(), Some(422));
-        apply(
-            &cluster,
-            dir.path(),
-            "apiVersion: nexus/v1\nkind: Image\nmetadata:\n  name: kern\nspec:\n  type: Kernel\n  path: /var/lib/nexus/images/vmlinux\n",
+        cluster.apply("apiVersion: nexus/v1\nkind: Image\nmetadata:\n  name: kern\nspec:\n  type: Kernel\n  path: /var/lib/nexus/images/vmlinux\n",
         );
         let wrong = json!({"apiVersion": "nexus/v1", "kind": "VM", "metadata": {"name": "bad"},
             "spec": {"template": "runner", "drives": [{"name": "k", "image": "kern"}]}});
@@ -112,10 +89,10 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
 
         // A template with a read-only Image drive and a root-drive limit; the
         // VM adds a scratch disk and a network limit.
-        apply(&cluster, dir.path(), TEMPLATE);
+        cluster.apply(TEMPLATE);
         let started = Instant::now();
-        apply(&cluster, dir.path(), &runner(None, false));
-        let running = wait_running(&cluster, "runner-1").await;
+        cluster.apply(&runner(None, false));
+        let running = cluster.wait_running("runner-1").await;
         println!("runner-1 Running {} ms after the apply", started.elapsed().as_millis());
         let uid = running.uid().to_string();
         let pid = running.status_or_default().runtime.unwrap().pid.unwrap();
@@ -157,7 +134,7 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
 
         // A limit edited on the running VM reaches its VMM, same pid.
         let edited = Instant::now();
-        apply(&cluster, dir.path(), &runner(Some(20971520), false));
+        cluster.apply(&runner(Some(20971520), false));
         wait_until(Duration::from_secs(10), "the new limits in the VMM", || async {
             let config = vm_config(&cluster, &uid).await;
             drive(&config, "rootfs")["rate_limiter"]["bandwidth"]["size"] == 20971520
@@ -165,10 +142,11 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
         })
         .await;
         let took = edited.elapsed();
-        let after = vm(&cluster, "runner-1").await;
+        let after = cluster.vm("runner-1").await;
         let generation = after.metadata.generation.unwrap();
         wait_until(Duration::from_secs(10), "the applied limits in the status", || async {
-            vm(&cluster, "runner-1")
+            cluster
+                .vm("runner-1")
                 .await
                 .status_or_default()
                 .runtime
@@ -176,7 +154,7 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
                 .is_some_and(|l| l.generation == generation)
         })
         .await;
-        let now = vm(&cluster, "runner-1").await.status_or_default().runtime.unwrap();
+        let now = cluster.vm("runner-1").await.status_or_default().runtime.unwrap();
         println!(
             "a root-drive and a network limit edited on the running VM were in the VMM's /vm/config {} ms after the \
              apply; pid {} -> {}",
@@ -188,16 +166,17 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
         assert_eq!(now.limits.unwrap().rootfs.unwrap().bandwidth.unwrap().size, 20971520);
 
         // A drive added while it runs waits for the next start.
-        apply(&cluster, dir.path(), &runner(Some(20971520), true));
+        cluster.apply(&runner(Some(20971520), true));
         wait_until(Duration::from_secs(10), "RestartPending", || async {
-            vm(&cluster, "runner-1")
+            cluster
+                .vm("runner-1")
                 .await
                 .status
                 .and_then(|s| find_condition(&s.conditions, conditions::RESTART_PENDING).cloned())
                 .is_some_and(|c| c.status == ConditionStatus::True)
         })
         .await;
-        let pending = vm(&cluster, "runner-1").await;
+        let pending = cluster.vm("runner-1").await;
         let message = find_condition(&pending.status_or_default().conditions, conditions::RESTART_PENDING)
             .unwrap()
             .message
@@ -208,7 +187,7 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
             let (ok, out, err) = cluster.nexusctl(&[state, "vm", "runner-1", "--wait"]);
             assert!(ok, "{state}: {out}{err}");
         }
-        let restarted = wait_running(&cluster, "runner-1").await;
+        let restarted = cluster.wait_running("runner-1").await;
         let ids: Vec<String> =
             restarted.status_or_default().runtime.unwrap().drives.iter().map(|d| d.name.clone()).collect();
         assert_eq!(ids, ["tools", "scratch", "logs"]);
@@ -242,10 +221,7 @@ fn a_volume_outlives_its_vm_serves_one_vm_at_a_time_and_is_not_deleted_while_use
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster::start(dir.path(), "n1").await;
         let client = cluster.client();
-        apply(
-            &cluster,
-            dir.path(),
-            "apiVersion: nexus/v1\nkind: ResourceQuota\nmetadata:\n  name: storage\nspec:\n  volumes: 2\n  volumeMib: 20\n---\n\
+        cluster.apply("apiVersion: nexus/v1\nkind: ResourceQuota\nmetadata:\n  name: storage\nspec:\n  volumes: 2\n  volumeMib: 20\n---\n\
              apiVersion: nexus/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  sizeMib: 16\n",
         );
         wait_until(Duration::from_secs(20), "the volume Available", || async {
@@ -273,8 +249,8 @@ fn a_volume_outlives_its_vm_serves_one_vm_at_a_time_and_is_not_deleted_while_use
 
         // The first VM writes into the volume (on the simulator: bytes
         // written into its file, as a guest's writes would land).
-        apply(&cluster, dir.path(), &vm_with_volume("writer"));
-        let writer = wait_running(&cluster, "writer").await;
+        cluster.apply(&vm_with_volume("writer"));
+        let writer = cluster.wait_running("writer").await;
         let disk = writer.status_or_default().runtime.unwrap().drives[0].path.clone();
         println!("writer runs with volume data at {disk}");
         assert_eq!(volume(&cluster, "data").await.status_or_default().attached_to.as_deref(), Some("writer"));
@@ -291,20 +267,20 @@ fn a_volume_outlives_its_vm_serves_one_vm_at_a_time_and_is_not_deleted_while_use
         assert!(!ok && err.contains("uses volume data"), "{out}{err}");
         assert_eq!(
             writer.status_or_default().runtime.unwrap().pid,
-            vm(&cluster, "writer").await.status_or_default().runtime.unwrap().pid,
+            cluster.vm("writer").await.status_or_default().runtime.unwrap().pid,
             "the VM was left running"
         );
 
         // A second VM naming it waits, saying who holds it.
-        apply(&cluster, dir.path(), &vm_with_volume("reader"));
+        cluster.apply(&vm_with_volume("reader"));
         wait_until(Duration::from_secs(20), "reader waiting for the volume", || async {
-            let s = vm(&cluster, "reader").await.status_or_default();
+            let s = cluster.vm("reader").await.status_or_default();
             s.phase == VmPhase::Pending
                 && find_condition(&s.conditions, conditions::READY)
                     .is_some_and(|c| c.reason == "VolumeInUse" && c.message.contains("writer"))
         })
         .await;
-        let waiting = vm(&cluster, "reader").await.status_or_default();
+        let waiting = cluster.vm("reader").await.status_or_default();
         println!(
             "reader: {:?}, {}",
             waiting.phase,
@@ -321,7 +297,7 @@ fn a_volume_outlives_its_vm_serves_one_vm_at_a_time_and_is_not_deleted_while_use
         // Once the writer is gone, the reader gets the volume, bytes and all.
         let (ok, out, err) = cluster.nexusctl(&["delete", "vm", "writer", "--wait"]);
         assert!(ok, "{out}{err}");
-        let reader = wait_running(&cluster, "reader").await;
+        let reader = cluster.wait_running("reader").await;
         let path = reader.status_or_default().runtime.unwrap().drives[0].path.clone();
         assert_eq!(path, disk, "the same file on the same node");
         let bytes = std::fs::read(&path).unwrap();

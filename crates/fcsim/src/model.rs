@@ -309,6 +309,30 @@ pub struct SnapshotState {
     pub boot: Option<BootSource>,
     pub drives: Vec<Drive>,
     pub nets: Vec<NetworkInterface>,
+    /// The metadata service's configuration (its contents are not kept).
+    #[serde(default)]
+    pub mmds_config: Option<MmdsConfig>,
+}
+
+/// `PUT /mmds/config`, and what `GET /vm/config` reports of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default)]
+    pub version: MmdsVersion,
+    pub network_interfaces: Vec<String>,
+    #[serde(default)]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+/// The metadata service's protocol; Firecracker's default is `V1`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    #[default]
+    V1,
+    V2,
 }
 
 /// Marks a state file as written by this simulator.

@@ -63,8 +63,10 @@ fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Answer
             items
         };
         json!({"drives": sorted("drives", "drive_id"), "nets": sorted("network-interfaces", "iface_id"),
-               "machine": parsed["machine-config"], "logger": parsed["logger"]})
+               "machine": parsed["machine-config"], "logger": parsed["logger"], "mmds": parsed["mmds-config"]})
         .to_string()
+    } else if path == "/mmds" && method == "GET" {
+        String::from_utf8_lossy(&text).into_owned()
     } else {
         parsed["fault_message"].as_str().unwrap_or_default().to_string()
     };
@@ -187,6 +189,40 @@ fn scenarios(dir: &Path, kernel: &str) -> Vec<(&'static str, Vec<Request>)> {
                     "mem_backend": {"backend_type": "File", "backend_path": format!("{d}/m")}}),
                 ),
                 req("GET", "/", Value::Null),
+            ],
+        ),
+        (
+            "the metadata service",
+            vec![
+                req("GET", "/mmds", Value::Null),
+                req("PATCH", "/mmds", json!({"a": 1})),
+                req("PUT", "/mmds/config", json!({"network_interfaces": []})),
+                req("PUT", "/mmds/config", json!({"network_interfaces": ["eth0"]})),
+                req("PUT", "/network-interfaces/eth0", json!({"iface_id": "eth0", "host_dev_name": "simcmp0"})),
+                req("PUT", "/mmds/config", json!({"version": "V3", "network_interfaces": ["eth0"]})),
+                req("PUT", "/mmds/config", json!({"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"})),
+                req("PUT", "/mmds/config", json!({"network_interfaces": ["eth0"], "ipv4_address": "not-an-address"})),
+                req("PUT", "/mmds/config", json!({"network_interfaces": ["eth0"], "color": "blue"})),
+                req("PUT", "/mmds/config", json!({"version": "V2", "network_interfaces": ["eth0"]})),
+                req("GET", "/vm/config", Value::Null),
+                req("PUT", "/mmds/other", json!({})),
+                req("PUT", "/mmds", json!({"latest": {"meta-data": {"a": "b"}}, "list": [1, 2], "n": 3})),
+                req("GET", "/mmds", Value::Null),
+                req("PATCH", "/mmds", json!({"latest": {"meta-data": {"a": null, "c": "d"}}, "n": null})),
+                req("GET", "/mmds", Value::Null),
+                req("PUT", "/mmds", json!("just a string")),
+                req("GET", "/mmds", Value::Null),
+                req("PUT", "/mmds", json!({"big": "x".repeat(50_000)})),
+                req("PATCH", "/mmds", json!({"more": "y".repeat(2_000)})),
+                req("PUT", "/mmds", json!({"latest": {"user-data": "#!/bin/sh\n"}})),
+                req("PUT", "/drives/root", drive("root", &root, true, false)),
+                req("PUT", "/boot-source", boot.clone()),
+                req("PUT", "/actions", json!({"action_type": "InstanceStart"})),
+                req("PUT", "/mmds/config", json!({"version": "V2", "network_interfaces": ["eth0"]})),
+                req("PUT", "/mmds", json!({"latest": {"user-data": "after boot"}})),
+                req("PATCH", "/mmds", json!({"nexus": {"labels": {"role": "edited"}}})),
+                req("GET", "/mmds", Value::Null),
+                req("GET", "/vm/config", Value::Null),
             ],
         ),
         (

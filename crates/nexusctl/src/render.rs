@@ -222,6 +222,7 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
     let conditions = status.as_object_mut().and_then(|o| o.remove("conditions"));
     // Shown as tables of their own below.
     let template = status.as_object_mut().and_then(|o| o.remove("template"));
+    let mmds = status.get_mut("runtime").and_then(Value::as_object_mut).and_then(|r| r.remove("mmds"));
     // A pool's revisions carry whole templates: one line each is enough here
     // (`nexusctl rollout history` shows them).
     if let Some(revisions) = status.get_mut("revisions").and_then(Value::as_array_mut) {
@@ -241,6 +242,9 @@ pub fn describe(kind: &KindInfo, obj: &Value, events: &[Value], now: DateTime<Ut
     }
     if let Some(drives) = obj["status"]["runtime"]["drives"].as_array().filter(|d| !d.is_empty()) {
         out.push_str(&drives_section(drives, &obj["status"]["runtime"]["limits"]));
+    }
+    if let Some(doc) = &mmds {
+        out.push_str(&guest_section(doc));
     }
     out.push_str("Conditions:\n");
     match conditions.as_ref().and_then(Value::as_array) {
@@ -307,6 +311,34 @@ fn template_section(t: &Value) -> String {
     }
     for l in lines(&table) {
         out.push_str(&format!("  {l}\n"));
+    }
+    out
+}
+
+/// What the guest reads from its metadata service, path by path as it
+/// asks for it (a long or multi-line value shows its first line and size).
+fn guest_section(doc: &Value) -> String {
+    fn walk(path: &str, v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, child) in m {
+                    walk(&format!("{path}/{k}"), child, out);
+                }
+            }
+            Value::String(text) if text.contains('\n') || text.len() > 160 => {
+                let first: String = text.lines().next().unwrap_or_default().chars().take(60).collect();
+                out.push((path.to_string(), format!("{first:?}… ({} bytes)", text.len())));
+            }
+            Value::String(text) => out.push((path.to_string(), text.clone())),
+            other => out.push((path.to_string(), compact(other))),
+        }
+    }
+    let mut rows = Vec::new();
+    walk("", doc, &mut rows);
+    let mut out = format!("Guest metadata:     http://{}/ (MMDS version 2)\n", nexus_api::guest::MMDS_ADDRESS);
+    let width = rows.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+    for (path, value) in rows {
+        out.push_str(&format!("  {path:<width$}  {value}\n"));
     }
     out
 }
@@ -462,6 +494,10 @@ mod tests {
         vm["status"]["runtime"]["drives"] = json!([
             {"name": "tools", "source": "image tools@1", "path": "/var/lib/nexus/images/tools.ext4", "readOnly": true},
             {"name": "scratch", "source": "64 MiB scratch", "path": "/var/lib/nexus/run/vms/7f0c9a52/drives/scratch.img"}]);
+        vm["status"]["runtime"]["mmds"] = json!({
+            "latest": {"meta-data": {"instance-id": "7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11", "local-hostname": "runner-1"},
+                       "user-data": "#!/bin/sh\necho hello\n"},
+            "nexus": {"labels": {"app": "ci"}, "metadata": {"job": {"id": 7}}}});
         vm["status"]["runtime"]["limits"] = json!({"generation": 2,
             "rootfs": {"bandwidth": {"size": 20971520, "refillTimeMs": 100}},
             "network": {"tx": {"ops": {"size": 1000, "refillTimeMs": 1000}}}});

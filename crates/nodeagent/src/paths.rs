@@ -159,6 +159,10 @@ impl VmPaths {
     pub fn limits(&self) -> PathBuf {
         self.dir.join("limits.json")
     }
+    /// The document the running VMM's metadata service holds.
+    pub fn mmds(&self) -> PathBuf {
+        self.dir.join("mmds.json")
+    }
 }
 
 /// A drive name that was checked to be a DNS label, so it can name a file

@@ -234,7 +234,14 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
 
     // Create: the agent's full pre-boot configuration and InstanceStart.
     let (_sim_a, a) = sim_behind_recorder(dir, "a", &paths, &jail_a, recorded.clone()).await;
-    configure(&a, &req, "nxtspec00000a", &extra).await.expect("configure and boot");
+    let id = nexus_api::guest::GuestIdentity { name: "spec".into(), project: "default".into(), ..Default::default() };
+    let doc = nexus_api::guest::document(&id, &req.uid, Some("172.30.0.2"));
+    configure(&a, &req, "nxtspec00000a", &extra, Some(&doc)).await.expect("configure and boot");
+    // The guest's document, replaced on the running VM and read back.
+    let mut edited = doc.clone();
+    edited["nexus"]["labels"] = serde_json::json!({"role": "edited"});
+    a.put_mmds(&edited).await.unwrap();
+    assert_eq!(a.get_mmds().await.unwrap(), edited);
     assert_eq!(a.describe_instance().await.unwrap().state, InstanceState::Running);
     a.version().await.unwrap();
     a.vm_config().await.unwrap();
@@ -299,6 +306,7 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     })
     .await
     .expect("load the snapshot into a new VMM");
+    b.put_mmds(&doc).await.unwrap();
     assert_eq!(b.describe_instance().await.unwrap().state, InstanceState::Running);
     b.send_ctrl_alt_del().await.unwrap();
 }
@@ -357,6 +365,9 @@ fn every_request_of_a_full_lifecycle_conforms_to_the_firecracker_spec() {
         "GET /",
         "GET /vm/config",
         "GET /version",
+        "PUT /mmds/config",
+        "PUT /mmds",
+        "GET /mmds",
     ] {
         assert!(seen.contains(expected), "the lifecycle never sent {expected}");
     }

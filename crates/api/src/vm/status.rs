@@ -163,6 +163,10 @@ pub struct ResolvedConfig {
     pub drives: Vec<crate::storage::ResolvedDrive>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_rate_limiter: Option<RateLimiter>,
+    /// What the guest is told besides who it is: user data, SSH keys and
+    /// the user's metadata, the template's merged with the VM's.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub guest: crate::guest::GuestConfig,
 }
 
 /// A restored VM's source, as resolved by the controller.
@@ -216,6 +220,14 @@ pub struct VmRuntime {
     /// (drives added or removed while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_pending: Option<String>,
+    /// The document the guest reads from its metadata service now (see
+    /// `nexus_api::guest::document`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<serde_json::Value>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn is_zero(n: &u32) -> bool {

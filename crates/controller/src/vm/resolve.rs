@@ -3,12 +3,13 @@
 //! needs; a VM restored from a Snapshot takes the snapshot's. Reads the
 //! stores only.
 
+use nexus_api::guest::GuestConfig;
 use nexus_api::image::{ImagePhase, ImageType};
 use nexus_api::snapshot::SnapshotPhase;
 use nexus_api::storage::{DriveSource, DriveSpec, ResolvedDrive, merge_drives};
 use nexus_api::vm::{DEFAULT_BOOT_ARGS, ResolvedConfig, ResolvedRestore, RestoreSource};
 use nexus_api::volume::VolumePhase;
-use nexus_api::{Template, Vm};
+use nexus_api::{Template, TemplateSpec, Vm};
 
 use super::Stores;
 
@@ -127,6 +128,7 @@ pub fn resolve(vm: &Vm, stores: &Stores) -> Result<ResolvedConfig, Unresolved> {
         restore: None,
         drives,
         rootfs_rate_limiter: spec.rootfs_rate_limiter.clone().or(t.and_then(|t| t.rootfs_rate_limiter.clone())),
+        guest: GuestConfig::merge(&t.map(TemplateSpec::guest).unwrap_or_default(), &spec.guest()),
     })
 }
 
@@ -195,6 +197,9 @@ fn restored(vm: &Vm, project: &str, from: &RestoreSource, stores: &Stores) -> Re
     Ok(ResolvedConfig {
         generation: vm.metadata.generation.unwrap_or_default(),
         node_selector: Default::default(),
+        // The source's guest data, with the restored VM's own over it (its
+        // identity is always its own: see `ensure_request`).
+        guest: GuestConfig::merge(&config.guest, &vm.spec.guest()),
         restore: Some(ResolvedRestore {
             snapshot: format!("{name}@{}", snap.uid()),
             snapshot_uid: snap.uid().to_string(),

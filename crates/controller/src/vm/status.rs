@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use nexus_api::agent::{EnsureVm, ObservedState, VmReport};
 use nexus_api::conditions;
 use nexus_api::event::EventType;
+use nexus_api::guest::GuestIdentity;
 use nexus_api::meta::set_condition;
 use nexus_api::vm::{ResolvedConfig, VmError, mac_from_uid};
 use nexus_api::{ConditionStatus, ErrorBody, Vm, VmPhase, VmStatus};
@@ -45,6 +46,13 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         drives: config.drives.clone(),
         rootfs_rate_limiter: config.rootfs_rate_limiter.clone(),
         network_limits: network.and_then(|n| n.rate_limiter.clone()),
+        guest: Some(GuestIdentity {
+            name: vm.name().to_string(),
+            project: project.to_string(),
+            node: vm.spec.node_name.clone().unwrap_or_default(),
+            labels: vm.metadata.labels.clone(),
+            config: config.guest.clone(),
+        }),
     }
 }
 

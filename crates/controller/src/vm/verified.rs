@@ -1,5 +1,6 @@
-//! Which VMs' agent reports are fresh: a reconcile of a VM whose spec and
-//! status are still exactly what the last report made of them, within the
+//! Which VMs' agent reports are fresh: a reconcile of a VM whose spec,
+//! labels (its guest reads them) and status are still exactly what the
+//! last report made of them, within the
 //! recheck period, has nothing to ask its agent (it was woken by the
 //! controller's own status write). A VMM exit its node announced after
 //! that report makes the report stale at once.
@@ -22,6 +23,7 @@ pub struct Verified {
 #[derive(Debug, Clone)]
 struct Report {
     generation: Option<i64>,
+    labels: std::collections::BTreeMap<String, String>,
     status: VmStatus,
     at: Instant,
     /// The node's latest exit notice for the VM when the report came (the
@@ -40,6 +42,7 @@ impl Verified {
     pub fn record(&self, vm: &Vm, status: &VmStatus, exits: &[VmmExitNotice]) {
         let report = Report {
             generation: vm.metadata.generation,
+            labels: vm.metadata.labels.clone(),
             status: status.clone(),
             at: Instant::now(),
             exit: latest_exit(exits, vm.uid()),
@@ -58,7 +61,9 @@ impl Verified {
     pub fn remaining(&self, vm: &Vm, period: Duration, exits: &[VmmExitNotice]) -> Option<Duration> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let r = seen.get(vm.uid())?;
-        let unchanged = r.generation == vm.metadata.generation && vm.status.as_ref() == Some(&r.status);
+        let unchanged = r.generation == vm.metadata.generation
+            && r.labels == vm.metadata.labels
+            && vm.status.as_ref() == Some(&r.status);
         let no_new_exit = latest_exit(exits, vm.uid()) == r.exit;
         period.checked_sub(r.at.elapsed()).filter(|left| unchanged && no_new_exit && !left.is_zero())
     }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::model::*;
 
 mod actions;
+mod mmds;
 mod observe;
 mod postboot;
 mod preboot;
@@ -109,6 +110,8 @@ pub struct Vmm {
     requests: u64,
     /// A boot-specific resource was configured (rules out snapshot/load).
     boot_configured: bool,
+    /// The metadata service: its configuration and store.
+    mmds: mmds::Mmds,
     /// The guest console was started (on the first transition to Running).
     console_started: bool,
     /// When metrics were last flushed: each flush holds the counts since.
@@ -130,6 +133,7 @@ impl Vmm {
             started: Instant::now(),
             requests: 0,
             boot_configured: false,
+            mmds: mmds::Mmds::default(),
             console_started: false,
             last_flush: Instant::now(),
         }
@@ -154,6 +158,11 @@ impl Vmm {
             ("PATCH", ["machine-config"]) => self.patch_machine_config(body),
             ("PATCH", ["drives", id]) => self.patch_drive(id, body),
             ("PATCH", ["network-interfaces", id]) => self.patch_net(id, body),
+            ("PUT", ["mmds", "config"]) => self.put_mmds_config(body),
+            ("PUT", ["mmds"]) => self.put_mmds(body),
+            ("PUT", ["mmds", other]) => Reply::fault(400, format!("Unrecognized PUT request path `{other}`.")),
+            ("PATCH", ["mmds"]) => self.patch_mmds(body),
+            ("GET", ["mmds"]) => self.get_mmds(),
             ("PUT", ["snapshot", "create"]) => self.snapshot_create(body),
             ("PUT", ["snapshot", "load"]) => return self.snapshot_load(body),
             ("PUT", ["actions"]) => return self.put_action(body),
@@ -198,7 +207,7 @@ impl Vmm {
             "logger": null,
             "machine-config": self.machine,
             "metrics": null,
-            "mmds-config": null,
+            "mmds-config": self.mmds.config,
             "network-interfaces": nets,
             "vsock": null,
             "entropy": null,

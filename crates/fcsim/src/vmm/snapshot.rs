@@ -33,6 +33,7 @@ impl Vmm {
             boot: self.boot.clone(),
             drives: self.drives.clone(),
             nets: self.nets.values().cloned().collect(),
+            mmds_config: self.mmds.config.clone(),
         };
         // Both files are created or truncated, as Firecracker does.
         let mem_bytes = (self.machine.mem_size_mib as u64) << 20;
@@ -184,6 +185,8 @@ impl Vmm {
         self.drives = state.drives;
         self.nets = nets.into_iter().map(|n| (n.iface_id.clone(), n)).collect();
         self.taps = taps;
+        // The service's configuration comes back; its store starts empty.
+        self.mmds = super::mmds::Mmds { config: state.mmds_config, store: None };
         self.state = if params.resume_vm.unwrap_or(false) { InstanceState::Running } else { InstanceState::Paused };
         self.log("main", "INFO", &format!("Snapshot loaded from {}", params.snapshot_path));
         Reply::no_content()

@@ -273,6 +273,21 @@ impl FcClient {
         self.put("PUT", "/snapshot/load", params).await
     }
 
+    /// `PUT /mmds/config` (pre-boot only, after the interfaces it names).
+    pub async fn put_mmds_config(&self, config: &MmdsConfig) -> Result<(), FcError> {
+        self.put("PUT", "/mmds/config", config).await
+    }
+
+    /// `PUT /mmds`: replaces the metadata store's contents (any time).
+    pub async fn put_mmds(&self, contents: &serde_json::Value) -> Result<(), FcError> {
+        self.put("PUT", "/mmds", contents).await
+    }
+
+    /// `GET /mmds`: the metadata store's contents.
+    pub async fn get_mmds(&self) -> Result<serde_json::Value, FcError> {
+        self.get("/mmds").await
+    }
+
     /// `GET /vm/config`: the full configuration as Firecracker holds it.
     pub async fn vm_config(&self) -> Result<serde_json::Value, FcError> {
         self.get("/vm/config").await

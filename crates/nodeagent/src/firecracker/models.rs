@@ -148,6 +148,25 @@ pub struct Logger {
     pub show_log_origin: Option<bool>,
 }
 
+/// `PUT /mmds/config`: which interfaces the guest reaches its metadata
+/// service on, and with which protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MmdsConfig {
+    /// `V2`: the guest asks for a session token first.
+    pub version: MmdsVersion,
+    pub network_interfaces: Vec<String>,
+    /// Link-local; Firecracker's default (169.254.169.254) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<String>,
+}
+
+/// The metadata service's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    V1,
+    V2,
+}
+
 /// `PUT /metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {

@@ -78,6 +78,8 @@ const ALLOWED: &[(&str, &str)] = &[
     ("GET", "version"),
     ("GET", "vm/config"),
     ("GET", "machine-config"),
+    // What the guest reads; the document itself is the agent's to write.
+    ("GET", "mmds"),
     ("PATCH", "vm"),
     ("PATCH", "drives/*"),
     ("PATCH", "network-interfaces/*"),
@@ -204,6 +206,8 @@ mod tests {
         assert!(allowed(&Method::GET, &seg("vm/config")).is_some());
         assert!(allowed(&Method::PATCH, &seg("drives/rootfs")).is_some());
         assert!(allowed(&Method::PUT, &seg("machine-config")).is_none());
+        assert!(allowed(&Method::GET, &seg("mmds")).is_some());
+        assert!(allowed(&Method::PUT, &seg("mmds")).is_none() && allowed(&Method::PATCH, &seg("mmds")).is_none());
         assert!(allowed(&Method::PUT, &seg("snapshot/create")).is_none());
         assert!(allowed(&Method::DELETE, &seg("vm")).is_none());
         assert!(check_body(&seg("drives/rootfs"), br#"{"drive_id":"rootfs","path_on_host":"/etc/shadow"}"#).is_err());

@@ -34,6 +34,7 @@ pub async fn configure(
     req: &EnsureVm,
     tap: &str,
     drives: &[super::drives::Planned],
+    mmds: Option<&serde_json::Value>,
 ) -> Result<(), AgentError> {
     use crate::host::jail::inside;
     let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
@@ -86,7 +87,15 @@ pub async fn configure(
             }
             Ok(())
         },
-        async { client.put_network_interface(&nic).await.map_err(fc("network-interfaces")) },
+        async {
+            client.put_network_interface(&nic).await.map_err(fc("network-interfaces"))?;
+            // The metadata service, on the interface just made.
+            if let Some(contents) = mmds {
+                client.put_mmds_config(&super::mmds::config()).await.map_err(fc("mmds/config"))?;
+                client.put_mmds(contents).await.map_err(fc("mmds"))?;
+            }
+            Ok(())
+        },
     )?;
     client.instance_start().await.map_err(fc("InstanceStart"))
 }

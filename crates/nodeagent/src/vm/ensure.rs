@@ -80,8 +80,10 @@ impl VmOwner {
         }
         let info = match info {
             Some(i) => {
-                // A VMM that runs on: its I/O limits follow the request.
+                // A VMM that runs on: its I/O limits and its guest's
+                // document follow the request.
                 self.apply_limits(&paths, req, &client).await?;
+                self.apply_mmds(&paths, req, &client).await?;
                 i
             }
             None => self.start(&paths, req, &client).await?,

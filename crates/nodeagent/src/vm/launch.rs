@@ -125,17 +125,30 @@ impl VmOwner {
         };
         let tap = uid.tap_name();
         let req = &req;
+        // The guest's document, with the address just given to it.
+        let mmds = super::mmds::document(paths, uid.as_str(), req);
         let configured = match &restore {
             Some(_) => {
                 match crate::host::clonenet::setup(&self.host.net, pid, uid, bridge, addresses, (user, user)).await {
                     Ok(()) => match super::configure::configure_observability(client).await {
-                        Ok(()) => super::snapshots::load(client, &tap).await,
+                        Ok(()) => match super::snapshots::load(client, &tap).await {
+                            // The snapshot kept the service's configuration,
+                            // not its contents: this VM's own document.
+                            Ok(()) => match &mmds {
+                                Some(doc) => client
+                                    .put_mmds(doc)
+                                    .await
+                                    .map_err(|source| AgentError::Firecracker { step: "mmds", source }),
+                                None => Ok(()),
+                            },
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
                     },
                     Err(e) => Err(e.into()),
                 }
             }
-            None => super::configure::configure(client, req, &tap, &drives).await,
+            None => super::configure::configure(client, req, &tap, &drives, mmds.as_ref()).await,
         };
         if let Err(e) = configured {
             self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
@@ -149,6 +162,9 @@ impl VmOwner {
             "VMM booted"
         );
         super::drives::write_limits(paths, &super::drives::wanted_limits(req))?;
+        if let Some(doc) = &mmds {
+            super::mmds::record(paths, doc)?;
+        }
         let started = format!("{}\n{boot_millis}\n", Utc::now().to_rfc3339());
         std::fs::write(paths.started(), started).map_err(AgentError::io("writing the start record"))?;
         client.describe_instance().await.map_err(|source| AgentError::Firecracker { step: "describe", source })

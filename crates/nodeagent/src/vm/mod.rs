@@ -25,6 +25,7 @@ pub mod inventory;
 pub mod launch;
 pub mod logs;
 pub mod metrics;
+pub mod mmds;
 pub mod observe;
 pub mod owner;
 pub mod probe;

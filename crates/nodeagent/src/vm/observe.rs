@@ -80,6 +80,7 @@ impl VmOwner {
                     .and_then(|_| std::fs::read(paths.limits()).ok())
                     .and_then(|b| serde_json::from_slice(&b).ok()),
                 restart_pending: pid.and(config.as_ref()).and_then(|c| super::drives::restart_pending(&paths, c)),
+                mmds: pid.and_then(|_| super::mmds::recorded(&paths)),
             },
             probe,
         })
