@@ -5,6 +5,7 @@ pub mod access;
 pub mod admission;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod content;
 pub mod edge;
 pub mod error;

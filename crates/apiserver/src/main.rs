@@ -33,7 +33,7 @@ struct Args {
     plain_http: bool,
     /// Use PostgreSQL instead of SQLite (`postgres://user@host/db`); several
     /// apiservers may share one database.
-    #[arg(long, env = "NEXUS_DATABASE_URL")]
+    #[arg(long, env = "NEXUS_DATABASE_URL", global = true)]
     database_url: Option<String>,
     /// Changes kept for watches to resume from; older versions get 410.
     #[arg(long, default_value_t = nexus_apiserver::store::DEFAULT_RETAINED_CHANGES)]
@@ -128,6 +128,46 @@ enum Command {
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
     },
+    /// Write a consistent copy of the store to FILE while the apiserver
+    /// serves (SQLite: `VACUUM INTO`; PostgreSQL: `pg_dump`), and check it.
+    Backup {
+        /// The backup file to make (never overwritten).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a backup into an empty store (a new data directory, or an
+    /// empty database); a store that holds objects is never overwritten.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+/// Runs `backup` or `restore` and says what the store holds.
+async fn backup(command: Command, args: &Args) -> anyhow::Result<()> {
+    use nexus_apiserver::backup;
+    let db = args.data_dir.join("nexus.db");
+    match (command, &args.database_url) {
+        (Command::Backup { to }, None) => {
+            let held = backup::backup_sqlite(&db, &to).await?;
+            println!("backed up {} to {}: {held}; integrity check ok", db.display(), to.display());
+        }
+        (Command::Backup { to }, Some(url)) => {
+            let held = backup::backup_postgres(url, &to).await?;
+            println!("backed up the PostgreSQL store to {} (pg_dump, custom format): {held}", to.display());
+        }
+        (Command::Restore { from }, None) => {
+            let held = backup::restore_sqlite(&from, &db).await?;
+            println!("restored {} into {}: {held}", from.display(), db.display());
+        }
+        (Command::Restore { from }, Some(url)) => {
+            let held = backup::restore_postgres(&from, url).await?;
+            println!("restored {} into the PostgreSQL store (pg_restore): {held}", from.display());
+        }
+        _ => unreachable!("only backup and restore come here"),
+    }
+    Ok(())
 }
 
 /// Runs a PKI subcommand and prints what it made.
@@ -145,6 +185,7 @@ fn pki(command: Command, data_dir: &std::path::Path) -> anyhow::Result<()> {
             (dir, "apiserver".to_string(), all)
         }
         Command::IssueCert { dir, name, sans } => (dir.unwrap_or_else(|| data_dir.join("pki")), name, sans),
+        Command::Backup { .. } | Command::Restore { .. } => unreachable!("backup and restore are not PKI commands"),
     };
     let issued = pki::issue(&dir, &name, &sans)?;
     println!("issued {name} for {}:", sans.join(", "));
@@ -169,6 +210,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if let Some(command) = args.command.take() {
+        if matches!(command, Command::Backup { .. } | Command::Restore { .. }) {
+            return backup(command, &args).await;
+        }
         return pki(command, &args.data_dir);
     }
     let _telemetry = nexus_telemetry::init("nexus-apiserver", "info,sqlx=warn", args.otlp_endpoint.as_deref())?;

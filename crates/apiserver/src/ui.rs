@@ -23,6 +23,7 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
     ("/ui/js/views/events.js", JS, include_str!("../ui/js/views/events.js")),
     ("/ui/js/views/images.js", JS, include_str!("../ui/js/views/images.js")),
     ("/ui/js/views/nodes.js", JS, include_str!("../ui/js/views/nodes.js")),
+    ("/ui/js/views/overview.js", JS, include_str!("../ui/js/views/overview.js")),
     ("/ui/js/views/pools.js", JS, include_str!("../ui/js/views/pools.js")),
     ("/ui/js/views/snapshots.js", JS, include_str!("../ui/js/views/snapshots.js")),
     ("/ui/js/views/templates.js", JS, include_str!("../ui/js/views/templates.js")),

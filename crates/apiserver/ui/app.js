@@ -11,6 +11,7 @@ import { leave } from './js/live.js';
 import { eventsView } from './js/views/events.js';
 import { imagesView } from './js/views/images.js';
 import { nodesView } from './js/views/nodes.js';
+import { overviewView } from './js/views/overview.js';
 import { poolsView } from './js/views/pools.js';
 import { snapshotsView } from './js/views/snapshots.js';
 import { templatesView } from './js/views/templates.js';
@@ -20,6 +21,7 @@ import { yamlView } from './js/views/yaml.js';
 
 // Each page of the console, by the first segment of its hash.
 const PAGES = {
+  overview: overviewView,
   vm: (arg) => vmView(decodeURIComponent(arg || '')),
   vmpools: poolsView,
   templates: templatesView,

@@ -365,7 +365,7 @@ impl Client {
     pub async fn put_file<T: DeserializeOwned>(
         &self,
         path: &str,
-        file: tokio::fs::File,
+        file: impl tokio::io::AsyncRead + Send + Sync + 'static,
         len: u64,
     ) -> Result<T, ClientError> {
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));

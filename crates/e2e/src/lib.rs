@@ -332,3 +332,14 @@ where
 
 pub mod postgres;
 pub mod webdriver;
+
+/// What `nexusctl describe KIND NAME` says of an object's conditions and
+/// recent Events, for a benchmark or test that gives up on it: the reason
+/// is most often there. `run` runs nexusctl (a cluster's own).
+pub fn last_words(run: impl Fn(&[&str]) -> (bool, String, String), kind: &str, name: &str) -> String {
+    let (_, out, err) = run(&["describe", kind, name]);
+    match out.find("Conditions:") {
+        Some(at) => out[at..].to_string(),
+        None => format!("(describe {kind} {name}: {}{})", out.trim(), err.trim()),
+    }
+}

@@ -174,3 +174,157 @@ fn acknowledged_writes_survive_sigkill_on_postgres() {
     assert_eq!(changes, objects, "one create per object");
     assert_eq!(audits, changes, "one audit row per committed mutation");
 }
+
+/// Runs `nexus-apiserver ARGS` to its end; returns (success, stdout, stderr).
+fn apiserver_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(nexus_e2e::bin("nexus-apiserver")).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every audit record a server serves, by id.
+async fn audit_ids(client: &nexus_client::Client) -> BTreeSet<i64> {
+    let mut ids = BTreeSet::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut query = vec![("limit", "500".to_string())];
+        if let Some(c) = &next {
+            query.push(("continue", c.clone()));
+        }
+        let page = client.audit(&query).await.unwrap();
+        ids.extend(page.items.iter().map(|r| r.id));
+        match page.continue_token {
+            Some(c) if !page.items.is_empty() => next = Some(c),
+            _ => return ids,
+        }
+    }
+}
+
+#[test]
+fn a_backup_taken_under_writes_restores_into_a_new_apiserver_that_serves_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, restored) = (dir.path().join("source"), dir.path().join("restored"));
+    let file = dir.path().join("nexus.backup");
+    runtime().block_on(async {
+        let a = ApiServer::start(&Backend::Sqlite(source.clone()), dir.path(), &[]).await;
+        let admin = a.admin_token.clone().unwrap();
+        let client = a.client();
+        for i in 0..200 {
+            client.create(&vm(&format!("vm-{i:03}"))).await.unwrap();
+        }
+        for i in 0..5 {
+            let req = nexus_api::auth::TokenRequest { subject: Some(format!("user:u{i}")), ..Default::default() };
+            client.create_token(&req).await.unwrap();
+        }
+        // Writers keep going while the backup is taken.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (client, stop) = (a.client(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    client.create(&vm(&format!("late-{n:05}"))).await.unwrap();
+                    let mut old = client.get::<VmSpec>("dur", &format!("vm-{:03}", n % 200)).await.unwrap();
+                    old.metadata.labels.insert("touched".into(), n.to_string());
+                    client.replace(&old).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let args: Vec<String> =
+            ["backup", "--to", file.to_str().unwrap(), "--data-dir", source.to_str().unwrap()].map(String::from).into();
+        let (ok, out, err) = tokio::task::spawn_blocking(move || {
+            apiserver_cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.await.unwrap();
+        assert!(ok, "backup: {out}{err}");
+        println!("{} (while {written} creates and {written} updates went on)", out.trim());
+        assert!(out.contains("integrity check ok"), "{out}");
+
+        // What the backup holds, read from the file itself.
+        let sql = |q: &str| {
+            let out = std::process::Command::new("sqlite3").arg(&file).arg(q).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let vms: BTreeSet<String> =
+            sql("SELECT name || '@' || resource_version FROM objects WHERE kind = 'VM'").lines().map(String::from).collect();
+        let tokens: usize = sql("SELECT COUNT(*) FROM tokens").parse().unwrap();
+        let audit: BTreeSet<i64> = sql("SELECT id FROM audit").lines().map(|l| l.parse().unwrap()).collect();
+        let newest: i64 = sql("SELECT MAX(resource_version) FROM changes").parse().unwrap();
+        assert!(vms.len() >= 200, "the backup holds the VMs made before it");
+
+        // Restored into an empty data directory: the same, and never over a live one.
+        let args = ["restore", "--from", file.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()];
+        let (ok, out, err) = apiserver_cli(&args);
+        assert!(ok, "restore: {out}{err}");
+        println!("{}", out.trim());
+        let (ok, _, err) = apiserver_cli(&args);
+        println!("a second restore into the same place: {}", err.trim());
+        assert!(!ok && err.contains("refusing to restore over the store"), "{err}");
+        let args = ["restore", "--from", file.to_str().unwrap(), "--data-dir", source.to_str().unwrap()];
+        assert!(!apiserver_cli(&args).0, "nor over the live source");
+
+        let b = ApiServer::start(&Backend::Sqlite(restored.clone()), dir.path(), &[]).await;
+        let on_b = b.client_with(&admin);
+        let served: BTreeSet<String> = on_b
+            .list::<VmSpec>(Some("dur"), &ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|v| format!("{}@{}", v.name(), v.metadata.resource_version.as_deref().unwrap_or_default()))
+            .collect();
+        assert_eq!(served, vms, "every VM of the backup, at its version");
+        let served_tokens = on_b.list_tokens(None).await.unwrap().items.len();
+        assert_eq!(served_tokens, tokens, "every token (the admin's still works)");
+        let served_audit = audit_ids(&on_b).await;
+        assert!(audit.is_subset(&served_audit), "every audit record of the backup is served");
+        let next = on_b.create(&vm("after-restore")).await.unwrap();
+        let rv: i64 = next.metadata.resource_version.as_deref().unwrap().parse().unwrap();
+        println!(
+            "restored apiserver: {} VMs, {served_tokens} tokens, {} audit records (backup: {}), newest version {newest}, next write {rv}",
+            served.len(),
+            served_audit.len(),
+            audit.len()
+        );
+        assert!(rv > newest, "versions continue upward: {rv} > {newest}");
+    });
+}
+
+#[test]
+fn a_postgres_store_is_backed_up_with_pg_dump_and_restored_into_an_empty_database() {
+    let pg = TestPostgres::start();
+    let (source, target) = (pg.fresh_database(), pg.fresh_database());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nexus.pgdump");
+    runtime().block_on(async {
+        let a = ApiServer::start(&Backend::Postgres(source.clone()), dir.path(), &[]).await;
+        let admin = a.admin_token.clone().unwrap();
+        for i in 0..50 {
+            a.client().create(&vm(&format!("vm-{i:02}"))).await.unwrap();
+        }
+        let (ok, out, err) = apiserver_cli(&["backup", "--to", file.to_str().unwrap(), "--database-url", &source]);
+        assert!(ok, "backup: {out}{err}");
+        println!("{}", out.trim());
+        let (ok, out, err) = apiserver_cli(&["restore", "--from", file.to_str().unwrap(), "--database-url", &target]);
+        assert!(ok, "restore: {out}{err}");
+        println!("{}", out.trim());
+        let (ok, _, err) = apiserver_cli(&["restore", "--from", file.to_str().unwrap(), "--database-url", &source]);
+        assert!(!ok && err.contains("refusing to restore over the store"), "{err}");
+        let b = ApiServer::start(&Backend::Postgres(target.clone()), dir.path(), &[]).await;
+        let listed = b.client_with(&admin).list::<VmSpec>(Some("dur"), &ListParams::default()).await.unwrap();
+        assert_eq!(listed.items.len(), 50);
+        let newest: i64 = pg.query(&source, "SELECT MAX(resource_version) FROM changes").trim().parse().unwrap();
+        let next = b.client_with(&admin).create(&vm("after-restore")).await.unwrap();
+        assert!(next.metadata.resource_version.as_deref().unwrap().parse::<i64>().unwrap() > newest);
+    });
+}

@@ -126,6 +126,24 @@ fn the_console_shows_the_fleet_live_and_starts_stops_follows_and_deletes_a_vm() 
         let shots = shots();
         browser.screenshot(&shots.join("fleet.png")).await;
 
+        // The overview: its numbers are the API's.
+        browser.click("nav a[href='#/overview']").await;
+        let vms = client.list::<VmSpec>(Some("default"), &Default::default()).await.unwrap().items;
+        let running = vms.iter().filter(|v| v.status_or_default().phase == nexus_api::VmPhase::Running).count();
+        browser.wait_text("#phase-Running", &running.to_string(), 10 * SECOND).await;
+        let node = client.list::<nexus_api::NodeSpec>(None, &Default::default()).await.unwrap().items.remove(0);
+        let (used, cap) = (node.status_or_default().allocated, node.status_or_default().capacity);
+        let want = format!("{} / {}", used.vms, cap.max_vms);
+        browser.wait_text(&format!("#node-{}-vms", node.name()), &want, 10 * SECOND).await;
+        browser.wait_text("#overview-rate-text", "created", 10 * SECOND).await;
+        println!(
+            "overview: {running} Running of {} (API: the same), node {} VMs {want}; {}",
+            vms.len(),
+            node.name(),
+            browser.text("#overview-rate-text").await
+        );
+        browser.screenshot(&shots.join("overview.png")).await;
+
         // A VM from a template in three clicks.
         let clicked = Instant::now();
         browser.click("nav a[href='#/templates']").await;
@@ -263,6 +281,7 @@ fn the_console_weighs_little_and_lists_a_thousand_vms_quickly() {
             "/ui/js/views/events.js",
             "/ui/js/views/images.js",
             "/ui/js/views/nodes.js",
+            "/ui/js/views/overview.js",
             "/ui/js/views/pools.js",
             "/ui/js/views/snapshots.js",
             "/ui/js/views/templates.js",

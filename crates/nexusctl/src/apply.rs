@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::context::{Context, Failure, urlencode};
 use crate::kinds::{self, normalize};
 use crate::manifest::{self, LAST_APPLIED, Target, clean};
+use crate::progress::{self, Progress};
 use crate::render;
 
 /// What applying one document will do.
@@ -113,15 +114,16 @@ async fn get_live(ctx: &Context, t: &Target) -> Result<Option<Value>, String> {
     }
 }
 
-/// Applies one target; returns `created`, `configured` or `unchanged`.
-/// `listed` is the object as a list of its kind just showed it (`None`
-/// inside when the list did not have it); without a list it is read first.
+/// Applies one target; returns `created`, `configured` or `unchanged`,
+/// with the object as the server now holds it. `listed` is the object as a
+/// list of its kind just showed it (`None` inside when the list did not
+/// have it); without a list it is read first.
 async fn apply_one(
     ctx: &Context,
     t: &Target,
     listed: Option<Option<Value>>,
     dry_run: bool,
-) -> Result<&'static str, String> {
+) -> Result<(&'static str, Value), String> {
     let q = if dry_run { "?dryRun=All" } else { "" };
     let mut listed = listed;
     // A conflict means someone wrote in between (or since the list): plan
@@ -132,13 +134,13 @@ async fn apply_one(
             None => get_live(ctx, t).await?,
         };
         let (method, path, body, outcome) = match plan(t, live.as_ref())? {
-            Plan::Unchanged => return Ok("unchanged"),
+            Plan::Unchanged => return Ok(("unchanged", live.unwrap_or_default())),
             Plan::Create(body) => (reqwest::Method::POST, t.kind.collection(&t.project), body, "created"),
             Plan::Update(body) => (reqwest::Method::PUT, t.kind.object(&t.project, &t.name), body, "configured"),
         };
         let result: Result<Value, ClientError> = ctx.client.raw(method, &format!("{path}{q}"), Some(&body)).await;
         match result {
-            Ok(_) => return Ok(outcome),
+            Ok(stored) => return Ok((outcome, stored)),
             Err(e) if e.is_conflict() => continue,
             Err(e) => return Err(render::client_error(&e)),
         }
@@ -158,11 +160,22 @@ fn read_targets(ctx: &Context, files: &[String]) -> Result<Vec<Target>, Failure>
     Ok(targets)
 }
 
-/// `apply -f ... [--dry-run=server] [--prune -l SELECTOR]`.
-pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option<&str>) -> Result<(), Failure> {
+/// `apply -f ... [--dry-run=server] [--prune -l SELECTOR] [-o name|json|yaml]`.
+pub async fn apply(
+    ctx: &Context,
+    files: &[String],
+    dry_run: bool,
+    prune: Option<&str>,
+    output: Option<&str>,
+) -> Result<(), Failure> {
+    if let Some(o) = output.filter(|o| !["name", "json", "yaml"].contains(o)) {
+        return Err(Failure::usage(format!("unknown output format {o:?}; use name, json or yaml")));
+    }
     let targets = read_targets(ctx, files)?;
     let suffix = if dry_run { " (server dry run)" } else { "" };
     let mut failed = 0;
+    let mut applied = Vec::new();
+    let bar = Progress::items(progress::wanted(output) && targets.len() > 1, targets.len() as u64, "applying");
     for run in runs(&targets) {
         let mut listed = list_live(ctx, run).await;
         // Objects of one run go out together; results print in file order.
@@ -173,14 +186,29 @@ pub async fn apply(ctx: &Context, files: &[String], dry_run: bool, prune: Option
         .buffered(APPLY_CONCURRENCY);
         let mut results = std::pin::pin!(results);
         while let Some((t, result)) = results.next().await {
-            match result {
-                Ok(what) => println!("{} {what}{suffix}", t.label()),
-                Err(e) => {
+            bar.inc(1);
+            match (result, output) {
+                (Ok((what, _)), None) => bar.println(&format!("{} {what}{suffix}", t.label())),
+                (Ok(_), Some("name")) => bar.println(&format!("{}/{}", t.kind.short(), t.name)),
+                (Ok((_, obj)), _) => applied.push(obj),
+                (Err(e), _) => {
                     failed += 1;
-                    eprintln!("error: {}: {e}", t.label());
+                    bar.suspend(|| eprintln!("error: {}: {e}", t.label()));
                 }
             }
         }
+    }
+    bar.finish();
+    match output {
+        Some("json") | Some("yaml") => {
+            let list = json!({"apiVersion": nexus_api::API_VERSION, "kind": "List", "items": applied});
+            if output == Some("json") {
+                println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+            } else {
+                print!("{}", serde_saphyr::to_string(&list).map_err(|e| Failure::error(e.to_string()))?);
+            }
+        }
+        _ => {}
     }
     if let Some(selector) = prune {
         failed += prune_absent(ctx, &targets, selector, dry_run).await?;

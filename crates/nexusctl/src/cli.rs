@@ -71,6 +71,10 @@ pub(crate) enum Command {
         /// Label selector for --prune.
         #[arg(short = 'l', long)]
         selector: Option<String>,
+        /// name, json or yaml: the applied objects (as stored) instead of
+        /// a line each.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
     },
     /// List objects of a kind, or show some by name.
     Get {
@@ -103,6 +107,9 @@ pub(crate) enum Command {
         files: Vec<String>,
         #[arg(short = 'l', long)]
         selector: Option<String>,
+        /// Every object of the kind (in the project, for a kind that has one).
+        #[arg(long)]
+        all: bool,
         /// Return only once the objects are gone.
         #[arg(long)]
         wait: bool,

@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::StreamExt;
 use nexus_api::{ResourceSpec, VmSpec};
 use nexus_client::ClientError;
 use serde_json::{Value, json};
@@ -15,11 +14,17 @@ use crate::kinds::{self, KindInfo};
 use crate::manifest;
 use crate::render;
 
-async fn get_json(ctx: &Context, path: &str) -> Result<Value, ClientError> {
+pub(crate) async fn get_json(ctx: &Context, path: &str) -> Result<Value, ClientError> {
     ctx.client.raw(reqwest::Method::GET, path, None).await
 }
 
-fn list_path(kind: &KindInfo, ctx: &Context, all: bool, labels: Option<&str>, fields: Option<&str>) -> String {
+pub(crate) fn list_path(
+    kind: &KindInfo,
+    ctx: &Context,
+    all: bool,
+    labels: Option<&str>,
+    fields: Option<&str>,
+) -> String {
     let mut path = if all { kind.all_projects() } else { kind.collection(&ctx.project) };
     let mut q = Vec::new();
     if let Some(l) = labels {
@@ -35,124 +40,11 @@ fn list_path(kind: &KindInfo, ctx: &Context, all: bool, labels: Option<&str>, fi
     path
 }
 
-/// Options of `get`.
-#[derive(Debug, Default)]
-pub struct GetOptions<'a> {
-    pub output: Option<&'a str>,
-    pub labels: Option<&'a str>,
-    pub fields: Option<&'a str>,
-    pub all_projects: bool,
-    pub watch: bool,
-}
-
-/// `get KIND [NAME...]`.
-pub async fn get(ctx: &Context, kind: &str, names: &[String], o: &GetOptions<'_>) -> Result<(), Failure> {
-    let kind = kinds::resolve(kind).map_err(Failure::usage)?;
-    let format = o.output.unwrap_or("table");
-    let jsonpath = match format.strip_prefix("jsonpath=") {
-        Some(t) => Some(Template::parse(t).map_err(Failure::usage)?),
-        None if ["table", "wide", "yaml", "json", "name"].contains(&format) => None,
-        None => {
-            return Err(Failure::usage(format!(
-                "unknown output format {format:?}; use wide, yaml, json, name or jsonpath=TEMPLATE"
-            )));
-        }
-    };
-    let (items, list_rv) = if names.is_empty() {
-        let list = get_json(ctx, &list_path(kind, ctx, o.all_projects, o.labels, o.fields))
-            .await
-            .map_err(|e| Failure::api(&e))?;
-        (
-            list["items"].as_array().cloned().unwrap_or_default(),
-            list["metadata"]["resourceVersion"].as_str().map(str::to_string),
-        )
-    } else {
-        let mut items = Vec::new();
-        for n in names {
-            items.push(get_json(ctx, &kind.object(&ctx.project, n)).await.map_err(|e| Failure::api(&e))?);
-        }
-        (items, None)
-    };
-    let single = names.len() == 1;
-    let whole = |items: &[Value]| -> Value {
-        if single {
-            items[0].clone()
-        } else {
-            json!({"apiVersion": nexus_api::API_VERSION, "kind": "List", "items": items})
-        }
-    };
-    match (format, &jsonpath) {
-        (_, Some(t)) => println!("{}", t.render(&whole(&items))),
-        ("json", _) => println!("{}", serde_json::to_string_pretty(&whole(&items)).unwrap_or_default()),
-        ("yaml", _) => {
-            print!("{}", serde_saphyr::to_string(&whole(&items)).map_err(|e| Failure::error(e.to_string()))?)
-        }
-        ("name", _) => {
-            items.iter().for_each(|i| println!("{}/{}", kind.short(), i["metadata"]["name"].as_str().unwrap_or("")))
-        }
-        _ if items.is_empty() && !o.watch => {
-            let scope =
-                if o.all_projects || !kind.namespaced { String::new() } else { format!(" in project {}", ctx.project) };
-            eprintln!("No {} found{scope}.", kind.plural);
-        }
-        _ => println!("{}", render::table(kind, &items, o.all_projects, format == "wide", Utc::now())),
-    }
-    if o.watch {
-        watch_rows(ctx, kind, o, list_rv).await?;
-    }
-    Ok(())
-}
-
-/// `get -w`: one row per change, as it happens.
-async fn watch_rows(ctx: &Context, kind: &KindInfo, o: &GetOptions<'_>, rv: Option<String>) -> Result<(), Failure> {
-    let mut path = list_path(kind, ctx, o.all_projects, o.labels, o.fields);
-    path.push(if path.contains('?') { '&' } else { '?' });
-    path.push_str("watch=true");
-    if let Some(rv) = rv {
-        path.push_str(&format!("&resourceVersion={rv}"));
-    }
-    let body = ctx.client.get_stream(&path).await.map_err(|e| Failure::api(&e))?;
-    let mut events = std::pin::pin!(follow::events(body));
-    while let Some(event) = events.next().await {
-        let event = event.map_err(|e| Failure::error(format!("watch ended: {e}")))?;
-        if event["type"] == "BOOKMARK" {
-            continue;
-        }
-        if event["type"] == "ERROR" {
-            return Err(Failure::error(format!("watch ended: {}", event["object"]["message"])));
-        }
-        let table = render::table(
-            kind,
-            std::slice::from_ref(&event["object"]),
-            o.all_projects,
-            o.output == Some("wide"),
-            Utc::now(),
-        );
-        if let Some(row) = table.lines().nth(1) {
-            let tag = if event["type"] == "DELETED" { " (deleted)" } else { "" };
-            println!("{row}{tag}");
-        }
-    }
-    Ok(())
-}
-
 /// `describe KIND NAME`.
 pub async fn describe(ctx: &Context, kind: &str, name: &str) -> Result<(), Failure> {
     let kind = kinds::resolve(kind).map_err(Failure::usage)?;
     let obj = get_json(ctx, &kind.object(&ctx.project, name)).await.map_err(|e| Failure::api(&e))?;
-    let mut selector = format!("spec.involvedObject.kind={},spec.involvedObject.name={name}", kind.kind);
-    if kind.namespaced {
-        selector.push_str(&format!(",spec.involvedObject.project={}", ctx.project));
-    }
-    let events = get_json(ctx, &format!("/v1/events?fieldSelector={}", urlencode(&selector)))
-        .await
-        .map(|l| l["items"].as_array().cloned().unwrap_or_default())
-        .unwrap_or_default();
-    let mut events = events;
-    events.sort_by_key(|e| {
-        e["spec"]["lastTimestamp"].as_str().or(e["metadata"]["creationTimestamp"].as_str()).unwrap_or("").to_string()
-    });
-    let recent: Vec<Value> = events.into_iter().rev().take(20).rev().collect();
+    let recent = crate::diagnose::recent_events(ctx, kind, &ctx.project, name).await;
     print!("{}", render::describe(kind, &obj, &recent, Utc::now()));
     Ok(())
 }
@@ -164,6 +56,8 @@ pub struct Selection<'a> {
     pub names: &'a [String],
     pub files: &'a [String],
     pub labels: Option<&'a str>,
+    /// Every object of the kind (`delete vm --all`).
+    pub all: bool,
 }
 
 async fn select(ctx: &Context, sel: &Selection<'_>) -> Result<Vec<(&'static KindInfo, String, String)>, Failure> {
@@ -175,10 +69,20 @@ async fn select(ctx: &Context, sel: &Selection<'_>) -> Result<Vec<(&'static Kind
             out.push((t.kind, t.project, t.name));
         }
     }
+    if sel.all && (!sel.names.is_empty() || !sel.files.is_empty() || sel.labels.is_some()) {
+        return Err(Failure::usage("--all selects every object of the kind: leave out names, -f and -l"));
+    }
     if sel.files.is_empty() {
         let kind = kinds::resolve(sel.kind.ok_or_else(|| Failure::usage("name a kind, such as `vm`, or use -f FILE"))?)
             .map_err(Failure::usage)?;
         let project = if kind.namespaced { ctx.project.clone() } else { String::new() };
+        if sel.all {
+            let list = get_json(ctx, &list_path(kind, ctx, false, None, None)).await.map_err(|e| Failure::api(&e))?;
+            for i in list["items"].as_array().into_iter().flatten() {
+                out.push((kind, project.clone(), i["metadata"]["name"].as_str().unwrap_or_default().to_string()));
+            }
+            return Ok(out);
+        }
         for n in sel.names {
             out.push((kind, project.clone(), n.clone()));
         }
@@ -190,7 +94,7 @@ async fn select(ctx: &Context, sel: &Selection<'_>) -> Result<Vec<(&'static Kind
             }
         }
         if sel.names.is_empty() && sel.labels.is_none() {
-            return Err(Failure::usage("name the objects, or select them with -l SELECTOR or -f FILE"));
+            return Err(Failure::usage("name the objects, or select them with -l SELECTOR, -f FILE or --all"));
         }
     }
     Ok(out)
@@ -210,6 +114,8 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
     }
     if wait {
         let deadline = Instant::now() + timeout;
+        let on = crate::progress::wanted(None) && targets.len() > 1;
+        let bar = crate::progress::Progress::items(on, targets.len() as u64, "waiting for them to go");
         for (kind, project, name) in &targets {
             let left = deadline.saturating_duration_since(Instant::now());
             follow::until(ctx, kind, project, name, left, |obj| match obj {
@@ -217,7 +123,9 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
                 Some(o) => Seen::Waiting(format!("still there, finalizers {}", o["metadata"]["finalizers"])),
             })
             .await?;
+            bar.inc(1);
         }
+        bar.finish();
     }
     Ok(())
 }
@@ -400,9 +308,11 @@ pub async fn snapshot(
     println!("snapshot/{name} created");
     let Some(timeout) = wait else { return Ok(()) };
     let kind = kinds::resolve("snapshot").map_err(Failure::usage)?;
+    let spinner = crate::progress::Progress::spinner(crate::progress::wanted(None), &format!("snapshot/{name}"));
     follow::until(ctx, kind, &ctx.project, name, timeout, |obj| {
         let Some(obj) = obj else { return Seen::Failed(format!("snapshot/{name} was deleted")) };
         let status = &obj["status"];
+        spinner.set_message(format!("snapshot/{name}: {}", status["phase"].as_str().unwrap_or("Pending")));
         match status["phase"].as_str().unwrap_or("Pending") {
             "Ready" => Seen::Done,
             "Failed" => Seen::Failed(format!(
@@ -413,6 +323,7 @@ pub async fn snapshot(
         }
     })
     .await?;
+    spinner.finish();
     let snap = ctx.client.get::<nexus_api::SnapshotSpec>(&ctx.project, name).await.map_err(|e| Failure::api(&e))?;
     let status = snap.status_or_default();
     let size = status.size_bytes.map(render::bytes).unwrap_or_default();

@@ -37,11 +37,15 @@ pub async fn until(
     let followed = follow(ctx, kind, project, name, &mut check, &mut last);
     match tokio::time::timeout(timeout, followed).await {
         Ok(result) => result,
-        Err(_) => Err(Failure::error(format!(
-            "timed out after {}s waiting for {}/{name}: {last}",
-            timeout.as_secs(),
-            kind.short()
-        ))),
+        Err(_) => {
+            // What the object says of itself is most often the reason.
+            let words = crate::diagnose::last_words(ctx, kind, project, name).await;
+            Err(Failure::error(format!(
+                "timed out after {}s waiting for {}/{name}: {last}\n{words}",
+                timeout.as_secs(),
+                kind.short()
+            )))
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use nexus_api::image::{ImageSource, ImageSpec, ImageType};
 use sha2::Digest;
 
 use crate::context::{Context, Failure};
+use crate::progress::Progress;
 
 /// What to import and how.
 #[derive(Debug)]
@@ -324,6 +325,8 @@ fn build(opts: &ImportOptions<'_>) -> Result<(PathBuf, String, Option<tempfile::
 
 /// Imports `opts.from` as Image `name` in the context's project.
 pub async fn import(ctx: &Context, name: &str, opts: &ImportOptions<'_>) -> Result<(), Failure> {
+    let on = crate::progress::wanted(None);
+    let making = Progress::spinner(on, &format!("reading {}", opts.from.display()));
     let (file, how, _work) = {
         let opts_from = opts.from.to_path_buf();
         let (type_, size_mib, node_path) = (opts.type_, opts.size_mib, opts.node_path.map(str::to_string));
@@ -334,7 +337,9 @@ pub async fn import(ctx: &Context, name: &str, opts: &ImportOptions<'_>) -> Resu
         .map_err(|e| Failure::error(format!("the import task failed: {e}")))?
         .map_err(|e| Failure::error(e.to_string()))?
     };
+    making.set_message("checksumming".into());
     let (sha256, size) = sha256_of(&file).map_err(|e| Failure::error(e.to_string()))?;
+    making.finish();
     let ext = match opts.type_ {
         ImageType::Rootfs => "ext4",
         ImageType::Kernel => "vmlinux",
@@ -362,10 +367,12 @@ pub async fn import(ctx: &Context, name: &str, opts: &ImportOptions<'_>) -> Resu
     };
     stored.map_err(|e| Failure::api(&e))?;
     let f = tokio::fs::File::open(&file).await.map_err(|e| Failure::error(format!("{}: {e}", file.display())))?;
+    let bar = Progress::bytes(on, size, &format!("uploading image/{name}"));
     let _: serde_json::Value = client
-        .put_file(&nexus_api::image::content_path(&ctx.project, name), f, size)
+        .put_file(&nexus_api::image::content_path(&ctx.project, name), bar.reader(f), size)
         .await
         .map_err(|e| Failure::api(&e))?;
+    bar.finish();
     println!(
         "image/{name} imported from {how}: {:.1} MiB, sha256 {sha256}; nodes download it to {path} when a VM needs it",
         size as f64 / f64::from(1 << 20)

@@ -8,13 +8,16 @@ mod cli;
 mod commands;
 mod config;
 mod context;
+mod diagnose;
 mod explain;
 mod follow;
+mod get;
 mod import;
 mod jsonpath;
 mod kinds;
 mod manifest;
 mod observe;
+mod progress;
 mod render;
 mod rollout;
 
@@ -23,8 +26,9 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use cli::*;
-use commands::{GetOptions, Selection, WaitFor};
+use commands::{Selection, WaitFor};
 use context::{Context, Failure};
+use get::GetOptions;
 
 fn context(cli: &Cli) -> Result<Context, Failure> {
     let cfg = config::Config::load().map_err(Failure::error)?;
@@ -51,7 +55,7 @@ fn power_selection(a: &PowerArgs) -> Result<Selection<'_>, Failure> {
     if kinds::resolve(&a.kind).map_err(Failure::usage)?.kind != <nexus_api::VmSpec as nexus_api::ResourceSpec>::KIND {
         return Err(Failure::usage(format!("only VMs have a power state, not {}", a.kind)));
     }
-    Ok(Selection { kind: Some(&a.kind), names: &a.names, files: &[], labels: a.selector.as_deref() })
+    Ok(Selection { kind: Some(&a.kind), names: &a.names, files: &[], labels: a.selector.as_deref(), all: false })
 }
 
 fn config_command(cli: &Cli, cmd: &ConfigCommand) -> Result<(), Failure> {
@@ -132,9 +136,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     }
     let ctx = context(cli)?;
     match &cli.command {
-        Command::Apply { files, dry_run, prune, selector } => {
+        Command::Apply { files, dry_run, prune, selector, output } => {
             let prune = if *prune { selector.as_deref() } else { None };
-            apply::apply(&ctx, files, dry_run.as_deref() == Some("server"), prune).await
+            apply::apply(&ctx, files, dry_run.as_deref() == Some("server"), prune, output.as_deref()).await
         }
         Command::Get { kind, names, output, selector, field_selector, all_projects, watch } => {
             let o = GetOptions {
@@ -144,11 +148,11 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 all_projects: *all_projects,
                 watch: *watch,
             };
-            commands::get(&ctx, kind, names, &o).await
+            get::get(&ctx, kind, names, &o).await
         }
         Command::Describe { kind, name } => commands::describe(&ctx, kind, name).await,
-        Command::Delete { kind, names, files, selector, wait, timeout } => {
-            let sel = Selection { kind: kind.as_deref(), names, files, labels: selector.as_deref() };
+        Command::Delete { kind, names, files, selector, all, wait, timeout } => {
+            let sel = Selection { kind: kind.as_deref(), names, files, labels: selector.as_deref(), all: *all };
             commands::delete(&ctx, &sel, *wait, Duration::from_secs(*timeout)).await
         }
         Command::Wait { kind, name, for_, timeout } => {

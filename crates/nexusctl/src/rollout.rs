@@ -185,6 +185,8 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
 /// unless `watch` is off.
 pub async fn status(ctx: &Context, name: &str, watch: bool, timeout: Duration) -> Result<(), Failure> {
     let mut last = String::new();
+    let bar =
+        crate::progress::Progress::items(crate::progress::wanted(None) && watch, 0, "VMs up to date and available");
     let mut judge = |obj: Option<&serde_json::Value>| {
         let Some(pool) = obj.and_then(|o| serde_json::from_value::<Object<VmPoolSpec>>(o.clone()).ok()) else {
             return Seen::Failed(format!("vmpool/{name} not found"));
@@ -205,8 +207,10 @@ pub async fn status(ctx: &Context, name: &str, watch: bool, timeout: Duration) -
                 pool.spec.replicas
             ),
         };
+        bar.set_length(u64::from(pool.spec.replicas));
+        bar.set_position(u64::from(s.updated_replicas.min(s.available_replicas)));
         if line != last {
-            println!("vmpool/{name}: {line}");
+            bar.println(&format!("vmpool/{name}: {line}"));
             last = line;
         }
         let phase = rollout.as_ref().map(|r| r.phase);
@@ -221,7 +225,9 @@ pub async fn status(ctx: &Context, name: &str, watch: bool, timeout: Duration) -
         }
     };
     let kind = kinds::resolve("vmpool").map_err(Failure::usage)?;
-    follow::until(ctx, kind, &ctx.project, name, timeout, &mut judge).await
+    let done = follow::until(ctx, kind, &ctx.project, name, timeout, &mut judge).await;
+    bar.finish();
+    done
 }
 
 #[cfg(test)]

@@ -121,6 +121,11 @@ fn apply_reports_created_unchanged_configured_and_get_output_reapplies_unchanged
         d.stdout
     );
     assert_eq!(env.ok(&["diff", "-f", &s(&round)]), "");
+    // -o: the applied objects instead of a line each (and never a bar).
+    assert_eq!(env.ok(&["apply", "-f", &s(&round), "-o", "name"]), "vm/web\n");
+    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["apply", "-f", &s(&round), "-o", "json"])).unwrap();
+    assert_eq!((listed["kind"].as_str(), listed["items"][0]["metadata"]["name"].as_str()), (Some("List"), Some("web")));
+    assert_eq!(env.ctl(&["apply", "-f", &s(&round), "-o", "wide"]).code, 2);
 }
 
 /// The apiserver's count of `method` requests to `route`, from its metrics.
@@ -254,6 +259,12 @@ fn wait_returns_when_the_condition_holds_and_fails_on_timeout() {
     let r = env.ctl(&["wait", "vm", "web", "--for=jsonpath={.status.phase}=Paused", "--timeout", "1"]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("timed out after 1s waiting for vm/web") && r.stderr.contains("Running"), "{}", r.stderr);
+    // The object's own words come with it: its conditions and Events.
+    assert!(
+        r.stderr.contains("Conditions:") && r.stderr.contains("Ready  True") && r.stderr.contains("Events:"),
+        "{}",
+        r.stderr
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(env.ctl(&["wait", "vm", "web", "--for=ready"]).code, 2, "a malformed --for is a usage error");
 }
@@ -367,12 +378,21 @@ fn get_describe_power_and_selectors() {
     assert!(env.ok(&["completion", "bash"]).contains("nexusctl"));
     assert!(env.ok(&["completion", "zsh"]).contains("#compdef nexusctl"));
     assert!(env.ok(&["completion", "fish"]).contains("complete -c nexusctl"));
+    // Several kinds at once, as kubectl lists them: a table each.
+    let both = env.ok(&["get", "vms,events"]);
+    assert!(
+        both.contains("NAME      STATE") && both.contains("\n\n") && both.contains("firecracker said no"),
+        "{both}"
+    );
+    assert_eq!(env.ok(&["get", "vm,event", "-o", "name"]), "vm/runner-1\nvm/runner-2\nvm/web\nevent/web-1\n");
+    assert_eq!(env.ctl(&["get", "vms,events", "web"]).code, 2, "names go with one kind");
     // delete by selector, waiting until gone.
     assert_eq!(
         env.ok(&["delete", "vm", "-l", "role=ci-runner", "--wait"]),
         "vm \"runner-1\" deleted\nvm \"runner-2\" deleted\n"
     );
-    assert_eq!(env.ok(&["delete", "-f", &s(&web), "--wait"]), "vm \"web\" deleted\n");
+    assert_eq!(env.ctl(&["delete", "vm", "web", "--all"]).code, 2, "--all goes without names");
+    assert_eq!(env.ok(&["delete", "vm", "--all", "--wait"]), "vm \"web\" deleted\n");
     let r = env.ctl(&["get", "vms"]);
     assert!(r.stderr.contains("No vms found in project default."), "{r:?}");
 }

@@ -180,15 +180,22 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 (applied, apply) = (took, None);
                 continue;
             }
-            event = tokio::time::timeout_at(deadline, stream.next()) => event
-                .with_context(|| format!("only {} of {} VMs Running after 30 min", ready.len(), args.vms))?
-                .context("the watch ended")??,
+            event = tokio::time::timeout_at(deadline, stream.next()) => match event {
+                Ok(event) => event.context("the watch ended")??,
+                Err(_) => {
+                    // One VM that is not Running says why.
+                    let waiting =
+                        (0..args.vms).map(|i| format!("bench-{i:04}")).find(|n| !ready.contains_key(n)).unwrap_or_default();
+                    let words = nexus_e2e::last_words(|a| fleet.nexusctl(a), "vm", &waiting);
+                    anyhow::bail!("only {} of {} VMs Running after 30 min; {waiting}:\n{words}", ready.len(), args.vms);
+                }
+            },
         };
         let (Event::Added(vm) | Event::Modified(vm)) = event else { continue };
         let status = vm.status_or_default();
         if status.phase == VmPhase::Failed {
-            let why = find_condition(&status.conditions, "Ready").map(|c| c.message.clone());
-            anyhow::bail!("VM {} failed: {}", vm.name(), why.unwrap_or_default());
+            let words = nexus_e2e::last_words(|a| fleet.nexusctl(a), "vm", vm.name());
+            anyhow::bail!("VM {} failed:\n{words}", vm.name());
         }
         if status.phase == VmPhase::Running
             && find_condition(&status.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)

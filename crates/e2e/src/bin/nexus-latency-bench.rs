@@ -296,7 +296,10 @@ async fn through_nexus(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<Ve
             if let Some(found) = running.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned() {
                 break found;
             }
-            anyhow::ensure!(Instant::now() < deadline, "VM {name} not Running within 30 s");
+            if Instant::now() >= deadline {
+                let words = nexus_e2e::last_words(|a| cluster.nexusctl(a), "vm", &name);
+                anyhow::bail!("VM {name} not Running within 30 s\n{words}");
+            }
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         };
         let boot_line = boot_line.await??;

@@ -115,38 +115,49 @@ function followConsole(name, pre) {
   })();
 }
 
-// Charts of the VM's recent CPU and memory, sampled every 5 s.
+// Charts of the VM's recent CPU and memory, sampled every 5 s, drawn
+// from the first sample on (one sample is a dot), with their units.
 function metrics(name, box) {
-  const series = { 'CPU %': [], 'Resident MiB': [] };
+  const series = [
+    { label: 'CPU', unit: '% of one vCPU', values: [], of: (m) => m.cpuPercent || 0 },
+    { label: 'Memory', unit: 'MiB resident', values: [], of: (m) => (m.rssBytes || 0) / 1048576 },
+  ];
   let stopped = false;
   onLeave(() => { stopped = true; });
-  const spark = (label, values) => {
+  const svgEl = (tag, attrs) => {
+    const node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
+  const spark = ({ label, unit, values }) => {
     const w = 300; const h = 60;
     const max = Math.max(1, ...values);
-    const pts = values.map((v, i) => `${(i / Math.max(1, values.length - 1)) * w},${h - (v / max) * (h - 4) - 2}`).join(' ');
-    const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
-    svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
-    svg.setAttribute('class', 'spark');
-    svg.setAttribute('role', 'img');
-    svg.setAttribute('aria-label', `${label}: latest ${values.length ? values[values.length - 1].toFixed(1) : 'none'}`);
-    const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
-    line.setAttribute('points', pts);
-    line.setAttribute('fill', 'none');
-    line.setAttribute('stroke', '#0b5cad');
-    line.setAttribute('stroke-width', '2');
-    svg.append(line);
-    return el('figure', {}, el('figcaption', {}, `${label}: ${values.length ? values[values.length - 1].toFixed(1) : '—'}`), svg);
+    const latest = values.length ? values[values.length - 1].toFixed(1) : '—';
+    const x = (i) => (values.length > 1 ? (i / (values.length - 1)) * w : w / 2);
+    const y = (v) => h - (v / max) * (h - 4) - 2;
+    const svg = svgEl('svg', { viewBox: `0 0 ${w} ${h}`, class: 'spark', role: 'img',
+      'aria-label': `${label}: latest ${latest} ${unit}, highest ${max.toFixed(1)}` });
+    if (values.length === 1) svg.append(svgEl('circle', { cx: x(0), cy: y(values[0]), r: 3, fill: '#0b5cad' }));
+    else if (values.length > 1) {
+      svg.append(svgEl('polyline', { points: values.map((v, i) => `${x(i)},${y(v)}`).join(' '),
+        fill: 'none', stroke: '#0b5cad', 'stroke-width': 2 }));
+    }
+    return el('figure', {}, el('figcaption', {}, `${label}: ${latest} ${unit} (highest ${max.toFixed(1)})`), svg);
   };
+  const draw = () => box.replaceChildren(...series.map(spark));
+  draw();
   (async () => {
     while (!stopped) {
       try {
         const m = await api('GET', `${collection('vms')}/${enc(name)}/metrics`);
-        series['CPU %'].push(m.cpuPercent || 0);
-        series['Resident MiB'].push((m.rssBytes || 0) / 1048576);
-        for (const v of Object.values(series)) if (v.length > 60) v.shift();
-        box.replaceChildren(...Object.entries(series).map(([k, v]) => spark(k, v)));
+        for (const s of series) {
+          s.values.push(s.of(m));
+          if (s.values.length > 60) s.values.shift();
+        }
+        draw();
       } catch (e) {
-        box.replaceChildren(el('p', { class: 'muted' }, `No metrics yet: ${errorText(e).split('\n')[0]}`));
+        box.replaceChildren(...series.map(spark),
+          el('p', { class: 'muted' }, `No sample yet: ${errorText(e).split('\n')[0]}`));
       }
       await sleep(5000);
     }
