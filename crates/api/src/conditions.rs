@@ -66,4 +66,9 @@ pub mod reason {
     /// A VM's `RestartPending` True: part of its spec takes effect at its
     /// next start.
     pub const DRIVES_CHANGED: &str = "DrivesChanged";
+    /// The node's disk is full: a VM's disk, snapshot or log could not be
+    /// written there.
+    pub const NODE_DISK_FULL: &str = "NodeDiskFull";
+    /// The VMM does not answer its API (stopped, or stuck).
+    pub const VMM_NOT_ANSWERING: &str = "VmmNotAnswering";
 }

@@ -27,7 +27,10 @@ pub enum ApiError {
     #[error("resourceVersion {requested} is newer than the newest change ({newest})")]
     TooNew { requested: i64, newest: i64 },
     #[error("storage failed")]
-    Storage(#[from] sqlx::Error),
+    Storage(sqlx::Error),
+    /// The store's disk is full: reads work, writes wait for room.
+    #[error("the apiserver's storage is full ({0}); this change was not made")]
+    StorageFull(String),
     #[error("storage returned a corrupt object")]
     Corrupt(#[from] serde_json::Error),
     #[error("internal error: {0}")]
@@ -56,6 +59,21 @@ pub enum ApiError {
     Upstream { status: u16, message: String, suggestion: Option<String> },
 }
 
+impl From<sqlx::Error> for ApiError {
+    /// A full disk (SQLite's SQLITE_FULL, PostgreSQL's 53100 disk_full, or
+    /// ENOSPC) is told apart from other storage failures.
+    fn from(e: sqlx::Error) -> Self {
+        let full = match &e {
+            sqlx::Error::Database(db) => {
+                matches!(db.code().as_deref(), Some("13" | "53100")) || db.message().contains("disk is full")
+            }
+            sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28),
+            _ => false,
+        };
+        if full { ApiError::StorageFull(e.to_string()) } else { ApiError::Storage(e) }
+    }
+}
+
 fn in_project(project: &str) -> String {
     if project.is_empty() { String::new() } else { format!(" in project {project:?}") }
 }
@@ -79,6 +97,7 @@ impl ApiError {
             }
             ApiError::Gone { .. } | ApiError::TooNew { .. } => StatusCode::GONE,
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -101,6 +120,7 @@ impl ApiError {
             ApiError::Upstream { .. } => "BadRequest",
             ApiError::Gone { .. } | ApiError::TooNew { .. } => "Expired",
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => "InternalError",
+            ApiError::StorageFull(_) => "StorageFull",
         }
     }
 
@@ -143,6 +163,11 @@ impl ApiError {
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => {
                 Some("retry; if it persists, check the apiserver's log for this requestId".into())
             }
+            ApiError::StorageFull(_) => Some(
+                "free space where the apiserver keeps its store (its --data-dir, or the PostgreSQL server's disk); \
+                 reads keep working, and writes work again by themselves once there is room"
+                    .into(),
+            ),
             _ => None,
         }
     }

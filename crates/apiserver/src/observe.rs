@@ -214,6 +214,10 @@ fn agent_error(e: AgentCallError, what: &str) -> ApiError {
             message: format!("cannot reach the node agent of {what}: {message}"),
             suggestion: "retry; if it persists, check the node (`nexusctl get nodes`)".into(),
         },
+        AgentCallError::Failed(body) => ApiError::Unavailable {
+            message: format!("the node agent of {what} failed: {}", body.message),
+            suggestion: body.suggestion.unwrap_or_else(|| "retry; if it persists, check the node".into()),
+        },
         AgentCallError::Unauthorized { .. } => ApiError::Unavailable {
             message: format!("the node agent of {what} refused the credential it registered"),
             suggestion: "retry in a few seconds: the agent may have just rotated it".into(),

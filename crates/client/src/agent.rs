@@ -16,7 +16,11 @@ pub enum AgentCallError {
     /// The agent refused the request; sending it again will not help.
     #[error("the node agent rejected the request: {0}")]
     Rejected(ErrorBody),
-    /// The agent failed or could not be reached; worth retrying.
+    /// The agent answered that it failed, in a way worth retrying (its
+    /// body says why: a full disk, a VMM that does not answer).
+    #[error("the node agent failed: {0}")]
+    Failed(ErrorBody),
+    /// The agent could not be reached; worth retrying.
     #[error("the node agent at {url} is unavailable: {message}")]
     Unavailable { url: String, message: String },
     /// The agent did not accept the credential (it rotated it, or the
@@ -29,7 +33,7 @@ impl AgentCallError {
     /// The agent's error body, when it answered with one.
     pub fn body(&self) -> Option<&ErrorBody> {
         match self {
-            AgentCallError::Rejected(b) => Some(b),
+            AgentCallError::Rejected(b) | AgentCallError::Failed(b) => Some(b),
             AgentCallError::Unavailable { .. } | AgentCallError::Unauthorized { .. } => None,
         }
     }
@@ -191,7 +195,7 @@ impl AgentClient {
         if status.is_client_error() && status.as_u16() != 429 {
             Err(AgentCallError::Rejected(body))
         } else {
-            Err(AgentCallError::Unavailable { url, message: body.to_string() })
+            Err(AgentCallError::Failed(body))
         }
     }
 
@@ -233,7 +237,7 @@ impl AgentClient {
         if status.is_client_error() && status.as_u16() != 429 {
             Err(AgentCallError::Rejected(body))
         } else {
-            Err(unavailable(body.to_string()))
+            Err(AgentCallError::Failed(body))
         }
     }
 }

@@ -48,12 +48,24 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The node's disk is full: worth retrying once there is room.
+    #[error("{what} failed: the node's disk is full")]
+    DiskFull {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl AgentError {
+    /// An I/O failure doing `what`; a full disk is told apart (the node
+    /// recovers by itself once there is room).
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
         let what = what.into();
-        move |source| AgentError::Io { what, source }
+        move |source| {
+            let full = source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC);
+            if full { AgentError::DiskFull { what, source } } else { AgentError::Io { what, source } }
+        }
     }
 
     /// The HTTP status; the only place the agent chooses one. 4xx means
@@ -73,6 +85,7 @@ impl AgentError {
             AgentError::Net(_) | AgentError::Process(_) | AgentError::Jail(_) | AgentError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            AgentError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 
@@ -85,6 +98,9 @@ impl AgentError {
             AgentError::Conflict(_) => "Conflict",
             AgentError::ImageInvalid(_) => "ImageInvalid",
             AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
+            AgentError::Firecracker { source: FcError::Timeout { .. }, .. } => {
+                nexus_api::conditions::reason::VMM_NOT_ANSWERING
+            }
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => "VmmUnavailable",
             AgentError::Net(_) => "NetworkSetupFailed",
             AgentError::Process(_) => "VmmLaunchFailed",
@@ -92,6 +108,7 @@ impl AgentError {
             AgentError::Jail(JailError::Exhausted { .. }) => "NoVmmUser",
             AgentError::Jail(_) => "JailFailed",
             AgentError::Io { .. } => "HostError",
+            AgentError::DiskFull { .. } => nexus_api::conditions::reason::NODE_DISK_FULL,
         }
     }
 
@@ -110,6 +127,16 @@ impl AgentError {
             AgentError::Firecracker { step, source } if !source.is_retryable() => Some(format!(
                 "Firecracker rejected the {step} configuration; fix the VM spec (see faultMessage) and apply it again"
             )),
+            AgentError::Firecracker { source: FcError::Timeout { .. }, .. } => Some(
+                "the VMM is stopped (SIGSTOP) or stuck: a stop or a delete of the VM still ends it; check the \
+                 host's load and the VMM's log"
+                    .into(),
+            ),
+            AgentError::DiskFull { .. } => Some(
+                "free space in the node's run directory (nexus-nodeagent --run-dir), or delete VMs or snapshots on \
+                 the node; the VM starts by itself once there is room"
+                    .into(),
+            ),
             AgentError::Process(_) => {
                 Some("check that the firecracker binary configured on the agent exists and is executable".into())
             }

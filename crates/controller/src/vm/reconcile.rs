@@ -166,6 +166,19 @@ impl VmReconciler {
                 }
                 Ok(Action::AwaitChange)
             }
+            Err(AgentCallError::Failed(body)) => {
+                // The agent says why it could not do it (a full disk, a VMM
+                // that does not answer): the VM says so too, until it can.
+                let mut status = current;
+                let message = match &body.suggestion {
+                    Some(s) => format!("{}; {s}", body.message),
+                    None => body.message.clone(),
+                };
+                set_condition(&mut status.conditions, conditions::READY, ConditionStatus::False, &body.error, &message);
+                self.write_status(&vm, status).await?;
+                self.events.publish(&vm, EventType::Warning, &body.error, &message).await;
+                Err(ReconcileError::Agent(AgentCallError::Failed(body)))
+            }
             Err(e) => {
                 // Whatever the agent's trouble, the placement is worth showing.
                 self.write_status(&vm, current).await?;

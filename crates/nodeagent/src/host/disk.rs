@@ -49,20 +49,27 @@ fn copy_into_place(src: &Path, dst: &Path, sync: bool) -> std::io::Result<CopyMe
     }
     let tmp = dst.with_extension("partial");
     let mut input = File::open(src)?;
-    let mut output = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp)?;
-    // SAFETY: both descriptors are open for the duration of the call.
-    let cloned = unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as libc::c_ulong) }.is_ok();
-    let method = if cloned {
-        CopyMethod::Reflink
-    } else {
-        sparse_copy(&mut input, &mut output)?;
-        CopyMethod::Sparse
-    };
-    if sync {
-        output.sync_all()?;
+    let copied = (|| {
+        let mut output = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp)?;
+        // SAFETY: both descriptors are open for the duration of the call.
+        let cloned = unsafe { ficlone(output.as_raw_fd(), input.as_raw_fd() as libc::c_ulong) }.is_ok();
+        let method = if cloned {
+            CopyMethod::Reflink
+        } else {
+            sparse_copy(&mut input, &mut output)?;
+            CopyMethod::Sparse
+        };
+        if sync {
+            output.sync_all()?;
+        }
+        std::fs::rename(&tmp, dst)?;
+        Ok(method)
+    })();
+    if copied.is_err() {
+        // A copy cut short (a full disk) leaves nothing behind.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, dst)?;
-    Ok(method)
+    copied
 }
 
 /// The marker beside a VM disk saying it has been flushed to disk.

@@ -82,6 +82,17 @@ pub struct Host {
 }
 
 impl Host {
+    /// Ends VMM `pid` of VM `uid` (SIGTERM, then SIGKILL after `grace`)
+    /// as the agent's own doing: its end is not reported as a VMM that
+    /// ended unasked (which would wake the VM's controller at once,
+    /// whatever its backoff).
+    pub async fn stop_vmm(&self, pid: u32, uid: &str, grace: Duration) {
+        if self.vmms.is_vmm(pid, uid) {
+            self.exits.expect(pid);
+        }
+        self.vmms.stop(pid, uid, grace).await;
+    }
+
     /// The host `cfg` describes, its jails' skeleton made (or tried).
     pub fn new(cfg: HostConfig, net: net::Net) -> Self {
         let reflink = disk::supports_reflink(&cfg.run_dir.vms());

@@ -243,6 +243,15 @@ pub fn is_our_child(pid: u32) -> bool {
     ppid == Some(std::process::id())
 }
 
+/// Whether `pid` is stopped (SIGSTOP, or a debugger): it answers nothing,
+/// so asking its guest to power off would only wait out the grace.
+pub fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['T', 't'])))
+        .unwrap_or(false)
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

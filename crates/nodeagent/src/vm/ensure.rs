@@ -16,6 +16,9 @@ use crate::firecracker::models::{InstanceState, VmState};
 use crate::host::process;
 use crate::paths::VmPaths;
 
+/// How long a running VMM gets to answer before it counts as not answering.
+const STALL: Duration = Duration::from_secs(2);
+
 impl VmOwner {
     /// Brings the VM to `req.state` and reports what is there.
     pub async fn ensure(&self, req: &EnsureVm) -> Result<VmReport, AgentError> {
@@ -57,7 +60,9 @@ impl VmOwner {
         let mut info = None;
         let recorded = read_pid(&paths);
         match recorded.filter(|pid| vmms.is_vmm(*pid, uid.as_str())) {
-            Some(pid) => match client.describe_instance().await {
+            // A VMM answers in milliseconds; one that does not within 2 s is
+            // stopped or stuck, and its VM's owner must not wait long on it.
+            Some(pid) => match FcClient::new(paths.socket()).with_request_timeout(STALL).describe_instance().await {
                 Ok(i) if i.state != InstanceState::NotStarted => info = Some(i),
                 // A booted VMM that does not answer may be on its way out (a
                 // guest powering off) or stuck: killing it would hide an
@@ -67,7 +72,7 @@ impl VmOwner {
                     return Err(AgentError::Firecracker { step: "describe the running VMM", source });
                 }
                 // Configured halfway (the agent died mid-create): start over.
-                _ => vmms.stop(pid, uid.as_str(), Duration::ZERO).await,
+                _ => self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await,
             },
             // It booted, and its process ended without being asked to.
             None if recorded.is_some() && paths.started().exists() => {

@@ -106,7 +106,7 @@ impl VmOwner {
             "VMM launched"
         );
         let socket_wait = async {
-            wait_for_socket(client, pid, uid.as_str(), &self.host.vmms).await?;
+            wait_for_socket(client, pid, uid.as_str(), &self.host).await?;
             Ok(launched.elapsed())
         };
         let prepared = match made {
@@ -119,7 +119,7 @@ impl VmOwner {
         let (bridge, (addresses, req), answered) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
-                self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
+                self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await;
                 return Err(e);
             }
         };
@@ -151,7 +151,7 @@ impl VmOwner {
             None => super::configure::configure(client, req, &tap, &drives, mmds.as_ref()).await,
         };
         if let Err(e) = configured {
-            self.host.vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
+            self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await;
             return Err(e);
         }
         let boot_millis = launched.elapsed().as_millis() as u64;
@@ -290,7 +290,7 @@ impl VmOwner {
 /// and is tried again after a millisecond. The VMM's liveness is checked
 /// every 50 ms. Only a socket counts: the VMM may write into that
 /// directory, and a link it left there would lead the agent elsewhere.
-async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, vmms: &process::Vmms) -> Result<(), AgentError> {
+async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, host: &crate::host::Host) -> Result<(), AgentError> {
     use std::os::unix::fs::FileTypeExt;
     let socket = client.socket().to_path_buf();
     let dir = socket.parent().unwrap_or(Path::new("/"));
@@ -317,6 +317,6 @@ async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, vmms: &process:
             break;
         }
     }
-    vmms.stop(pid, uid, Duration::ZERO).await;
+    host.stop_vmm(pid, uid, Duration::ZERO).await;
     Err(AgentError::VmmDidNotStart { socket: client.socket().display().to_string(), seconds: SOCKET_WAIT.as_secs() })
 }

@@ -160,6 +160,12 @@ mod tests {
         let ip = Some(Ipv4Addr::LOCALHOST);
         assert!(probes.run("u", 1, &probe, Path::new("/nonexistent"), 0, ip).await.passed);
         drop(listener);
+        // A port bound but not listening refuses, and stays ours: a port
+        // merely released could be taken by a parallel test, or by this very
+        // connect as its own source port (a TCP self-connect).
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let probe = ReadinessProbe { console: None, tcp_port: Some(held.local_addr().unwrap().port()) };
         let r = probes.run("u", 1, &probe, Path::new("/nonexistent"), 0, ip).await;
         assert!(!r.passed && r.message.contains("refused"), "{r:?}");
         assert!(!probes.run("u", 1, &probe, Path::new("/nonexistent"), 0, None).await.passed);

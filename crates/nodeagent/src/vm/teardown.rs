@@ -62,8 +62,9 @@ impl VmOwner {
             }
             let ours = process::is_our_child(pid);
             self.host.exits.expect(pid);
-            if !paths.started().exists() {
-                // It never booted (a start cut short): no guest to ask.
+            if !paths.started().exists() || process::stopped(pid) {
+                // It never booted (a start cut short), or it is stopped and
+                // answers nothing: no guest to ask.
                 vmms.stop(pid, uid.as_str(), Duration::ZERO).await;
             } else {
                 // Ask the guest first, as a power button would; then signals.
