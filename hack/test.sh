@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 . hack/lib.sh
 need_build_tools
 need_postgres
-need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:xfsprogs systemd-analyze:systemd mkfs.ext4:e2fsprogs debugfs:e2fsprogs sqlite3:sqlite3 chromium:chromium chromedriver:chromium-driver
+need_packages psql:postgresql-client curl:curl dbus-daemon:dbus-daemon mkfs.xfs:xfsprogs systemd-analyze:systemd mkfs.ext4:e2fsprogs debugfs:e2fsprogs sqlite3:sqlite3 strace:strace chromium:chromium chromedriver:chromium-driver
 # A font for the console's browser tests (chromium only recommends one).
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_packages __nexus_no_such_command__:fonts-dejavu-core
 

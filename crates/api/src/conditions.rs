@@ -19,6 +19,10 @@ pub const AVAILABLE: &str = "Available";
 /// or removed).
 pub const RESTART_PENDING: &str = "RestartPending";
 
+/// A node's run directory is short of free space (True): new VMs are not
+/// placed there until it has room again.
+pub const DISK_PRESSURE: &str = "DiskPressure";
+
 /// Reasons of conditions (and of the Events that go with them).
 pub mod reason {
     /// `Resolved`: the configuration is complete.
@@ -69,6 +73,10 @@ pub mod reason {
     /// The node's disk is full: a VM's disk, snapshot or log could not be
     /// written there.
     pub const NODE_DISK_FULL: &str = "NodeDiskFull";
+    /// A node's `DiskPressure` True: less free space than the agent keeps.
+    pub const LOW_DISK_SPACE: &str = "LowDiskSpace";
+    /// A node's `DiskPressure` False.
+    pub const ENOUGH_DISK_SPACE: &str = "EnoughDiskSpace";
     /// The VMM does not answer its API (stopped, or stuck).
     pub const VMM_NOT_ANSWERING: &str = "VmmNotAnswering";
 }

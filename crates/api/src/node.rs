@@ -100,6 +100,7 @@ impl ResourceSpec for NodeSpec {
         NAME,
         Column::new("READY", &["status.conditions"], Format::Condition(conditions::READY)),
         Column::new("ADDRESS", &["status.address"], Format::Text),
+        Column::new("DISK-PRESSURE", &["status.conditions"], Format::Condition(conditions::DISK_PRESSURE)).wide(),
         Column::new("VCPU", &["status.capacity.vcpu"], Format::Text).wide(),
         Column::new("MEMORY", &["status.capacity.memMib"], Format::Mebibytes).wide(),
         Column::new("MAX-VMS", &["status.capacity.maxVms"], Format::Text).wide(),

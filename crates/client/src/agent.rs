@@ -59,7 +59,7 @@ impl AgentClient {
     /// cluster's CA, which signs their certificates).
     pub fn new(trust: &Trust) -> Self {
         let http = trust
-            .apply(reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)))
+            .apply(crate::http_builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)))
             .build()
             .expect("a client with rustls and loaded certificates always builds");
         Self { http }

@@ -122,7 +122,7 @@ impl Client {
     /// (the cluster's CA, usually).
     pub fn with_trust(base: &str, token: Option<String>, trust: Trust) -> Self {
         let http = trust
-            .apply(reqwest::Client::builder().connect_timeout(Duration::from_secs(5)))
+            .apply(crate::http_builder().connect_timeout(Duration::from_secs(5)))
             .build()
             .expect("a client with rustls and loaded certificates always builds");
         Self {

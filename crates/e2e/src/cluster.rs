@@ -26,6 +26,7 @@ pub struct Cluster {
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
     apiserver_args: Vec<String>,
+    apiserver_wrapper: Vec<String>,
 }
 
 /// How [`Cluster::start_opts`] starts the processes, beyond the defaults.
@@ -37,6 +38,9 @@ pub struct ClusterOptions<'a> {
     pub apiserver_args: &'a [&'a str],
     /// Environment of the node agent (and so of the VMMs it starts).
     pub agent_env: &'a [(&'a str, &'a str)],
+    /// A command the apiserver runs under (`strace …` to inject faults):
+    /// its program, then its arguments; the apiserver's command follows.
+    pub apiserver_wrapper: &'a [&'a str],
 }
 
 impl Drop for Cluster {
@@ -46,6 +50,26 @@ impl Drop for Cluster {
         // the VMMs being killed.
         self.agent.stop();
         kill_vmms_under(&self.run_dir);
+    }
+}
+
+/// Starts the apiserver with `args`, under `wrapper` when it is not empty.
+fn spawn_apiserver(wrapper: &[String], args: &[String], log: &Path) -> Proc {
+    let apiserver = bin("nexus-apiserver").display().to_string();
+    match wrapper.split_first() {
+        None => {
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            spawn("apiserver", &bin("nexus-apiserver"), &argv, log)
+        }
+        Some((program, rest)) => {
+            let argv: Vec<&str> = rest
+                .iter()
+                .map(String::as_str)
+                .chain([apiserver.as_str()])
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            spawn("apiserver", Path::new(program), &argv, log)
+        }
     }
 }
 
@@ -77,7 +101,7 @@ impl Cluster {
     /// certificate where `nexus-apiserver init-pki` puts it (`pki/` in its
     /// data directory), and the agent's is issued for its address.
     pub async fn start_full(dir: &Path, node: &str, agent_extra: &[&str], apiserver_extra: &[&str]) -> Cluster {
-        let opts = ClusterOptions { agent_args: agent_extra, apiserver_args: apiserver_extra, agent_env: &[] };
+        let opts = ClusterOptions { agent_args: agent_extra, apiserver_args: apiserver_extra, ..Default::default() };
         Cluster::start_opts(dir, node, &opts).await
     }
 
@@ -105,8 +129,8 @@ impl Cluster {
             apiserver_args.extend(["--rate-limit-qps", "100000", "--rate-limit-burst", "100000"].map(String::from));
         }
         apiserver_args.extend(apiserver_extra.iter().map(|a| a.to_string()));
-        let argv: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
-        let apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &dir.join("apiserver.log"));
+        let apiserver_wrapper: Vec<String> = opts.apiserver_wrapper.iter().map(|a| a.to_string()).collect();
+        let apiserver = spawn_apiserver(&apiserver_wrapper, &apiserver_args, &dir.join("apiserver.log"));
         let admin_token = wait_admin_token(&data.join("admin.token")).await;
         let client = Client::with_trust(&server, Some(admin_token.clone()), trust(&ca));
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
@@ -162,6 +186,7 @@ impl Cluster {
             agent_args,
             agent_env,
             apiserver_args,
+            apiserver_wrapper,
         }
     }
 
@@ -180,8 +205,8 @@ impl Cluster {
     /// Starts the apiserver again (after it was killed or stopped) on the
     /// same address and data, and waits until it answers.
     pub async fn restart_apiserver(&mut self) {
-        let argv: Vec<&str> = self.apiserver_args.iter().map(String::as_str).collect();
-        self.apiserver = spawn("apiserver", &bin("nexus-apiserver"), &argv, &self.dir.join("apiserver.log"));
+        self.apiserver =
+            spawn_apiserver(&self.apiserver_wrapper, &self.apiserver_args, &self.dir.join("apiserver.log"));
         let client = self.client();
         wait_until(Duration::from_secs(10), "the apiserver to answer again", || async {
             client.version().await.is_ok()

@@ -48,6 +48,41 @@ impl NodeNs {
     }
 }
 
+/// The nftables table a partition is made of (the agent's own is `nexus`).
+const PARTITION_TABLE: &str = "nexus_e2e_partition";
+
+impl NodeNs {
+    /// Cuts this node off: every packet on its link to the control plane is
+    /// dropped, both ways, while every process keeps running. Undone by
+    /// [`NodeNs::heal`].
+    pub fn partition(&self) {
+        let link = format!("nxn{}", self.index);
+        let rules = format!(
+            "table inet {PARTITION_TABLE} {{\n\
+             chain in {{ type filter hook input priority -300; iifname \"{link}\" drop; }}\n\
+             chain out {{ type filter hook output priority -300; oifname \"{link}\" drop; }}\n}}\n"
+        );
+        let file = std::env::temp_dir().join(format!("{}-partition.nft", self.name));
+        std::fs::write(&file, rules).expect("the partition's rules");
+        run_ok(Command::new("ip").args(["netns", "exec", &self.name, "nft", "-f"]).arg(&file));
+        let _ = std::fs::remove_file(file);
+    }
+
+    /// Ends a [`NodeNs::partition`].
+    pub fn heal(&self) {
+        run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            PARTITION_TABLE,
+        ]));
+    }
+}
+
 impl Drop for NodeNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();

@@ -115,6 +115,23 @@ impl TestPostgres {
         format!("{}/{name}", self.base)
     }
 
+    /// Creates an empty database whose tables live in `dir` (a tablespace
+    /// there: a small filesystem there fills up under them) and returns
+    /// its URL; `None` with `$DATABASE_URL`, whose server cannot see `dir`.
+    pub fn database_in(&self, dir: &std::path::Path) -> Option<String> {
+        self.server.as_ref()?;
+        if let Some((uid, gid)) = run_as() {
+            nix::unistd::chown(dir, Some(uid.into()), Some(gid.into())).expect("chown to postgres");
+        }
+        let n = NEXT_DB.fetch_add(1, Ordering::SeqCst);
+        let (space, name) =
+            (format!("nexus_ts_{}_{n}", std::process::id()), format!("nexus_test_{}_{n}", std::process::id()));
+        self.psql("postgres", &format!("CREATE TABLESPACE {space} LOCATION '{}'", dir.display()))
+            .expect("CREATE TABLESPACE");
+        self.psql("postgres", &format!("CREATE DATABASE {name} TABLESPACE {space}")).expect("CREATE DATABASE");
+        Some(format!("{}/{name}", self.base))
+    }
+
     /// Runs one query on `url`'s database and returns its rows as text.
     pub fn query(&self, url: &str, sql: &str) -> String {
         let db = url.rsplit('/').next().unwrap_or("postgres");

@@ -110,12 +110,19 @@ fn a_vm_with_drives_from_its_template_and_its_own_runs_with_its_limits_and_they_
         ids.sort_unstable();
         assert_eq!(ids, ["rootfs", "scratch", "tools"]);
         let vm_dir = dir.path().join("run/vms").join(&uid);
-        let log = std::fs::read_to_string(vm_dir.join("fc.log")).unwrap();
-        let attached: Vec<&str> = log
-            .lines()
-            .filter_map(|l| l.split("Put request on \"/drives/").nth(1))
-            .filter_map(|rest| rest.split('"').next())
-            .collect();
+        // The log reaches its file a moment after the VMM writes it.
+        let attached_drives = || {
+            let log = std::fs::read_to_string(vm_dir.join("fc.log")).unwrap_or_default();
+            log.lines()
+                .filter_map(|l| l.split("Put request on \"/drives/").nth(1))
+                .filter_map(|rest| rest.split('"').next().map(str::to_string))
+                .collect::<Vec<String>>()
+        };
+        wait_until(Duration::from_secs(10), "the drives' PUTs in the VMM's log", || async {
+            attached_drives().len() >= 3
+        })
+        .await;
+        let attached = attached_drives();
         assert_eq!(attached, ["rootfs", "tools", "scratch"], "the root drive first, then the extra drives in order");
         let root = &drive(&config, "rootfs")["rate_limiter"]["bandwidth"];
         assert_eq!((root["size"].as_u64(), root["refill_time"].as_u64()), (Some(10485760), Some(100)));

@@ -134,7 +134,7 @@ impl AgentError {
             ),
             AgentError::DiskFull { .. } => Some(
                 "free space in the node's run directory (nexus-nodeagent --run-dir), or delete VMs or snapshots on \
-                 the node; the VM starts by itself once there is room"
+                 the node; what failed is tried again by itself once there is room"
                     .into(),
             ),
             AgentError::Process(_) => {

@@ -81,6 +81,10 @@ struct Args {
     /// Most VMs this node accepts.
     #[arg(long, default_value_t = 100)]
     max_vms: u32,
+    /// The share of the run directory's filesystem (percent) to keep free:
+    /// below it the node reports `DiskPressure` and gets no new VMs (0: off).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=100))]
+    disk_pressure_free_percent: u8,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_secs: u64,
@@ -196,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
         firecracker_version: firecracker_version(&firecracker),
         bridge: args.bridge,
         runtime: runtime.clone(),
+        min_free_percent: args.disk_pressure_free_percent,
     };
     // The API answers at once; the node's identity is established beside
     // it (the apiserver may not be up yet).

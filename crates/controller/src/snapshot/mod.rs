@@ -248,6 +248,26 @@ impl SnapshotReconciler {
                 };
                 self.fail(&snap, "Failed", &body.message, Some(error)).await
             }
+            Err(AgentCallError::Failed(body)) if !self.past_deadline(&snap.status_or_default()) => {
+                // The node could not do it now (its disk is full, say): the
+                // snapshot says why while it is tried again with backoff.
+                let mut status = snap.status_or_default();
+                let error = VmError {
+                    message: body.message.clone(),
+                    fault_message: body.fault_message.clone(),
+                    suggestion: body.suggestion.clone(),
+                };
+                if status.last_error.as_ref() != Some(&error) {
+                    status.last_error = Some(error);
+                    self.write_status(&snap, status).await?;
+                    let note = match &body.suggestion {
+                        Some(s) => format!("{}; {s}", body.message),
+                        None => body.message.clone(),
+                    };
+                    self.events.publish(&snap, EventType::Warning, &body.error, &note).await;
+                }
+                Err(SnapshotError::Agent(AgentCallError::Failed(body)))
+            }
             Err(e) if self.past_deadline(&snap.status_or_default()) => {
                 let message = format!("node {node_name} did not take the snapshot: {e}");
                 self.fail(&snap, "Timeout", &message, None).await

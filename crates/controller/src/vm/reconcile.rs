@@ -99,18 +99,19 @@ impl VmReconciler {
         let Some(node) = self.stores.nodes.get_named("", &node_name) else {
             return self.node_gone(vm, &node_name).await;
         };
-        let node_status = node.status_or_default();
-        if !node_status.is_ready(Utc::now(), self.node_grace) {
-            self.write_waiting(&vm, reason::NODE_NOT_READY, &format!("node {node_name} is not Ready")).await?;
-            return Ok(Action::RequeueAfter(Duration::from_secs(2)));
-        }
         let current = vm.status_or_default();
         if matches!(current.phase, VmPhase::Failed | VmPhase::Succeeded)
             && current.observed_generation == vm.metadata.generation
             && !self.images_changed_since_refusal(&vm, &config)
         {
-            // Finished, or failed for good: wait for the spec to change, no hot loop.
+            // Finished, or failed for good: wait for the spec to change, no hot
+            // loop; its node's readiness no longer concerns it.
             return Ok(Action::AwaitChange);
+        }
+        let node_status = node.status_or_default();
+        if !node_status.is_ready(Utc::now(), self.node_grace) {
+            self.write_waiting(&vm, reason::NODE_NOT_READY, &format!("node {node_name} is not Ready")).await?;
+            return Ok(Action::RequeueAfter(Duration::from_secs(2)));
         }
         let config = if self.images_changed_since_refusal(&vm, &config) {
             // Its Image was fixed since the node refused it: resolve again.

@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use nexus_api::conditions;
+use nexus_api::meta::find_condition;
 use nexus_api::{Node, Vm, VmPhase};
 
 use super::Stores;
@@ -88,6 +90,12 @@ pub fn pick_node(
         }
         if node.spec.unschedulable {
             reasons.push(format!("{name}: unschedulable"));
+            continue;
+        }
+        if let Some(c) = find_condition(&status.conditions, conditions::DISK_PRESSURE)
+            .filter(|c| c.status == nexus_api::ConditionStatus::True)
+        {
+            reasons.push(format!("{name}: disk pressure ({})", c.message));
             continue;
         }
         if !req.node_selector.iter().all(|(k, v)| node.metadata.labels.get(k) == Some(v)) {
@@ -323,6 +331,29 @@ mod tests {
         assert_eq!(got, ["a", "b", "a", "b"]);
         let err = pick_node(req, &nodes, &loads, Utc::now(), grace).unwrap_err();
         assert_eq!(err.0, "a: already runs 2 of 2 VMs; b: already runs 2 of 2 VMs");
+    }
+
+    #[test]
+    fn a_node_under_disk_pressure_gets_no_new_vms_and_says_why() {
+        let full = node("a", 10);
+        let mut status = full.status_or_default();
+        let why = "the run directory's filesystem has 1 MiB free of 48 MiB (less than 5%)";
+        nexus_api::meta::set_condition(
+            &mut status.conditions,
+            conditions::DISK_PRESSURE,
+            ConditionStatus::True,
+            "",
+            why,
+        );
+        let mut full = (*full).clone();
+        full.status = Some(status);
+        let none = BTreeMap::new();
+        let req = Request { mem_mib: 64, node_selector: &none, group: None };
+        let grace = chrono::Duration::seconds(6);
+        let nodes = [Arc::new(full.clone()), node("b", 10)];
+        assert_eq!(pick_node(req, &nodes, &Loads::new(), Utc::now(), grace).unwrap(), "b");
+        let err = pick_node(req, &[Arc::new(full)], &Loads::new(), Utc::now(), grace).unwrap_err();
+        assert_eq!(err.0, format!("a: disk pressure ({why})"));
     }
 
     #[test]

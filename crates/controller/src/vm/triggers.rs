@@ -36,6 +36,10 @@ pub fn node_changed(
         let readiness_changed = old.map(ready_condition) != Some(ready_condition(node));
         if gone || readiness_changed {
             keys.extend(vms.by_index(BY_NODE, node.name()).iter().map(|v| ObjectKey::of(&**v)));
+        }
+        // Room for the unplaced: a node that came, went, turned Ready, or
+        // has disk space again.
+        if gone || readiness_changed || old.map(disk_pressure) != Some(disk_pressure(node)) {
             keys.extend(vms.by_index(BY_NODE, "").iter().map(|v| ObjectKey::of(&**v)));
         }
         keys
@@ -48,6 +52,14 @@ fn ready_condition(node: &Node) -> bool {
     node.status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, conditions::READY))
+        .is_some_and(|c| c.status == ConditionStatus::True)
+}
+
+/// Whether `node` reports `DiskPressure`.
+fn disk_pressure(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, conditions::DISK_PRESSURE))
         .is_some_and(|c| c.status == ConditionStatus::True)
 }
 

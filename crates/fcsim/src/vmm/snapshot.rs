@@ -35,17 +35,31 @@ impl Vmm {
             nets: self.nets.values().cloned().collect(),
             mmds_config: self.mmds.config.clone(),
         };
-        // Both files are created or truncated, as Firecracker does.
+        // Both files are created or truncated, as Firecracker does. Its
+        // memory file holds every byte of guest memory; the simulator's is
+        // sparse unless FIRECRACKER_SIM_DENSE_MEMORY is set, so that a
+        // full disk shows as it would with Firecracker.
         let mem_bytes = (self.machine.mem_size_mib as u64) << 20;
-        let written = std::fs::write(&params.snapshot_path, serde_json::to_vec(&state).unwrap_or_default())
-            .and_then(|()| File::create(&params.mem_file_path))
-            .and_then(|mem| mem.set_len(mem_bytes));
-        match written {
+        if let Err(e) = std::fs::write(&params.snapshot_path, serde_json::to_vec(&state).unwrap_or_default()) {
+            return Reply::fault(
+                400,
+                format!("Create snapshot error: Cannot perform write on the snapshot backing file: {e}"),
+            );
+        }
+        let dense = std::env::var_os("FIRECRACKER_SIM_DENSE_MEMORY").is_some();
+        let memory = File::create(&params.mem_file_path)
+            .and_then(|mut mem| if dense { write_zeros(&mut mem, mem_bytes) } else { mem.set_len(mem_bytes) });
+        match memory {
             Ok(()) => {
                 self.log("main", "INFO", &format!("Snapshot created at {}", params.snapshot_path));
                 Reply::no_content()
             }
-            Err(e) => Reply::fault(400, format!("Cannot create the snapshot: {e}")),
+            Err(e) => Reply::fault(
+                400,
+                format!(
+                    "Create snapshot error: Cannot write memory file: Cannot dump memory: Guest memory I/O error: {e}"
+                ),
+            ),
         }
     }
 
@@ -191,4 +205,17 @@ impl Vmm {
         self.log("main", "INFO", &format!("Snapshot loaded from {}", params.snapshot_path));
         Reply::no_content()
     }
+}
+
+/// Writes `len` zero bytes to `file`, as a dump of untouched guest memory.
+fn write_zeros(file: &mut File, len: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ pub mod nat;
 pub mod net;
 pub mod process;
 pub mod scope;
+pub mod space;
 pub mod volumes;
 
 use std::path::PathBuf;

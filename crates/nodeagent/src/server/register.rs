@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use nexus_api::conditions;
-use nexus_api::meta::set_condition;
+use nexus_api::meta::{find_condition, set_condition};
 use nexus_api::node::NodeCapacity;
 use nexus_api::{ConditionStatus, Node, NodeSpec, NodeStatus};
 use nexus_client::Client;
@@ -21,6 +21,9 @@ pub struct NodeInfo {
     pub firecracker_version: String,
     pub bridge: String,
     pub runtime: std::sync::Arc<crate::vm::Runtime>,
+    /// The share of the run directory's filesystem kept free (percent):
+    /// below it the node reports `DiskPressure`.
+    pub min_free_percent: u8,
 }
 
 /// Registers the node (creating it if needed) and writes a heartbeat every
@@ -37,13 +40,20 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
             // so a burst of exits goes out in one beat).
             _ = info.runtime.host().exits.recorded() => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        match beat(&client, &info).await {
-            Ok(()) if !registered => {
+        // A beat that hangs (the network to the apiserver gone) is given up
+        // and the next one opens a new connection, so that beats resume as
+        // soon as the network does.
+        let limit = (interval * 3).clamp(Duration::from_secs(3), Duration::from_secs(10));
+        match tokio::time::timeout(limit, beat(&client, &info)).await {
+            Ok(Ok(())) if !registered => {
                 registered = true;
                 tracing::info!(node = %info.name, address = %info.address, "node registered");
             }
-            Ok(()) => {}
-            Err(e) => tracing::warn!(node = %info.name, error = %e, "heartbeat failed"),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(node = %info.name, error = %e, "heartbeat failed"),
+            Err(_) => {
+                tracing::warn!(node = %info.name, "heartbeat got no answer in {limit:?}; trying a new connection")
+            }
         }
     }
 }
@@ -76,11 +86,38 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::Clie
         conditions::reason::AGENT_HEARTBEAT,
         "the node agent is running",
     );
+    disk_pressure(&mut status, info);
     node.status = Some(status);
     // Unconditional: the agent is the only writer of its node's status.
     node.metadata.resource_version = None;
     client.replace_status(&node).await?;
     Ok(())
+}
+
+/// Sets the node's `DiskPressure` condition from the run directory's free
+/// space (left as it was when the space cannot be read).
+fn disk_pressure(status: &mut NodeStatus, info: &NodeInfo) {
+    let root = info.runtime.host().cfg.run_dir.root().to_path_buf();
+    let space = match crate::host::space::of(&root) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(dir = %root.display(), error = %e, "cannot read the run directory's free space");
+            return;
+        }
+    };
+    let (state, reason, message) = match crate::host::space::pressure(space, info.min_free_percent) {
+        Some(why) => (ConditionStatus::True, conditions::reason::LOW_DISK_SPACE, why),
+        None => (
+            ConditionStatus::False,
+            conditions::reason::ENOUGH_DISK_SPACE,
+            format!("the run directory's filesystem has {} MiB free", space.free >> 20),
+        ),
+    };
+    let was = find_condition(&status.conditions, conditions::DISK_PRESSURE).map(|c| c.status);
+    if state == ConditionStatus::True && was != Some(ConditionStatus::True) {
+        tracing::warn!(node = %info.name, %message, "disk pressure: new VMs go elsewhere until there is room");
+    }
+    set_condition(&mut status.conditions, conditions::DISK_PRESSURE, state, reason, &message);
 }
 
 /// vCPUs and memory of this host.

@@ -38,6 +38,22 @@ fn fc(step: &'static str) -> impl FnOnce(crate::firecracker::FcError) -> AgentEr
     move |source| AgentError::Firecracker { step, source }
 }
 
+/// A failed `snapshot/create`; Firecracker's "No space left on device"
+/// while it writes the files is the node's disk being full.
+fn written_by_vmm(source: crate::firecracker::FcError) -> AgentError {
+    match &source {
+        crate::firecracker::FcError::Api { fault_message, .. }
+            if fault_message.contains("No space left on device") || fault_message.contains("os error 28") =>
+        {
+            AgentError::DiskFull {
+                what: "Firecracker writing the snapshot".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            }
+        }
+        _ => fc("snapshot/create")(source),
+    }
+}
+
 fn disk_bytes(p: &std::path::Path) -> u64 {
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
@@ -111,7 +127,7 @@ pub async fn create(
                 snapshot_type: Some(SnapshotType::Full),
             })
             .await
-            .map_err(fc("snapshot/create"))?;
+            .map_err(written_by_vmm)?;
         take_out_of_jail(&written.join("state"), &staging.state())?;
         take_out_of_jail(&written.join("mem"), &staging.memory())?;
         disk::ensure_copy(paths.rootfs(), staging.rootfs())
