@@ -11,6 +11,7 @@ pub mod conditions;
 pub mod error;
 pub mod event;
 pub mod fnv;
+pub mod fork;
 pub mod guest;
 pub mod image;
 pub mod lease;
@@ -67,6 +68,11 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
         "/v1/projects/{project}/vms/{name}/log",
         "GET (who may read the VM): its console (source=console) or Firecracker log (source=vmm), \
          tail=N, follow=true (chunked text/plain until the VM is deleted), since=5m (vmm only)",
+    ),
+    (
+        "/v1/projects/{project}/vms/{name}/fork",
+        "POST (who may create VMs and Snapshots): {\"copies\": N}; one Snapshot of the running VM and N VMs \
+         restored from it, labelled nexus.dev/fork=ID (a ForkResult)",
     ),
     ("/v1/projects/{project}/vms/{name}/metrics", "GET (who may read the VM): its recent metrics, from its node"),
     ("/v1/nodes/{name}/metrics", "GET (who may read the node): the host's CPU and memory and its VMs' metrics"),

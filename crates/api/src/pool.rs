@@ -63,7 +63,8 @@ pub struct VmTemplate {
     #[serde(default)]
     pub metadata: TemplateMetadata,
     /// The VM's spec: a `template` (a Template's name) and overrides, or a
-    /// complete machine. `nodeName` and `restoreFrom` are not allowed.
+    /// complete machine, or `restoreFrom` (a Snapshot's name) for a pool of
+    /// warm copies of one VM. `nodeName` is not allowed.
     pub spec: VmSpec,
 }
 
@@ -369,9 +370,6 @@ impl ResourceSpec for VmPoolSpec {
                 vm.node_name.as_deref().unwrap_or_default(),
                 "a pool spreads its VMs over nodes; use nodeSelector to limit which",
             );
-        }
-        if vm.restore_from.is_some() {
-            errors.add("spec.template.spec.restoreFrom", "", "a pool's VMs boot from a template; leave it out");
         }
         if vm.network.as_ref().and_then(|n| n.mac.as_ref()).is_some() {
             errors.add("spec.template.spec.network.mac", "", "each VM needs its own MAC; leave it out");

@@ -54,6 +54,9 @@ pub enum ApiError {
     /// The object is used by another and cannot go until it is not.
     #[error("{message}")]
     InUse { message: String, suggestion: String },
+    /// The request needs its object in another state (a fork, a Running VM).
+    #[error("{message}")]
+    NotRunning { message: String, suggestion: String },
     /// A node agent refused the onward call; its status is passed on.
     #[error("{message}")]
     Upstream { status: u16, message: String, suggestion: Option<String> },
@@ -83,7 +86,10 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } | ApiError::InUse { .. } => StatusCode::CONFLICT,
+            ApiError::AlreadyExists { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::InUse { .. }
+            | ApiError::NotRunning { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -107,6 +113,7 @@ impl ApiError {
             ApiError::AlreadyExists { .. } => "AlreadyExists",
             ApiError::Conflict { .. } => "Conflict",
             ApiError::InUse { .. } => "InUse",
+            ApiError::NotRunning { .. } => "NotRunning",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Malformed { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
@@ -149,7 +156,8 @@ impl ApiError {
             })),
             ApiError::Refused { suggestion, .. }
             | ApiError::Unavailable { suggestion, .. }
-            | ApiError::InUse { suggestion, .. } => Some(suggestion.clone()),
+            | ApiError::InUse { suggestion, .. }
+            | ApiError::NotRunning { suggestion, .. } => Some(suggestion.clone()),
             ApiError::Upstream { suggestion, .. } => suggestion.clone(),
             ApiError::UnsupportedMediaType => {
                 Some("send the body with Content-Type: application/json (a create may also be application/yaml)".into())

@@ -10,6 +10,7 @@ pub mod content;
 pub mod edge;
 pub mod error;
 pub mod events;
+pub mod fork;
 pub mod limits;
 pub mod metrics;
 pub mod observe;
@@ -71,6 +72,7 @@ pub fn app(state: AppState) -> Router {
     let cors = edge::cors(&state.cors_origins);
     let router = all_kind_routes()
         .merge(access::routes())
+        .merge(fork::routes())
         .merge(observe::routes())
         .merge(content::routes())
         .merge(ui::routes())

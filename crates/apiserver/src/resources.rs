@@ -117,7 +117,7 @@ fn not_found<S: ResourceSpec>(t: &Target) -> ApiError {
 }
 
 /// The audit facts of a change made for `caller`.
-fn audit(caller: &Caller, ids: &RequestIds, verb: &'static str, status_code: u16) -> AuditInfo {
+pub(crate) fn audit(caller: &Caller, ids: &RequestIds, verb: &'static str, status_code: u16) -> AuditInfo {
     AuditInfo {
         request_id: ids.id.clone(),
         correlation_id: ids.correlation.clone(),
@@ -130,7 +130,7 @@ fn audit(caller: &Caller, ids: &RequestIds, verb: &'static str, status_code: u16
 
 /// The answer to a mutation: its object, marked as audited when its change
 /// committed (with its record), after the binding cache learned of it.
-fn answer<S: ResourceSpec>(state: &AppState, status: StatusCode, m: Mutation) -> Response {
+pub(crate) fn answer<S: ResourceSpec>(state: &AppState, status: StatusCode, m: Mutation) -> Response {
     if m.committed && crate::auth::bindings::is_binding(S::KIND) {
         state.bindings.invalidate();
     }
@@ -246,12 +246,7 @@ pub async fn create<S: ResourceSpec>(
             _ => obj.metadata.project = Some(t.project.clone()),
         }
     }
-    let now = Utc::now();
-    obj.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
-    obj.metadata.generation = Some(1);
-    obj.metadata.creation_timestamp = Some(now);
-    obj.metadata.deletion_timestamp = None;
-    obj.status = None;
+    stamp_new(&mut obj);
     let name = obj.name().to_string();
     if params.dry_run()? {
         if state.store.get(S::KIND, &t.project, &name).await?.is_some() {
@@ -259,28 +254,54 @@ pub async fn create<S: ResourceSpec>(
         }
         return Ok((StatusCode::CREATED, Json(obj)).into_response());
     }
-    let (project, key) = (t.project.clone(), name.clone());
-    let reads = quota::reads(S::KIND, &t.project);
-    let stored = state
-        .store
-        .mutate_seeing(
-            S::KIND,
-            &t.project,
-            &name,
-            &audit(&caller, &ids, "create", 201),
-            reads,
-            move |current, seen, rv| {
-                if current.is_some() {
-                    return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project, name: key });
-                }
-                obj.metadata.resource_version = Some(rv.to_string());
-                let value = to_value(&obj)?;
-                quota::admit(S::KIND, obj.name(), &value, seen)?;
-                Ok(Write::Put(value))
-            },
-        )
-        .await?;
+    let stored = store_new(&state, &audit(&caller, &ids, "create", 201), &t.project, obj, Vec::new()).await?;
     Ok(answer::<S>(&state, StatusCode::CREATED, stored))
+}
+
+/// Gives `obj`, about to be created, what the server sets on a new object
+/// (uid, generation 1, creation time; no status).
+pub(crate) fn stamp_new<S: ResourceSpec>(obj: &mut Object<S>) {
+    obj.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
+    obj.metadata.generation = Some(1);
+    obj.metadata.creation_timestamp = Some(Utc::now());
+    obj.metadata.deletion_timestamp = None;
+    obj.status = None;
+}
+
+/// Stores the new object `obj` (stamped, admitted) in `project` unless one
+/// of its name exists, within the project's quotas counted as if the
+/// objects in `also` (kind, name, object) were stored with it: a request
+/// that makes several objects is refused at its first write when they do
+/// not all fit.
+pub(crate) async fn store_new<S: ResourceSpec>(
+    state: &AppState,
+    audit: &AuditInfo,
+    project: &str,
+    mut obj: Object<S>,
+    also: Vec<(&'static str, String, Value)>,
+) -> Result<Mutation, ApiError> {
+    let (owned_project, name) = (project.to_string(), obj.name().to_string());
+    let key = name.clone();
+    // Quotas read every kind they count when any of the objects is counted.
+    let reads = std::iter::once(S::KIND)
+        .chain(also.iter().map(|(k, _, _)| *k))
+        .map(|k| quota::reads(k, project))
+        .find(|r| !matches!(r, crate::store::Reads::Nothing))
+        .unwrap_or(crate::store::Reads::Nothing);
+    state
+        .store
+        .mutate_seeing(S::KIND, project, &name, audit, reads, move |current, seen, rv| {
+            if current.is_some() {
+                return Err(ApiError::AlreadyExists { kind: S::KIND.into(), project: owned_project, name: key });
+            }
+            obj.metadata.resource_version = Some(rv.to_string());
+            let value = to_value(&obj)?;
+            let mut all = vec![(S::KIND, obj.name().to_string(), value.clone())];
+            all.extend(also);
+            quota::admit_all(&all, seen)?;
+            Ok(Write::Put(value))
+        })
+        .await
 }
 
 /// `GET` on an object.

@@ -278,6 +278,20 @@ impl Client {
         self.send(req).await
     }
 
+    /// Forks running VM `name` in `project`: `copies` VMs restored from one
+    /// new Snapshot of it, in one request.
+    pub async fn fork(
+        &self,
+        project: &str,
+        name: &str,
+        copies: u32,
+    ) -> Result<nexus_api::fork::ForkResult, ClientError> {
+        let req = self
+            .request(reqwest::Method::POST, &format!("/v1/projects/{project}/vms/{name}/fork"))
+            .json(&nexus_api::fork::ForkRequest { copies });
+        self.send(req).await
+    }
+
     /// Who the token stands for and what it holds.
     pub async fn whoami(&self) -> Result<nexus_api::auth::WhoAmI, ClientError> {
         self.send(self.request(reqwest::Method::GET, "/v1/whoami")).await

@@ -175,6 +175,21 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// N running copies of a running VM in one request: one snapshot of
+    /// it (paused only while it is written) and N VMs restored from it,
+    /// labelled nexus.dev/fork=ID.
+    Fork {
+        vm: String,
+        /// How many copies (1 to 100).
+        #[arg(long, default_value_t = 1)]
+        copies: u32,
+        /// Return only once every copy is Running.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds --wait waits.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Set how many VMs a pool keeps.
     Scale {
         /// `vmpool`.

@@ -96,6 +96,80 @@ async fn follow(
     }
 }
 
+/// Follows the objects of `kind` in `project` that `selector` (a label
+/// selector) picks, as a map from name to object, until `check` of the
+/// whole set says it is done or has failed, or `timeout` passes.
+pub async fn until_all(
+    ctx: &Context,
+    kind: &KindInfo,
+    project: &str,
+    selector: &str,
+    timeout: Duration,
+    mut check: impl FnMut(&std::collections::BTreeMap<String, Value>) -> Seen,
+) -> Result<(), Failure> {
+    let mut last = String::from("nothing seen yet");
+    let followed = follow_all(ctx, kind, project, selector, &mut check, &mut last);
+    match tokio::time::timeout(timeout, followed).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::error(format!(
+            "timed out after {}s waiting for {} with {selector}: {last}",
+            timeout.as_secs(),
+            kind.plural
+        ))),
+    }
+}
+
+async fn follow_all(
+    ctx: &Context,
+    kind: &KindInfo,
+    project: &str,
+    selector: &str,
+    check: &mut impl FnMut(&std::collections::BTreeMap<String, Value>) -> Seen,
+    last: &mut String,
+) -> Result<(), Failure> {
+    let picked = format!("{}?labelSelector={}", kind.collection(project), urlencode(selector));
+    let name_of = |o: &Value| o["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let mut judge = |objects: &std::collections::BTreeMap<String, Value>| match check(objects) {
+        Seen::Done => Some(Ok(())),
+        Seen::Failed(why) => Some(Err(Failure::error(why))),
+        Seen::Waiting(seen) => {
+            *last = seen;
+            None
+        }
+    };
+    loop {
+        let list: Value = ctx.client.raw(reqwest::Method::GET, &picked, None).await.map_err(|e| Failure::api(&e))?;
+        let mut objects: std::collections::BTreeMap<String, Value> =
+            list["items"].as_array().into_iter().flatten().map(|o| (name_of(o), o.clone())).collect();
+        if let Some(outcome) = judge(&objects) {
+            return outcome;
+        }
+        let rv = list["metadata"]["resourceVersion"].as_str().unwrap_or("0");
+        let stream = match ctx.client.get_stream(&format!("{picked}&watch=true&resourceVersion={rv}")).await {
+            Ok(s) => s,
+            Err(e) if e.status() == Some(410) => continue,
+            Err(e) => return Err(Failure::api(&e)),
+        };
+        let mut events = std::pin::pin!(events(stream));
+        while let Some(Ok(event)) = events.next().await {
+            let object = &event["object"];
+            match event["type"].as_str() {
+                Some("ADDED" | "MODIFIED") => {
+                    objects.insert(name_of(object), object.clone());
+                }
+                Some("DELETED") => {
+                    objects.remove(&name_of(object));
+                }
+                Some("ERROR") => break,
+                _ => continue,
+            }
+            if let Some(outcome) = judge(&objects) {
+                return outcome;
+            }
+        }
+    }
+}
+
 /// The events of a watch response, one JSON document per line, until the
 /// response ends; a transport error is passed on and ends the stream.
 pub fn events<B: AsRef<[u8]>, E>(body: impl Stream<Item = Result<B, E>>) -> impl Stream<Item = Result<Value, E>> {

@@ -11,6 +11,7 @@ mod context;
 mod diagnose;
 mod explain;
 mod follow;
+mod fork;
 mod get;
 mod import;
 mod jsonpath;
@@ -174,6 +175,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Restore { snapshot, new_vm, paused, wait, timeout } => {
             let wait = wait.then(|| Duration::from_secs(*timeout));
             commands::restore(&ctx, snapshot, new_vm, *paused, wait).await
+        }
+        Command::Fork { vm, copies, wait, timeout } => {
+            let wait = wait.then(|| Duration::from_secs(*timeout));
+            fork::fork(&ctx, vm, *copies, wait).await
         }
         Command::Scale { kind, name, replicas } => {
             rollout::pool_kind(kind, "replicas")?;

@@ -67,16 +67,23 @@ impl Objects {
 /// Checks that storing `new` (an object of `kind` named `name`) keeps the
 /// project within every quota `seen` holds.
 pub fn admit(kind: &str, name: &str, new: &Value, seen: &Seen) -> Result<(), ApiError> {
+    admit_all(&[(kind, name.to_string(), new.clone())], seen)
+}
+
+/// [`admit`] for several objects stored at once, each `(kind, name, object)`.
+pub fn admit_all<K: AsRef<str>>(new: &[(K, String, Value)], seen: &Seen) -> Result<(), ApiError> {
     let quotas: Vec<ResourceQuota> = parse(seen.of(ResourceQuotaSpec::KIND))?;
     if quotas.is_empty() {
         return Ok(());
     }
     let before = Objects::read(seen)?.usage();
-    // The same objects, with `new` in place of the stored one of its name.
+    // The same objects, with each new one in place of the stored one of its name.
     let mut after = seen.clone();
-    let of_kind = after.objects.entry(registry_kind(kind)).or_default();
-    of_kind.retain(|o| o["metadata"]["name"].as_str() != Some(name));
-    of_kind.push(new.clone());
+    for (kind, name, value) in new {
+        let of_kind = after.objects.entry(registry_kind(kind.as_ref())).or_default();
+        of_kind.retain(|o| o["metadata"]["name"].as_str() != Some(name.as_str()));
+        of_kind.push(value.clone());
+    }
     let after = Objects::read(&after)?.usage();
     for q in &quotas {
         within(q.name(), &q.spec, &before, &after).map_err(|message| ApiError::QuotaExceeded { message })?;

@@ -126,6 +126,8 @@ pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Tar
         Some("status") => verb_of(method, true, true, false)?,
         // Subresources that read an object (logs, metrics) need its read.
         Some(_) if method == Method::GET => Verb::Get,
+        // A fork makes VMs (and a Snapshot, which its handler checks).
+        Some("fork") if method == Method::POST && plural == "vms" => Verb::Create,
         // An Image's file is written as the Image is.
         Some("content") if method == Method::PUT && plural == "images" => Verb::Update,
         Some(_) => return None,

@@ -14,9 +14,14 @@
 //!    `status.runtime`) and the Ready condition (controller, on the agent's
 //!    report).
 //!
+//! With `--restore`, the same for a VM started from a snapshot, and with
+//! `--fork N`, N copies from one fork request (see `restore`).
+//!
 //! The VMM is `firecracker` when `--firecracker PATH` is given (it then
 //! needs a real `--kernel` and `--rootfs`), else the simulator; the report
 //! says which.
+
+mod restore;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,8 @@ use tokio::net::UnixStream;
 
 struct Args {
     vms: usize,
+    restore: bool,
+    fork: Option<u32>,
     raw_runs: usize,
     firecracker: Option<PathBuf>,
     kernel: String,
@@ -47,6 +54,8 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         vms: 100,
+        restore: false,
+        fork: None,
         raw_runs: 20,
         firecracker: None,
         kernel: "/var/lib/nexus/images/vmlinux".into(),
@@ -58,6 +67,8 @@ fn parse_args() -> anyhow::Result<Args> {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--vms" => args.vms = value()?.parse()?,
+            "--restore" => args.restore = true,
+            "--fork" => args.fork = Some(value()?.parse()?),
             "--raw-runs" => args.raw_runs = value()?.parse()?,
             "--firecracker" => args.firecracker = Some(value()?.into()),
             "--kernel" => args.kernel = value()?,
@@ -65,8 +76,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--boot-line" => args.boot_line = value()?,
             "--help" | "-h" => {
                 println!(
-                    "nexus-latency-bench [--vms 100] [--raw-runs 20] [--firecracker PATH --kernel K --rootfs R] \
-                     [--boot-line TEXT]"
+                    "nexus-latency-bench [--vms 100] [--raw-runs 20] [--restore | --fork N] [--firecracker PATH \
+                     --kernel K --rootfs R] [--boot-line TEXT]"
                 );
                 std::process::exit(0);
             }
@@ -329,6 +340,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     } else {
         (tmp.path().to_path_buf(), Some(tmp))
     };
+    if let Some(copies) = args.fork {
+        eprintln!("fork: {copies} copies of one VM with {which} ...");
+        let json = restore::fork(&vmm, &dir, &args, copies).await?;
+        println!("{}", serde_json::json!({"vmm": which, "fork": json}));
+        return Ok(());
+    }
+    if args.restore {
+        return restores(&vmm, &dir, &which, args).await;
+    }
     eprintln!("raw: {} VMs started by hand with {which} ...", args.raw_runs);
     let raw = raw(vmm.clone(), dir.clone(), args.clone())?;
     eprintln!("nexus: {} VMs, one at a time ...", args.vms);
@@ -373,6 +393,43 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "report": p(&col(|p| p.report)), "watch": p(&col(|p| p.watch)),
         },
         "ratioBootLineP50": ratio,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+/// `--restore`: restores by hand, then through nexus, and their ratio.
+async fn restores(vmm: &Path, dir: &Path, which: &str, args: Arc<Args>) -> anyhow::Result<()> {
+    eprintln!("raw: a snapshot, then {} restores by hand with {which} ...", args.raw_runs);
+    let raw = restore::raw_restores(vmm.to_path_buf(), dir.to_path_buf(), args.clone())?;
+    eprintln!("nexus: a snapshot, then {} VMs restored one at a time ...", args.vms);
+    let (runs, paused) = restore::through_nexus(vmm, dir, &args).await?;
+    let col = |f: fn(&Phases) -> f64| sorted(runs.iter().map(f).collect());
+    let loads = sorted(raw.loads.clone());
+    let running = col(|p| p.running);
+    let ratio = pct(&running, 0.5) / pct(&loads, 0.5).max(f64::EPSILON);
+    println!("VMM: {which}; raw restores: {}; nexus restores: {} (one at a time)", loads.len(), runs.len());
+    println!("{:<52} {:>9} {:>9}", "measure (ms)", "p50", "p99");
+    let row = |name: &str, v: &[f64]| println!("{name:<52} {:>9.2} {:>9.2}", pct(v, 0.5), pct(v, 0.99));
+    println!("{:<52} {:>9.2}", "raw: pause -> full snapshot written", raw.snapshot);
+    println!("{:<52} {:>9}", "nexus: source paused for its snapshot", paused);
+    row("raw: spawn -> snapshot loaded and resumed", &loads);
+    row("nexus: create -> Running (seen on a watch)", &running);
+    row("  apiserver: request -> stored", &col(|p| p.apiserver));
+    row("  controller: stored -> placed", &col(|p| p.controller));
+    row("  agent: placed -> VMM launched", &col(|p| p.agent));
+    row("  VMM: launched -> loaded and resumed", &col(|p| p.vmm));
+    row("  report: resumed -> status Ready", &col(|p| p.report));
+    row("  watch: status Ready -> seen by the client", &col(|p| p.watch));
+    println!("{:<52} {:>9.2}", "ratio nexus / raw (p50)", ratio);
+    let p = |v: &[f64]| serde_json::json!({"p50": pct(v, 0.5), "p99": pct(v, 0.99)});
+    let json = serde_json::json!({
+        "vmm": which, "restore": true, "rawRuns": loads.len(), "vms": runs.len(),
+        "raw": {"snapshotMs": raw.snapshot, "load": p(&loads)},
+        "nexus": {"pausedMs": paused, "running": p(&running), "apiserver": p(&col(|p| p.apiserver)),
+            "controller": p(&col(|p| p.controller)), "agent": p(&col(|p| p.agent)), "vmm": p(&col(|p| p.vmm)),
+            "report": p(&col(|p| p.report)), "watch": p(&col(|p| p.watch))},
+        "ratioP50": ratio,
     });
     println!("{json}");
     Ok(())

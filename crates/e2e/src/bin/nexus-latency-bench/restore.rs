@@ -1,0 +1,237 @@
+//! `--restore`: a VM started from a snapshot, by hand and through nexus;
+//! `--fork N`: N copies of a running VM from one fork request.
+//!
+//! By hand: a VM booted and snapshotted as Firecracker's documentation
+//! shows (pause, `PUT /snapshot/create`), then, one run after another, a
+//! new VMM spawned and `PUT /snapshot/load` with `resume_vm`, timed from
+//! the spawn to the load's answer. Through nexus: the same guest as a VM, a
+//! Snapshot of it, then VMs with `restoreFrom` created one at a time, each
+//! timed to phase Running seen on a watch, with the phases of `phases()`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures::StreamExt;
+use nexus_api::snapshot::SnapshotPhase;
+use nexus_api::vm::RestoreSource;
+use nexus_api::{Snapshot, SnapshotSpec, Vm, VmPhase, VmSpec};
+use nexus_client::{Client, Event, ListParams};
+use nexus_e2e::multinode::MultiNode;
+
+use super::{Args, Phases, http, ms, phases, wait_boot_line};
+
+/// The by-hand figures: the snapshot's creation and each load (ms).
+pub struct RawRestores {
+    pub snapshot: f64,
+    pub loads: Vec<f64>,
+}
+
+/// Spawns a VMM with its console in `dir` and waits for its socket.
+async fn spawn(vmm: &Path, dir: &Path, id: &str) -> anyhow::Result<(tokio::process::Child, PathBuf, Instant)> {
+    std::fs::create_dir_all(dir)?;
+    let socket = dir.join("api.sock");
+    let _ = std::fs::remove_file(&socket);
+    let console = std::fs::File::create(dir.join("console.log"))?;
+    let started = Instant::now();
+    let child = tokio::process::Command::new(vmm)
+        .args(["--api-sock", &socket.display().to_string(), "--id", id])
+        .stdout(console)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", vmm.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http(&socket, "GET", "/", "").await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the VMM's socket did not answer in 5 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok((child, socket, started))
+}
+
+async fn ok(socket: &Path, method: &str, path: &str, body: &str) -> anyhow::Result<()> {
+    let status = http(socket, method, path, body).await?;
+    anyhow::ensure!(status < 300, "{method} {path} answered {status}");
+    Ok(())
+}
+
+async fn raw_restores_here(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<RawRestores> {
+    let tap = "nxlatr0";
+    nexus_e2e::run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", tap, "mode", "tap"]));
+    let source_dir = dir.join("raw-source");
+    let (mut source, socket, _) = spawn(vmm, &source_dir, "raw-source").await?;
+    ok(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).await?;
+    let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1"}}"#, args.kernel);
+    ok(&socket, "PUT", "/boot-source", &boot).await?;
+    let drive = format!(
+        r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+        args.rootfs
+    );
+    ok(&socket, "PUT", "/drives/rootfs", &drive).await?;
+    ok(&socket, "PUT", "/network-interfaces/eth0", &format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#))
+        .await?;
+    ok(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).await?;
+    wait_boot_line(&source_dir.join("console.log"), &args.boot_line).await?;
+    let (state, mem) = (dir.join("raw-snap.state"), dir.join("raw-snap.mem"));
+    let paused = Instant::now();
+    ok(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#).await?;
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    ok(&socket, "PUT", "/snapshot/create", &create).await?;
+    let snapshot = ms(paused.elapsed());
+    let _ = source.kill().await;
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        state.display(),
+        mem.display()
+    );
+    let mut loads = Vec::new();
+    for i in 0..args.raw_runs {
+        let (mut child, socket, started) = spawn(vmm, &dir.join(format!("raw-restore-{i}")), "raw-restore").await?;
+        ok(&socket, "PUT", "/snapshot/load", &load).await?;
+        loads.push(ms(started.elapsed()));
+        let _ = child.kill().await;
+    }
+    nexus_e2e::run_ok(std::process::Command::new("ip").args(["link", "del", tap]));
+    Ok(RawRestores { snapshot, loads })
+}
+
+/// The by-hand restores, in a network namespace of their own.
+pub fn raw_restores(vmm: PathBuf, dir: PathBuf, args: Arc<Args>) -> anyhow::Result<RawRestores> {
+    std::thread::spawn(move || {
+        nexus_e2e::enter_private_netns();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(raw_restores_here(&vmm, &dir, &args))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the raw restores panicked"))?
+}
+
+/// Creates a VM from `spec` and waits for it to be Running.
+async fn running_vm(client: &Client, name: &str, args: &Args) -> anyhow::Result<Vm> {
+    let spec: VmSpec = serde_json::from_value(serde_json::json!({
+        "vcpu": 1, "memMib": 128, "kernel": args.kernel, "rootfs": args.rootfs, "network": {"ip": "auto"}
+    }))?;
+    client.create(&Vm::new(name, Some("default"), spec)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vm = client.get::<VmSpec>("default", name).await?;
+        if vm.status_or_default().phase == VmPhase::Running {
+            return Ok(vm);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "VM {name} not Running within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes Snapshot `name` of VM `vm`; returns how long the VM was paused.
+async fn snapshot(client: &Client, vm: &str, name: &str) -> anyhow::Result<u64> {
+    let spec = SnapshotSpec { vm_name: vm.into(), resume_after: true };
+    client.create(&Snapshot::new(name, Some("default"), spec)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = client.get::<SnapshotSpec>("default", name).await?.status_or_default();
+        match s.phase {
+            SnapshotPhase::Ready => return Ok(s.paused_millis.unwrap_or_default()),
+            SnapshotPhase::Failed => anyhow::bail!("snapshot {name} failed: {:?}", s.last_error),
+            _ => {}
+        }
+        anyhow::ensure!(Instant::now() < deadline, "snapshot {name} not Ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// VMs restored one at a time through nexus: their phases, and how long
+/// the source was paused for its snapshot.
+pub async fn through_nexus(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<(Vec<Phases>, u64)> {
+    let mut cluster = MultiNode::start_for_bench(&dir.join("cluster"), 1, args.vms as u32 + 10, vmm).await;
+    let client = cluster.client();
+    running_vm(&client, "restore-src", args).await?;
+    let paused = snapshot(&client, "restore-src", "restore-snap").await?;
+    let params = ListParams { label_selector: Some("bench=restore".into()), ..Default::default() };
+    let mut watch = Box::pin(client.watch::<VmSpec>(Some("default"), &params, None).await?);
+    let mut out = Vec::new();
+    for i in 0..args.vms {
+        let spec =
+            VmSpec { restore_from: Some(RestoreSource { snapshot: "restore-snap".into() }), ..Default::default() };
+        let mut vm = Vm::new(&format!("restored-{i:04}"), Some("default"), spec);
+        vm.metadata.labels.insert("bench".into(), "restore".into());
+        let sent = Utc::now();
+        client.create(&vm).await?;
+        let seen = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = watch.next().await {
+                if let Ok(Event::Added(v) | Event::Modified(v)) = event
+                    && v.name() == vm.name()
+                    && v.status_or_default().phase == VmPhase::Running
+                {
+                    return Some((Utc::now(), v));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some((at, running)) = seen else {
+            let words = nexus_e2e::last_words(|a| cluster.nexusctl(a), "vm", vm.name());
+            anyhow::bail!("VM {} not Running within 30 s\n{words}", vm.name());
+        };
+        // A restore prints no new boot line: the phases end at Running.
+        out.push(phases(&running, sent, at, at).context("a Running VM without its timestamps")?);
+    }
+    let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "--all", "--wait", "--timeout", "120"]);
+    anyhow::ensure!(ok, "deleting the VMs: {err}");
+    cluster.stop();
+    Ok((out, paused))
+}
+
+/// Resident memory of the VMMs under `run` and the host's available
+/// memory, in MiB.
+fn memory(run: &Path) -> (u64, u64) {
+    let kib = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let rss: u64 = nexus_e2e::host::vmm_processes_under(run)
+        .iter()
+        .map(|(pid, _)| kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:"))
+        .sum();
+    (rss >> 10, kib(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "MemAvailable:") >> 10)
+}
+
+/// `--fork N`: one running VM, then `nexusctl fork --copies N --wait`,
+/// timed, with the node's memory before and after.
+pub async fn fork(vmm: &Path, dir: &Path, args: &Args, copies: u32) -> anyhow::Result<serde_json::Value> {
+    let mut cluster = MultiNode::start_for_bench(&dir.join("fork"), 1, copies + 10, vmm).await;
+    let client = cluster.client();
+    running_vm(&client, "fork-src", args).await?;
+    let run = cluster.dir.join("run-1");
+    let before = memory(&run);
+    let began = Instant::now();
+    let n = copies.to_string();
+    let (ok, out, err) = cluster.nexusctl(&["fork", "fork-src", "--copies", &n, "--wait", "--timeout", "120"]);
+    let took = ms(began.elapsed());
+    anyhow::ensure!(ok, "fork: {out}{err}");
+    let after = memory(&run);
+    let snaps = client.list::<SnapshotSpec>(Some("default"), &ListParams::default()).await?;
+    let paused = snaps.items.first().and_then(|s| s.status_or_default().paused_millis).unwrap_or_default();
+    println!(
+        "fork --copies {copies} --wait: {took:.0} ms to all Running; source paused {paused} ms; VMM RSS {} -> {} MiB; \
+         host MemAvailable {} -> {} MiB",
+        before.0, after.0, before.1, after.1
+    );
+    let (ok, _, err) = cluster.nexusctl(&["delete", "vm", "--all", "--wait", "--timeout", "120"]);
+    anyhow::ensure!(ok, "deleting the VMs: {err}");
+    cluster.stop();
+    Ok(serde_json::json!({"copies": copies, "allRunningMs": took, "pausedMs": paused,
+        "vmmRssMib": {"before": before.0, "after": after.0}, "memAvailableMib": {"before": before.1, "after": after.1}}))
+}
