@@ -179,6 +179,10 @@ pub enum ObservedState {
     Exited,
     /// Nothing of this VM exists on the node.
     Absent,
+    /// Its removal is under way (the guest asked to shut down, then the
+    /// VMM stopped, then its files and links removed); ask again for the
+    /// result, or wait for the node's `removedVms` notice.
+    Removing,
 }
 
 /// A node agent's report on one VM.

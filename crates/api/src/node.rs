@@ -60,6 +60,11 @@ pub struct NodeStatus {
     /// that VM within moments instead of at its next recheck.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vmm_exits: Vec<VmmExitNotice>,
+    /// VMs whose removal the agent finished in the last minute, oldest
+    /// first: a removal is asked for and answered at once, and this tells
+    /// the controller to come back for its result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_vms: Vec<VmmExitNotice>,
 }
 
 /// One VMM process that ended without the agent stopping it.

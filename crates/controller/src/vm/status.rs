@@ -115,6 +115,7 @@ pub fn observed(vm: &Vm, node: &str, report: &VmReport) -> VmStatus {
         ObservedState::Stopped | ObservedState::Absent => VmPhase::Stopped,
         ObservedState::Exited if clean_exit => VmPhase::Succeeded,
         ObservedState::Exited => VmPhase::Failed,
+        ObservedState::Removing => VmPhase::Terminating,
     };
     let exit_text = report.runtime.exit.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "ended".into());
     let policy = vm.spec.restart_policy;

@@ -1,10 +1,20 @@
 //! Teardown: a deleted VM is taken off its node (its VMM stopped, its TAP
-//! and directory removed) before its finalizer goes.
+//! and directory removed) before its finalizer goes. The agent answers a
+//! removal at once and does it on its own time (the guest's shutdown, the
+//! stop grace), so no worker waits on a guest: the VM comes back here when
+//! its node reports the removal done, and goes once the agent says absent.
 
+use std::time::Duration;
+
+use nexus_api::agent::ObservedState;
 use nexus_api::{Vm, VmPhase};
 
 use super::{ReconcileError, VmReconciler};
 use crate::runtime::Action;
+
+/// When a removal under way is asked about again if its node's notice
+/// that it is done has not come.
+const REMOVAL_RECHECK: Duration = Duration::from_secs(10);
 
 impl VmReconciler {
     /// Has the VM's node remove it; answers [`Action::AwaitChange`] once
@@ -23,13 +33,21 @@ impl VmReconciler {
                 }
                 let _slot = self.per_node.slot(&node_name).await;
                 let uid = vm.uid().to_string();
-                self.agents
+                let report = self
+                    .agents
                     .call(&node, |c, to| {
                         let uid = uid.clone();
                         async move { c.remove(&to, &uid).await }
                     })
                     .await
                     .map_err(ReconcileError::Agent)?;
+                if report.state == ObservedState::Removing {
+                    // The agent stops the guest (within its stop grace) and
+                    // removes it meanwhile; its node's next heartbeat names
+                    // the VM when that is done, which brings it back here.
+                    // The requeue is only for a notice that never comes.
+                    return Ok(Action::RequeueAfter(REMOVAL_RECHECK));
+                }
             }
         }
         tracing::info!(vm = %vm.name(), "torn down");

@@ -14,15 +14,16 @@ use crate::runtime::{ObjectKey, Store};
 
 /// Maps a node's change to the VMs that care: a node's first sighting, a
 /// change of its `Ready` condition or its deletion concerns its VMs and the
-/// unplaced ones; a VMM exit it announces concerns that VM. Heartbeats,
-/// which change neither, concern nobody.
+/// unplaced ones; a VMM exit or a finished removal it announces concerns
+/// that VM. Heartbeats, which change none of these, concern nobody.
 pub fn node_changed(
     vms: Store<VmSpec>,
     nodes: Store<NodeSpec>,
 ) -> impl Fn(Option<&Node>, &Node) -> Vec<ObjectKey> + Send + Sync + 'static {
     move |old: Option<&Node>, node: &Node| {
         let mut keys = Vec::new();
-        let fresh = new_exits(old, node);
+        let mut fresh = new_exits(old, node);
+        fresh.extend(new_removals(old, node));
         if !fresh.is_empty() {
             keys.extend(
                 vms.by_index(BY_NODE, node.name())
@@ -61,6 +62,13 @@ fn disk_pressure(node: &Node) -> bool {
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, conditions::DISK_PRESSURE))
         .is_some_and(|c| c.status == ConditionStatus::True)
+}
+
+/// The VMs whose removal `node` announces done and `old` did not.
+fn new_removals(old: Option<&Node>, node: &Node) -> HashSet<String> {
+    let before = old.and_then(|o| o.status.as_ref()).map(|s| s.removed_vms.as_slice()).unwrap_or_default();
+    let now = node.status.as_ref().map(|s| s.removed_vms.as_slice()).unwrap_or_default();
+    now.iter().filter(|n| !before.contains(n)).map(|n| n.uid.clone()).collect()
 }
 
 /// The VMs whose VMM exits `node` announces and `old` did not.

@@ -2,7 +2,8 @@
 //! agents, each agent in its own network namespace on the simulated VMM.
 //! Applies V VMs at once and measures apply → Running for the fleet and per
 //! VM, the spread, each process's RSS, then deletes every VM and measures
-//! the teardown and what is left. Prints a table and JSON. Needs root.
+//! the teardown, how long VMs created meanwhile take to run, and what is
+//! left. Prints a table and JSON. Needs root.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -132,6 +133,30 @@ fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many VMs are created while the fleet is being deleted.
+const DURING: usize = 5;
+
+/// Creates [`DURING`] VMs and returns how long until all are Running.
+async fn created_during(client: &nexus_client::Client, kernel: &str, rootfs: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for i in 0..DURING {
+        let spec: VmSpec =
+            serde_json::from_value(serde_json::json!({"vcpu": 1, "memMib": 128, "kernel": kernel, "rootfs": rootfs}))?;
+        let mut vm = nexus_api::Vm::new(&format!("during-{i}"), Some("default"), spec);
+        vm.metadata.labels.insert("bench".into(), "during".into());
+        client.create(&vm).await?;
+    }
+    let params = ListParams { label_selector: Some("bench=during".into()), ..Default::default() };
+    loop {
+        let list = client.list::<VmSpec>(Some("default"), &params).await?;
+        if list.items.iter().filter(|v| v.status_or_default().phase == VmPhase::Running).count() == DURING {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "VMs created during the delete not Running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn bench(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in(&args.dir)?;
     // Under the agents' default image root, where `hack/images.sh` puts them.
@@ -245,10 +270,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "bench": cpu_ms(std::process::id()),
     });
 
-    eprintln!("deleting every VM ...");
+    eprintln!("deleting every VM, and creating {DURING} more half a second into it ...");
     let deleting = Instant::now();
-    nexusctl(&fleet, &["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"])?;
-    let deleted = deleting.elapsed();
+    let delete = tokio::task::spawn_blocking({
+        let (server, ca, token) = (fleet.server.clone(), fleet.ca.clone(), fleet.admin_token.clone());
+        move || {
+            let args = ["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"];
+            let (ok, _, err) = nexus_e2e::nexusctl(&server, &ca, &token, &args);
+            (ok, err, deleting.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = created_during(&client, kernel, rootfs).await?;
+    let (ok, err, deleted) = delete.await?;
+    anyhow::ensure!(ok, "nexusctl delete: {err}");
+    nexusctl(&fleet, &["delete", "vm", "-l", "bench=during", "--wait", "--timeout", "120"])?;
     let leftovers = (fleet.vmms(), fleet.taps(), fleet.run_dirs());
     let rows_left = client.list::<VmSpec>(None, &ListParams::default()).await?.items.len();
     fleet.stop();
@@ -279,6 +315,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("{:<70} {:>6.2}", format!("apiserver requests per VM: {route}"), *n as f64 / args.vms as f64);
     }
     line("delete all (--wait) ms", deleted.as_millis().to_string());
+    line(&format!("{DURING} VMs created during it -> all Running ms"), during.as_millis().to_string());
     line(
         "left: VMMs / TAPs / dirs / VM rows",
         format!("{} / {} / {} / {rows_left}", leftovers.0, leftovers.1, leftovers.2),
@@ -295,6 +332,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "cpuMs": cpu,
         "hostCpuPercent": host.as_ref().map(|h| serde_json::json!({"busy": h.busy, "idle": h.idle, "stolen": h.stolen})),
         "deleteAllMs": deleted.as_millis() as u64,
+        "createdDuringDeleteRunningMs": during.as_millis() as u64,
         "left": {"vmms": leftovers.0, "taps": leftovers.1, "dirs": leftovers.2, "vmRows": rows_left},
     });
     println!("{json}");

@@ -96,7 +96,7 @@ fn with_systemd_each_vmm_is_placed_in_its_own_transient_scope() {
             Agent::start_with(dir.path(), &[], &["--process-manager", "systemd", "--systemd-bus", &address]).await;
         let report = agent.ensure(&request(UID)).await;
         let pid = report.runtime.pid.unwrap();
-        let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
+        let (status, _, _) = agent.remove(UID).await;
         assert_eq!(status, 200);
         let seen = calls.lock().unwrap().clone();
         assert_eq!(

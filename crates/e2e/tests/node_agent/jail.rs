@@ -87,7 +87,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         std::fs::remove_file(&private).unwrap();
         assert_eq!(s, 422, "{body}");
         assert!(body.contains("ImageUnreadable") && body.contains("chmod a+r"), "{body}");
-        agent.call("DELETE", &format!("/v1/vms/{}", unreadable.uid), None).await;
+        agent.remove(&unreadable.uid).await;
 
         // A second VM gets another user.
         let b_uid = "00000000-0000-4000-8000-0000000000b7";
@@ -126,7 +126,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         assert!(root_c.ends_with("00000000-0000-4000-8000-0000000000d7/root"));
         assert!(caps_c.iter().all(|c| c.ends_with(" 0000000000000000")));
         for u in [UID, b_uid, "00000000-0000-4000-8000-0000000000d7"] {
-            agent.call("DELETE", &format!("/v1/vms/{u}"), None).await;
+            agent.remove(u).await;
         }
         assert!(host::vmm_processes_under(&agent.run_dir()).is_empty());
     });

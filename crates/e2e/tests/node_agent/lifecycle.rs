@@ -37,8 +37,13 @@ fn ensure_twice_changes_nothing_and_delete_removes_exactly_what_was_made() {
         assert_eq!(second, first, "the same report, the same VMM");
         assert_eq!(host_state(&agent.run_dir()), before, "a repeated ensure changes nothing on the host");
 
+        // A removal is answered at once (202) and done on the agent's time.
         let (status, body) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(serde_json::from_str::<VmReport>(&body).unwrap().state, ObservedState::Removing);
+        let (status, body, _) = agent.remove(UID).await;
         assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<VmReport>(&body).unwrap().state, ObservedState::Absent);
         assert_eq!(host_state(&agent.run_dir()), (vec![], vec![], vec![], vec![]));
         let (status, _) = agent.call("DELETE", &format!("/v1/vms/{UID}"), None).await;
         assert_eq!(status, 200, "deleting twice is fine");
@@ -101,7 +106,7 @@ fn two_hundred_create_delete_cycles_with_vmms_reaped_late_fail_no_call() {
                         continue;
                     }
                     let pid = serde_json::from_str::<VmReport>(&b).ok().and_then(|r| r.runtime.pid).unwrap_or_default();
-                    let (s, b) = agent.call("DELETE", &format!("/v1/vms/{uid}"), None).await;
+                    let (s, b, _) = agent.remove(&uid).await;
                     if s != 200 {
                         failed.push(format!("delete {uid}: {s} {b}"));
                     }

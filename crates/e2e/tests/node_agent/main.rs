@@ -76,6 +76,21 @@ impl Agent {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// Removes VM `uid`: a `DELETE`, answered `202` while the removal is
+    /// under way, asked again until it answers otherwise (`200` once
+    /// nothing is left); returns that answer and how many 202s came first.
+    async fn remove(&self, uid: &str) -> (u16, String, usize) {
+        let mut accepted = 0;
+        loop {
+            let (status, body) = self.call("DELETE", &format!("/v1/vms/{uid}"), None).await;
+            if status != 202 {
+                return (status, body, accepted);
+            }
+            accepted += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Sends the request line exactly as given (no client-side `..`
     /// resolution or escaping, as a URL library would do).
     async fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {

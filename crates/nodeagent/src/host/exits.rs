@@ -1,7 +1,9 @@
-//! Notices of VMM processes that ended without the agent stopping them. The
-//! reaper records each; the heartbeat loop beats at once and carries the
-//! last minute of them in the Node's status, so the controller applies the
-//! VM's restart policy within moments rather than at its next recheck.
+//! Notices of VMM processes that ended without the agent stopping them, and
+//! of VM removals the agent finished. The reaper (or the removal) records
+//! each; the heartbeat loop beats at once and carries the last minute of
+//! them in the Node's status, so the controller applies the VM's restart
+//! policy, or drops a removed VM, within moments rather than at its next
+//! recheck.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
@@ -18,6 +20,8 @@ const MAX_NOTICES: usize = 256;
 #[derive(Debug, Default)]
 pub struct Exits {
     recent: Mutex<VecDeque<VmmExitNotice>>,
+    /// Removals finished, announced the same way.
+    removals: Mutex<VecDeque<VmmExitNotice>>,
     /// Pids the agent is stopping itself: their end is no news.
     expected: Mutex<HashSet<u32>>,
     changed: Notify,
@@ -34,29 +38,50 @@ impl Exits {
         if self.expected.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid) {
             return;
         }
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.push_back(VmmExitNotice { uid: uid.to_string(), at: Utc::now() });
-        while recent.len() > MAX_NOTICES {
-            recent.pop_front();
-        }
-        drop(recent);
+        push(&self.recent, uid);
+        self.changed.notify_one();
+    }
+
+    /// Records that the removal of VM `uid` is done.
+    pub fn removed(&self, uid: &str) {
+        push(&self.removals, uid);
         self.changed.notify_one();
     }
 
     /// The notices of the last `window`, oldest first (older ones are dropped).
     pub fn recent(&self, window: Duration) -> Vec<VmmExitNotice> {
-        let cutoff = Utc::now() - chrono::Duration::from_std(window).unwrap_or_else(|_| chrono::Duration::zero());
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        while recent.front().is_some_and(|n| n.at < cutoff) {
-            recent.pop_front();
-        }
-        recent.iter().cloned().collect()
+        within(&self.recent, window)
+    }
+
+    /// The finished removals of the last `window`, oldest first.
+    pub fn recent_removals(&self, window: Duration) -> Vec<VmmExitNotice> {
+        within(&self.removals, window)
     }
 
     /// Returns when a notice was recorded since the last call.
     pub async fn recorded(&self) {
         self.changed.notified().await;
     }
+}
+
+/// Adds a notice about `uid` to `notices`, dropping the oldest beyond the bound.
+fn push(notices: &Mutex<VecDeque<VmmExitNotice>>, uid: &str) {
+    let mut notices = notices.lock().unwrap_or_else(|p| p.into_inner());
+    notices.push_back(VmmExitNotice { uid: uid.to_string(), at: Utc::now() });
+    while notices.len() > MAX_NOTICES {
+        notices.pop_front();
+    }
+}
+
+/// The notices of the last `window` in `notices`, oldest first; older ones
+/// are dropped.
+fn within(notices: &Mutex<VecDeque<VmmExitNotice>>, window: Duration) -> Vec<VmmExitNotice> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(window).unwrap_or_else(|_| chrono::Duration::zero());
+    let mut notices = notices.lock().unwrap_or_else(|p| p.into_inner());
+    while notices.front().is_some_and(|n| n.at < cutoff) {
+        notices.pop_front();
+    }
+    notices.iter().cloned().collect()
 }
 
 #[cfg(test)]
@@ -74,5 +99,9 @@ mod tests {
         assert_eq!(recent.iter().map(|n| n.uid.as_str()).collect::<Vec<_>>(), ["b"]);
         tokio::time::timeout(Duration::from_millis(10), exits.recorded()).await.expect("a waiter is woken");
         assert!(exits.recent(Duration::ZERO).is_empty(), "old notices are dropped");
+        exits.removed("c");
+        let removed = exits.recent_removals(Duration::from_secs(60));
+        assert_eq!(removed.iter().map(|n| n.uid.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(exits.recent(Duration::from_secs(60)).len(), 1, "a removal is not an exit");
     }
 }

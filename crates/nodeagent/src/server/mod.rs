@@ -158,8 +158,15 @@ async fn ensure(
     Ok(Json(state.runtime.ensure(&req).await?))
 }
 
-async fn remove(State(state): State<AgentState>, Path(uid): Path<String>) -> Result<Json<VmReport>, AgentError> {
-    Ok(Json(state.runtime.remove(&uid).await?))
+/// `202 Accepted` while the removal is under way, `200` once nothing is left.
+async fn remove(State(state): State<AgentState>, Path(uid): Path<String>) -> Result<Response, AgentError> {
+    let report = state.runtime.remove(&uid).await?;
+    let status = if report.state == nexus_api::agent::ObservedState::Removing {
+        axum::http::StatusCode::ACCEPTED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, Json(report)).into_response())
 }
 
 async fn proxy_root(State(state): State<AgentState>, Path(uid): Path<String>, method: Method, body: Bytes) -> Response {

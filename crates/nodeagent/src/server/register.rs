@@ -78,6 +78,7 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::Clie
         last_heartbeat_time: Some(Utc::now()),
         conditions: std::mem::take(&mut status.conditions),
         vmm_exits: info.runtime.host().exits.recent(EXIT_WINDOW),
+        removed_vms: info.runtime.host().exits.recent_removals(EXIT_WINDOW),
     };
     set_condition(
         &mut status.conditions,

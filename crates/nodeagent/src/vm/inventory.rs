@@ -83,7 +83,7 @@ impl Runtime {
     pub async fn collect(&self, req: &nexus_api::agent::Collect) -> Result<Vec<String>, AgentError> {
         let mut removed = Vec::new();
         for raw in &req.uids {
-            self.remove(raw).await?;
+            self.remove_now(raw).await?;
             removed.push(format!("vm {raw}"));
         }
         for tap in &req.taps {

@@ -36,7 +36,7 @@ pub mod teardown;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use nexus_api::agent::{EnsureVm, SnapshotReport, SnapshotRequest, VmReport};
+use nexus_api::agent::{EnsureVm, ObservedState, SnapshotReport, SnapshotRequest, VmReport};
 
 use crate::error::AgentError;
 use crate::host::{Host, HostConfig};
@@ -48,6 +48,8 @@ use owner::{Command, Owners, Proxied};
 pub struct Runtime {
     host: Arc<Host>,
     owners: Arc<Owners>,
+    /// VMs whose removal is under way.
+    removing: Arc<std::sync::Mutex<std::collections::HashSet<Uid>>>,
     /// The VMs' metrics, sampled by `collect_metrics`.
     metrics: metrics::Collector,
 }
@@ -55,7 +57,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(cfg: HostConfig, net: crate::host::net::Net) -> Self {
         let host = Arc::new(Host::new(cfg, net));
-        Runtime { owners: Owners::new(host.clone()), host, metrics: Default::default() }
+        Runtime { owners: Owners::new(host.clone()), host, removing: Default::default(), metrics: Default::default() }
     }
 
     /// The host the VMs run on.
@@ -70,8 +72,43 @@ impl Runtime {
         self.owners.ask(&uid, |reply| Command::Ensure(req, reply)).await?
     }
 
-    /// Stops the VM's VMM and removes everything of it from the host.
+    /// Stops the VM's VMM and removes everything of it from the host. A VM
+    /// with a directory here is removed by its owner on its own time (the
+    /// guest asked to shut down, the stop grace, then its files and links):
+    /// the answer is `Removing` at once, and the node's next heartbeat names
+    /// the VM in `removedVms` when it is done. A VM with nothing here is
+    /// answered `Absent` once its owner has made sure of that.
     pub async fn remove(&self, raw_uid: &str) -> Result<VmReport, AgentError> {
+        let uid = Uid::parse(raw_uid)?;
+        let paths = self.host.paths(&uid)?;
+        let removing = VmReport { state: ObservedState::Removing, ..observe::absent(&uid) };
+        {
+            let mut under_way = self.removing.lock().unwrap_or_else(|p| p.into_inner());
+            if under_way.contains(&uid) {
+                return Ok(removing);
+            }
+            if paths.dir.exists() {
+                under_way.insert(uid.clone());
+                drop(under_way);
+                let answer = self.owners.tell(&uid, Command::Remove);
+                let (host, under_way) = (self.host.clone(), self.removing.clone());
+                tokio::spawn(async move {
+                    match answer.await {
+                        Ok(Ok(_)) => host.exits.removed(uid.as_str()),
+                        Ok(Err(e)) => tracing::warn!(uid = %uid, error = %e, "removing the VM failed"),
+                        Err(_) => tracing::warn!(uid = %uid, "the VM's owner ended before its removal"),
+                    }
+                    under_way.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                });
+                return Ok(removing);
+            }
+        }
+        self.owners.ask(&uid, Command::Remove).await?
+    }
+
+    /// Removes VM `uid` from the host and answers once nothing is left (the
+    /// garbage collector's removal, which reports what it removed).
+    pub async fn remove_now(&self, raw_uid: &str) -> Result<VmReport, AgentError> {
         let uid = Uid::parse(raw_uid)?;
         self.owners.ask(&uid, Command::Remove).await?
     }

@@ -108,6 +108,18 @@ impl Owners {
         tokio::spawn(run(self.clone(), owner, rx));
     }
 
+    /// Sends a command built around `reply` and returns where its answer
+    /// will come, without waiting for it.
+    pub fn tell<T>(
+        self: &Arc<Self>,
+        uid: &Uid,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> oneshot::Receiver<T> {
+        let (reply, answer) = oneshot::channel();
+        self.send(uid, command(reply));
+        answer
+    }
+
     /// Sends a command built around `reply` and waits for the answer.
     pub async fn ask<T>(
         self: &Arc<Self>,
