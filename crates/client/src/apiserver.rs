@@ -101,11 +101,12 @@ pub enum Event<T> {
     Bookmark(String),
 }
 
-/// Client for one apiserver. Clones share the token, so a token rotated
-/// through one ([`Client::set_token`]) is used by all from then on.
+/// Client of the apiservers (one, or several sharing one database). Clones
+/// share the token, so a token rotated through one ([`Client::set_token`])
+/// is used by all from then on, and which apiserver they use.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
+    servers: std::sync::Arc<crate::servers::Servers>,
     token: std::sync::Arc<std::sync::RwLock<Option<String>>>,
     trust: Trust,
     http: reqwest::Client,
@@ -119,14 +120,16 @@ impl Client {
     }
 
     /// A client for the apiserver at `base` that verifies it with `trust`
-    /// (the cluster's CA, usually).
+    /// (the cluster's CA, usually). `base` may list several apiservers,
+    /// separated by commas: requests go to the first until it stops
+    /// answering, then to the next (see [`crate::servers`]).
     pub fn with_trust(base: &str, token: Option<String>, trust: Trust) -> Self {
         let http = trust
             .apply(crate::http_builder().connect_timeout(Duration::from_secs(5)))
             .build()
             .expect("a client with rustls and loaded certificates always builds");
         Self {
-            base: base.trim_end_matches('/').to_string(),
+            servers: std::sync::Arc::new(crate::servers::Servers::parse(base)),
             token: std::sync::Arc::new(std::sync::RwLock::new(token)),
             trust,
             http,
@@ -136,7 +139,7 @@ impl Client {
     /// A client of the same server and token (shared: a rotation reaches
     /// both) with connections of its own, for use on another runtime.
     pub fn with_fresh_connections(&self) -> Client {
-        let fresh = Client::with_trust(&self.base, None, self.trust.clone());
+        let fresh = Client::with_trust(&self.servers.list(), None, self.trust.clone());
         Client { token: self.token.clone(), ..fresh }
     }
 
@@ -155,9 +158,9 @@ impl Client {
         &self.trust
     }
 
-    /// The server this client talks to.
+    /// The server this client talks to now.
     pub fn base(&self) -> &str {
-        &self.base
+        self.servers.current()
     }
 
     /// Path of the collection of kind `S` in `project` (all projects if `None`
@@ -179,21 +182,22 @@ impl Client {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = crate::trace::tag(self.http.request(method, format!("{}{path}", self.base)));
+        let req = crate::trace::tag(self.http.request(method, format!("{}{path}", self.servers.current())));
         match self.token() {
             Some(t) => req.bearer_auth(t),
             None => req,
         }
     }
 
-    /// Sends `req`; an answer of 429 is waited out (its Retry-After, at
-    /// most 10 s) and the request sent again, up to five times.
+    /// Sends `req` (see [`Client::execute`]); an answer of 429 is waited
+    /// out (its Retry-After, at most 10 s) and the request sent again, up
+    /// to five times.
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
-        let mut req = req.timeout(Duration::from_secs(30));
+        let mut req = req.timeout(Duration::from_secs(30)).build().map_err(|e| self.transport(e))?;
         let mut attempt = 0;
         loop {
             let again = req.try_clone();
-            let resp = req.send().await.map_err(|e| self.transport(e))?;
+            let resp = self.execute(req).await?;
             if resp.status().as_u16() == 429
                 && attempt < 5
                 && let Some(next) = again
@@ -215,8 +219,35 @@ impl Client {
         }
     }
 
+    /// Sends `request` to the current apiserver. One that refuses the
+    /// connection never saw the request, which goes to the next at once;
+    /// one that stops answering later is left for the next request (the
+    /// request may have been carried out there).
+    async fn execute(&self, mut request: reqwest::Request) -> Result<reqwest::Response, ClientError> {
+        let mut tries = 0;
+        loop {
+            let again = request.try_clone();
+            let url = request.url().clone();
+            match self.http.execute(request).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => {
+                    if e.is_connect() || e.is_timeout() || e.is_request() {
+                        self.servers.failed(&url);
+                    }
+                    tries += 1;
+                    match again {
+                        Some(next) if e.is_connect() && tries < self.servers.len() => {
+                            request = self.servers.retarget(next);
+                        }
+                        _ => return Err(transport_error(url.origin().ascii_serialization().as_str(), e)),
+                    }
+                }
+            }
+        }
+    }
+
     fn transport(&self, source: reqwest::Error) -> ClientError {
-        transport_error(&self.base, source)
+        transport_error(self.servers.current(), source)
     }
 
     /// Reads one object.
@@ -363,15 +394,28 @@ impl Client {
         &self,
         path: &str,
     ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>> + Send + use<>, ClientError> {
-        let resp = self.request(reqwest::Method::GET, path).send().await.map_err(|e| self.transport(e))?;
+        self.stream(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// Sends `req` and streams its body. A stream that breaks marks its
+    /// apiserver as not answering, so that the watch or follow started
+    /// again goes to the next one.
+    async fn stream(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>> + Send + use<>, ClientError> {
+        let resp = self.execute(req.build().map_err(|e| self.transport(e))?).await?;
         if !resp.status().is_success() {
             return Err(decode::<serde_json::Value>(resp)
                 .await
                 .err()
                 .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
         }
-        let url = self.base.clone();
-        Ok(resp.bytes_stream().map_err(move |source| transport_error(&url, source)))
+        let (servers, url) = (self.servers.clone(), resp.url().clone());
+        Ok(resp.bytes_stream().map_err(move |source| {
+            servers.failed(&url);
+            transport_error(url.origin().ascii_serialization().as_str(), source)
+        }))
     }
 
     /// Uploads `file` (`len` bytes) as the body of `PUT path`, streamed
@@ -428,20 +472,8 @@ impl Client {
         if let Some(rv) = resource_version {
             query.push(("resourceVersion", rv.to_string()));
         }
-        let resp = self
-            .request(reqwest::Method::GET, &Self::collection_path::<S>(project))
-            .query(&query)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        if !resp.status().is_success() {
-            return Err(decode::<serde_json::Value>(resp)
-                .await
-                .err()
-                .unwrap_or_else(|| ClientError::Decode("error status with a success body".into())));
-        }
-        let url = self.base.clone();
-        let bytes = resp.bytes_stream().map_err(move |source| transport_error(&url, source));
+        let req = self.request(reqwest::Method::GET, &Self::collection_path::<S>(project)).query(&query);
+        let bytes = self.stream(req).await?;
         Ok(lines(bytes).map(|line| line.and_then(|l| parse_event::<S>(&l))))
     }
 }

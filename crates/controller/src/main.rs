@@ -20,7 +20,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "nexus-controller", version, about = "The nexus controller")]
 struct Args {
-    /// URL of the apiserver.
+    /// URL of the apiserver, or of several sharing one database, separated
+    /// by commas (the next is used when one stops answering).
     #[arg(long, env = "NEXUS_SERVER", default_value = "https://127.0.0.1:7443")]
     apiserver: String,
     /// CA certificate (PEM) the apiserver's and the node agents'

@@ -19,6 +19,8 @@ pub struct Cluster {
     /// are signed by it.
     pub ca: PathBuf,
     pub apiserver: Proc,
+    /// The second apiserver, with [`ClusterOptions::second_apiserver`].
+    pub apiserver2: Option<Proc>,
     pub agent: Proc,
     pub controller: Proc,
     /// A cluster-admin token (the bootstrap admin's).
@@ -41,7 +43,13 @@ pub struct ClusterOptions<'a> {
     /// A command the apiserver runs under (`strace …` to inject faults):
     /// its program, then its arguments; the apiserver's command follows.
     pub apiserver_wrapper: &'a [&'a str],
+    /// A second apiserver on [`SECOND_APISERVER_ADDR`] with the same flags
+    /// (give both `--database-url`); every component is then given both.
+    pub second_apiserver: bool,
 }
+
+/// Where [`ClusterOptions::second_apiserver`] listens.
+pub const SECOND_APISERVER_ADDR: &str = "127.0.0.1:7446";
 
 impl Drop for Cluster {
     fn drop(&mut self) {
@@ -135,6 +143,20 @@ impl Cluster {
         let client = Client::with_trust(&server, Some(admin_token.clone()), trust(&ca));
         wait_until(Duration::from_secs(10), "the apiserver to answer", || async { client.version().await.is_ok() })
             .await;
+        let (apiserver2, server) = if opts.second_apiserver {
+            let mut args = apiserver_args.clone();
+            if let Some(at) = args.iter().position(|a| a == "--listen") {
+                args[at + 1] = SECOND_APISERVER_ADDR.to_string();
+            }
+            let second = spawn_apiserver(&apiserver_wrapper, &args, &dir.join("apiserver2.log"));
+            let only = Client::with_trust(&format!("https://{SECOND_APISERVER_ADDR}"), None, trust(&ca));
+            wait_until(Duration::from_secs(10), "the second apiserver", || async { only.version().await.is_ok() })
+                .await;
+            (Some(second), format!("{server},https://{SECOND_APISERVER_ADDR}"))
+        } else {
+            (None, server)
+        };
+        let client = Client::with_trust(&server, Some(admin_token.clone()), trust(&ca));
         let (join, controller_token) = component_tokens(&client, dir).await;
         let agent_args: Vec<String> = [
             "--apiserver",
@@ -180,6 +202,7 @@ impl Cluster {
             server,
             ca,
             apiserver,
+            apiserver2,
             agent,
             controller,
             admin_token,

@@ -5,7 +5,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "nexusctl", version, about = "Manage nexus microVMs declaratively", propagate_version = true)]
 pub(crate) struct Cli {
-    /// URL of the apiserver (default: the context's, else https://127.0.0.1:7443).
+    /// URL of the apiserver, or several separated by commas (default: the
+    /// context's, else https://127.0.0.1:7443).
     #[arg(long, global = true, env = "NEXUS_SERVER")]
     pub(crate) server: Option<String>,
     /// CA certificate (PEM) the apiserver's certificate is checked against

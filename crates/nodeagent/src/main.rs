@@ -20,7 +20,8 @@ use nexus_nodeagent::vm::Runtime;
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// URL of the apiserver.
+    /// URL of the apiserver, or of several sharing one database, separated
+    /// by commas (the next is used when one stops answering).
     #[arg(long, env = "NEXUS_SERVER", default_value = "https://127.0.0.1:7443")]
     apiserver: String,
     /// CA certificate (PEM) the apiserver's certificate is checked against

@@ -53,6 +53,11 @@ impl Exits {
         within(&self.recent, window)
     }
 
+    /// Whether the removal of VM `uid` finished within the last minute.
+    pub fn recently_removed(&self, uid: &str) -> bool {
+        self.removals.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n.uid == uid)
+    }
+
     /// The finished removals of the last `window`, oldest first.
     pub fn recent_removals(&self, window: Duration) -> Vec<VmmExitNotice> {
         within(&self.removals, window)
@@ -102,6 +107,7 @@ mod tests {
         exits.removed("c");
         let removed = exits.recent_removals(Duration::from_secs(60));
         assert_eq!(removed.iter().map(|n| n.uid.as_str()).collect::<Vec<_>>(), ["c"]);
-        assert_eq!(exits.recent(Duration::from_secs(60)).len(), 1, "a removal is not an exit");
+        assert!(exits.recent(Duration::from_secs(60)).iter().all(|n| n.uid != "c"), "a removal is not an exit");
+        assert!(exits.recently_removed("c") && !exits.recently_removed("b"));
     }
 }

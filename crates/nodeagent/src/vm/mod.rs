@@ -87,6 +87,10 @@ impl Runtime {
             if under_way.contains(&uid) {
                 return Ok(removing);
             }
+            if !paths.dir.exists() && self.host.exits.recently_removed(uid.as_str()) {
+                // Done a moment ago (the caller comes back for the result).
+                return Ok(observe::absent(&uid));
+            }
             if paths.dir.exists() {
                 under_way.insert(uid.clone());
                 drop(under_way);

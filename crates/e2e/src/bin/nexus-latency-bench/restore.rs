@@ -191,6 +191,11 @@ pub async fn through_nexus(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Resul
     Ok((out, paused))
 }
 
+/// The counts a ticking guest printed (`tick N` lines), in order.
+fn ticks(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).collect()
+}
+
 /// Resident memory of the VMMs under `run` and the host's available
 /// memory, in MiB.
 fn memory(run: &Path) -> (u64, u64) {
@@ -213,8 +218,15 @@ fn memory(run: &Path) -> (u64, u64) {
 pub async fn fork(vmm: &Path, dir: &Path, args: &Args, copies: u32) -> anyhow::Result<serde_json::Value> {
     let mut cluster = MultiNode::start_for_bench(&dir.join("fork"), 1, copies + 10, vmm).await;
     let client = cluster.client();
-    running_vm(&client, "fork-src", args).await?;
+    let source = running_vm(&client, "fork-src", args).await?;
     let run = cluster.dir.join("run-1");
+    let console_of =
+        |uid: &str| std::fs::read_to_string(run.join("vms").join(uid).join("console.log")).unwrap_or_default();
+    // A guest that counts on its console (`tick N`) shows whether copies go
+    // on from the source's state: where the source was when forked, and
+    // the first count each copy prints.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let source_tick = ticks(&console_of(source.uid())).last().copied();
     let before = memory(&run);
     let began = Instant::now();
     let n = copies.to_string();
@@ -222,6 +234,19 @@ pub async fn fork(vmm: &Path, dir: &Path, args: &Args, copies: u32) -> anyhow::R
     let took = ms(began.elapsed());
     anyhow::ensure!(ok, "fork: {out}{err}");
     let after = memory(&run);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let params = ListParams { label_selector: Some("nexus.dev/forked-from=fork-src".into()), ..Default::default() };
+    let made = client.list::<VmSpec>(Some("default"), &params).await?.items;
+    let firsts: Vec<u64> = made.iter().filter_map(|v| ticks(&console_of(v.uid())).first().copied()).collect();
+    let source_now = ticks(&console_of(source.uid())).last().copied();
+    println!(
+        "console: the source was at tick {source_tick:?} a second before the fork and at {source_now:?} after; {} of \
+         {} copies print ticks, their first {:?} to {:?}",
+        firsts.len(),
+        made.len(),
+        firsts.iter().min(),
+        firsts.iter().max()
+    );
     let snaps = client.list::<SnapshotSpec>(Some("default"), &ListParams::default()).await?;
     let paused = snaps.items.first().and_then(|s| s.status_or_default().paused_millis).unwrap_or_default();
     println!(
