@@ -129,3 +129,20 @@ pub async fn fc_request(socket: &Path, method: &str, path: &str, body: Option<&s
 pub fn is_tmpfs(path: &std::path::Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
+
+/// Resident memory of every VMM under `run` summed, and the host's
+/// available memory (`MemAvailable`), both in KiB.
+pub fn vmm_memory_kib(run: &Path) -> (u64, u64) {
+    let kib = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let rss = vmm_processes_under(run)
+        .iter()
+        .map(|(pid, _)| kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:"))
+        .sum();
+    (rss, kib(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "MemAvailable:"))
+}

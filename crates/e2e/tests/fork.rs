@@ -21,23 +21,6 @@ fn vm_yaml(name: &str) -> String {
     )
 }
 
-/// Resident memory of every VMM under `run` (KiB), and the host's
-/// available memory (KiB).
-fn memory(run: &std::path::Path) -> (u64, u64) {
-    let kib = |text: &str, key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let rss = nexus_e2e::host::vmm_processes_under(run)
-        .iter()
-        .map(|(pid, _)| kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:"))
-        .sum();
-    (rss, kib(&std::fs::read_to_string("/proc/meminfo").unwrap(), "MemAvailable:"))
-}
-
 #[test]
 fn a_fork_makes_n_running_copies_in_one_request_and_refuses_before_making_anything() {
     in_private_netns(|| async {
@@ -83,13 +66,13 @@ fn a_fork_makes_n_running_copies_in_one_request_and_refuses_before_making_anythi
 
         // 100 copies, one request.
         let run = dir.path().join("run");
-        let before = memory(&run);
+        let before = nexus_e2e::host::vmm_memory_kib(&run);
         let began = Instant::now();
         let (ok, out, err) = cluster.nexusctl(&["fork", "src", "--copies", "100", "--wait", "--timeout", "60"]);
         assert!(ok, "{out}{err}");
         let took = began.elapsed();
         let selector = out.lines().find_map(|l| l.strip_prefix("select the copies with -l ")).unwrap().to_string();
-        let after = memory(&run);
+        let after = nexus_e2e::host::vmm_memory_kib(&run);
         let copies = client
             .list::<VmSpec>(
                 Some("default"),

@@ -199,18 +199,8 @@ fn ticks(console: &str) -> Vec<u64> {
 /// Resident memory of the VMMs under `run` and the host's available
 /// memory, in MiB.
 fn memory(run: &Path) -> (u64, u64) {
-    let kib = |text: &str, key: &str| {
-        text.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let rss: u64 = nexus_e2e::host::vmm_processes_under(run)
-        .iter()
-        .map(|(pid, _)| kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(), "VmRSS:"))
-        .sum();
-    (rss >> 10, kib(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default(), "MemAvailable:") >> 10)
+    let (rss, available) = nexus_e2e::host::vmm_memory_kib(run);
+    (rss >> 10, available >> 10)
 }
 
 /// `--fork N`: one running VM, then `nexusctl fork --copies N --wait`,
