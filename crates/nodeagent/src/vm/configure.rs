@@ -26,9 +26,10 @@ pub async fn configure_observability(client: &FcClient) -> Result<(), AgentError
 }
 
 /// Sends the full pre-boot configuration, then InstanceStart, naming the
-/// VM's files as the jailed VMM sees them. The pre-boot requests do not
-/// depend on one another, so they are all sent at once, each on its own
-/// connection; Firecracker answers them in turn.
+/// VM's files as the jailed VMM sees them. The log and metrics go first;
+/// the other pre-boot requests do not depend on one another, so they are
+/// then all sent at once, each on its own connection; Firecracker answers
+/// them in turn.
 pub async fn configure(
     client: &FcClient,
     req: &EnsureVm,
@@ -76,8 +77,10 @@ pub async fn configure(
             rate_limiter: d.rate_limiter.as_ref().map(super::drives::limiter),
         })
         .collect();
+    // The log first, so that it records every request after it (an
+    // operator reading it sees the whole configuration, drives in order).
+    configure_observability(client).await?;
     tokio::try_join!(
-        configure_observability(client),
         async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
         async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
         async {
