@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::StreamExt;
 use nexus_api::{ResourceSpec, VmSpec};
 use nexus_client::ClientError;
 use serde_json::{Value, json};
@@ -106,29 +107,76 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
     if targets.is_empty() {
         eprintln!("No objects matched.");
     }
-    for (kind, project, name) in &targets {
+    // Several at once (their writes share the store's commits), reported
+    // in order.
+    let deletes = futures::stream::iter(&targets).map(|(kind, project, name)| async move {
         let deleted: Result<Value, ClientError> =
             ctx.client.raw(reqwest::Method::DELETE, &kind.object(project, name), None).await;
-        deleted.map_err(|e| Failure::api(&e))?;
+        deleted.map(|_| (kind, name))
+    });
+    let mut deletes = std::pin::pin!(deletes.buffered(DELETES_AT_ONCE));
+    while let Some(done) = deletes.next().await {
+        let (kind, name) = done.map_err(|e| Failure::api(&e))?;
         println!("{} \"{name}\" deleted", kind.short());
     }
     if wait {
         let deadline = Instant::now() + timeout;
         let on = crate::progress::wanted(None) && targets.len() > 1;
         let bar = crate::progress::Progress::items(on, targets.len() as u64, "waiting for them to go");
+        // One watch per kind and project, until none of its objects is left.
+        let mut groups: Vec<(&KindInfo, &str, std::collections::BTreeSet<&str>)> = Vec::new();
         for (kind, project, name) in &targets {
+            match groups.iter_mut().find(|(k, p, _)| std::ptr::eq(*k, *kind) && p == project) {
+                Some((_, _, names)) => {
+                    names.insert(name);
+                }
+                None => groups.push((kind, project, [name.as_str()].into())),
+            }
+        }
+        let total = targets.len();
+        let mut gone_before = 0;
+        for (kind, project, names) in &groups {
             let left = deadline.saturating_duration_since(Instant::now());
-            follow::until(ctx, kind, project, name, left, |obj| match obj {
-                None => Seen::Done,
-                Some(o) => Seen::Waiting(format!("still there, finalizers {}", o["metadata"]["finalizers"])),
+            if names.len() <= FOLLOWED_BY_NAME {
+                // A few: each by name, not the whole collection.
+                for name in names {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    follow::until(ctx, kind, project, name, left, |obj| match obj {
+                        None => Seen::Done,
+                        Some(o) => Seen::Waiting(format!("still there, finalizers {}", o["metadata"]["finalizers"])),
+                    })
+                    .await?;
+                    gone_before += 1;
+                    bar.set_position(gone_before as u64);
+                }
+                continue;
+            }
+            follow::until_all(ctx, kind, project, "", left, |objects| {
+                let there: Vec<&&str> = names.iter().filter(|n| objects.contains_key(**n)).collect();
+                bar.set_position((gone_before + names.len() - there.len()) as u64);
+                match there.first() {
+                    None => Seen::Done,
+                    Some(n) => Seen::Waiting(format!(
+                        "{} of {total} still there, {}/{n} with finalizers {}",
+                        there.len(),
+                        kind.short(),
+                        objects[**n]["metadata"]["finalizers"]
+                    )),
+                }
             })
             .await?;
-            bar.inc(1);
+            gone_before += names.len();
         }
         bar.finish();
     }
     Ok(())
 }
+
+/// How many deletes `delete` has in flight.
+const DELETES_AT_ONCE: usize = 16;
+/// Up to how many deleted objects of one kind `--wait` follows one by one
+/// (more: one watch of their collection).
+const FOLLOWED_BY_NAME: usize = 4;
 
 /// What `wait --for` waits for.
 #[derive(Debug, Clone)]

@@ -97,8 +97,9 @@ async fn follow(
 }
 
 /// Follows the objects of `kind` in `project` that `selector` (a label
-/// selector) picks, as a map from name to object, until `check` of the
-/// whole set says it is done or has failed, or `timeout` passes.
+/// selector; empty: all of them) picks, as a map from name to object,
+/// until `check` of the whole set says it is done or has failed, or
+/// `timeout` passes.
 pub async fn until_all(
     ctx: &Context,
     kind: &KindInfo,
@@ -127,7 +128,11 @@ async fn follow_all(
     check: &mut impl FnMut(&std::collections::BTreeMap<String, Value>) -> Seen,
     last: &mut String,
 ) -> Result<(), Failure> {
-    let picked = format!("{}?labelSelector={}", kind.collection(project), urlencode(selector));
+    let picked = match selector {
+        "" => kind.collection(project),
+        s => format!("{}?labelSelector={}", kind.collection(project), urlencode(s)),
+    };
+    let and = if picked.contains('?') { '&' } else { '?' };
     let name_of = |o: &Value| o["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let mut judge = |objects: &std::collections::BTreeMap<String, Value>| match check(objects) {
         Seen::Done => Some(Ok(())),
@@ -145,7 +150,7 @@ async fn follow_all(
             return outcome;
         }
         let rv = list["metadata"]["resourceVersion"].as_str().unwrap_or("0");
-        let stream = match ctx.client.get_stream(&format!("{picked}&watch=true&resourceVersion={rv}")).await {
+        let stream = match ctx.client.get_stream(&format!("{picked}{and}watch=true&resourceVersion={rv}")).await {
             Ok(s) => s,
             Err(e) if e.status() == Some(410) => continue,
             Err(e) => return Err(Failure::api(&e)),
