@@ -56,9 +56,7 @@ impl Vmm {
             }
             Err(e) => Reply::fault(
                 400,
-                format!(
-                    "Create snapshot error: Cannot write memory file: Cannot dump memory: Guest memory I/O error: {e}"
-                ),
+                format!("Create snapshot error: Cannot write memory file: Cannot dump memory: Guest memory error: {e}"),
             ),
         }
     }

@@ -141,48 +141,62 @@ async fn exchange(socket: &Path, method: &str, path: &str, body: &str) -> anyhow
     Ok(status)
 }
 
-/// One VM started by hand; milliseconds from spawn to the socket answering,
-/// to InstanceStart answered and to the boot line.
-async fn raw_once(vmm: &Path, dir: &Path, i: usize, args: &Args) -> anyhow::Result<(f64, f64, f64)> {
-    let vm_dir = dir.join(format!("raw-{i}"));
-    std::fs::create_dir_all(&vm_dir)?;
-    let socket = vm_dir.join("api.sock");
-    let tap = format!("nxlat{i}");
-    nexus_e2e::run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap"]));
-    // The console goes to a file, as the agent's does.
-    let console = vm_dir.join("console.log");
-    let out = std::fs::File::create(&console)?;
+/// Spawns a VMM with its console in `dir/console.log` (as the agent keeps
+/// it) and tries its socket every millisecond until it answers, as one
+/// does by hand; returns the process, its socket and when it was spawned.
+async fn spawn_vmm(vmm: &Path, dir: &Path, id: &str) -> anyhow::Result<(tokio::process::Child, PathBuf, Instant)> {
+    std::fs::create_dir_all(dir)?;
+    let socket = dir.join("api.sock");
+    let _ = std::fs::remove_file(&socket);
+    let console = std::fs::File::create(dir.join("console.log"))?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(vmm)
-        .args(["--api-sock", &socket.display().to_string(), "--id", &format!("raw-{i}")])
-        .stdout(out)
+    let child = tokio::process::Command::new(vmm)
+        .args(["--api-sock", &socket.display().to_string(), "--id", id])
+        .stdout(console)
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", vmm.display()))?;
-    let boot_line = args.boot_line.clone();
-    let booted = tokio::spawn(async move {
-        wait_boot_line(&console, &boot_line).await.ok()?;
-        Some(Instant::now())
-    });
-    // By hand: try the socket until it answers.
     let deadline = Instant::now() + Duration::from_secs(5);
     while http(&socket, "GET", "/", "").await.is_err() {
         anyhow::ensure!(Instant::now() < deadline, "the VMM's socket did not answer in 5 s");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let listening = started.elapsed();
-    http(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).await?;
+    Ok((child, socket, started))
+}
+
+/// Configures the VMM at `socket` as Firecracker's documentation shows
+/// (machine, boot source, root drive, an interface on `tap`, one request
+/// after another) and starts its guest.
+async fn boot_by_hand(socket: &Path, args: &Args, tap: &str) -> anyhow::Result<()> {
+    http(socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).await?;
     let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1"}}"#, args.kernel);
-    http(&socket, "PUT", "/boot-source", &boot).await?;
+    http(socket, "PUT", "/boot-source", &boot).await?;
     let drive = format!(
         r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
         args.rootfs
     );
-    http(&socket, "PUT", "/drives/rootfs", &drive).await?;
+    http(socket, "PUT", "/drives/rootfs", &drive).await?;
     let nic = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#);
-    http(&socket, "PUT", "/network-interfaces/eth0", &nic).await?;
-    http(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).await?;
+    http(socket, "PUT", "/network-interfaces/eth0", &nic).await?;
+    http(socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).await?;
+    Ok(())
+}
+
+/// One VM started by hand; milliseconds from spawn to the socket answering,
+/// to InstanceStart answered and to the boot line.
+async fn raw_once(vmm: &Path, dir: &Path, i: usize, args: &Args) -> anyhow::Result<(f64, f64, f64)> {
+    let vm_dir = dir.join(format!("raw-{i}"));
+    let tap = format!("nxlat{i}");
+    nexus_e2e::run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap"]));
+    let (mut child, socket, started) = spawn_vmm(vmm, &vm_dir, &format!("raw-{i}")).await?;
+    let listening = started.elapsed();
+    let (console, boot_line) = (vm_dir.join("console.log"), args.boot_line.clone());
+    let booted = tokio::spawn(async move {
+        wait_boot_line(&console, &boot_line).await.ok()?;
+        Some(Instant::now())
+    });
+    boot_by_hand(&socket, args, &tap).await?;
     let instance_started = started.elapsed();
     let boot_at = tokio::time::timeout(Duration::from_secs(10), booted)
         .await

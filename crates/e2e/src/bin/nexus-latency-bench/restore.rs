@@ -9,7 +9,6 @@
 //! timed to phase Running seen on a watch, with the phases of `phases()`.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use nexus_api::{Snapshot, SnapshotSpec, Vm, VmPhase, VmSpec};
 use nexus_client::{Client, Event, ListParams};
 use nexus_e2e::multinode::MultiNode;
 
-use super::{Args, Phases, http, ms, phases, wait_boot_line};
+use super::{Args, Phases, boot_by_hand, http, ms, phases, spawn_vmm, wait_boot_line};
 
 /// The by-hand figures: the snapshot's creation and each load (ms).
 pub struct RawRestores {
@@ -30,60 +29,22 @@ pub struct RawRestores {
     pub loads: Vec<f64>,
 }
 
-/// Spawns a VMM with its console in `dir` and waits for its socket.
-async fn spawn(vmm: &Path, dir: &Path, id: &str) -> anyhow::Result<(tokio::process::Child, PathBuf, Instant)> {
-    std::fs::create_dir_all(dir)?;
-    let socket = dir.join("api.sock");
-    let _ = std::fs::remove_file(&socket);
-    let console = std::fs::File::create(dir.join("console.log"))?;
-    let started = Instant::now();
-    let child = tokio::process::Command::new(vmm)
-        .args(["--api-sock", &socket.display().to_string(), "--id", id])
-        .stdout(console)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", vmm.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while http(&socket, "GET", "/", "").await.is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the VMM's socket did not answer in 5 s");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok((child, socket, started))
-}
-
-async fn ok(socket: &Path, method: &str, path: &str, body: &str) -> anyhow::Result<()> {
-    let status = http(socket, method, path, body).await?;
-    anyhow::ensure!(status < 300, "{method} {path} answered {status}");
-    Ok(())
-}
-
 async fn raw_restores_here(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<RawRestores> {
     let tap = "nxlatr0";
     nexus_e2e::run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", tap, "mode", "tap"]));
     let source_dir = dir.join("raw-source");
-    let (mut source, socket, _) = spawn(vmm, &source_dir, "raw-source").await?;
-    ok(&socket, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128}"#).await?;
-    let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1"}}"#, args.kernel);
-    ok(&socket, "PUT", "/boot-source", &boot).await?;
-    let drive = format!(
-        r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
-        args.rootfs
-    );
-    ok(&socket, "PUT", "/drives/rootfs", &drive).await?;
-    ok(&socket, "PUT", "/network-interfaces/eth0", &format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#))
-        .await?;
-    ok(&socket, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).await?;
+    let (mut source, socket, _) = spawn_vmm(vmm, &source_dir, "raw-source").await?;
+    boot_by_hand(&socket, args, tap).await?;
     wait_boot_line(&source_dir.join("console.log"), &args.boot_line).await?;
     let (state, mem) = (dir.join("raw-snap.state"), dir.join("raw-snap.mem"));
     let paused = Instant::now();
-    ok(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#).await?;
+    http(&socket, "PATCH", "/vm", r#"{"state": "Paused"}"#).await?;
     let create = format!(
         r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
         state.display(),
         mem.display()
     );
-    ok(&socket, "PUT", "/snapshot/create", &create).await?;
+    http(&socket, "PUT", "/snapshot/create", &create).await?;
     let snapshot = ms(paused.elapsed());
     let _ = source.kill().await;
     let load = format!(
@@ -93,8 +54,8 @@ async fn raw_restores_here(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Resul
     );
     let mut loads = Vec::new();
     for i in 0..args.raw_runs {
-        let (mut child, socket, started) = spawn(vmm, &dir.join(format!("raw-restore-{i}")), "raw-restore").await?;
-        ok(&socket, "PUT", "/snapshot/load", &load).await?;
+        let (mut child, socket, started) = spawn_vmm(vmm, &dir.join(format!("raw-restore-{i}")), "raw-restore").await?;
+        http(&socket, "PUT", "/snapshot/load", &load).await?;
         loads.push(ms(started.elapsed()));
         let _ = child.kill().await;
     }
