@@ -240,13 +240,18 @@ impl Browser {
     }
 
     /// The visible text of the first element matching `css` (empty if none).
+    /// A live page may replace the element between finding it and reading
+    /// it ("stale element reference"): it is then found again.
     pub async fn text(&self, css: &str) -> String {
-        match self.find(css).await {
-            Some(e) => {
-                self.call("GET", &format!("/element/{}/text", e.0), json!({})).await.as_str().unwrap_or("").to_string()
+        for _ in 0..10 {
+            let Some(e) = self.find(css).await else { return String::new() };
+            match self.try_call("GET", &format!("/element/{}/text", e.0), json!({})).await {
+                Ok(v) => return v.as_str().unwrap_or("").to_string(),
+                Err(e) if e.contains("stale element") => continue,
+                Err(e) => panic!("WebDriver text of {css:?}: {e}"),
             }
-            None => String::new(),
         }
+        panic!("{css:?} was replaced ten times in a row while its text was read");
     }
 
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
