@@ -84,14 +84,43 @@ pub struct EnsureVm {
     pub guest: Option<crate::guest::GuestIdentity>,
 }
 
-/// A snapshot on the same node to start a VM from.
+/// A snapshot to start a VM from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestoreFrom {
     /// uid of the Snapshot object; its files are the node's
     /// `snapshots/<uid>`.
     pub snapshot_uid: String,
+    /// Where to copy the files from when this node has no intact copy: the
+    /// node that took the snapshot. Absent when this is that node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<SnapshotOrigin>,
 }
+
+/// The node that took a snapshot, as another node reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotOrigin {
+    /// Its Node name.
+    pub node: String,
+    /// Its agent's base URL (`https://10.0.0.5:7444`).
+    pub address: String,
+}
+
+/// `GET /v1/snapshots/{uid}/transfer` on the node that took a snapshot:
+/// what another node needs to copy it (each file then from
+/// `.../transfer/{name}`, `name` one of [`SNAPSHOT_FILES`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotManifest {
+    pub report: SnapshotReport,
+    /// sha256 of each file, by name, recorded by this node from the files
+    /// as it wrote them.
+    pub sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// The files of a snapshot, by the names its report and transfers use.
+pub const SNAPSHOT_FILES: [&str; 3] = ["state", "memory", "disk"];
 
 /// Body of `PUT /v1/snapshots/{uid}`: take snapshot `uid` of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

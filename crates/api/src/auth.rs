@@ -148,7 +148,8 @@ pub struct AuditRecord {
     /// What changed, field by field (`spec.state: Running -> Stopped`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<String>,
-    /// Why it was refused or failed.
+    /// Why it was refused or failed; for a change made by a lease holder
+    /// (the controller), the term it was made in.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }

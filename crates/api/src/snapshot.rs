@@ -81,6 +81,10 @@ pub struct SnapshotStatus {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<SnapshotFile>,
+    /// Other nodes holding a checked copy of the files (copied there, from
+    /// `nodeName`, for a VM restored on them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<String>,
     /// Bytes all files take on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,

@@ -57,6 +57,9 @@ pub enum ApiError {
     /// The request needs its object in another state (a fork, a Running VM).
     #[error("{message}")]
     NotRunning { message: String, suggestion: String },
+    /// The writer's lease term has ended (see `nexus_api::lease::Fence`).
+    #[error("{message}")]
+    Fenced { message: String },
     /// A node agent refused the onward call; its status is passed on.
     #[error("{message}")]
     Upstream { status: u16, message: String, suggestion: Option<String> },
@@ -89,7 +92,8 @@ impl ApiError {
             ApiError::AlreadyExists { .. }
             | ApiError::Conflict { .. }
             | ApiError::InUse { .. }
-            | ApiError::NotRunning { .. } => StatusCode::CONFLICT,
+            | ApiError::NotRunning { .. }
+            | ApiError::Fenced { .. } => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::Malformed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -114,6 +118,7 @@ impl ApiError {
             ApiError::Conflict { .. } => "Conflict",
             ApiError::InUse { .. } => "InUse",
             ApiError::NotRunning { .. } => "NotRunning",
+            ApiError::Fenced { .. } => "Fenced",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Malformed { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
@@ -171,6 +176,11 @@ impl ApiError {
             ApiError::Storage(_) | ApiError::Corrupt(_) | ApiError::Internal(_) => {
                 Some("retry; if it persists, check the apiserver's log for this requestId".into())
             }
+            ApiError::Fenced { .. } => Some(
+                "this process no longer leads: it stops acting and campaigns for the lease again; nothing to do by \
+                 hand"
+                    .into(),
+            ),
             ApiError::StorageFull(_) => Some(
                 "free space where the apiserver keeps its store (its --data-dir, or the PostgreSQL server's disk); \
                  reads keep working, and writes work again by themselves once there is room"

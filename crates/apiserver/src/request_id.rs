@@ -68,6 +68,10 @@ pub struct RequestIds {
     /// The client's `X-Request-Id`, when it sent a sane one: kept to
     /// correlate, never trusted as the request's identity.
     pub correlation: Option<String>,
+    /// The lease fence a leader sent with the request (`nexus-fence`), when
+    /// it sent a well-formed one: the store refuses the write unless the
+    /// lease still names that holder in that term.
+    pub fence: Option<nexus_api::lease::Fence>,
 }
 
 /// Header the server echoes the client's id in.
@@ -81,8 +85,13 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string);
+    let fence = req
+        .headers()
+        .get(nexus_api::lease::FENCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(nexus_api::lease::Fence::parse);
     let id = uuid::Uuid::new_v4().to_string();
-    req.extensions_mut().insert(RequestIds { id: id.clone(), correlation: correlation.clone() });
+    req.extensions_mut().insert(RequestIds { id: id.clone(), correlation: correlation.clone(), fence });
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     // The query says what kind of GET it was (a list, a watch, a page);

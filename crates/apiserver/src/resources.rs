@@ -125,6 +125,7 @@ pub(crate) fn audit(caller: &Caller, ids: &RequestIds, verb: &'static str, statu
         token_id: caller.token_id.clone(),
         verb,
         status_code,
+        fence: ids.fence.clone(),
     }
 }
 

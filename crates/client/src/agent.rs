@@ -52,6 +52,8 @@ pub struct AgentEndpoint {
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
+    /// The lease fence sent with every call, shared with an apiserver client.
+    fence: std::sync::Arc<crate::fence::Slot>,
 }
 
 impl AgentClient {
@@ -62,7 +64,14 @@ impl AgentClient {
             .apply(crate::http_builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)))
             .build()
             .expect("a client with rustls and loaded certificates always builds");
-        Self { http }
+        Self { http, fence: Default::default() }
+    }
+
+    /// This client, sending the lease fence `api` sends (set by a leader,
+    /// see [`crate::Client::set_fence`]); an agent's refusal of an ended
+    /// term is told to those waiting on [`crate::Client::fenced_off`].
+    pub fn fenced_like(self, api: &crate::Client) -> Self {
+        Self { fence: api.fence_slot(), ..self }
     }
 
     /// Asks the agent at `base` to bring the VM to `req.state`.
@@ -206,6 +215,10 @@ impl AgentClient {
         url: &str,
     ) -> Result<T, AgentCallError> {
         let unavailable = |message: String| AgentCallError::Unavailable { url: url.to_string(), message };
+        let req = match self.fence.header() {
+            Some(fence) => req.header(nexus_api::lease::FENCE_HEADER, fence),
+            None => req,
+        };
         let req = crate::trace::tag(req).bearer_auth(&to.credential).build().map_err(|e| unavailable(e.to_string()))?;
         let method = req.method().clone();
         let started = std::time::Instant::now();
@@ -233,6 +246,9 @@ impl AgentClient {
             return serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("undecodable answer: {e}")));
         }
         let body = error_body(status, &bytes);
+        if body.error == crate::fence::FENCED {
+            self.fence.refused();
+        }
         // 429 asks to come back later.
         if status.is_client_error() && status.as_u16() != 429 {
             Err(AgentCallError::Rejected(body))

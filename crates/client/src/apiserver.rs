@@ -108,6 +108,8 @@ pub enum Event<T> {
 pub struct Client {
     servers: std::sync::Arc<crate::servers::Servers>,
     token: std::sync::Arc<std::sync::RwLock<Option<String>>>,
+    /// The lease fence every write carries, when this client is a leader's.
+    fence: std::sync::Arc<crate::fence::Slot>,
     trust: Trust,
     http: reqwest::Client,
 }
@@ -131,6 +133,7 @@ impl Client {
         Self {
             servers: std::sync::Arc::new(crate::servers::Servers::parse(base)),
             token: std::sync::Arc::new(std::sync::RwLock::new(token)),
+            fence: Default::default(),
             trust,
             http,
         }
@@ -140,7 +143,24 @@ impl Client {
     /// both) with connections of its own, for use on another runtime.
     pub fn with_fresh_connections(&self) -> Client {
         let fresh = Client::with_trust(&self.servers.list(), None, self.trust.clone());
-        Client { token: self.token.clone(), ..fresh }
+        Client { token: self.token.clone(), fence: self.fence.clone(), ..fresh }
+    }
+
+    /// Sends `fence` with every request from now on (in every clone of this
+    /// client), so that the apiserver refuses this process's writes once
+    /// the lease it names has passed to another; `None` sends none.
+    pub fn set_fence(&self, fence: Option<&nexus_api::lease::Fence>) {
+        self.fence.set(fence);
+    }
+
+    pub(crate) fn fence_slot(&self) -> std::sync::Arc<crate::fence::Slot> {
+        self.fence.clone()
+    }
+
+    /// Returns when the apiserver next refuses one of this client's writes
+    /// because the lease term its fence names has ended.
+    pub async fn fenced_off(&self) {
+        self.fence.wait_refused().await
     }
 
     /// Presents `token` from now on (in every clone of this client).
@@ -182,7 +202,10 @@ impl Client {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = crate::trace::tag(self.http.request(method, format!("{}{path}", self.servers.current())));
+        let mut req = crate::trace::tag(self.http.request(method, format!("{}{path}", self.servers.current())));
+        if let Some(fence) = self.fence.header() {
+            req = req.header(nexus_api::lease::FENCE_HEADER, fence);
+        }
         match self.token() {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -215,7 +238,13 @@ impl Client {
                 attempt += 1;
                 continue;
             }
-            return decode(resp).await;
+            let answer = decode(resp).await;
+            if let Err(ClientError::Api(body)) = &answer
+                && body.error == crate::fence::FENCED
+            {
+                self.fence.refused();
+            }
+            return answer;
         }
     }
 

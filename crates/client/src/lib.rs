@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod fence;
 pub mod servers;
 pub mod tls;
 pub mod trace;

@@ -25,7 +25,7 @@ impl Agents {
     /// serve HTTPS) against the CA `api` trusts: one cluster CA signs the
     /// apiserver's certificate and the agents'.
     pub fn new(api: Client) -> Self {
-        Agents { client: AgentClient::new(api.trust()), api, credentials: Mutex::default() }
+        Agents { client: AgentClient::new(api.trust()).fenced_like(&api), api, credentials: Mutex::default() }
     }
 
     async fn endpoint(&self, node: &Node) -> Result<AgentEndpoint, AgentCallError> {

@@ -256,7 +256,7 @@ pub fn spawn_controller_tuned(
             "--node-grace-secs",
             "4",
             "--lease-duration-secs",
-            "3",
+            "2",
             "--gc-interval-secs",
             "1",
             "--gc-grace-secs",

@@ -173,6 +173,7 @@ impl MultiNode {
         let (join, controller_token) = crate::component_tokens(&client, dir).await;
         static FLEETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let fleet_id = FLEETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding between the nodes");
         let mut nodes = Vec::new();
         let mut agents = Vec::new();
         let mut agent_args = Vec::new();
@@ -189,6 +190,8 @@ impl MultiNode {
             ns.ip(&["addr", "add", &format!("10.99.{i}.2/24"), "dev", &node_if]);
             ns.ip(&["link", "set", &node_if, "up"]);
             ns.ip(&["link", "set", "lo", "up"]);
+            // Nodes reach each other through the test's namespace (snapshot copies).
+            ns.ip(&["route", "add", "10.99.0.0/16", "via", &format!("10.99.{i}.1")]);
             let (cert, key) = crate::issue_cert(&pki, &ns.node, &[&format!("10.99.{i}.2")]);
             let args: Vec<String> = [
                 "netns",

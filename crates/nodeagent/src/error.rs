@@ -15,6 +15,10 @@ use crate::paths::PathError;
 pub enum AgentError {
     #[error("missing or wrong agent credential")]
     Unauthorized,
+    /// The caller's lease term is older than one this agent has already
+    /// served (see `server::fence`).
+    #[error("{0}")]
+    Fenced(String),
     #[error(transparent)]
     BadPath(#[from] PathError),
     #[error("invalid request: {0}")]
@@ -48,6 +52,10 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot could not be copied from the node that took it (it did
+    /// not answer, or a file did not match its sha256): worth retrying.
+    #[error("{0}")]
+    SnapshotCopy(String),
     /// The node's disk is full: worth retrying once there is room.
     #[error("{what} failed: the node's disk is full")]
     DiskFull {
@@ -76,7 +84,7 @@ impl AgentError {
             AgentError::BadPath(_) | AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::NotFound(_) => StatusCode::NOT_FOUND,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::Conflict(_) | AgentError::Fenced(_) => StatusCode::CONFLICT,
             AgentError::ImageInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { source, .. } if !source.is_retryable() => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::Firecracker { .. } | AgentError::VmmDidNotStart { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -86,6 +94,7 @@ impl AgentError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             AgentError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            AgentError::SnapshotCopy(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -96,6 +105,7 @@ impl AgentError {
             AgentError::NotFound(_) => "NotFound",
             AgentError::Forbidden(_) => "Forbidden",
             AgentError::Conflict(_) => "Conflict",
+            AgentError::Fenced(_) => "Fenced",
             AgentError::ImageInvalid(_) => "ImageInvalid",
             AgentError::Firecracker { source, .. } if !source.is_retryable() => "FirecrackerRejected",
             AgentError::Firecracker { source: FcError::Timeout { .. }, .. } => {
@@ -109,6 +119,7 @@ impl AgentError {
             AgentError::Jail(_) => "JailFailed",
             AgentError::Io { .. } => "HostError",
             AgentError::DiskFull { .. } => nexus_api::conditions::reason::NODE_DISK_FULL,
+            AgentError::SnapshotCopy(_) => "SnapshotCopyFailed",
         }
     }
 

@@ -232,7 +232,13 @@ async fn main() -> anyhow::Result<()> {
             sampler.collect_metrics().await;
         }
     });
-    let state = AgentState { runtime, credential, capacity: host_capacity(args.max_vms), node: metrics_node };
+    let state = AgentState {
+        runtime,
+        credential,
+        capacity: host_capacity(args.max_vms),
+        node: metrics_node,
+        peers: Default::default(),
+    };
     nexus_tls::serve(listener, serving, router(state), shutdown()).await?;
     Ok(())
 }

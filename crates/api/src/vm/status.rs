@@ -176,7 +176,8 @@ pub struct ResolvedRestore {
     /// The Snapshot's name and uid (`name@uid`).
     pub snapshot: String,
     pub snapshot_uid: String,
-    /// The node holding its files, where the VM must run.
+    /// The node that took it: its files are there, and are copied from
+    /// there to a VM's node that has none.
     pub node: String,
 }
 

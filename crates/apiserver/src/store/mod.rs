@@ -111,6 +111,11 @@ pub struct AuditInfo {
     pub verb: &'static str,
     /// The status the request is answered with when the change commits.
     pub status_code: u16,
+    /// The lease term the writer claims to act in: the write is refused
+    /// (`Fenced`) unless the stored lease still names it, checked in the
+    /// write's transaction. Writes to that lease itself are not fenced
+    /// (its resourceVersion decides between contenders).
+    pub fence: Option<nexus_api::lease::Fence>,
 }
 
 impl AuditInfo {
@@ -119,6 +124,20 @@ impl AuditInfo {
     /// server's.
     pub fn trace_id(&self) -> &str {
         self.correlation_id.as_deref().unwrap_or(&self.request_id)
+    }
+
+    /// What the audit record's message says of the writer: the lease term
+    /// it acted in, if it sent one.
+    pub fn fence_note(&self) -> String {
+        self.fence
+            .as_ref()
+            .map(|f| format!("lease {} holder {} term {}", f.lease, f.holder, f.transitions))
+            .unwrap_or_default()
+    }
+
+    /// The fence to check for a write of (`kind`, `name`), if any.
+    pub(crate) fn fence_for(&self, kind: &str, name: &str) -> Option<&nexus_api::lease::Fence> {
+        self.fence.as_ref().filter(|f| !(kind == "Lease" && name == f.lease))
     }
 }
 

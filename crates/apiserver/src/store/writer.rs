@@ -122,6 +122,14 @@ impl Core {
             let mut outcomes = Vec::with_capacity(work.len());
             let mut wrote = false;
             for (kind, project, name, audit, reads, decide) in work {
+                if let Some(fence) = audit.fence_for(&kind, &name) {
+                    let lease: Option<String> = sqlx::query_scalar(sql.get).bind("Lease").bind("").bind(&fence.lease)
+                        .fetch_optional(&mut *tx).await?;
+                    if let Err(e) = check_fence(fence, lease.as_deref()) {
+                        outcomes.push(Err(e));
+                        continue;
+                    }
+                }
                 let current: Option<String> = sqlx::query_scalar(sql.get).bind(&kind).bind(&project).bind(&name)
                     .fetch_optional(&mut *tx).await?;
                 let existed = current.is_some();
@@ -171,7 +179,7 @@ impl Core {
                 sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
                     .bind(&audit.actor).bind(audit.verb).bind(&kind).bind(&project).bind(&name).bind(rv).bind("allowed")
                     .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
-                    .bind(&changes).bind("")
+                    .bind(&changes).bind(audit.fence_note())
                     .execute(&mut *tx).await?;
                 let every = (retained / 10).max(1);
                 if rv % every == 0 {
@@ -200,5 +208,69 @@ impl Core {
             }
             Ok(outcomes)
         })
+    }
+}
+
+/// Refuses a write whose fence names a lease term that has ended (the
+/// lease, stored as `lease`, names another holder or a later term, or is
+/// gone).
+fn check_fence(fence: &nexus_api::lease::Fence, lease: Option<&str>) -> Result<(), ApiError> {
+    let stored = lease.and_then(|body| serde_json::from_str::<nexus_api::Lease>(body).ok());
+    if fence.admits(stored.as_ref().map(|l| &l.spec)) {
+        return Ok(());
+    }
+    metrics::counter!("nexus_apiserver_fenced_writes_total").increment(1);
+    let now = stored
+        .and_then(|l| l.spec.holder_identity.map(|h| format!("{h} in term {}", l.spec.lease_transitions)))
+        .unwrap_or_else(|| "nobody".to_string());
+    tracing::warn!(lease = %fence.lease, holder = %fence.holder, term = fence.transitions, now = %now, "refused a fenced-off write");
+    Err(ApiError::Fenced {
+        message: format!(
+            "lease {:?} is no longer held by {} in term {} (it is held by {now}); this change was not made",
+            fence.lease, fence.holder, fence.transitions
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nexus_api::lease::Fence;
+
+    fn lease(holder: &str, transitions: u32) -> Value {
+        serde_json::json!({"apiVersion": "nexus/v1", "kind": "Lease",
+            "metadata": {"name": "nexus-controller", "uid": "u-lease"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 2, "leaseTransitions": transitions}})
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_fenced_with_an_ended_term_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
+        let plain = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "update", ..Default::default() };
+        let l = lease("new", 1);
+        store.mutate("Lease", "", "nexus-controller", &plain, move |_, _| Ok(Write::Put(l))).await.unwrap();
+        let fenced = |holder: &str, transitions| AuditInfo {
+            fence: Some(Fence { lease: "nexus-controller".into(), holder: holder.into(), transitions }),
+            ..plain.clone()
+        };
+        let vm = |name: &str| serde_json::json!({"metadata": {"name": name, "uid": format!("u-{name}")}});
+
+        let (current, old) = (fenced("new", 1), fenced("old", 0));
+        let v = vm("by-new");
+        let m = store.mutate("VM", "p", "by-new", &current, move |_, _| Ok(Write::Put(v))).await.unwrap();
+        assert!(m.committed);
+        let v = vm("by-old");
+        let refused = store.mutate("VM", "p", "by-old", &old, move |_, _| Ok(Write::Put(v))).await.unwrap_err();
+        assert!(matches!(refused, ApiError::Fenced { .. }), "{refused}");
+        assert!(refused.to_string().contains("held by new in term 1"), "{refused}");
+        assert!(store.get("VM", "p", "by-old").await.unwrap().is_none(), "nothing stored");
+        // The lease itself is not fenced: contenders race on its version.
+        let l = lease("old", 2);
+        let m = store.mutate("Lease", "", "nexus-controller", &old, move |_, _| Ok(Write::Put(l))).await.unwrap();
+        assert!(m.committed);
+        let v = vm("by-new-again");
+        let refused = store.mutate("VM", "p", "by-new-again", &current, move |_, _| Ok(Write::Put(v))).await;
+        assert!(matches!(refused, Err(ApiError::Fenced { .. })), "the term of `new` ended too");
     }
 }

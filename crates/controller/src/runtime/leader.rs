@@ -8,11 +8,20 @@
 //! start, then campaigns again in the same process: when the apiserver was
 //! only away for a while, the lease still names it and it leads again at
 //! once.
+//!
+//! Timing alone cannot keep two leaders apart: a leader paused (SIGSTOP, a
+//! stalled VM, a long GC) does not know that its term ended. So every
+//! write of a leader carries a fence naming its term (holder and the
+//! lease's transition count, see [`nexus_api::lease::Fence`]); the
+//! apiserver checks it against the lease in the write's own transaction
+//! and refuses it once another holds the lease, and the first such
+//! refusal ends this process's term at once.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use nexus_api::lease::Fence;
 use nexus_api::{Lease, LeaseSpec};
 use nexus_client::{Client, ClientError};
 
@@ -98,7 +107,7 @@ impl Elector {
                     lease_transitions: 0,
                 };
                 return match self.api.create(&Lease::new(LEASE, None, spec)).await {
-                    Ok(_) => Ok(true),
+                    Ok(held) => Ok(self.holding(&held)),
                     Err(e) if e.is_conflict() => Ok(false),
                     Err(e) => Err(e),
                 };
@@ -118,10 +127,21 @@ impl Elector {
         lease.spec.lease_duration_seconds = secs;
         // Optimistic concurrency: of two contenders, one write wins.
         match self.api.replace(&lease).await {
-            Ok(_) => Ok(true),
+            Ok(held) => Ok(self.holding(&held)),
             Err(e) if e.is_conflict() => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Fences this process's writes with the term of `held` (the lease as
+    /// just written by this process); true.
+    fn holding(&self, held: &Lease) -> bool {
+        self.api.set_fence(Some(&Fence {
+            lease: LEASE.to_string(),
+            holder: self.identity.clone(),
+            transitions: held.spec.lease_transitions,
+        }));
+        true
     }
 
     /// Returns once this process holds the lease. Between attempts it waits
@@ -162,11 +182,18 @@ impl Elector {
 
     /// Renews the lease until it cannot: returns when leadership is lost
     /// (another holder, or no successful renewal for nearly a duration —
-    /// early enough that nobody else may have started).
+    /// early enough that nobody else may have started, or a write refused
+    /// as fenced off: another holds the lease already).
     pub async fn hold(&self) {
         let mut last_renewed = Instant::now();
         loop {
-            tokio::time::sleep(self.retry_period()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.retry_period()) => {}
+                _ = self.api.fenced_off() => {
+                    tracing::warn!(identity = %self.identity, "a write was refused: another holds the lease");
+                    return;
+                }
+            }
             match self.try_acquire_or_renew().await {
                 Ok(true) => last_renewed = Instant::now(),
                 Ok(false) => return,

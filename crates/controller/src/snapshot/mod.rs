@@ -358,10 +358,12 @@ impl SnapshotReconciler {
         Ok(Action::AwaitChange)
     }
 
-    /// Removes the files on the node (unless the node is gone for good); the
-    /// finalizer goes after.
+    /// Removes the files on the node that took it and on every node holding
+    /// a copy (unless the node is gone for good); the finalizer goes after.
     async fn remove_files(&self, snap: Snapshot) -> Result<Action, SnapshotError> {
-        if let Some(node) = snap.status_or_default().node_name.and_then(|n| self.nodes.get_named("", &n)) {
+        let status = snap.status_or_default();
+        let holders = status.node_name.into_iter().chain(status.copies);
+        for node in holders.filter_map(|n| self.nodes.get_named("", &n)) {
             let uid = snap.uid().to_string();
             self.agents
                 .call(&node, |c, to| {

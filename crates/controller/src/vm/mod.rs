@@ -18,6 +18,7 @@ pub mod placement;
 pub mod reconcile;
 pub mod resolve;
 pub mod scheduler;
+pub mod snapshot_copies;
 pub mod status;
 pub mod teardown;
 pub mod triggers;

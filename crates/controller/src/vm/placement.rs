@@ -46,10 +46,13 @@ impl VmReconciler {
             return Ok(Placement::Not(Action::RequeueAfter(Duration::from_millis(200))));
         }
         let mut nodes = self.stores.nodes.list();
+        let mut holders = Vec::new();
         if let Some(restore) = &config.restore {
-            // Its snapshot's files are on one node: that node or none.
-            nodes.retain(|n| n.name() == restore.node);
-            if nodes.is_empty() {
+            // Its snapshot's files are on the node that took it (and on
+            // nodes that copied them): those are preferred, and any other
+            // node copies the files from the origin.
+            holders = self.snapshot_holders(&vm, restore);
+            if !nodes.iter().any(|n| n.name() == restore.node) {
                 drop(assumed);
                 let message = format!(
                     "snapshot {} is on node {}, which does not exist any more; restore from a snapshot on a live node",
@@ -77,7 +80,14 @@ impl VmReconciler {
         let loads = assumed.loads(&self.stores, vm.uid(), group.as_deref());
         let request =
             Request { mem_mib: config.mem_mib, node_selector: &config.node_selector, group: group.as_deref() };
-        match pick_node(request, &nodes, &loads, Utc::now(), self.node_grace) {
+        let now = Utc::now();
+        let preferred: Vec<_> = nodes.iter().filter(|n| holders.iter().any(|h| h == n.name())).cloned().collect();
+        let picked = match preferred.is_empty() {
+            true => pick_node(request, &nodes, &loads, now, self.node_grace),
+            false => pick_node(request, &preferred, &loads, now, self.node_grace)
+                .or_else(|_| pick_node(request, &nodes, &loads, now, self.node_grace)),
+        };
+        match picked {
             Ok(node) => {
                 // The claim counts from now; other VMs are placed while
                 // this one's binding is written.
@@ -115,14 +125,28 @@ impl VmReconciler {
             }
             Err(why) => {
                 drop(assumed);
-                let message = match (&config.restore, volume_nodes.first()) {
-                    (Some(r), _) => format!("its snapshot's files are on node {}: {}", r.node, why.0),
-                    (None, Some(node)) => format!("its volumes are on node {node}: {}", why.0),
-                    (None, None) => why.0,
+                let message = match volume_nodes.first() {
+                    Some(node) => format!("its volumes are on node {node}: {}", why.0),
+                    None => why.0,
                 };
                 self.unschedulable(vm, reason::UNSCHEDULABLE, &message).await.map(Placement::Not)
             }
         }
+    }
+
+    /// The nodes holding the files of the snapshot `vm` restores from: the
+    /// one that took it, then those holding a copy.
+    fn snapshot_holders(&self, vm: &Vm, restore: &nexus_api::vm::ResolvedRestore) -> Vec<String> {
+        let project = vm.metadata.project.as_deref().unwrap_or_default();
+        let name = restore.snapshot.split('@').next().unwrap_or_default();
+        let copies = self
+            .stores
+            .snapshots
+            .get_named(project, name)
+            .filter(|s| s.uid() == restore.snapshot_uid)
+            .map(|s| s.status_or_default().copies)
+            .unwrap_or_default();
+        std::iter::once(restore.node.clone()).chain(copies).collect()
     }
 
     /// Records why `vm` cannot be placed now; it is tried again shortly.

@@ -131,7 +131,8 @@ impl VmReconciler {
             // Woken by our own write of the agent's fresh report.
             return Ok(Action::RequeueAfter(left));
         }
-        let desired = status::ensure_request(&vm, &config);
+        let mut desired = status::ensure_request(&vm, &config);
+        self.name_snapshot_origin(&mut desired, &config, &node_name);
         let _slot = self.per_node.slot(&node_name).await;
         let answer = self
             .agents
@@ -151,6 +152,9 @@ impl VmReconciler {
                 let event = status::transition_event(&vm, &current, &after, &node_name, &report);
                 self.write_status(&vm, after.clone()).await?;
                 self.verified.record(&vm, &after, &node_status.vmm_exits);
+                if after.phase == VmPhase::Running {
+                    self.note_snapshot_copy(&vm, &config, &node_name).await?;
+                }
                 if let Some((type_, reason, message)) = event {
                     self.events.publish(&vm, type_, reason, &message).await;
                 }

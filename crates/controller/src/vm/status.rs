@@ -32,7 +32,7 @@ pub fn ensure_request(vm: &Vm, config: &ResolvedConfig) -> EnsureVm {
         restore: config
             .restore
             .as_ref()
-            .map(|r| nexus_api::agent::RestoreFrom { snapshot_uid: r.snapshot_uid.clone() }),
+            .map(|r| nexus_api::agent::RestoreFrom { snapshot_uid: r.snapshot_uid.clone(), origin: None }),
         restart_policy: vm.spec.restart_policy,
         kernel_sha256: config.kernel_sha256.clone(),
         rootfs_sha256: config.rootfs_sha256.clone(),

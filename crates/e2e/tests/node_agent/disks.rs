@@ -141,7 +141,7 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         let b_uid = "00000000-0000-4000-8000-0000000000b2";
         let mut b = request(b_uid);
         b.mac = "06:00:ac:10:00:09".into();
-        b.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into() });
+        b.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into(), origin: None });
         let rb = agent.ensure(&b).await;
         assert_eq!(rb.state, ObservedState::Running);
         assert_eq!(rb.runtime.mac, a.runtime.mac, "the restored guest has its source's MAC, and the report says so");
@@ -169,7 +169,10 @@ fn a_snapshot_restores_into_a_new_vm_that_sees_its_own_disk_at_the_same_path() {
         let (taps_before, _, _, dirs_before) = host_state(&agent.run_dir());
         let mut c = request("00000000-0000-4000-8000-0000000000c3");
         c.mac = "06:00:ac:10:00:0a".into();
-        c.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: "00000000-0000-4000-8000-00000000dead".into() });
+        c.restore = Some(nexus_api::agent::RestoreFrom {
+            snapshot_uid: "00000000-0000-4000-8000-00000000dead".into(),
+            origin: None,
+        });
         let (s, body) = agent
             .call("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000c3", Some(&serde_json::to_value(&c).unwrap()))
             .await;

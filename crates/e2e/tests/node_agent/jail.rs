@@ -118,7 +118,7 @@ fn each_vmm_runs_jailed_as_its_own_user_without_capabilities_and_cannot_open_hos
         assert_eq!(s, 200, "{body}");
         let mut c = request("00000000-0000-4000-8000-0000000000d7");
         c.mac = "06:00:ac:10:00:0c".into();
-        c.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into() });
+        c.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap_uid.into(), origin: None });
         let rc = agent.ensure(&c).await;
         assert_eq!(rc.state, ObservedState::Running);
         let (uid_c, _, root_c, caps_c, _) = confinement(rc.runtime.pid.unwrap());

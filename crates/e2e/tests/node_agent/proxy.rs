@@ -201,7 +201,7 @@ fn a_path_traversal_corpus_is_refused_and_nothing_outside_the_run_dir_is_touched
         for snap in ["..", "../../outside", "/etc", "a/b", ""] {
             let mut r = request("00000000-0000-4000-8000-0000000000e5");
             r.mac = "06:00:ac:10:00:0e".into();
-            r.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap.into() });
+            r.restore = Some(nexus_api::agent::RestoreFrom { snapshot_uid: snap.into(), origin: None });
             let (status, answer) = agent
                 .raw("PUT", "/v1/vms/00000000-0000-4000-8000-0000000000e5", Some(&serde_json::to_value(&r).unwrap()))
                 .await;

@@ -5,8 +5,10 @@
 //! live beside it.
 
 pub mod credentials;
+pub mod fence;
 pub mod proxy;
 pub mod register;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -36,6 +38,8 @@ pub struct AgentState {
     pub capacity: nexus_api::node::NodeCapacity,
     /// The node's name, a label of its metrics.
     pub node: String,
+    /// Other nodes' tokens the apiserver vouched for (snapshot transfers).
+    pub peers: Arc<transfer::Peers>,
 }
 
 /// The agent's routes.
@@ -54,9 +58,12 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/vms/{uid}/proxy/", any(proxy_root))
         .route("/v1/vms/{uid}/proxy/{*path}", any(proxy))
         .route("/v1/snapshots/{uid}", get(snapshot_report).put(snapshot).delete(delete_snapshot))
+        .route("/v1/snapshots/{uid}/transfer", get(transfer::manifest))
+        .route("/v1/snapshots/{uid}/transfer/{file}", get(transfer::file))
         .route("/v1/volumes/{uid}", get(volume_report).put(ensure_volume).delete(delete_volume))
         .route("/v1/vms/{uid}/logs", get(logs))
         .route("/v1/vms/{uid}/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(fence::Terms::default(), fence::layer))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::middleware::from_fn(trace))
         .with_state(state)
@@ -99,7 +106,8 @@ async fn trace(req: Request, next: Next) -> Response {
 /// (`/healthz`, `/readyz`, `/metrics`) are open, as the apiserver's are,
 /// so probes and Prometheus need no secret.
 async fn authenticate(State(state): State<AgentState>, req: Request, next: Next) -> Result<Response, AgentError> {
-    if !req.uri().path().starts_with("/v1/") {
+    // Other nodes copying a snapshot present their own token, checked there.
+    if !req.uri().path().starts_with("/v1/") || transfer::is_transfer(req.uri().path()) {
         return Ok(next.run(req).await);
     }
     let presented = req

@@ -31,7 +31,7 @@ impl VmOwner {
             && !read_pid(&paths).is_some_and(|pid| vmms.is_vmm(pid, uid.as_str()))
         {
             // A VMM is about to start from it: refuse before making anything.
-            super::snapshots::source(&self.host.cfg.run_dir, from)?;
+            self.host.snapshot_source(from).await?;
         }
         {
             use std::os::unix::fs::DirBuilderExt;

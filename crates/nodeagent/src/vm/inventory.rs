@@ -68,6 +68,8 @@ impl Runtime {
             .map_err(AgentError::io(format!("listing {}", snaps.display())))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
+            // A copy being made (`.<uid>.copy`) goes with its snapshot.
+            .filter(|name| !name.starts_with('.'))
             .collect();
         inv.snapshots.sort();
         inv.run_dirs.sort();

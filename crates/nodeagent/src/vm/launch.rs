@@ -33,8 +33,10 @@ impl VmOwner {
         // Until it has booted, this VMM has not "run and ended".
         remove_if_exists(&paths.started())?;
         // Checked before anything is made for it.
-        let restore =
-            req.restore.as_ref().map(|from| super::snapshots::source(&self.host.cfg.run_dir, from)).transpose()?;
+        let restore = match &req.restore {
+            Some(from) => Some(self.host.snapshot_source(from).await?),
+            None => None,
+        };
         let (kernel, initrd) = match restore {
             Some(_) => (None, None),
             None => {

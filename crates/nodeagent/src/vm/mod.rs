@@ -30,6 +30,7 @@ pub mod observe;
 pub mod owner;
 pub mod probe;
 pub mod request;
+pub mod snapshot_copy;
 pub mod snapshots;
 pub mod teardown;
 

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nexus_api::agent::{EnsureVm, RestoreFrom, SnapshotReport};
+use nexus_api::agent::{EnsureVm, SnapshotReport};
 use nexus_api::snapshot::SnapshotFile;
 
 use crate::error::AgentError;
@@ -167,6 +167,13 @@ pub async fn create(
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     std::fs::write(target.done(), json).map_err(AgentError::io("recording the snapshot"))?;
     tracing::info!(vm = %vm, snapshot = %snap, bytes = report.size_bytes, paused_millis, "snapshot created");
+    // Recorded off the critical path, for copies to other nodes.
+    let (sums_of, uid) = (target.clone(), snap.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = super::snapshot_copy::sums(&sums_of) {
+            tracing::warn!(snapshot = %uid, error = %e, "recording the snapshot's sha256 failed");
+        }
+    });
     Ok(report)
 }
 
@@ -212,8 +219,10 @@ pub fn restored(paths: &VmPaths) -> Option<crate::paths::Restored> {
     serde_json::from_slice(&std::fs::read(paths.restored()).ok()?).ok()
 }
 
-/// Removes snapshot `snap`'s files; returns whether there were any.
+/// Removes snapshot `snap`'s files (and a copy of it being made); returns
+/// whether there were any.
 pub fn delete(run: &RunDir, snap: &Uid) -> Result<bool, AgentError> {
+    let _ = std::fs::remove_dir_all(run.snapshots().join(format!(".{snap}.copy")));
     let dir = run.snapshot(snap).dir;
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {
@@ -222,18 +231,6 @@ pub fn delete(run: &RunDir, snap: &Uid) -> Result<bool, AgentError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(AgentError::io(format!("removing {}", dir.display()))(e)),
-    }
-}
-
-/// The source of a restore, checked to be complete on this node.
-pub fn source(run: &RunDir, from: &RestoreFrom) -> Result<(SnapshotPaths, SnapshotReport), AgentError> {
-    let uid = Uid::parse(&from.snapshot_uid)?;
-    let snap = run.snapshot(&uid);
-    match completed(&snap) {
-        Some(report) => Ok((snap, report)),
-        None => Err(AgentError::NotFound(format!(
-            "snapshot {uid} is not on this node (its files are gone or were never complete here); restore on the node that took it, or take it again"
-        ))),
     }
 }
 
