@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     resync_secs: u64,
     /// Seconds after which a converged VM is checked against its node again.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 30)]
     recheck_secs: u64,
     /// Seconds without a heartbeat after which a node is not Ready
     /// (agents beat every 2 s).

@@ -121,10 +121,17 @@ impl Core {
             let mut last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
             let mut outcomes = Vec::with_capacity(work.len());
             let mut wrote = false;
+            // The lease fenced writes are checked against, read once per
+            // batch (and again after the batch writes a lease).
+            let mut leases: HashMap<String, Option<String>> = HashMap::new();
             for (kind, project, name, audit, reads, decide) in work {
                 if let Some(fence) = audit.fence_for(&kind, &name) {
-                    let lease: Option<String> = sqlx::query_scalar(sql.get).bind("Lease").bind("").bind(&fence.lease)
-                        .fetch_optional(&mut *tx).await?;
+                    if !leases.contains_key(&fence.lease) {
+                        let lease: Option<String> = sqlx::query_scalar(sql.get).bind("Lease").bind("")
+                            .bind(&fence.lease).fetch_optional(&mut *tx).await?;
+                        leases.insert(fence.lease.clone(), lease);
+                    }
+                    let lease = leases.get(&fence.lease).cloned().flatten();
                     if let Err(e) = check_fence(fence, lease.as_deref()) {
                         outcomes.push(Err(e));
                         continue;
@@ -149,6 +156,9 @@ impl Core {
                         }
                     }
                     seen.objects.insert(gate, gates);
+                }
+                if kind == "Lease" {
+                    leases.clear();
                 }
                 let rv = last + 1;
                 let (type_, object) = match decide(current, &seen, rv) {

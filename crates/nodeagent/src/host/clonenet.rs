@@ -110,6 +110,20 @@ pub async fn setup(
 
 /// The part done inside the namespace.
 async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32, u32)) -> Result<(), NetError> {
+    // `nft` starts first and loads its rules (they name the links, which
+    // need not exist yet) while the links are made.
+    let nat = addresses
+        .map(|a| start_nat(peer, a))
+        .transpose()
+        .map_err(|source| NetError::Tap { name: format!("NAT on {peer}"), source })?;
+    let made = links(tap, peer, addresses, owner).await;
+    let loaded = nat.map(finish_nat).transpose();
+    made?;
+    loaded.map(|_| ()).map_err(|source| NetError::Tap { name: format!("NAT on {peer}"), source })
+}
+
+/// The links, addresses, routes and sysctls of the namespace.
+async fn links(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32, u32)) -> Result<(), NetError> {
     let net = Net::connect()?;
     let lo = net.link("lo").await?.ok_or_else(|| NetError::Vanished("lo".into()))?;
     set_up(&net, "lo", lo.index).await?;
@@ -144,7 +158,7 @@ async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32
     {
         std::fs::write(&path, value).map_err(|source| NetError::Tap { name: path.clone(), source })?;
     }
-    nat(peer, a).map_err(|source| NetError::Tap { name: format!("NAT on {peer}"), source })
+    Ok(())
 }
 
 async fn set_up(net: &Net, name: &str, index: u32) -> Result<(), NetError> {
@@ -168,8 +182,9 @@ pub fn ruleset(peer: &str, a: Addresses) -> String {
     )
 }
 
-/// Loads the NAT rules with `nft`, run from this (namespaced) thread.
-fn nat(peer: &str, a: Addresses) -> std::io::Result<()> {
+/// Starts `nft` loading the NAT rules, from this (namespaced) thread: the
+/// child runs in the thread's namespace.
+fn start_nat(peer: &str, a: Addresses) -> std::io::Result<std::process::Child> {
     use std::io::Write;
     let mut nft = std::process::Command::new("nft");
     nft.args(["-f", "-"])
@@ -177,7 +192,13 @@ fn nat(peer: &str, a: Addresses) -> std::io::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     let mut child = crate::host::forks::forking(|| nft.spawn())?;
+    // Dropped once written: `nft` reads to the end of its input.
     child.stdin.take().expect("piped").write_all(ruleset(peer, a).as_bytes())?;
+    Ok(child)
+}
+
+/// Waits for the `nft` of [`start_nat`]; its complaint when it failed.
+fn finish_nat(child: std::process::Child) -> std::io::Result<()> {
     let out = child.wait_with_output()?;
     if out.status.success() {
         Ok(())

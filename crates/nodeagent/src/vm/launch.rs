@@ -113,12 +113,26 @@ impl VmOwner {
         };
         let prepared = match made {
             Ok(bridge) => {
-                tokio::try_join!(self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives), socket_wait)
-                    .map(|(prepared, answered)| (bridge, prepared, answered))
+                // A restored VM's namespace is set up while its VMM starts.
+                let prepare = async {
+                    let (addresses, req) = self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives).await?;
+                    let prepared = launched.elapsed();
+                    if restore.is_some() {
+                        crate::host::clonenet::setup(&self.host.net, pid, uid, bridge, addresses, (user, user)).await?;
+                        tracing::debug!(
+                            uid = %uid,
+                            prepare_ms = prepared.as_secs_f64() * 1000.0,
+                            netns_ms = (launched.elapsed() - prepared).as_secs_f64() * 1000.0,
+                            "restored VM's namespace set up"
+                        );
+                    }
+                    Ok::<_, AgentError>((addresses, req))
+                };
+                tokio::try_join!(prepare, socket_wait).map(|(prepared, answered)| (bridge, prepared, answered))
             }
             Err(e) => Err(e),
         };
-        let (bridge, (addresses, req), answered) = match prepared {
+        let (_, (_, req), answered) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await;
@@ -130,26 +144,23 @@ impl VmOwner {
         // The guest's document, with the address just given to it.
         let mmds = super::mmds::document(paths, uid.as_str(), req);
         let configured = match &restore {
-            Some(_) => {
-                match crate::host::clonenet::setup(&self.host.net, pid, uid, bridge, addresses, (user, user)).await {
-                    Ok(()) => match super::configure::configure_observability(client).await {
-                        Ok(()) => match super::snapshots::load(client, &tap).await {
-                            // The snapshot kept the service's configuration,
-                            // not its contents: this VM's own document.
-                            Ok(()) => match &mmds {
-                                Some(doc) => client
-                                    .put_mmds(doc)
-                                    .await
-                                    .map_err(|source| AgentError::Firecracker { step: "mmds", source }),
-                                None => Ok(()),
-                            },
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
+            Some(_) => match super::configure::configure_observability(client).await {
+                Ok(()) => match super::snapshots::load(client, &tap).await.inspect(|()| {
+                    tracing::debug!(uid = %uid, loaded_ms = launched.elapsed().as_secs_f64() * 1000.0, "snapshot loaded")
+                }) {
+                    // The snapshot kept the service's configuration, not
+                    // its contents: this VM's own document.
+                    Ok(()) => match &mmds {
+                        Some(doc) => client
+                            .put_mmds(doc)
+                            .await
+                            .map_err(|source| AgentError::Firecracker { step: "mmds", source }),
+                        None => Ok(()),
                     },
-                    Err(e) => Err(e.into()),
-                }
-            }
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
             None => super::configure::configure(client, req, &tap, &drives, mmds.as_ref()).await,
         };
         if let Err(e) = configured {
