@@ -4,7 +4,8 @@
 //! token) and checked them against the sha256 the origin recorded; a copy
 //! damaged on disk is found before use and copied again; a file that
 //! arrives different from what the origin recorded is refused, and copied
-//! again once it is right; deleting the Snapshot removes every copy.
+//! again once it is right; deleting the Snapshot removes every copy, and the
+//! collector removes a copy no Snapshot claims.
 
 #![allow(clippy::unwrap_used)] // a panic is the failure report
 
@@ -169,6 +170,15 @@ fn a_clone_runs_on_another_node_from_a_checked_copy_and_every_copy_goes_with_the
             assert!(running_on(&client, name).await.is_some(), "{name} runs on");
         }
         println!("deleting the Snapshot removed it from node-1 and both copies");
+
+        // 5. A copy no Snapshot claims (left by a crash, say) is collected.
+        let stray = snapshot_dir(&fleet, 3, "00000000-0000-4000-8000-0000000c0b1e");
+        std::fs::create_dir_all(&stray).unwrap();
+        std::fs::write(stray.join("copy.json"), "{}").unwrap();
+        let left = Instant::now();
+        wait_until(Duration::from_secs(30), "the collector to remove an unclaimed copy", || async { !stray.exists() })
+            .await;
+        println!("an unclaimed copy on node-3 was collected {} ms after it appeared", left.elapsed().as_millis());
         let (ok, _, err) = fleet.nexusctl(&["delete", "vm", "--all", "--wait"]);
         assert!(ok, "{err}");
         fleet.stop();
