@@ -21,8 +21,9 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::host::ipam::Subnet;
 use crate::host::net::{Net, NetError};
@@ -52,85 +53,157 @@ fn peer_name(uid: &Uid) -> String {
     format!("{PEER_PREFIX}{}", &uid.tap_name()[crate::paths::TAP_PREFIX.len()..])
 }
 
-/// Sets up the namespace of VMM `pid` (restored VM `uid`): its TAP, and,
-/// when `addresses` are given, the veth pair on bridge `bridge` and the NAT.
-/// The TAP belongs to `owner` (the VMM's uid and gid).
-pub async fn setup(
+/// A restored VM's namespace being set up on a thread of its own: its TAP
+/// first (all a snapshot load needs), then the veth's addresses, the
+/// routes and the NAT (what the guest needs once it runs).
+#[derive(Debug)]
+pub struct Setup {
+    /// Whether the TAP was made (once it is, or failed).
+    tap: Option<tokio::sync::oneshot::Receiver<bool>>,
+    done: Option<tokio::sync::oneshot::Receiver<Result<(), NetError>>>,
+}
+
+fn thread_gone(what: &str) -> NetError {
+    NetError::Tap { name: what.to_string(), source: std::io::Error::other("the namespace's set-up thread ended") }
+}
+
+impl Setup {
+    /// Returns once the VM's TAP is in its namespace.
+    pub async fn tap_ready(&mut self) -> Result<(), NetError> {
+        let Some(tap) = self.tap.take() else { return Ok(()) };
+        if tap.await.unwrap_or(false) {
+            return Ok(());
+        }
+        // The thread's own error says why.
+        Err(self.outcome().await.err().unwrap_or_else(|| thread_gone("TAP")))
+    }
+
+    /// Returns once everything is set up.
+    pub async fn finished(mut self) -> Result<(), NetError> {
+        self.tap_ready().await?;
+        self.outcome().await
+    }
+
+    async fn outcome(&mut self) -> Result<(), NetError> {
+        match self.done.take() {
+            Some(done) => done.await.unwrap_or_else(|_| Err(thread_gone("namespace"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts setting up the namespace of VMM `pid` (restored VM `uid`): its
+/// TAP, and, when `addresses` are given, the veth pair on bridge `bridge`
+/// and the NAT. The TAP belongs to `owner` (the VMM's uid and gid).
+pub async fn start(
     net: &Net,
     pid: u32,
     uid: &Uid,
     bridge: u32,
     addresses: Option<Addresses>,
     owner: (u32, u32),
-) -> Result<(), NetError> {
+) -> Result<Setup, NetError> {
     let (veth, peer) = (veth_name(uid), peer_name(uid));
     if addresses.is_some() {
         // A pair left by an earlier VMM of this VM (its namespace is gone,
         // so its peer is too; the bridge end may linger for a moment).
         net.delete_link(&veth).await?;
-        net.handle()
-            .link()
-            .add(LinkVeth::new(&veth, &peer).build())
-            .execute()
-            .await
-            .map_err(|source| NetError::Netlink { op: "add veth", name: veth.clone(), source })?;
-        net.handle()
-            .link()
-            .set(LinkUnspec::new_with_name(&peer).setns_by_pid(pid).build())
-            .execute()
-            .await
-            .map_err(|source| NetError::Netlink { op: "move into the VM's namespace", name: peer.clone(), source })?;
-        let link = net.link(&veth).await?.ok_or_else(|| NetError::Vanished(veth.clone()))?;
-        net.handle()
-            .link()
-            .set(LinkUnspec::new_with_index(link.index).controller(bridge).up().build())
-            .execute()
-            .await
-            .map_err(|source| NetError::Netlink { op: "attach to the bridge", name: veth.clone(), source })?;
+        // One request: the peer is made inside the VMM's namespace (moving
+        // a link between namespaces waits for an RCU grace period, 15-30 ms
+        // here) and the bridge end on the bridge, up.
+        let peer_in_vmm = LinkUnspec::new_with_name(&peer).setns_by_pid(pid).build();
+        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(veth.clone())
+            .controller(bridge)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_in_vmm)))
+            .build();
+        net.handle().link().add(pair).execute().await.map_err(|source| NetError::Netlink {
+            op: "add veth",
+            name: veth.clone(),
+            source,
+        })?;
     }
     let tap = uid.tap_name();
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|source| NetError::Tap { name: format!("namespace of VMM {pid}"), source })?;
+    let (tap_tx, tap_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     // Netlink sockets, TUN devices and sysctls belong to the namespace of
     // the thread that makes them: do it all on a thread inside.
-    let work = std::thread::spawn(move || -> Result<(), NetError> {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| NetError::Tap { name: tap.clone(), source: e.into() })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| NetError::Tap { name: tap.clone(), source })?;
-        rt.block_on(inside(&tap, &peer, addresses, owner))
+    std::thread::spawn(move || {
+        let entered = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetError::Tap { name: tap.clone(), source: e.into() })
+            .and_then(|()| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| NetError::Tap { name: tap.clone(), source })
+            });
+        match entered {
+            Ok(rt) => {
+                let _ = done_tx.send(rt.block_on(inside(&tap, &peer, addresses, owner, tap_tx)));
+            }
+            Err(e) => {
+                let _ = tap_tx.send(false);
+                let _ = done_tx.send(Err(e));
+            }
+        }
     });
-    tokio::task::spawn_blocking(move || work.join())
-        .await
-        .map_err(|e| NetError::Tap { name: uid.tap_name(), source: std::io::Error::other(e.to_string()) })?
-        .map_err(|_| NetError::Tap { name: uid.tap_name(), source: std::io::Error::other("setup thread panicked") })?
+    Ok(Setup { tap: Some(tap_rx), done: Some(done_rx) })
 }
 
-/// The part done inside the namespace.
-async fn inside(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32, u32)) -> Result<(), NetError> {
+/// The part done inside the namespace; `tap_made` hears as soon as the
+/// TAP is there.
+async fn inside(
+    tap: &str,
+    peer: &str,
+    addresses: Option<Addresses>,
+    owner: (u32, u32),
+    tap_made: tokio::sync::oneshot::Sender<bool>,
+) -> Result<(), NetError> {
     // `nft` starts first and loads its rules (they name the links, which
     // need not exist yet) while the links are made.
-    let nat = addresses
-        .map(|a| start_nat(peer, a))
-        .transpose()
-        .map_err(|source| NetError::Tap { name: format!("NAT on {peer}"), source })?;
-    let made = links(tap, peer, addresses, owner).await;
+    let nat = match addresses.map(|a| start_nat(peer, a)).transpose() {
+        Ok(nat) => nat,
+        Err(source) => {
+            let _ = tap_made.send(false);
+            return Err(NetError::Tap { name: format!("NAT on {peer}"), source });
+        }
+    };
+    let net = Net::connect();
+    let made = match net {
+        Ok(net) => {
+            let tap_result = make_tap(&net, tap, owner).await;
+            let _ = tap_made.send(tap_result.is_ok());
+            match (tap_result, addresses) {
+                (Err(e), _) => Err(e),
+                (Ok(tap_index), Some(a)) => peer_links(&net, tap, tap_index, peer, a).await,
+                (Ok(_), None) => Ok(()),
+            }
+        }
+        Err(e) => {
+            let _ = tap_made.send(false);
+            Err(e)
+        }
+    };
     let loaded = nat.map(finish_nat).transpose();
     made?;
     loaded.map(|_| ()).map_err(|source| NetError::Tap { name: format!("NAT on {peer}"), source })
 }
 
-/// The links, addresses, routes and sysctls of the namespace.
-async fn links(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32, u32)) -> Result<(), NetError> {
-    let net = Net::connect()?;
+/// `lo` up and the VM's TAP made and up; the TAP's index.
+async fn make_tap(net: &Net, tap: &str, owner: (u32, u32)) -> Result<u32, NetError> {
     let lo = net.link("lo").await?.ok_or_else(|| NetError::Vanished("lo".into()))?;
-    set_up(&net, "lo", lo.index).await?;
+    set_up(net, "lo", lo.index).await?;
     crate::host::net::create_persistent_tap(tap, owner).map_err(|source| NetError::Tap { name: tap.into(), source })?;
     let tap_link = net.link(tap).await?.ok_or_else(|| NetError::Vanished(tap.into()))?;
-    set_up(&net, tap, tap_link.index).await?;
-    let Some(a) = addresses else { return Ok(()) };
+    set_up(net, tap, tap_link.index).await?;
+    Ok(tap_link.index)
+}
+
+/// The veth's address, the routes and the sysctls of the namespace.
+async fn peer_links(net: &Net, tap: &str, tap_index: u32, peer: &str, a: Addresses) -> Result<(), NetError> {
     let peer_link = net.link(peer).await?.ok_or_else(|| NetError::Vanished(peer.into()))?;
     let netlink = |op: &'static str, name: &str| {
         let name = name.to_string();
@@ -143,10 +216,10 @@ async fn links(tap: &str, peer: &str, addresses: Option<Addresses>, owner: (u32,
         .execute()
         .await
         .map_err(netlink("add address", peer))?;
-    set_up(&net, peer, peer_link.index).await?;
+    set_up(net, peer, peer_link.index).await?;
     let to_guest = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(a.guest, 32)
-        .output_interface(tap_link.index)
+        .output_interface(tap_index)
         .scope(RouteScope::Link)
         .build();
     net.handle().route().add(to_guest).replace().execute().await.map_err(netlink("add route", tap))?;

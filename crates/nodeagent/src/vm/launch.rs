@@ -113,26 +113,37 @@ impl VmOwner {
         };
         let prepared = match made {
             Ok(bridge) => {
-                // A restored VM's namespace is set up while its VMM starts.
+                // A restored VM's namespace is set up while its VMM starts;
+                // its snapshot is loaded once the TAP is there.
                 let prepare = async {
                     let (addresses, req) = self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives).await?;
-                    let prepared = launched.elapsed();
-                    if restore.is_some() {
-                        crate::host::clonenet::setup(&self.host.net, pid, uid, bridge, addresses, (user, user)).await?;
-                        tracing::debug!(
-                            uid = %uid,
-                            prepare_ms = prepared.as_secs_f64() * 1000.0,
-                            netns_ms = (launched.elapsed() - prepared).as_secs_f64() * 1000.0,
-                            "restored VM's namespace set up"
-                        );
-                    }
-                    Ok::<_, AgentError>((addresses, req))
+                    let netns = match restore {
+                        Some(_) => {
+                            let owner = (user, user);
+                            let prepared = launched.elapsed();
+                            let mut setup =
+                                crate::host::clonenet::start(&self.host.net, pid, uid, bridge, addresses, owner)
+                                    .await?;
+                            let veth = launched.elapsed();
+                            setup.tap_ready().await?;
+                            tracing::debug!(
+                                uid = %uid,
+                                prepared_ms = prepared.as_secs_f64() * 1000.0,
+                                veth_ms = veth.as_secs_f64() * 1000.0,
+                                tap_ms = launched.elapsed().as_secs_f64() * 1000.0,
+                                "restored VM's TAP ready"
+                            );
+                            Some(setup)
+                        }
+                        None => None,
+                    };
+                    Ok::<_, AgentError>((netns, req))
                 };
                 tokio::try_join!(prepare, socket_wait).map(|(prepared, answered)| (bridge, prepared, answered))
             }
             Err(e) => Err(e),
         };
-        let (_, (_, req), answered) = match prepared {
+        let (_, (netns, req), answered) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await;
@@ -144,23 +155,35 @@ impl VmOwner {
         // The guest's document, with the address just given to it.
         let mmds = super::mmds::document(paths, uid.as_str(), req);
         let configured = match &restore {
-            Some(_) => match super::configure::configure_observability(client).await {
-                Ok(()) => match super::snapshots::load(client, &tap).await.inspect(|()| {
-                    tracing::debug!(uid = %uid, loaded_ms = launched.elapsed().as_secs_f64() * 1000.0, "snapshot loaded")
-                }) {
+            Some(_) => {
+                let restored = async {
+                    super::configure::configure_observability(client).await?;
+                    // Loaded paused while the namespace's NAT is finished;
+                    // the guest runs once its network is whole.
+                    super::snapshots::load(client, &tap, false).await?;
+                    let loaded = launched.elapsed();
+                    if let Some(netns) = netns {
+                        netns.finished().await?;
+                    }
+                    tracing::debug!(
+                        uid = %uid,
+                        loaded_ms = loaded.as_secs_f64() * 1000.0,
+                        netns_ms = launched.elapsed().as_secs_f64() * 1000.0,
+                        "snapshot loaded"
+                    );
+                    super::snapshots::resume(client).await?;
                     // The snapshot kept the service's configuration, not
                     // its contents: this VM's own document.
-                    Ok(()) => match &mmds {
+                    match &mmds {
                         Some(doc) => client
                             .put_mmds(doc)
                             .await
                             .map_err(|source| AgentError::Firecracker { step: "mmds", source }),
                         None => Ok(()),
-                    },
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            },
+                    }
+                };
+                restored.await
+            }
             None => super::configure::configure(client, req, &tap, &drives, mmds.as_ref()).await,
         };
         if let Err(e) = configured {

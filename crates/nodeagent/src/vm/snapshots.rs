@@ -235,8 +235,9 @@ pub fn delete(run: &RunDir, snap: &Uid) -> Result<bool, AgentError> {
 }
 
 /// Loads the snapshot linked into a freshly started VMM's jail (logger and
-/// metrics already set) and resumes it, its network interface on `tap`.
-pub async fn load(client: &FcClient, tap: &str) -> Result<(), AgentError> {
+/// metrics already set), its network interface on `tap`; resumes it when
+/// `resume` says so, else it stays paused (see [`resume`]).
+pub async fn load(client: &FcClient, tap: &str, resume: bool) -> Result<(), AgentError> {
     client
         .clone()
         .with_request_timeout(SNAPSHOT_TIMEOUT)
@@ -246,10 +247,15 @@ pub async fn load(client: &FcClient, tap: &str) -> Result<(), AgentError> {
                 backend_type: MemoryBackendType::File,
                 backend_path: inside::SNAPSHOT_MEM.into(),
             },
-            resume_vm: Some(true),
+            resume_vm: Some(resume),
             track_dirty_pages: None,
             network_overrides: vec![NetworkOverride { iface_id: "eth0".into(), host_dev_name: tap.to_string() }],
         })
         .await
         .map_err(fc("snapshot/load"))
+}
+
+/// Resumes a VM loaded paused.
+pub async fn resume(client: &FcClient) -> Result<(), AgentError> {
+    client.set_vm_state(VmState::Resumed).await.map_err(fc("resume"))
 }
