@@ -58,6 +58,7 @@ impl Drop for Cluster {
         // the VMMs being killed.
         self.agent.stop();
         kill_vmms_under(&self.run_dir);
+        self.stop_wrapped_apiserver();
     }
 }
 
@@ -307,7 +308,22 @@ impl Cluster {
     pub fn stop(&mut self) {
         self.controller.stop();
         self.agent.stop();
+        self.stop_wrapped_apiserver();
         self.apiserver.stop();
+    }
+
+    /// Stops the apiserver running under a wrapper (`strace`): a tracer
+    /// that is stopped detaches and leaves its tracee running, so the
+    /// wrapper's children are stopped first (the wrapper then ends).
+    fn stop_wrapped_apiserver(&mut self) {
+        if self.apiserver_wrapper.is_empty() || !self.apiserver.is_running() {
+            return;
+        }
+        let pid = self.apiserver.pid();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), nix::sys::signal::Signal::SIGTERM);
+        }
     }
 
     /// The processes' logs, for failure messages.

@@ -228,7 +228,7 @@ pub fn spawn_env(name: &'static str, bin: &Path, args: &[&str], log: &Path, env:
 }
 
 /// Starts a controller tuned for tests: rechecks every 2 s, a node is lost
-/// after 4 s without heartbeats, a 3 s leader lease, garbage collection every
+/// after 4 s without heartbeats, a 2 s leader lease, garbage collection every
 /// second with a 3 s grace. `token` is a file holding a system:controller token.
 pub fn spawn_controller(server: &str, ca: &Path, token: &Path, metrics_listen: &str, log: &Path) -> Proc {
     spawn_controller_tuned(server, ca, token, metrics_listen, log, true)
