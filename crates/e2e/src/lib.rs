@@ -343,3 +343,21 @@ pub fn last_words(run: impl Fn(&[&str]) -> (bool, String, String), kind: &str, n
         None => format!("(describe {kind} {name}: {}{})", out.trim(), err.trim()),
     }
 }
+
+/// Every audit record `client`'s apiserver serves, page by page.
+pub async fn all_audit_records(client: &nexus_client::Client) -> Vec<nexus_api::auth::AuditRecord> {
+    let (mut all, mut next) = (Vec::new(), None::<String>);
+    loop {
+        let mut query = vec![("limit", "500".to_string())];
+        if let Some(c) = &next {
+            query.push(("continue", c.clone()));
+        }
+        let page = client.audit(&query).await.expect("listing audit records");
+        let done = page.items.is_empty() || page.continue_token.is_none();
+        all.extend(page.items);
+        if done {
+            return all;
+        }
+        next = page.continue_token;
+    }
+}

@@ -187,20 +187,7 @@ fn apiserver_cli(args: &[&str]) -> (bool, String, String) {
 
 /// Every audit record a server serves, by id.
 async fn audit_ids(client: &nexus_client::Client) -> BTreeSet<i64> {
-    let mut ids = BTreeSet::new();
-    let mut next: Option<String> = None;
-    loop {
-        let mut query = vec![("limit", "500".to_string())];
-        if let Some(c) = &next {
-            query.push(("continue", c.clone()));
-        }
-        let page = client.audit(&query).await.unwrap();
-        ids.extend(page.items.iter().map(|r| r.id));
-        match page.continue_token {
-            Some(c) if !page.items.is_empty() => next = Some(c),
-            _ => return ids,
-        }
-    }
+    nexus_e2e::all_audit_records(client).await.iter().map(|r| r.id).collect()
 }
 
 #[test]

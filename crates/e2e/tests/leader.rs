@@ -15,24 +15,6 @@ async fn holder(client: &Client) -> Option<String> {
     client.get::<LeaseSpec>("", "nexus-controller").await.ok().and_then(|l| l.spec.holder_identity)
 }
 
-/// Every audit record the apiserver serves.
-async fn audit(client: &Client) -> Vec<nexus_api::auth::AuditRecord> {
-    let (mut all, mut next) = (Vec::new(), None::<String>);
-    loop {
-        let mut query = vec![("limit", "500".to_string())];
-        if let Some(c) = &next {
-            query.push(("continue", c.clone()));
-        }
-        let page = client.audit(&query).await.unwrap();
-        let done = page.items.is_empty() || page.continue_token.is_none();
-        all.extend(page.items);
-        if done {
-            return all;
-        }
-        next = page.continue_token;
-    }
-}
-
 fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
 }
@@ -105,7 +87,7 @@ fn a_paused_leader_once_continued_makes_no_write_after_its_term() {
         })
         .await;
 
-        let records = audit(&client).await;
+        let records = nexus_e2e::all_audit_records(&client).await;
         let of = |who: &str| format!("holder {who} term");
         let late: Vec<_> = records.iter().filter(|r| r.message.contains(&of(&leader)) && r.at >= term_began).collect();
         let by_old = records.iter().filter(|r| r.message.contains(&of(&leader))).count();
