@@ -257,6 +257,9 @@ pub struct Inventory {
     /// Entries of `<run dir>/snapshots` (normally Snapshot uids).
     #[serde(default)]
     pub snapshots: Vec<String>,
+    /// Network namespaces ready for restored VMs (`--spare-netns`).
+    #[serde(default)]
+    pub spare_namespaces: u32,
 }
 
 /// A VMM process the agent found.

@@ -30,6 +30,10 @@ const BOOL_FLAGS: &[&str] =
 pub struct Args {
     pub api_sock: PathBuf,
     pub id: String,
+    /// `--log-path` and the flags shaping the log, as `PUT /logger` takes them.
+    pub logger: crate::model::Logger,
+    /// `--metrics-path`.
+    pub metrics_path: Option<String>,
 }
 
 #[derive(Debug)]
@@ -42,7 +46,18 @@ impl Args {
     /// Parses the flags as Firecracker does: `--flag value` pairs, unknown
     /// flags rejected.
     pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
-        let mut args = Args { api_sock: PathBuf::from(DEFAULT_API_SOCK), id: "anonymous-instance".into() };
+        let mut args = Args {
+            api_sock: PathBuf::from(DEFAULT_API_SOCK),
+            id: "anonymous-instance".into(),
+            logger: crate::model::Logger {
+                log_path: None,
+                level: None,
+                show_level: None,
+                show_log_origin: None,
+                module: None,
+            },
+            metrics_path: None,
+        };
         while let Some(flag) = argv.next() {
             let (name, inline) = match flag.split_once('=') {
                 Some((n, v)) => (n.to_string(), Some(v.to_string())),
@@ -52,6 +67,11 @@ impl Args {
                 return Ok(Parsed::Version);
             }
             if BOOL_FLAGS.contains(&name.as_str()) {
+                match name.as_str() {
+                    "--show-level" => args.logger.show_level = Some(true),
+                    "--show-log-origin" => args.logger.show_log_origin = Some(true),
+                    _ => {}
+                }
                 continue;
             }
             if !VALUE_FLAGS.contains(&name.as_str()) {
@@ -74,6 +94,14 @@ impl Args {
                     }
                     args.id = value;
                 }
+                "--log-path" => args.logger.log_path = Some(value),
+                "--level" => {
+                    let level = serde_json::from_value(serde_json::Value::String(value.clone()))
+                        .map_err(|_| format!("Invalid value for logger level: {value}"))?;
+                    args.logger.level = Some(level);
+                }
+                "--module" => args.logger.module = Some(value),
+                "--metrics-path" => args.metrics_path = Some(value),
                 _ => {}
             }
         }
@@ -87,6 +115,21 @@ mod tests {
 
     fn parse(v: &[&str]) -> Result<Parsed, String> {
         Args::parse(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn the_log_and_metrics_flags_are_taken() {
+        let argv = ["--log-path", "/vm/fc.log", "--level", "Info", "--show-level", "--metrics-path", "/vm/m.json"];
+        match parse(&argv).unwrap() {
+            Parsed::Run(a) => {
+                assert_eq!(a.logger.log_path.as_deref(), Some("/vm/fc.log"));
+                assert_eq!(a.logger.show_level, Some(true));
+                assert!(a.logger.level.is_some());
+                assert_eq!(a.metrics_path.as_deref(), Some("/vm/m.json"));
+            }
+            Parsed::Version => panic!("not --version"),
+        }
+        assert!(parse(&["--level", "loud"]).unwrap_err().contains("logger level"));
     }
 
     #[test]

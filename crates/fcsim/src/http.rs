@@ -38,12 +38,19 @@ pub async fn serve(args: Args) -> Result<u8, String> {
             Err(e) => println!("firecracker-sim: cannot open {path}: {e}"),
         }
     }
+    let mut configured = Vmm::new(args.id.clone());
+    // As Firecracker does, before its API is up: a log or metrics file
+    // that cannot be opened ends the process.
+    configured.use_logger(args.logger.clone()).map_err(|e| format!("Failed to initialize the logger: {e}"))?;
+    if let Some(path) = &args.metrics_path {
+        configured.use_metrics(path).map_err(|e| format!("Failed to initialize metrics: {e}"))?;
+    }
     // Firecracker refuses to start when the socket path exists.
     let mut listener = Some(
         UnixListener::bind(&args.api_sock)
             .map_err(|e| format!("Failed to open the API socket at {}: {e}", args.api_sock.display()))?,
     );
-    let vmm = Arc::new(Mutex::new(Vmm::new(args.id.clone())));
+    let vmm = Arc::new(Mutex::new(configured));
     let (after_tx, mut after_rx) = mpsc::unbounded_channel::<After>();
     let mut metrics = tokio::time::interval(METRICS_PERIOD);
     metrics.tick().await;

@@ -97,6 +97,11 @@ struct Args {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
 
+    /// Network namespaces kept ready for VMs restored from snapshots (each
+    /// an idle thread, an idle `nft` and a veth pair; 0: made on demand).
+    #[arg(long, default_value_t = 2)]
+    spare_netns: usize,
+
     /// Seconds a VMM gets to stop before it is killed.
     #[arg(long, default_value_t = 2)]
     stop_grace_secs: u64,
@@ -182,10 +187,12 @@ async fn main() -> anyhow::Result<()> {
             image_roots: nexus_nodeagent::host::images::ImageRoots::new(&args.image_roots),
             vmm_uids: args.vmm_uids.clone(),
             api: Some(api.clone()),
+            spare_netns: args.spare_netns,
         },
         net,
     ));
     runtime.host().ensure_network().await.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    runtime.start_spares();
     let node_name = match args.node_name {
         Some(n) => n,
         None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),

@@ -110,8 +110,15 @@ async fn sim_behind_recorder(
     recorded: Recorded,
 ) -> (Sim, FcClient) {
     let real = paths.socket();
-    let pid =
-        nexus_nodeagent::host::process::launch(jail, name, &paths.console(), paths.reaped(), false, |_| {}).unwrap();
+    let pid = nexus_nodeagent::host::process::launch(
+        jail,
+        name,
+        &paths.console(),
+        paths.reaped(),
+        nexus_nodeagent::host::jail::VmmNet::Host,
+        |_| {},
+    )
+    .unwrap();
     // The socket file appears at bind(), before listen(): a connect in
     // between is refused. Ready means a connection is accepted.
     for _ in 0..500 {
@@ -288,15 +295,8 @@ async fn lifecycle(dir: &Path, recorded: Recorded) {
     jail_b.link_read_only(&jail_a.host("/run/snapshot.state"), inside::SNAPSHOT_STATE).unwrap();
     jail_b.link_read_only(&jail_a.host("/run/snapshot.mem"), inside::SNAPSHOT_MEM).unwrap();
     let (_sim_b, b) = sim_behind_recorder(dir, "b", &b_paths, &jail_b, recorded.clone()).await;
-    b.put_logger(&Logger {
-        log_path: inside::LOG.into(),
-        level: Some("Info".into()),
-        show_level: Some(true),
-        show_log_origin: Some(false),
-    })
-    .await
-    .unwrap();
-    b.put_metrics(&Metrics { metrics_path: inside::METRICS.into() }).await.unwrap();
+    // The log and metrics were given on the command line; a snapshot load
+    // is the first request.
     b.load_snapshot(&SnapshotLoadParams {
         snapshot_path: inside::SNAPSHOT_STATE.into(),
         mem_backend: MemoryBackend { backend_type: MemoryBackendType::File, backend_path: inside::SNAPSHOT_MEM.into() },
@@ -354,8 +354,6 @@ fn every_request_of_a_full_lifecycle_conforms_to_the_firecracker_spec() {
         "PATCH /drives/{drive_id}",
         "PUT /network-interfaces/{iface_id}",
         "PATCH /network-interfaces/{iface_id}",
-        "PUT /logger",
-        "PUT /metrics",
         "PUT /actions InstanceStart",
         "PUT /actions FlushMetrics",
         "PUT /actions SendCtrlAltDel",

@@ -198,6 +198,7 @@ mod tests {
                 VmmProcess { pid: 8, uid: "11111111-1111-4111-8111-111111111111".into() },
             ],
             snapshots: vec![S.into(), B.into()],
+            spare_namespaces: 2,
         };
         let known: BTreeSet<String> = [A.to_string()].into();
         let got = orphans(&inv, &known, &[S.to_string()].into());

@@ -246,6 +246,7 @@ async fn inventory(State(script): State<Arc<Mutex<Script>>>) -> Json<Inventory> 
         run_dirs: uids,
         vmms: Vec::new(),
         snapshots: Vec::new(),
+        spare_namespaces: 0,
     })
 }
 

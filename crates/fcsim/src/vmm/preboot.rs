@@ -144,18 +144,22 @@ impl Vmm {
 
     pub(super) fn put_logger(&mut self, body: &[u8]) -> Reply {
         let logger: Logger = attempt!(parse(body));
-        let Some(path) = &logger.log_path else {
-            return Reply::no_content();
-        };
-        // Firecracker opens an existing file or FIFO; it does not create one.
-        match OpenOptions::new().append(true).open(path) {
-            Ok(file) => {
-                self.logger = Some((logger, file));
-                self.log("main", "INFO", &format!("Running Firecracker v{EMULATED_VERSION}"));
-                Reply::no_content()
-            }
+        match self.use_logger(logger) {
+            Ok(()) => Reply::no_content(),
             Err(e) => Reply::fault(400, format!("Logger error: Failed to open target file: {e}")),
         }
+    }
+
+    /// Logs to `logger`'s file (from `PUT /logger` or the command line).
+    pub fn use_logger(&mut self, logger: Logger) -> std::io::Result<()> {
+        let Some(path) = &logger.log_path else {
+            return Ok(());
+        };
+        // Firecracker opens an existing file or FIFO; it does not create one.
+        let file = OpenOptions::new().append(true).open(path)?;
+        self.logger = Some((logger, file));
+        self.log("main", "INFO", &format!("Running Firecracker v{EMULATED_VERSION}"));
+        Ok(())
     }
 
     pub(super) fn put_metrics(&mut self, body: &[u8]) -> Reply {
@@ -166,15 +170,19 @@ impl Vmm {
                 "Metrics error: Cannot initialize the metrics system due to bad user input: Reinitialization of metrics not allowed.",
             );
         }
-        match OpenOptions::new().append(true).open(&metrics.metrics_path) {
-            Ok(file) => {
-                self.metrics = Some(file);
-                Reply::no_content()
-            }
+        match self.use_metrics(&metrics.metrics_path) {
+            Ok(()) => Reply::no_content(),
             Err(e) => Reply::fault(
                 400,
                 format!("Metrics error: Cannot initialize the metrics system due to bad user input: {e}"),
             ),
         }
+    }
+
+    /// Writes metrics to the existing file `path` (from `PUT /metrics` or
+    /// the command line).
+    pub fn use_metrics(&mut self, path: &str) -> std::io::Result<()> {
+        self.metrics = Some(OpenOptions::new().append(true).open(path)?);
+        Ok(())
     }
 }

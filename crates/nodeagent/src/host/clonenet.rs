@@ -68,6 +68,15 @@ fn thread_gone(what: &str) -> NetError {
 }
 
 impl Setup {
+    /// A set-up under way elsewhere (a spare's thread), heard of through
+    /// `tap` (the TAP was made, or not) and `done`.
+    pub fn waiting(
+        tap: tokio::sync::oneshot::Receiver<bool>,
+        done: tokio::sync::oneshot::Receiver<Result<(), NetError>>,
+    ) -> Self {
+        Setup { tap: Some(tap), done: Some(done) }
+    }
+
     /// Returns once the VM's TAP is in its namespace.
     pub async fn tap_ready(&mut self) -> Result<(), NetError> {
         let Some(tap) = self.tap.take() else { return Ok(()) };
@@ -194,8 +203,18 @@ async fn inside(
 
 /// `lo` up and the VM's TAP made and up; the TAP's index.
 async fn make_tap(net: &Net, tap: &str, owner: (u32, u32)) -> Result<u32, NetError> {
-    let lo = net.link("lo").await?.ok_or_else(|| NetError::Vanished("lo".into()))?;
-    set_up(net, "lo", lo.index).await?;
+    up_by_name(net, "lo").await?;
+    tap_up(net, tap, owner).await
+}
+
+/// Link `name` up.
+pub(crate) async fn up_by_name(net: &Net, name: &str) -> Result<(), NetError> {
+    let link = net.link(name).await?.ok_or_else(|| NetError::Vanished(name.into()))?;
+    set_up(net, name, link.index).await
+}
+
+/// The VM's TAP made and up; its index.
+pub(crate) async fn tap_up(net: &Net, tap: &str, owner: (u32, u32)) -> Result<u32, NetError> {
     crate::host::net::create_persistent_tap(tap, owner).map_err(|source| NetError::Tap { name: tap.into(), source })?;
     let tap_link = net.link(tap).await?.ok_or_else(|| NetError::Vanished(tap.into()))?;
     set_up(net, tap, tap_link.index).await?;
@@ -203,7 +222,7 @@ async fn make_tap(net: &Net, tap: &str, owner: (u32, u32)) -> Result<u32, NetErr
 }
 
 /// The veth's address, the routes and the sysctls of the namespace.
-async fn peer_links(net: &Net, tap: &str, tap_index: u32, peer: &str, a: Addresses) -> Result<(), NetError> {
+pub(crate) async fn peer_links(net: &Net, tap: &str, tap_index: u32, peer: &str, a: Addresses) -> Result<(), NetError> {
     let peer_link = net.link(peer).await?.ok_or_else(|| NetError::Vanished(peer.into()))?;
     let netlink = |op: &'static str, name: &str| {
         let name = name.to_string();
@@ -258,19 +277,36 @@ pub fn ruleset(peer: &str, a: Addresses) -> String {
 /// Starts `nft` loading the NAT rules, from this (namespaced) thread: the
 /// child runs in the thread's namespace.
 fn start_nat(peer: &str, a: Addresses) -> std::io::Result<std::process::Child> {
-    use std::io::Write;
+    let mut child = start_nat_waiting()?;
+    write_rules(&mut child, peer, a)?;
+    Ok(child)
+}
+
+/// Starts `nft` in this thread's namespace, waiting for its rules on its
+/// input (it reads to the end before it does anything).
+pub(crate) fn start_nat_waiting() -> std::io::Result<std::process::Child> {
     let mut nft = std::process::Command::new("nft");
     nft.args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    let mut child = crate::host::forks::forking(|| nft.spawn())?;
-    // Dropped once written: `nft` reads to the end of its input.
-    child.stdin.take().expect("piped").write_all(ruleset(peer, a).as_bytes())?;
-    Ok(child)
+    crate::host::forks::forking(|| nft.spawn())
 }
 
-/// Waits for the `nft` of [`start_nat`]; its complaint when it failed.
+/// Writes the rules to a waiting `nft` and ends its input.
+fn write_rules(child: &mut std::process::Child, peer: &str, a: Addresses) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut input = child.stdin.take().ok_or_else(|| std::io::Error::other("nft's input is gone"))?;
+    input.write_all(ruleset(peer, a).as_bytes())
+}
+
+/// Loads the rules with an `nft` of [`start_nat_waiting`], and waits for it.
+pub(crate) fn load_nat(mut child: std::process::Child, peer: &str, a: Addresses) -> std::io::Result<()> {
+    write_rules(&mut child, peer, a)?;
+    finish_nat(child)
+}
+
+/// Waits for an `nft` whose input has ended; its complaint when it failed.
 fn finish_nat(child: std::process::Child) -> std::io::Result<()> {
     let out = child.wait_with_output()?;
     if out.status.success() {

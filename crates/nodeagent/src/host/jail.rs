@@ -237,7 +237,7 @@ impl Jail {
 
     /// The system calls to make between fork and exec, prepared in advance
     /// (the child may not allocate).
-    pub fn entry(&self, own_netns: bool) -> Result<Entry, JailError> {
+    pub fn entry(&self, net: VmmNet) -> Result<Entry, JailError> {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(p.to_path_buf()));
         let mut binds = vec![(c(&self.binary)?, c(&self.host(inside::BINARY))?)];
         if let Some(kernel) = &self.kernel {
@@ -262,7 +262,14 @@ impl Jail {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(63);
         Ok(Entry {
-            namespaces: if own_netns { libc::CLONE_NEWNS | libc::CLONE_NEWNET } else { libc::CLONE_NEWNS },
+            namespaces: match net {
+                VmmNet::Own => libc::CLONE_NEWNS | libc::CLONE_NEWNET,
+                VmmNet::Host | VmmNet::Join(_) => libc::CLONE_NEWNS,
+            },
+            join_net: match net {
+                VmmNet::Join(fd) => fd,
+                VmmNet::Host | VmmNet::Own => -1,
+            },
             slash: c(Path::new("/"))?,
             skeleton: c(&self.skeleton.dir)?,
             skeleton_vm: c(&self.skeleton.dir.join(inside::VM.trim_start_matches('/')))?,
@@ -387,10 +394,24 @@ fn mkdir(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), JailEr
         .map_err(io(format!("mode of {}", path.display())))
 }
 
+/// The network namespace a VMM runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmNet {
+    /// The agent's.
+    Host,
+    /// A new one of its own.
+    Own,
+    /// The one this descriptor (open in the agent until the launch
+    /// returns) refers to.
+    Join(std::os::fd::RawFd),
+}
+
 /// The steps into a jail, run in the child between fork and exec.
 #[derive(Debug)]
 pub struct Entry {
     namespaces: libc::c_int,
+    /// A network namespace to join first (-1: none).
+    join_net: libc::c_int,
     slash: CString,
     skeleton: CString,
     skeleton_vm: CString,
@@ -424,6 +445,9 @@ impl Entry {
         // SAFETY: every pointer is to a NUL-terminated string owned by
         // `self` or null where the call allows it.
         unsafe {
+            if self.join_net >= 0 {
+                check(libc::setns(self.join_net, libc::CLONE_NEWNET))?;
+            }
             check(libc::unshare(self.namespaces))?;
             // Keep the jail's mounts from propagating back to the host.
             check(libc::mount(null, self.slash.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;

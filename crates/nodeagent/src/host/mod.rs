@@ -21,6 +21,7 @@ pub mod net;
 pub mod process;
 pub mod scope;
 pub mod space;
+pub mod spares;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -52,6 +53,8 @@ pub struct HostConfig {
     /// The apiserver, for Image files uploaded there (`None`: only Images
     /// with a URL source can be downloaded).
     pub api: Option<nexus_client::Client>,
+    /// Network namespaces kept ready for restored VMs ([`spares`]).
+    pub spare_netns: usize,
 }
 
 /// The node's facilities, shared by every VM's owner: its settings, its
@@ -78,6 +81,8 @@ pub struct Host {
     pub snapshot_files: locks::KeyedLocks,
     /// Held while a volume is made or removed.
     pub volume_files: locks::KeyedLocks,
+    /// Network namespaces ready for restored VMs.
+    pub spares: spares::Spares,
     /// The bridge's index as last ensured (0: not yet).
     bridge: AtomicU32,
 }
@@ -115,6 +120,7 @@ impl Host {
             uids = ?cfg.vmm_uids,
             "VMMs run jailed, each as its own user"
         );
+        let spares = spares::Spares::new(if cfg.bridge_address.is_some() { cfg.spare_netns } else { 0 });
         Host {
             users: jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms()),
             vmms: process::Vmms::new(&cfg.run_dir, &cfg.firecracker),
@@ -127,8 +133,21 @@ impl Host {
             verifier: Default::default(),
             snapshot_files: Default::default(),
             volume_files: Default::default(),
+            spares,
             bridge: Default::default(),
         }
+    }
+
+    /// Makes spare network namespaces, in the background, until as many
+    /// as configured are ready, starting [`spares::REFILL_AFTER`] from now
+    /// (after the start that took one has been reported: making one takes
+    /// the CPU that start and its report need).
+    pub fn refill_spares(self: &Arc<Self>) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(spares::REFILL_AFTER).await;
+            host.spares.fill(&host.net).await
+        });
     }
 
     /// Creates the bridge (and its address) if missing.

@@ -33,9 +33,9 @@ pub enum ProcessError {
 }
 
 /// Starts the jailed VMM `/firecracker --api-sock /run/fc.sock --id <uid>`
+/// (logging to the jail's log and metrics files, which must exist)
 /// (in `jail`, which [`crate::host::jail::Jail::prepare`] made) in its own process group, its stdout and stderr (the guest console)
-/// appended to `console`; with `own_netns`, in a network namespace of its
-/// own too (which ends with it). The process outlives the agent; while the
+/// appended to `console`, in the network namespace `net` says. The process outlives the agent; while the
 /// agent lives, a task reaps it, writes how it ended to `reaped` (a
 /// [`Reaped`] as JSON) and then calls `ended(pid)`.
 pub fn launch(
@@ -43,7 +43,7 @@ pub fn launch(
     uid: &str,
     console: &Path,
     reaped: PathBuf,
-    own_netns: bool,
+    net: crate::host::jail::VmmNet,
     ended: impl FnOnce(u32) + Send + 'static,
 ) -> Result<u32, ProcessError> {
     use crate::host::jail::inside;
@@ -53,12 +53,15 @@ pub fn launch(
         .open(console)
         .map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
     let err = out.try_clone().map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
-    let entry = jail.entry(own_netns)?;
+    let entry = jail.entry(net)?;
     let mut cmd = tokio::process::Command::new(inside::BINARY);
+    // The log and metrics from the start, rather than by two requests
+    // before the VM's configuration (a restore's load waits for them).
     cmd.arg("--api-sock")
         .arg(inside::API_SOCK)
         .arg("--id")
         .arg(uid)
+        .args(["--log-path", inside::LOG, "--level", "Info", "--show-level", "--metrics-path", inside::METRICS])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -1,29 +1,13 @@
-//! The Firecracker configuration of a VM: its log and metrics, machine,
-//! boot source, drives and network interface, sent before InstanceStart,
-//! naming the VM's files as the jailed VMM sees them.
+//! The Firecracker configuration of a VM: its machine, boot source, drives
+//! and network interface, sent before InstanceStart, naming the VM's files
+//! as the jailed VMM sees them. (Its log and metrics are given on the
+//! command line: see [`crate::host::process::launch`].)
 
 use nexus_api::agent::EnsureVm;
 
 use crate::error::AgentError;
 use crate::firecracker::FcClient;
 use crate::firecracker::models;
-
-/// Points Firecracker's log and metrics at the VM's files (as the jailed
-/// VMM sees them): the only configuration a snapshot load allows first.
-pub async fn configure_observability(client: &FcClient) -> Result<(), AgentError> {
-    use crate::host::jail::inside;
-    let fc = |step: &'static str| move |source| AgentError::Firecracker { step, source };
-    client
-        .put_logger(&models::Logger {
-            log_path: inside::LOG.into(),
-            level: Some("Info".into()),
-            show_level: Some(true),
-            show_log_origin: Some(false),
-        })
-        .await
-        .map_err(fc("logger"))?;
-    client.put_metrics(&models::Metrics { metrics_path: inside::METRICS.into() }).await.map_err(fc("metrics"))
-}
 
 /// Sends the full pre-boot configuration, then InstanceStart, naming the
 /// VM's files as the jailed VMM sees them. The log and metrics go first;
@@ -77,9 +61,6 @@ pub async fn configure(
             rate_limiter: d.rate_limiter.as_ref().map(super::drives::limiter),
         })
         .collect();
-    // The log first, so that it records every request after it (an
-    // operator reading it sees the whole configuration, drives in order).
-    configure_observability(client).await?;
     tokio::try_join!(
         async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
         async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },

@@ -71,6 +71,7 @@ impl Runtime {
             // A copy being made (`.<uid>.copy`) goes with its snapshot.
             .filter(|name| !name.starts_with('.'))
             .collect();
+        inv.spare_namespaces = u32::try_from(self.host.spares.ready()).unwrap_or(u32::MAX);
         inv.snapshots.sort();
         inv.run_dirs.sort();
         inv.sockets.sort();

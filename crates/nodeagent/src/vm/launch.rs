@@ -65,6 +65,16 @@ impl VmOwner {
             read_only_binds,
         };
         jail.prepare()?;
+        // The log and metrics files, which the VMM opens as it starts.
+        use crate::host::jail::inside::{LOG, METRICS};
+        for (file, inside) in [(paths.log(), LOG), (paths.metrics(), METRICS)] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .map_err(AgentError::io(format!("creating {}", file.display())))?;
+            jail.link(&file, inside)?;
+        }
         // Its drives' files and mount points: the launch binds the latter.
         self.make_drives(paths, &jail, &drives).await?;
         // The VMM starts while its TAP and disk are made: it needs them only
@@ -79,6 +89,13 @@ impl VmOwner {
         // task makes the TAP and the disk. The pid file is written there
         // too, so a request cut short (its caller gone) still leaves the
         // VMM recorded.
+        // A restored VM's VMM joins a spare network namespace when one is
+        // ready, and gets a new one otherwise.
+        let spare = if restore.is_some() { self.host.spares.take() } else { None };
+        let join = match &spare {
+            Some(s) => Some(s.netns().map_err(AgentError::io("opening a spare network namespace"))?),
+            None => None,
+        };
         let launch = {
             let (jail, who, paths) = (jail.clone(), uid.to_string(), paths.clone());
             let exits = self.host.exits.clone();
@@ -88,13 +105,21 @@ impl VmOwner {
                     let who = who.clone();
                     move |pid| exits.record(&who, pid)
                 };
-                let pid = process::launch(&jail, &who, &paths.console(), paths.reaped(), own_netns, ended)?;
+                use crate::host::jail::VmmNet;
+                let net = match (&join, own_netns) {
+                    (Some(fd), _) => VmmNet::Join(std::os::fd::AsRawFd::as_raw_fd(fd)),
+                    (None, true) => VmmNet::Own,
+                    (None, false) => VmmNet::Host,
+                };
+                let pid = process::launch(&jail, &who, &paths.console(), paths.reaped(), net, ended)?;
+                // The VMM holds the namespace now.
+                drop(join);
                 std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
                 remove_if_exists(&paths.launching())?;
                 Ok(pid)
             })
         };
-        let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(paths, req, restore.as_ref(), user));
+        let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(paths, req, restore.as_ref(), user, spare));
         let pid = pid.map_err(|e| AgentError::Io {
             what: "launching the VMM".into(),
             source: std::io::Error::other(e.to_string()),
@@ -112,22 +137,29 @@ impl VmOwner {
             Ok(launched.elapsed())
         };
         let prepared = match made {
-            Ok(bridge) => {
-                // A restored VM's namespace is set up while its VMM starts;
-                // its snapshot is loaded once the TAP is there.
+            Ok((bridge, claimed)) => {
+                // A restored VM's namespace is set up while its VMM starts
+                // (or was made ahead, a spare); its snapshot is loaded once
+                // the TAP is there.
                 let prepare = async {
                     let (addresses, req) = self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives).await?;
                     let netns = match restore {
                         Some(_) => {
                             let owner = (user, user);
                             let prepared = launched.elapsed();
-                            let mut setup =
-                                crate::host::clonenet::start(&self.host.net, pid, uid, bridge, addresses, owner)
-                                    .await?;
+                            let spare = claimed.is_some();
+                            let mut setup = match claimed {
+                                Some(claimed) => claimed.finish(addresses),
+                                None => {
+                                    crate::host::clonenet::start(&self.host.net, pid, uid, bridge, addresses, owner)
+                                        .await?
+                                }
+                            };
                             let veth = launched.elapsed();
                             setup.tap_ready().await?;
                             tracing::debug!(
                                 uid = %uid,
+                                spare,
                                 prepared_ms = prepared.as_secs_f64() * 1000.0,
                                 veth_ms = veth.as_secs_f64() * 1000.0,
                                 tap_ms = launched.elapsed().as_secs_f64() * 1000.0,
@@ -157,7 +189,7 @@ impl VmOwner {
         let configured = match &restore {
             Some(_) => {
                 let restored = async {
-                    super::configure::configure_observability(client).await?;
+                    let load_from = launched.elapsed();
                     // Loaded paused while the namespace's NAT is finished;
                     // the guest runs once its network is whole.
                     super::snapshots::load(client, &tap, false).await?;
@@ -167,6 +199,7 @@ impl VmOwner {
                     }
                     tracing::debug!(
                         uid = %uid,
+                        from_ms = load_from.as_secs_f64() * 1000.0,
                         loaded_ms = loaded.as_secs_f64() * 1000.0,
                         netns_ms = launched.elapsed().as_secs_f64() * 1000.0,
                         "snapshot loaded"
@@ -186,6 +219,10 @@ impl VmOwner {
             }
             None => super::configure::configure(client, req, &tap, &drives, mmds.as_ref()).await,
         };
+        if restore.is_some() {
+            // The spare it took (if any) is replaced once it runs.
+            self.host.refill_spares();
+        }
         if let Err(e) = configured {
             self.host.stop_vmm(pid, uid.as_str(), Duration::ZERO).await;
             return Err(e);
@@ -208,27 +245,34 @@ impl VmOwner {
 
     /// What a new VMM needs besides itself that does not depend on its
     /// process, made while it is launched: the bridge and the VM's TAP (a
-    /// restored VM's TAP is made later, inside the VMM's own namespace) and
-    /// its private disk. Returns the bridge's index.
+    /// restored VM's TAP is made inside the VMM's own namespace: at once in
+    /// a `spare`, which is claimed here, else once the VMM runs) and its
+    /// private disk. Returns the bridge's index and the claimed spare.
     async fn make_tap_and_disk(
         &self,
         paths: &VmPaths,
         req: &EnsureVm,
         restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
         user: u32,
-    ) -> Result<u32, AgentError> {
+        spare: Option<crate::host::spares::Spare>,
+    ) -> Result<(u32, Option<crate::host::spares::Claimed>), AgentError> {
         let uid = &self.uid;
         let began = Instant::now();
         let bridge = self.host.bridge_index().await?;
         let tap = uid.tap_name();
-        match restore {
+        let claimed = match restore {
             Some(_) => {
                 self.host.net.delete_link(&tap).await?;
+                match spare {
+                    Some(spare) => Some(spare.claim(&self.host.net, uid, bridge, (user, user)).await?),
+                    None => None,
+                }
             }
             None => {
                 self.host.net.ensure_tap(&tap, bridge, (user, user)).await?;
+                None
             }
-        }
+        };
         let copy_started = Instant::now();
         let method = match restore {
             // The snapshot's disk, taken with its memory, is the VM's disk.
@@ -246,7 +290,7 @@ impl VmOwner {
             copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
             "disk ready"
         );
-        Ok(bridge)
+        Ok((bridge, claimed))
     }
 
     /// The rest of what a new VMM needs, once it runs: its systemd scope or
@@ -271,14 +315,6 @@ impl VmOwner {
             })?;
         } else if let Some(cg) = &self.host.cfg.cgroups {
             cg.confine(uid, pid, req.vcpu, req.mem_mib).map_err(AgentError::io("placing the VMM in its cgroup"))?;
-        }
-        for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file)
-                .map_err(AgentError::io(format!("creating {}", file.display())))?;
-            jail.link(&file, inside)?;
         }
         jail.link(&paths.rootfs(), inside::ROOTFS)?;
         self.link_drives(paths, jail, drives)?;

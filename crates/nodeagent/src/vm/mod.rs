@@ -61,6 +61,11 @@ impl Runtime {
         Runtime { owners: Owners::new(host.clone()), host, removing: Default::default(), metrics: Default::default() }
     }
 
+    /// Starts making the spare network namespaces restored VMs take.
+    pub fn start_spares(&self) {
+        self.host.refill_spares();
+    }
+
     /// The host the VMs run on.
     pub fn host(&self) -> &Host {
         &self.host
