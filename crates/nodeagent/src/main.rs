@@ -239,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
             sampler.collect_metrics().await;
         }
     });
+    let stopping = runtime.clone();
     let state = AgentState {
         runtime,
         credential,
@@ -247,6 +248,8 @@ async fn main() -> anyhow::Result<()> {
         peers: Default::default(),
     };
     nexus_tls::serve(listener, serving, router(state), shutdown()).await?;
+    // VMs keep running; the spare namespaces are the agent's own.
+    stopping.host().clear_spares().await;
     Ok(())
 }
 

@@ -138,6 +138,11 @@ impl Host {
         }
     }
 
+    /// Removes the spare network namespaces (the agent is stopping).
+    pub async fn clear_spares(&self) {
+        self.spares.clear(&self.net).await;
+    }
+
     /// Makes spare network namespaces, in the background, until as many
     /// as configured are ready, starting [`spares::REFILL_AFTER`] from now
     /// (after the start that took one has been reported: making one takes

@@ -117,10 +117,25 @@ impl Spares {
         self.ready.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
+    /// Removes every spare: its bridge end at once (the pair goes with it),
+    /// its namespace, thread and `nft` as they notice. Spares made by an
+    /// agent that was killed (their namespaces end with it; the kernel
+    /// removes their links a moment later) are removed too, when found.
+    pub async fn clear(&self, net: &Net) {
+        let _one = self.filling.lock().await;
+        let spares: Vec<Spare> = std::mem::take(&mut *self.ready.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(spares);
+        remove_spare_links(net).await;
+    }
+
     /// Makes spares until `want` are ready; stops at the first failure
     /// (logged: a node without spares makes namespaces on demand).
     pub async fn fill(&self, net: &Net) {
         let _one = self.filling.lock().await;
+        if self.made.load(Ordering::Relaxed) == 0 {
+            // Left by an agent before this one.
+            remove_spare_links(net).await;
+        }
         while self.ready() < self.want {
             let n = self.made.fetch_add(1, Ordering::Relaxed);
             match make(net, n).await {
@@ -130,6 +145,16 @@ impl Spares {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Deletes every link named as a spare's bridge end.
+async fn remove_spare_links(net: &Net) {
+    let Ok(links) = net.links().await else { return };
+    for link in links.into_iter().filter(|l| l.name.starts_with(SPARE_PREFIX)) {
+        if let Err(e) = net.delete_link(&link.name).await {
+            tracing::warn!(link = %link.name, error = ?e, "removing a spare's veth failed");
         }
     }
 }
@@ -316,9 +341,11 @@ mod tests {
                 assert!(run(&["ip", "-o", "addr"]).contains("172.31.9.9/24"), "the VM's own address");
                 assert!(run(&["nft", "list", "ruleset"]).contains("dnat to 172.31.9.5"), "the NAT");
 
-                // The namespace's last holder gone: its veth goes with it.
+                // The namespace's last holder gone: its veth goes with it;
+                // the unclaimed spare is cleared.
                 drop(ns);
-                drop(spares);
+                spares.clear(&net).await;
+                assert!(links_named(&net, SPARE_PREFIX).await.is_empty(), "cleared at once");
                 for _ in 0..200 {
                     if links_named(&net, clonenet::VETH_PREFIX).await.is_empty()
                         && links_named(&net, SPARE_PREFIX).await.is_empty()
