@@ -221,24 +221,37 @@ fn inside(ns: oneshot::Sender<std::io::Result<OwnedFd>>, peer: oneshot::Receiver
             }
         }
         let Ok(Claim { tap, owner, addresses, tap_made, done }) = claim.await else {
-            // Dropped unclaimed: `nft` exits on its empty input.
-            if let Ok(child) = nat.as_mut() {
-                drop(child.stdin.take());
-                let _ = child.wait();
-            }
+            // Dropped unclaimed.
+            end_unused(nat.as_mut().ok());
             return;
         };
+        let tap_index = clonenet::tap_up(&net, &tap, owner).await;
+        let _ = tap_made.send(tap_index.is_ok());
+        let a = match (tap_index.as_ref(), addresses.await) {
+            (Ok(_), Ok(a)) => a,
+            // No TAP, or no addresses to join (the VM's start ended, or its
+            // source had none): no NAT.
+            (_, _) => {
+                end_unused(nat.as_mut().ok());
+                let _ = done.send(tap_index.map(|_| ()));
+                return;
+            }
+        };
         let result = async {
-            let tap_index = clonenet::tap_up(&net, &tap, owner).await;
-            let _ = tap_made.send(tap_index.is_ok());
-            let tap_index = tap_index?;
-            let Ok(a) = addresses.await else { return Ok(()) };
-            clonenet::peer_links(&net, &tap, tap_index, PEER, a).await?;
+            clonenet::peer_links(&net, &tap, tap_index?, PEER, a).await?;
             let nat_error = |source| NetError::Tap { name: format!("NAT on {PEER}"), source };
             clonenet::load_nat(nat.map_err(nat_error)?, PEER, a).map_err(nat_error)
         };
         let _ = done.send(result.await);
     });
+}
+
+/// Ends a waiting `nft` that gets no rules (it exits on its empty input).
+fn end_unused(nat: Option<&mut std::process::Child>) {
+    if let Some(child) = nat {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
 }
 
 /// A spare that could not be finished: its claim, should one come, hears

@@ -84,11 +84,6 @@ impl VmOwner {
         let console_at = std::fs::metadata(paths.console()).map(|m| m.len()).unwrap_or(0);
         std::fs::write(paths.console_offset(), console_at.to_string())
             .map_err(AgentError::io("recording the console's length"))?;
-        let launched = Instant::now();
-        // The fork and the jail's set-up run on a blocking thread while this
-        // task makes the TAP and the disk. The pid file is written there
-        // too, so a request cut short (its caller gone) still leaves the
-        // VMM recorded.
         // A restored VM's VMM joins a spare network namespace when one is
         // ready, and gets a new one otherwise.
         let spare = if restore.is_some() { self.host.spares.take() } else { None };
@@ -96,6 +91,11 @@ impl VmOwner {
             Some(s) => Some(s.netns().map_err(AgentError::io("opening a spare network namespace"))?),
             None => None,
         };
+        let launched = Instant::now();
+        // The fork and the jail's set-up run on a blocking thread while this
+        // task makes the TAP and the disk. The pid file is written there
+        // too, so a request cut short (its caller gone) still leaves the
+        // VMM recorded.
         let launch = {
             let (jail, who, paths) = (jail.clone(), uid.to_string(), paths.clone());
             let exits = self.host.exits.clone();
