@@ -121,17 +121,7 @@ pub async fn start(
         // a link between namespaces waits for an RCU grace period, 15-30 ms
         // here) and the bridge end on the bridge, up.
         let peer_in_vmm = LinkUnspec::new_with_name(&peer).setns_by_pid(pid).build();
-        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(veth.clone())
-            .controller(bridge)
-            .up()
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_in_vmm)))
-            .build();
-        net.handle().link().add(pair).execute().await.map_err(|source| NetError::Netlink {
-            op: "add veth",
-            name: veth.clone(),
-            source,
-        })?;
+        add_veth(net, &veth, peer_in_vmm, Some(bridge)).await?;
     }
     let tap = uid.tap_name();
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
@@ -160,6 +150,28 @@ pub async fn start(
         }
     });
     Ok(Setup { tap: Some(tap_rx), done: Some(done_rx) })
+}
+
+/// Makes veth pair `name` (in this namespace) and `peer` (a link message
+/// naming the other end and, where it goes, its namespace); with `bridge`,
+/// `name` is on that bridge and up, else down and on none.
+pub(crate) async fn add_veth(
+    net: &Net,
+    name: &str,
+    peer: rtnetlink::packet_route::link::LinkMessage,
+    bridge: Option<u32>,
+) -> Result<(), NetError> {
+    let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth).name(name.to_string());
+    let pair = match bridge {
+        Some(index) => pair.controller(index).up(),
+        None => pair,
+    };
+    let pair = pair.set_info_data(InfoData::Veth(InfoVeth::Peer(peer))).build();
+    net.handle().link().add(pair).execute().await.map_err(|source| NetError::Netlink {
+        op: "add veth",
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// The part done inside the namespace; `tap_made` hears as soon as the

@@ -32,8 +32,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
-use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::LinkUnspec;
 use tokio::sync::oneshot;
 
 use crate::host::clonenet::{self, Addresses, Setup};
@@ -178,15 +177,7 @@ async fn make(net: &Net, n: u64) -> Result<Spare, NetError> {
     // Brought up by the spare's thread: a veth end cannot be set up before
     // its pair is whole.
     let peer = LinkUnspec::new_with_name(PEER).setns_by_fd(ns.as_raw_fd()).build();
-    let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(name.clone())
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    net.handle().link().add(pair).execute().await.map_err(|source| NetError::Netlink {
-        op: "add veth",
-        name: name.clone(),
-        source,
-    })?;
+    clonenet::add_veth(net, &name, peer, None).await?;
     let veth = net.link(&name).await?.ok_or_else(|| NetError::Vanished(name.clone()))?.index;
     let _ = peer_tx.send(());
     Ok(Spare { ns, veth, claim: claim_tx })
