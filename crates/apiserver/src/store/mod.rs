@@ -220,8 +220,10 @@ pub struct Store {
 pub struct Core {
     pool: Pool,
     sql: &'static Sql,
-    /// Held while a transaction writes; holds the last broadcast version for SQLite.
-    writer: Arc<Mutex<()>>,
+    /// Held while a transaction writes. For SQLite (one process writes) it
+    /// holds the newest committed resourceVersion once a write learned it,
+    /// so a write need not ask; `None` means ask the database.
+    writer: Arc<Mutex<Option<i64>>>,
     changes: broadcast::Sender<Arc<Change>>,
     /// Wakes the PostgreSQL tailer after a local commit.
     poke: Arc<Notify>,
@@ -277,7 +279,7 @@ impl Store {
         let core = Core {
             pool,
             sql: Sql::of(dialect),
-            writer: Arc::new(Mutex::new(())),
+            writer: Arc::new(Mutex::new(None)),
             changes,
             poke: Arc::new(Notify::new()),
             retained: Arc::new(AtomicI64::new(DEFAULT_RETAINED_CHANGES)),

@@ -19,7 +19,9 @@ impl Store {
         if keys.is_empty() {
             return Ok(0);
         }
-        let _writer = self.writer.lock().await;
+        let mut newest = self.writer.lock().await;
+        // Written here: the next write asks the database again.
+        *newest = None;
         let sql = self.sql;
         let now = access::stamp(chrono::Utc::now());
         let committed: Vec<Change> = with_pool!(self, pool => {

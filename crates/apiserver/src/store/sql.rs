@@ -22,6 +22,13 @@ pub struct Sql {
     pub insert_change: &'static str,
     pub insert_audit: &'static str,
     pub compact: &'static str,
+    /// An object stored, its change and its audit record, in one request
+    /// (SQLite, which runs several statements from one string; each is a
+    /// round trip to the database's thread otherwise). Parameters, by
+    /// number: see [`written`].
+    pub write_object: Option<&'static str>,
+    /// As `write_object`, for an object removed.
+    pub write_deletion: Option<&'static str>,
     /// Run first in a list's transaction so all its reads see one snapshot
     /// (PostgreSQL; a SQLite transaction reads one snapshot anyway).
     pub snapshot_read: Option<&'static str>,
@@ -91,6 +98,18 @@ impl Sql {
             ),
             insert_audit: n(super::INSERT_AUDIT),
             compact: n("DELETE FROM changes WHERE resource_version <= ?"),
+            write_object: match dialect {
+                Dialect::Sqlite => Some(written(
+                    "INSERT INTO objects (kind, project, name, uid, resource_version, body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (kind, project, name) DO UPDATE SET \
+                     resource_version = excluded.resource_version, body = excluded.body",
+                )),
+                Dialect::Postgres => None,
+            },
+            write_deletion: match dialect {
+                Dialect::Sqlite => Some(written("DELETE FROM objects WHERE kind = ?1 AND project = ?2 AND name = ?3")),
+                Dialect::Postgres => None,
+            },
             snapshot_read: match dialect {
                 Dialect::Sqlite => None,
                 Dialect::Postgres => Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"),
@@ -119,6 +138,24 @@ impl Sql {
             list_in_project: n("SELECT body FROM objects WHERE kind = ? AND project = ?"),
         }
     }
+}
+
+/// `object` (a statement on the objects table) followed by the change's
+/// and the audit record's inserts, numbered parameters throughout:
+/// 1 kind, 2 project, 3 name, 4 uid, 5 resourceVersion, 6 body, 7 event
+/// type, 8 the change's request id, 9 time, 10 request id, 11 actor,
+/// 12 verb, 13 result, 14 correlation id, 15 token id, 16 status code,
+/// 17 changes, 18 message.
+fn written(object: &str) -> &'static str {
+    let sql = format!(
+        "{object}; \
+         INSERT INTO changes (resource_version, kind, project, name, event_type, body, request_id) \
+         VALUES (?5, ?1, ?2, ?3, ?7, ?6, ?8); \
+         INSERT INTO audit (at, request_id, actor, verb, kind, project, name, resource_version, result, \
+         correlation_id, token_id, status_code, changes, message) \
+         VALUES (?9, ?10, ?11, ?12, ?1, ?2, ?3, ?5, ?13, ?14, ?15, ?16, ?17, ?18)"
+    );
+    Box::leak(sql.into_boxed_str())
 }
 
 /// `sql` with placeholders as `dialect` writes them.

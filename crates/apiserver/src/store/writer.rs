@@ -61,7 +61,7 @@ impl Core {
     /// committed (or failed). A job whose own check fails is answered with
     /// its error and leaves no trace; a storage failure fails them all.
     async fn commit(&self, batch: Vec<Job>) {
-        let _writer = self.writer.lock().await;
+        let mut newest = self.writer.lock().await;
         let mut replies = Vec::with_capacity(batch.len());
         let mut work = Vec::with_capacity(batch.len());
         for job in batch {
@@ -71,8 +71,15 @@ impl Core {
         }
         let size = work.len();
         metrics::histogram!("nexus_store_batch_size").record(size as f64);
-        match self.run(work).await {
-            Ok(outcomes) => {
+        let known = match self.pool {
+            Pool::Sqlite(_) => *newest,
+            Pool::Postgres(_) => None,
+        };
+        match self.run(work, known).await {
+            Ok((outcomes, last)) => {
+                if let Pool::Sqlite(_) = self.pool {
+                    *newest = Some(last);
+                }
                 let mut announced = false;
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let answer = outcome.map(|(mutation, change)| {
@@ -94,6 +101,7 @@ impl Core {
                 }
             }
             Err(e) => {
+                *newest = None;
                 tracing::error!(error = %e, writes = size, "a batch of writes failed");
                 let message = format!("storage failed: {e}");
                 let mut first = Some(e);
@@ -106,11 +114,14 @@ impl Core {
     }
 
     /// The transaction of one batch. The outer error is a storage failure
-    /// (nothing committed); each job has its own outcome otherwise.
+    /// (nothing committed); each job has its own outcome otherwise, and the
+    /// newest resourceVersion once it ends is returned with them. `known`
+    /// is that version before the batch, when known without asking.
     async fn run(
         &self,
         work: Vec<(String, String, String, AuditInfo, Reads, Decide)>,
-    ) -> Result<Vec<Outcome>, ApiError> {
+        known: Option<i64>,
+    ) -> Result<(Vec<Outcome>, i64), ApiError> {
         let sql = self.sql;
         let retained = self.retained.load(Ordering::Relaxed);
         with_pool!(self, pool => {
@@ -118,7 +129,10 @@ impl Core {
             if let Some(statement) = sql.write_lock {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
-            let mut last: i64 = sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?;
+            let mut last: i64 = match known {
+                Some(v) => v,
+                None => sqlx::query_scalar(sql.max_version).fetch_one(&mut *tx).await?,
+            };
             let mut outcomes = Vec::with_capacity(work.len());
             let mut wrote = false;
             // The lease fenced writes are checked against, read once per
@@ -177,20 +191,31 @@ impl Core {
                     Ok(p) => p,
                     Err(e) => { outcomes.push(Err(e.into())); continue; }
                 };
-                if type_ == ChangeType::Deleted {
-                    sqlx::query(sql.delete_object).bind(&kind).bind(&project).bind(&name).execute(&mut *tx).await?;
+                let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                let (now, fence_note) = (access::stamp(chrono::Utc::now()), audit.fence_note());
+                let combined = if type_ == ChangeType::Deleted { sql.write_deletion } else { sql.write_object };
+                if let Some(statements) = combined {
+                    // One request for the three statements (SQLite).
+                    sqlx::query(statements).bind(&kind).bind(&project).bind(&name).bind(uid).bind(rv).bind(&body)
+                        .bind(type_.as_str()).bind(audit.trace_id()).bind(&now).bind(&audit.request_id)
+                        .bind(&audit.actor).bind(audit.verb).bind("allowed").bind(&audit.correlation_id)
+                        .bind(&audit.token_id).bind(i64::from(audit.status_code)).bind(&changes).bind(&fence_note)
+                        .execute(&mut *tx).await?;
                 } else {
-                    let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
-                    sqlx::query(sql.upsert_object).bind(&kind).bind(&project).bind(&name).bind(uid).bind(rv).bind(&body)
+                    if type_ == ChangeType::Deleted {
+                        sqlx::query(sql.delete_object).bind(&kind).bind(&project).bind(&name).execute(&mut *tx).await?;
+                    } else {
+                        sqlx::query(sql.upsert_object).bind(&kind).bind(&project).bind(&name).bind(uid).bind(rv)
+                            .bind(&body).execute(&mut *tx).await?;
+                    }
+                    sqlx::query(sql.insert_change).bind(rv).bind(&kind).bind(&project).bind(&name)
+                        .bind(type_.as_str()).bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
+                    sqlx::query(sql.insert_audit).bind(&now).bind(&audit.request_id)
+                        .bind(&audit.actor).bind(audit.verb).bind(&kind).bind(&project).bind(&name).bind(rv)
+                        .bind("allowed").bind(&audit.correlation_id).bind(&audit.token_id)
+                        .bind(i64::from(audit.status_code)).bind(&changes).bind(&fence_note)
                         .execute(&mut *tx).await?;
                 }
-                sqlx::query(sql.insert_change).bind(rv).bind(&kind).bind(&project).bind(&name).bind(type_.as_str())
-                    .bind(&body).bind(audit.trace_id()).execute(&mut *tx).await?;
-                sqlx::query(sql.insert_audit).bind(access::stamp(chrono::Utc::now())).bind(&audit.request_id)
-                    .bind(&audit.actor).bind(audit.verb).bind(&kind).bind(&project).bind(&name).bind(rv).bind("allowed")
-                    .bind(&audit.correlation_id).bind(&audit.token_id).bind(i64::from(audit.status_code))
-                    .bind(&changes).bind(audit.fence_note())
-                    .execute(&mut *tx).await?;
                 let every = (retained / 10).max(1);
                 if rv % every == 0 {
                     sqlx::query(sql.compact).bind(rv - retained).execute(&mut *tx).await?;
@@ -216,7 +241,7 @@ impl Core {
             } else {
                 tx.rollback().await?;
             }
-            Ok(outcomes)
+            Ok((outcomes, last))
         })
     }
 }
