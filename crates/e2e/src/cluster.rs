@@ -82,9 +82,9 @@ fn spawn_apiserver(wrapper: &[String], args: &[String], log: &Path) -> Proc {
     }
 }
 
-/// SIGKILLs every VMM whose API socket lies under `dir`.
+/// SIGKILLs every VMM whose API socket lies under `dir`, warm ones too.
 pub fn kill_vmms_under(dir: &Path) {
-    for (pid, _) in host::vmm_processes_under(dir) {
+    for (pid, _) in host::all_vmm_processes_under(dir) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -33,7 +33,8 @@ pub fn taps() -> Vec<LinkInfo> {
     links().into_iter().filter(|l| l.name.starts_with("nxt")).collect()
 }
 
-/// Unix sockets under `dir`, recursively.
+/// Unix sockets under `dir`, recursively, but for warm VMMs' (under a
+/// `warm` directory: no VM's yet).
 pub fn sockets_under(dir: &Path) -> Vec<String> {
     use std::os::unix::fs::FileTypeExt;
     let mut found = Vec::new();
@@ -42,7 +43,7 @@ pub fn sockets_under(dir: &Path) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for e in entries.flatten() {
             let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
+            if ft.is_dir() && e.file_name() != "warm" {
                 stack.push(e.path());
             } else if ft.is_socket() {
                 found.push(e.path().display().to_string());
@@ -72,13 +73,30 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     found
 }
 
-/// Live VMM processes jailed under `dir` (their root directory lies
-/// there), with their command lines.
+/// Live VMM processes of VMs jailed under `dir` (their root directory lies
+/// there), with their command lines. Warm VMMs, which no VM has adopted
+/// yet, are not counted (see [`warm_vmms_under`]).
 pub fn vmm_processes_under(dir: &Path) -> Vec<(u32, String)> {
+    all_vmm_processes_under(dir).into_iter().filter(|(pid, _)| !is_warm(*pid)).collect()
+}
+
+/// Live warm VMMs (started ahead, waiting for a restored VM) under `dir`.
+pub fn warm_vmms_under(dir: &Path) -> Vec<(u32, String)> {
+    all_vmm_processes_under(dir).into_iter().filter(|(pid, _)| is_warm(*pid)).collect()
+}
+
+/// Every live VMM process jailed under `dir`, a VM's or warm.
+pub fn all_vmm_processes_under(dir: &Path) -> Vec<(u32, String)> {
     processes_mentioning("--api-sock")
         .into_iter()
         .filter(|(pid, _)| std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|root| root.starts_with(dir)))
         .collect()
+}
+
+/// Whether VMM `pid` is a warm one: rooted at `<run dir>/warm/<n>/root`.
+fn is_warm(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/root"))
+        .is_ok_and(|root| root.parent().and_then(Path::parent).and_then(Path::file_name) == Some("warm".as_ref()))
 }
 
 /// Directories under `<run dir>/vms`.

@@ -118,7 +118,10 @@ fn a_snapshot_restores_into_three_vms_on_its_node_each_with_its_own_identity_and
         let (ok, _, err) = fleet.nexusctl(&["delete", "snapshot", "cold", "--wait"]);
         assert!(ok, "{err}");
 
-        // Three VMs from it, on its node.
+        // Three VMs from it, on its node: the first ones adopt the VMMs its
+        // agent started ahead.
+        let warm: BTreeSet<u32> = nexus_e2e::host::warm_vmms_under(&run).into_iter().map(|(pid, _)| pid).collect();
+        assert!(!warm.is_empty(), "the agent keeps VMMs started ahead");
         let restored_at = Instant::now();
         for c in ["c1", "c2", "c3"] {
             let (ok, _, err) = fleet.nexusctl(&["restore", "warm", c]);
@@ -142,6 +145,28 @@ fn a_snapshot_restores_into_three_vms_on_its_node_each_with_its_own_identity_and
             ips.insert(rt.ip.clone().unwrap());
             assert!(run.join("vms").join(v.uid()).join("rootfs.ext4").exists(), "{c} has a disk of its own");
         }
+        let mut adopted = 0;
+        for c in ["c1", "c2", "c3"] {
+            let v = vm(&client, c).await.unwrap();
+            let pid = v.status_or_default().runtime.unwrap().pid.unwrap();
+            if warm.contains(&pid) {
+                adopted += 1;
+                let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+                assert_eq!(
+                    root,
+                    run.join("vms").join(v.uid()).join("root"),
+                    "{c}'s VMM is jailed in its own directory"
+                );
+                let log = std::fs::read_to_string(run.join("vms").join(v.uid()).join("fc.log")).unwrap();
+                assert!(log.contains("Running Firecracker"), "{c}'s VMM log moved with it: {log}");
+            }
+        }
+        println!("restored VMs that adopted a warm VMM: {adopted} of 3 ({} were warm)", warm.len());
+        assert!(adopted >= 1, "a restore adopts a warm VMM");
+        wait_until(Duration::from_secs(10), "the warm VMMs to be made again", || async {
+            nexus_e2e::host::warm_vmms_under(&run).len() == warm.len()
+        })
+        .await;
         ips.insert(src.status_or_default().runtime.unwrap().ip.unwrap());
         assert_eq!(ips.len(), 4, "four distinct addresses on the bridge: {ips:?}");
         let ports = bridge_ports(&fleet.nodes[index - 1]);

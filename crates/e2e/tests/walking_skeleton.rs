@@ -94,6 +94,10 @@ fn applied_example_vm_runs_and_delete_leaves_nothing_behind() {
         let took = apply_run_delete(&cluster).await;
         println!("apply -> Running took {} ms", took.as_millis());
         cluster.stop();
+        // The warm VMMs the agent kept for restores end with it.
+        assert_eq!(host::all_vmm_processes_under(&cluster.run_dir), vec![], "VMMs left after the agent stopped");
+        let warm_dirs = std::fs::read_dir(cluster.run_dir.join("warm")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(warm_dirs, 0, "warm VMMs' directories left after the agent stopped");
         // The bridge stays (it is the host's), and only it.
         let kinds: Vec<_> = host::links().into_iter().filter(|l| l.name != "lo").map(|l| l.name).collect();
         assert_eq!(kinds, vec!["nxbr0".to_string()]);
@@ -104,16 +108,22 @@ fn applied_example_vm_runs_and_delete_leaves_nothing_behind() {
 fn walking_skeleton_twenty_times_in_a_row_leaves_nothing_behind() {
     in_private_netns(|| async {
         let base = tempfile::tempdir().expect("tempdir");
-        let before =
-            (host::taps().len(), host::sockets_under(base.path()).len(), host::vmm_processes_under(base.path()).len());
+        let before = (
+            host::taps().len(),
+            host::sockets_under(base.path()).len(),
+            host::all_vmm_processes_under(base.path()).len(),
+        );
         let mut timings = Vec::new();
         for i in 0..20 {
             let mut cluster = Cluster::start(&base.path().join(format!("run-{i}")), "node-a").await;
             timings.push(apply_run_delete(&cluster).await.as_millis());
             cluster.stop();
         }
-        let after =
-            (host::taps().len(), host::sockets_under(base.path()).len(), host::vmm_processes_under(base.path()).len());
+        let after = (
+            host::taps().len(),
+            host::sockets_under(base.path()).len(),
+            host::all_vmm_processes_under(base.path()).len(),
+        );
         println!("(TAPs, sockets, processes) before: {before:?}, after 20 runs: {after:?}");
         timings.sort_unstable();
         println!(

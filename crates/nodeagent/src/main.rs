@@ -97,8 +97,9 @@ struct Args {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
 
-    /// Network namespaces kept ready for VMs restored from snapshots (each
-    /// an idle thread, an idle `nft` and a veth pair; 0: made on demand).
+    /// Network namespaces kept ready for VMs restored from snapshots, each
+    /// with a VMM started ahead in it (each an idle thread, an idle `nft`,
+    /// a veth pair and an idle VMM; 0: made on demand).
     #[arg(long, default_value_t = 2)]
     spare_netns: usize,
 

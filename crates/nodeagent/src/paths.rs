@@ -276,6 +276,11 @@ impl RunDir {
         self.root.join("jail-skeleton")
     }
 
+    /// Directory holding one directory per warm VMM (see `host::warm`).
+    pub fn warm(&self) -> PathBuf {
+        self.root.join("warm")
+    }
+
     /// Directory holding one directory per snapshot.
     pub fn snapshots(&self) -> PathBuf {
         self.root.join("snapshots")

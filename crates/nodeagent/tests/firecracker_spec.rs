@@ -114,7 +114,6 @@ async fn sim_behind_recorder(
         jail,
         name,
         &paths.console(),
-        paths.reaped(),
         nexus_nodeagent::host::jail::VmmNet::Host,
         |_| {},
     )

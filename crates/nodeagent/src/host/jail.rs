@@ -66,6 +66,9 @@ pub mod inside {
 /// jail of a dynamically linked VMM binary (a static one gets none).
 const LIBRARY_DIRS: &[&str] = &["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
 
+/// The dynamic loader's cache of where libraries are.
+const LOADER_CACHE: &str = "/etc/ld.so.cache";
+
 /// Failures setting up a jail.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -316,7 +319,32 @@ impl Skeleton {
     /// Makes the skeleton unless a complete one is there (a marker beside
     /// it says so, written last).
     pub fn ensure(&self) -> Result<(), JailError> {
-        if self.marker().exists() { Ok(()) } else { self.make() }
+        if !self.marker().exists() {
+            self.make()?;
+        }
+        self.copy_loader_cache()
+    }
+
+    /// For a dynamically linked VMM, the host's dynamic loader cache, so
+    /// that the loader finds its libraries at once instead of trying every
+    /// directory it knows of first. Copied at each start of the agent (the
+    /// host's changes when libraries are installed); a stale or missing
+    /// cache only makes the loader search.
+    fn copy_loader_cache(&self) -> Result<(), JailError> {
+        if !self.dynamic {
+            return Ok(());
+        }
+        let Ok(cache) = std::fs::read(LOADER_CACHE) else { return Ok(()) };
+        let at = self.dir.join(LOADER_CACHE.trim_start_matches('/'));
+        if std::fs::read(&at).ok().as_deref() == Some(cache.as_slice()) {
+            return Ok(());
+        }
+        if let Some(dir) = at.parent() {
+            mkdir(dir, 0o755, None)?;
+        }
+        let staged = at.with_extension("new");
+        std::fs::write(&staged, &cache).map_err(io(format!("writing {}", staged.display())))?;
+        std::fs::rename(&staged, &at).map_err(io(format!("writing {}", at.display())))
     }
 
     fn marker(&self) -> PathBuf {
@@ -555,6 +583,11 @@ mod tests {
         // library directories.
         Skeleton { dynamic: true, ..skeleton.clone() }.ensure().unwrap();
         assert!(at(inside::KERNEL).is_file() && at("/usr/lib").is_dir());
+        // With the host's loader cache, so its libraries are found at once.
+        if let Ok(cache) = std::fs::read(LOADER_CACHE) {
+            assert_eq!(std::fs::read(at(LOADER_CACHE)).unwrap(), cache);
+        }
+        assert!(!at("/etc/ld.so.new").exists(), "nothing staged is left");
     }
 
     #[test]

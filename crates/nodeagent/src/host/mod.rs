@@ -23,6 +23,7 @@ pub mod scope;
 pub mod space;
 pub mod spares;
 pub mod volumes;
+pub mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,7 +73,7 @@ pub struct Host {
     /// Downloads images this node lacks or holds a bad copy of.
     pub fetcher: fetch::Fetcher,
     /// The VMMs' user ids.
-    pub users: jail::Users,
+    pub users: Arc<jail::Users>,
     /// Tells this agent's VMMs from other processes.
     pub vmms: process::Vmms,
     /// The root every VMM of the node sees.
@@ -121,8 +122,9 @@ impl Host {
             "VMMs run jailed, each as its own user"
         );
         let spares = spares::Spares::new(if cfg.bridge_address.is_some() { cfg.spare_netns } else { 0 });
+        warm::end_leftovers(&cfg.run_dir);
         Host {
-            users: jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms()),
+            users: Arc::new(jail::Users::new(cfg.vmm_uids.clone(), &cfg.run_dir.vms())),
             vmms: process::Vmms::new(&cfg.run_dir, &cfg.firecracker),
             fetcher: fetch::Fetcher::new(cfg.api.clone()),
             skeleton,
@@ -151,8 +153,20 @@ impl Host {
         let host = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(spares::REFILL_AFTER).await;
-            host.spares.fill(&host.net).await
+            let launcher = host.warm_launcher();
+            host.spares.fill(&host.net, |n, ns| start_warm(launcher.clone(), n, ns)).await
         });
+    }
+
+    /// What starting a warm VMM needs.
+    fn warm_launcher(&self) -> warm::Launcher {
+        warm::Launcher {
+            run: self.cfg.run_dir.clone(),
+            skeleton: self.skeleton.clone(),
+            binary: self.cfg.firecracker.clone(),
+            users: self.users.clone(),
+            exits: self.exits.clone(),
+        }
     }
 
     /// Creates the bridge (and its address) if missing.
@@ -223,5 +237,26 @@ impl Host {
     /// filesystem clones files in constant time, else `copy`.
     pub fn disk_clone(&self) -> &'static str {
         if self.reflink { "reflink" } else { "copy" }
+    }
+}
+
+/// Starts warm VMM `n` in namespace `ns` on a blocking thread (it forks);
+/// `None`, logged, when it cannot be started (the spare is used without).
+async fn start_warm(launcher: warm::Launcher, n: u64, ns: std::os::fd::OwnedFd) -> Option<warm::Warm> {
+    let started = tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        launcher.start(n, ns.as_raw_fd())
+    })
+    .await;
+    match started {
+        Ok(Ok(warm)) => Some(warm),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "starting a warm VMM failed");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a warm VMM failed");
+            None
+        }
     }
 }

@@ -36,15 +36,14 @@ pub enum ProcessError {
 /// (logging to the jail's log and metrics files, which must exist)
 /// (in `jail`, which [`crate::host::jail::Jail::prepare`] made) in its own process group, its stdout and stderr (the guest console)
 /// appended to `console`, in the network namespace `net` says. The process outlives the agent; while the
-/// agent lives, a task reaps it, writes how it ended to `reaped` (a
-/// [`Reaped`] as JSON) and then calls `ended(pid)`.
+/// agent lives, a task reaps it and calls `ended` with how it ended (see
+/// [`record_exit`]).
 pub fn launch(
     jail: &crate::host::jail::Jail,
     uid: &str,
     console: &Path,
-    reaped: PathBuf,
     net: crate::host::jail::VmmNet,
-    ended: impl FnOnce(u32) + Send + 'static,
+    ended: impl FnOnce(Reaped) + Send + 'static,
 ) -> Result<u32, ProcessError> {
     use crate::host::jail::inside;
     let out = std::fs::OpenOptions::new()
@@ -79,22 +78,26 @@ pub fn launch(
             Ok(status) => {
                 use std::os::unix::process::ExitStatusExt;
                 tracing::info!(pid, %status, "VMM process exited");
-                let record = Reaped {
+                ended(Reaped {
                     pid,
                     exit: nexus_api::vm::VmExit {
                         code: status.code(),
                         signal: status.signal(),
                         at: Some(chrono::Utc::now()),
                     },
-                };
-                // The directory is gone when the VM was removed: nothing to record.
-                let _ = std::fs::write(&reaped, serde_json::to_vec(&record).unwrap_or_default());
-                ended(pid);
+                });
             }
             Err(e) => tracing::warn!(pid, error = %e, "waiting for VMM process failed"),
         }
     });
     Ok(pid)
+}
+
+/// Writes how a VMM ended to `path` (its VM's `reaped` file), where
+/// [`reaped`] finds it.
+pub fn record_exit(path: &Path, record: &Reaped) {
+    // The directory is gone when the VM was removed: nothing to record.
+    let _ = std::fs::write(path, serde_json::to_vec(record).unwrap_or_default());
 }
 
 /// How a launched VMM process ended, as its reaper recorded it.

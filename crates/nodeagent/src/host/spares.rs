@@ -24,10 +24,14 @@
 //! its descriptor, and from then on the namespace is the VMM's, as one made
 //! on demand would be. A replacement spare is made in the background.
 //!
-//! Spares cost an idle thread and an idle `nft` (about 5 MiB) each, and a
-//! veth pair; `--spare-netns` sets how many are kept (0: none), and the
-//! agent's inventory counts them.
+//! Each spare is made with a VMM waiting in it ([`crate::host::warm`]),
+//! which a restore adopts when it can.
+//!
+//! Spares cost an idle thread and an idle `nft` (about 5 MiB) each, a veth
+//! pair and the idle VMM; `--spare-netns` sets how many are kept (0:
+//! none), and the agent's inventory counts them.
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +41,7 @@ use tokio::sync::oneshot;
 
 use crate::host::clonenet::{self, Addresses, Setup};
 use crate::host::net::{Net, NetError};
+use crate::host::warm::Warm;
 use crate::paths::Uid;
 
 /// Prefix of a spare's bridge end until a VM claims it.
@@ -64,6 +69,8 @@ pub struct Spare {
     /// The bridge end's index in the agent's namespace.
     veth: u32,
     claim: oneshot::Sender<Claim>,
+    /// The VMM started in it ahead ([`crate::host::warm`]), if any.
+    vmm: Option<Warm>,
 }
 
 /// What a claim asks of a spare's thread.
@@ -127,9 +134,15 @@ impl Spares {
         remove_spare_links(net).await;
     }
 
-    /// Makes spares until `want` are ready; stops at the first failure
-    /// (logged: a node without spares makes namespaces on demand).
-    pub async fn fill(&self, net: &Net) {
+    /// Makes spares until `want` are ready, each with the VMM `warm`
+    /// starts in it (given the spare's number and its namespace); stops at
+    /// the first failure (logged: a node without spares makes namespaces
+    /// on demand).
+    pub async fn fill<F, W>(&self, net: &Net, warm: F)
+    where
+        F: Fn(u64, OwnedFd) -> W,
+        W: Future<Output = Option<Warm>>,
+    {
         let _one = self.filling.lock().await;
         if self.made.load(Ordering::Relaxed) == 0 {
             // Left by an agent before this one.
@@ -138,7 +151,12 @@ impl Spares {
         while self.ready() < self.want {
             let n = self.made.fetch_add(1, Ordering::Relaxed);
             match make(net, n).await {
-                Ok(spare) => self.ready.lock().unwrap_or_else(|p| p.into_inner()).push(spare),
+                Ok(mut spare) => {
+                    if let Ok(ns) = spare.ns.try_clone() {
+                        spare.vmm = warm(n, ns).await;
+                    }
+                    self.ready.lock().unwrap_or_else(|p| p.into_inner()).push(spare)
+                }
                 Err(e) => {
                     tracing::warn!(error = ?e, "making a spare network namespace failed");
                     return;
@@ -180,7 +198,7 @@ async fn make(net: &Net, n: u64) -> Result<Spare, NetError> {
     clonenet::add_veth(net, &name, peer, None).await?;
     let veth = net.link(&name).await?.ok_or_else(|| NetError::Vanished(name.clone()))?.index;
     let _ = peer_tx.send(());
-    Ok(Spare { ns, veth, claim: claim_tx })
+    Ok(Spare { ns, veth, claim: claim_tx, vmm: None })
 }
 
 /// The thread of a spare: makes the namespace and stays in it until the
@@ -260,6 +278,12 @@ async fn reap_unused(nat: std::io::Result<std::process::Child>, claim: oneshot::
 }
 
 impl Spare {
+    /// The VMM waiting in this spare, if one does and still runs (one that
+    /// ended is dropped).
+    pub fn take_vmm(&mut self) -> Option<Warm> {
+        self.vmm.take().filter(Warm::alive)
+    }
+
     /// A descriptor of the namespace, for a VMM's launch to join.
     pub fn netns(&self) -> std::io::Result<OwnedFd> {
         self.ns.try_clone()
@@ -269,10 +293,8 @@ impl Spare {
     /// VM's (`nxv<uid>`, on bridge `bridge`, up) and its thread makes the
     /// VM's TAP, owned by `owner`, at once.
     pub async fn claim(self, net: &Net, uid: &Uid, bridge: u32, owner: (u32, u32)) -> Result<Claimed, NetError> {
+        // The caller removed any pair an earlier VMM of this VM left.
         let veth = clonenet::veth_name(uid);
-        // A pair left by an earlier VMM of this VM (its namespace is gone,
-        // so its peer is too; the bridge end may linger for a moment).
-        net.delete_link(&veth).await?;
         let mine = LinkUnspec::new_with_index(self.veth).name(veth.clone()).controller(bridge).up().build();
         net.handle().link().set(mine).execute().await.map_err(|source| NetError::Netlink {
             op: "claim spare veth",
@@ -313,7 +335,7 @@ mod tests {
                 let net = Net::connect().unwrap();
                 let bridge = net.ensure_bridge("nxbrspare", Some(("172.31.9.1".parse().unwrap(), 24))).await.unwrap();
                 let spares = Spares::new(2);
-                spares.fill(&net).await;
+                spares.fill(&net, |_, _| async { None }).await;
                 assert_eq!(spares.ready(), 2);
                 assert_eq!(links_named(&net, SPARE_PREFIX).await.len(), 2, "two spare bridge ends");
 

@@ -26,12 +26,13 @@ impl VmOwner {
         let uid = &self.uid;
         let paths = self.host.paths(uid)?;
         let vmms = &self.host.vmms;
+        let mut source = None;
         if let Some(from) = &req.restore
             && req.state != PowerState::Stopped
             && !read_pid(&paths).is_some_and(|pid| vmms.is_vmm(pid, uid.as_str()))
         {
             // A VMM is about to start from it: refuse before making anything.
-            self.host.snapshot_source(from).await?;
+            source = Some(self.host.snapshot_source(from).await?);
         }
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -91,7 +92,7 @@ impl VmOwner {
                 self.apply_mmds(&paths, req, &client).await?;
                 i
             }
-            None => self.start(&paths, req, &client).await?,
+            None => self.start(&paths, req, source, &client).await?,
         };
         let change = match (req.state, info.state) {
             (PowerState::Paused, InstanceState::Running) => Some((VmState::Paused, "pause", InstanceState::Paused)),

@@ -41,7 +41,8 @@ impl Runtime {
         let mut inv = Inventory::default();
         let vms_dir = self.host.cfg.run_dir.vms();
         let entries = std::fs::read_dir(&vms_dir).map_err(AgentError::io(format!("listing {}", vms_dir.display())))?;
-        inv.sockets = sockets_under(self.host.cfg.run_dir.root(), 5);
+        // Warm VMMs' sockets are the agent's own (counted with the spares).
+        inv.sockets = sockets_under(self.host.cfg.run_dir.root(), 5, &self.host.cfg.run_dir.warm());
         inv.vmms =
             self.host.vmms.find().into_iter().map(|(pid, uid)| nexus_api::agent::VmmProcess { pid, uid }).collect();
         for entry in entries.flatten() {
@@ -116,6 +117,10 @@ impl Runtime {
             if !inside || !is_socket {
                 return Err(AgentError::Forbidden(format!("{raw:?} is not a socket inside the run directory")));
             }
+            // A warm VMM's, which no VM claims yet: the agent's own.
+            if path.starts_with(self.host.cfg.run_dir.warm()) {
+                continue;
+            }
             std::fs::remove_file(path).map_err(AgentError::io(format!("removing {raw}")))?;
             removed.push(format!("socket {raw}"));
         }
@@ -126,9 +131,9 @@ impl Runtime {
     }
 }
 
-/// Unix sockets under `root`, at most `depth` directories down; symlinks
-/// are not followed.
-fn sockets_under(root: &Path, depth: usize) -> Vec<String> {
+/// Unix sockets under `root`, at most `depth` directories down, but not
+/// under `skip`; symlinks are not followed.
+fn sockets_under(root: &Path, depth: usize, skip: &Path) -> Vec<String> {
     use std::os::unix::fs::FileTypeExt;
     let mut found = Vec::new();
     let mut stack = vec![(root.to_path_buf(), 0)];
@@ -138,7 +143,7 @@ fn sockets_under(root: &Path, depth: usize) -> Vec<String> {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_socket() {
                 found.push(e.path().display().to_string());
-            } else if ft.is_dir() && d < depth {
+            } else if ft.is_dir() && d < depth && e.path() != skip {
                 stack.push((e.path(), d + 1));
             }
         }

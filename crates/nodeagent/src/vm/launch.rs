@@ -20,11 +20,14 @@ use crate::paths::VmPaths;
 pub const SOCKET_WAIT: Duration = Duration::from_secs(5);
 
 impl VmOwner {
-    /// Starts a fresh VMM for the VM and configures and boots it.
+    /// Starts a fresh VMM for the VM and configures and boots it. A
+    /// restored VM's snapshot files are `source` when the caller found them
+    /// already (else they are found here).
     pub(super) async fn start(
         &self,
         paths: &VmPaths,
         req: &EnsureVm,
+        source: Option<Source>,
         client: &FcClient,
     ) -> Result<models::InstanceInfo, AgentError> {
         let uid = &self.uid;
@@ -33,9 +36,10 @@ impl VmOwner {
         // Until it has booted, this VMM has not "run and ended".
         remove_if_exists(&paths.started())?;
         // Checked before anything is made for it.
-        let restore = match &req.restore {
-            Some(from) => Some(self.host.snapshot_source(from).await?),
-            None => None,
+        let restore = match (&req.restore, source) {
+            (Some(_), Some(source)) => Some(source),
+            (Some(from), None) => Some(self.host.snapshot_source(from).await?),
+            (None, _) => None,
         };
         let (kernel, initrd) = match restore {
             Some(_) => (None, None),
@@ -46,13 +50,23 @@ impl VmOwner {
             }
         };
         let drives = self.plan_drives(req).await?;
-        let read_only_binds = drives
+        let read_only_binds: Vec<_> = drives
             .iter()
             .filter_map(|d| match &d.backing {
                 super::drives::Backing::Bound(file) => Some((file.clone(), d.inside())),
                 _ => None,
             })
             .collect();
+        // A restored VM takes a spare network namespace when one is ready
+        // (else it gets a new one), and the VMM waiting in it when its
+        // directory holds none of a VMM's files yet and no host file is
+        // bound into its jail. A waiting VMM it cannot use is ended.
+        let mut spare = if restore.is_some() { self.host.spares.take() } else { None };
+        let fresh = !paths.jail().exists() && !paths.console().exists() && !paths.log().exists();
+        let adopted = match spare.as_mut().and_then(crate::host::spares::Spare::take_vmm) {
+            Some(warm) if fresh && read_only_binds.is_empty() => Some(warm.adopt(paths, uid)?),
+            _ => None,
+        };
         let user = self.host.users.user_of(paths)?;
         let jail = crate::host::jail::Jail {
             root: paths.jail(),
@@ -84,26 +98,37 @@ impl VmOwner {
         let console_at = std::fs::metadata(paths.console()).map(|m| m.len()).unwrap_or(0);
         std::fs::write(paths.console_offset(), console_at.to_string())
             .map_err(AgentError::io("recording the console's length"))?;
-        // A restored VM's VMM joins a spare network namespace when one is
-        // ready, and gets a new one otherwise.
-        let spare = if restore.is_some() { self.host.spares.take() } else { None };
-        let join = match &spare {
-            Some(s) => Some(s.netns().map_err(AgentError::io("opening a spare network namespace"))?),
+        // A restored guest keeps its source's address; the VM gets one of
+        // its own on the bridge, joined to the guest's by NAT. Known before
+        // the launch, so that a spare's NAT is made while the VMM starts.
+        let addresses = match &restore {
+            Some((_, report)) => self.restored_addresses(paths, report)?,
             None => None,
+        };
+        let join = match (&spare, adopted) {
+            (Some(s), None) => Some(s.netns().map_err(AgentError::io("opening a spare network namespace"))?),
+            _ => None,
         };
         let launched = Instant::now();
         // The fork and the jail's set-up run on a blocking thread while this
         // task makes the TAP and the disk. The pid file is written there
         // too, so a request cut short (its caller gone) still leaves the
-        // VMM recorded.
-        let launch = {
+        // VMM recorded. An adopted VMM runs already.
+        let launch = async {
+            if let Some(pid) = adopted {
+                remove_if_exists(&paths.launching())?;
+                return Ok(pid);
+            }
             let (jail, who, paths) = (jail.clone(), uid.to_string(), paths.clone());
             let exits = self.host.exits.clone();
             let own_netns = restore.is_some();
             tokio::task::spawn_blocking(move || -> Result<u32, AgentError> {
                 let ended = {
-                    let who = who.clone();
-                    move |pid| exits.record(&who, pid)
+                    let (who, reaped) = (who.clone(), paths.reaped());
+                    move |record: process::Reaped| {
+                        process::record_exit(&reaped, &record);
+                        exits.record(&who, record.pid)
+                    }
                 };
                 use crate::host::jail::VmmNet;
                 let net = match (&join, own_netns) {
@@ -111,23 +136,27 @@ impl VmOwner {
                     (None, true) => VmmNet::Own,
                     (None, false) => VmmNet::Host,
                 };
-                let pid = process::launch(&jail, &who, &paths.console(), paths.reaped(), net, ended)?;
+                let pid = process::launch(&jail, &who, &paths.console(), net, ended)?;
                 // The VMM holds the namespace now.
                 drop(join);
                 std::fs::write(paths.pid(), pid.to_string()).map_err(AgentError::io("writing the pid file"))?;
                 remove_if_exists(&paths.launching())?;
                 Ok(pid)
             })
+            .await
+            .map_err(|e| AgentError::Io {
+                what: "launching the VMM".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
         };
-        let (pid, made) = tokio::join!(launch, self.make_tap_and_disk(paths, req, restore.as_ref(), user, spare));
-        let pid = pid.map_err(|e| AgentError::Io {
-            what: "launching the VMM".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        let (pid, made) =
+            tokio::join!(launch, self.make_tap_and_disk(paths, req, restore.as_ref(), user, spare, addresses, fresh));
+        let pid = pid?;
         tracing::info!(
             uid = %uid,
             vm = %req.display_name,
             pid,
+            warm = adopted.is_some(),
             scoped = self.host.cfg.scopes.is_some(),
             launch_ms = launched.elapsed().as_secs_f64() * 1000.0,
             "VMM launched"
@@ -142,14 +171,14 @@ impl VmOwner {
                 // (or was made ahead, a spare); its snapshot is loaded once
                 // the TAP is there.
                 let prepare = async {
-                    let (addresses, req) = self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives).await?;
+                    let req = self.prepare(paths, req, restore.as_ref(), pid, &jail, &drives).await?;
                     let netns = match restore {
                         Some(_) => {
                             let owner = (user, user);
                             let prepared = launched.elapsed();
                             let spare = claimed.is_some();
                             let mut setup = match claimed {
-                                Some(claimed) => claimed.finish(addresses),
+                                Some(setup) => setup,
                                 None => {
                                     crate::host::clonenet::start(&self.host.net, pid, uid, bridge, addresses, owner)
                                         .await?
@@ -165,7 +194,7 @@ impl VmOwner {
                                 tap_ms = launched.elapsed().as_secs_f64() * 1000.0,
                                 "restored VM's TAP ready"
                             );
-                            Some(setup)
+                            Some((setup, spare))
                         }
                         None => None,
                     };
@@ -190,21 +219,29 @@ impl VmOwner {
             Some(_) => {
                 let restored = async {
                     let load_from = launched.elapsed();
-                    // Loaded paused while the namespace's NAT is finished;
-                    // the guest runs once its network is whole.
-                    super::snapshots::load(client, &tap, false).await?;
-                    let loaded = launched.elapsed();
-                    if let Some(netns) = netns {
-                        netns.finished().await?;
+                    // The guest runs once its network is whole. A spare's
+                    // NAT was begun before the launch and is done by now (or
+                    // nearly): the load resumes the guest. Otherwise the
+                    // snapshot is loaded paused while the NAT is finished.
+                    match netns {
+                        Some((netns, true)) => {
+                            netns.finished().await?;
+                            super::snapshots::load(client, &tap, true).await?;
+                        }
+                        netns => {
+                            super::snapshots::load(client, &tap, false).await?;
+                            if let Some((netns, _)) = netns {
+                                netns.finished().await?;
+                            }
+                            super::snapshots::resume(client).await?;
+                        }
                     }
                     tracing::debug!(
                         uid = %uid,
                         from_ms = load_from.as_secs_f64() * 1000.0,
-                        loaded_ms = loaded.as_secs_f64() * 1000.0,
-                        netns_ms = launched.elapsed().as_secs_f64() * 1000.0,
-                        "snapshot loaded"
+                        running_ms = launched.elapsed().as_secs_f64() * 1000.0,
+                        "snapshot loaded and resumed"
                     );
-                    super::snapshots::resume(client).await?;
                     // The snapshot kept the service's configuration, not
                     // its contents: this VM's own document.
                     match &mmds {
@@ -246,48 +283,66 @@ impl VmOwner {
     /// What a new VMM needs besides itself that does not depend on its
     /// process, made while it is launched: the bridge and the VM's TAP (a
     /// restored VM's TAP is made inside the VMM's own namespace: at once in
-    /// a `spare`, which is claimed here, else once the VMM runs) and its
-    /// private disk. Returns the bridge's index and the claimed spare.
+    /// a `spare`, which is claimed here and finished with `addresses`, else
+    /// once the VMM runs) and, at the same time, its private disk. `fresh`
+    /// says no earlier start of the VM made anything. Returns the bridge's
+    /// index and the claimed spare's set-up, under way.
+    #[allow(clippy::too_many_arguments)]
     async fn make_tap_and_disk(
         &self,
         paths: &VmPaths,
         req: &EnsureVm,
-        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        restore: Option<&Source>,
         user: u32,
         spare: Option<crate::host::spares::Spare>,
-    ) -> Result<(u32, Option<crate::host::spares::Claimed>), AgentError> {
+        addresses: Option<crate::host::clonenet::Addresses>,
+        fresh: bool,
+    ) -> Result<(u32, Option<crate::host::clonenet::Setup>), AgentError> {
         let uid = &self.uid;
         let began = Instant::now();
-        let bridge = self.host.bridge_index().await?;
-        let tap = uid.tap_name();
-        let claimed = match restore {
-            Some(_) => {
-                self.host.net.delete_link(&tap).await?;
-                match spare {
-                    Some(spare) => Some(spare.claim(&self.host.net, uid, bridge, (user, user)).await?),
-                    None => None,
+        let network = async {
+            let bridge = self.host.bridge_index().await?;
+            let tap = uid.tap_name();
+            let claimed = match restore {
+                Some(_) => {
+                    // Links an earlier start of this VM left (none when
+                    // nothing of a VMM was made for it yet).
+                    if !fresh {
+                        self.host.net.delete_link(&tap).await?;
+                        self.host.net.delete_link(&crate::host::clonenet::veth_name(uid)).await?;
+                    }
+                    match spare {
+                        Some(spare) => {
+                            Some(spare.claim(&self.host.net, uid, bridge, (user, user)).await?.finish(addresses))
+                        }
+                        None => None,
+                    }
                 }
-            }
-            None => {
-                self.host.net.ensure_tap(&tap, bridge, (user, user)).await?;
-                None
-            }
+                None => {
+                    self.host.net.ensure_tap(&tap, bridge, (user, user)).await?;
+                    None
+                }
+            };
+            Ok::<_, AgentError>((bridge, claimed, began.elapsed()))
         };
-        let copy_started = Instant::now();
-        let method = match restore {
-            // The snapshot's disk, taken with its memory, is the VM's disk.
-            Some((snap, _)) => disk::ensure_disk(snap.rootfs(), paths.rootfs())
-                .await
-                .map_err(AgentError::io("copying the snapshot's disk"))?,
-            None => disk::ensure_disk(PathBuf::from(&req.rootfs_path), paths.rootfs())
-                .await
-                .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
+        let disk = async {
+            let method = match restore {
+                // The snapshot's disk, taken with its memory, is the VM's disk.
+                Some((snap, _)) => disk::ensure_disk(snap.rootfs(), paths.rootfs())
+                    .await
+                    .map_err(AgentError::io("copying the snapshot's disk"))?,
+                None => disk::ensure_disk(PathBuf::from(&req.rootfs_path), paths.rootfs())
+                    .await
+                    .map_err(AgentError::io(format!("copying rootfs {}", req.rootfs_path)))?,
+            };
+            Ok((method, began.elapsed()))
         };
+        let ((bridge, claimed, network), (method, copied)) = tokio::try_join!(network, disk)?;
         tracing::info!(
             uid = %uid,
             ?method,
-            network_ms = (copy_started - began).as_secs_f64() * 1000.0,
-            copy_ms = copy_started.elapsed().as_secs_f64() * 1000.0,
+            network_ms = network.as_secs_f64() * 1000.0,
+            copy_ms = copied.as_secs_f64() * 1000.0,
             "disk ready"
         );
         Ok((bridge, claimed))
@@ -295,17 +350,18 @@ impl VmOwner {
 
     /// The rest of what a new VMM needs, once it runs: its systemd scope or
     /// cgroup, its disk, log and metrics files linked into its jail and its
-    /// address (written into the request's boot arguments). Returns a
-    /// restored VM's addresses and the request to configure the VMM with.
+    /// address (written into the request's boot arguments; a restored VM's
+    /// was given before the launch). Returns the request to configure the
+    /// VMM with.
     async fn prepare(
         &self,
         paths: &VmPaths,
         req: &EnsureVm,
-        restore: Option<&(crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport)>,
+        restore: Option<&Source>,
         pid: u32,
         jail: &crate::host::jail::Jail,
         drives: &[super::drives::Planned],
-    ) -> Result<(Option<crate::host::clonenet::Addresses>, EnsureVm), AgentError> {
+    ) -> Result<EnsureVm, AgentError> {
         let uid = &self.uid;
         use crate::host::jail::inside;
         if let Some(scopes) = &self.host.cfg.scopes {
@@ -323,26 +379,12 @@ impl VmOwner {
             jail.link_read_only(&snap.memory(), inside::SNAPSHOT_MEM)?;
         }
         let mut req = req.clone();
-        // A restored guest keeps its source's address; the VM gets one of
-        // its own on the bridge, joined to the guest's by NAT.
-        let addresses = match restore {
-            Some((_, report)) => match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.host.subnet()) {
-                (Some(guest), Some(subnet)) => self
-                    .assign_ip(paths, Some("auto"))?
-                    .map(|own| crate::host::clonenet::Addresses { guest, own, subnet }),
-                _ => {
-                    self.assign_ip(paths, None)?;
-                    None
-                }
-            },
-            None => {
-                if let Some(ip) = self.assign_ip(paths, req.ip.as_deref())? {
-                    let subnet = self.host.subnet().expect("an address implies a subnet");
-                    req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
-                }
-                None
-            }
-        };
+        if restore.is_none()
+            && let Some(ip) = self.assign_ip(paths, req.ip.as_deref())?
+        {
+            let subnet = self.host.subnet().expect("an address implies a subnet");
+            req.boot_args = format!("{} {}", req.boot_args, subnet.kernel_arg(ip));
+        }
         if let Some((_, report)) = restore {
             let record = crate::paths::Restored {
                 snapshot_uid: report.uid.clone(),
@@ -352,14 +394,38 @@ impl VmOwner {
             std::fs::write(paths.restored(), serde_json::to_vec(&record).unwrap_or_default())
                 .map_err(AgentError::io("recording the VM's origin"))?;
         }
-        Ok((addresses, req))
+        Ok(req)
+    }
+
+    /// A restored VM's addresses: its guest's (its source's) and one of its
+    /// own on the bridge, given now; `None` when the source had none from
+    /// the node (or the node has no subnet).
+    fn restored_addresses(
+        &self,
+        paths: &VmPaths,
+        report: &nexus_api::agent::SnapshotReport,
+    ) -> Result<Option<crate::host::clonenet::Addresses>, AgentError> {
+        match (report.ip.as_deref().and_then(|ip| ip.parse().ok()), self.host.subnet()) {
+            (Some(guest), Some(subnet)) => Ok(self
+                .assign_ip(paths, Some("auto"))?
+                .map(|own| crate::host::clonenet::Addresses { guest, own, subnet })),
+            _ => {
+                self.assign_ip(paths, None)?;
+                Ok(None)
+            }
+        }
     }
 }
 
-/// Waits until VMM `pid` of VM `uid` answers on its API socket. The
+/// A restored VM's snapshot files on this node and what was recorded of it.
+pub(super) type Source = (crate::paths::SnapshotPaths, nexus_api::agent::SnapshotReport);
+
+/// Waits until VMM `pid` of VM `uid` listens on its API socket. The
 /// socket's creation wakes the wait (inotify on its directory); between
 /// Firecracker binding the socket and listening on it a connect is refused,
-/// and is tried again after a millisecond. The VMM's liveness is checked
+/// and is tried again after a millisecond. A connection accepted is enough:
+/// Firecracker serves its API from then on, and the first request is the
+/// VM's own (no request is spent asking). The VMM's liveness is checked
 /// every 50 ms. Only a socket counts: the VMM may write into that
 /// directory, and a link it left there would lead the agent elsewhere.
 async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, host: &crate::host::Host) -> Result<(), AgentError> {
@@ -371,11 +437,8 @@ async fn wait_for_socket(client: &FcClient, pid: u32, uid: &str, host: &crate::h
     let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
     loop {
         if std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
-            match client.describe_instance().await {
+            match tokio::net::UnixStream::connect(&socket).await {
                 Ok(_) => return Ok(()),
-                Err(source) if !source.is_retryable() => {
-                    return Err(AgentError::Firecracker { step: "describe", source });
-                }
                 // Bound, not yet listening.
                 Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
