@@ -122,6 +122,7 @@ pub async fn start(
         // here) and the bridge end on the bridge, up.
         let peer_in_vmm = LinkUnspec::new_with_name(&peer).setns_by_pid(pid).build();
         add_veth(net, &veth, peer_in_vmm, Some(bridge)).await?;
+        crate::host::net::without_ipv6(&veth);
     }
     let tap = uid.tap_name();
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
@@ -183,6 +184,9 @@ async fn inside(
     owner: (u32, u32),
     tap_made: tokio::sync::oneshot::Sender<bool>,
 ) -> Result<(), NetError> {
+    // No IPv6 on the links of the namespace (the peer is there already).
+    crate::host::net::no_ipv6_in_namespace();
+    crate::host::net::without_ipv6(peer);
     // `nft` starts first and loads its rules (they name the links, which
     // need not exist yet) while the links are made.
     let nat = match addresses.map(|a| start_nat(peer, a)).transpose() {

@@ -319,17 +319,14 @@ impl Skeleton {
     /// Makes the skeleton unless a complete one is there (a marker beside
     /// it says so, written last).
     pub fn ensure(&self) -> Result<(), JailError> {
-        if !self.marker().exists() {
-            self.make()?;
-        }
-        self.copy_loader_cache()
+        if self.marker().exists() { Ok(()) } else { self.make() }
     }
 
     /// For a dynamically linked VMM, the host's dynamic loader cache, so
     /// that the loader finds its libraries at once instead of trying every
-    /// directory it knows of first. Copied at each start of the agent (the
-    /// host's changes when libraries are installed); a stale or missing
-    /// cache only makes the loader search.
+    /// directory it knows of first. Copied by [`Skeleton::make`], at each
+    /// start of the agent (the host's changes when libraries are
+    /// installed); a stale or missing cache only makes the loader search.
     fn copy_loader_cache(&self) -> Result<(), JailError> {
         if !self.dynamic {
             return Ok(());
@@ -385,6 +382,7 @@ impl Skeleton {
                 }
             }
         }
+        self.copy_loader_cache()?;
         std::fs::write(&done, b"").map_err(io(format!("creating {}", done.display())))
     }
 }
@@ -580,7 +578,7 @@ mod tests {
         assert!(!at(inside::KERNEL).exists());
         skeleton.make().unwrap();
         // A dynamically linked binary's skeleton is completed with the
-        // library directories.
+        // library directories (its own marker says so).
         Skeleton { dynamic: true, ..skeleton.clone() }.ensure().unwrap();
         assert!(at(inside::KERNEL).is_file() && at("/usr/lib").is_dir());
         // With the host's loader cache, so its libraries are found at once.

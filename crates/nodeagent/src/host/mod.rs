@@ -86,6 +86,8 @@ pub struct Host {
     pub spares: spares::Spares,
     /// The bridge's index as last ensured (0: not yet).
     bridge: AtomicU32,
+    /// How many times a VM's `vm.json` was written.
+    config_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Host {
@@ -137,7 +139,19 @@ impl Host {
             volume_files: Default::default(),
             spares,
             bridge: Default::default(),
+            config_writes: Default::default(),
         }
+    }
+
+    /// Notes that a VM's `vm.json` was written (what the node's allocation
+    /// is read from).
+    pub fn config_written(&self) {
+        self.config_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times a VM's `vm.json` was written so far.
+    pub fn config_writes(&self) -> u64 {
+        self.config_writes.load(Ordering::Relaxed)
     }
 
     /// Removes the spare network namespaces (the agent is stopping).

@@ -171,6 +171,7 @@ impl Net {
             Err(source) => return Err(NetError::Tap { name: name.into(), source }),
         }
         let index = index_of(name)?.ok_or_else(|| NetError::Vanished(name.into()))?;
+        without_ipv6(name);
         self.set_up(name, index, Some(bridge)).await?;
         Ok(index)
     }
@@ -196,6 +197,30 @@ nix::ioctl_write_int!(tunsetgroup, b'T', 206);
 /// Whether link `name` exists in this network namespace (see [`index_of`]).
 pub fn exists(name: &str) -> Result<bool, NetError> {
     Ok(index_of(name)?.is_some())
+}
+
+/// Turns IPv6 off on link `name` of the calling thread's network namespace.
+/// A VM's TAP and veth are ports of a bridge (or of the VM's own
+/// namespace): the host needs no IPv6 address on them, and without one
+/// bringing them up and down costs no duplicate address detection,
+/// multicast listener reports or walks of the IPv6 routing table (the
+/// guest's own IPv6 still crosses the bridge). Best effort: a host without
+/// IPv6 has nothing to turn off.
+pub fn without_ipv6(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!(link = name, error = %e, "turning IPv6 off failed");
+    }
+}
+
+/// Turns IPv6 off for every link made from now on in the calling thread's
+/// network namespace (see [`without_ipv6`]), and on those there already.
+pub fn no_ipv6_in_namespace() {
+    for conf in ["default", "all"] {
+        without_ipv6(conf);
+    }
 }
 
 /// Creates (or opens) persistent TAP `name` with the flags Firecracker

@@ -196,6 +196,7 @@ async fn make(net: &Net, n: u64) -> Result<Spare, NetError> {
     // its pair is whole.
     let peer = LinkUnspec::new_with_name(PEER).setns_by_fd(ns.as_raw_fd()).build();
     clonenet::add_veth(net, &name, peer, None).await?;
+    crate::host::net::without_ipv6(&name);
     let veth = net.link(&name).await?.ok_or_else(|| NetError::Vanished(name.clone()))?.index;
     let _ = peer_tx.send(());
     Ok(Spare { ns, veth, claim: claim_tx, vmm: None })
@@ -208,6 +209,10 @@ fn inside(ns: oneshot::Sender<std::io::Result<OwnedFd>>, peer: oneshot::Receiver
         .map_err(std::io::Error::from)
         .and_then(|()| std::fs::File::open("/proc/thread-self/ns/net"))
         .and_then(|f| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map(|()| f));
+    if entered.is_ok() {
+        // Before its links are made: none of them gets IPv6.
+        crate::host::net::no_ipv6_in_namespace();
+    }
     let failed = entered.is_err();
     let _ = ns.send(entered.map(OwnedFd::from));
     if failed {

@@ -46,6 +46,7 @@ impl VmOwner {
         // Rewritten only when it changed: most calls are rechecks.
         if std::fs::read(paths.config()).ok().as_deref() != Some(config.as_slice()) {
             std::fs::write(paths.config(), config).map_err(AgentError::io("writing vm.json"))?;
+            self.host.config_written();
         }
         if req.state == PowerState::Stopped {
             self.stop_vmm(&paths).await;

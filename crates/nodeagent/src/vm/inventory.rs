@@ -3,7 +3,8 @@
 //! it, what the VMs meant to run take, and the removal of what the
 //! garbage collector found unclaimed, each name checked again here.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use nexus_api::PowerState;
 use nexus_api::agent::{EnsureVm, Inventory};
@@ -12,26 +13,61 @@ use super::Runtime;
 use crate::error::AgentError;
 use crate::paths::{TAP_PREFIX, Uid, VmPaths};
 
+/// What the `vm.json` of each VM directory asks for, as last read: a
+/// heartbeat (several a second while VMs end) reads the files again only
+/// after the agent wrote one ([`Host::config_written`]) or one's length or
+/// time changed.
+///
+/// [`Host::config_written`]: crate::host::Host::config_written
+#[derive(Debug, Default)]
+pub(super) struct Allocations(std::sync::Mutex<(u64, HashMap<PathBuf, Asked>)>);
+
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    len: u64,
+    modified: std::time::SystemTime,
+    /// vCPUs and MiB, when the VM is meant to run (not Stopped).
+    runs: Option<(u8, u32)>,
+}
+
 impl Runtime {
     /// vCPUs, memory and count of the VMs meant to run here (not Stopped,
     /// not kept down after their VMM ended).
     pub fn allocation(&self) -> nexus_api::node::NodeAllocation {
         let mut total = nexus_api::node::NodeAllocation::default();
         let Ok(entries) = std::fs::read_dir(self.host.cfg.run_dir.vms()) else { return total };
+        let mut cache = self.allocations.0.lock().unwrap_or_else(|p| p.into_inner());
+        let writes = self.host.config_writes();
+        if cache.0 != writes {
+            *cache = (writes, HashMap::new());
+        }
+        let known = &mut cache.1;
+        let mut seen = HashMap::with_capacity(known.len());
         for entry in entries.flatten() {
-            let Some(cfg) = std::fs::read(entry.path().join("vm.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
-            else {
-                continue;
+            let file = entry.path().join("vm.json");
+            let Ok(meta) = std::fs::metadata(&file) else { continue };
+            let (len, modified) = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+            let asked = match known.get(&entry.path()) {
+                Some(a) if a.len == len && a.modified == modified => *a,
+                _ => {
+                    let Some(cfg) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
+                    else {
+                        continue;
+                    };
+                    let runs = (cfg.state != PowerState::Stopped).then_some((cfg.vcpu, cfg.mem_mib));
+                    Asked { len, modified, runs }
+                }
             };
+            seen.insert(entry.path(), asked);
             let kept_down = VmPaths { dir: entry.path() }.kept_down().exists();
-            if cfg.state != PowerState::Stopped && !kept_down {
-                total.vcpu += u32::from(cfg.vcpu);
-                total.mem_mib += u64::from(cfg.mem_mib);
+            if let (Some((vcpu, mem_mib)), false) = (asked.runs, kept_down) {
+                total.vcpu += u32::from(vcpu);
+                total.mem_mib += u64::from(mem_mib);
                 total.vms += 1;
             }
         }
+        // Directories gone are forgotten.
+        *known = seen;
         total
     }
 

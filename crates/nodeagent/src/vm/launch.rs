@@ -309,7 +309,10 @@ impl VmOwner {
                     // nothing of a VMM was made for it yet).
                     if !fresh {
                         self.host.net.delete_link(&tap).await?;
-                        self.host.net.delete_link(&crate::host::clonenet::veth_name(uid)).await?;
+                        // (A namespace made on demand removes its own.)
+                        if spare.is_some() {
+                            self.host.net.delete_link(&crate::host::clonenet::veth_name(uid)).await?;
+                        }
                     }
                     match spare {
                         Some(spare) => {

@@ -53,12 +53,20 @@ pub struct Runtime {
     removing: Arc<std::sync::Mutex<std::collections::HashSet<Uid>>>,
     /// The VMs' metrics, sampled by `collect_metrics`.
     metrics: metrics::Collector,
+    /// What each VM's `vm.json` said, by directory, for [`Runtime::allocation`].
+    allocations: inventory::Allocations,
 }
 
 impl Runtime {
     pub fn new(cfg: HostConfig, net: crate::host::net::Net) -> Self {
         let host = Arc::new(Host::new(cfg, net));
-        Runtime { owners: Owners::new(host.clone()), host, removing: Default::default(), metrics: Default::default() }
+        Runtime {
+            owners: Owners::new(host.clone()),
+            host,
+            removing: Default::default(),
+            metrics: Default::default(),
+            allocations: Default::default(),
+        }
     }
 
     /// Starts making the spare network namespaces restored VMs take.

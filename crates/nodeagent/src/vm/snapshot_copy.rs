@@ -122,8 +122,11 @@ impl Host {
         let snap = self.cfg.run_dir.snapshot(&uid);
         let _files = self.snapshot_files.hold(&uid).await;
         if let Some(report) = super::snapshots::completed(&snap) {
+            // Taken on this node (no copy record): nothing to check. A copy
+            // may need hashing, on a blocking thread.
             let checked = snap.clone();
-            let ok = tokio::task::spawn_blocking(move || intact(&checked)).await.unwrap_or(false);
+            let ok = !copy_path(&snap).exists()
+                || tokio::task::spawn_blocking(move || intact(&checked)).await.unwrap_or(false);
             if ok {
                 return Ok((snap, report));
             }
