@@ -228,6 +228,20 @@ impl Jail {
         std::fs::hard_link(private, &at).map_err(io(format!("linking {} into the jail", private.display())))
     }
 
+    /// The VMM's log and metrics files of the VM at `paths` (kept, or made
+    /// empty), linked where its command line names them in the jail.
+    pub fn link_log_files(&self, paths: &VmPaths) -> Result<(), JailError> {
+        for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)
+                .map_err(io(format!("creating {}", file.display())))?;
+            self.link(&file, inside)?;
+        }
+        Ok(())
+    }
+
     /// Makes the files of a snapshot readable in the jail (hard links: the
     /// snapshot's directory and the run directory share a filesystem).
     pub fn link_read_only(&self, file: &Path, inside: &str) -> Result<(), JailError> {

@@ -259,18 +259,9 @@ impl Host {
 async fn start_warm(launcher: warm::Launcher, n: u64, ns: std::os::fd::OwnedFd) -> Option<warm::Warm> {
     let started = tokio::task::spawn_blocking(move || {
         use std::os::fd::AsRawFd;
-        launcher.start(n, ns.as_raw_fd())
+        launcher.start(n, ns.as_raw_fd()).map_err(|e| e.to_string())
     })
-    .await;
-    match started {
-        Ok(Ok(warm)) => Some(warm),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "starting a warm VMM failed");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "starting a warm VMM failed");
-            None
-        }
-    }
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    started.inspect_err(|error| tracing::warn!(%error, "starting a warm VMM failed")).ok()
 }

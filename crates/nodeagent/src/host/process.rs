@@ -126,7 +126,7 @@ pub async fn reaped(path: &Path, pid: u32, within: Duration) -> Option<nexus_api
 }
 
 /// The directory VMM `pid` is chrooted into, as this process sees it.
-fn root_of(pid: u32) -> Option<PathBuf> {
+pub(crate) fn root_of(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/root")).ok()
 }
 

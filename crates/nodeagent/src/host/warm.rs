@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::AgentError;
-use crate::host::jail::{Jail, Skeleton, Users, VmmNet, inside};
+use crate::host::jail::{Jail, Skeleton, Users, VmmNet};
 use crate::host::process::{self, Reaped};
 use crate::paths::{RunDir, Uid, VmPaths};
 
@@ -78,10 +78,7 @@ impl Launcher {
             read_only_binds: Vec::new(),
         };
         jail.prepare()?;
-        for (file, inside) in [(paths.log(), inside::LOG), (paths.metrics(), inside::METRICS)] {
-            std::fs::File::create(&file).map_err(AgentError::io(format!("creating {}", file.display())))?;
-            jail.link(&file, inside)?;
-        }
+        jail.link_log_files(&paths)?;
         let ended = {
             let (exit_to, exits) = (warm.exit_to.clone(), self.exits.clone());
             move |record: Reaped| match exit_to.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -142,7 +139,7 @@ impl Drop for Warm {
 
 /// Whether process `pid` is chrooted somewhere under `dir`.
 fn rooted_under(pid: u32, dir: &Path) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|root| root.starts_with(dir))
+    process::root_of(pid).is_some_and(|root| root.starts_with(dir))
 }
 
 /// Kills the warm VMMs an earlier agent of run directory `run` left (found

@@ -80,15 +80,7 @@ impl VmOwner {
         };
         jail.prepare()?;
         // The log and metrics files, which the VMM opens as it starts.
-        use crate::host::jail::inside::{LOG, METRICS};
-        for (file, inside) in [(paths.log(), LOG), (paths.metrics(), METRICS)] {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&file)
-                .map_err(AgentError::io(format!("creating {}", file.display())))?;
-            jail.link(&file, inside)?;
-        }
+        jail.link_log_files(paths)?;
         // Its drives' files and mount points: the launch binds the latter.
         self.make_drives(paths, &jail, &drives).await?;
         // The VMM starts while its TAP and disk are made: it needs them only
