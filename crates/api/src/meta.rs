@@ -157,6 +157,16 @@ impl<S: ResourceSpec> Object<S> {
         self.status.clone().unwrap_or_default()
     }
 
+    /// Status, or the default when none was written yet, without copying a
+    /// stored one: for reading ([`Object::status_or_default`] gives a status
+    /// to change). Controllers read a node's status for every VM they touch.
+    pub fn status_view(&self) -> std::borrow::Cow<'_, S::Status> {
+        match &self.status {
+            Some(status) => std::borrow::Cow::Borrowed(status),
+            None => std::borrow::Cow::Owned(S::Status::default()),
+        }
+    }
+
     /// Whether deletion was requested.
     pub fn is_deleting(&self) -> bool {
         self.metadata.deletion_timestamp.is_some()

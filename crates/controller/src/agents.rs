@@ -30,7 +30,7 @@ impl Agents {
 
     async fn endpoint(&self, node: &Node) -> Result<AgentEndpoint, AgentCallError> {
         let name = node.name();
-        let base = node.status_or_default().address;
+        let base = node.status_view().address.clone();
         let cached = self.credentials.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
         let credential = match cached {
             Some(c) => c,

@@ -32,7 +32,7 @@ pub async fn run(reflectors: Reflectors, node_grace: chrono::Duration, every: Du
     let mut node_changes = nodes.subscribe();
     let count_nodes = |nodes: &crate::runtime::Store<NodeSpec>| {
         let now = Utc::now();
-        let ready = nodes.list().iter().filter(|n| n.status_or_default().is_ready(now, node_grace)).count();
+        let ready = nodes.list().iter().filter(|n| n.status_view().is_ready(now, node_grace)).count();
         let all = nodes.len();
         metrics::gauge!("nexus_nodes", "ready" => "true").set(ready as f64);
         metrics::gauge!("nexus_nodes", "ready" => "false").set((all - ready) as f64);
@@ -52,7 +52,7 @@ pub async fn run(reflectors: Reflectors, node_grace: chrono::Duration, every: Du
         next_tick = tokio::time::Instant::now() + every;
         let mut by_phase: BTreeMap<String, usize> = PHASES.iter().map(|p| (phase_name(*p), 0)).collect();
         for vm in vms.list() {
-            *by_phase.entry(phase_name(vm.status_or_default().phase)).or_default() += 1;
+            *by_phase.entry(phase_name(vm.status_view().phase)).or_default() += 1;
         }
         for (phase, n) in by_phase {
             metrics::gauge!("nexus_vms", "phase" => phase).set(n as f64);

@@ -55,8 +55,10 @@ async fn apply_run_delete(cluster: &Cluster) -> Duration {
     assert_eq!(link.master.as_deref(), Some("nxbr0"), "TAP {tap} must be enslaved to the bridge");
     assert!(link.up, "TAP {tap} must be up");
     assert_eq!(link.kind.as_deref(), Some("tun"), "{tap} must be a TUN/TAP device");
-    if let Ok(off) = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6")) {
-        assert_eq!(off.trim(), "1", "a bridge port needs no IPv6 of the host's");
+    if let Ok(mode) = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{tap}/addr_gen_mode")) {
+        assert_eq!(mode.trim(), "1", "a bridge port needs no IPv6 address of the host's");
+        let addresses = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        assert!(!addresses.lines().any(|l| l.ends_with(&format!(" {tap}"))), "{tap} has an IPv6 address: {addresses}");
     }
     let (status, body) = host::fc_get_root(Path::new(&socket)).await.expect("VMM socket answers");
     assert_eq!(status, 200, "GET / on the VMM socket: {body}");

@@ -133,7 +133,7 @@ impl Reconciler for Collector {
 
     async fn reconcile(&self, node: Arc<Node>) -> Result<Action, AgentCallError> {
         let name = node.name().to_string();
-        let status = node.status_or_default();
+        let status = node.status_view();
         if node.is_deleting() || !status.is_ready(chrono::Utc::now(), self.node_grace) {
             // Not now; its next heartbeat brings it back.
             self.memory(&name, |m| m.last_pass = None);

@@ -189,7 +189,7 @@ impl SnapshotReconciler {
         let Some(node) = self.nodes.get_named("", &node_name) else {
             return self.wait(&snap, "NodeNotFound", &format!("the VM's node {node_name} does not exist")).await;
         };
-        if !node.status_or_default().is_ready(Utc::now(), self.node_grace) {
+        if !node.status_view().is_ready(Utc::now(), self.node_grace) {
             if creating && self.past_deadline(&status) {
                 let message = format!("node {node_name} was not Ready for {} minutes", CREATING_DEADLINE.num_minutes());
                 return self.fail(&snap, "Timeout", &message, None).await;

@@ -108,7 +108,7 @@ impl VmReconciler {
             // loop; its node's readiness no longer concerns it.
             return Ok(Action::AwaitChange);
         }
-        let node_status = node.status_or_default();
+        let node_status = node.status_view();
         if !node_status.is_ready(Utc::now(), self.node_grace) {
             self.write_waiting(&vm, reason::NODE_NOT_READY, &format!("node {node_name} is not Ready")).await?;
             return Ok(Action::RequeueAfter(Duration::from_secs(2)));

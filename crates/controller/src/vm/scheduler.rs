@@ -83,7 +83,7 @@ pub fn pick_node(
     let mut best: Option<(&Node, (u32, u32))> = None;
     for node in nodes.iter().copied() {
         let name = node.name();
-        let status = node.status_or_default();
+        let status = node.status_view();
         if !status.is_ready(now, grace) {
             reasons.push(format!("{name}: not Ready"));
             continue;

@@ -23,10 +23,10 @@ impl VmReconciler {
         if let Some(node_name) = vm.spec.node_name.clone() {
             // A node without a Node object is gone for good; nothing of the VM can remain there.
             if let Some(node) = self.stores.nodes.get_named("", &node_name) {
-                if node.status_or_default().address.is_empty() {
+                if node.status_view().address.is_empty() {
                     return Err(ReconcileError::NodeWithoutAddress(node_name));
                 }
-                if vm.status_or_default().phase != VmPhase::Terminating {
+                if vm.status_view().phase != VmPhase::Terminating {
                     let mut status = vm.status_or_default();
                     status.phase = VmPhase::Terminating;
                     self.write_status(&vm, status).await?;

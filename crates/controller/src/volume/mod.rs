@@ -121,7 +121,7 @@ impl VolumeReconciler {
                 .wait(volume, &format!("node {node_name} does not exist; the volume is made once it joins"))
                 .await;
         };
-        if !node.status_or_default().is_ready(Utc::now(), self.node_grace) {
+        if !node.status_view().is_ready(Utc::now(), self.node_grace) {
             return self.wait(volume, &format!("node {node_name} is not Ready")).await;
         }
         let project = volume.metadata.project.clone().unwrap_or_default();
@@ -203,7 +203,7 @@ impl VolumeReconciler {
             .nodes
             .list()
             .iter()
-            .filter(|n| n.status_or_default().is_ready(now, self.node_grace))
+            .filter(|n| n.status_view().is_ready(now, self.node_grace))
             .map(|n| (held(n.name()), n.name().to_string()))
             .collect();
         ready.sort();

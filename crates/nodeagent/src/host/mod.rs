@@ -143,13 +143,13 @@ impl Host {
         }
     }
 
-    /// Notes that a VM's `vm.json` was written (what the node's allocation
-    /// is read from).
+    /// Notes that a VM's `vm.json` was written or its kept-down mark made
+    /// or removed (what the node's allocation is read from).
     pub fn config_written(&self) {
         self.config_writes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// How many times a VM's `vm.json` was written so far.
+    /// How many times a VM's `vm.json` or kept-down mark changed so far.
     pub fn config_writes(&self) -> u64 {
         self.config_writes.load(Ordering::Relaxed)
     }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
 /// Failures configuring host networking.
@@ -171,9 +171,25 @@ impl Net {
             Err(source) => return Err(NetError::Tap { name: name.into(), source }),
         }
         let index = index_of(name)?.ok_or_else(|| NetError::Vanished(name.into()))?;
-        without_ipv6(name);
+        self.without_ipv6_address(name, index).await;
         self.set_up(name, index, Some(bridge)).await?;
         Ok(index)
+    }
+
+    /// Has link `index` make no IPv6 address of its own (address
+    /// generation `none`), before it is brought up: with no address there
+    /// is no duplicate address detection, no multicast listener report and
+    /// no route to add or remove as it goes up and down, as with
+    /// [`without_ipv6`], but in a netlink request (writing the sysctl spins
+    /// while another link changes: the kernel only tries its lock there).
+    /// Best effort: a host without IPv6 has nothing to turn off.
+    async fn without_ipv6_address(&self, name: &str, index: u32) {
+        let none = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
+        let request =
+            LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![none])).build();
+        if let Err(e) = self.handle.link().set(request).execute().await {
+            tracing::debug!(link = name, error = %e, "turning IPv6 address generation off failed");
+        }
     }
 
     /// Deletes link `name`; returns whether it existed.

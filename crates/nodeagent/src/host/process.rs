@@ -5,6 +5,7 @@
 //! `/proc/PID/root` is a VM's jail directory under this agent's run
 //! directory is that VM's VMM.
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -150,11 +151,18 @@ const VMM_COMM: &[u8] = b"firecracker";
 /// dir>/vm/fc.sock --id <uid>`, their VM directory bind-mounted at `<run
 /// dir>/vm`) are still known, so an upgraded agent adopts them: they run on
 /// until they stop, and start again jailed.
+///
+/// A VMM found not to be ours (another agent's, on a host several share)
+/// never becomes ours, so [`Vmms::find`] remembers it by pid and the inode
+/// of its `/proc` directory (a new process under the same pid gets a new
+/// one) and does not look at it again.
 #[derive(Debug, Clone)]
 pub struct Vmms {
     vms_dir: PathBuf,
     legacy_comm: Vec<u8>,
     legacy_sock: PathBuf,
+    /// Others' VMMs seen by the last search, as pid → `/proc/PID` inode.
+    others: std::sync::Arc<std::sync::Mutex<HashMap<u32, u64>>>,
 }
 
 impl Vmms {
@@ -165,20 +173,36 @@ impl Vmms {
             vms_dir: run.vms(),
             legacy_comm: name[..name.len().min(15)].to_vec(),
             legacy_sock: run.root().join("vm/fc.sock"),
+            others: Default::default(),
         }
     }
 
     /// The uid of the VM whose VMM `pid` is, if it is one of ours.
     /// `stat` is the content of `/proc/PID/stat`.
     fn vm_of(&self, pid: u32, stat: &[u8]) -> Option<String> {
-        let (open, close) = (stat.iter().position(|b| *b == b'(')?, stat.iter().rposition(|b| *b == b')')?);
-        if stat.get(close + 2).is_none_or(|state| matches!(state, b'Z' | b'X')) {
-            return None;
-        }
-        let comm = &stat[open + 1..close];
-        if comm != VMM_COMM && comm != self.legacy_comm.as_slice() {
-            return None;
-        }
+        self.is_live_vmm_command(stat).then(|| self.vm_rooted(pid)).flatten()
+    }
+
+    /// Whether the process whose `/proc/PID/stat` is `stat` is alive (not a
+    /// zombie) and named as a VMM.
+    fn is_live_vmm_command(&self, stat: &[u8]) -> bool {
+        let (Some(open), Some(close)) = (stat.iter().position(|b| *b == b'('), stat.iter().rposition(|b| *b == b')'))
+        else {
+            return false;
+        };
+        open < close
+            && stat.get(close + 2).is_some_and(|state| !matches!(state, b'Z' | b'X'))
+            && self.is_vmm_command(&stat[open + 1..close])
+    }
+
+    /// Whether a process named `comm` may be a VMM.
+    fn is_vmm_command(&self, comm: &[u8]) -> bool {
+        comm == VMM_COMM || comm == self.legacy_comm.as_slice()
+    }
+
+    /// The uid of the VM whose jail process `pid` is rooted in (or, for an
+    /// unjailed VMM of an older agent, whose id it was started with).
+    fn vm_rooted(&self, pid: u32) -> Option<String> {
         let root = root_of(pid)?;
         if root == Path::new("/") {
             let args = args_of(pid)?;
@@ -206,20 +230,39 @@ impl Vmms {
     }
 
     /// Every live VMM of ours, as (pid, uid). Every process on the host is
-    /// looked at, so the cheap tests come first: the command name and state
-    /// in `/proc/PID/stat`, then the root link.
+    /// looked at, so the cheap tests come first: the command name (its own
+    /// small file, not the fifty fields of `/proc/PID/stat`), then the root
+    /// link (not for a VMM already known to be another's), and only for
+    /// ours the state.
     pub fn find(&self) -> Vec<(u32, String)> {
+        use std::os::unix::fs::DirEntryExt;
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
-        entries
-            .flatten()
-            .filter_map(|entry| {
-                let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
-                let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-                Some((pid, self.vm_of(pid, &stat)?))
-            })
-            .collect()
+        let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashMap::with_capacity(others.len());
+        let mut ours = Vec::new();
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let inode = entry.ino();
+            if others.get(&pid) == Some(&inode) {
+                seen.insert(pid, inode);
+                continue;
+            }
+            let Ok(comm) = std::fs::read(format!("/proc/{pid}/comm")) else { continue };
+            if !self.is_vmm_command(comm.strip_suffix(b"\n").unwrap_or(&comm)) {
+                continue;
+            }
+            let Some(uid) = self.vm_rooted(pid) else {
+                seen.insert(pid, inode);
+                continue;
+            };
+            if std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|stat| self.is_live_vmm_command(&stat)) {
+                ours.push((pid, uid));
+            }
+        }
+        *others = seen;
+        ours
     }
 
     /// Stops VMM `pid` (verified to be VM `uid`'s): SIGTERM, then SIGKILL

@@ -33,6 +33,9 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registered = false;
+    // The node as the last beat wrote it: the next beat writes over it
+    // without reading it first, unless someone else wrote meanwhile.
+    let mut last: Option<Node> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -44,7 +47,7 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
         // and the next one opens a new connection, so that beats resume as
         // soon as the network does.
         let limit = (interval * 3).clamp(Duration::from_secs(3), Duration::from_secs(10));
-        match tokio::time::timeout(limit, beat(&client, &info)).await {
+        match tokio::time::timeout(limit, beat(&client, &info, &mut last)).await {
             Ok(Ok(())) if !registered => {
                 registered = true;
                 tracing::info!(node = %info.name, address = %info.address, "node registered");
@@ -58,13 +61,40 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
     }
 }
 
-async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::ClientError> {
-    let mut node: Node = match client.get::<NodeSpec>("", &info.name).await {
+/// Writes one heartbeat. With `last` (this agent's previous write) the
+/// status is written on the condition that nothing else wrote the node
+/// since (a request saved per beat); otherwise, or when something did, the
+/// node is read (or created) and its status written over. `last` holds
+/// what this beat wrote, and nothing after a failure.
+async fn beat(client: &Client, info: &NodeInfo, last: &mut Option<Node>) -> Result<(), nexus_client::ClientError> {
+    if let Some(node) = last.take() {
+        match client.replace_status(&with_status(node, info)).await {
+            Ok(written) => {
+                *last = Some(written);
+                return Ok(());
+            }
+            // Changed meanwhile (marked lost, cordoned, relabelled) or deleted.
+            Err(e) if e.is_conflict() || e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let node: Node = match client.get::<NodeSpec>("", &info.name).await {
         Ok(n) => n,
         Err(e) if e.is_not_found() => client.create(&Node::new(&info.name, None, NodeSpec::default())).await?,
         Err(e) => return Err(e),
     };
-    let mut status = node.status.clone().unwrap_or_default();
+    let mut node = with_status(node, info);
+    // Unconditional: the agent is the only writer of its node's status
+    // (the lifecycle controller's NotReady is what this beat corrects).
+    node.metadata.resource_version = None;
+    *last = Some(client.replace_status(&node).await?);
+    Ok(())
+}
+
+/// `node` with the status this agent reports now, keeping the conditions
+/// it had.
+fn with_status(mut node: Node, info: &NodeInfo) -> Node {
+    let mut status = node.status.take().unwrap_or_default();
     status = NodeStatus {
         address: info.address.clone(),
         capacity: info.capacity.clone(),
@@ -89,10 +119,7 @@ async fn beat(client: &Client, info: &NodeInfo) -> Result<(), nexus_client::Clie
     );
     disk_pressure(&mut status, info);
     node.status = Some(status);
-    // Unconditional: the agent is the only writer of its node's status.
-    node.metadata.resource_version = None;
-    client.replace_status(&node).await?;
-    Ok(())
+    node
 }
 
 /// Sets the node's `DiskPressure` condition from the run directory's free

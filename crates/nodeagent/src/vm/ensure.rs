@@ -53,6 +53,7 @@ impl VmOwner {
             self.host.net.delete_link(&uid.tap_name()).await?;
             // A stop ends a kept-down exit: the next start is a fresh one.
             remove_if_exists(&paths.kept_down())?;
+            self.host.config_written();
             return self.observe(None).await;
         }
         if paths.kept_down().exists() {
@@ -133,6 +134,7 @@ impl VmOwner {
             return Ok(true);
         }
         std::fs::write(paths.kept_down(), b"").map_err(AgentError::io("marking the VM kept down"))?;
+        self.host.config_written();
         remove_if_exists(&paths.pid())?;
         remove_if_exists(&paths.socket())?;
         self.host.net.delete_link(&self.uid.tap_name()).await?;

@@ -4,10 +4,12 @@
 //! garbage collector found unclaimed, each name checked again here.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use nexus_api::PowerState;
 use nexus_api::agent::{EnsureVm, Inventory};
+use nexus_api::node::NodeAllocation;
 
 use super::Runtime;
 use crate::error::AgentError;
@@ -15,12 +17,22 @@ use crate::paths::{TAP_PREFIX, Uid, VmPaths};
 
 /// What the `vm.json` of each VM directory asks for, as last read: a
 /// heartbeat (several a second while VMs end) reads the files again only
-/// after the agent wrote one ([`Host::config_written`]) or one's length or
-/// time changed.
+/// after the agent wrote one or a kept-down mark ([`Host::config_written`])
+/// or one's length or time changed, and adds them up again only when that
+/// happened or the set of VM directories changed.
 ///
 /// [`Host::config_written`]: crate::host::Host::config_written
 #[derive(Debug, Default)]
-pub(super) struct Allocations(std::sync::Mutex<(u64, HashMap<PathBuf, Asked>)>);
+pub(super) struct Allocations(std::sync::Mutex<AllocationCache>);
+
+#[derive(Debug, Default)]
+struct AllocationCache {
+    /// [`Host::config_writes`](crate::host::Host::config_writes) when `files` was read.
+    writes: u64,
+    files: HashMap<PathBuf, Asked>,
+    /// The VM directories' names (sorted) and what they added up to.
+    total: Option<(Vec<OsString>, NodeAllocation)>,
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Asked {
@@ -28,26 +40,36 @@ struct Asked {
     modified: std::time::SystemTime,
     /// vCPUs and MiB, when the VM is meant to run (not Stopped).
     runs: Option<(u8, u32)>,
+    kept_down: bool,
 }
 
 impl Runtime {
     /// vCPUs, memory and count of the VMs meant to run here (not Stopped,
     /// not kept down after their VMM ended).
-    pub fn allocation(&self) -> nexus_api::node::NodeAllocation {
-        let mut total = nexus_api::node::NodeAllocation::default();
-        let Ok(entries) = std::fs::read_dir(self.host.cfg.run_dir.vms()) else { return total };
+    pub fn allocation(&self) -> NodeAllocation {
+        let vms = self.host.cfg.run_dir.vms();
+        let Ok(entries) = std::fs::read_dir(&vms) else { return NodeAllocation::default() };
+        let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        names.sort_unstable();
         let mut cache = self.allocations.0.lock().unwrap_or_else(|p| p.into_inner());
         let writes = self.host.config_writes();
-        if cache.0 != writes {
-            *cache = (writes, HashMap::new());
+        if cache.writes == writes
+            && let Some((known, total)) = &cache.total
+            && *known == names
+        {
+            return total.clone();
         }
-        let known = &mut cache.1;
-        let mut seen = HashMap::with_capacity(known.len());
-        for entry in entries.flatten() {
-            let file = entry.path().join("vm.json");
+        if cache.writes != writes {
+            (cache.writes, cache.files) = (writes, HashMap::new());
+        }
+        let mut total = NodeAllocation::default();
+        let mut seen = HashMap::with_capacity(names.len());
+        for name in &names {
+            let dir = vms.join(name);
+            let file = dir.join("vm.json");
             let Ok(meta) = std::fs::metadata(&file) else { continue };
             let (len, modified) = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-            let asked = match known.get(&entry.path()) {
+            let asked = match cache.files.get(&dir) {
                 Some(a) if a.len == len && a.modified == modified => *a,
                 _ => {
                     let Some(cfg) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
@@ -55,19 +77,20 @@ impl Runtime {
                         continue;
                     };
                     let runs = (cfg.state != PowerState::Stopped).then_some((cfg.vcpu, cfg.mem_mib));
-                    Asked { len, modified, runs }
+                    let kept_down = VmPaths { dir: dir.clone() }.kept_down().exists();
+                    Asked { len, modified, runs, kept_down }
                 }
             };
-            seen.insert(entry.path(), asked);
-            let kept_down = VmPaths { dir: entry.path() }.kept_down().exists();
-            if let (Some((vcpu, mem_mib)), false) = (asked.runs, kept_down) {
+            seen.insert(dir, asked);
+            if let (Some((vcpu, mem_mib)), false) = (asked.runs, asked.kept_down) {
                 total.vcpu += u32::from(vcpu);
                 total.mem_mib += u64::from(mem_mib);
                 total.vms += 1;
             }
         }
         // Directories gone are forgotten.
-        *known = seen;
+        cache.files = seen;
+        cache.total = Some((names, total.clone()));
         total
     }
 
