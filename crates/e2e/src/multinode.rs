@@ -134,9 +134,10 @@ impl MultiNode {
     }
 
     /// Starts everything as a benchmark wants it: the agents running `vmm`
-    /// as their Firecracker, the controller with its defaults.
-    pub async fn start_for_bench(dir: &Path, n: usize, max_vms: u32, vmm: &Path) -> MultiNode {
-        Self::start_with(dir, n, max_vms, vmm, false, &[]).await
+    /// as their Firecracker (`env` in their environment), the controller
+    /// with its defaults.
+    pub async fn start_for_bench(dir: &Path, n: usize, max_vms: u32, vmm: &Path, env: &[(&str, &str)]) -> MultiNode {
+        Self::start_with(dir, n, max_vms, vmm, false, env).await
     }
 
     async fn start_with(dir: &Path, n: usize, max_vms: u32, vmm: &Path, fast: bool, env: &[(&str, &str)]) -> MultiNode {

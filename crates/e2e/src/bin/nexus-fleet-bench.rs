@@ -21,10 +21,16 @@ struct Args {
     agents: usize,
     /// Where the fleet's data and run directories go.
     dir: std::path::PathBuf,
+    /// How long to watch the Running fleet before deleting it, measuring
+    /// what it costs while nothing changes (0: not measured).
+    idle_secs: u64,
+    /// How often each simulated guest prints a console line (0: quiet
+    /// after its boot, as an idle guest is).
+    console_secs: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { vms: 1000, agents: 10, dir: "/var/tmp".into() };
+    let mut args = Args { vms: 1000, agents: 10, dir: "/var/tmp".into(), idle_secs: 0, console_secs: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -32,8 +38,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--vms" => args.vms = value()?.parse()?,
             "--agents" => args.agents = value()?.parse()?,
             "--dir" => args.dir = value()?.into(),
+            "--idle-secs" => args.idle_secs = value()?.parse()?,
+            "--console-secs" => args.console_secs = value()?.parse()?,
             "--help" | "-h" => {
-                println!("nexus-fleet-bench [--vms 1000] [--agents 10] [--dir /var/tmp]   (as root)");
+                println!(
+                    "nexus-fleet-bench [--vms 1000] [--agents 10] [--dir /var/tmp] [--idle-secs 0] [--console-secs 0]   (as root)"
+                );
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown flag {other}; see --help"),
@@ -164,7 +174,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let (kernel, rootfs) = ("/var/lib/nexus/images/vmlinux", "/var/lib/nexus/images/rootfs.ext4");
     let max_vms = (args.vms.div_ceil(args.agents) + 10) as u32;
     let sim = nexus_e2e::bin("firecracker-sim");
-    let mut fleet = MultiNode::start_for_bench(&dir.path().join("fleet"), args.agents, max_vms, &sim).await;
+    let console = args.console_secs.to_string();
+    let env = [("FIRECRACKER_SIM_CONSOLE_SECS", console.as_str())];
+    let mut fleet = MultiNode::start_for_bench(&dir.path().join("fleet"), args.agents, max_vms, &sim, &env).await;
     let client = fleet.client();
     let yaml: Vec<String> = (0..args.vms)
         .map(|i| {
@@ -269,6 +281,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "agents": fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum::<u64>(),
         "bench": cpu_ms(std::process::id()),
     });
+    let idle = match args.idle_secs {
+        0 => None,
+        secs => Some(idle_cost(&fleet, Duration::from_secs(secs)).await),
+    };
 
     eprintln!("deleting every VM, and creating {DURING} more half a second into it ...");
     let deleting = Instant::now();
@@ -314,6 +330,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for (route, n) in requests.iter().filter(|(_, n)| *n as usize >= args.vms / 10) {
         println!("{:<70} {:>6.2}", format!("apiserver requests per VM: {route}"), *n as f64 / args.vms as f64);
     }
+    if let Some(idle) = &idle {
+        let idle = |k: &str| idle[k].as_f64().unwrap_or(0.0);
+        line(
+            "idle fleet: CPU ms/s apiserver / controller",
+            format!("{:.0} / {:.0}", idle("apiserver"), idle("controller")),
+        );
+        line("idle fleet: CPU ms/s agents / VMMs", format!("{:.0} / {:.0}", idle("agents"), idle("vmms")));
+        line("idle fleet: host CPU busy %", format!("{:.1}", idle("hostBusy")));
+    }
     line("delete all (--wait) ms", deleted.as_millis().to_string());
     line(&format!("{DURING} VMs created during it -> all Running ms"), during.as_millis().to_string());
     line(
@@ -331,6 +356,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                    "vmmMean": mean(&sims)},
         "cpuMs": cpu,
         "hostCpuPercent": host.as_ref().map(|h| serde_json::json!({"busy": h.busy, "idle": h.idle, "stolen": h.stolen})),
+        "idleCpuMsPerSec": idle,
         "deleteAllMs": deleted.as_millis() as u64,
         "createdDuringDeleteRunningMs": during.as_millis() as u64,
         "left": {"vmms": leftovers.0, "taps": leftovers.1, "dirs": leftovers.2, "vmRows": rows_left},
@@ -341,6 +367,38 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "something was left behind: {leftovers:?}, {rows_left} rows"
     );
     Ok(())
+}
+
+/// What the Running fleet costs while nothing changes: CPU milliseconds
+/// per second of the apiserver, the controller, the agents together and
+/// the VMMs together, and the host's busy share, over `span`.
+async fn idle_cost(fleet: &MultiNode, span: Duration) -> serde_json::Value {
+    let vmms = || -> Vec<u32> {
+        (1..=fleet.agents.len())
+            .flat_map(|i| nexus_e2e::host::vmm_processes_under(&fleet.dir.join(format!("run-{i}"))))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let sample = || {
+        let agents: u64 = fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum();
+        [cpu_ms(fleet.apiserver.pid()), cpu_ms(fleet.controller.pid()), agents]
+    };
+    // Finds the VMMs first: looking through /proc is not the fleet's cost.
+    let pids = vmms();
+    let (before, vmms_before, host_before) = (sample(), pids.iter().map(|p| cpu_ms(*p)).sum::<u64>(), host_cpu());
+    let started = Instant::now();
+    tokio::time::sleep(span).await;
+    let (after, vmms_after, host_after) = (sample(), pids.iter().map(|p| cpu_ms(*p)).sum::<u64>(), host_cpu());
+    let secs = started.elapsed().as_secs_f64();
+    let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+    let busy = host_before.zip(host_after).map(|(a, b)| HostCpu::share(&a, &b).busy).unwrap_or(0.0);
+    serde_json::json!({
+        "apiserver": rate(before[0], after[0]),
+        "controller": rate(before[1], after[1]),
+        "agents": rate(before[2], after[2]),
+        "vmms": rate(vmms_before, vmms_after),
+        "hostBusy": busy,
+    })
 }
 
 fn main() -> anyhow::Result<()> {

@@ -286,7 +286,7 @@ async fn wait_boot_line(console: &Path, line: &str) -> anyhow::Result<DateTime<U
 }
 
 async fn through_nexus(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<Vec<Phases>> {
-    let mut cluster = MultiNode::start_for_bench(&dir.join("cluster"), 1, args.vms as u32 + 10, vmm).await;
+    let mut cluster = MultiNode::start_for_bench(&dir.join("cluster"), 1, args.vms as u32 + 10, vmm, &[]).await;
     let client = cluster.client();
     // One watch for the whole run: when each VM was first seen Running.
     let running: Arc<Mutex<SeenRunning>> = Default::default();

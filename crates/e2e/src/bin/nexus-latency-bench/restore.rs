@@ -115,7 +115,7 @@ async fn snapshot(client: &Client, vm: &str, name: &str) -> anyhow::Result<u64> 
 /// VMs restored one at a time through nexus: their phases, and how long
 /// the source was paused for its snapshot.
 pub async fn through_nexus(vmm: &Path, dir: &Path, args: &Args) -> anyhow::Result<(Vec<Phases>, u64)> {
-    let mut cluster = MultiNode::start_for_bench(&dir.join("cluster"), 1, args.vms as u32 + 10, vmm).await;
+    let mut cluster = MultiNode::start_for_bench(&dir.join("cluster"), 1, args.vms as u32 + 10, vmm, &[]).await;
     let client = cluster.client();
     running_vm(&client, "restore-src", args).await?;
     let paused = snapshot(&client, "restore-src", "restore-snap").await?;
@@ -175,7 +175,7 @@ fn memory(run: &Path) -> (u64, u64) {
 /// `--fork N`: one running VM, then `nexusctl fork --copies N --wait`,
 /// timed, with the node's memory before and after.
 pub async fn fork(vmm: &Path, dir: &Path, args: &Args, copies: u32) -> anyhow::Result<serde_json::Value> {
-    let mut cluster = MultiNode::start_for_bench(&dir.join("fork"), 1, copies + 10, vmm).await;
+    let mut cluster = MultiNode::start_for_bench(&dir.join("fork"), 1, copies + 10, vmm, &[]).await;
     let client = cluster.client();
     let source = running_vm(&client, "fork-src", args).await?;
     let run = cluster.dir.join("run-1");
