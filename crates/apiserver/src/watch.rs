@@ -127,30 +127,27 @@ pub async fn stream(
                 _ = ticker.tick() => bookmark_line(last),
                 _ = tx.closed() => return,
                 _ = shutting_down.changed() => return,
-                received = live.recv() => match received {
-                    Ok(change) => {
-                        if change.resource_version <= last {
-                            continue;
-                        }
-                        last = change.resource_version;
-                        if !filter.wants(&change) {
-                            continue;
-                        }
-                        change_line(&change)
+                received = live.recv() => {
+                    let (lines, lagged) = match received {
+                        Ok(change) => ready_lines(&change, &mut live, &filter, &mut last),
+                        Err(RecvError::Lagged(_)) => (None, true),
+                        Err(RecvError::Closed) => return,
+                    };
+                    if let Some(lines) = lines
+                        && tx.send(Ok(lines)).await.is_err()
+                    {
+                        return;
                     }
-                    Err(RecvError::Lagged(_)) => {
-                        // Fell behind the broadcast: catch up from the log.
-                        match catch_up(&state, &filter, &mut last, &tx).await {
-                            Ok(()) => continue,
-                            Err(e) => {
-                                let body = serde_json::to_value(e.body()).unwrap_or_default();
-                                let _ = tx.send(Ok(event_line(WatchEventType::Error, body))).await;
-                                return;
-                            }
-                        }
+                    // Fell behind the broadcast: catch up from the log.
+                    if lagged
+                        && let Err(e) = catch_up(&state, &filter, &mut last, &tx).await
+                    {
+                        let body = serde_json::to_value(e.body()).unwrap_or_default();
+                        let _ = tx.send(Ok(event_line(WatchEventType::Error, body))).await;
+                        return;
                     }
-                    Err(RecvError::Closed) => return,
-                },
+                    continue;
+                }
             };
             if tx.send(Ok(line)).await.is_err() {
                 return;
@@ -159,6 +156,57 @@ pub async fn stream(
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok(([("content-type", "application/json; stream=watch")], body).into_response())
+}
+
+/// Most bytes of changes sent in one write.
+const BATCH_BYTES: usize = 64 << 10;
+
+/// The lines of `first` and of the changes already waiting behind it (up
+/// to [`BATCH_BYTES`]) that the watch wants, as one write: under a burst
+/// of changes a watcher gets them in a few large writes rather than one
+/// write, TLS record and wake-up each. Also returns whether the broadcast
+/// was found to have run ahead of this watch (catch up from the log).
+fn ready_lines(
+    first: &Change,
+    live: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<Change>>,
+    filter: &Filter,
+    last: &mut i64,
+) -> (Option<Bytes>, bool) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut lines: Vec<Bytes> = wanted(first, filter, last).into_iter().collect();
+    let mut size = lines.iter().map(Bytes::len).sum::<usize>();
+    let mut lagged = false;
+    while size < BATCH_BYTES {
+        match live.try_recv() {
+            Ok(change) => {
+                if let Some(line) = wanted(&change, filter, last) {
+                    size += line.len();
+                    lines.push(line);
+                }
+            }
+            Err(TryRecvError::Lagged(_)) => {
+                lagged = true;
+                break;
+            }
+            Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+        }
+    }
+    let batch = match lines.len() {
+        0 => None,
+        1 => lines.pop(),
+        _ => Some(Bytes::from(lines.concat())),
+    };
+    (batch, lagged)
+}
+
+/// The line of `change` if it is new to the watch (past `last`, which it
+/// advances) and the watch wants it.
+fn wanted(change: &Change, filter: &Filter, last: &mut i64) -> Option<Bytes> {
+    if change.resource_version <= *last {
+        return None;
+    }
+    *last = change.resource_version;
+    filter.wants(change).then(|| change_line(change))
 }
 
 async fn catch_up(
@@ -178,3 +226,70 @@ async fn catch_up(
 
 /// Default time between BOOKMARK events on an idle watch.
 pub const DEFAULT_BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn change(rv: i64, kind: &str, project: &str) -> Arc<Change> {
+        Arc::new(Change {
+            resource_version: rv,
+            kind: kind.into(),
+            project: project.into(),
+            type_: ChangeType::Modified,
+            object: json!({"metadata": {"name": format!("o{rv}"), "project": project, "resourceVersion": rv.to_string()}}),
+            request_id: String::new(),
+            line: Default::default(),
+        })
+    }
+
+    fn filter() -> Filter {
+        Filter {
+            kind: "VM".into(),
+            project: Some("p".into()),
+            labels: Selector::default(),
+            fields: Selector::default(),
+            visible: None,
+        }
+    }
+
+    fn names(batch: &Bytes) -> Vec<String> {
+        batch
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice::<Value>(l).unwrap()["object"]["metadata"]["name"].as_str().unwrap().into())
+            .collect()
+    }
+
+    #[test]
+    fn changes_waiting_together_go_out_in_one_write_without_what_the_watch_does_not_want() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(16);
+        let first = change(5, "VM", "p");
+        for c in [change(4, "VM", "p"), change(6, "Node", ""), change(7, "VM", "q"), change(8, "VM", "p")] {
+            tx.send(c).unwrap();
+        }
+        let mut last = 4;
+        let (batch, lagged) = ready_lines(&first, &mut rx, &filter(), &mut last);
+        assert!(!lagged);
+        assert_eq!(names(&batch.unwrap()), ["o5", "o8"], "in order, each once, only the project's VMs");
+        assert_eq!(last, 8, "what was skipped is passed too");
+        // Nothing waiting: the one line, shared with every other watch.
+        let only = change(9, "VM", "p");
+        let (batch, _) = ready_lines(&only, &mut rx, &filter(), &mut last);
+        assert_eq!(batch.unwrap(), *only.line.get().unwrap());
+    }
+
+    #[test]
+    fn a_watch_the_broadcast_ran_ahead_of_is_told_to_catch_up() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(2);
+        for rv in 2..=5 {
+            tx.send(change(rv, "VM", "p")).unwrap();
+        }
+        let mut last = 1;
+        let (batch, lagged) = ready_lines(&change(1, "VM", "p"), &mut rx, &filter(), &mut last);
+        assert!(lagged && batch.is_none(), "rv 1 is old; 2 and 3 were lost to the broadcast");
+        assert_eq!(last, 1);
+    }
+}

@@ -1,6 +1,6 @@
 //! What the node's VMs share, and the host facilities each VM's owner
 //! uses: networking ([`net`], [`nat`], [`ipam`], [`clonenet`]), process
-//! confinement ([`cgroup`], [`scope`], [`jail`], [`process`], [`forks`],
+//! confinement ([`cgroup`], [`scope`], [`jail`], [`process`], [`spawn`], [`forks`],
 //! [`exits`]), files ([`disk`], [`images`], [`fetch`], [`dirwatch`],
 //! [`locks`], [`volumes`]) and the host check ([`check`]).
 
@@ -22,6 +22,7 @@ pub mod process;
 pub mod scope;
 pub mod space;
 pub mod spares;
+pub mod spawn;
 pub mod volumes;
 pub mod warm;
 

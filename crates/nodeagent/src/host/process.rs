@@ -6,9 +6,9 @@
 //! directory is that VM's VMM.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -52,28 +52,37 @@ pub fn launch(
         .append(true)
         .open(console)
         .map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
-    let err = out.try_clone().map_err(|source| ProcessError::Console { path: console.to_path_buf(), source })?;
     let entry = jail.entry(net)?;
-    let mut cmd = tokio::process::Command::new(inside::BINARY);
+    let null =
+        crate::host::spawn::dev_null().map_err(|source| ProcessError::Console { path: "/dev/null".into(), source })?;
     // The log and metrics from the start, rather than by two requests
     // before the VM's configuration (a restore's load waits for them).
-    cmd.arg("--api-sock")
-        .arg(inside::API_SOCK)
-        .arg("--id")
-        .arg(uid)
-        .args(["--log-path", inside::LOG, "--level", "Info", "--show-level", "--metrics-path", inside::METRICS])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .kill_on_drop(false);
+    let args = [
+        "--api-sock",
+        inside::API_SOCK,
+        "--id",
+        uid,
+        "--log-path",
+        inside::LOG,
+        "--level",
+        "Info",
+        "--show-level",
+        "--metrics-path",
+        inside::METRICS,
+    ];
+    let cmd = crate::host::spawn::Command {
+        program: std::ffi::OsStr::new(inside::BINARY),
+        args: args.iter().map(std::ffi::OsStr::new).collect(),
+        stdio: [null.as_fd(), out.as_fd(), out.as_fd()],
+    };
+    let setup = move || {
+        // SAFETY: in the child before its exec, as `enter` requires.
+        unsafe { entry.enter() }
+    };
     // SAFETY: `enter` only makes system calls on strings prepared above.
-    unsafe {
-        cmd.pre_exec(move || entry.enter());
-    }
-    let mut child = crate::host::forks::forking(|| cmd.spawn())
+    let child = crate::host::forks::forking(|| unsafe { crate::host::spawn::spawn(&cmd, &setup) })
         .map_err(|source| ProcessError::Spawn { binary: jail.binary.clone(), source })?;
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id();
     tokio::spawn(async move {
         match child.wait().await {
             Ok(status) => {

@@ -40,6 +40,9 @@ use std::sync::Mutex;
 
 use crate::paths::VmPaths;
 
+mod entry;
+pub use entry::Entry;
+
 /// Paths as a jailed VMM sees them.
 pub mod inside {
     pub const BINARY: &str = "/firecracker";
@@ -252,8 +255,8 @@ impl Jail {
         std::fs::hard_link(file, &at).map_err(io(format!("linking {} into the jail", file.display())))
     }
 
-    /// The system calls to make between fork and exec, prepared in advance
-    /// (the child may not allocate).
+    /// The system calls to make between the VMM's start and its exec,
+    /// prepared in advance (the child may not allocate).
     pub fn entry(&self, net: VmmNet) -> Result<Entry, JailError> {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(p.to_path_buf()));
         let mut binds = vec![(c(&self.binary)?, c(&self.host(inside::BINARY))?)];
@@ -444,96 +447,6 @@ pub enum VmmNet {
     /// The one this descriptor (open in the agent until the launch
     /// returns) refers to.
     Join(std::os::fd::RawFd),
-}
-
-/// The steps into a jail, run in the child between fork and exec.
-#[derive(Debug)]
-pub struct Entry {
-    namespaces: libc::c_int,
-    /// A network namespace to join first (-1: none).
-    join_net: libc::c_int,
-    slash: CString,
-    skeleton: CString,
-    skeleton_vm: CString,
-    binds: Vec<(CString, CString)>,
-    root: CString,
-    dev: CString,
-    dev_net: CString,
-    kvm: CString,
-    tun: CString,
-    tmpfs: CString,
-    tmpfs_options: CString,
-    uid: u32,
-    gid: u32,
-    last_cap: u32,
-}
-
-fn check(ret: libc::c_int) -> std::io::Result<()> {
-    if ret == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-impl Entry {
-    /// Enters the jail: new namespaces, the skeleton over the jail
-    /// directory (which it holds at `/vm`), the bind mounts, a private
-    /// `/dev`, chroot, then the VM's user without capabilities.
-    ///
-    /// # Safety
-    /// Only to be called in a freshly forked child before exec: it makes
-    /// system calls on the prepared strings and nothing else.
-    pub unsafe fn enter(&self) -> std::io::Result<()> {
-        let null = std::ptr::null::<libc::c_char>();
-        // SAFETY: every pointer is to a NUL-terminated string owned by
-        // `self` or null where the call allows it.
-        unsafe {
-            if self.join_net >= 0 {
-                check(libc::setns(self.join_net, libc::CLONE_NEWNET))?;
-            }
-            check(libc::unshare(self.namespaces))?;
-            // Keep the jail's mounts from propagating back to the host.
-            check(libc::mount(null, self.slash.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()))?;
-            // The jail directory at the skeleton's `/vm`, then the skeleton
-            // (with that mount) over the jail directory, read-only.
-            check(libc::mount(self.root.as_ptr(), self.skeleton_vm.as_ptr(), null, libc::MS_BIND, std::ptr::null()))?;
-            check(libc::mount(
-                self.skeleton.as_ptr(),
-                self.root.as_ptr(),
-                null,
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ))?;
-            let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-            check(libc::mount(null, self.root.as_ptr(), null, ro, std::ptr::null()))?;
-            for (src, dst) in &self.binds {
-                check(libc::mount(src.as_ptr(), dst.as_ptr(), null, libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
-                let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
-                check(libc::mount(null, dst.as_ptr(), null, ro, std::ptr::null()))?;
-            }
-            check(libc::mount(
-                self.tmpfs.as_ptr(),
-                self.dev.as_ptr(),
-                self.tmpfs.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NOEXEC,
-                self.tmpfs_options.as_ptr().cast(),
-            ))?;
-            check(libc::mkdir(self.dev_net.as_ptr(), 0o755))?;
-            for (node, minor) in [(&self.kvm, 232), (&self.tun, 200)] {
-                check(libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(10, minor)))?;
-                check(libc::chown(node.as_ptr(), self.uid, self.gid))?;
-            }
-            check(libc::chroot(self.root.as_ptr()))?;
-            check(libc::chdir(self.slash.as_ptr()))?;
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-            for cap in 0..=self.last_cap {
-                check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
-            }
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setresgid(self.gid, self.gid, self.gid))?;
-            // Leaving uid 0 without SECBIT_KEEP_CAPS clears the permitted,
-            // effective and ambient sets.
-            check(libc::setresuid(self.uid, self.uid, self.uid))?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
