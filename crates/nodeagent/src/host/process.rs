@@ -319,16 +319,43 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Polls until `pid` is gone or a zombie; returns whether it went.
+/// Waits until `pid` is gone or a zombie; returns whether it went.
 pub async fn wait_gone(pid: u32, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if !alive(pid) {
-            return true;
+    // Its pidfd turns readable when it ends.
+    match crate::host::spawn::pidfd(pid) {
+        Ok(ended) => !alive(pid) || tokio::time::timeout(within, ended.readable()).await.is_ok(),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => true,
+        // No pidfds: look every 20 ms.
+        Err(_) => {
+            let deadline = tokio::time::Instant::now() + within;
+            while alive(pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
         }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wait_gone_returns_when_the_process_ends_or_the_time_is_up() {
+        let mut long = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut short = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let started = std::time::Instant::now();
+        assert!(!wait_gone(long.id(), Duration::from_millis(100)).await, "still running");
+        // Not reaped: a zombie counts as gone.
+        assert!(wait_gone(short.id(), Duration::from_secs(5)).await);
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        long.kill().unwrap();
+        assert!(wait_gone(long.id(), Duration::from_secs(5)).await);
+        let _ = long.wait();
+        let _ = short.wait();
+        assert!(wait_gone(u32::MAX >> 10, Duration::from_secs(5)).await, "no such process");
     }
 }

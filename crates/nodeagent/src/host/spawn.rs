@@ -196,22 +196,31 @@ pub unsafe fn spawn(cmd: &Command, setup: &(dyn Fn() -> io::Result<()> + Sync)) 
         let _ = nix::sys::wait::waitpid(pid, None);
         return Err(io::Error::from_raw_os_error(errno));
     }
-    // SAFETY: pidfd_open on our own unreaped child; checked below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) } as RawFd;
+    let pidfd = match pidfd(pid.as_raw() as u32) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Without a pidfd it cannot be waited for: stop it rather than
+            // leave a process nobody reaps.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(e);
+        }
+    };
+    Ok(Child { pid: pid.as_raw() as u32, pidfd })
+}
+
+/// A descriptor for process `pid` that turns readable when it ends (it
+/// is then a zombie, or gone), registered with the runtime.
+pub fn pidfd(pid: u32) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags; checked below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as RawFd;
     if fd < 0 {
-        // Without a pidfd it cannot be waited for: stop it rather than leave
-        // a process nobody reaps.
-        let e = io::Error::last_os_error();
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-        return Err(e);
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: a descriptor just opened, owned from here on.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: the pidfd is owned by the AsyncFd and closed only with it.
-    let pidfd =
-        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }.map_err(io::Error::from)?;
-    Ok(Child { pid: pid.as_raw() as u32, pidfd })
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(io::Error::from)
 }
 
 /// The child's part: default signal dispositions and an empty mask, the
