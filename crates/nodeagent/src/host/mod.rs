@@ -85,6 +85,9 @@ pub struct Host {
     pub volume_files: locks::KeyedLocks,
     /// Network namespaces ready for restored VMs.
     pub spares: spares::Spares,
+    /// Held while a guest address is chosen and recorded, so that VMs
+    /// started at once never take the same one.
+    pub addresses: std::sync::Mutex<()>,
     /// The bridge's index as last ensured (0: not yet).
     bridge: AtomicU32,
     /// How many times a VM's `vm.json` was written.
@@ -137,6 +140,7 @@ impl Host {
             reflink,
             verifier: Default::default(),
             snapshot_files: Default::default(),
+            addresses: Default::default(),
             volume_files: Default::default(),
             spares,
             bridge: Default::default(),
