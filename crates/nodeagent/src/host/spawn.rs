@@ -86,12 +86,15 @@ impl Child {
 struct Stack {
     base: *mut libc::c_void,
     len: usize,
+    /// The guard's size: one page.
+    guard: usize,
 }
 
 impl Stack {
     fn new() -> io::Result<Self> {
-        let page = 4096;
-        let len = STACK + page;
+        // SAFETY: sysconf has no preconditions.
+        let guard = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = STACK + guard;
         // SAFETY: a fresh private anonymous mapping; checked below.
         let base = unsafe {
             libc::mmap(
@@ -106,18 +109,17 @@ impl Stack {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let stack = Self { base, len };
+        let stack = Self { base, len, guard };
         // SAFETY: the first page of the mapping just made.
-        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+        if unsafe { libc::mprotect(base, guard, libc::PROT_NONE) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(stack)
     }
 
     fn usable(&mut self) -> &mut [u8] {
-        let page = 4096;
         // SAFETY: the mapping's pages above the guard, owned by `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.base.cast::<u8>().add(page), self.len - page) }
+        unsafe { std::slice::from_raw_parts_mut(self.base.cast::<u8>().add(self.guard), self.len - self.guard) }
     }
 }
 
