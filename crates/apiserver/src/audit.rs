@@ -3,6 +3,7 @@
 //! `Store::mutate`); everything else — refusals, failures, answers without
 //! a change — is recorded by [`layer`] after the handler ran.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -40,8 +41,11 @@ fn short(v: &Value) -> String {
     }
 }
 
-fn walk(path: &str, before: &Value, after: &Value, out: &mut Vec<String>) {
-    if out.len() > MAX_CHANGES {
+/// Adds to `out` each field that differs between `before` and `after`
+/// under `path` (`Null` standing for absent), skipping equal subtrees
+/// without a look inside and building a field's path only once it moved.
+fn walk(path: &mut String, before: &Value, after: &Value, out: &mut Vec<String>) {
+    if out.len() > MAX_CHANGES || before == after {
         return;
     }
     match (before, after) {
@@ -50,65 +54,98 @@ fn walk(path: &str, before: &Value, after: &Value, out: &mut Vec<String>) {
             keys.sort();
             keys.dedup();
             for k in keys {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                walk(&p, b.get(k).unwrap_or(&Value::Null), a.get(k).unwrap_or(&Value::Null), out);
+                if path == "metadata" && BOOKKEEPING.contains(&k.as_str()) {
+                    continue;
+                }
+                let (bv, av) = (b.get(k).unwrap_or(&Value::Null), a.get(k).unwrap_or(&Value::Null));
+                let at = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                if REDACTED.contains(&k.as_str()) {
+                    walk(path, &redacted(bv), &redacted(av), out);
+                } else {
+                    walk(path, bv, av, out);
+                }
+                path.truncate(at);
             }
         }
         (Value::Array(b), Value::Array(a)) if b.len() == a.len() => {
             for (i, (bv, av)) in b.iter().zip(a).enumerate() {
-                walk(&format!("{path}[{i}]"), bv, av, out);
+                let at = path.len();
+                path.push_str(&format!("[{i}]"));
+                walk(path, bv, av, out);
+                path.truncate(at);
             }
         }
-        (b, a) if b == a => {}
-        (Value::Null, a) => out.push(format!("{path}: set to {}", short(a))),
-        (b, Value::Null) => out.push(format!("{path}: removed (was {})", short(b))),
-        (b, a) => out.push(format!("{path}: {} -> {}", short(b), short(a))),
+        (Value::Null, a) => out.push(format!("{path}: set to {}", short(&redact_all(a)))),
+        (b, Value::Null) => out.push(format!("{path}: removed (was {})", short(&redact_all(b)))),
+        (b, a) => out.push(format!("{path}: {} -> {}", short(&redact_all(b)), short(&redact_all(a)))),
     }
 }
+
+/// Bookkeeping of the system under `metadata`, left out of the changes.
+const BOOKKEEPING: &[&str] = &["resourceVersion", "generation", "uid", "creationTimestamp"];
 
 /// Fields whose values the audit log never holds (a guest's user data may
 /// carry what only the VM's readers should see): a change shows only their
 /// size.
 const REDACTED: &[&str] = &["userData", "user-data"];
 
-/// Replaces each redacted field's value in `v` with its size.
-fn redact(v: &mut Value) {
+/// A redacted field's value as the audit log shows it: its size.
+fn redacted(v: &Value) -> Value {
     match v {
-        Value::Object(m) => {
-            for (k, child) in m.iter_mut() {
-                if REDACTED.contains(&k.as_str()) {
-                    let size = child.as_str().map_or_else(|| child.to_string().len(), str::len);
-                    *child = Value::String(format!("<{size} bytes>"));
-                } else {
-                    redact(child);
+        Value::Null => Value::Null,
+        Value::String(s) => Value::String(format!("<{} bytes>", s.len())),
+        other => Value::String(format!("<{} bytes>", other.to_string().len())),
+    }
+}
+
+/// `v` with every redacted field inside it replaced by its size (a value
+/// about to be shown whole); `v` itself when it holds none.
+fn redact_all(v: &Value) -> Cow<'_, Value> {
+    fn holds_redacted(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m.iter().any(|(k, c)| REDACTED.contains(&k.as_str()) || holds_redacted(c)),
+            Value::Array(items) => items.iter().any(holds_redacted),
+            _ => false,
+        }
+    }
+    fn redact(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m.iter_mut() {
+                    if REDACTED.contains(&k.as_str()) {
+                        *child = redacted(child);
+                    } else {
+                        redact(child);
+                    }
                 }
             }
+            Value::Array(items) => items.iter_mut().for_each(redact),
+            _ => {}
         }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        _ => {}
     }
+    if !holds_redacted(v) {
+        return Cow::Borrowed(v);
+    }
+    let mut v = v.clone();
+    redact(&mut v);
+    Cow::Owned(v)
 }
 
 /// What a change did, field by field, leaving out bookkeeping
 /// (`resourceVersion`, `generation`, timestamps of the system) and the
 /// values of redacted fields (user data: only their sizes).
 pub fn changes(before: Option<&Value>, after: Option<&Value>) -> Vec<String> {
-    let strip = |v: Option<&Value>| {
-        let mut v = v.cloned().unwrap_or(Value::Null);
-        redact(&mut v);
-        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            for k in ["resourceVersion", "generation", "uid", "creationTimestamp"] {
-                m.remove(k);
-            }
-        }
-        v
-    };
     match (before, after) {
         (None, Some(_)) => vec!["created".into()],
         (Some(_), None) => vec!["deleted".into()],
-        _ => {
+        (before, after) => {
             let mut out = Vec::new();
-            walk("", &strip(before), &strip(after), &mut out);
+            let null = Value::Null;
+            walk(&mut String::new(), before.unwrap_or(&null), after.unwrap_or(&null), &mut out);
             if out.len() > MAX_CHANGES {
                 out.truncate(MAX_CHANGES);
                 out.push("…".into());
@@ -222,6 +259,28 @@ mod tests {
         let out = changes(Some(&before), Some(&after));
         assert_eq!(out, ["spec.userData: <24 bytes> -> <25 bytes>"]);
         assert!(!out.concat().contains("secret"));
+    }
+
+    #[test]
+    fn user_data_inside_a_value_shown_whole_is_on_record_by_size_only() {
+        let before = serde_json::json!({"spec": {"vcpu": 1}});
+        let after = serde_json::json!({"spec": {"vcpu": 1, "guest": {"userData": "secret", "hostname": "h"}}});
+        let out = changes(Some(&before), Some(&after));
+        assert_eq!(out, ["spec.guest: set to {\"hostname\":\"h\",\"userData\":\"<6 bytes>\"}"]);
+        let out = changes(Some(&after), Some(&before));
+        assert_eq!(out, ["spec.guest: removed (was {\"hostname\":\"h\",\"userData\":\"<6 bytes>\"})"]);
+    }
+
+    #[test]
+    fn only_bookkeeping_moved_is_no_change_and_bookkeeping_names_elsewhere_are_fields() {
+        let before = serde_json::json!({"metadata": {"name": "a", "resourceVersion": "5", "generation": 1},
+                                         "status": {"observedGeneration": 1, "generation": 1}});
+        let mut after = before.clone();
+        after["metadata"]["resourceVersion"] = "6".into();
+        after["metadata"]["generation"] = 2.into();
+        assert!(changes(Some(&before), Some(&after)).is_empty());
+        after["status"]["generation"] = 2.into();
+        assert_eq!(changes(Some(&before), Some(&after)), ["status.generation: 1 -> 2"]);
     }
 
     #[test]

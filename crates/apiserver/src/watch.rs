@@ -52,24 +52,32 @@ impl Filter {
 }
 
 fn event_line(type_: WatchEventType, object: Value) -> Bytes {
-    event_line_from(type_, object, String::new())
-}
-
-fn event_line_from(type_: WatchEventType, object: Value, request_id: String) -> Bytes {
-    let mut line = serde_json::to_vec(&WatchEvent { type_, object, request_id }).unwrap_or_default();
+    let mut line = serde_json::to_vec(&WatchEvent { type_, object, request_id: String::new() }).unwrap_or_default();
     line.push(b'\n');
     line.into()
 }
 
-/// The change's line, serialized once however many watches send it.
+/// The change's line, made once however many watches send it, around
+/// the object's stored JSON (the fields in [`WatchEvent`]'s order).
 fn change_line(change: &Change) -> Bytes {
     let line = change.line.get_or_init(|| {
         let t = match change.type_ {
-            ChangeType::Added => WatchEventType::Added,
-            ChangeType::Modified => WatchEventType::Modified,
-            ChangeType::Deleted => WatchEventType::Deleted,
+            ChangeType::Added => "ADDED",
+            ChangeType::Modified => "MODIFIED",
+            ChangeType::Deleted => "DELETED",
         };
-        event_line_from(t, change.object.clone(), change.request_id.clone())
+        let mut line = Vec::with_capacity(change.body.len() + change.request_id.len() + 48);
+        line.extend_from_slice(b"{\"type\":\"");
+        line.extend_from_slice(t.as_bytes());
+        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(change.body.as_bytes());
+        if !change.request_id.is_empty() {
+            line.extend_from_slice(b",\"requestId\":");
+            // A string serializes to JSON without fail.
+            line.extend_from_slice(serde_json::to_string(&change.request_id).unwrap_or_default().as_bytes());
+        }
+        line.extend_from_slice(b"}\n");
+        line.into()
     });
     line.clone()
 }
@@ -234,15 +242,33 @@ mod tests {
     use super::*;
 
     fn change(rv: i64, kind: &str, project: &str) -> Arc<Change> {
+        let object =
+            json!({"metadata": {"name": format!("o{rv}"), "project": project, "resourceVersion": rv.to_string()}});
         Arc::new(Change {
             resource_version: rv,
             kind: kind.into(),
             project: project.into(),
             type_: ChangeType::Modified,
-            object: json!({"metadata": {"name": format!("o{rv}"), "project": project, "resourceVersion": rv.to_string()}}),
+            body: object.to_string(),
+            object,
             request_id: String::new(),
             line: Default::default(),
         })
+    }
+
+    #[test]
+    fn a_change_line_is_its_watch_event_around_the_stored_body() {
+        for request_id in ["", "req-\"1\""] {
+            let mut c = Arc::into_inner(change(3, "VM", "p")).unwrap();
+            c.request_id = request_id.into();
+            let line = change_line(&c);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let event: WatchEvent = serde_json::from_slice(&line).unwrap();
+            let want =
+                WatchEvent { type_: WatchEventType::Modified, object: c.object.clone(), request_id: request_id.into() };
+            assert_eq!(event, want);
+            assert_eq!(line[..line.len() - 1], serde_json::to_vec(&want).unwrap()[..], "as serde writes it");
+        }
     }
 
     fn filter() -> Filter {

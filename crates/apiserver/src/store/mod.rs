@@ -75,6 +75,9 @@ pub struct Change {
     /// The object after the change (its last state, for DELETED), carrying
     /// its new resourceVersion.
     pub object: Value,
+    /// `object` as stored: JSON on one line, which its watch event line
+    /// carries as it is.
+    pub body: String,
     /// The request it came from (see [`AuditInfo::trace_id`]).
     pub request_id: String,
     /// The change as a watch event line: made by the first watch that
@@ -339,6 +342,7 @@ impl Store {
                     project: r.get(2),
                     type_: ChangeType::parse(r.get::<&str, _>(3)),
                     object: serde_json::from_str(r.get::<&str, _>(4))?,
+                    body: r.get(4),
                     request_id: r.get(5),
                     line: Default::default(),
                 })
@@ -439,6 +443,7 @@ impl Store {
                     project,
                     type_: ChangeType::parse(&type_),
                     object: serde_json::from_str(&body)?,
+                    body,
                     request_id,
                     line: Default::default(),
                 })

@@ -58,6 +58,7 @@ impl Store {
                     project: project.clone(),
                     type_: ChangeType::Deleted,
                     object,
+                    body,
                     request_id: audit.trace_id().to_string(),
                     line: Default::default(),
                 });

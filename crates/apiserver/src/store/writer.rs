@@ -228,6 +228,7 @@ impl Core {
                     project,
                     type_,
                     object: object.clone(),
+                    body,
                     request_id: audit.trace_id().to_string(),
                     line: Default::default(),
                 };

@@ -86,11 +86,20 @@ impl<S: ResourceSpec> Finalizer<S> {
         }
     }
 
-    /// Removes the finalizer from the freshest copy of `obj` (its list of
-    /// finalizers may have changed since it was cached); an object already
-    /// gone is fine.
+    /// Removes the finalizer from the freshest copy of `obj` the store
+    /// holds; when that copy turns out stale (its list of finalizers may
+    /// have changed since), from the apiserver's. An object already gone
+    /// is fine.
     async fn remove(&self, obj: &Object<S>) -> Result<(), ClientError> {
         let project = obj.metadata.project.as_deref().unwrap_or_default();
+        let cached = self.store.get_named(project, obj.name()).filter(|c| c.metadata.uid == obj.metadata.uid);
+        let cached = cached.map_or_else(|| obj.clone(), |c| (*c).clone());
+        match self.api.replace(&without(&cached, self.name)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(e),
+        }
         let latest = match self.api.get::<S>(project, obj.name()).await {
             Ok(latest) => latest,
             Err(e) if e.is_not_found() => return Ok(()),

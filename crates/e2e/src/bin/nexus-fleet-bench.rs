@@ -143,12 +143,93 @@ fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the control plane has used so far: CPU milliseconds of each
+/// part, the machine's CPU counters and the apiserver's requests by route.
+struct Usage {
+    apiserver: u64,
+    controller: u64,
+    agents: u64,
+    host: Option<HostCpu>,
+    cpu: Option<[u64; 8]>,
+    requests: Vec<(String, u64)>,
+}
+
+impl Usage {
+    async fn of(fleet: &MultiNode, client: &nexus_client::Client) -> anyhow::Result<Usage> {
+        Ok(Usage {
+            apiserver: cpu_ms(fleet.apiserver.pid()),
+            controller: cpu_ms(fleet.controller.pid()),
+            agents: fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum(),
+            host: None,
+            cpu: host_cpu(),
+            requests: requests_by_route(client).await?,
+        })
+    }
+
+    /// What was used between `before` and this reading.
+    fn since(self, before: &Usage) -> Usage {
+        let mut requests: Vec<(String, u64)> = self
+            .requests
+            .into_iter()
+            .map(|(route, n)| {
+                let was = before.requests.iter().find(|(r, _)| *r == route).map_or(0, |(_, n)| *n);
+                (route, n.saturating_sub(was))
+            })
+            .collect();
+        requests.sort_by_key(|row| std::cmp::Reverse(row.1));
+        Usage {
+            apiserver: self.apiserver.saturating_sub(before.apiserver),
+            controller: self.controller.saturating_sub(before.controller),
+            agents: self.agents.saturating_sub(before.agents),
+            host: before.cpu.zip(self.cpu).map(|(a, b)| HostCpu::share(&a, &b)),
+            cpu: self.cpu,
+            requests,
+        }
+    }
+}
+
+/// `nexusctl delete vm -l bench=yes --wait`, timed from `started`: whether
+/// it succeeded, its error output, when its last object was acknowledged
+/// deleted (its last "deleted" line) and when it returned.
+fn timed_delete(
+    server: &str,
+    ca: &std::path::Path,
+    token: &str,
+    started: Instant,
+) -> anyhow::Result<(bool, String, Duration, Duration)> {
+    use std::io::{BufRead, Read};
+    let mut child = std::process::Command::new(nexus_e2e::bin("nexusctl"))
+        .args(["--server", server])
+        .arg("--certificate-authority")
+        .arg(ca)
+        .args(["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"])
+        .env("NEXUS_TOKEN", token)
+        .env_remove("NEXUS_CONTEXT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nexusctl")?;
+    let mut acknowledged = Duration::ZERO;
+    for line in std::io::BufReader::new(child.stdout.take().context("nexusctl's output")?).lines() {
+        if line?.ends_with("deleted") {
+            acknowledged = started.elapsed();
+        }
+    }
+    let mut err = String::new();
+    child.stderr.take().context("nexusctl's errors")?.read_to_string(&mut err)?;
+    let ok = child.wait()?.success();
+    Ok((ok, err, acknowledged, started.elapsed()))
+}
+
 /// How many VMs are created while the fleet is being deleted.
 const DURING: usize = 5;
 
-/// Creates [`DURING`] VMs and returns how long until all are Running.
+/// Creates [`DURING`] VMs and returns how long until all are Running,
+/// following a watch (polling lists would load the apiserver it measures).
 async fn created_during(client: &nexus_client::Client, kernel: &str, rootfs: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
+    let params = ListParams { label_selector: Some("bench=during".into()), ..Default::default() };
+    let mut stream = Box::pin(client.watch::<VmSpec>(Some("default"), &params, None).await?);
     for i in 0..DURING {
         let spec: VmSpec =
             serde_json::from_value(serde_json::json!({"vcpu": 1, "memMib": 128, "kernel": kernel, "rootfs": rootfs}))?;
@@ -156,15 +237,20 @@ async fn created_during(client: &nexus_client::Client, kernel: &str, rootfs: &st
         vm.metadata.labels.insert("bench".into(), "during".into());
         client.create(&vm).await?;
     }
-    let params = ListParams { label_selector: Some("bench=during".into()), ..Default::default() };
-    loop {
-        let list = client.list::<VmSpec>(Some("default"), &params).await?;
-        if list.items.iter().filter(|v| v.status_or_default().phase == VmPhase::Running).count() == DURING {
-            return Ok(started.elapsed());
+    let mut running = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while running.len() < DURING {
+        let event = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .context("VMs created during the delete not Running after 10 min")?
+            .context("the watch ended")??;
+        if let Event::Added(vm) | Event::Modified(vm) = event {
+            if vm.status_or_default().phase == VmPhase::Running {
+                running.insert(vm.name().to_string());
+            }
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "VMs created during the delete not Running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(started.elapsed())
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
@@ -247,6 +333,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         anyhow::ensure!(ok, "nexusctl apply: {err}");
         applied = took;
     }
+    // Its events from here on would only load the apiserver.
+    drop(stream);
     let vms: Vec<nexus_api::Vm> = ready.into_values().collect();
 
     let mut per_vm: Vec<f64> = vms
@@ -287,19 +375,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
 
     eprintln!("deleting every VM, and creating {DURING} more half a second into it ...");
+    let before_delete = Usage::of(&fleet, &client).await?;
     let deleting = Instant::now();
     let delete = tokio::task::spawn_blocking({
         let (server, ca, token) = (fleet.server.clone(), fleet.ca.clone(), fleet.admin_token.clone());
-        move || {
-            let args = ["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"];
-            let (ok, _, err) = nexus_e2e::nexusctl(&server, &ca, &token, &args);
-            (ok, err, deleting.elapsed())
-        }
+        move || timed_delete(&server, &ca, &token, deleting)
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = created_during(&client, kernel, rootfs).await?;
-    let (ok, err, deleted) = delete.await?;
+    let (ok, err, acknowledged, deleted) = delete.await??;
     anyhow::ensure!(ok, "nexusctl delete: {err}");
+    let delete_usage = Usage::of(&fleet, &client).await?.since(&before_delete);
     nexusctl(&fleet, &["delete", "vm", "-l", "bench=during", "--wait", "--timeout", "120"])?;
     let leftovers = (fleet.vmms(), fleet.taps(), fleet.run_dirs());
     let rows_left = client.list::<VmSpec>(None, &ListParams::default()).await?.items.len();
@@ -340,6 +426,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         line("idle fleet: host CPU busy %", format!("{:.1}", idle("hostBusy")));
     }
     line("delete all (--wait) ms", deleted.as_millis().to_string());
+    line("delete: every DELETE acknowledged ms", acknowledged.as_millis().to_string());
+    line(
+        "delete: CPU ms apiserver / controller / agents",
+        format!("{} / {} / {}", delete_usage.apiserver, delete_usage.controller, delete_usage.agents),
+    );
+    if let Some(h) = &delete_usage.host {
+        line("delete: host CPU busy %", format!("{:.0}", h.busy));
+    }
+    for (route, n) in delete_usage.requests.iter().filter(|(_, n)| *n as usize >= args.vms / 10) {
+        println!("{:<70} {:>6.2}", format!("delete: requests per VM: {route}"), *n as f64 / args.vms as f64);
+    }
     line(&format!("{DURING} VMs created during it -> all Running ms"), during.as_millis().to_string());
     line(
         "left: VMMs / TAPs / dirs / VM rows",
@@ -358,6 +455,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "hostCpuPercent": host.as_ref().map(|h| serde_json::json!({"busy": h.busy, "idle": h.idle, "stolen": h.stolen})),
         "idleCpuMsPerSec": idle,
         "deleteAllMs": deleted.as_millis() as u64,
+        "deleteAcknowledgedMs": acknowledged.as_millis() as u64,
+        "deleteCpuMs": {"apiserver": delete_usage.apiserver, "controller": delete_usage.controller,
+                        "agents": delete_usage.agents},
+        "deleteHostBusyPercent": delete_usage.host.as_ref().map(|h| h.busy),
         "createdDuringDeleteRunningMs": during.as_millis() as u64,
         "left": {"vmms": leftovers.0, "taps": leftovers.1, "dirs": leftovers.2, "vmRows": rows_left},
     });

@@ -15,6 +15,7 @@ pub mod forks;
 pub mod images;
 pub mod ipam;
 pub mod jail;
+pub mod link_reaper;
 pub mod locks;
 pub mod nat;
 pub mod net;

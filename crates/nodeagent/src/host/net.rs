@@ -10,6 +10,8 @@ use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
+use super::link_reaper::LinkReaper;
+
 /// Failures configuring host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -30,6 +32,12 @@ pub enum NetError {
     },
     #[error("link {0} vanished while being configured")]
     Vanished(String),
+    #[error("removing link {name} with its batch failed")]
+    Batch {
+        name: String,
+        #[source]
+        source: std::sync::Arc<rtnetlink::Error>,
+    },
     #[error("looking up link {name} failed")]
     Lookup {
         name: String,
@@ -72,9 +80,10 @@ impl Link {
 #[derive(Debug, Clone)]
 pub struct Net {
     handle: Handle,
+    reaper: LinkReaper,
 }
 
-fn is_no_device(e: &rtnetlink::Error) -> bool {
+pub(super) fn is_no_device(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
 }
 
@@ -83,7 +92,7 @@ impl Net {
     pub fn connect() -> Result<Self, NetError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Connect)?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { reaper: LinkReaper::spawn(handle.clone()), handle })
     }
 
     /// The underlying netlink handle.
@@ -192,16 +201,14 @@ impl Net {
         }
     }
 
-    /// Deletes link `name`; returns whether it existed.
+    /// Deletes link `name`, with the others being deleted at the same
+    /// time (see [`LinkReaper`]); returns whether it existed. Returns once
+    /// it is gone.
     pub async fn delete_link(&self, name: &str) -> Result<bool, NetError> {
         let Some(link) = self.link(name).await? else {
             return Ok(false);
         };
-        match self.handle.link().del(link.index).execute().await {
-            Ok(()) => Ok(true),
-            Err(e) if is_no_device(&e) => Ok(false),
-            Err(source) => Err(NetError::Netlink { op: "delete", name: name.into(), source }),
-        }
+        self.reaper.remove(link.index, name).await
     }
 }
 

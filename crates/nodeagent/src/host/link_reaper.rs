@@ -1,0 +1,152 @@
+//! Removing links in batches. After unregistering a device the kernel
+//! waits for a grace period (readers of the old device to finish), and the
+//! waits of requests that remove one link each follow one another: on the
+//! benchmark host, 300 TAPs removed one request at a time took 4.9 s, ten
+//! requests at a time 1.4 s, and one request that removed them as a group
+//! 0.08 s. So a link to remove is moved into [`REMOVAL_GROUP`], and one
+//! task per netlink connection removes that group with one request for all
+//! the links moved into it since its last request (see decision 24).
+
+use std::sync::Arc;
+
+use rtnetlink::Handle;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use tokio::sync::{mpsc, oneshot};
+
+use super::net::{NetError, is_no_device};
+use rtnetlink::LinkUnspec;
+
+/// The device group a link joins when it is to be removed. Nothing else
+/// on a node may use it: every link in it is removed with the next batch.
+/// (The kernel's default group is 0; this is "NXRM" in ASCII.)
+pub const REMOVAL_GROUP: u32 = 0x4e58_524d;
+
+/// What a batch came to, for each link in it.
+type Outcome = Result<(), Arc<rtnetlink::Error>>;
+
+/// Removes links of one network namespace, batching the requests that
+/// arrive while one is under way.
+#[derive(Debug, Clone)]
+pub struct LinkReaper {
+    handle: Handle,
+    queue: mpsc::UnboundedSender<oneshot::Sender<Outcome>>,
+}
+
+impl LinkReaper {
+    /// Starts the task removing batches over `handle`'s connection; it
+    /// lives as long as a clone of the reaper does. Must be called inside a
+    /// tokio runtime.
+    pub fn spawn(handle: Handle) -> Self {
+        let (queue, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(remove_batches(handle.clone(), waiting));
+        LinkReaper { handle, queue }
+    }
+
+    /// Removes link `index` (called `name` in errors); returns whether it
+    /// existed. Returns once it is gone.
+    pub async fn remove(&self, index: u32, name: &str) -> Result<bool, NetError> {
+        let mut mark = LinkUnspec::new_with_index(index).build();
+        mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+        match self.handle.link().set(mark).execute().await {
+            Ok(()) => {}
+            Err(e) if is_no_device(&e) => return Ok(false),
+            Err(source) => return Err(NetError::Netlink { op: "mark for removal", name: name.into(), source }),
+        }
+        // Asked after the mark: the batch that answers began after it, so
+        // it removed the link (or found it gone with an earlier batch).
+        let (done, outcome) = oneshot::channel();
+        let gone = || NetError::Vanished(format!("the link reaper (removing {name})"));
+        self.queue.send(done).map_err(|_| gone())?;
+        match outcome.await.map_err(|_| gone())? {
+            Ok(()) => Ok(true),
+            Err(source) => Err(NetError::Batch { name: name.into(), source }),
+        }
+    }
+}
+
+/// Removes [`REMOVAL_GROUP`] once for every run of requests waiting, and
+/// answers each of them with the outcome.
+async fn remove_batches(handle: Handle, mut waiting: mpsc::UnboundedReceiver<oneshot::Sender<Outcome>>) {
+    while let Some(first) = waiting.recv().await {
+        let mut batch = vec![first];
+        while let Ok(next) = waiting.try_recv() {
+            batch.push(next);
+        }
+        let mut group = LinkMessage::default();
+        group.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+        let outcome = match handle.link().del_with_message(group).execute().await {
+            Ok(()) => Ok(()),
+            // Nothing left in the group: an earlier batch took it all.
+            Err(e) if is_no_device(&e) => Ok(()),
+            Err(e) => Err(Arc::new(e)),
+        };
+        tracing::debug!(links = batch.len(), ok = outcome.is_ok(), "removed a batch of links");
+        for done in batch {
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::net::{Net, create_persistent_tap, exists};
+
+    /// Runs `f` on a thread of its own in a new network namespace (needs root).
+    fn in_new_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace");
+            f()
+        })
+        .join()
+        .expect("the test's thread")
+    }
+
+    #[test]
+    fn links_removed_at_once_all_go_and_nothing_else_does() {
+        in_new_namespace(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let net = Net::connect().unwrap();
+                for i in 0..60 {
+                    create_persistent_tap(&format!("nxtreap{i}"), (0, 0)).unwrap();
+                }
+                let kept = "nxtkept";
+                create_persistent_tap(kept, (0, 0)).unwrap();
+                let removals = (0..60).map(|i| {
+                    let net = net.clone();
+                    tokio::spawn(async move { net.delete_link(&format!("nxtreap{i}")).await })
+                });
+                for removed in futures::future::join_all(removals).await {
+                    assert!(removed.unwrap().unwrap(), "each existed");
+                }
+                for i in 0..60 {
+                    assert!(!exists(&format!("nxtreap{i}")).unwrap(), "nxtreap{i} is gone");
+                }
+                assert!(exists(kept).unwrap(), "a link not asked for stays");
+                assert!(!net.delete_link("nxtreap0").await.unwrap(), "a second removal finds nothing");
+                assert!(net.delete_link(kept).await.unwrap());
+                assert!(!exists(kept).unwrap());
+            });
+        });
+    }
+
+    #[test]
+    fn a_link_left_in_the_group_goes_with_the_next_batch() {
+        in_new_namespace(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let net = Net::connect().unwrap();
+                // As an agent that stopped between marking and removing leaves it.
+                create_persistent_tap("nxtleft", (0, 0)).unwrap();
+                let index = net.link("nxtleft").await.unwrap().unwrap().index;
+                let mut mark = LinkUnspec::new_with_index(index).build();
+                mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+                net.handle().link().set(mark).execute().await.unwrap();
+                create_persistent_tap("nxtnext", (0, 0)).unwrap();
+                assert!(net.delete_link("nxtnext").await.unwrap());
+                assert!(!exists("nxtleft").unwrap() && !exists("nxtnext").unwrap());
+            });
+        });
+    }
+}
