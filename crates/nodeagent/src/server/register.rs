@@ -12,6 +12,17 @@ use nexus_client::Client;
 /// How long an unasked VMM exit stays in the Node's status.
 const EXIT_WINDOW: Duration = Duration::from_secs(60);
 
+/// How long after a notice (a VMM's exit, a removal done) the beat that
+/// carries it goes out, so that the notices of a burst go out together.
+const NOTICE_DELAY: Duration = Duration::from_millis(50);
+
+/// The least time between two beats that a notice brings forward: while
+/// VMs end one after another (a mass delete), each beat carries every
+/// notice of its quarter second rather than one or two, at the cost of up
+/// to this much delay for those notices (a lone notice waits only
+/// [`NOTICE_DELAY`]).
+const NOTICE_GAP: Duration = Duration::from_millis(250);
+
 /// What the agent reports about its node.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -36,13 +47,19 @@ pub async fn heartbeat_loop(client: Client, info: NodeInfo, interval: Duration) 
     // The node as the last beat wrote it: the next beat writes over it
     // without reading it first, unless someone else wrote meanwhile.
     let mut last: Option<Node> = None;
+    let mut last_beat = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            // A VMM ended unasked: tell the controller now (after a moment,
-            // so a burst of exits goes out in one beat).
-            _ = info.runtime.host().exits.recorded() => tokio::time::sleep(Duration::from_millis(50)).await,
+            // A VMM ended unasked, or a removal finished: tell the
+            // controller now (after a moment, so a burst goes out in one
+            // beat, and not sooner than NOTICE_GAP after the last).
+            _ = info.runtime.host().exits.recorded() => {
+                let now = tokio::time::Instant::now();
+                tokio::time::sleep_until((now + NOTICE_DELAY).max(last_beat + NOTICE_GAP)).await;
+            }
         }
+        last_beat = tokio::time::Instant::now();
         // A beat that hangs (the network to the apiserver gone) is given up
         // and the next one opens a new connection, so that beats resume as
         // soon as the network does.

@@ -16,10 +16,12 @@ use crate::error::AgentError;
 use crate::paths::{TAP_PREFIX, Uid, VmPaths};
 
 /// What the `vm.json` of each VM directory asks for, as last read: a
-/// heartbeat (several a second while VMs end) reads the files again only
-/// after the agent wrote one or a kept-down mark ([`Host::config_written`])
-/// or one's length or time changed, and adds them up again only when that
-/// happened or the set of VM directories changed.
+/// heartbeat (several a second while VMs end) reads the files of the
+/// directories it knows again only after the agent wrote one or a
+/// kept-down mark ([`Host::config_written`]; only the agent writes them),
+/// reads those of new directories, and adds them up again only when either
+/// happened or the set of VM directories changed. Between the agent's
+/// writes a beat makes no system call per VM beyond listing the directory.
 ///
 /// [`Host::config_written`]: crate::host::Host::config_written
 #[derive(Debug, Default)]
@@ -36,8 +38,6 @@ struct AllocationCache {
 
 #[derive(Debug, Clone, Copy)]
 struct Asked {
-    len: u64,
-    modified: std::time::SystemTime,
     /// vCPUs and MiB, when the VM is meant to run (not Stopped).
     runs: Option<(u8, u32)>,
     kept_down: bool,
@@ -66,19 +66,18 @@ impl Runtime {
         let mut seen = HashMap::with_capacity(names.len());
         for name in &names {
             let dir = vms.join(name);
-            let file = dir.join("vm.json");
-            let Ok(meta) = std::fs::metadata(&file) else { continue };
-            let (len, modified) = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
             let asked = match cache.files.get(&dir) {
-                Some(a) if a.len == len && a.modified == modified => *a,
-                _ => {
+                Some(a) => *a,
+                None => {
+                    let file = dir.join("vm.json");
+                    // A directory without a readable vm.json (one being made) asks for nothing yet.
                     let Some(cfg) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<EnsureVm>(&b).ok())
                     else {
                         continue;
                     };
                     let runs = (cfg.state != PowerState::Stopped).then_some((cfg.vcpu, cfg.mem_mib));
                     let kept_down = VmPaths { dir: dir.clone() }.kept_down().exists();
-                    Asked { len, modified, runs, kept_down }
+                    Asked { runs, kept_down }
                 }
             };
             seen.insert(dir, asked);
