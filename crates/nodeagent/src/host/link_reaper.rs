@@ -21,15 +21,18 @@ use rtnetlink::LinkUnspec;
 /// (The kernel's default group is 0; this is "NXRM" in ASCII.)
 pub const REMOVAL_GROUP: u32 = 0x4e58_524d;
 
-/// What a batch came to, for each link in it.
-type Outcome = Result<(), Arc<rtnetlink::Error>>;
+/// What a batch came to for one link in it: whether it existed.
+type Outcome = Result<bool, Arc<rtnetlink::Error>>;
+
+/// A link waiting for the next batch: its index, and who to tell.
+type Waiting = (u32, oneshot::Sender<Outcome>);
 
 /// Removes links of one network namespace, batching the requests that
 /// arrive while one is under way.
 #[derive(Debug, Clone)]
 pub struct LinkReaper {
     handle: Handle,
-    queue: mpsc::UnboundedSender<oneshot::Sender<Outcome>>,
+    queue: mpsc::UnboundedSender<Waiting>,
 }
 
 impl LinkReaper {
@@ -56,33 +59,44 @@ impl LinkReaper {
         // it removed the link (or found it gone with an earlier batch).
         let (done, outcome) = oneshot::channel();
         let gone = || NetError::Vanished(format!("the link reaper (removing {name})"));
-        self.queue.send(done).map_err(|_| gone())?;
+        self.queue.send((index, done)).map_err(|_| gone())?;
         match outcome.await.map_err(|_| gone())? {
-            Ok(()) => Ok(true),
+            Ok(existed) => Ok(existed),
             Err(source) => Err(NetError::Batch { name: name.into(), source }),
         }
     }
 }
 
 /// Removes [`REMOVAL_GROUP`] once for every run of requests waiting, and
-/// answers each of them with the outcome.
-async fn remove_batches(handle: Handle, mut waiting: mpsc::UnboundedReceiver<oneshot::Sender<Outcome>>) {
-    while let Some(first) = waiting.recv().await {
+/// answers each of them with the outcome. Should the group's removal fail
+/// (a device in it that cannot be removed by netlink, which none of the
+/// agent's is), each waiting link is removed on its own, so that one
+/// stray device does not stop every removal.
+async fn remove_batches(handle: Handle, mut queue: mpsc::UnboundedReceiver<Waiting>) {
+    while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
-        while let Ok(next) = waiting.try_recv() {
+        while let Ok(next) = queue.try_recv() {
             batch.push(next);
         }
         let mut group = LinkMessage::default();
         group.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-        let outcome = match handle.link().del_with_message(group).execute().await {
-            Ok(()) => Ok(()),
+        let failed = match handle.link().del_with_message(group).execute().await {
+            Ok(()) => None,
             // Nothing left in the group: an earlier batch took it all.
-            Err(e) if is_no_device(&e) => Ok(()),
-            Err(e) => Err(Arc::new(e)),
+            Err(e) if is_no_device(&e) => None,
+            Err(e) => Some(e),
         };
-        tracing::debug!(links = batch.len(), ok = outcome.is_ok(), "removed a batch of links");
-        for done in batch {
-            let _ = done.send(outcome.clone());
+        tracing::debug!(links = batch.len(), failed = ?failed, "removed a batch of links");
+        for (index, done) in batch {
+            let outcome = match &failed {
+                None => Ok(true),
+                Some(_) => match handle.link().del(index).execute().await {
+                    Ok(()) => Ok(true),
+                    Err(e) if is_no_device(&e) => Ok(false),
+                    Err(e) => Err(Arc::new(e)),
+                },
+            };
+            let _ = done.send(outcome);
         }
     }
 }
@@ -127,6 +141,25 @@ mod tests {
                 assert!(!net.delete_link("nxtreap0").await.unwrap(), "a second removal finds nothing");
                 assert!(net.delete_link(kept).await.unwrap());
                 assert!(!exists(kept).unwrap());
+            });
+        });
+    }
+
+    #[test]
+    fn a_device_in_the_group_that_netlink_cannot_remove_stops_no_removal() {
+        in_new_namespace(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let net = Net::connect().unwrap();
+                // Loopback has no netlink removal: the group's removal fails with it in.
+                let lo = net.link("lo").await.unwrap().unwrap().index;
+                let mut mark = LinkUnspec::new_with_index(lo).build();
+                mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+                net.handle().link().set(mark).execute().await.unwrap();
+                create_persistent_tap("nxtafter", (0, 0)).unwrap();
+                assert!(net.delete_link("nxtafter").await.unwrap());
+                assert!(!exists("nxtafter").unwrap(), "removed on its own");
+                assert!(exists("lo").unwrap());
             });
         });
     }
