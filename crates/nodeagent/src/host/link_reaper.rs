@@ -106,11 +106,13 @@ mod tests {
     use super::*;
     use crate::host::net::{Net, create_persistent_tap, exists};
 
-    /// Runs `f` on a thread of its own in a new network namespace (needs root).
-    fn in_new_namespace<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `test` with a netlink connection of a new network namespace,
+    /// on a thread and runtime of its own (needs root).
+    fn in_new_namespace<F: std::future::Future<Output = ()>>(test: impl FnOnce(Net) -> F + Send + 'static) {
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("a network namespace");
-            f()
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async { test(Net::connect().unwrap()).await });
         })
         .join()
         .expect("the test's thread")
@@ -118,68 +120,56 @@ mod tests {
 
     #[test]
     fn links_removed_at_once_all_go_and_nothing_else_does() {
-        in_new_namespace(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let net = Net::connect().unwrap();
-                for i in 0..60 {
-                    create_persistent_tap(&format!("nxtreap{i}"), (0, 0)).unwrap();
-                }
-                let kept = "nxtkept";
-                create_persistent_tap(kept, (0, 0)).unwrap();
-                let removals = (0..60).map(|i| {
-                    let net = net.clone();
-                    tokio::spawn(async move { net.delete_link(&format!("nxtreap{i}")).await })
-                });
-                for removed in futures::future::join_all(removals).await {
-                    assert!(removed.unwrap().unwrap(), "each existed");
-                }
-                for i in 0..60 {
-                    assert!(!exists(&format!("nxtreap{i}")).unwrap(), "nxtreap{i} is gone");
-                }
-                assert!(exists(kept).unwrap(), "a link not asked for stays");
-                assert!(!net.delete_link("nxtreap0").await.unwrap(), "a second removal finds nothing");
-                assert!(net.delete_link(kept).await.unwrap());
-                assert!(!exists(kept).unwrap());
+        in_new_namespace(|net| async move {
+            for i in 0..60 {
+                create_persistent_tap(&format!("nxtreap{i}"), (0, 0)).unwrap();
+            }
+            let kept = "nxtkept";
+            create_persistent_tap(kept, (0, 0)).unwrap();
+            let removals = (0..60).map(|i| {
+                let net = net.clone();
+                tokio::spawn(async move { net.delete_link(&format!("nxtreap{i}")).await })
             });
+            for removed in futures::future::join_all(removals).await {
+                assert!(removed.unwrap().unwrap(), "each existed");
+            }
+            for i in 0..60 {
+                assert!(!exists(&format!("nxtreap{i}")).unwrap(), "nxtreap{i} is gone");
+            }
+            assert!(exists(kept).unwrap(), "a link not asked for stays");
+            assert!(!net.delete_link("nxtreap0").await.unwrap(), "a second removal finds nothing");
+            assert!(net.delete_link(kept).await.unwrap());
+            assert!(!exists(kept).unwrap());
         });
     }
 
     #[test]
     fn a_device_in_the_group_that_netlink_cannot_remove_stops_no_removal() {
-        in_new_namespace(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let net = Net::connect().unwrap();
-                // Loopback has no netlink removal: the group's removal fails with it in.
-                let lo = net.link("lo").await.unwrap().unwrap().index;
-                let mut mark = LinkUnspec::new_with_index(lo).build();
-                mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-                net.handle().link().set(mark).execute().await.unwrap();
-                create_persistent_tap("nxtafter", (0, 0)).unwrap();
-                assert!(net.delete_link("nxtafter").await.unwrap());
-                assert!(!exists("nxtafter").unwrap(), "removed on its own");
-                assert!(exists("lo").unwrap());
-            });
+        in_new_namespace(|net| async move {
+            // Loopback has no netlink removal: the group's removal fails with it in.
+            let lo = net.link("lo").await.unwrap().unwrap().index;
+            let mut mark = LinkUnspec::new_with_index(lo).build();
+            mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+            net.handle().link().set(mark).execute().await.unwrap();
+            create_persistent_tap("nxtafter", (0, 0)).unwrap();
+            assert!(net.delete_link("nxtafter").await.unwrap());
+            assert!(!exists("nxtafter").unwrap(), "removed on its own");
+            assert!(exists("lo").unwrap());
         });
     }
 
     #[test]
     fn a_link_left_in_the_group_goes_with_the_next_batch() {
-        in_new_namespace(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let net = Net::connect().unwrap();
-                // As an agent that stopped between marking and removing leaves it.
-                create_persistent_tap("nxtleft", (0, 0)).unwrap();
-                let index = net.link("nxtleft").await.unwrap().unwrap().index;
-                let mut mark = LinkUnspec::new_with_index(index).build();
-                mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-                net.handle().link().set(mark).execute().await.unwrap();
-                create_persistent_tap("nxtnext", (0, 0)).unwrap();
-                assert!(net.delete_link("nxtnext").await.unwrap());
-                assert!(!exists("nxtleft").unwrap() && !exists("nxtnext").unwrap());
-            });
+        in_new_namespace(|net| async move {
+            // As an agent that stopped between marking and removing leaves it.
+            create_persistent_tap("nxtleft", (0, 0)).unwrap();
+            let index = net.link("nxtleft").await.unwrap().unwrap().index;
+            let mut mark = LinkUnspec::new_with_index(index).build();
+            mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+            net.handle().link().set(mark).execute().await.unwrap();
+            create_persistent_tap("nxtnext", (0, 0)).unwrap();
+            assert!(net.delete_link("nxtnext").await.unwrap());
+            assert!(!exists("nxtleft").unwrap() && !exists("nxtnext").unwrap());
         });
     }
 }
