@@ -48,9 +48,7 @@ impl LinkReaper {
     /// Removes link `index` (called `name` in errors); returns whether it
     /// existed. Returns once it is gone.
     pub async fn remove(&self, index: u32, name: &str) -> Result<bool, NetError> {
-        let mut mark = LinkUnspec::new_with_index(index).build();
-        mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-        match self.handle.link().set(mark).execute().await {
+        match mark(&self.handle, index).await {
             Ok(()) => {}
             Err(e) if is_no_device(&e) => return Ok(false),
             Err(source) => return Err(NetError::Netlink { op: "mark for removal", name: name.into(), source }),
@@ -65,6 +63,13 @@ impl LinkReaper {
             Err(source) => Err(NetError::Batch { name: name.into(), source }),
         }
     }
+}
+
+/// Moves link `index` into [`REMOVAL_GROUP`].
+async fn mark(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    let mut message = LinkUnspec::new_with_index(index).build();
+    message.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
+    handle.link().set(message).execute().await
 }
 
 /// Removes [`REMOVAL_GROUP`] once for every run of requests waiting, and
@@ -148,9 +153,7 @@ mod tests {
         in_new_namespace(|net| async move {
             // Loopback has no netlink removal: the group's removal fails with it in.
             let lo = net.link("lo").await.unwrap().unwrap().index;
-            let mut mark = LinkUnspec::new_with_index(lo).build();
-            mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-            net.handle().link().set(mark).execute().await.unwrap();
+            mark(net.handle(), lo).await.unwrap();
             create_persistent_tap("nxtafter", (0, 0)).unwrap();
             assert!(net.delete_link("nxtafter").await.unwrap());
             assert!(!exists("nxtafter").unwrap(), "removed on its own");
@@ -164,9 +167,7 @@ mod tests {
             // As an agent that stopped between marking and removing leaves it.
             create_persistent_tap("nxtleft", (0, 0)).unwrap();
             let index = net.link("nxtleft").await.unwrap().unwrap().index;
-            let mut mark = LinkUnspec::new_with_index(index).build();
-            mark.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
-            net.handle().link().set(mark).execute().await.unwrap();
+            mark(net.handle(), index).await.unwrap();
             create_persistent_tap("nxtnext", (0, 0)).unwrap();
             assert!(net.delete_link("nxtnext").await.unwrap());
             assert!(!exists("nxtleft").unwrap() && !exists("nxtnext").unwrap());
