@@ -336,18 +336,23 @@ impl Cluster {
     }
 }
 
-/// Runs `nexusctl --server <server> --certificate-authority <ca> <args>`
-/// with `token`; returns (success, stdout, stderr).
-pub fn nexusctl(server: &str, ca: &Path, token: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin("nexusctl"))
-        .args(["--server", server])
+/// `nexusctl --server <server> --certificate-authority <ca> <args>` with
+/// `token` and no context, not yet started.
+pub fn nexusctl_command(server: &str, ca: &Path, token: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("nexusctl"));
+    cmd.args(["--server", server])
         .arg("--certificate-authority")
         .arg(ca)
         .args(args)
         .env("NEXUS_TOKEN", token)
-        .env_remove("NEXUS_CONTEXT")
-        .output()
-        .expect("running nexusctl");
+        .env_remove("NEXUS_CONTEXT");
+    cmd
+}
+
+/// Runs `nexusctl --server <server> --certificate-authority <ca> <args>`
+/// with `token`; returns (success, stdout, stderr).
+pub fn nexusctl(server: &str, ca: &Path, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = nexusctl_command(server, ca, token, args).output().expect("running nexusctl");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -198,13 +198,8 @@ fn timed_delete(
     started: Instant,
 ) -> anyhow::Result<(bool, String, Duration, Duration)> {
     use std::io::{BufRead, Read};
-    let mut child = std::process::Command::new(nexus_e2e::bin("nexusctl"))
-        .args(["--server", server])
-        .arg("--certificate-authority")
-        .arg(ca)
-        .args(["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"])
-        .env("NEXUS_TOKEN", token)
-        .env_remove("NEXUS_CONTEXT")
+    let args = ["delete", "vm", "-l", "bench=yes", "--wait", "--timeout", "1800"];
+    let mut child = nexus_e2e::nexusctl_command(server, ca, token, &args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -9,12 +9,11 @@
 
 use std::sync::Arc;
 
-use rtnetlink::Handle;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
 use tokio::sync::{mpsc, oneshot};
 
 use super::net::{NetError, is_no_device};
-use rtnetlink::LinkUnspec;
 
 /// The device group a link joins when it is to be removed. Nothing else
 /// on a node may use it: every link in it is removed with the next batch.
