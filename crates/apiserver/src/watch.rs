@@ -62,19 +62,19 @@ fn event_line(type_: WatchEventType, object: Value) -> Bytes {
 fn change_line(change: &Change) -> Bytes {
     let line = change.line.get_or_init(|| {
         let t = match change.type_ {
-            ChangeType::Added => "ADDED",
-            ChangeType::Modified => "MODIFIED",
-            ChangeType::Deleted => "DELETED",
+            ChangeType::Added => WatchEventType::Added,
+            ChangeType::Modified => WatchEventType::Modified,
+            ChangeType::Deleted => WatchEventType::Deleted,
         };
+        // A unit variant and a string serialize to JSON without fail.
         let mut line = Vec::with_capacity(change.body.len() + change.request_id.len() + 48);
-        line.extend_from_slice(b"{\"type\":\"");
-        line.extend_from_slice(t.as_bytes());
-        line.extend_from_slice(b"\",\"object\":");
+        line.extend_from_slice(b"{\"type\":");
+        line.extend_from_slice(&serde_json::to_vec(&t).unwrap_or_default());
+        line.extend_from_slice(b",\"object\":");
         line.extend_from_slice(change.body.as_bytes());
         if !change.request_id.is_empty() {
             line.extend_from_slice(b",\"requestId\":");
-            // A string serializes to JSON without fail.
-            line.extend_from_slice(serde_json::to_string(&change.request_id).unwrap_or_default().as_bytes());
+            line.extend_from_slice(&serde_json::to_vec(&change.request_id).unwrap_or_default());
         }
         line.extend_from_slice(b"}\n");
         line.into()
