@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::auth::Caller;
 use crate::auth::tokens::{DEFAULT_GRACE, JOIN_TTL};
 use crate::error::{ApiError, AuditMessage};
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 use crate::store::access::{AuditQuery, TokenRow};
 use crate::store::{AuditInfo, Write};
 
@@ -32,7 +32,7 @@ use crate::store::{AuditInfo, Write};
 pub const NODE_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The routes of this module.
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<SharedState> {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/tokens", get(list_tokens).post(create_token))
@@ -71,7 +71,7 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmI> {
 }
 
 async fn create_token(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -105,7 +105,7 @@ struct TokenQuery {
 }
 
 async fn list_tokens(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<TokenQuery>,
 ) -> Result<Json<TokenList>, ApiError> {
@@ -130,7 +130,7 @@ async fn token_for(state: &AppState, caller: &Caller, id: &str) -> Result<TokenR
 }
 
 async fn get_token(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<nexus_api::auth::TokenInfo>, ApiError> {
@@ -138,7 +138,7 @@ async fn get_token(
 }
 
 async fn revoke_token(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
@@ -151,7 +151,7 @@ async fn revoke_token(
 }
 
 async fn rotate_token(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
     body: Bytes,
@@ -180,7 +180,7 @@ fn check_node_name(name: &str) -> Result<(), ApiError> {
 }
 
 async fn join(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Response, ApiError> {
@@ -195,7 +195,7 @@ async fn join(
 }
 
 async fn get_credential(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<NodeCredential>, ApiError> {
     check_node_name(&name)?;
@@ -207,7 +207,7 @@ async fn get_credential(
 }
 
 async fn put_credential(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -237,7 +237,7 @@ struct AuditParams {
 }
 
 async fn audit(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     query: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditList>, ApiError> {
     let Query(p) = query.map_err(|e| {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::auth::{Caller, target};
 use crate::error::AuditMessage;
 use crate::request_id::RequestIds;
-use crate::state::AppState;
+use crate::state::SharedState;
 
 /// Most field changes one record lists.
 const MAX_CHANGES: usize = 12;
@@ -198,7 +198,7 @@ fn mutating(method: &Method) -> bool {
 
 /// Middleware: after a mutating request, writes its record unless its
 /// change already did.
-pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn layer(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     if !mutating(req.method()) || !req.uri().path().starts_with("/v1/") {
         return next.run(req).await;
     }

@@ -26,10 +26,10 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 
 /// The routes of Image files.
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<SharedState> {
     Router::new().route("/v1/projects/{project}/images/{name}/content", get(download).put(upload))
 }
 
@@ -63,7 +63,7 @@ struct Stored {
 }
 
 async fn upload(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path((project, name)): Path<(String, String)>,
     body: Body,
 ) -> Result<axum::Json<Stored>, ApiError> {
@@ -121,7 +121,7 @@ async fn upload(
 }
 
 async fn download(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path((project, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let dir = blob_dir(&state)?;

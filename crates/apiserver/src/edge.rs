@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::FutureExt;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::SharedState;
 
 /// Why an origin cannot be on the CORS allow-list.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +123,7 @@ fn is_yaml_create(req: &Request) -> bool {
 }
 
 /// Middleware: the Host check and JSON-only bodies (YAML for a create).
-pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn layer(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
     if !state.hosts.allows(host) {
         return ApiError::Refused {

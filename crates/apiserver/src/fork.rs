@@ -24,10 +24,10 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestIds;
 use crate::resources::{audit, stamp_new, store_new};
-use crate::state::AppState;
+use crate::state::SharedState;
 
 /// The fork route.
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<SharedState> {
     Router::new().route("/v1/projects/{project}/vms/{name}/fork", post(fork))
 }
 
@@ -66,7 +66,7 @@ fn not_forkable(vm: &Vm) -> Option<ApiError> {
 }
 
 async fn fork(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,

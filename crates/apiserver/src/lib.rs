@@ -32,10 +32,10 @@ use nexus_api::registry::{KindVisitor, visit_kinds};
 use serde_json::json;
 
 use crate::error::ApiError;
-pub use crate::state::AppState;
+pub use crate::state::{AppState, SharedState};
 
 /// The routes of one kind, under its project-scoped or cluster-wide paths.
-fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
+fn kind_routes<S: ResourceSpec>() -> Router<SharedState> {
     use resources::{create, delete, get as get_one, list, replace, replace_status};
     let plural = S::PLURAL;
     let (collection, object) = if S::NAMESPACED {
@@ -55,8 +55,8 @@ fn kind_routes<S: ResourceSpec>() -> Router<AppState> {
 }
 
 /// The routes of every kind in the registry.
-fn all_kind_routes() -> Router<AppState> {
-    struct Routes(Router<AppState>);
+fn all_kind_routes() -> Router<SharedState> {
+    struct Routes(Router<SharedState>);
     impl KindVisitor for Routes {
         fn visit<S: ResourceSpec>(&mut self) {
             self.0 = std::mem::take(&mut self.0).merge(kind_routes::<S>());
@@ -70,6 +70,7 @@ fn all_kind_routes() -> Router<AppState> {
 /// The full HTTP application.
 pub fn app(state: AppState) -> Router {
     let cors = edge::cors(&state.cors_origins);
+    let state: SharedState = std::sync::Arc::new(state);
     let router = all_kind_routes()
         .merge(access::routes())
         .merge(fork::routes())
@@ -105,7 +106,7 @@ const READY_NODE_GRACE: chrono::Duration = chrono::Duration::seconds(30);
 
 /// Ready: storage answers and (unless relaxed) at least one node is Ready,
 /// so a VM applied now can run.
-async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+async fn readyz(State(state): State<SharedState>) -> Result<&'static str, ApiError> {
     state.store.ping().await?;
     if state.ready_without_nodes {
         return Ok("ok");
@@ -127,7 +128,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     }
 }
 
-async fn render_metrics(State(state): State<AppState>) -> String {
+async fn render_metrics(State(state): State<SharedState>) -> String {
     state.metrics.as_ref().map(|h| h.render()).unwrap_or_default()
 }
 

@@ -24,7 +24,7 @@ use nexus_client::agent::{AgentCallError, AgentClient, AgentEndpoint};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 
 /// How the apiserver reaches node agents.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ impl Agents {
 }
 
 /// The routes that read through to node agents.
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<SharedState> {
     Router::new()
         .route("/v1/projects/{project}/vms/{name}/log", get(vm_log))
         .route("/v1/projects/{project}/vms/{name}/metrics", get(vm_metrics))
@@ -79,7 +79,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 async fn vm_log(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path((project, name)): Path<(String, String)>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -128,7 +128,7 @@ async fn vm_log(
 }
 
 async fn vm_metrics(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path((project, name)): Path<(String, String)>,
 ) -> Result<axum::Json<VmStats>, ApiError> {
     let (vm, to) = vm_agent(&state, &project, &name).await?;
@@ -140,7 +140,7 @@ async fn vm_metrics(
 }
 
 async fn node_metrics(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<NodeStats>, ApiError> {
     let node = read_node(&state, &name).await?;

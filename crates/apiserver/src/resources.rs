@@ -20,7 +20,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::request_id::RequestIds;
 use crate::selector::Selector;
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 use crate::store::{AuditInfo, Mutation, Write};
 use crate::watch;
 
@@ -217,7 +217,7 @@ fn check_version<S: ResourceSpec>(sent: &Object<S>, current: &Object<S>) -> Resu
 
 /// `POST` on a collection.
 pub async fn create<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
@@ -303,7 +303,7 @@ pub(crate) async fn store_new<S: ResourceSpec>(
 
 /// `GET` on an object.
 pub async fn get<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Path(path): Path<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let t = target::<S>(&path)?;
@@ -316,7 +316,7 @@ pub async fn get<S: ResourceSpec>(
 
 /// `GET` on a collection: a list, or a watch stream with `watch=true`.
 pub async fn list<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Path(path): Path<HashMap<String, String>>,
     Query(params): Query<Params>,
@@ -455,7 +455,7 @@ async fn update<S: ResourceSpec>(
 
 /// `PUT` on an object: replaces metadata and spec; status is kept as stored.
 pub async fn replace<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
@@ -477,7 +477,7 @@ pub async fn replace<S: ResourceSpec>(
 
 /// `PUT` on `.../status`: replaces status only.
 pub async fn replace_status<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,
@@ -494,7 +494,7 @@ pub async fn replace_status<S: ResourceSpec>(
 /// otherwise sets `deletionTimestamp` and leaves removal to whoever owns
 /// the finalizers.
 pub async fn delete<S: ResourceSpec>(
-    State(state): State<AppState>,
+    State(state): State<SharedState>,
     Extension(caller): Extension<Caller>,
     Extension(ids): Extension<RequestIds>,
     Path(path): Path<HashMap<String, String>>,

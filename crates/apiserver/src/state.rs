@@ -6,6 +6,11 @@ use std::time::Duration;
 use crate::store::Store;
 use crate::{audit, auth, edge, limits, observe, watch};
 
+/// The state handlers and middleware are given: one [`AppState`] behind
+/// an `Arc`, so that each request's extractors clone a pointer rather than
+/// every field.
+pub type SharedState = std::sync::Arc<AppState>;
+
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
 pub struct AppState {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::selector::Selector;
-use crate::state::AppState;
+use crate::state::{AppState, SharedState};
 use crate::store::{Change, ChangeType};
 
 /// Which changes a watch wants.
@@ -90,7 +90,7 @@ fn bookmark_line(rv: i64) -> Bytes {
 /// are no longer retained); without, begins with ADDED for every object.
 /// `slot` holds the watch's place in its caller's budget until it ends.
 pub async fn stream(
-    state: AppState,
+    state: SharedState,
     filter: Filter,
     since: Option<i64>,
     slot: crate::limits::WatchSlot,

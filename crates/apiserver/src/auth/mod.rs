@@ -19,7 +19,7 @@ use nexus_api::rbac::{Grants, Role, Subject, Verb, decide, special};
 use nexus_api::registry;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::SharedState;
 
 /// Who is calling, and what it holds.
 #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ fn bearer(req: &Request) -> Option<&str> {
 /// Middleware: authenticates and authorizes every `/v1/` request; refusals
 /// are answered here (401, 403) in the error contract. A path that names no
 /// route is let through to be answered 404.
-pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn layer(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/v1/") {
         return next.run(req).await;
     }
