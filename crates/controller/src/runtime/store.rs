@@ -6,7 +6,7 @@
 //! controller makes its own just-acknowledged writes visible to its next
 //! read (never replacing a newer version).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -55,6 +55,10 @@ pub const BY_OWNER: &str = "owner";
 /// look at everything again.
 const FEED_CAPACITY: usize = 4096;
 
+/// Changes the store remembers for [`Store::changed_since`]: a reader
+/// further behind than this starts over from every object.
+pub(crate) const LOG_CAPACITY: usize = 8192;
+
 struct Index<S: ResourceSpec> {
     compute: IndexFn<S>,
     entries: HashMap<String, BTreeSet<ObjectKey>>,
@@ -63,6 +67,21 @@ struct Index<S: ResourceSpec> {
 struct Inner<S: ResourceSpec> {
     objects: HashMap<ObjectKey, Arc<Object<S>>>,
     indexes: HashMap<&'static str, Index<S>>,
+    /// The keys of the latest changes (puts and removals), oldest first;
+    /// the last one is change number `changes`.
+    log: VecDeque<ObjectKey>,
+    changes: u64,
+}
+
+/// What changed in a store since a reader's cursor ([`Store::changed_since`]).
+#[derive(Debug)]
+pub enum Changes<S: ResourceSpec> {
+    /// The keys changed since the cursor, each with its object as it is
+    /// now (`None`: gone), and the cursor to pass next time.
+    Since(u64, Vec<(ObjectKey, Option<Arc<Object<S>>>)>),
+    /// Every object, and the cursor to pass next time: the reader had no
+    /// cursor, or one older than the changes the store remembers.
+    All(u64, Vec<Arc<Object<S>>>),
 }
 
 impl<S: ResourceSpec> Inner<S> {
@@ -87,8 +106,17 @@ impl<S: ResourceSpec> Inner<S> {
         }
     }
 
+    fn note(&mut self, key: &ObjectKey) {
+        self.changes += 1;
+        if self.log.len() == LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(key.clone());
+    }
+
     fn put(&mut self, obj: Arc<Object<S>>) {
         let key = ObjectKey::of(&obj);
+        self.note(&key);
         if let Some(old) = self.objects.remove(&key) {
             self.unindex(&key, &old);
         }
@@ -98,6 +126,7 @@ impl<S: ResourceSpec> Inner<S> {
 
     fn remove(&mut self, key: &ObjectKey) -> Option<Arc<Object<S>>> {
         let old = self.objects.remove(key)?;
+        self.note(key);
         self.unindex(key, &old);
         Some(old)
     }
@@ -167,7 +196,7 @@ pub fn store<S: ResourceSpec>() -> (Writer<S>, Store<S>) {
     indexes.insert(BY_PROJECT, Index { compute: by_project, entries: HashMap::new() });
     indexes.insert(BY_OWNER, Index { compute: by_owner, entries: HashMap::new() });
     let shared = Arc::new(Shared {
-        inner: RwLock::new(Inner { objects: HashMap::new(), indexes }),
+        inner: RwLock::new(Inner { objects: HashMap::new(), indexes, log: VecDeque::new(), changes: 0 }),
         synced: watch::channel(false).0,
         feed: broadcast::channel(FEED_CAPACITY).0,
         lists: AtomicU64::new(0),
@@ -195,6 +224,25 @@ impl<S: ResourceSpec> Store<S> {
     /// The object `project/name` (`""` project for cluster-wide kinds).
     pub fn get_named(&self, project: &str, name: &str) -> Option<Arc<Object<S>>> {
         self.get(&ObjectKey::new(project, name))
+    }
+
+    /// What changed since `cursor` (a value this returned before; `None`
+    /// the first time), for a reader that keeps something derived from
+    /// every object up to date at the cost of what changed. Includes the
+    /// store's own [`Store::record_write`]s, which the change feed does not.
+    pub fn changed_since(&self, cursor: Option<u64>) -> Changes<S> {
+        let inner = self.read();
+        let oldest = inner.changes - inner.log.len() as u64;
+        match cursor {
+            Some(c) if c >= oldest && c <= inner.changes => {
+                let mut keys: Vec<&ObjectKey> = inner.log.iter().skip((c - oldest) as usize).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                let items = keys.into_iter().map(|k| (k.clone(), inner.objects.get(k).cloned())).collect();
+                Changes::Since(inner.changes, items)
+            }
+            _ => Changes::All(inner.changes, inner.objects.values().cloned().collect()),
+        }
     }
 
     /// Every object, in no particular order.
@@ -384,6 +432,30 @@ mod tests {
         let mut n = Node::new(name, None, NodeSpec::default());
         n.metadata.resource_version = Some(rv.to_string());
         n
+    }
+
+    #[test]
+    fn a_reader_gets_each_key_changed_since_its_cursor_once_with_its_object_now() {
+        let (writer, store) = store::<NodeSpec>();
+        let Changes::All(cursor, all) = store.changed_since(None) else { panic!("a first read is everything") };
+        assert!(all.is_empty());
+        writer.apply(node("a", 1));
+        writer.apply(node("a", 2));
+        store.record_write(node("b", 3));
+        writer.delete(node("c", 4));
+        let Changes::Since(next, changed) = store.changed_since(Some(cursor)) else { panic!("within the log") };
+        let seen: Vec<(String, Option<u64>)> =
+            changed.iter().map(|(k, o)| (k.name.clone(), o.as_deref().map(version_of))).collect();
+        assert_eq!(seen, [("a".to_string(), Some(2)), ("b".to_string(), Some(3))], "c was never stored");
+        writer.delete(node("a", 5));
+        let Changes::Since(_, changed) = store.changed_since(Some(next)) else { panic!("within the log") };
+        assert_eq!(changed.len(), 1);
+        assert!(changed[0].1.is_none(), "gone");
+        // A cursor older than the log starts the reader over.
+        for rv in 0..LOG_CAPACITY as u64 {
+            writer.apply(node("b", 10 + rv));
+        }
+        assert!(matches!(store.changed_since(Some(next)), Changes::All(_, ref all) if all.len() == 1));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod resolve;
 pub mod scheduler;
 pub mod snapshot_copies;
 pub mod status;
+pub mod tally;
 pub mod teardown;
 pub mod triggers;
 pub mod verified;

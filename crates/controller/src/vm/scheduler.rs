@@ -15,6 +15,7 @@ use nexus_api::meta::find_condition;
 use nexus_api::{Node, Vm, VmPhase};
 
 use super::Stores;
+use super::tally::{Tally, shift};
 use crate::runtime::store::version_of;
 
 /// Why no node fits.
@@ -56,15 +57,6 @@ pub type Loads = HashMap<String, Load>;
 pub fn group_of(vm: &Vm) -> Option<String> {
     let pool = vm.metadata.labels.get(nexus_api::pool::POOL_LABEL)?;
     Some(format!("{}/{pool}", vm.metadata.project.as_deref().unwrap_or_default()))
-}
-
-/// Whether `vm` is in spread group `group` (as [`group_of`] names it),
-/// without building its name.
-fn in_group(vm: &Vm, group: &str) -> bool {
-    let Some(pool) = vm.metadata.labels.get(nexus_api::pool::POOL_LABEL) else { return false };
-    group
-        .split_once('/')
-        .is_some_and(|(project, p)| p == pool && vm.metadata.project.as_deref().unwrap_or_default() == project)
 }
 
 /// Chooses a node for a VM needing `req` among `nodes`, given the load the
@@ -134,7 +126,7 @@ fn assumed_node<'a>(nodes: &'a FastMap<String, Assumption>, vm: &Vm) -> Option<&
 }
 
 /// Whether a VM in this phase still holds its node's resources.
-fn holds_resources(vm: &Vm) -> bool {
+pub(super) fn holds_resources(vm: &Vm) -> bool {
     !matches!(vm.status.as_ref().map(|s| s.phase), Some(VmPhase::Succeeded | VmPhase::Failed))
 }
 
@@ -142,7 +134,7 @@ fn holds_resources(vm: &Vm) -> bool {
 /// VM at every placement: keys are uids and node names the apiserver and
 /// the nodes chose, so a fast hash suffices (no one can pick keys to
 /// collide).
-type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(super) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How long a binding write may be in flight before its claim is dropped:
 /// longer than the API client's 30 s request timeout, so only a claim
@@ -158,13 +150,16 @@ struct Assumption {
     version: Option<u64>,
     /// When it was made.
     made: std::time::Instant,
-    /// The last pass over the cache that met this assumption holding.
-    seen: std::cell::Cell<u64>,
 }
 
 impl Assumption {
+    /// Whether it holds for a cached VM at resourceVersion `cached`.
+    fn holds_at(&self, cached: u64) -> bool {
+        self.version.is_none_or(|rv| cached < rv)
+    }
+
     fn holds_for(&self, vm: &Vm) -> bool {
-        self.version.is_none_or(|rv| version_of(vm) < rv)
+        self.holds_at(version_of(vm))
     }
 }
 
@@ -177,27 +172,19 @@ impl Assumption {
 /// cache has that version or a later one (bound, or unbound again since),
 /// the cache is the truth.
 ///
-/// It also remembers the memory of VMs whose status does not carry their
-/// resolved configuration yet (bound, not yet reported), by uid and
-/// resourceVersion, so a placement does not resolve them all again.
+/// It also keeps the cache's claims summed by node ([`Tally`]), so that a
+/// placement costs the changes since the last one and the few assumptions
+/// in flight, whatever the number of VMs.
 #[derive(Debug, Default)]
 pub struct Assumed {
     nodes: FastMap<String, Assumption>,
-    /// uid → (resourceVersion, memory in MiB, last pass that met the VM).
-    memory: FastMap<String, (u64, u32, u64)>,
-    /// Counts the passes over the cache ([`Assumed::loads`]).
-    pass: u64,
+    tally: Tally,
 }
 
 impl Assumed {
     /// Remembers that a write placing VM `uid` on `node` is under way.
     pub fn claim(&mut self, uid: &str, node: &str) {
-        let claim = Assumption {
-            node: node.to_string(),
-            version: None,
-            made: std::time::Instant::now(),
-            seen: self.pass.into(),
-        };
+        let claim = Assumption { node: node.to_string(), version: None, made: std::time::Instant::now() };
         self.nodes.insert(uid.to_string(), claim);
     }
 
@@ -209,12 +196,8 @@ impl Assumed {
     /// Remembers that writing `bound` placed it on its `spec.nodeName`.
     pub fn assume(&mut self, bound: &Vm) {
         if let Some(node) = &bound.spec.node_name {
-            let assumption = Assumption {
-                node: node.clone(),
-                version: Some(version_of(bound)),
-                made: std::time::Instant::now(),
-                seen: self.pass.into(),
-            };
+            let assumption =
+                Assumption { node: node.clone(), version: Some(version_of(bound)), made: std::time::Instant::now() };
             self.nodes.insert(bound.uid().to_string(), assumption);
         }
     }
@@ -228,51 +211,36 @@ impl Assumed {
     /// The load on each node of every VM but `except`, from the cache and
     /// from assumptions it has not caught up with, counting the members of
     /// spread group `group`; forgets the assumptions it has caught up with.
-    /// One pass over the cached VMs that builds nothing per VM.
     pub fn loads(&mut self, stores: &Stores, except: &str, group: Option<&str>) -> Loads {
-        self.pass += 1;
-        let pass = self.pass;
-        let vms = stores.vms.list();
-        let mut loads: FastMap<&str, Load> = FastMap::default();
-        for vm in &vms {
-            let assumed = match self.nodes.get(vm.uid()) {
-                Some(a) if a.holds_for(vm) => {
-                    a.seen.set(pass);
-                    Some(a.node.as_str())
-                }
-                _ => None,
-            };
-            let Some(node) = assumed.or(vm.spec.node_name.as_deref()) else { continue };
-            if vm.uid() == except || !holds_resources(vm) {
-                continue;
+        self.tally.refresh(stores);
+        let mut loads = self.tally.loads(group);
+        // The VM being placed claims nothing yet: where it counts now.
+        let except_on = self.tally.share(except).filter(|s| s.holds).map(|share| {
+            match self.nodes.get(except).filter(|a| a.holds_at(share.version)) {
+                Some(a) => Some(a.node.clone()),
+                None => share.node.clone(),
             }
-            let mem_mib = match vm.status.as_ref().and_then(|s| s.config.as_ref()) {
-                Some(c) => c.mem_mib,
-                None => {
-                    let rv = version_of(vm);
-                    match self.memory.get_mut(vm.uid()) {
-                        Some((at, mem, seen)) if *at == rv => {
-                            *seen = pass;
-                            *mem
-                        }
-                        _ => {
-                            let mem = super::resolve::resources(vm, stores).1;
-                            self.memory.insert(vm.uid().to_string(), (rv, mem, pass));
-                            mem
-                        }
-                    }
-                }
-            };
-            loads.entry(node).or_default().add(mem_mib, group.is_some_and(|g| in_group(vm, g)));
-        }
-        let loads: Loads = loads.into_iter().map(|(node, load)| (node.to_string(), load)).collect();
-        self.memory.retain(|_, (_, _, seen)| *seen == pass);
-        // Caught up with, or the VM is gone: the assumption has served its
-        // turn. A write still in flight keeps its claim.
-        self.nodes.retain(|_, a| match a.version {
-            None => a.made.elapsed() < IN_FLIGHT_LIMIT,
-            Some(_) => a.seen.get() == pass,
         });
+        // An assumption that holds moves its VM's claim from the node the
+        // cache shows (if any) to the one it was placed on. One the cache
+        // caught up with has served its turn (so has one whose VM is gone);
+        // a write still in flight keeps its claim.
+        let tally = &self.tally;
+        self.nodes.retain(|uid, a| {
+            let Some(share) = tally.share(uid) else {
+                return a.version.is_none() && a.made.elapsed() < IN_FLIGHT_LIMIT;
+            };
+            if !a.holds_at(share.version) {
+                return a.version.is_none() && a.made.elapsed() < IN_FLIGHT_LIMIT;
+            }
+            if share.holds {
+                shift(&mut loads, share, share.node.as_deref(), Some(&a.node), group);
+            }
+            a.version.is_some() || a.made.elapsed() < IN_FLIGHT_LIMIT
+        });
+        if let (Some(on), Some(share)) = (except_on, self.tally.share(except)) {
+            shift(&mut loads, share, on.as_deref(), None, group);
+        }
         loads
     }
 }
@@ -421,13 +389,13 @@ mod tests {
         let loads = assumed.loads(&stores, "u3", Some("p/ci"));
         assert_eq!(loads["a"], Load { mem_mib: 1024, vms: 2, in_group: 1 });
         assert_eq!(assumed.loads(&stores, "u3", Some("q/ci"))["a"].in_group, 0, "another project's pool");
-        assert_eq!(assumed.memory.get("u1").map(|m| (m.0, m.1)), Some((4, 512)));
+        assert_eq!(assumed.tally.share("u1").map(|s| (s.version, s.mem_mib)), Some((4, 512)));
         // A new version is resolved again; a VM gone is forgotten.
         pooled.spec.mem_mib = Some(256);
         pooled.metadata.resource_version = Some("5".into());
         stores.vms.record_write(pooled);
         assert_eq!(assumed.loads(&stores, "u3", None)["a"].mem_mib, 768);
-        assert_eq!(assumed.memory.get("u1").map(|m| (m.0, m.1)), Some((5, 256)));
+        assert_eq!(assumed.tally.share("u1").map(|s| (s.version, s.mem_mib)), Some((5, 256)));
     }
 
     #[test]
