@@ -161,17 +161,27 @@ const VMM_COMM: &[u8] = b"firecracker";
 /// dir>/vm`) are still known, so an upgraded agent adopts them: they run on
 /// until they stop, and start again jailed.
 ///
-/// A VMM found not to be ours (another agent's, on a host several share)
-/// never becomes ours, so [`Vmms::find`] remembers it by pid and the inode
-/// of its `/proc` directory (a new process under the same pid gets a new
-/// one) and does not look at it again.
+/// A VMM's root and arguments are fixed from its exec on, so whose it is
+/// never changes: [`Vmms::find`] remembers each VMM it has looked at by
+/// pid and the inode of its `/proc` directory (a new process under the
+/// same pid gets a new one), and only checks that one of ours is still
+/// alive. Another agent's (on a host several share) is not looked at again.
 #[derive(Debug, Clone)]
 pub struct Vmms {
     vms_dir: PathBuf,
     legacy_comm: Vec<u8>,
     legacy_sock: PathBuf,
-    /// Others' VMMs seen by the last search, as pid → `/proc/PID` inode.
-    others: std::sync::Arc<std::sync::Mutex<HashMap<u32, u64>>>,
+    /// The VMMs seen by the last search, by pid.
+    known: std::sync::Arc<std::sync::Mutex<HashMap<u32, Known>>>,
+}
+
+/// A VMM [`Vmms::find`] has looked at.
+#[derive(Debug, Clone)]
+struct Known {
+    /// The inode of its `/proc/PID` directory.
+    inode: u64,
+    /// Its VM's uid when it is ours; `None` for another's.
+    vm: Option<String>,
 }
 
 impl Vmms {
@@ -182,7 +192,7 @@ impl Vmms {
             vms_dir: run.vms(),
             legacy_comm: name[..name.len().min(15)].to_vec(),
             legacy_sock: run.root().join("vm/fc.sock"),
-            others: Default::default(),
+            known: Default::default(),
         }
     }
 
@@ -248,29 +258,32 @@ impl Vmms {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return Vec::new();
         };
-        let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = HashMap::with_capacity(others.len());
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashMap::with_capacity(known.len());
         let mut ours = Vec::new();
+        let live = |pid: u32| std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| self.is_live_vmm_command(&s));
         for entry in entries.flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
             let inode = entry.ino();
-            if others.get(&pid) == Some(&inode) {
-                seen.insert(pid, inode);
-                continue;
-            }
-            let Ok(comm) = std::fs::read(format!("/proc/{pid}/comm")) else { continue };
-            if !self.is_vmm_command(comm.strip_suffix(b"\n").unwrap_or(&comm)) {
-                continue;
-            }
-            let Some(uid) = self.vm_rooted(pid) else {
-                seen.insert(pid, inode);
-                continue;
+            let vmm = match known.remove(&pid) {
+                Some(k) if k.inode == inode => k,
+                _ => {
+                    let Ok(comm) = std::fs::read(format!("/proc/{pid}/comm")) else { continue };
+                    if !self.is_vmm_command(comm.strip_suffix(b"\n").unwrap_or(&comm)) {
+                        // Not (yet) a VMM: a child before its exec.
+                        continue;
+                    }
+                    Known { inode, vm: self.vm_rooted(pid) }
+                }
             };
-            if std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|stat| self.is_live_vmm_command(&stat)) {
-                ours.push((pid, uid));
+            if let Some(uid) = &vmm.vm
+                && live(pid)
+            {
+                ours.push((pid, uid.clone()));
             }
+            seen.insert(pid, vmm);
         }
-        *others = seen;
+        *known = seen;
         ours
     }
 
@@ -357,5 +370,55 @@ mod tests {
         let _ = long.wait();
         let _ = short.wait();
         assert!(wait_gone(u32::MAX >> 10, Duration::from_secs(5)).await, "no such process");
+    }
+
+    #[test]
+    fn a_vmm_is_found_while_it_lives_and_another_agents_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = crate::paths::RunDir::new(&dir.path().join("ours")).unwrap();
+        let theirs = crate::paths::RunDir::new(&dir.path().join("theirs")).unwrap();
+        // Unjailed VMMs, known by their command name and arguments: a shell
+        // under the VMM binary's name that stays (the `:` keeps it from
+        // exec'ing the sleep).
+        // (A link, not a copy: a copy may be busy while another test forks.)
+        let binary = dir.path().join("fc-test-vmm");
+        std::os::unix::fs::symlink("/bin/sh", &binary).unwrap();
+        let vmm = |run: &crate::paths::RunDir, uid: &str| {
+            let sock = run.root().join("vm/fc.sock");
+            std::process::Command::new(&binary)
+                .args(["-c", "sleep 30; :", "vmm", "--api-sock"])
+                .arg(&sock)
+                .args(["--id", uid])
+                .spawn()
+                .unwrap()
+        };
+        let mut mine = vmm(&ours, "u-ours");
+        let mut other = vmm(&theirs, "u-theirs");
+        let vmms = Vmms::new(&ours, &binary);
+        let want = vec![(mine.id(), "u-ours".to_string())];
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = vmms.find();
+            if found == want {
+                break;
+            }
+            // Until the shell has exec'd, its name is the test's.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(found, want);
+        assert_eq!(vmms.find(), want, "found again from what the first search remembered");
+        mine.kill().unwrap();
+        // Not reaped yet: a zombie is not a live VMM.
+        for _ in 0..100 {
+            if vmms.find().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(vmms.find().is_empty(), "a zombie is not a live VMM");
+        mine.wait().unwrap();
+        assert!(vmms.find().is_empty());
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }
