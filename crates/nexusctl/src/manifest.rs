@@ -89,17 +89,26 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, String> {
             continue;
         }
         let index = docs.len() + 1;
-        // Padding keeps the parser's line numbers those of the file.
-        let padded = format!("{}{chunk}", "\n".repeat(first_line));
-        let value: Value = serde_saphyr::from_str_with_options(&padded, options())
-            .map_err(|e| format!("{source} (document {index}): {}", rename_input(&e.to_string(), source)))?;
+        // A document is parsed on its own (parsing each one after as many
+        // blank lines as precede it made a long stream quadratic); only
+        // when it is refused is it parsed again so padded, so the error's
+        // line numbers are the file's.
+        let padded = || format!("{}{chunk}", "\n".repeat(first_line));
+        let value: Value = match serde_saphyr::from_str_with_options(&chunk, options()) {
+            Ok(value) => value,
+            Err(e) => {
+                let e = serde_saphyr::from_str_with_options::<Value>(&padded(), options()).err().unwrap_or(e);
+                return Err(format!("{source} (document {index}): {}", rename_input(&e.to_string(), source)));
+            }
+        };
         if !value.is_object() {
             return Err(format!(
                 "{source} (document {index}): expected an object with apiVersion, kind, metadata and spec"
             ));
         }
         if let Some(kind) = value["kind"].as_str().and_then(kinds::lookup)
-            && let Err(e) = kinds::check_yaml(kind, &padded, options())
+            && kinds::check_yaml(kind, &chunk, options()).is_err()
+            && let Err(e) = kinds::check_yaml(kind, &padded(), options())
         {
             let field = kinds::rejected_field(kind, &value).map(|p| format!("field {p}: ")).unwrap_or_default();
             return Err(format!("{source} (document {index}): {field}{}", rename_input(&e, source)));
@@ -145,6 +154,13 @@ mod tests {
     fn syntax_errors_name_the_file() {
         let err = parse("bad.yaml", "a: [1,\n").unwrap_err();
         assert!(err.starts_with("bad.yaml (document 1)"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_in_a_later_document_gives_the_files_line() {
+        let err = parse("bad.yaml", "a: 1\n---\nb: 2\n---\nc: 3\nd: [1,\n").unwrap_err();
+        assert!(err.starts_with("bad.yaml (document 3)"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
     }
 }
 
