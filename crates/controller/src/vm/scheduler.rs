@@ -246,7 +246,7 @@ impl Assumed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use nexus_api::conditions::READY as CONDITION_READY;
     use nexus_api::node::NodeCapacity;
     use nexus_api::{ConditionStatus, NodeSpec, NodeStatus, VmSpec};
@@ -266,7 +266,8 @@ mod tests {
         Arc::new(n)
     }
 
-    fn vm(name: &str, uid: &str, node: Option<&str>) -> Vm {
+    /// A VM of 512 MiB in project `p`, placed on `node`.
+    pub(in crate::vm) fn vm(name: &str, uid: &str, node: Option<&str>) -> Vm {
         let mut vm = Vm::new(
             name,
             Some("p"),

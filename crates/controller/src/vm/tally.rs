@@ -160,22 +160,9 @@ pub fn shift(loads: &mut Loads, share: &Share, from: Option<&str>, to: Option<&s
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nexus_api::VmSpec;
 
     fn vm(name: &str, uid: &str, node: Option<&str>, rv: u64, pool: Option<&str>) -> Vm {
-        let mut vm = Vm::new(
-            name,
-            Some("p"),
-            VmSpec {
-                vcpu: Some(1),
-                mem_mib: Some(256),
-                kernel: Some("/k".into()),
-                rootfs: Some("/r".into()),
-                node_name: node.map(str::to_string),
-                ..Default::default()
-            },
-        );
-        vm.metadata.uid = Some(uid.into());
+        let mut vm = super::super::scheduler::tests::vm(name, uid, node);
         vm.metadata.resource_version = Some(rv.to_string());
         if let Some(pool) = pool {
             vm.metadata.labels.insert(nexus_api::pool::POOL_LABEL.into(), pool.into());
@@ -211,7 +198,7 @@ mod tests {
         }
         tally.refresh(&stores);
         assert_eq!(tally.loads(Some("p/ci")), counted(&stores, Some("p/ci")));
-        assert_eq!(tally.loads(None)["a"], Load { mem_mib: 512, vms: 2, in_group: 0 });
+        assert_eq!(tally.loads(None)["a"], Load { mem_mib: 1024, vms: 2, in_group: 0 });
         // Moved to another node, unbound, finished, deleted, made again
         // under the same name with a new uid.
         stores.vms.record_write(vm("vm-0", "u0", Some("b"), next(), Some("ci")));
