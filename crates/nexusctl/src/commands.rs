@@ -151,8 +151,19 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
                 }
                 continue;
             }
-            follow::until_all(ctx, kind, project, "", left, |objects| {
-                let there: Vec<&&str> = names.iter().filter(|n| objects.contains_key(**n)).collect();
+            // The names still there, kept up to date with each change (a
+            // look at every name after every event made a large delete's
+            // wait quadratic). A name once gone stays gone: an object made
+            // again under it is another object.
+            let mut there = names.clone();
+            follow::until_all(ctx, kind, project, "", left, |objects, changed| {
+                match changed {
+                    Some(name) if !objects.contains_key(name) => {
+                        there.remove(name);
+                    }
+                    Some(_) => {}
+                    None => there.retain(|n| objects.contains_key(*n)),
+                }
                 bar.set_position((gone_before + names.len() - there.len()) as u64);
                 match there.first() {
                     None => Seen::Done,
@@ -160,7 +171,7 @@ pub async fn delete(ctx: &Context, sel: &Selection<'_>, wait: bool, timeout: Dur
                         "{} of {total} still there, {}/{n} with finalizers {}",
                         there.len(),
                         kind.short(),
-                        objects[**n]["metadata"]["finalizers"]
+                        objects.get(*n).map_or(&Value::Null, |o| &o["metadata"]["finalizers"])
                     )),
                 }
             })

@@ -99,14 +99,16 @@ async fn follow(
 /// Follows the objects of `kind` in `project` that `selector` (a label
 /// selector; empty: all of them) picks, as a map from name to object,
 /// until `check` of the whole set says it is done or has failed, or
-/// `timeout` passes.
+/// `timeout` passes. `check` is also told the name of the object that
+/// changed since its last call (`None` after a fresh list), so that it
+/// can keep its own account rather than look at every object each time.
 pub async fn until_all(
     ctx: &Context,
     kind: &KindInfo,
     project: &str,
     selector: &str,
     timeout: Duration,
-    mut check: impl FnMut(&std::collections::BTreeMap<String, Value>) -> Seen,
+    mut check: impl FnMut(&std::collections::BTreeMap<String, Value>, Option<&str>) -> Seen,
 ) -> Result<(), Failure> {
     let mut last = String::from("nothing seen yet");
     let followed = follow_all(ctx, kind, project, selector, &mut check, &mut last);
@@ -125,7 +127,7 @@ async fn follow_all(
     kind: &KindInfo,
     project: &str,
     selector: &str,
-    check: &mut impl FnMut(&std::collections::BTreeMap<String, Value>) -> Seen,
+    check: &mut impl FnMut(&std::collections::BTreeMap<String, Value>, Option<&str>) -> Seen,
     last: &mut String,
 ) -> Result<(), Failure> {
     let picked = match selector {
@@ -134,19 +136,20 @@ async fn follow_all(
     };
     let and = if picked.contains('?') { '&' } else { '?' };
     let name_of = |o: &Value| o["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let mut judge = |objects: &std::collections::BTreeMap<String, Value>| match check(objects) {
-        Seen::Done => Some(Ok(())),
-        Seen::Failed(why) => Some(Err(Failure::error(why))),
-        Seen::Waiting(seen) => {
-            *last = seen;
-            None
-        }
-    };
+    let mut judge =
+        |objects: &std::collections::BTreeMap<String, Value>, changed: Option<&str>| match check(objects, changed) {
+            Seen::Done => Some(Ok(())),
+            Seen::Failed(why) => Some(Err(Failure::error(why))),
+            Seen::Waiting(seen) => {
+                *last = seen;
+                None
+            }
+        };
     loop {
         let list: Value = ctx.client.raw(reqwest::Method::GET, &picked, None).await.map_err(|e| Failure::api(&e))?;
         let mut objects: std::collections::BTreeMap<String, Value> =
             list["items"].as_array().into_iter().flatten().map(|o| (name_of(o), o.clone())).collect();
-        if let Some(outcome) = judge(&objects) {
+        if let Some(outcome) = judge(&objects, None) {
             return outcome;
         }
         let rv = list["metadata"]["resourceVersion"].as_str().unwrap_or("0");
@@ -156,19 +159,20 @@ async fn follow_all(
             Err(e) => return Err(Failure::api(&e)),
         };
         let mut events = std::pin::pin!(events(stream));
-        while let Some(Ok(event)) = events.next().await {
-            let object = &event["object"];
+        while let Some(Ok(mut event)) = events.next().await {
+            let object = event["object"].take();
+            let name = name_of(&object);
             match event["type"].as_str() {
                 Some("ADDED" | "MODIFIED") => {
-                    objects.insert(name_of(object), object.clone());
+                    objects.insert(name.clone(), object);
                 }
                 Some("DELETED") => {
-                    objects.remove(&name_of(object));
+                    objects.remove(&name);
                 }
                 Some("ERROR") => break,
                 _ => continue,
             }
-            if let Some(outcome) = judge(&objects) {
+            if let Some(outcome) = judge(&objects, Some(&name)) {
                 return outcome;
             }
         }

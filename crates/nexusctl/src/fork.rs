@@ -23,7 +23,7 @@ pub async fn fork(ctx: &Context, vm: &str, copies: u32, wait: Option<Duration>) 
     let Some(timeout) = wait else { return Ok(()) };
     let kind = kinds::resolve("vm").map_err(Failure::usage)?;
     let bar = Progress::items(wanted(None), u64::from(copies), &format!("fork {}", made.id));
-    follow::until_all(ctx, kind, &ctx.project, &made.selector, timeout, |vms| {
+    follow::until_all(ctx, kind, &ctx.project, &made.selector, timeout, |vms, _| {
         let running = vms.values().filter(|v| phase(v) == "Running").count();
         bar.set_position(running as u64);
         if let Some(failed) = vms.values().find(|v| phase(v) == "Failed") {
