@@ -9,6 +9,7 @@ pub mod backup;
 pub mod content;
 pub mod edge;
 pub mod error;
+pub mod event_record;
 pub mod events;
 pub mod fork;
 pub mod limits;
@@ -74,6 +75,7 @@ pub fn app(state: AppState) -> Router {
     let router = all_kind_routes()
         .merge(access::routes())
         .merge(fork::routes())
+        .merge(event_record::routes())
         .merge(observe::routes())
         .merge(content::routes())
         .merge(ui::routes())

@@ -172,16 +172,22 @@ fn yaml_to_json<S: ResourceSpec>(headers: &axum::http::HeaderMap, body: Bytes) -
 
 /// Parses and validates a request body as an object of kind `S`.
 fn parse_object<S: ResourceSpec>(body: &Bytes) -> Result<Object<S>, ApiError> {
-    let malformed = |message: String| ApiError::Malformed { kind: S::KIND.to_string(), message };
     // Read once as JSON, then typed from that.
-    let value: Value = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::Malformed { kind: S::KIND.to_string(), message: e.to_string() })?;
+    object_from_value(&value)
+}
+
+/// Checks `value`, sent as an object of kind `S`, against the kind's schema
+/// and validation, and returns it typed.
+pub(crate) fn object_from_value<S: ResourceSpec>(value: &Value) -> Result<Object<S>, ApiError> {
+    let malformed = |message: String| ApiError::Malformed { kind: S::KIND.to_string(), message };
     // An array where the schema wants an object is refused before serde
     // (whose structs would take the fields in order).
-    if let Some((path, want, got)) = SCHEMAS.get(S::KIND).and_then(|schema| nexus_api::shape::mismatch(&value, schema))
-    {
+    if let Some((path, want, got)) = SCHEMAS.get(S::KIND).and_then(|schema| nexus_api::shape::mismatch(value, schema)) {
         return Err(malformed(format!("{path}: expected {want}, got {got}")));
     }
-    let obj: Object<S> = serde_path_to_error::deserialize(&value).map_err(|e| {
+    let obj: Object<S> = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         malformed(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })

@@ -352,6 +352,16 @@ impl Client {
         self.send(req).await
     }
 
+    /// Writes `events` in one request: each is created, or folded into the
+    /// Event of its name when one exists (`POST /v1/events:record`).
+    pub async fn record_events(
+        &self,
+        events: Vec<nexus_api::Event>,
+    ) -> Result<nexus_api::event::EventRecordResult, ClientError> {
+        let body = nexus_api::event::EventRecordRequest { items: events };
+        self.send(self.request(reqwest::Method::POST, "/v1/events:record").json(&body)).await
+    }
+
     /// Who the token stands for and what it holds.
     pub async fn whoami(&self) -> Result<nexus_api::auth::WhoAmI, ClientError> {
         self.send(self.request(reqwest::Method::GET, "/v1/whoami")).await

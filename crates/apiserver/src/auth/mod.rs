@@ -16,7 +16,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use nexus_api::rbac::{Grants, Role, Subject, Verb, decide, special};
-use nexus_api::registry;
+use nexus_api::{EventSpec, ResourceSpec, registry};
 
 use crate::error::ApiError;
 use crate::state::SharedState;
@@ -108,6 +108,8 @@ pub fn target_with_query(method: &Method, path: &str, query: &str) -> Option<Tar
         }
         ["whoami"] | ["kinds"] => return special_target(special::SELF, Verb::Get, ""),
         ["nodes", name, "join"] => return special_target(special::NODE_JOIN, Verb::Create, name),
+        // Events written in one request (whose handler also needs update).
+        ["events:record"] if project.is_empty() => return special_target(EventSpec::KIND, Verb::Create, ""),
         ["nodes", name, "credential"] => {
             let verb = if method == Method::GET { Verb::Get } else { Verb::Update };
             return special_target(special::NODE_CREDENTIAL, verb, name);
@@ -219,6 +221,9 @@ mod tests {
             Some((Verb::Get, "Node".into(), "".into(), "n1".into()))
         );
         assert_eq!(t(Method::POST, "/v1/projects/p/vms/a/log", ""), None, "only read");
+        let record = target(&Method::POST, "/v1/events:record").unwrap();
+        assert_eq!((record.verb, record.kind.as_str(), record.project.as_str()), (Verb::Create, "Event", ""));
+        assert_eq!(target(&Method::POST, "/v1/projects/p/events:record"), None, "events are cluster-wide");
         let join = target(&Method::POST, "/v1/nodes/n1/join").unwrap();
         assert_eq!((join.kind.as_str(), join.name.as_str()), (special::NODE_JOIN, "n1"));
         let audit = target_with_query(&Method::GET, "/v1/audit", "limit=5&project=p").unwrap();

@@ -1,6 +1,7 @@
 //! Events: decisions and failures worth seeing in `describe`. One Event
 //! object per (object, reason); a repeat bumps its count and time instead
-//! of adding another.
+//! of adding another. They are written in batches, off the reconcilers'
+//! path, with `POST /v1/events:record`.
 
 use chrono::Utc;
 use nexus_api::event::{EventType, ObjectReference};
@@ -24,8 +25,18 @@ pub struct Recorder {
 /// (with a warning) rather than slowing reconciles down.
 const QUEUE: usize = 4096;
 
-/// Events written at once by the background writer.
-const IN_FLIGHT: usize = 8;
+/// Requests the background writer has in flight at once. While they are
+/// out, new events wait in the queue and go together in the next request.
+const IN_FLIGHT: usize = 2;
+
+/// Most events in one request.
+const BATCH: usize = nexus_api::event::MAX_RECORDED;
+
+/// How long the writer waits, from the first event of a request, for
+/// others to go with it: events are for people reading `describe`, and a
+/// burst (a fleet starting) goes out in a few requests instead of one or
+/// two per VM.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One event on its way to the apiserver.
 #[derive(Debug)]
@@ -101,57 +112,58 @@ impl Recorder {
     }
 }
 
-/// Writes queued events, a few at a time, until every recorder is gone.
+/// Writes queued events until every recorder is gone: what is queued when
+/// a request slot frees up, and what comes within [`LINGER`] of it, goes
+/// in one request.
 async fn write_all(api: Client, mut pending: mpsc::Receiver<Pending>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    while let Some(event) = pending.recv().await {
+    loop {
         let permit = slots.clone().acquire_owned().await.expect("never closed");
-        let api = api.clone();
-        let id = event.request_id.clone().unwrap_or_else(nexus_client::trace::new_id);
-        let write = async move {
-            if let Err(e) = record(&api, &event).await {
-                tracing::warn!(name = %event.involved.name, reason = %event.reason, error = %e, "recording an event failed");
+        let mut batch = Vec::new();
+        if pending.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH
+                && let Ok(more) = pending.try_recv()
+            {
+                batch.push(more);
             }
+        }
+        let api = api.clone();
+        // The request carries the id of the reconcile of its first event.
+        let id = batch[0].request_id.clone().unwrap_or_else(nexus_client::trace::new_id);
+        let write = async move {
+            write_batch(&api, &batch).await;
             drop(permit);
         };
         tokio::spawn(nexus_client::trace::scope(id, write).in_current_span());
     }
 }
 
-/// Creates the event, or, when one of its name exists, bumps its count.
-async fn record(api: &Client, event: &Pending) -> Result<(), nexus_client::ClientError> {
-    let name = event_name(&event.key, &event.reason);
-    for _ in 0..3 {
-        // Most events are new: try the create first, one round trip.
-        let spec = EventSpec {
-            involved_object: event.involved.clone(),
-            type_: event.type_,
-            reason: event.reason.clone(),
-            message: event.message.clone(),
-            count: 1,
-            first_timestamp: Some(event.at),
-            last_timestamp: Some(event.at),
-            reporting_component: COMPONENT.into(),
-        };
-        match api.create(&Event::new(&name, None, spec)).await {
-            Err(e) if e.is_conflict() => {}
-            other => return other.map(|_| ()),
-        }
-        let mut existing = match api.get::<EventSpec>("", &name).await {
-            Ok(existing) => existing,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e),
-        };
-        existing.spec.count += 1;
-        existing.spec.last_timestamp = Some(event.at);
-        existing.spec.message = event.message.clone();
-        existing.spec.type_ = event.type_;
-        match api.replace(&existing).await {
-            Err(e) if e.is_conflict() || e.is_not_found() => continue,
-            other => return other.map(|_| ()),
-        }
+/// The Event that records `event` (a first occurrence: the apiserver folds
+/// it into the one of its name, if there is one).
+fn event_object(event: &Pending) -> Event {
+    let spec = EventSpec {
+        involved_object: event.involved.clone(),
+        type_: event.type_,
+        reason: event.reason.clone(),
+        message: event.message.clone(),
+        count: 1,
+        first_timestamp: Some(event.at),
+        last_timestamp: Some(event.at),
+        reporting_component: COMPONENT.into(),
+    };
+    Event::new(&event_name(&event.key, &event.reason), None, spec)
+}
+
+/// Writes `batch` in one request (the apiserver folds each event into the
+/// one of its name, if there is one).
+async fn write_batch(api: &Client, batch: &[Pending]) {
+    if let Err(e) = api.record_events(batch.iter().map(event_object).collect()).await {
+        tracing::warn!(events = batch.len(), error = %e, "recording events failed");
     }
-    Ok(())
 }
 
 #[cfg(test)]

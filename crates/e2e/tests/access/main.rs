@@ -1,8 +1,9 @@
 //! Who may do what, against real apiservers on both backends: the whole
 //! authorization matrix (`matrix`), what anonymous callers get and raw host
-//! paths (`edge`), a token's life on two apiservers sharing one PostgreSQL
-//! and node credentials (`tokens`), image checksums and a VM's history on
-//! record (`audit`). This file holds what they share.
+//! paths (`edge`), events written in one request (`events`), a token's
+//! life on two apiservers sharing one PostgreSQL and node credentials
+//! (`tokens`), image checksums and a VM's history on record (`audit`).
+//! This file holds what they share.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic is the failure report
 
@@ -69,5 +70,6 @@ async fn vm_status(client: &Client, name: &str) -> nexus_api::VmStatus {
 
 mod audit;
 mod edge;
+mod events;
 mod matrix;
 mod tokens;
