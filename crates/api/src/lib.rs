@@ -74,6 +74,11 @@ pub const OPERATIONS_ROUTES: &[(&str, &str)] = &[
         "POST (who may create VMs and Snapshots): {\"copies\": N}; one Snapshot of the running VM and N VMs \
          restored from it, labelled nexus.dev/fork=ID (a ForkResult)",
     ),
+    (
+        "/v1/events:record",
+        "POST (who may create and update Events): {\"items\": [Event, ...]}, 1 to 100; each created, or folded \
+         into the Event of its name (an EventRecordResult)",
+    ),
     ("/v1/projects/{project}/vms/{name}/metrics", "GET (who may read the VM): its recent metrics, from its node"),
     ("/v1/nodes/{name}/metrics", "GET (who may read the node): the host's CPU and memory and its VMs' metrics"),
     ("/v1/nodes/{name}/credential", "GET (controller): the node agent's API credential; PUT (the node): set it"),
