@@ -23,8 +23,8 @@ pub const REMOVAL_GROUP: u32 = 0x4e58_524d;
 /// What a batch came to for one link in it: whether it existed.
 type Outcome = Result<bool, Arc<rtnetlink::Error>>;
 
-/// A link waiting for the next batch: its index, and who to tell.
-type Waiting = (u32, oneshot::Sender<Outcome>);
+/// A link waiting for the next batch: its name, and who to tell.
+type Waiting = (String, oneshot::Sender<Outcome>);
 
 /// Removes links of one network namespace, batching the requests that
 /// arrive while one is under way.
@@ -44,10 +44,10 @@ impl LinkReaper {
         LinkReaper { handle, queue }
     }
 
-    /// Removes link `index` (called `name` in errors); returns whether it
-    /// existed. Returns once it is gone.
-    pub async fn remove(&self, index: u32, name: &str) -> Result<bool, NetError> {
-        match mark(&self.handle, index).await {
+    /// Removes link `name`; returns whether it existed. Returns once it is
+    /// gone.
+    pub async fn remove(&self, name: &str) -> Result<bool, NetError> {
+        match mark(&self.handle, name).await {
             Ok(()) => {}
             Err(e) if is_no_device(&e) => return Ok(false),
             Err(source) => return Err(NetError::Netlink { op: "mark for removal", name: name.into(), source }),
@@ -56,7 +56,7 @@ impl LinkReaper {
         // it removed the link (or found it gone with an earlier batch).
         let (done, outcome) = oneshot::channel();
         let gone = || NetError::Vanished(format!("the link reaper (removing {name})"));
-        self.queue.send((index, done)).map_err(|_| gone())?;
+        self.queue.send((name.to_string(), done)).map_err(|_| gone())?;
         match outcome.await.map_err(|_| gone())? {
             Ok(existed) => Ok(existed),
             Err(source) => Err(NetError::Batch { name: name.into(), source }),
@@ -64,9 +64,10 @@ impl LinkReaper {
     }
 }
 
-/// Moves link `index` into [`REMOVAL_GROUP`].
-async fn mark(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
-    let mut message = LinkUnspec::new_with_index(index).build();
+/// Moves link `name` into [`REMOVAL_GROUP`]. The request names the link
+/// (the kernel finds it by name), so no request is spent on its index.
+async fn mark(handle: &Handle, name: &str) -> Result<(), rtnetlink::Error> {
+    let mut message = LinkUnspec::new_with_name(name).build();
     message.attributes.push(LinkAttribute::Group(REMOVAL_GROUP));
     handle.link().set(message).execute().await
 }
@@ -91,14 +92,16 @@ async fn remove_batches(handle: Handle, mut queue: mpsc::UnboundedReceiver<Waiti
             Err(e) => Some(e),
         };
         tracing::debug!(links = batch.len(), failed = ?failed, "removed a batch of links");
-        for (index, done) in batch {
+        for (name, done) in batch {
             let outcome = match &failed {
                 None => Ok(true),
-                Some(_) => match handle.link().del(index).execute().await {
-                    Ok(()) => Ok(true),
-                    Err(e) if is_no_device(&e) => Ok(false),
-                    Err(e) => Err(Arc::new(e)),
-                },
+                Some(_) => {
+                    match handle.link().del_with_message(LinkUnspec::new_with_name(&name).build()).execute().await {
+                        Ok(()) => Ok(true),
+                        Err(e) if is_no_device(&e) => Ok(false),
+                        Err(e) => Err(Arc::new(e)),
+                    }
+                }
             };
             let _ = done.send(outcome);
         }
@@ -151,8 +154,7 @@ mod tests {
     fn a_device_in_the_group_that_netlink_cannot_remove_stops_no_removal() {
         in_new_namespace(|net| async move {
             // Loopback has no netlink removal: the group's removal fails with it in.
-            let lo = net.link("lo").await.unwrap().unwrap().index;
-            mark(net.handle(), lo).await.unwrap();
+            mark(net.handle(), "lo").await.unwrap();
             create_persistent_tap("nxtafter", (0, 0)).unwrap();
             assert!(net.delete_link("nxtafter").await.unwrap());
             assert!(!exists("nxtafter").unwrap(), "removed on its own");
@@ -165,8 +167,7 @@ mod tests {
         in_new_namespace(|net| async move {
             // As an agent that stopped between marking and removing leaves it.
             create_persistent_tap("nxtleft", (0, 0)).unwrap();
-            let index = net.link("nxtleft").await.unwrap().unwrap().index;
-            mark(net.handle(), index).await.unwrap();
+            mark(net.handle(), "nxtleft").await.unwrap();
             create_persistent_tap("nxtnext", (0, 0)).unwrap();
             assert!(net.delete_link("nxtnext").await.unwrap());
             assert!(!exists("nxtleft").unwrap() && !exists("nxtnext").unwrap());

@@ -205,10 +205,7 @@ impl Net {
     /// time (see [`LinkReaper`]); returns whether it existed. Returns once
     /// it is gone.
     pub async fn delete_link(&self, name: &str) -> Result<bool, NetError> {
-        let Some(link) = self.link(name).await? else {
-            return Ok(false);
-        };
-        self.reaper.remove(link.index, name).await
+        self.reaper.remove(name).await
     }
 }
 
