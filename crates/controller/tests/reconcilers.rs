@@ -110,7 +110,10 @@ async fn a_placed_vm_moves_when_its_node_is_deleted_and_a_pinned_one_waits_for_i
         })
     })
     .await;
-    assert!(reasons(&c, &moved).await.contains(&"Rescheduled".to_string()));
+    wait_until(Duration::from_secs(5), "a Rescheduled event", || async {
+        reasons(&c, &moved).await.contains(&"Rescheduled".to_string())
+    })
+    .await;
     wait_until(Duration::from_secs(5), "the pinned VM to wait for n1", || async {
         get(&c, "pinned").await.is_some_and(|v| {
             find_condition(&v.status_or_default().conditions, "Ready").is_some_and(|r| r.reason == "NodeNotFound")

@@ -253,9 +253,13 @@ fn vms_of_a_deleted_node_are_placed_again_and_what_they_left_there_is_collected(
         assert_eq!(pinned.spec.node_name.as_deref(), Some("node-1"), "a pinned VM is not moved");
         let ready = find_condition(&pinned.status_or_default().conditions, "Ready").cloned().unwrap();
         assert_eq!(ready.reason, "NodeNotFound", "{ready:?}");
-        let events = client.list::<nexus_api::EventSpec>(None, &ListParams::default()).await.unwrap().items;
-        let moved = events.iter().filter(|e| e.spec.reason == "Rescheduled").count();
-        assert_eq!(moved, 2, "one Rescheduled event per moved VM");
+        // Events go out in batches, a moment after what they record.
+        let rescheduled = || async {
+            let events = client.list::<nexus_api::EventSpec>(None, &ListParams::default()).await.unwrap().items;
+            events.iter().filter(|e| e.spec.reason == "Rescheduled").count()
+        };
+        wait_until(Duration::from_secs(5), "two Rescheduled events", || async { rescheduled().await >= 2 }).await;
+        assert_eq!(rescheduled().await, 2, "one Rescheduled event per moved VM");
 
         // node-1 comes back: the pinned VM is adopted there, and what the
         // moved VMs left on node-1 is collected.

@@ -12,10 +12,12 @@
 //!   Snapshot concerns;
 //! - [`resolve`], [`scheduler`], [`status`]: the pure decisions underneath;
 //! - [`verified`]: which VMs' agent reports are fresh enough to skip a call;
+//! - [`removals`]: which VMs' removals are under way, not to be asked again;
 //! - [`volumes`]: the volumes a VM attaches: their node, and taking them.
 
 pub mod placement;
 pub mod reconcile;
+pub mod removals;
 pub mod resolve;
 pub mod scheduler;
 pub mod snapshot_copies;
@@ -38,6 +40,7 @@ use crate::agents::PerNode;
 use crate::runtime::events::Recorder;
 use crate::runtime::finalizer::Finalizer;
 use crate::runtime::{Action, Controller, Reconciler, Store};
+use removals::Removals;
 use scheduler::Assumed;
 use verified::Verified;
 
@@ -129,6 +132,8 @@ pub struct VmReconciler {
     pub per_node: PerNode,
     /// VMs whose agent report is fresh.
     pub verified: Verified,
+    /// VMs whose removal their agent has under way.
+    pub removals: Removals,
 }
 
 /// The VM controller, built from `ctx`.
@@ -146,6 +151,7 @@ pub fn controller(ctx: &Context) -> Controller<VmReconciler> {
         scheduling: Default::default(),
         per_node: PerNode::new(ctx.settings.per_node_concurrency),
         verified: Verified::default(),
+        removals: Removals::default(),
     };
     let (vms_t, vms_i, vms_s, vms_v) = (stores.vms.clone(), stores.vms.clone(), stores.vms.clone(), stores.vms.clone());
     Controller::new("vm", stores.vms.clone(), reconciler)

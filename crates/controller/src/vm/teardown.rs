@@ -31,8 +31,14 @@ impl VmReconciler {
                     status.phase = VmPhase::Terminating;
                     self.write_status(&vm, status).await?;
                 }
-                let _slot = self.per_node.slot(&node_name).await;
                 let uid = vm.uid().to_string();
+                // Asked already, and not announced done: its own status
+                // write (or another change) woke it, not the removal's end.
+                let announced = node.status_view().removed_vms.iter().any(|n| n.uid == uid);
+                if !announced && let Some(left) = self.removals.wait(&uid, REMOVAL_RECHECK) {
+                    return Ok(Action::RequeueAfter(left));
+                }
+                let _slot = self.per_node.slot(&node_name).await;
                 let report = self
                     .agents
                     .call(&node, |c, to| {
@@ -46,8 +52,10 @@ impl VmReconciler {
                     // removes it meanwhile; its node's next heartbeat names
                     // the VM when that is done, which brings it back here.
                     // The requeue is only for a notice that never comes.
+                    self.removals.asked(&uid);
                     return Ok(Action::RequeueAfter(REMOVAL_RECHECK));
                 }
+                self.removals.forget(&uid);
             }
         }
         tracing::info!(vm = %vm.name(), "torn down");
