@@ -71,6 +71,9 @@ pub struct FcClient {
     socket: PathBuf,
     connect_timeout: Duration,
     request_timeout: Duration,
+    /// Whether a request that changes the VMM is logged at info when it
+    /// succeeds (at debug otherwise); a refusal is always logged at info.
+    log_changes: bool,
 }
 
 impl FcClient {
@@ -79,7 +82,16 @@ impl FcClient {
             socket: socket.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            log_changes: true,
         }
+    }
+
+    /// This client, logging its successful requests at debug only: for a
+    /// sequence its caller sums up in one line (a VMM's configuration
+    /// before boot, in "VMM booted").
+    pub fn quiet(mut self) -> Self {
+        self.log_changes = false;
+        self
     }
 
     /// Overrides the per-request timeout.
@@ -123,7 +135,8 @@ impl FcClient {
         let result = self.exchange(method, path, body).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let upstream_status = result.as_ref().map(|(s, _)| *s).unwrap_or(0);
-        if routine {
+        let summed_up = !self.log_changes && (200..300).contains(&upstream_status);
+        if routine || summed_up {
             tracing::debug!(method, path, upstream_status, latency_ms, "firecracker call");
         } else {
             tracing::info!(method, path, upstream_status, latency_ms, "firecracker call");

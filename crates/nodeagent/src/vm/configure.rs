@@ -13,7 +13,9 @@ use crate::firecracker::models;
 /// VM's files as the jailed VMM sees them. The log and metrics go first;
 /// the other pre-boot requests do not depend on one another, so they are
 /// then all sent at once, each on its own connection; Firecracker answers
-/// them in turn.
+/// them in turn. The configuration requests are logged at debug when they
+/// succeed (the agent's "VMM booted" line sums them up); InstanceStart,
+/// as every change to a running VMM, at info.
 pub async fn configure(
     client: &FcClient,
     req: &EnsureVm,
@@ -61,22 +63,23 @@ pub async fn configure(
             rate_limiter: d.rate_limiter.as_ref().map(super::drives::limiter),
         })
         .collect();
+    let preboot = client.clone().quiet();
     tokio::try_join!(
-        async { client.put_machine_config(&machine).await.map_err(fc("machine-config")) },
-        async { client.put_boot_source(&boot).await.map_err(fc("boot-source")) },
+        async { preboot.put_machine_config(&machine).await.map_err(fc("machine-config")) },
+        async { preboot.put_boot_source(&boot).await.map_err(fc("boot-source")) },
         async {
-            client.put_drive(&drive).await.map_err(fc("drives"))?;
+            preboot.put_drive(&drive).await.map_err(fc("drives"))?;
             for d in &extra {
-                client.put_drive(d).await.map_err(fc("drives"))?;
+                preboot.put_drive(d).await.map_err(fc("drives"))?;
             }
             Ok(())
         },
         async {
-            client.put_network_interface(&nic).await.map_err(fc("network-interfaces"))?;
+            preboot.put_network_interface(&nic).await.map_err(fc("network-interfaces"))?;
             // The metadata service, on the interface just made.
             if let Some(contents) = mmds {
-                client.put_mmds_config(&super::mmds::config()).await.map_err(fc("mmds/config"))?;
-                client.put_mmds(contents).await.map_err(fc("mmds"))?;
+                preboot.put_mmds_config(&super::mmds::config()).await.map_err(fc("mmds/config"))?;
+                preboot.put_mmds(contents).await.map_err(fc("mmds"))?;
             }
             Ok(())
         },
