@@ -145,3 +145,32 @@ async fn reflectors_started_while_objects_change_end_with_exactly_the_final_stat
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_go_in_batches_repeats_fold_and_a_refused_one_costs_only_itself() {
+    use nexus_api::EventSpec;
+    use nexus_api::event::EventType;
+    use nexus_controller::runtime::events::Recorder;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(dir.path(), 100_000).await;
+    let c = api.client();
+    let mut about = template("web", 1);
+    about.metadata.uid = Some("7f0c9a52-3a43-4d1b-9d44-0c3f0e7d1a11".into());
+    let recorder = Recorder::new(c.clone());
+    // Published together: they go in one request, whose one bad reason
+    // (not a CamelCase word) refuses it; the others are written alone.
+    recorder.publish(&about, EventType::Normal, "Started", "first").await;
+    recorder.publish(&about, EventType::Normal, "Started", "again").await;
+    recorder.publish(&about, EventType::Warning, "not camel", "refused").await;
+    recorder.publish(&about, EventType::Normal, "Scheduled", "placed").await;
+    let reasons = || async {
+        let mut events = c.list::<EventSpec>(None, &Default::default()).await.unwrap().items;
+        events.sort_by(|a, b| a.spec.reason.cmp(&b.spec.reason));
+        events.into_iter().map(|e| (e.spec.reason, e.spec.count, e.spec.message)).collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(5), "two events", || async { reasons().await.len() == 2 }).await;
+    assert_eq!(
+        reasons().await,
+        [("Scheduled".to_string(), 1, "placed".to_string()), ("Started".to_string(), 2, "again".to_string())]
+    );
+}

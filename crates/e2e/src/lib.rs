@@ -344,6 +344,25 @@ pub fn last_words(run: impl Fn(&[&str]) -> (bool, String, String), kind: &str, n
     }
 }
 
+/// `nexusctl describe KIND NAME` (run by `run`, a cluster's own) once its
+/// output holds `want`, or as it is after 10 s: Events are written in
+/// batches, a moment after what they record.
+pub async fn describe_showing(
+    run: impl Fn(&[&str]) -> (bool, String, String),
+    kind: &str,
+    name: &str,
+    want: &str,
+) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = run(&["describe", kind, name]);
+        if (ok && out.contains(want)) || Instant::now() >= deadline {
+            return (ok, format!("{out}{err}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every audit record `client`'s apiserver serves, page by page.
 pub async fn all_audit_records(client: &nexus_client::Client) -> Vec<nexus_api::auth::AuditRecord> {
     let (mut all, mut next) = (Vec::new(), None::<String>);

@@ -287,7 +287,7 @@ fn a_pool_spreads_scales_replaces_rolls_out_halts_undoes_and_survives_its_leader
         assert_eq!(ready_cond.reason, "ProbeFailed");
         let (_, out, _) = fleet.nexusctl(&["rollout", "status", "vmpool", "ci", "--watch=false"]);
         println!("{out}");
-        let described = ctl(&fleet, &["describe", "vmpool", "ci"]);
+        let (_, described) = nexus_e2e::describe_showing(|a| fleet.nexusctl(a), "vmpool", "ci", "RolloutHalted").await;
         assert!(described.contains("RolloutHalted"), "{described}");
         // Undo: 20 VMs of the old revision again.
         let started = Instant::now();

@@ -159,10 +159,20 @@ fn event_object(event: &Pending) -> Event {
 }
 
 /// Writes `batch` in one request (the apiserver folds each event into the
-/// one of its name, if there is one).
+/// one of its name, if there is one). One event refused refuses the whole
+/// request: the others are then written one by one, so that only the
+/// refused one is lost.
 async fn write_batch(api: &Client, batch: &[Pending]) {
-    if let Err(e) = api.record_events(batch.iter().map(event_object).collect()).await {
-        tracing::warn!(events = batch.len(), error = %e, "recording events failed");
+    match api.record_events(batch.iter().map(event_object).collect()).await {
+        Ok(_) => {}
+        Err(e) if e.status() == Some(422) && batch.len() > 1 => {
+            for event in batch {
+                if let Err(e) = api.record_events(vec![event_object(event)]).await {
+                    tracing::warn!(name = %event.involved.name, reason = %event.reason, error = %e, "recording an event failed");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(events = batch.len(), error = %e, "recording events failed"),
     }
 }
 

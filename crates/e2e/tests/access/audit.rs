@@ -70,7 +70,7 @@ fn an_image_whose_checksum_differs_fails_its_vms_and_the_right_one_runs() {
         .await;
         let img = client.get::<nexus_api::ImageSpec>("default", "bad-root").await.unwrap().status_or_default();
         println!("image bad-root: {:?} {}", img.phase, img.message.clone().unwrap_or_default());
-        let (ok, described, _) = cluster.nexusctl(&["describe", "vm", "bad"]);
+        let (ok, described) = nexus_e2e::describe_showing(|a| cluster.nexusctl(a), "vm", "bad", "ImageInvalid").await;
         assert!(ok && described.contains("ImageInvalid"), "{described}");
 
         // The Image is fixed: its VM runs.

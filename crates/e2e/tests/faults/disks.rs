@@ -40,7 +40,8 @@ fn a_full_node_disk_fails_a_vms_copy_with_the_reason_leaves_nothing_and_heals_wh
             cluster.vm("second").await.status_or_default().phase
         );
         assert!(message.contains("disk is full") && message.contains("free space"), "{message}");
-        let (ok, events, _) = cluster.nexusctl(&["describe", "vm", "second"]);
+        let (ok, events) =
+            nexus_e2e::describe_showing(|a| cluster.nexusctl(a), "vm", "second", "Warning  NodeDiskFull").await;
         assert!(ok && events.contains("Warning  NodeDiskFull"), "{events}");
 
         // While it lasts: no partial file, the first VM runs on, the agent
@@ -105,7 +106,9 @@ fn a_snapshot_on_a_full_node_disk_fails_with_the_reason_leaves_nothing_and_succe
             error.message,
             error.suggestion.unwrap_or_default()
         );
-        let (_, events, _) = cluster.nexusctl(&["describe", "snapshot", "warm-snap"]);
+        let (_, events) =
+            nexus_e2e::describe_showing(|a| cluster.nexusctl(a), "snapshot", "warm-snap", "Warning  NodeDiskFull")
+                .await;
         assert!(events.contains("Warning  NodeDiskFull"), "{events}");
         // Between attempts nothing is left of them.
         wait_until(Duration::from_secs(10), "no partial snapshot files between attempts", || async {
