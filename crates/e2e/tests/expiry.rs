@@ -29,14 +29,22 @@ async fn gone(client: &nexus_client::Client, name: &str, within: Duration) -> ch
 }
 
 async fn expired_event(client: &nexus_client::Client, name: &str) -> String {
-    let events: serde_json::Value = client.raw(reqwest::Method::GET, "/v1/events", None).await.unwrap();
-    events["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["spec"]["involvedObject"]["name"] == name && e["spec"]["reason"] == "Expired")
-        .map(|e| e["spec"]["message"].as_str().unwrap_or_default().to_string())
-        .unwrap_or_default()
+    // Events are written in batches, a moment after what they record.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events: serde_json::Value = client.raw(reqwest::Method::GET, "/v1/events", None).await.unwrap();
+        let message = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["spec"]["involvedObject"]["name"] == name && e["spec"]["reason"] == "Expired")
+            .map(|e| e["spec"]["message"].as_str().unwrap_or_default().to_string());
+        match message {
+            Some(m) => return m,
+            None if Instant::now() >= deadline => return String::new(),
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 #[test]
