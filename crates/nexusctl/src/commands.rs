@@ -45,7 +45,7 @@ pub(crate) fn list_path(
 pub async fn describe(ctx: &Context, kind: &str, name: &str) -> Result<(), Failure> {
     let kind = kinds::resolve(kind).map_err(Failure::usage)?;
     let obj = get_json(ctx, &kind.object(&ctx.project, name)).await.map_err(|e| Failure::api(&e))?;
-    let recent = crate::diagnose::recent_events(ctx, kind, &ctx.project, name).await;
+    let recent = crate::diagnose::recent_events(ctx, kind, &ctx.project, name, obj["metadata"]["uid"].as_str()).await;
     print!("{}", render::describe(kind, &obj, &recent, Utc::now()));
     Ok(())
 }
