@@ -163,6 +163,33 @@ fn the_console_shows_the_fleet_live_and_starts_stops_follows_and_deletes_a_vm() 
         browser.wait_text("#vm-drives", "root filesystem", 10 * SECOND).await;
         println!("template: {:?}; drives: {:?}", browser.text("#vm-made").await, browser.text("#vm-drives").await);
 
+        // Its own events, not those of an earlier VM of its name.
+        let earlier = nexus_api::Event::new(
+            "ev-earlier-vm",
+            None,
+            nexus_api::EventSpec {
+                involved_object: nexus_api::event::ObjectReference {
+                    kind: "VM".into(),
+                    name: name.clone(),
+                    project: Some("default".into()),
+                    uid: Some("an-earlier-vm".into()),
+                },
+                type_: nexus_api::event::EventType::Warning,
+                reason: "EarlierVm".into(),
+                message: "about a VM deleted before this one was made".into(),
+                count: 1,
+                first_timestamp: Some(chrono::Utc::now()),
+                last_timestamp: Some(chrono::Utc::now()),
+                reporting_component: "test".into(),
+            },
+        );
+        client.record_events(vec![earlier]).await.unwrap();
+        browser.wait_text("#vm-events", "Started", 10 * SECOND).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let shown = browser.text("#vm-events").await;
+        println!("its events: {shown:?}");
+        assert!(!shown.contains("EarlierVm"), "an earlier VM's event is not this one's: {shown}");
+
         // Its console, followed live.
         browser.wait_text("#console", "login: booted", 15 * SECOND).await;
         browser.wait_text("#console", "guest alive", 15 * SECOND).await;

@@ -13,7 +13,7 @@ export function vmView(name) {
   const made = el('div', { id: 'vm-made' });
   const drives = el('div', { id: 'vm-storage' });
   const conditions = el('tbody');
-  const events = el('tbody');
+  const events = el('tbody', { id: 'vm-events' });
   const consoleLog = el('pre', { id: 'console', tabindex: '0', 'aria-label': 'Console log' });
   const spec = el('pre', { tabindex: '0', 'aria-label': 'Spec and status' });
   const charts = el('div', { id: 'charts' });
@@ -50,10 +50,27 @@ export function vmView(name) {
         ...['Type', 'Reason', 'Message', 'Last seen'].map((h) => el('th', { scope: 'col' }, h)))), events)),
       el('div', { class: 'card' }, el('h2', {}, 'Spec and status'), spec))));
   let seen = false;
+  // The VM's own events only (by uid, once known): not those of an
+  // earlier VM of the same name.
+  let uid = null;
+  let allEvents = new Map();
+  const showEvents = () => {
+    const kind = kindNamed('vms').kind;
+    const mine = [...allEvents.values()].filter((e) => e.spec.involvedObject.kind === kind && e.spec.involvedObject.name === name
+      && (e.spec.involvedObject.project || session.project) === session.project
+      && (!uid || !e.spec.involvedObject.uid || e.spec.involvedObject.uid === uid));
+    mine.sort((a, b) => Date.parse(b.spec.lastTimestamp || 0) - Date.parse(a.spec.lastTimestamp || 0));
+    events.replaceChildren(...mine.map((e) => el('tr', {}, el('td', { class: e.spec.type === 'Warning' ? 'bad' : null }, e.spec.type),
+      el('td', {}, e.spec.reason), el('td', {}, e.spec.message), el('td', {}, age(e.spec.lastTimestamp)))));
+  };
   live(`${collection('vms')}?fieldSelector=${enc(`metadata.name=${name}`)}`, (items) => {
     const vm = [...items.values()][0];
     if (!vm) { $('#vm-phase').textContent = seen ? '(deleted)' : '(not found)'; return; }
     seen = true;
+    if (vm.metadata.uid !== uid) {
+      uid = vm.metadata.uid;
+      showEvents();
+    }
     const s = vm.status || {};
     const r = s.runtime || {};
     const c = s.config || {};
@@ -71,12 +88,8 @@ export function vmView(name) {
     spec.textContent = JSON.stringify({ spec: vm.spec, status: vm.status }, null, 2);
   }, (e) => { notice.textContent = e ? errorText(e) : notice.textContent; });
   live('/v1/events', (items) => {
-    const kind = kindNamed('vms').kind;
-    const mine = [...items.values()].filter((e) => e.spec.involvedObject.kind === kind && e.spec.involvedObject.name === name
-      && (e.spec.involvedObject.project || session.project) === session.project);
-    mine.sort((a, b) => Date.parse(b.spec.lastTimestamp || 0) - Date.parse(a.spec.lastTimestamp || 0));
-    events.replaceChildren(...mine.map((e) => el('tr', {}, el('td', { class: e.spec.type === 'Warning' ? 'bad' : null }, e.spec.type),
-      el('td', {}, e.spec.reason), el('td', {}, e.spec.message), el('td', {}, age(e.spec.lastTimestamp)))));
+    allEvents = items;
+    showEvents();
   });
   followConsole(name, consoleLog);
   metrics(name, charts);
