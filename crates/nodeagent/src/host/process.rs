@@ -378,17 +378,19 @@ mod tests {
         let ours = crate::paths::RunDir::new(&dir.path().join("ours")).unwrap();
         let theirs = crate::paths::RunDir::new(&dir.path().join("theirs")).unwrap();
         // Unjailed VMMs, known by their command name and arguments: a shell
-        // under the VMM binary's name that stays (the `:` keeps it from
-        // exec'ing the sleep).
+        // under the VMM binary's name that stays, reading its stdin with a
+        // builtin (a shell that ran a command would fork, and its child
+        // would look like the VMM until it exec'd).
         // (A link, not a copy: a copy may be busy while another test forks.)
         let binary = dir.path().join("fc-test-vmm");
         std::os::unix::fs::symlink("/bin/sh", &binary).unwrap();
         let vmm = |run: &crate::paths::RunDir, uid: &str| {
             let sock = run.root().join("vm/fc.sock");
             std::process::Command::new(&binary)
-                .args(["-c", "sleep 30; :", "vmm", "--api-sock"])
+                .args(["-c", "read line", "vmm", "--api-sock"])
                 .arg(&sock)
                 .args(["--id", uid])
+                .stdin(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         };
