@@ -28,11 +28,11 @@ pub fn document() -> Value {
         }),
     );
     for (path, summary) in nexus_api::OPERATIONS_ROUTES.iter().filter(|(p, _)| *p != "/openapi.json") {
-        let summary = summary.trim_start_matches("GET: ");
-        paths.insert(
-            path.to_string(),
-            json!({"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}),
-        );
+        let operations: Map<String, Value> = methods(summary)
+            .into_iter()
+            .map(|m| (m.to_lowercase(), json!({"summary": summary, "responses": {"200": {"description": "OK"}}})))
+            .collect();
+        paths.insert(path.to_string(), Value::Object(operations));
     }
     json!({
         "openapi": "3.1.0",
@@ -40,6 +40,21 @@ pub fn document() -> Value {
         "paths": paths,
         "components": {"schemas": schemas},
     })
+}
+
+/// The HTTP methods an operations route's description names, each at the
+/// start of one of its `;`-separated parts ("GET: list tokens; POST:
+/// create one"); GET when it names none.
+fn methods(summary: &str) -> Vec<&'static str> {
+    const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+    let named: Vec<&'static str> = summary
+        .split(';')
+        .filter_map(|part| {
+            let word = part.trim_start().split(|c: char| !c.is_ascii_uppercase()).next()?;
+            METHODS.iter().copied().find(|m| *m == word)
+        })
+        .collect();
+    if named.is_empty() { vec!["GET"] } else { named }
 }
 
 /// Moves a schema's `$defs` into `schemas` and points its `$ref`s there.
@@ -161,6 +176,14 @@ mod tests {
             assert!(doc["paths"].get(path).is_some(), "{path} missing");
         }
         assert!(!text.contains("#/$defs/"), "all refs point into components");
+        // The other routes under the methods they answer.
+        let ops = |path: &str| doc["paths"][path].as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(ops("/v1/events:record"), ["post"]);
+        assert_eq!(ops("/v1/projects/{project}/vms/{name}/fork"), ["post"]);
+        assert_eq!(ops("/v1/tokens"), ["get", "post"]);
+        assert_eq!(ops("/v1/tokens/{id}"), ["delete", "get"]);
+        assert_eq!(ops("/v1/nodes/{name}/credential"), ["get", "put"]);
+        assert_eq!(ops("/healthz"), ["get"]);
         for r in text.split("#/components/schemas/").skip(1) {
             let name: String = r.chars().take_while(|c| *c != '"').collect();
             assert!(doc["components"]["schemas"].get(&name).is_some(), "dangling ref {name}");
