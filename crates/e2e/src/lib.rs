@@ -363,6 +363,26 @@ pub async fn describe_showing(
     }
 }
 
+/// The message of the Event with `reason` about the object called `name`,
+/// once there is one (Events are written in batches, a moment after what
+/// they record); panics, naming the reasons seen, after 10 s.
+pub async fn event_message(client: &nexus_client::Client, name: &str, reason: &str) -> String {
+    let params = nexus_client::ListParams {
+        field_selector: Some(format!("spec.involvedObject.name={name}")),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = client.list::<nexus_api::EventSpec>(None, &params).await.expect("listing events").items;
+        if let Some(e) = events.iter().find(|e| e.spec.reason == reason) {
+            return e.spec.message.clone();
+        }
+        let seen: Vec<_> = events.iter().map(|e| e.spec.reason.as_str()).collect();
+        assert!(Instant::now() < deadline, "no {reason} event about {name}; saw {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Every audit record `client`'s apiserver serves, page by page.
 pub async fn all_audit_records(client: &nexus_client::Client) -> Vec<nexus_api::auth::AuditRecord> {
     let (mut all, mut next) = (Vec::new(), None::<String>);

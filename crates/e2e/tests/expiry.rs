@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nexus_e2e::{Cluster, host, in_private_netns, wait_until};
+use nexus_e2e::{Cluster, event_message, host, in_private_netns, wait_until};
 
 fn vm(name: &str, extra: &str) -> String {
     format!(
@@ -24,25 +24,6 @@ async fn gone(client: &nexus_client::Client, name: &str, within: Duration) -> ch
             Err(e) if e.is_not_found() => return Utc::now(),
             _ if Instant::now() > deadline => panic!("VM {name} still there after {within:?}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-async fn expired_event(client: &nexus_client::Client, name: &str) -> String {
-    // Events are written in batches, a moment after what they record.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let events: serde_json::Value = client.raw(reqwest::Method::GET, "/v1/events", None).await.unwrap();
-        let message = events["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["spec"]["involvedObject"]["name"] == name && e["spec"]["reason"] == "Expired")
-            .map(|e| e["spec"]["message"].as_str().unwrap_or_default().to_string());
-        match message {
-            Some(m) => return m,
-            None if Instant::now() >= deadline => return String::new(),
-            None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
@@ -72,7 +53,7 @@ fn a_vm_is_deleted_when_its_lifetime_runs_out_and_a_finished_one_after_its_ttl()
         let after = (at - started).num_milliseconds() as f64 / 1000.0;
         println!("VM with lifetime 5s: gone {after:.2} s after it started");
         assert!((5.0..=6.0).contains(&after), "gone 5-6 s after its start, not {after:.2} s");
-        let message = expired_event(&client, "short").await;
+        let message = event_message(&client, "short", "Expired").await;
         assert!(message.contains("lifetime of 5s ran out"), "an Expired event: {message:?}");
 
         // spec.ttlSecondsAfterFinished: 2, for a guest that shuts down.
@@ -90,7 +71,7 @@ fn a_vm_is_deleted_when_its_lifetime_runs_out_and_a_finished_one_after_its_ttl()
         let after = (at - finished).num_milliseconds() as f64 / 1000.0;
         println!("finished VM with ttlSecondsAfterFinished 2: gone {after:.2} s after it finished");
         assert!((2.0..=3.0).contains(&after), "gone 2-3 s after it finished, not {after:.2} s");
-        assert!(expired_event(&client, "job").await.contains("ttlSecondsAfterFinished"));
+        assert!(event_message(&client, "job", "Expired").await.contains("ttlSecondsAfterFinished"));
 
         // A bad lifetime is refused with the field named.
         std::fs::write(&file, vm("bad", "  lifetime: forever\n")).unwrap();

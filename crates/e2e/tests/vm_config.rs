@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nexus_api::meta::find_condition;
-use nexus_api::{EventSpec, Vm, VmPhase, VmSpec};
-use nexus_client::{Client, ListParams};
-use nexus_e2e::{Cluster, in_private_netns, repo_root};
+use nexus_api::{Vm, VmPhase, VmSpec};
+use nexus_client::Client;
+use nexus_e2e::{Cluster, event_message, in_private_netns, repo_root};
 
 fn example(name: &str) -> String {
     repo_root().join("examples").join(name).display().to_string()
@@ -53,21 +53,6 @@ fn pid(vm: &Vm) -> Option<u32> {
     vm.status.as_ref().and_then(|s| s.runtime.as_ref()).and_then(|r| r.pid)
 }
 
-/// Waits until an event with `reason` about VM `name` exists; returns its message.
-async fn event(client: &Client, name: &str, reason: &str) -> String {
-    let params = ListParams { field_selector: Some(format!("spec.involvedObject.name={name}")), ..Default::default() };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = client.list::<EventSpec>(None, &params).await.unwrap().items;
-        if let Some(e) = events.iter().find(|e| e.spec.reason == reason) {
-            return e.spec.message.clone();
-        }
-        let seen: Vec<_> = events.iter().map(|e| e.spec.reason.as_str()).collect();
-        assert!(Instant::now() < deadline, "no {reason} event about {name}; saw {seen:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn apply(cluster: &Cluster, file: &str) {
     let (ok, _, err) = cluster.nexusctl(&["apply", "-f", file]);
     assert!(ok, "{err}");
@@ -87,11 +72,13 @@ fn a_vm_from_a_template_waits_for_its_template_and_images_then_runs_with_them_re
         })
         .await;
         assert_eq!(phase(&waiting), VmPhase::Pending);
-        assert!(event(&client, "ci-job-1", "TemplateNotFound").await.contains("template ci-runner does not exist"));
+        assert!(
+            event_message(&client, "ci-job-1", "TemplateNotFound").await.contains("template ci-runner does not exist")
+        );
         apply(&cluster, &example("template.yaml"));
         wait_vm(&client, "ci-job-1", "ImageNotFound", |v| reason(v, "Resolved").as_deref() == Some("ImageNotFound"))
             .await;
-        let message = event(&client, "ci-job-1", "ImageNotFound").await;
+        let message = event_message(&client, "ci-job-1", "ImageNotFound").await;
         assert!(message.contains("spec.kernel names image vmlinux-6-1"), "{message}");
         assert!(nexus_e2e::host::vmm_processes_under(&cluster.run_dir).is_empty(), "nothing started meanwhile");
 
@@ -133,7 +120,7 @@ fn a_vm_from_a_template_waits_for_its_template_and_images_then_runs_with_them_re
             wait_vm(&client, "wrong", "WrongImageType", |v| reason(v, "Resolved").as_deref() == Some("WrongImageType"))
                 .await;
         assert_eq!(phase(&w), VmPhase::Pending);
-        let message = event(&client, "wrong", "WrongImageType").await;
+        let message = event_message(&client, "wrong", "WrongImageType").await;
         assert!(message.contains("of type Rootfs; it needs a Kernel image"), "{message}");
 
         // Deleting the template does not strand the running VM: it keeps its
@@ -204,13 +191,13 @@ fn the_restart_policy_decides_what_follows_a_guest_shutdown_or_a_dead_vmm() {
         assert_eq!(runtime.restarts, 1);
         assert_eq!(runtime.exit.unwrap().code, Some(0));
         println!("Always: running again {} ms after the guest shut down", pressed.elapsed().as_millis());
-        assert!(event(&client, "always", "Restarted").await.contains("exited with status 0"));
+        assert!(event_message(&client, "always", "Restarted").await.contains("exited with status 0"));
         for name in ["onfailure", "never"] {
             let done = wait_vm(&client, name, "Succeeded", |v| phase(v) == VmPhase::Succeeded).await;
             println!("{name}: Succeeded {} ms after the guest shut down", pressed.elapsed().as_millis());
             assert_eq!(pid(&done), None);
             assert_eq!(reason(&done, "Ready").as_deref(), Some("Exited"));
-            assert!(event(&client, name, "Completed").await.contains("the guest shut down"));
+            assert!(event_message(&client, name, "Completed").await.contains("the guest shut down"));
         }
         // Kept down: no VMM, no TAP for the two that completed.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -249,7 +236,7 @@ fn the_restart_policy_decides_what_follows_a_guest_shutdown_or_a_dead_vmm() {
         let error = failed.status.clone().unwrap().last_error.unwrap();
         assert_eq!(error.message, "the VMM killed by signal 9; restartPolicy Never keeps it down");
         assert!(error.suggestion.unwrap().contains("Stopped, then Running"));
-        assert!(event(&client, "never", "Failed").await.contains("killed by signal 9"));
+        assert!(event_message(&client, "never", "Failed").await.contains("killed by signal 9"));
         let (ok, out, _) = cluster.nexusctl(&["describe", "vm", "never"]);
         assert!(ok && out.contains("killed by signal 9") && out.contains("Completed"), "{out}");
         // A finished VM is not retried: its status stays as it is.
