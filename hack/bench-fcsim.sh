@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 need_build_tools
 need_packages curl:curl
 n=${1:-500}
-cargo build -q --release -p firecracker-sim
+cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
 bin=${CARGO_TARGET_DIR:-target}/release/firecracker-sim
 dir=$(mktemp -d)
 pids=()

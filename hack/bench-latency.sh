@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/lib.sh
 need_build_tools
-cargo build -q --release --workspace --bins
+build_bench_bins
 exec "${CARGO_TARGET_DIR:-target}/release/nexus-latency-bench" "$@"

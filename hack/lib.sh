@@ -32,6 +32,17 @@ need_build_tools() {
     need_rust
 }
 
+# Builds every release binary for a benchmark, then links the simulated VMM
+# again statically, as Firecracker's release binaries are (static musl): a
+# VMM's start then has no dynamic loader to run, which is about a third of a
+# dynamically linked simulator's start. Only the last crate gets the flag,
+# so no dependency is built twice (a later plain build links it dynamically
+# again).
+build_bench_bins() {
+    cargo build -q --release --workspace --bins
+    cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
+}
+
 # PostgreSQL server binaries for the tests that start a throwaway cluster.
 need_postgres() {
     if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -62,6 +62,37 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time every live thread of a process has used so far, in
+/// microseconds, from the scheduler's nanosecond counters: the tick counts
+/// of `/proc/PID/stat` round a short-lived VMM's 1-2 ms down to nothing.
+fn cpu_us_precise(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1000
+}
+
+/// Whether the program at `path` names a dynamic loader (an ELF
+/// `PT_INTERP` program header); `None` when it cannot be read as ELF64.
+fn dynamically_linked(path: &std::path::Path) -> Option<bool> {
+    let elf = std::fs::read(path).ok()?;
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
+    if elf.get(..5)? != b"\x7fELF\x02" {
+        return None;
+    }
+    let (offset, size, count) = (u64_at(0x20)? as usize, u16_at(0x36)? as usize, u16_at(0x38)? as usize);
+    const PT_INTERP: u32 = 3;
+    (0..count)
+        .map(|i| offset + i * size)
+        .map(|h| Some(u32::from_le_bytes(elf.get(h..h + 4)?.try_into().ok()?)))
+        .collect::<Option<Vec<u32>>>()
+        .map(|types| types.contains(&PT_INTERP))
+}
+
 /// CPU time (user + system) a process has used so far, in milliseconds.
 fn cpu_ms(pid: u32) -> u64 {
     let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
@@ -363,6 +394,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "controller": cpu_ms(fleet.controller.pid()),
         "agents": fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum::<u64>(),
         "bench": cpu_ms(std::process::id()),
+        "vmms": vmm_pids.iter().map(|p| cpu_us_precise(*p)).sum::<u64>() / 1000,
     });
     let idle = match args.idle_secs {
         0 => None,
@@ -402,9 +434,16 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     line("RSS agent mean / max KiB", format!("{} / {}", mean(&agent_rss), agent_rss.iter().max().unwrap_or(&0)));
     line("RSS simulated VMM mean KiB", mean(&sims).to_string());
     line("CPU ms apiserver / controller", format!("{} / {}", cpu["apiserver"], cpu["controller"]));
-    // Not the VMMs': /proc shows next to nothing for them, though a profile
-    // of the whole machine finds them in about 15% of its samples.
     line("CPU ms agents / bench", format!("{} / {}", cpu["agents"], cpu["bench"]));
+    // Each VMM's from the agent's fork on: its jail's set-up, its start, its
+    // configuration and boot.
+    line("CPU ms simulated VMMs (all, to Running)", cpu["vmms"].to_string());
+    let linked = match dynamically_linked(&sim) {
+        Some(true) => "dynamic",
+        Some(false) => "static",
+        None => "unknown",
+    };
+    line("simulated VMM linked", linked.to_string());
     if let Some(h) = &host {
         line("host CPU busy / idle / stolen %", format!("{:.0} / {:.0} / {:.0}", h.busy, h.idle, h.stolen));
     }
@@ -444,6 +483,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "perVmReadyMs": {"p50": pct(&per_vm, 0.5), "p95": pct(&per_vm, 0.95), "p99": pct(&per_vm, 0.99),
                          "max": per_vm.last().copied().unwrap_or(0.0)},
         "perNode": per_node,
+        "vmmLinked": linked,
         "rssKiB": {"apiserver": apiserver_rss, "controller": controller_rss, "agents": agent_rss,
                    "vmmMean": mean(&sims)},
         "cpuMs": cpu,
@@ -481,10 +521,12 @@ async fn idle_cost(fleet: &MultiNode, span: Duration) -> serde_json::Value {
     };
     // Finds the VMMs first: looking through /proc is not the fleet's cost.
     let pids = vmms();
-    let (before, vmms_before, host_before) = (sample(), pids.iter().map(|p| cpu_ms(*p)).sum::<u64>(), host_cpu());
+    let (before, vmms_before, host_before) =
+        (sample(), pids.iter().map(|p| cpu_us_precise(*p)).sum::<u64>() / 1000, host_cpu());
     let started = Instant::now();
     tokio::time::sleep(span).await;
-    let (after, vmms_after, host_after) = (sample(), pids.iter().map(|p| cpu_ms(*p)).sum::<u64>(), host_cpu());
+    let (after, vmms_after, host_after) =
+        (sample(), pids.iter().map(|p| cpu_us_precise(*p)).sum::<u64>() / 1000, host_cpu());
     let secs = started.elapsed().as_secs_f64();
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
     let busy = host_before.zip(host_after).map(|(a, b)| HostCpu::share(&a, &b).busy).unwrap_or(0.0);
@@ -503,4 +545,28 @@ fn main() -> anyhow::Result<()> {
     // Every thread the runtime starts inherits this private namespace.
     nexus_e2e::enter_private_netns();
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(bench(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_a_dynamically_linked_program_and_what_is_not_elf() {
+        // Test programs are linked dynamically unless built with crt-static.
+        let expected = !cfg!(target_feature = "crt-static");
+        assert_eq!(dynamically_linked(&std::env::current_exe().unwrap()), Some(expected));
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
+        assert_eq!(dynamically_linked(text.path()), None);
+    }
+
+    #[test]
+    fn counts_the_cpu_of_every_thread_precisely() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        let us = cpu_us_precise(std::process::id());
+        assert!(us >= 25_000, "{us} µs after a 30 ms spin");
+        assert_eq!(cpu_us_precise(u32::MAX >> 9), 0, "no such process");
+    }
 }
