@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Starts N firecracker-sim processes (default 500), reports the time until
-# all of them listen on their API sockets and their resident memory, then
-# stops them. Prints a table and a JSON line.
-#   hack/bench-fcsim.sh [N]        (builds the release binary first)
+# all of them listen on their API sockets, the CPU each start took (from
+# the scheduler's counters) and their resident memory, then stops them.
+# Prints a table and a JSON line. The simulator is linked statically, as
+# the other benchmarks run it; `dynamic` runs the usual build instead.
+#   hack/bench-fcsim.sh [N] [dynamic]   (builds the release binary first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/lib.sh
 need_build_tools
 need_packages curl:curl
 n=${1:-500}
-cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
+if [ "${2:-static}" = dynamic ]; then
+    cargo build -q --release -p firecracker-sim
+else
+    cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
+fi
 bin=${CARGO_TARGET_DIR:-target}/release/firecracker-sim
 dir=$(mktemp -d)
 pids=()
@@ -26,6 +32,16 @@ while [ "$(find "$dir" -name '*.sock' | wc -l)" -lt "$n" ]; do sleep 0.005; done
 t1=$(date +%s%N)
 start_ms=$(( (t1 - t0) / 1000000 ))
 
+# CPU of every thread of every simulator so far (nanoseconds), per start.
+cpu_ns=0
+for p in "${pids[@]}"; do
+    for t in /proc/"$p"/task/*/schedstat; do
+        read -r ns _ < "$t"
+        cpu_ns=$((cpu_ns + ns))
+    done
+done
+cpu_us=$((cpu_ns / n / 1000))
+
 # Every one answers its API.
 for i in 1 $((n / 2)) "$n"; do
     curl -sf --unix-socket "$dir/$i.sock" http://localhost/ >/dev/null
@@ -38,7 +54,8 @@ for p in "${pids[@]}"; do
 done
 avg_kb=$((total_kb / n))
 printf '%-36s %s\n' "simulators" "$n" "time until all listen (ms)" "$start_ms" \
+    "CPU per start, to listening (µs)" "$cpu_us" \
     "idle RSS per process, mean (KiB)" "$avg_kb" "idle RSS per process, max (KiB)" "$max_kb" \
     "idle RSS, all processes (MiB)" "$((total_kb / 1024))"
-printf '{"simulators":%d,"start_all_ms":%d,"rss_mean_kib":%d,"rss_max_kib":%d,"rss_total_mib":%d}\n' \
-    "$n" "$start_ms" "$avg_kb" "$max_kb" "$((total_kb / 1024))"
+printf '{"simulators":%d,"start_all_ms":%d,"cpu_per_start_us":%d,"rss_mean_kib":%d,"rss_max_kib":%d,"rss_total_mib":%d}\n' \
+    "$n" "$start_ms" "$cpu_us" "$avg_kb" "$max_kb" "$((total_kb / 1024))"
