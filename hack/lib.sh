@@ -34,7 +34,7 @@ need_build_tools() {
 
 # Builds every release binary for a benchmark, then links the simulated VMM
 # again statically, as Firecracker's release binaries are (static musl): a
-# VMM's start then has no dynamic loader to run, which is about a third of a
+# VMM's start then has no dynamic loader to run, about a quarter of a
 # dynamically linked simulator's start. Only the last crate gets the flag,
 # so no dependency is built twice (a later plain build links it dynamically
 # again).
