@@ -14,7 +14,7 @@ n=${1:-500}
 if [ "${2:-static}" = dynamic ]; then
     cargo build -q --release -p firecracker-sim
 else
-    cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
+    link_sim_static
 fi
 bin=${CARGO_TARGET_DIR:-target}/release/firecracker-sim
 dir=$(mktemp -d)

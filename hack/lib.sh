@@ -40,6 +40,11 @@ need_build_tools() {
 # again).
 build_bench_bins() {
     cargo build -q --release --workspace --bins
+    link_sim_static
+}
+
+# Links the release simulated VMM statically (its own link only).
+link_sim_static() {
     cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
 }
 
