@@ -3,7 +3,11 @@
 //! Applies V VMs at once and measures apply → Running for the fleet and per
 //! VM, the spread, each process's RSS, then deletes every VM and measures
 //! the teardown, how long VMs created meanwhile take to run, and what is
-//! left. Prints a table and JSON. Needs root.
+//! left; first, what the machine charges for a thread's wake-up and a
+//! `cpuid` ([`host_costs`]). Prints a table and JSON. Needs root.
+
+mod host_costs;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,6 +19,7 @@ use nexus_api::{ConditionStatus, VmPhase, VmSpec};
 use nexus_client::{Event, ListParams};
 use nexus_e2e::multinode::MultiNode;
 use nexus_e2e::percentile as pct;
+use usage::{HostCpu, Usage, cpu_ms, cpu_us_precise, dynamically_linked, host_cpu, rss_kib};
 
 struct Args {
     vms: usize,
@@ -53,170 +58,10 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// CPU time every live thread of a process has used so far, in
-/// microseconds, from the scheduler's nanosecond counters: the tick counts
-/// of `/proc/PID/stat` round a short-lived VMM's 1-2 ms down to nothing.
-fn cpu_us_precise(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>()
-        / 1000
-}
-
-/// Whether the program at `path` names a dynamic loader (an ELF
-/// `PT_INTERP` program header); `None` when it cannot be read as ELF64.
-fn dynamically_linked(path: &std::path::Path) -> Option<bool> {
-    let elf = std::fs::read(path).ok()?;
-    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?));
-    if elf.get(..5)? != b"\x7fELF\x02" {
-        return None;
-    }
-    let (offset, size, count) = (u64_at(0x20)? as usize, u16_at(0x36)? as usize, u16_at(0x38)? as usize);
-    const PT_INTERP: u32 = 3;
-    (0..count)
-        .map(|i| offset + i * size)
-        .map(|h| Some(u32::from_le_bytes(elf.get(h..h + 4)?.try_into().ok()?)))
-        .collect::<Option<Vec<u32>>>()
-        .map(|types| types.contains(&PT_INTERP))
-}
-
-/// CPU time (user + system) a process has used so far, in milliseconds.
-fn cpu_ms(pid: u32) -> u64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-    });
-    // Linux reports CPU time in USER_HZ ticks, 100 per second on every architecture it supports.
-    ticks.unwrap_or(0) * 10
-}
-
-/// The machine's CPU time counters (the `cpu` line of `/proc/stat`, in
-/// ticks): user, nice, system, idle, iowait, irq, softirq, steal.
-fn host_cpu() -> Option<[u64; 8]> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let mut fields = stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse::<u64>().ok());
-    let mut ticks = [0; 8];
-    for t in &mut ticks {
-        *t = fields.next()??;
-    }
-    Some(ticks)
-}
-
-/// How the machine's CPUs spent a span, in percent: running anything,
-/// idle (or waiting on I/O), and taken by the hypervisor for other guests.
-struct HostCpu {
-    busy: f64,
-    idle: f64,
-    stolen: f64,
-}
-
-impl HostCpu {
-    fn share(before: &[u64; 8], after: &[u64; 8]) -> HostCpu {
-        let d: Vec<f64> = before.iter().zip(after).map(|(a, b)| b.saturating_sub(*a) as f64).collect();
-        let total = d.iter().sum::<f64>().max(1.0);
-        let idle = d[3] + d[4];
-        HostCpu {
-            busy: 100.0 * (total - idle - d[7]) / total,
-            idle: 100.0 * idle / total,
-            stolen: 100.0 * d[7] / total,
-        }
-    }
-}
-
-/// The apiserver's requests so far by method, route and status, from its
-/// `http_requests_total` counter, most first.
-async fn requests_by_route(client: &nexus_client::Client) -> anyhow::Result<Vec<(String, u64)>> {
-    use futures::TryStreamExt;
-    let body: Vec<u8> = client
-        .get_stream("/metrics")
-        .await?
-        .try_fold(Vec::new(), |mut all, chunk| async move {
-            all.extend_from_slice(&chunk);
-            Ok(all)
-        })
-        .await?;
-    let mut rows: Vec<(String, u64)> = String::from_utf8_lossy(&body)
-        .lines()
-        .filter_map(|l| l.strip_prefix("http_requests_total"))
-        .filter_map(|l| {
-            let (labels, n) = l.rsplit_once(' ')?;
-            // `{route="...",method="...",code="..."}` as `METHOD route code`.
-            let label = |name: &str| {
-                let from = labels.find(&format!("{name}=\""))? + name.len() + 2;
-                Some(labels[from..].split('"').next()?.to_string())
-            };
-            let row = format!("{} {} {}", label("method")?, label("route")?, label("code")?);
-            Some((row, n.parse::<f64>().ok()? as u64))
-        })
-        .collect();
-    rows.sort_by_key(|row| std::cmp::Reverse(row.1));
-    Ok(rows)
-}
-
 fn nexusctl(fleet: &MultiNode, args: &[&str]) -> anyhow::Result<()> {
     let (ok, _, err) = fleet.nexusctl(args);
     anyhow::ensure!(ok, "nexusctl {args:?}: {err}");
     Ok(())
-}
-
-/// What the control plane has used so far: CPU milliseconds of each
-/// part, the machine's CPU counters and the apiserver's requests by route.
-struct Usage {
-    apiserver: u64,
-    controller: u64,
-    agents: u64,
-    host: Option<HostCpu>,
-    cpu: Option<[u64; 8]>,
-    requests: Vec<(String, u64)>,
-}
-
-impl Usage {
-    async fn of(fleet: &MultiNode, client: &nexus_client::Client) -> anyhow::Result<Usage> {
-        Ok(Usage {
-            apiserver: cpu_ms(fleet.apiserver.pid()),
-            controller: cpu_ms(fleet.controller.pid()),
-            agents: fleet.agents.iter().map(|a| cpu_ms(a.pid())).sum(),
-            host: None,
-            cpu: host_cpu(),
-            requests: requests_by_route(client).await?,
-        })
-    }
-
-    /// What was used between `before` and this reading.
-    fn since(self, before: &Usage) -> Usage {
-        let mut requests: Vec<(String, u64)> = self
-            .requests
-            .into_iter()
-            .map(|(route, n)| {
-                let was = before.requests.iter().find(|(r, _)| *r == route).map_or(0, |(_, n)| *n);
-                (route, n.saturating_sub(was))
-            })
-            .collect();
-        requests.sort_by_key(|row| std::cmp::Reverse(row.1));
-        Usage {
-            apiserver: self.apiserver.saturating_sub(before.apiserver),
-            controller: self.controller.saturating_sub(before.controller),
-            agents: self.agents.saturating_sub(before.agents),
-            host: before.cpu.zip(self.cpu).map(|(a, b)| HostCpu::share(&a, &b)),
-            cpu: self.cpu,
-            requests,
-        }
-    }
 }
 
 /// `nexusctl delete vm -l bench=yes --wait`, timed from `started`: whether
@@ -279,7 +124,7 @@ async fn created_during(client: &nexus_client::Client, kernel: &str, rootfs: &st
     Ok(started.elapsed())
 }
 
-async fn bench(args: Args) -> anyhow::Result<()> {
+async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("nexus-fleet-bench").tempdir_in(&args.dir)?;
     // Under the agents' default image root, where `hack/images.sh` puts them.
     nexus_e2e::ensure_host_example_images();
@@ -427,6 +272,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("{:<44} {:>12}", "measure", "value");
     let line = |k: &str, v: String| println!("{k:<44} {v:>12}");
     line("VMs / agents", format!("{} / {}", args.vms, args.agents));
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |us| format!("{us:.1}"));
+    line(
+        "host: CPU us per wake-up, same / other CPU",
+        format!("{} / {}", us(costs.wake_same_cpu), us(costs.wake_other_cpu)),
+    );
+    line("host: CPU us per cpuid", us(costs.cpuid));
     line("apply (nexusctl, all objects stored) ms", applied.as_millis().to_string());
     line("apply -> all Running ms", all_running.as_millis().to_string());
     line("VMs Running per second", format!("{:.1}", args.vms as f64 / all_running.as_secs_f64()));
@@ -489,6 +340,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
     let json = serde_json::json!({
         "vms": args.vms, "agents": args.agents,
+        "hostCostsUs": costs.json(),
         "applyMs": applied.as_millis() as u64,
         "allRunningMs": all_running.as_millis() as u64,
         "perVmReadyMs": {"p50": pct(&per_vm, 0.5), "p95": pct(&per_vm, 0.95), "p99": pct(&per_vm, 0.99),
@@ -557,38 +409,7 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(nexus_e2e::is_root(), "nexus-fleet-bench needs root (network namespaces, bridges, TAPs)");
     // Every thread the runtime starts inherits this private namespace.
     nexus_e2e::enter_private_netns();
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(bench(args))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tells_a_dynamically_linked_program_and_what_is_not_elf() {
-        // Test programs are linked dynamically unless built with crt-static.
-        let expected = !cfg!(target_feature = "crt-static");
-        assert_eq!(dynamically_linked(&std::env::current_exe().unwrap()), Some(expected));
-        let text = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
-        assert_eq!(dynamically_linked(text.path()), None);
-    }
-
-    #[test]
-    fn counts_the_cpu_of_every_thread_precisely() {
-        // Spins for 30 ms of this thread's CPU (not of the wall clock, which
-        // a busy machine stretches).
-        let thread_cpu = || {
-            let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-            // SAFETY: `t` is a valid timespec to write into.
-            assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) }, 0);
-            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-        };
-        let from = thread_cpu();
-        while thread_cpu() - from < Duration::from_millis(30) {}
-        // The scheduler's counters may trail by a tick (10 ms at most).
-        let us = cpu_us_precise(std::process::id());
-        assert!(us >= 20_000, "{us} µs after spinning for 30 ms of CPU");
-        assert_eq!(cpu_us_precise(u32::MAX >> 9), 0, "no such process");
-    }
+    // On a quiet machine, before the fleet starts.
+    let costs = host_costs::measure(2000);
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(bench(args, costs))
 }
