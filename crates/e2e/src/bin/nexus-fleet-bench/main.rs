@@ -32,10 +32,13 @@ struct Args {
     /// How often each simulated guest prints a console line (0: quiet
     /// after its boot, as an idle guest is).
     console_secs: u64,
+    /// Each VM's memory. Every agent offers the whole host's memory, so
+    /// this bounds the VMs per node (188 of 128 MiB on a 24 GiB host).
+    mem_mib: u32,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { vms: 1000, agents: 10, dir: "/var/tmp".into(), idle_secs: 0, console_secs: 0 };
+    let mut args = Args { vms: 1000, agents: 10, dir: "/var/tmp".into(), idle_secs: 0, console_secs: 0, mem_mib: 128 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -45,9 +48,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--dir" => args.dir = value()?.into(),
             "--idle-secs" => args.idle_secs = value()?.parse()?,
             "--console-secs" => args.console_secs = value()?.parse()?,
+            "--mem-mib" => args.mem_mib = value()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "nexus-fleet-bench [--vms 1000] [--agents 10] [--dir /var/tmp] [--idle-secs 0] [--console-secs 0]   (as root)"
+                    "nexus-fleet-bench [--vms 1000] [--agents 10] [--dir /var/tmp] [--idle-secs 0] [--console-secs 0] [--mem-mib 128]   (as root)"
                 );
                 std::process::exit(0);
             }
@@ -55,6 +59,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     anyhow::ensure!(args.vms > 0 && (1..=50).contains(&args.agents), "--vms > 0 and --agents 1..=50");
+    anyhow::ensure!(args.mem_mib >= 1, "--mem-mib must be at least 1");
     Ok(args)
 }
 
@@ -139,7 +144,8 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         .map(|i| {
             format!(
                 "apiVersion: nexus/v1\nkind: VM\nmetadata:\n  name: bench-{i:04}\n  labels:\n    bench: \"yes\"\nspec:\n  \
-                 vcpu: 1\n  memMib: 128\n  kernel: {kernel}\n  rootfs: {rootfs}\n"
+                 vcpu: 1\n  memMib: {mem}\n  kernel: {kernel}\n  rootfs: {rootfs}\n",
+                mem = args.mem_mib
             )
         })
         .collect();
@@ -272,6 +278,7 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     println!("{:<44} {:>12}", "measure", "value");
     let line = |k: &str, v: String| println!("{k:<44} {v:>12}");
     line("VMs / agents", format!("{} / {}", args.vms, args.agents));
+    line("memory per VM MiB", args.mem_mib.to_string());
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |us| format!("{us:.1}"));
     line(
         "host: CPU us per wake-up, same / other CPU",
@@ -339,7 +346,7 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         format!("{} / {} / {} / {rows_left}", leftovers.0, leftovers.1, leftovers.2),
     );
     let json = serde_json::json!({
-        "vms": args.vms, "agents": args.agents,
+        "vms": args.vms, "agents": args.agents, "memMib": args.mem_mib,
         "hostCostsUs": costs.json(),
         "applyMs": applied.as_millis() as u64,
         "allRunningMs": all_running.as_millis() as u64,
