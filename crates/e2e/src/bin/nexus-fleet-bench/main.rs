@@ -100,6 +100,23 @@ fn timed_delete(
 /// How many VMs are created while the fleet is being deleted.
 const DURING: usize = 5;
 
+/// How many times every VM is listed once the fleet is Running.
+const LISTS: usize = 5;
+
+/// Lists every VM of every project [`LISTS`] times in turn (one request
+/// each, as `nexusctl get vm -A` makes): how long each took, sorted, in
+/// milliseconds, and how many VMs the last returned.
+async fn list_all(client: &nexus_client::Client) -> anyhow::Result<(Vec<f64>, usize)> {
+    let (mut took, mut items) = (Vec::with_capacity(LISTS), 0);
+    for _ in 0..LISTS {
+        let started = Instant::now();
+        items = client.list::<VmSpec>(None, &ListParams::default()).await?.items.len();
+        took.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    Ok((took, items))
+}
+
 /// Creates [`DURING`] VMs and returns how long until all are Running,
 /// following a watch (polling lists would load the apiserver it measures).
 async fn created_during(client: &nexus_client::Client, kernel: &str, rootfs: &str) -> anyhow::Result<Duration> {
@@ -174,6 +191,7 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     let mut apply = Some(apply);
     let mut applied = Duration::ZERO;
     let mut ready: BTreeMap<String, nexus_api::Vm> = BTreeMap::new();
+    let mut lag: Vec<f64> = Vec::with_capacity(args.vms);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
     while ready.len() < args.vms {
         let event = tokio::select! {
@@ -201,12 +219,19 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
             let words = nexus_e2e::last_words(|a| fleet.nexusctl(a), "vm", vm.name());
             anyhow::bail!("VM {} failed:\n{words}", vm.name());
         }
-        if status.phase == VmPhase::Running
-            && find_condition(&status.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+        let became_ready = find_condition(&status.conditions, "Ready")
+            .filter(|c| status.phase == VmPhase::Running && c.status == ConditionStatus::True)
+            .map(|c| c.last_transition_time);
+        if let Some(at) = became_ready
+            && !ready.contains_key(vm.name())
         {
-            ready.entry(vm.name().to_string()).or_insert(vm);
+            // The controller stamps the condition as it writes the status:
+            // from that write to this watcher.
+            lag.push((chrono::Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            ready.insert(vm.name().to_string(), vm);
         }
     }
+    lag.sort_by(f64::total_cmp);
     let all_running = started.elapsed();
     let host = host_before.zip(host_cpu()).map(|(a, b)| HostCpu::share(&a, &b));
     let ramp = Usage::of(&fleet, &client).await?.since(&before_apply);
@@ -239,6 +264,9 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     let requests = &ramp.requests;
     let apiserver_rss = rss_kib(fleet.apiserver.pid());
     let controller_rss = rss_kib(fleet.controller.pid());
+    // After the memory above: a list of every VM is built whole in memory.
+    let (lists, listed) = list_all(&client).await?;
+    let apiserver_rss_listed = rss_kib(fleet.apiserver.pid());
     let agent_rss: Vec<u64> = fleet.agents.iter().map(|a| rss_kib(a.pid())).collect();
     let vmm_pids: Vec<u32> = (1..=args.agents)
         .flat_map(|i| nexus_e2e::host::vmm_processes_under(&fleet.dir.join(format!("run-{i}"))))
@@ -292,9 +320,18 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     line("per VM created -> Ready p95 ms", format!("{:.0}", pct(&per_vm, 0.95)));
     line("per VM created -> Ready p99 ms", format!("{:.0}", pct(&per_vm, 0.99)));
     line("per VM created -> Ready max ms", format!("{:.0}", per_vm.last().copied().unwrap_or(0.0)));
+    line(
+        "watch lag, Ready written -> seen p50/p99/max ms",
+        format!("{:.1} / {:.1} / {:.1}", pct(&lag, 0.5), pct(&lag, 0.99), lag.last().copied().unwrap_or(0.0)),
+    );
+    line(
+        &format!("list all {listed} VMs p50 / max ms"),
+        format!("{:.0} / {:.0}", pct(&lists, 0.5), lists.last().copied().unwrap_or(0.0)),
+    );
     line("VMs per node min / max", format!("{spread_min} / {spread_max}"));
     line("RSS apiserver KiB", apiserver_rss.to_string());
     line("RSS controller KiB", controller_rss.to_string());
+    line("RSS apiserver after the lists KiB", apiserver_rss_listed.to_string());
     line("RSS agent mean / max KiB", format!("{} / {}", mean(&agent_rss), agent_rss.iter().max().unwrap_or(&0)));
     line("RSS simulated VMM mean KiB", mean(&sims).to_string());
     line(
@@ -352,9 +389,11 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         "allRunningMs": all_running.as_millis() as u64,
         "perVmReadyMs": {"p50": pct(&per_vm, 0.5), "p95": pct(&per_vm, 0.95), "p99": pct(&per_vm, 0.99),
                          "max": per_vm.last().copied().unwrap_or(0.0)},
+        "watchLagMs": {"p50": pct(&lag, 0.5), "p99": pct(&lag, 0.99), "max": lag.last().copied().unwrap_or(0.0)},
+        "listAllMs": {"items": listed, "p50": pct(&lists, 0.5), "max": lists.last().copied().unwrap_or(0.0)},
         "perNode": per_node,
         "vmmLinked": linked,
-        "rssKiB": {"apiserver": apiserver_rss, "controller": controller_rss, "agents": agent_rss,
+        "rssKiB": {"apiserver": apiserver_rss, "apiserverAfterLists": apiserver_rss_listed, "controller": controller_rss, "agents": agent_rss,
                    "vmmMean": mean(&sims)},
         "cpuMs": cpu,
         "startCpuMs": {"apiserver": before_apply.apiserver, "controller": before_apply.controller,
