@@ -12,6 +12,11 @@ pub enum Dialect {
 #[derive(Debug, Clone)]
 pub struct Sql {
     pub get: &'static str,
+    /// The bodies of the objects a JSON array of `[kind, project, name]`
+    /// names, those that exist, as (kind, project, name, body): one read
+    /// for a batch of writes (SQLite, whose statements are each a round
+    /// trip to its connection's thread).
+    pub get_many: Option<&'static str>,
     pub max_version: &'static str,
     pub min_version: &'static str,
     pub list_page: &'static str,
@@ -80,6 +85,15 @@ impl Sql {
         };
         Sql {
             get: n("SELECT body FROM objects WHERE kind = ? AND project = ? AND name = ?"),
+            get_many: match dialect {
+                // Driven from the list, each key found through the primary key.
+                Dialect::Sqlite => Some(
+                    "SELECT o.kind, o.project, o.name, o.body FROM json_each(?1) AS k CROSS JOIN objects AS o \
+                     ON o.kind = json_extract(k.value, '$[0]') AND o.project = json_extract(k.value, '$[1]') \
+                     AND o.name = json_extract(k.value, '$[2]')",
+                ),
+                Dialect::Postgres => None,
+            },
             max_version: n("SELECT COALESCE(MAX(resource_version), 0) FROM changes"),
             min_version: n("SELECT COALESCE(MIN(resource_version), 0) FROM changes"),
             list_page: n("SELECT project, name, body FROM objects WHERE kind = ? AND (project, name) > (?, ?) \

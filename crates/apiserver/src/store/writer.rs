@@ -41,6 +41,9 @@ impl std::fmt::Debug for Job {
 /// What one job of a batch came to, before the batch commits.
 type Outcome = Result<(Mutation, Option<Change>), ApiError>;
 
+/// An object's kind, project and name.
+type Key = (String, String, String);
+
 impl Core {
     /// Commits queued mutations, as many as are waiting (up to
     /// [`MAX_BATCH`]) in each transaction, until the queue closes.
@@ -135,14 +138,44 @@ impl Core {
             };
             let mut outcomes = Vec::with_capacity(work.len());
             let mut wrote = false;
+            // What the batch's objects (and the leases its fenced writes
+            // name) hold, kept up to date by the batch's own writes: read in
+            // one statement where the store can (SQLite); a key missing
+            // here is read on its own.
+            let mut stored: HashMap<Key, Option<String>> = HashMap::new();
+            if let Some(statement) = sql.get_many {
+                let mut keys: Vec<[&str; 3]> = Vec::with_capacity(work.len() + 1);
+                for (kind, project, name, audit, ..) in &work {
+                    keys.push([kind, project, name]);
+                    if let Some(fence) = audit.fence_for(kind, name) {
+                        keys.push(["Lease", "", &fence.lease]);
+                    }
+                }
+                let list = serde_json::to_string(&keys)?;
+                for [kind, project, name] in &keys {
+                    stored.insert((kind.to_string(), project.to_string(), name.to_string()), None);
+                }
+                let rows: Vec<(String, String, String, String)> =
+                    sqlx::query_as(statement).bind(list).fetch_all(&mut *tx).await?;
+                for (kind, project, name, body) in rows {
+                    stored.insert((kind, project, name), Some(body));
+                }
+            }
+            // The projects (with the kind that gates them) known to hold no
+            // quota, so a later write of the batch need not ask again.
+            let mut ungated: std::collections::HashSet<(String, &'static str)> = Default::default();
             // The lease fenced writes are checked against, read once per
             // batch (and again after the batch writes a lease).
             let mut leases: HashMap<String, Option<String>> = HashMap::new();
             for (kind, project, name, audit, reads, decide) in work {
                 if let Some(fence) = audit.fence_for(&kind, &name) {
                     if !leases.contains_key(&fence.lease) {
-                        let lease: Option<String> = sqlx::query_scalar(sql.get).bind("Lease").bind("")
-                            .bind(&fence.lease).fetch_optional(&mut *tx).await?;
+                        let key = ("Lease".to_string(), String::new(), fence.lease.clone());
+                        let lease: Option<String> = match stored.get(&key) {
+                            Some(known) => known.clone(),
+                            None => sqlx::query_scalar(sql.get).bind("Lease").bind("")
+                                .bind(&fence.lease).fetch_optional(&mut *tx).await?,
+                        };
                         leases.insert(fence.lease.clone(), lease);
                     }
                     let lease = leases.get(&fence.lease).cloned().flatten();
@@ -151,8 +184,12 @@ impl Core {
                         continue;
                     }
                 }
-                let current: Option<String> = sqlx::query_scalar(sql.get).bind(&kind).bind(&project).bind(&name)
-                    .fetch_optional(&mut *tx).await?;
+                let key: Key = (kind.clone(), project.clone(), name.clone());
+                let current: Option<String> = match stored.get(&key) {
+                    Some(known) => known.clone(),
+                    None => sqlx::query_scalar(sql.get).bind(&kind).bind(&project).bind(&name)
+                        .fetch_optional(&mut *tx).await?,
+                };
                 let existed = current.is_some();
                 let current = match current.map(|b| serde_json::from_str::<Value>(&b)).transpose() {
                     Ok(c) => c,
@@ -163,8 +200,14 @@ impl Core {
                 if let Reads::InProject { project: p, gate, then } = &reads {
                     let list = |k: &'static str| sqlx::query_scalar::<_, String>(sql.list_in_project).bind(k).bind(p.clone());
                     let parse = |rows: Vec<String>| rows.iter().map(|b| serde_json::from_str::<Value>(b)).collect::<Result<Vec<_>, _>>();
-                    let gates = parse(list(gate).fetch_all(&mut *tx).await?)?;
-                    if !gates.is_empty() {
+                    let gates = if ungated.contains(&(p.clone(), *gate)) {
+                        Vec::new()
+                    } else {
+                        parse(list(gate).fetch_all(&mut *tx).await?)?
+                    };
+                    if gates.is_empty() {
+                        ungated.insert((p.clone(), *gate));
+                    } else {
                         for kind in then {
                             seen.objects.insert(kind, parse(list(kind).fetch_all(&mut *tx).await?)?);
                         }
@@ -222,6 +265,10 @@ impl Core {
                 }
                 last = rv;
                 wrote = true;
+                // What the rest of the batch reads of this object, and
+                // whether its project may now have a quota.
+                stored.insert(key, (type_ != ChangeType::Deleted).then(|| body.clone()));
+                ungated.retain(|(p, gate)| !(*p == project && *gate == kind));
                 let change = Change {
                     resource_version: rv,
                     kind,
@@ -272,6 +319,77 @@ fn check_fence(fence: &nexus_api::lease::Fence, lease: Option<&str>) -> Result<(
 mod tests {
     use super::*;
     use nexus_api::lease::Fence;
+
+    type Decided = oneshot::Receiver<Result<Mutation, ApiError>>;
+
+    /// A job for `commit`, and where its answer comes.
+    fn job(
+        kind: &str,
+        name: &str,
+        reads: Reads,
+        decide: impl FnOnce(Option<Value>, &Seen, i64) -> Result<Write, ApiError> + Send + 'static,
+    ) -> (Job, Decided) {
+        let (reply, answer) = oneshot::channel();
+        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "update", ..Default::default() };
+        let (kind, project, name) = (kind.to_string(), "p".to_string(), name.to_string());
+        (Job { kind, project, name, audit, reads, decide: Box::new(decide), reply }, answer)
+    }
+
+    fn object(name: &str, n: i64) -> Value {
+        serde_json::json!({"metadata": {"name": name, "uid": format!("u-{name}-{n}")}, "spec": {"n": n}})
+    }
+
+    async fn n_of(store: &Store, name: &str) -> Option<i64> {
+        store.get("VM", "p", name).await.unwrap().map(|v| v["spec"]["n"].as_i64().unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_in_a_batch_reads_what_the_batch_wrote_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
+        let audit = AuditInfo { request_id: "r".into(), actor: "a".into(), verb: "create", ..Default::default() };
+        let stored = object("old", 1);
+        store.mutate("VM", "p", "old", &audit, move |_, _| Ok(Write::Put(stored))).await.unwrap();
+        let next = |name: &'static str| {
+            move |current: Option<Value>, _: &Seen, _| {
+                let n = current.map_or(0, |c| c["spec"]["n"].as_i64().unwrap());
+                Ok(Write::Put(object(name, n + 1)))
+            }
+        };
+        let (a, _) = job("VM", "new", Reads::Nothing, next("new"));
+        let (b, _) = job("VM", "new", Reads::Nothing, next("new"));
+        let (c, _) = job("VM", "old", Reads::Nothing, |current, _, _| {
+            Ok(Write::Delete(current.unwrap_or_else(|| object("old", -100))))
+        });
+        let (d, _) = job("VM", "old", Reads::Nothing, next("old"));
+        let (e, _) = job("VM", "kept", Reads::Nothing, |_, _, _| Ok(Write::Unchanged(object("kept", 0))));
+        store.core.commit(vec![a, b, c, d, e]).await;
+        assert_eq!(n_of(&store, "new").await, Some(2), "the second write saw the first");
+        assert_eq!(n_of(&store, "old").await, Some(1), "the object deleted earlier in the batch was gone");
+        assert_eq!(n_of(&store, "kept").await, None, "nothing written");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quota_made_earlier_in_a_batch_is_seen_by_the_writes_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("nexus.db")).await.unwrap();
+        let gated = || Reads::InProject { project: "p".into(), gate: "ResourceQuota", then: vec!["VM"] };
+        // Each VM records how many quotas and VMs its write saw.
+        let counted = |name: &'static str| {
+            move |_: Option<Value>, seen: &Seen, _| {
+                let n = (seen.of("ResourceQuota").len() * 10 + seen.of("VM").len()) as i64;
+                Ok(Write::Put(object(name, n)))
+            }
+        };
+        let (a, _) = job("VM", "first", gated(), counted("first"));
+        let (b, _) = job("VM", "second", gated(), counted("second"));
+        let (quota, _) = job("ResourceQuota", "q", Reads::Nothing, |_, _, _| Ok(Write::Put(object("q", 0))));
+        let (c, _) = job("VM", "third", gated(), counted("third"));
+        store.core.commit(vec![a, b, quota, c]).await;
+        assert_eq!(n_of(&store, "first").await, Some(0));
+        assert_eq!(n_of(&store, "second").await, Some(0), "no quota yet: the VMs are not read");
+        assert_eq!(n_of(&store, "third").await, Some(12), "the quota and the two VMs before it");
+    }
 
     fn lease(holder: &str, transitions: u32) -> Value {
         serde_json::json!({"apiVersion": "nexus/v1", "kind": "Lease",
