@@ -4,11 +4,12 @@
 # a busy or quiet host, and prints one row per run and each build's means:
 # apply to all Running, delete all, and the ramp's CPU per VM of the
 # apiserver, controller, agents and simulated VMMs. Each build is a
-# directory of release binaries (as `build_bench_bins` makes them; copy
-# `$CARGO_TARGET_DIR/release` aside before changing the code).
+# directory of release binaries as `build_bench_bins` makes them: copy
+# `nexus-*` and `firecracker-sim` of `$CARGO_TARGET_DIR/release` aside
+# before changing the code.
 #   hack/bench-compare.sh BEFORE_DIR AFTER_DIR [PAIRS=3] [fleet bench flags]   (as root)
 set -euo pipefail
-[ $# -ge 2 ] || { sed -n 2,9p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,10p "$0"; exit 2; }
 before=$1 after=$2
 shift 2
 pairs=3
