@@ -33,18 +33,36 @@ need_build_tools() {
 }
 
 # Builds every release binary for a benchmark, then links the simulated VMM
-# again statically, as Firecracker's release binaries are (static musl): a
-# VMM's start then has no dynamic loader to run, about a quarter of a
-# dynamically linked simulator's start. Only the last crate gets the flag,
-# so no dependency is built twice (a later plain build links it dynamically
-# again).
+# again statically, as Firecracker's release binaries are (see
+# `link_sim_static`). Only the simulator is built a second time, so no
+# other crate's dependencies are (a later plain build puts the dynamically
+# linked simulator back).
 build_bench_bins() {
     cargo build -q --release --workspace --bins
     link_sim_static
 }
 
-# Links the release simulated VMM statically (its own link only).
+# Puts a statically linked release simulated VMM at release/firecracker-sim.
+# Firecracker's release binaries are static musl; so is the simulator when
+# Rust's musl target is installed or rustup can add it. Otherwise it is
+# linked statically against glibc, whose start measures the CPU's caches
+# with some 80 `cpuid` instructions (each a trap to the hypervisor on a
+# virtual host, about half of such a start's CPU there); the fleet benchmark
+# prints which libc it ran.
 link_sim_static() {
+    local musl target
+    musl="$(uname -m)-unknown-linux-musl"
+    target=${CARGO_TARGET_DIR:-target}
+    if command -v rustup >/dev/null 2>&1 &&
+        { rustup target list --installed 2>/dev/null | grep -qx "$musl" ||
+            timeout 300 rustup target add "$musl" >/dev/null 2>&1; }; then
+        cargo build -q --release -p firecracker-sim --target "$musl"
+        # Renamed into place: a simulator still running keeps its old file.
+        cp "$target/$musl/release/firecracker-sim" "$target/release/firecracker-sim.musl"
+        mv -f "$target/release/firecracker-sim.musl" "$target/release/firecracker-sim"
+        return 0
+    fi
+    echo "Rust's $musl target cannot be had; linking the simulated VMM statically against glibc" >&2
     cargo rustc -q --release -p firecracker-sim --bin firecracker-sim -- -C target-feature=+crt-static
 }
 

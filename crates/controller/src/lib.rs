@@ -45,7 +45,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            workers: 16,
+            workers: 64,
             per_node_concurrency: 8,
             resync: Duration::from_secs(300),
             recheck: Duration::from_secs(5),

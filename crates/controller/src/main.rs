@@ -33,8 +33,10 @@ struct Args {
     /// `nexusctl token create --subject system:controller`).
     #[arg(long, env = "NEXUS_TOKEN_FILE")]
     token_file: PathBuf,
-    /// VMs reconciled at once.
-    #[arg(long, default_value_t = 16)]
+    /// VMs reconciled at once. A VM's start holds its worker through its
+    /// binding, its agent's launch and its status write, so the workers
+    /// bound how many VMs start per second.
+    #[arg(long, default_value_t = 64)]
     workers: usize,
     /// Agent calls in flight to any one node at once.
     #[arg(long, default_value_t = 8)]

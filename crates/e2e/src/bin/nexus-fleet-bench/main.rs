@@ -7,6 +7,7 @@
 //! `cpuid` ([`host_costs`]). Prints a table and JSON. Needs root.
 
 mod host_costs;
+mod steps;
 mod usage;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use nexus_api::{ConditionStatus, VmPhase, VmSpec};
 use nexus_client::{Event, ListParams};
 use nexus_e2e::multinode::MultiNode;
 use nexus_e2e::percentile as pct;
-use usage::{HostCpu, Usage, cpu_ms, cpu_us_precise, dynamically_linked, host_cpu, rss_kib};
+use usage::{HostCpu, Usage, cpu_ms, cpu_us_precise, dynamically_linked, host_cpu, libc_of, rss_kib};
 
 struct Args {
     vms: usize,
@@ -179,6 +180,7 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     let bench_before = cpu_ms(std::process::id());
     eprintln!("applying {} VMs to {} agents ...", args.vms, args.agents);
     let started = Instant::now();
+    let applied_at = chrono::Utc::now();
     let host_before = host_cpu();
     let apply = tokio::task::spawn_blocking({
         let (server, ca, token) = (fleet.server.clone(), fleet.ca.clone(), fleet.admin_token.clone());
@@ -254,6 +256,7 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         })
         .collect();
     per_vm.sort_by(f64::total_cmp);
+    let steps = steps::passed(&vms, applied_at);
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for v in &vms {
         *per_node.entry(v.spec.node_name.clone().unwrap_or_default()).or_default() += 1;
@@ -320,6 +323,12 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
     line("per VM created -> Ready p95 ms", format!("{:.0}", pct(&per_vm, 0.95)));
     line("per VM created -> Ready p99 ms", format!("{:.0}", pct(&per_vm, 0.99)));
     line("per VM created -> Ready max ms", format!("{:.0}", per_vm.last().copied().unwrap_or(0.0)));
+    for (name, at) in steps::NAMES.iter().zip(&steps) {
+        line(
+            &format!("{name}: ms after the apply, p50 / p99 / last"),
+            format!("{:.0} / {:.0} / {:.0}", pct(at, 0.5), pct(at, 0.99), at.last().copied().unwrap_or(0.0)),
+        );
+    }
     line(
         "watch lag, Ready written -> seen p50/p99/max ms",
         format!("{:.1} / {:.1} / {:.1}", pct(&lag, 0.5), pct(&lag, 0.99), lag.last().copied().unwrap_or(0.0)),
@@ -349,7 +358,8 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         Some(false) => "static",
         None => "unknown",
     };
-    line("simulated VMM linked", linked.to_string());
+    let linked = format!("{linked}, {}", libc_of(&sim).unwrap_or("libc unknown"));
+    line("simulated VMM linked", linked.clone());
     if let Some(h) = &host {
         line("host CPU busy / idle / stolen %", format!("{:.0} / {:.0} / {:.0}", h.busy, h.idle, h.stolen));
     }
@@ -389,6 +399,9 @@ async fn bench(args: Args, costs: host_costs::HostCosts) -> anyhow::Result<()> {
         "allRunningMs": all_running.as_millis() as u64,
         "perVmReadyMs": {"p50": pct(&per_vm, 0.5), "p95": pct(&per_vm, 0.95), "p99": pct(&per_vm, 0.99),
                          "max": per_vm.last().copied().unwrap_or(0.0)},
+        "stepsMs": steps::NAMES.iter().zip(&steps)
+            .map(|(name, at)| (name.to_string(), serde_json::json!({"p50": pct(at, 0.5), "p99": pct(at, 0.99), "last": at.last().copied().unwrap_or(0.0)})))
+            .collect::<serde_json::Map<_, _>>(),
         "watchLagMs": {"p50": pct(&lag, 0.5), "p99": pct(&lag, 0.99), "max": lag.last().copied().unwrap_or(0.0)},
         "listAllMs": {"items": listed, "p50": pct(&lists, 0.5), "max": lists.last().copied().unwrap_or(0.0)},
         "perNode": per_node,

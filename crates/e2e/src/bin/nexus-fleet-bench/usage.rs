@@ -55,6 +55,22 @@ pub fn dynamically_linked(path: &std::path::Path) -> Option<bool> {
         .map(|types| types.contains(&PT_INTERP))
 }
 
+/// Which C library the program at `path` was linked with, told from its
+/// bytes: glibc leaves its symbol versions (`GLIBC_2.x`) in a dynamically
+/// linked program and its tunables' name in a static one; musl leaves its
+/// name. `None` when the file cannot be read or shows neither.
+pub fn libc_of(path: &std::path::Path) -> Option<&'static str> {
+    let bytes = std::fs::read(path).ok()?;
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    if has(b"GLIBC_") {
+        Some("glibc")
+    } else if has(b"musl") {
+        Some("musl")
+    } else {
+        None
+    }
+}
+
 /// CPU time (user + system) a process has used so far, in milliseconds.
 pub fn cpu_ms(pid: u32) -> u64 {
     let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
@@ -189,6 +205,17 @@ mod tests {
         let text = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
         assert_eq!(dynamically_linked(text.path()), None);
+    }
+
+    #[test]
+    fn tells_which_libc_a_program_was_linked_with() {
+        // This test program is the host target's: glibc on the machines the
+        // project builds on, musl where the host target is a musl one.
+        let expected = if cfg!(target_env = "musl") { "musl" } else { "glibc" };
+        assert_eq!(libc_of(&std::env::current_exe().unwrap()), Some(expected));
+        let text = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
+        assert_eq!(libc_of(text.path()), None);
     }
 
     #[test]
