@@ -34,9 +34,9 @@ need_build_tools() {
 
 # Builds every release binary for a benchmark, then links the simulated VMM
 # again statically, as Firecracker's release binaries are (see
-# `link_sim_static`). Only the simulator is built a second time, so no
-# other crate's dependencies are (a later plain build puts the dynamically
-# linked simulator back).
+# `link_sim_static`). Only the simulator and its own dependencies are built
+# a second time (a later plain build puts the dynamically linked simulator
+# back).
 build_bench_bins() {
     cargo build -q --release --workspace --bins
     link_sim_static
