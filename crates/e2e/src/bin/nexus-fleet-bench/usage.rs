@@ -197,14 +197,19 @@ mod tests {
 
     use super::*;
 
+    /// A program that is not ELF: a shell script.
+    fn shell_script() -> tempfile::NamedTempFile {
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), "#!/bin/sh\n").unwrap();
+        script
+    }
+
     #[test]
     fn tells_a_dynamically_linked_program_and_what_is_not_elf() {
         // Test programs are linked dynamically unless built with crt-static.
         let expected = !cfg!(target_feature = "crt-static");
         assert_eq!(dynamically_linked(&std::env::current_exe().unwrap()), Some(expected));
-        let text = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
-        assert_eq!(dynamically_linked(text.path()), None);
+        assert_eq!(dynamically_linked(shell_script().path()), None);
     }
 
     #[test]
@@ -213,9 +218,7 @@ mod tests {
         // project builds on, musl where the host target is a musl one.
         let expected = if cfg!(target_env = "musl") { "musl" } else { "glibc" };
         assert_eq!(libc_of(&std::env::current_exe().unwrap()), Some(expected));
-        let text = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(text.path(), "#!/bin/sh\n").unwrap();
-        assert_eq!(libc_of(text.path()), None);
+        assert_eq!(libc_of(shell_script().path()), None);
     }
 
     #[test]
